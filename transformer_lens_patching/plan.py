@@ -1,0 +1,206 @@
+"""Resolve Nodes and IterNodes against a model and an input into concrete patch sites.
+
+This is the pure planning step: it checks every model-dependent rule (layer, head and
+neuron ranges, position shapes and ranges) before any forward pass runs, and turns each
+node into a `PatchSite` that knows its hook name and how to index its activation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from ._tl import ModelShape
+from .components import Component
+from .errors import PatchingError
+from .nodes import IterNode, Node, SeqPos
+
+
+@dataclass(frozen=True, eq=False)
+class PatchSite:
+    """One resolved slice of one activation: a hook name, a head or neuron, and positions."""
+
+    node: Node
+    """The node this site came from, with its layer made non-negative."""
+    hook_name: str
+    unit: int | None
+    """The head or neuron index, or None for the whole axis."""
+    positions: torch.Tensor | None
+    """(batch, k) positions per prompt, or None for every position."""
+    _device_positions: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def component(self) -> Component:
+        """The component table entry."""
+        return self.node.component
+
+    @property
+    def layer(self) -> int | None:
+        """The (non-negative) layer."""
+        return self.node.layer
+
+    def index(self, row_start: int, batch: int, device: torch.device) -> tuple:
+        """The index of this site within rows `row_start : row_start + batch` of an activation."""
+        component = self.component
+        n_axes = 1 + max(component.pos_axis, component.unit_axis or 0)
+        index: list = [slice(None)] * n_axes
+        if self.positions is None:
+            index[0] = slice(row_start, row_start + batch)
+        else:
+            positions = self._device_positions.get(device)
+            if positions is None:
+                positions = self.positions.to(device)
+                self._device_positions[device] = positions
+            index[0] = torch.arange(row_start, row_start + batch, device=device).unsqueeze(1)
+            index[component.pos_axis] = positions
+        if self.unit is not None:
+            index[component.unit_axis] = self.unit
+        return tuple(index)
+
+    def with_positions(self, positions: torch.Tensor | None) -> "PatchSite":
+        """The same site restricted to other positions."""
+        return PatchSite(self.node, self.hook_name, self.unit, positions)
+
+
+def _context(node, shape: ModelShape) -> str:
+    return f" (in {node!r}; the model has {shape.n_layers} layers, {shape.n_heads} heads" + (
+        f", {shape.n_kv_heads} key/value heads" if shape.n_kv_heads != shape.n_heads else ""
+    ) + f", d_mlp {shape.d_mlp})"
+
+
+def resolve_layer(node, layer: int, shape: ModelShape) -> int:
+    """Check `layer` against the model and make it non-negative."""
+    if not -shape.n_layers <= layer < shape.n_layers:
+        raise PatchingError(f"Layer {layer} is out of range: expected 0 <= layer < {shape.n_layers}{_context(node, shape)}.")
+    return layer % shape.n_layers
+
+
+def _check_unit(node, component: Component, index: int, shape: ModelShape) -> int:
+    count = shape.unit_count(component.unit)
+    word = {"head": "head", "kv_head": "key/value head", "neuron": "neuron"}[component.unit]
+    if not 0 <= index < count:
+        hint = ""
+        if component.unit == "kv_head":
+            hint = f" ({component.name!r} is indexed by key/value head on this grouped-query model)"
+        raise PatchingError(
+            f"{word.capitalize()} {index} is out of range for {component.name!r}: "
+            f"expected 0 <= {component.unit} < {count}{hint}{_context(node, shape)}."
+        )
+    return index
+
+
+def resolve_positions(seq_pos: SeqPos, batch: int, seq_len: int, what: str = "seq_pos") -> torch.Tensor | None:
+    """Turn a SeqPos into a (batch, k) tensor of non-negative positions, checking shape and range."""
+    if seq_pos is None:
+        return None
+    positions = torch.tensor(seq_pos, dtype=torch.long)
+    if positions.ndim == 0:
+        positions = positions.expand(batch).unsqueeze(1)
+    elif positions.ndim == 1:
+        if positions.shape[0] != batch:
+            raise PatchingError(
+                f"{what} has shape {tuple(positions.shape)}, but a 1-D {what} needs one position per prompt: "
+                f"expected shape ({batch},)."
+            )
+        positions = positions.unsqueeze(1)
+    elif positions.shape[0] != batch:
+        raise PatchingError(
+            f"{what} has shape {tuple(positions.shape)}, but a 2-D {what} needs one row per prompt: "
+            f"expected shape ({batch}, k)."
+        )
+    if positions.numel() and not ((positions >= -seq_len) & (positions < seq_len)).all():
+        bad = positions[(positions < -seq_len) | (positions >= seq_len)][0].item()
+        raise PatchingError(f"{what} contains position {bad}, out of range for sequences of length {seq_len}.")
+    return (positions % seq_len).contiguous()
+
+
+def resolve_node(node: Node, shape: ModelShape, batch: int, seq_len: int, seq_pos: SeqPos = None) -> PatchSite:
+    """Check `node` against the model and input size, and return its PatchSite.
+
+    `seq_pos`, when given, replaces the node's own positions (path patching and sweeps).
+    """
+    component = node.component
+    layer = None if node.layer is None else resolve_layer(node, node.layer, shape)
+    unit = node.head if node.head is not None else node.neuron
+    if unit is not None:
+        unit = _check_unit(node, component, unit, shape)
+    if component.unit == "neuron" and shape.d_mlp == 0:
+        raise PatchingError(f"This model has no MLPs, so {node!r} does not exist.")
+    spec = node.seq_pos if seq_pos is None else seq_pos
+    positions = resolve_positions(spec, batch, seq_len)
+    resolved = Node(component.name, layer, head=node.head, neuron=node.neuron, seq_pos=node.seq_pos)
+    return PatchSite(resolved, component.hook_name(layer), unit, positions)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The sites of one IterNode component, in the order of its result dims."""
+
+    name: str
+    dims: tuple[str, ...]
+    coords: dict[str, tuple[int, ...]]
+    sites: list[list[PatchSite]]
+    """One list of sites per cell (each cell patches one node)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The sizes of `dims`."""
+        return tuple(len(self.coords[dim]) for dim in self.dims)
+
+
+def _restrict(values: tuple[int, ...] | None, count: int, what: str, node: IterNode, shape: ModelShape) -> tuple[int, ...]:
+    if values is None:
+        return tuple(range(count))
+    for value in values:
+        if not 0 <= value < count:
+            raise PatchingError(f"{what} contains {value}, out of range: expected 0 <= value < {count}{_context(node, shape)}.")
+    return values
+
+
+def resolve_sweep(node: IterNode, shape: ModelShape, batch: int, seq_len: int, seq_pos: SeqPos = None) -> list[Sweep]:
+    """One Sweep per component of `node`; dims are (seq_pos, layer, head|kv_head|neuron) as applicable."""
+    sweeps = []
+    for component in node.components:
+        dims, coords = [], {}
+        if node.seq_pos == "each":
+            dims.append("seq_pos")
+            coords["seq_pos"] = tuple(range(seq_len))
+        if component.layered:
+            dims.append("layer")
+            coords["layer"] = _restrict(node.layers, shape.n_layers, "layers", node, shape)
+        if component.unit is not None:
+            count = shape.unit_count(component.unit)
+            dim = "kv_head" if component.unit == "kv_head" and shape.n_kv_heads != shape.n_heads else (
+                "head" if component.unit in ("head", "kv_head") else "neuron"
+            )
+            restriction = node.neurons if component.unit == "neuron" else node.heads
+            dims.append(dim)
+            coords[dim] = _restrict(restriction, count, f"{dim}s", node, shape)
+        if component.unit == "neuron" and shape.d_mlp == 0:
+            raise PatchingError(f"This model has no MLPs, so IterNode({component.name!r}) has nothing to sweep.")
+        cells = []
+        for values in itertools.product(*(coords[dim] for dim in dims)):
+            cell = dict(zip(dims, values))
+            unit = next((cell[d] for d in ("head", "kv_head", "neuron") if d in cell), None)
+            cell_pos = cell["seq_pos"] if "seq_pos" in cell else (None if node.seq_pos == "each" else node.seq_pos)
+            spec = Node(
+                component.name,
+                cell.get("layer"),
+                head=unit if component.unit in ("head", "kv_head") else None,
+                neuron=unit if component.unit == "neuron" else None,
+            )
+            cells.append([resolve_node(spec, shape, batch, seq_len, cell_pos if seq_pos is None else seq_pos)])
+        sweeps.append(Sweep(component.name, tuple(dims), coords, cells))
+    return sweeps
+
+
+def resolve_spec(spec, shape: ModelShape, batch: int, seq_len: int, what: str, seq_pos: SeqPos = None) -> list[PatchSite] | list[Sweep]:
+    """Resolve a Node, a list of Nodes (sites patched together) or an IterNode (sweeps)."""
+    if isinstance(spec, IterNode):
+        return resolve_sweep(spec, shape, batch, seq_len, seq_pos)
+    nodes = [spec] if isinstance(spec, Node) else list(spec) if isinstance(spec, (list, tuple)) else None
+    if not nodes or not all(isinstance(node, Node) for node in nodes):
+        raise PatchingError(f"{what} must be a Node, a non-empty list of Nodes or an IterNode; got {spec!r}.")
+    return [resolve_node(node, shape, batch, seq_len, seq_pos) for node in nodes]

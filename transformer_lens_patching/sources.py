@@ -1,0 +1,94 @@
+"""Where patched-in values come from: a cache of another run, or zeros."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from . import _tl
+from .errors import PatchingError
+
+
+class ActivationSource:
+    """Patch values by hook name, each shaped like one batch of the orig run.
+
+    `tensors` is None for zero ablation.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None, batch: int, label: str):
+        self._tensors = tensors
+        self.batch = batch
+        self.label = label
+
+    @property
+    def is_zero(self) -> bool:
+        """Whether every value is zero."""
+        return self._tensors is None
+
+    def value(self, hook_name: str) -> torch.Tensor | float:
+        """The activation at `hook_name` (a tensor with `batch` rows), or 0.0 for zero ablation."""
+        if self._tensors is None:
+            return 0.0
+        tensor = self._tensors[hook_name]
+        if tensor.shape[0] == 1 and self.batch != 1:
+            tensor = tensor.expand(self.batch, *tensor.shape[1:])
+        return tensor
+
+    def tensor_like(self, hook_name: str, like: torch.Tensor) -> torch.Tensor:
+        """The activation as a tensor, with zeros shaped like `like` for zero ablation."""
+        value = self.value(hook_name)
+        return torch.zeros_like(like) if isinstance(value, float) else value
+
+
+def check_cache(cache, hook_names: Iterable[str], batch: int, what: str) -> Mapping[str, torch.Tensor]:
+    """Check that `cache` holds every hook in `hook_names` with a batch of `batch` (or 1)."""
+    tensors = _tl.cache_items(cache)
+    for name in hook_names:
+        if name not in tensors:
+            close = difflib.get_close_matches(name, list(tensors), n=1)
+            hint = f" Closest cached name: {close[0]!r}." if close else ""
+            raise PatchingError(
+                f"{what} has no activation {name!r}, which this patch needs.{hint} Pass a cache from "
+                f"model.run_with_cache(...) without a names_filter that drops it, or pass the input instead."
+            )
+        size = tensors[name].shape[0]
+        if size not in (batch, 1):
+            raise PatchingError(
+                f"{what}[{name!r}] has batch size {size}, but the orig input has {batch} prompts: "
+                f"expected {batch} (or 1, to use the same values for every prompt)."
+            )
+    return tensors
+
+
+def cached_run(model, model_input, hook_names: Iterable[str], tokens_shape: torch.Size, what: str) -> dict:
+    """Run `model_input` and cache only `hook_names`, checking it matches the orig input's shape."""
+    tokens = _tl.to_tokens(model, model_input)
+    if tokens.shape != tokens_shape:
+        raise PatchingError(
+            f"{what} has token shape {tuple(tokens.shape)}, but orig_input has {tuple(tokens_shape)}: "
+            "both runs must have the same batch size and length, so that positions line up."
+        )
+    names = set(hook_names)
+    if not names:
+        return {}
+    _, cache = _tl.run_with_cache(model, tokens, names)
+    return dict(_tl.cache_items(cache))
+
+
+def make_source(model, new_input, new_cache, hook_names: Iterable[str], tokens: torch.Tensor) -> ActivationSource:
+    """The source of patch values for act_patch: `new_cache` (a cache or "zero") or a run of `new_input`."""
+    batch = tokens.shape[0]
+    if isinstance(new_cache, str):
+        if new_cache != "zero":
+            raise PatchingError(f"new_cache must be an ActivationCache, a dict or 'zero'; got {new_cache!r}.")
+        return ActivationSource(None, batch, "zero")
+    if new_cache is not None:
+        return ActivationSource(check_cache(new_cache, hook_names, batch, "new_cache"), batch, "new_cache")
+    if new_input is None:
+        raise PatchingError(
+            "Nothing to patch in: pass new_input (resample ablation), new_cache (an ActivationCache, "
+            "e.g. from mean_ablation_cache) or new_cache='zero' (zero ablation)."
+        )
+    return ActivationSource(cached_run(model, new_input, hook_names, tokens.shape, "new_input"), batch, "new_input")
