@@ -5,8 +5,6 @@ TransformerLens 4 models are `TransformerBridge`s; TransformerLens 2 models are
 `run_with_cache` and stacked weights; what differs is handled here and nowhere else.
 """
 
-from __future__ import annotations
-
 import importlib.metadata
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -44,6 +42,7 @@ class ModelShape:
     d_head: int
     d_mlp: int
     d_vocab: int
+    has_mlps: bool
 
     def unit_count(self, unit: str) -> int:
         """How many heads, key/value heads or neurons a layer has."""
@@ -71,6 +70,7 @@ def model_shape(model) -> ModelShape:
         d_head=cfg.d_head,
         d_mlp=cfg.d_mlp or 0,
         d_vocab=cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab,
+        has_mlps=not getattr(cfg, "attn_only", False) and bool(cfg.d_mlp),
     )
 
 
@@ -108,6 +108,19 @@ def hooks(model, fwd_hooks: list) -> Iterator[None]:
     """Add `fwd_hooks` for the duration of the block; remove exactly those afterwards."""
     with model.hooks(fwd_hooks=fwd_hooks, reset_hooks_end=True):
         yield
+
+
+def resid_mid_carries(model) -> dict[str, str]:
+    """Where a change to `hook_resid_mid` must also be added by hand: {resid_mid hook: resid_post hook}.
+
+    TransformerLens 4.3 bridges hook `blocks.L.hook_resid_mid` at the input of the second
+    LayerNorm, so a patch there reaches the MLP but not the residual stream that continues
+    to `hook_resid_post`. HookedTransformer's resid_mid is the residual stream itself.
+    """
+    hook_dict = model.hook_dict
+    if hook_dict.get("blocks.0.hook_resid_mid") is not hook_dict.get("blocks.0.ln2.hook_in", object()):
+        return {}
+    return {f"blocks.{layer}.hook_resid_mid": f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)}
 
 
 def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -201,13 +214,6 @@ def w_out(model) -> torch.Tensor:
     return model.W_out
 
 
-def float32_kwarg() -> dict:
-    """The `from_pretrained` keyword for float32 weights (`dtype` from transformers 5 on)."""
-    import transformers
-
-    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
-
-
 def boot_hf_folder(folder: str, tokenizer, device: str):
     """A TransformerLens model of the Llama-architecture HF checkpoint in `folder`, with
     HookedTransformer numerics (folded LayerNorm, centred weights)."""
@@ -220,7 +226,7 @@ def boot_hf_folder(folder: str, tokenizer, device: str):
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
     from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), **float32_kwarg())
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     cfg_dict = loading.convert_hf_model_config(str(folder))
     cfg_dict["rotary_base"] = hf_model.config.rope_theta
     cfg_dict["tokenizer_name"] = None

@@ -1,7 +1,5 @@
 """Ablation caches built from an ActivationCache: zeros, or means over the batch or over groups."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch

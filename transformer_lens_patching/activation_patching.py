@@ -1,11 +1,8 @@
 """act_patch: run orig, overwrite some activations with values from another run, measure."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 
 import torch
-from jaxtyping import Int
 from torch import Tensor
 
 from . import _tl
@@ -17,9 +14,7 @@ from .nodes import IterNode, Node
 from .plan import PatchSite, resolve_spec
 from .results import PatchResult, assemble
 from .sources import make_source
-
-ModelInput = str | list[str] | Int[Tensor, "batch pos"]
-
+from .tensor_types import ModelInput, OtherModelInput
 
 def check_hooks_exist(model, names) -> None:
     """Raise a PatchingError naming any hook the model does not have."""
@@ -37,7 +32,7 @@ def act_patch(
     orig_input: ModelInput,
     patching_nodes: Node | Sequence[Node] | IterNode,
     patching_metric: Callable | str,
-    new_input: ModelInput | None = None,
+    new_input: OtherModelInput | None = None,
     new_cache=None,
     apply_metric_to_cache: bool = False,
     verbose: bool = False,

@@ -7,8 +7,6 @@ reads from or writes to the residual stream, so that path patching can tell whic
 senders reach which receivers. Nothing here needs a model.
 """
 
-from __future__ import annotations
-
 import difflib
 import re
 from dataclasses import dataclass
@@ -97,6 +95,9 @@ _EXTRA_FULL_SUFFIXES: dict[str, str] = {
     "attn.hook_v_input": "v_input",
 }
 """TransformerLens 4's canonical spellings of hooks the table names differently."""
+
+MLP_COMPONENTS = ("pre", "post", "mlp_out")
+"""Components that attention-only models do not have."""
 
 SENDERS = ("z", "attn_out", "post", "mlp_out", "resid_pre", "resid_mid", "resid_post")
 """Components path patching accepts as senders."""

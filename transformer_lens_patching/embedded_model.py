@@ -5,14 +5,12 @@ not needed and do not build here). The GGUF file inside is converted once to a f
 Hugging Face folder under `~/.cache/transformer_lens_patching/` and loaded from there.
 """
 
-from __future__ import annotations
-
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from . import _tl
-from ._tl import float32_kwarg
 from .errors import PatchingError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,6 +33,7 @@ def hf_folder(cache_root: str | os.PathLike | None = None) -> Path:
 
     The folder is per transformers major version: their config formats differ.
     """
+    import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,13 +43,18 @@ def hf_folder(cache_root: str | os.PathLike | None = None) -> Path:
         return folder
     gguf = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **float32_kwarg())
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
-    partial = folder.with_name(folder.name + ".partial")
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(folder)
+    try:
+        partial.rename(folder)
+    except OSError:
+        if not (folder / "model.safetensors").exists():
+            raise
+        shutil.rmtree(partial)
     return folder
 
 

@@ -1,7 +1,5 @@
 """Run many patched variants of one batch, several per forward pass, within a memory budget."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 import torch
@@ -61,12 +59,13 @@ def run_variants(
     its logits.
     """
     batch = tokens.shape[0]
+    carries = _tl.resid_mid_carries(model)
     outputs: list = []
     bar = tqdm(total=n_variants, desc=description, leave=False) if description else None
     try:
         for start in range(0, n_variants, chunk):
             count = min(chunk, n_variants - start)
-            program = PatchProgram(batch)
+            program = PatchProgram(batch, carries)
             for offset in range(count):
                 add_steps(program, start + offset, offset * batch)
             stacked = tokens.repeat(count, 1) if count > 1 else tokens

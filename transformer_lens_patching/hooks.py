@@ -6,8 +6,6 @@ writes into a copy of the activation, never into the tensor the model (or anyone
 hook) produced, and never into a cache it reads from.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -21,12 +19,18 @@ Step = Callable[[torch.Tensor], None]
 
 
 class PatchProgram:
-    """Edits and recordings to apply, hook by hook, in the order they were added."""
+    """Edits and recordings to apply, hook by hook, in the order they were added.
 
-    def __init__(self, batch: int):
+    `carries` maps a hook to a later one that must receive the same change (see
+    `_tl.resid_mid_carries`): whatever the steps change at the first is added at the second.
+    """
+
+    def __init__(self, batch: int, carries: dict[str, str] | None = None):
         self.batch = batch
         self._steps: dict[str, list[Step]] = {}
         self._fired: set[str] = set()
+        self._carries = carries or {}
+        self._carried: dict[str, torch.Tensor] = {}
 
     def _add(self, hook_name: str, step: Step) -> None:
         self._steps.setdefault(hook_name, []).append(step)
@@ -72,13 +76,22 @@ class PatchProgram:
 
     def fwd_hooks(self) -> list[tuple[str, Callable]]:
         """(hook name, hook function) pairs for TransformerLens' `hooks()`."""
-        return [(name, self._hook_fn(name, steps)) for name, steps in self._steps.items()]
+        names = list(self._steps)
+        names += [self._carries[n] for n in self._steps if n in self._carries and self._carries[n] not in self._steps]
+        return [(name, self._hook_fn(name, self._steps.get(name, []))) for name in names]
 
     def _hook_fn(self, name: str, steps: list[Step]) -> Callable:
+        carry_to = self._carries.get(name)
+
         def hook_fn(activation: torch.Tensor, hook=None) -> torch.Tensor:
             out = activation.clone()
+            carried = self._carried.pop(name, None)
+            if carried is not None:
+                out += carried
             for step in steps:
                 step(out)
+            if carry_to is not None:
+                self._carried[carry_to] = out - activation
             self._fired.add(name)
             return out
 

@@ -1,20 +1,18 @@
 """Built-in metrics, and turning whatever a metric returns into a tensor."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import PatchingError
+from .tensor_types import Logits, Tokens
 
-Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], "float | Tensor"]
+Metric = Callable[[Logits], "float | Tensor"]
 """A function of the patched run's logits (or of its ActivationCache, with apply_metric_to_cache)."""
 
 
-def lm_loss(tokens: Int[Tensor, "batch pos"], per_token: bool = False) -> Metric:
+def lm_loss(tokens: Tokens, per_token: bool = False) -> Metric:
     """The model's next-token cross-entropy loss on `tokens`, as a metric.
 
     Args:
@@ -29,7 +27,7 @@ def lm_loss(tokens: Int[Tensor, "batch pos"], per_token: bool = False) -> Metric
     if tokens.shape[1] < 2:
         raise PatchingError("The 'loss' metrics need sequences of at least 2 tokens.")
 
-    def loss(logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
+    def loss(logits: Logits) -> Tensor:
         log_probs = logits[:, :-1].log_softmax(dim=-1)
         targets = tokens[:, 1:].to(logits.device)
         per_position = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -1,7 +1,5 @@
 """Node and IterNode: immutable descriptions of what to patch. They need no model."""
 
-from __future__ import annotations
-
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Union

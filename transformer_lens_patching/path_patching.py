@@ -14,8 +14,6 @@ metric is then measured on the orig run with those receivers. Two meanings of "d
   input hooks), the same values come from the two-pass algorithm with MLPs frozen too.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +22,7 @@ from torch import Tensor
 
 from . import _tl
 from ._tl import ModelShape
-from .activation_patching import ModelInput, check_hooks_exist
+from .activation_patching import check_hooks_exist
 from .components import COMPONENTS, RECEIVERS, SENDERS, Component
 from .engine import run_variants, variants_per_pass
 from .errors import PatchingError
@@ -34,6 +32,7 @@ from .nodes import IterNode, Node, normalize_seq_pos
 from .plan import PatchSite, Sweep, resolve_spec
 from .results import PatchResult, assemble
 from .sources import ActivationSource, check_cache, cached_run
+from .tensor_types import ModelInput, OtherModelInput
 
 _HEAD_INPUTS = {"q": ("q_input",), "k": ("k_input",), "v": ("v_input",), "q_input": ("q_input",),
                 "k_input": ("k_input",), "v_input": ("v_input",), "pattern": ("q_input", "k_input"),
@@ -254,7 +253,7 @@ def _can_fork(model, shape: ModelShape, variants: list[_Variant]) -> bool:
 def path_patch(
     model,
     orig_input: ModelInput,
-    new_input: ModelInput | None,
+    new_input: OtherModelInput | None,
     sender_nodes: Node | Sequence[Node] | IterNode,
     receiver_nodes: Node | Sequence[Node] | IterNode,
     patching_metric: Callable | str,
@@ -312,6 +311,7 @@ def path_patch(
     variants, sweeps = _variants(senders, receivers, sender_nodes, receiver_nodes)
     metric = resolve_metric(patching_metric, tokens)
     fork = not direct_includes_mlps and _can_fork(model, shape, variants)
+    freeze_mlps = not direct_includes_mlps and shape.has_mlps
 
     sender_hooks = {s.hook_name for v in variants for s in v.senders}
     if fork:
@@ -322,7 +322,7 @@ def path_patch(
                          for i in _HEAD_INPUTS.get(r.component.name, ())}  # fmt: skip
     else:
         orig_hooks = {_z_hook(layer) for layer in range(shape.n_layers)}
-        if not direct_includes_mlps:
+        if freeze_mlps:
             orig_hooks |= {COMPONENTS["post"].hook_name(layer) for layer in range(shape.n_layers)}
         patched_hooks = set()
     all_hooks = sender_hooks | orig_hooks | patched_hooks | {r.hook_name for v in variants for r in v.receivers}
@@ -335,5 +335,5 @@ def path_patch(
         if fork:
             outputs = patcher.one_pass(orig, new, apply_metric_to_cache)
         else:
-            outputs = patcher.two_pass(orig, new, not direct_includes_mlps, apply_metric_to_cache)
+            outputs = patcher.two_pass(orig, new, freeze_mlps, apply_metric_to_cache)
     return assemble(sweeps, outputs, batch) if sweeps is not None else outputs[0]

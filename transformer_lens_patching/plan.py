@@ -5,15 +5,13 @@ neuron ranges, position shapes and ranges) before any forward pass runs, and tur
 node into a `PatchSite` that knows its hook name and how to index its activation.
 """
 
-from __future__ import annotations
-
 import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from ._tl import ModelShape
-from .components import Component
+from .components import MLP_COMPONENTS, Component
 from .errors import PatchingError
 from .nodes import IterNode, Node, SeqPos
 
@@ -126,8 +124,8 @@ def resolve_node(node: Node, shape: ModelShape, batch: int, seq_len: int, seq_po
     unit = node.head if node.head is not None else node.neuron
     if unit is not None:
         unit = _check_unit(node, component, unit, shape)
-    if component.unit == "neuron" and shape.d_mlp == 0:
-        raise PatchingError(f"This model has no MLPs, so {node!r} does not exist.")
+    if component.name in MLP_COMPONENTS and not shape.has_mlps:
+        raise PatchingError(f"This model has no MLPs (attention-only), so {node!r} does not exist.")
     spec = node.seq_pos if seq_pos is None else seq_pos
     positions = resolve_positions(spec, batch, seq_len)
     resolved = Node(component.name, layer, head=node.head, neuron=node.neuron, seq_pos=node.seq_pos)
@@ -178,8 +176,8 @@ def resolve_sweep(node: IterNode, shape: ModelShape, batch: int, seq_len: int, s
             restriction = node.neurons if component.unit == "neuron" else node.heads
             dims.append(dim)
             coords[dim] = _restrict(restriction, count, f"{dim}s", node, shape)
-        if component.unit == "neuron" and shape.d_mlp == 0:
-            raise PatchingError(f"This model has no MLPs, so IterNode({component.name!r}) has nothing to sweep.")
+        if component.name in MLP_COMPONENTS and not shape.has_mlps:
+            raise PatchingError(f"This model has no MLPs (attention-only), so IterNode({component.name!r}) has nothing to sweep.")
         cells = []
         for values in itertools.product(*(coords[dim] for dim in dims)):
             cell = dict(zip(dims, values))

@@ -5,8 +5,6 @@
 does for every plugin registered there.
 """
 
-from __future__ import annotations
-
 import functools
 import importlib.metadata
 

@@ -1,7 +1,5 @@
 """PatchResult: a tensor of sweep results that knows the name and coordinates of each dim."""
 
-from __future__ import annotations
-
 from collections.abc import Mapping, Sequence
 
 import torch

@@ -1,7 +1,5 @@
 """Where patched-in values come from: a cache of another run, or zeros."""
 
-from __future__ import annotations
-
 import difflib
 from collections.abc import Iterable, Mapping
 
