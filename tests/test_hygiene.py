@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import logit_diff_metric, make_inputs
-from tests.reference import naive_act_patch, naive_path_patch
+from tests.reference import full_cache, naive_act_patch, naive_path_patch
 from transformer_lens_patching import IterNode, Node, act_patch, mean_ablation_cache, path_patch
 
 KNOCKOUT_HOOK = "blocks.1.attn.hook_z"
@@ -62,7 +62,7 @@ def knockout(calls: list):
 
 
 class Boom(Exception):
-    pass
+    """An error raised by a user's metric."""
 
 
 def raising_metric(model, after: int, error: BaseException, seen: list):
@@ -75,12 +75,6 @@ def raising_metric(model, after: int, error: BaseException, seen: list):
         return logits[:, -1, 5].mean()
 
     return metric
-
-
-def full_cache(model, tokens) -> dict:
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
-    return {name: cache[name] for name in cache.keys()}
 
 
 # --- (a) user hooks stay and are applied ---
@@ -273,9 +267,8 @@ def test_caches_not_written_path_patch(small_model, mlps_direct):
     _, orig_cache = model.run_with_cache(orig)
     _, new_cache = model.run_with_cache(new)
     orig_before, new_before = clone_all(orig_cache), clone_all(new_cache)
-    for receivers in (Node("resid_mid", 2), Node("q", 2, head=0)):
-        path_patch(model, orig, new, IterNode("z", layers=[0]), receivers, logit_diff_metric(),
-                   orig_cache=orig_cache, new_cache=new_cache, direct_includes_mlps=mlps_direct)
+    path_patch(model, orig, new, IterNode("z", layers=[0], heads=[0, 1]), [Node("resid_mid", 2), Node("q", 2, head=0)],
+               logit_diff_metric(), orig_cache=orig_cache, new_cache=new_cache, direct_includes_mlps=mlps_direct)
     assert_unchanged(orig_cache, orig_before)
     assert_unchanged(new_cache, new_before)
 
@@ -314,8 +307,9 @@ def test_nodes_unchanged_after_sweeps(small_model):
     act_patch(model, orig, nodes, metric, new_input=new)
     act_patch(model, orig, sweep, metric, new_input=new)
     path_patch(model, orig, new, [Node("z", 0, head=1), Node("mlp_out", 0)], [Node("q", -1, head=0), Node("resid_mid", 1)],
-               metric, seq_pos=positions)
-    path_patch(model, orig, new, IterNode("z", layers=[0], heads=[0, 1]), Node("resid_post", -1), metric)
+               metric, seq_pos=positions, direct_includes_mlps=False)
+    path_patch(model, orig, new, IterNode("z", layers=[0], heads=[0, 1]), Node("resid_post", -1), metric,
+               direct_includes_mlps=False)
     assert nodes == saved_nodes and sweep == saved_sweep
     assert [repr(node) for node in nodes] + [repr(sweep)] == saved_reprs
     assert torch.equal(positions, torch.tensor([-1, 2, 3]))

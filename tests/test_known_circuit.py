@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tests.circuits import (
     ALPHA,
     N_HEADS,
@@ -26,7 +27,6 @@ from tests.circuits import (
     repeated_tokens,
     reverse_first_half,
 )
-
 from transformer_lens_patching import IterNode, Node, act_patch, path_patch
 
 HALF = 4

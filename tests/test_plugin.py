@@ -55,11 +55,12 @@ def test_path_patch_method_matches_function(small_model):
     orig, new = make_inputs(model)
     metric = logit_diff_metric()
     args = (orig, new, Node("z", 0, head=1), Node("q", 2, head=0), metric)
-    for mlps_direct in (True, False):
-        by_method = model.path_patch(*args, direct_includes_mlps=mlps_direct)
-        assert torch.equal(by_method, path_patch(model, *args, direct_includes_mlps=mlps_direct))
-    sweep = model.path_patch(orig, new, IterNode("z", layers=[0]), Node("resid_post", 1), metric, seq_pos=-1)["z"]
-    assert torch.equal(sweep, path_patch(model, orig, new, IterNode("z", layers=[0]), Node("resid_post", 1), metric, seq_pos=-1)["z"])
+    by_method = model.path_patch(*args, direct_includes_mlps=False)
+    assert torch.equal(by_method, path_patch(model, *args, direct_includes_mlps=False))
+    sweep_args = (orig, new, IterNode("z", layers=[0], heads=[0, 1]), Node("resid_post", 1), metric)
+    by_method = model.path_patch(*sweep_args, seq_pos=-1)["z"]
+    by_function = path_patch(model, *sweep_args, seq_pos=-1)["z"]
+    assert by_method.dims == by_function.dims and torch.equal(by_method, by_function)
 
 
 # --- entry point ---
@@ -190,8 +191,9 @@ def test_zero_ablated_cache(small_model):
     node = Node("z", 1, head=0)
     expected = naive_act_patch(model, orig, [node], metric, 0)
     assert_close(act_patch(model, orig, node, metric, new_cache=zeros), expected)
-    assert_close(path_patch(model, orig, None, node, Node("resid_post", 2), metric, new_cache=zeros),
-                 path_patch(model, orig, None, node, Node("resid_post", 2), metric, new_cache="zero"))
+    receiver = Node("resid_post", 2)
+    assert_close(path_patch(model, orig, None, node, receiver, metric, new_cache=zeros, direct_includes_mlps=False),
+                 path_patch(model, orig, None, node, receiver, metric, new_cache="zero", direct_includes_mlps=False))
 
 
 def test_mean_ablated_cache_by_group(small_model):

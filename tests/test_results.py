@@ -221,7 +221,8 @@ def test_path_patch_sweep_dims(small_model):
     metric = logit_diff_metric()
     senders = path_patch(model, orig, new, IterNode("z", layers=[0, 1], heads=[0, 2]), Node("resid_post", 2), metric)["z"]
     assert senders.dims == ("layer", "head") and senders.coords == {"layer": (0, 1), "head": (0, 2)}
-    receivers = path_patch(model, orig, new, Node("z", 0), IterNode("resid_pre", seq_pos="each", layers=[1]), metric)
+    receivers = path_patch(model, orig, new, Node("z", 0), IterNode("resid_pre", seq_pos="each", layers=[1]), metric,
+                           direct_includes_mlps=False)
     assert receivers["resid_pre"].dims == ("seq_pos", "layer") and receivers["resid_pre"].shape == (orig.shape[1], 1)
 
 

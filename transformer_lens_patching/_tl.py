@@ -100,6 +100,8 @@ def to_tokens(model, model_input) -> torch.Tensor:
         tokens = tokens.unsqueeze(0)
     if tokens.ndim != 2 or tokens.dtype.is_floating_point:
         raise PatchingError(f"Token input must be an int tensor of shape (batch, pos), got {tuple(tokens.shape)} {tokens.dtype}.")
+    if 0 in tokens.shape:
+        raise PatchingError(f"Token input has shape {tuple(tokens.shape)}: expected at least one prompt of at least one token.")
     return tokens.to(model_device(model))
 
 

@@ -16,6 +16,7 @@ from .results import PatchResult, assemble
 from .sources import make_source
 from .tensor_types import ModelInput, OtherModelInput
 
+
 def check_hooks_exist(model, names) -> None:
     """Raise a PatchingError naming any hook the model does not have."""
     available = _tl.hook_names(model)

@@ -32,6 +32,8 @@ def normalize_seq_pos(seq_pos) -> SeqPos:
         tensor = torch.as_tensor(seq_pos).detach().cpu() if not isinstance(seq_pos, torch.Tensor) else seq_pos.detach().cpu()
     except (TypeError, ValueError, RuntimeError) as error:
         raise PatchingError(f"seq_pos must be None, an int, or a 1-D or 2-D integer sequence; got {seq_pos!r}.") from error
+    if tensor.numel() == 0:
+        tensor = tensor.long()
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.is_complex():
         raise PatchingError(f"seq_pos must hold integer positions, got dtype {tensor.dtype}.")
     if tensor.ndim == 0:

@@ -31,7 +31,7 @@ from .metrics import resolve_metric
 from .nodes import IterNode, Node, normalize_seq_pos
 from .plan import PatchSite, Sweep, resolve_spec
 from .results import PatchResult, assemble
-from .sources import ActivationSource, check_cache, cached_run
+from .sources import ActivationSource, cached_run, check_cache
 from .tensor_types import ModelInput, OtherModelInput
 
 _HEAD_INPUTS = {"q": ("q_input",), "k": ("k_input",), "v": ("v_input",), "q_input": ("q_input",),
@@ -109,19 +109,22 @@ def _source(model, cache, model_input, names: set[str], tokens: Tensor, what: st
             raise PatchingError(f"{what} must be an ActivationCache or a dict{' or zero' if what == 'new_cache' else ''}; got {cache!r}.")
         return ActivationSource(None, batch, what)
     if cache is not None:
-        return ActivationSource(check_cache(cache, names, batch, what), batch, what)
+        return ActivationSource(check_cache(cache, names, tokens.shape, what), batch, what)
     if model_input is None:
         raise PatchingError(f"path_patch needs {what.replace('_cache', '_input')} or {what}.")
     return ActivationSource(cached_run(model, model_input, names, tokens.shape, what.replace("_cache", "_input")), batch, what)
 
 
-def _z_hook(layer: int) -> str:
-    return COMPONENTS["z"].hook_name(layer)
-
-
 def _input_site(component: Component, site: PatchSite) -> PatchSite:
     node = Node(component.name, site.layer, head=site.unit)
     return PatchSite(node, component.hook_name(site.layer), site.unit, site.positions)
+
+
+def _input_base_hook(receiver: PatchSite) -> str:
+    """The orig activation a receiver's input is rebuilt from in the one-pass algorithm."""
+    if receiver.component.name in _HEAD_INPUTS:
+        return COMPONENTS["resid_pre"].hook_name(receiver.layer)
+    return receiver.hook_name
 
 
 def _reaches(sender: PatchSite, receiver: PatchSite) -> bool:
@@ -165,9 +168,9 @@ class _PathPatcher:
             group_of.append(groups.setdefault(key, len(groups)))
         first = [group_of.index(g) for g in range(len(groups))]
         records: dict[tuple[int, str], Tensor] = {}
-        frozen = [(_z_hook(layer), orig.value(_z_hook(layer))) for layer in range(self.shape.n_layers)]
-        if freeze_mlps:
-            frozen += [(COMPONENTS["post"].hook_name(l), orig.value(COMPONENTS["post"].hook_name(l))) for l in range(self.shape.n_layers)]
+        frozen_hooks = [COMPONENTS[name].hook_name(layer) for name in (("z", "post") if freeze_mlps else ("z",))
+                        for layer in range(self.shape.n_layers)]  # fmt: skip
+        frozen = [(name, orig.value(name)) for name in frozen_hooks]
 
         def pass_one(program: PatchProgram, group: int, row_start: int) -> None:
             hooks = {site.hook_name: site for v, g in enumerate(group_of) if g == group for site in self.variants[v].receivers}
@@ -206,18 +209,16 @@ class _PathPatcher:
             for receiver in self.variants[variant].receivers:
                 reaching = [contribution(s) for s in senders if _reaches(s, receiver)]
                 delta = torch.stack(reaching).sum(0) if reaching else None
-                name = receiver.component.name
-                if name in _HEAD_INPUTS:
-                    base = orig.value(COMPONENTS["resid_pre"].hook_name(receiver.layer))
-                    value = base if delta is None else base + delta
-                    for input_name in _HEAD_INPUTS[name]:
-                        component = COMPONENTS[input_name]
-                        count = self.shape.unit_count(component.unit)
-                        expanded = value.unsqueeze(2).expand(*value.shape[:2], count, value.shape[-1])
-                        program.edit(_input_site(component, receiver), row_start, expanded)
-                else:
-                    base = orig.value(receiver.hook_name)
-                    program.edit(receiver, row_start, base if delta is None else base + delta)
+                base = orig.value(_input_base_hook(receiver))
+                value = base if delta is None else base + delta
+                inputs = _HEAD_INPUTS.get(receiver.component.name)
+                if inputs is None:
+                    program.edit(receiver, row_start, value)
+                for input_name in inputs or ():
+                    component = COMPONENTS[input_name]
+                    count = self.shape.unit_count(component.unit)
+                    expanded = value.unsqueeze(2).expand(*value.shape[:2], count, value.shape[-1])
+                    program.edit(_input_site(component, receiver), row_start, expanded)
 
         return self._run(len(self.variants), add_steps, self.metric, "path_patch", apply_to_cache)
 
@@ -314,18 +315,16 @@ def path_patch(
     freeze_mlps = not direct_includes_mlps and shape.has_mlps
 
     sender_hooks = {s.hook_name for v in variants for s in v.senders}
+    receiver_sites = [r for v in variants for r in v.receivers]
     if fork:
-        orig_hooks = sender_hooks | {r.hook_name for v in variants for r in v.receivers if r.component.name not in _HEAD_INPUTS}
-        orig_hooks |= {COMPONENTS["resid_pre"].hook_name(l) for v in variants for r in v.receivers
-                       if r.component.name in _HEAD_INPUTS for l in [r.layer]}  # fmt: skip
-        patched_hooks = {_input_site(COMPONENTS[i], r).hook_name for v in variants for r in v.receivers
-                         for i in _HEAD_INPUTS.get(r.component.name, ())}  # fmt: skip
+        orig_hooks = sender_hooks | {_input_base_hook(r) for r in receiver_sites}
+        patched_hooks = {_input_site(COMPONENTS[name], r).hook_name for r in receiver_sites
+                         for name in _HEAD_INPUTS.get(r.component.name, ())}  # fmt: skip
     else:
-        orig_hooks = {_z_hook(layer) for layer in range(shape.n_layers)}
-        if freeze_mlps:
-            orig_hooks |= {COMPONENTS["post"].hook_name(layer) for layer in range(shape.n_layers)}
+        frozen = ["z", "post"] if freeze_mlps else ["z"]
+        orig_hooks = {COMPONENTS[name].hook_name(layer) for name in frozen for layer in range(shape.n_layers)}
         patched_hooks = set()
-    all_hooks = sender_hooks | orig_hooks | patched_hooks | {r.hook_name for v in variants for r in v.receivers}
+    all_hooks = sender_hooks | orig_hooks | patched_hooks | {r.hook_name for r in receiver_sites}
     check_hooks_exist(model, all_hooks)
 
     with torch.no_grad(), _tl.model_flags(model, _tl.flags_for(all_hooks)):

@@ -94,6 +94,11 @@ def resolve_positions(seq_pos: SeqPos, batch: int, seq_len: int, what: str = "se
     if seq_pos is None:
         return None
     positions = torch.tensor(seq_pos, dtype=torch.long)
+    if positions.numel() == 0:
+        raise PatchingError(
+            f"{what} selects no positions (shape {tuple(positions.shape)}): give at least one position per prompt, "
+            "or None for all positions."
+        )
     if positions.ndim == 0:
         positions = positions.expand(batch).unsqueeze(1)
     elif positions.ndim == 1:

@@ -11,9 +11,9 @@ import importlib.metadata
 from . import _tl
 from .ablation import mean_ablation_cache, zero_ablation_cache
 from .activation_patching import act_patch
+from .errors import PatchingError
 from .nodes import Node
 from .path_patching import path_patch
-from .errors import PatchingError
 from .plan import resolve_layer, resolve_node
 
 ENTRY_POINT_GROUP = "transformer_lens.plugins"

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from . import _tl
+from .components import lookup
 from .errors import PatchingError
 
 
@@ -40,8 +41,15 @@ class ActivationSource:
         return torch.zeros_like(like) if isinstance(value, float) else value
 
 
-def check_cache(cache, hook_names: Iterable[str], batch: int, what: str) -> Mapping[str, torch.Tensor]:
-    """Check that `cache` holds every hook in `hook_names` with a batch of `batch` (or 1)."""
+def _position_axes(hook_name: str) -> tuple[int, ...]:
+    component, _ = lookup(hook_name)
+    return (2, 3) if component.name in ("pattern", "attn_scores") else (1,)
+
+
+def check_cache(cache, hook_names: Iterable[str], tokens_shape: torch.Size, what: str) -> Mapping[str, torch.Tensor]:
+    """Check that `cache` holds every hook in `hook_names` as a tensor with the orig run's
+    positions and a batch of the same size (or 1)."""
+    batch, seq_len = tokens_shape
     tensors = _tl.cache_items(cache)
     for name in hook_names:
         if name not in tensors:
@@ -51,7 +59,17 @@ def check_cache(cache, hook_names: Iterable[str], batch: int, what: str) -> Mapp
                 f"{what} has no activation {name!r}, which this patch needs.{hint} Pass a cache from "
                 f"model.run_with_cache(...) without a names_filter that drops it, or pass the input instead."
             )
-        size = tensors[name].shape[0]
+        tensor = tensors[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise PatchingError(f"{what}[{name!r}] is a {type(tensor).__name__}, expected a tensor.")
+        for axis in _position_axes(name):
+            if tensor.ndim <= axis or tensor.shape[axis] != seq_len:
+                raise PatchingError(
+                    f"{what}[{name!r}] has shape {tuple(tensor.shape)}: it comes from prompts of length "
+                    f"{tensor.shape[axis] if tensor.ndim > axis else '?'}, but the orig input has length {seq_len}. "
+                    "Both runs must have the same length, so that positions line up."
+                )
+        size = tensor.shape[0]
         if size not in (batch, 1):
             raise PatchingError(
                 f"{what}[{name!r}] has batch size {size}, but the orig input has {batch} prompts: "
@@ -72,7 +90,14 @@ def cached_run(model, model_input, hook_names: Iterable[str], tokens_shape: torc
     if not names:
         return {}
     _, cache = _tl.run_with_cache(model, tokens, names)
-    return dict(_tl.cache_items(cache))
+    tensors = dict(_tl.cache_items(cache))
+    missing = sorted(names - set(tensors))
+    if missing:
+        raise PatchingError(
+            f"Hook(s) {missing} never fired when running {what}: this model does not compute that activation "
+            "(e.g. hook_pos_embed on a model with rotary embeddings)."
+        )
+    return tensors
 
 
 def make_source(model, new_input, new_cache, hook_names: Iterable[str], tokens: torch.Tensor) -> ActivationSource:
@@ -83,7 +108,7 @@ def make_source(model, new_input, new_cache, hook_names: Iterable[str], tokens: 
             raise PatchingError(f"new_cache must be an ActivationCache, a dict or 'zero'; got {new_cache!r}.")
         return ActivationSource(None, batch, "zero")
     if new_cache is not None:
-        return ActivationSource(check_cache(new_cache, hook_names, batch, "new_cache"), batch, "new_cache")
+        return ActivationSource(check_cache(new_cache, hook_names, tokens.shape, "new_cache"), batch, "new_cache")
     if new_input is None:
         raise PatchingError(
             "Nothing to patch in: pass new_input (resample ablation), new_cache (an ActivationCache, "
