@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import _tl
-from .engine import run_variants, variants_per_pass
+from .engine import check_chunk_args, progress_bar, run_variants, variants_per_pass
 from .errors import PatchingError
 from .hooks import PatchProgram
 from .metrics import resolve_metric
@@ -73,6 +73,7 @@ def act_patch(
     ('layer', 'head')
     """
     _tl.check_model(model)
+    check_chunk_args(batch_size, max_memory)
     tokens = _tl.to_tokens(model, orig_input)
     batch, seq_len = tokens.shape
     shape = _tl.model_shape(model)
@@ -93,8 +94,6 @@ def act_patch(
         chunk = 1 if apply_metric_to_cache and batch_size is None else variants_per_pass(
             len(cells), tokens, shape, batch_size, max_memory
         )
-        outputs = run_variants(
-            model, tokens, len(cells), add_steps, metric, chunk, apply_metric_to_cache,
-            description="act_patch" if verbose else None,
-        )
+        with progress_bar(len(cells), "act_patch", verbose) as progress:
+            outputs = run_variants(model, tokens, len(cells), add_steps, metric, chunk, apply_metric_to_cache, progress)
     return assemble(resolved, outputs, batch) if is_sweep else outputs[0]

@@ -1,6 +1,7 @@
 """Run many patched variants of one batch, several per forward pass, within a memory budget."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +18,14 @@ AddSteps = Callable[[PatchProgram, int, int], None]
 """`add_steps(program, variant, row_start)` adds one variant's edits at rows `row_start:`."""
 
 
+def check_chunk_args(batch_size: int | None, max_memory: int | None) -> None:
+    """Raise a PatchingError for an invalid `batch_size` or `max_memory`."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise PatchingError(f"batch_size must be a positive int (variants per forward pass), got {batch_size!r}.")
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0):
+        raise PatchingError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
+
+
 def variants_per_pass(
     n_variants: int,
     tokens: torch.Tensor,
@@ -29,17 +38,24 @@ def variants_per_pass(
     `batch_size` fixes it; otherwise it is as many as fit in `max_memory` bytes, counting
     the logits and the largest per-layer activations of each stacked copy.
     """
+    check_chunk_args(batch_size, max_memory)
     if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise PatchingError(f"batch_size must be a positive int (variants per forward pass), got {batch_size!r}.")
         return min(batch_size, max(n_variants, 1))
     budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
-    if budget <= 0:
-        raise PatchingError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
     batch, seq_len = tokens.shape
     floats_per_token = shape.d_vocab + 6 * shape.d_model + 3 * shape.d_mlp + 3 * shape.n_heads * seq_len
     per_variant = 4 * batch * seq_len * floats_per_token
     return max(1, min(n_variants, budget // per_variant))
+
+
+@contextmanager
+def progress_bar(total: int, description: str, verbose: bool) -> Iterator[tqdm | None]:
+    """A progress bar over `total` variants when `verbose` (else None), closed on exit."""
+    if not verbose:
+        yield None
+        return
+    with tqdm(total=total, desc=description, leave=False) as bar:
+        yield bar
 
 
 def run_variants(
@@ -50,43 +66,38 @@ def run_variants(
     metric: Callable | None,
     chunk: int,
     apply_metric_to_cache: bool = False,
-    description: str | None = None,
+    progress: tqdm | None = None,
 ) -> list:
     """Run every variant and return the metric of each (or Nones when `metric` is None).
 
     Variants are stacked `chunk` at a time along the batch axis. With
     `apply_metric_to_cache`, the metric receives each variant's ActivationCache instead of
-    its logits.
+    its logits. `progress`, if given, is advanced by one per variant measured.
     """
     batch = tokens.shape[0]
     carries = _tl.resid_mid_carries(model)
     outputs: list = []
-    bar = tqdm(total=n_variants, desc=description, leave=False) if description else None
-    try:
-        for start in range(0, n_variants, chunk):
-            count = min(chunk, n_variants - start)
-            program = PatchProgram(batch, carries)
-            for offset in range(count):
-                add_steps(program, start + offset, offset * batch)
-            stacked = tokens.repeat(count, 1) if count > 1 else tokens
-            with applied(model, program):
-                if apply_metric_to_cache:
-                    _, cache = _tl.run_with_cache(model, stacked)
-                    tensors = _tl.cache_items(cache)
-                else:
-                    logits = _tl.forward_logits(model, stacked)
-            for offset in range(count):
-                rows = slice(offset * batch, (offset + 1) * batch)
-                if metric is None:
-                    outputs.append(None)
-                elif apply_metric_to_cache:
-                    sliced = {name: t[rows] if t.ndim and t.shape[0] == count * batch else t for name, t in tensors.items()}
-                    outputs.append(metric(_tl.make_cache(sliced, model)))
-                else:
-                    outputs.append(metric(logits[rows]))
-            if bar is not None:
-                bar.update(count)
-    finally:
-        if bar is not None:
-            bar.close()
+    for start in range(0, n_variants, chunk):
+        count = min(chunk, n_variants - start)
+        program = PatchProgram(batch, carries)
+        for offset in range(count):
+            add_steps(program, start + offset, offset * batch)
+        stacked = tokens.repeat(count, 1) if count > 1 else tokens
+        with applied(model, program):
+            if apply_metric_to_cache:
+                _, cache = _tl.run_with_cache(model, stacked)
+                tensors = _tl.cache_items(cache)
+            else:
+                logits = _tl.forward_logits(model, stacked)
+        for offset in range(count):
+            rows = slice(offset * batch, (offset + 1) * batch)
+            if metric is None:
+                outputs.append(None)
+            elif apply_metric_to_cache:
+                sliced = {name: t[rows] if t.ndim and t.shape[0] == count * batch else t for name, t in tensors.items()}
+                outputs.append(metric(_tl.make_cache(sliced, model)))
+            else:
+                outputs.append(metric(logits[rows]))
+        if progress is not None and metric is not None:
+            progress.update(count)
     return outputs

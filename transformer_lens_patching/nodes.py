@@ -82,7 +82,7 @@ class Node:
             `(batch,)` sequence (one position per prompt) or a `(batch, k)` one.
 
     >>> Node("z", 9, head=6)
-    Node('z', layer=9, head=6)
+    Node('z', 9, head=6)
     >>> Node("blocks.11.hook_resid_post").layer
     11
     """

@@ -14,6 +14,7 @@ metric is then measured on the orig run with those receivers. Two meanings of "d
   input hooks), the same values come from the two-pass algorithm with MLPs frozen too.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from . import _tl
 from ._tl import ModelShape
 from .activation_patching import check_hooks_exist
 from .components import COMPONENTS, RECEIVERS, SENDERS, Component
-from .engine import run_variants, variants_per_pass
+from .engine import check_chunk_args, progress_bar, run_variants, variants_per_pass
 from .errors import PatchingError
 from .hooks import PatchProgram
 from .metrics import resolve_metric
@@ -137,65 +138,85 @@ def _reaches(sender: PatchSite, receiver: PatchSite) -> bool:
 class _PathPatcher:
     """State shared by the path-patching algorithms for one call."""
 
-    def __init__(self, model, tokens, shape: ModelShape, variants: list[_Variant], metric, chunk_args, verbose: bool):
+    def __init__(self, model, tokens, shape: ModelShape, variants: list[_Variant], metric, chunk_args, progress):
         self.model = model
         self.tokens = tokens
         self.shape = shape
         self.variants = variants
         self.metric = metric
-        self.chunk_args = chunk_args
-        self.verbose = verbose
+        self.batch_size, self.max_memory, self.apply_to_cache = chunk_args
+        self.progress = progress
         self.batch = tokens.shape[0]
 
-    def _chunk(self, n_variants: int) -> int:
-        batch_size, max_memory, apply_to_cache = self.chunk_args
-        if apply_to_cache and batch_size is None:
-            return 1
-        return variants_per_pass(n_variants, self.tokens, self.shape, batch_size, max_memory)
+    @functools.cached_property
+    def w_o(self) -> Tensor:
+        return _tl.w_o(self.model)
 
-    def _run(self, n_variants, add_steps, metric, description, apply_to_cache=False) -> list:
+    @functools.cached_property
+    def w_out(self) -> Tensor:
+        return _tl.w_out(self.model)
+
+    def _chunk(self, n_variants: int, measured: bool) -> int:
+        if measured and self.apply_to_cache and self.batch_size is None:
+            return 1
+        return variants_per_pass(n_variants, self.tokens, self.shape, self.batch_size, self.max_memory)
+
+    def _run(self, n_variants: int, add_steps, measured: bool) -> list:
+        metric = self.metric if measured else None
         return run_variants(
-            self.model, self.tokens, n_variants, add_steps, metric, self._chunk(n_variants),
-            apply_to_cache, description if self.verbose else None,
+            self.model, self.tokens, n_variants, add_steps, metric, self._chunk(n_variants, measured),
+            self.apply_to_cache and measured, self.progress,
         )
 
-    def two_pass(self, orig: ActivationSource, new: ActivationSource, freeze_mlps: bool, apply_to_cache: bool) -> list:
-        """Pass 1 freezes heads (and MLPs) and records the receivers; pass 2 patches them in."""
-        groups: dict[tuple, int] = {}
-        group_of: list[int] = []
-        for variant in self.variants:
-            key = tuple((s.hook_name, s.unit, None if s.positions is None else tuple(s.positions.flatten().tolist())) for s in variant.senders)
-            group_of.append(groups.setdefault(key, len(groups)))
-        first = [group_of.index(g) for g in range(len(groups))]
-        records: dict[tuple[int, str], Tensor] = {}
+    def two_pass(self, orig: ActivationSource, new: ActivationSource, freeze_mlps: bool) -> list:
+        """Pass 1 freezes heads (and MLPs) and records the receivers; pass 2 patches them in.
+
+        Variants that share their senders share one pass-1 run. Sender groups are processed
+        a block at a time, so only one block's recordings are held in memory.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for index, variant in enumerate(self.variants):
+            key = tuple((s.hook_name, s.unit, None if s.positions is None else tuple(s.positions.flatten().tolist()))
+                        for s in variant.senders)  # fmt: skip
+            groups.setdefault(key, []).append(index)
+        members = list(groups.values())
         frozen_hooks = [COMPONENTS[name].hook_name(layer) for name in (("z", "post") if freeze_mlps else ("z",))
                         for layer in range(self.shape.n_layers)]  # fmt: skip
         frozen = [(name, orig.value(name)) for name in frozen_hooks]
+        outputs: list = [None] * len(self.variants)
+        block_size = self._chunk(len(members), measured=False)
+        for start in range(0, len(members), block_size):
+            block = members[start : start + block_size]
+            records: dict[tuple[int, str], Tensor] = {}
 
-        def pass_one(program: PatchProgram, group: int, row_start: int) -> None:
-            hooks = {site.hook_name: site for v, g in enumerate(group_of) if g == group for site in self.variants[v].receivers}
-            for name, site in hooks.items():
-                if site.component.name == "z":
-                    program.record(name, row_start, records, (group, name))
-            for name, value in frozen:
-                program.fill(name, row_start, value)
-            for site in self.variants[first[group]].senders:
-                program.edit(site, row_start, new.value(site.hook_name))
-            for name, site in hooks.items():
-                if site.component.name != "z":
-                    program.record(name, row_start, records, (group, name))
+            def pass_one(program: PatchProgram, group: int, row_start: int) -> None:
+                receivers = {site.hook_name: site for v in block[group] for site in self.variants[v].receivers}
+                for name, site in receivers.items():
+                    if site.component.name == "z":
+                        program.record(name, row_start, records, (group, name))
+                for name, value in frozen:
+                    program.fill(name, row_start, value)
+                for site in self.variants[block[group][0]].senders:
+                    program.edit(site, row_start, new.value(site.hook_name))
+                for name, site in receivers.items():
+                    if site.component.name != "z":
+                        program.record(name, row_start, records, (group, name))
 
-        self._run(len(groups), pass_one, None, "path_patch: pass 1")
+            self._run(len(block), pass_one, measured=False)
+            pairs = [(group, v) for group, indices in enumerate(block) for v in indices]
 
-        def pass_two(program: PatchProgram, variant: int, row_start: int) -> None:
-            for site in self.variants[variant].receivers:
-                if site.component.name in _WHOLE_HEAD_RECEIVERS:
-                    site = site.with_positions(None)
-                program.edit(site, row_start, records[(group_of[variant], site.hook_name)])
+            def pass_two(program: PatchProgram, index: int, row_start: int) -> None:
+                group, variant = pairs[index]
+                for site in self.variants[variant].receivers:
+                    if site.component.name in _WHOLE_HEAD_RECEIVERS:
+                        site = site.with_positions(None)
+                    program.edit(site, row_start, records[(group, site.hook_name)])
 
-        return self._run(len(self.variants), pass_two, self.metric, "path_patch: pass 2", apply_to_cache)
+            for (_, variant), output in zip(pairs, self._run(len(pairs), pass_two, measured=True)):
+                outputs[variant] = output
+        return outputs
 
-    def one_pass(self, orig: ActivationSource, new: ActivationSource, apply_to_cache: bool) -> list:
+    def one_pass(self, orig: ActivationSource, new: ActivationSource) -> list:
         """Set each receiver's input to orig plus the reaching senders' new - orig, in one pass."""
         contributions: dict[int, Tensor] = {}
 
@@ -220,7 +241,7 @@ class _PathPatcher:
                     expanded = value.unsqueeze(2).expand(*value.shape[:2], count, value.shape[-1])
                     program.edit(_input_site(component, receiver), row_start, expanded)
 
-        return self._run(len(self.variants), add_steps, self.metric, "path_patch", apply_to_cache)
+        return self._run(len(self.variants), add_steps, measured=True)
 
     def _contribution(self, site: PatchSite, orig: ActivationSource, new: ActivationSource) -> Tensor:
         """What `site`'s change from orig to new adds to the residual stream, (batch, pos, d_model)."""
@@ -228,10 +249,10 @@ class _PathPatcher:
         diff = new.tensor_like(site.hook_name, before) - before
         units = slice(None) if site.unit is None else slice(site.unit, site.unit + 1)
         if site.component.name == "z":
-            w_o = _tl.w_o(self.model)[site.layer, units]
+            w_o = self.w_o[site.layer, units]
             diff = torch.einsum("bphd,hdm->bpm", diff[:, :, units], w_o.to(diff.dtype))
         elif site.component.name == "post":
-            w_out = _tl.w_out(self.model)[site.layer, units]
+            w_out = self.w_out[site.layer, units]
             diff = diff[..., units] @ w_out.to(diff.dtype)
         if site.positions is not None:
             mask = torch.zeros(diff.shape[:2], dtype=diff.dtype, device=diff.device)
@@ -300,6 +321,7 @@ def path_patch(
     ...                      Node("resid_post", model.cfg.n_layers - 1), metric)  # doctest: +SKIP
     """
     _tl.check_model(model)
+    check_chunk_args(batch_size, max_memory)
     if not isinstance(direct_includes_mlps, bool):
         raise PatchingError(f"direct_includes_mlps must be True or False, got {direct_includes_mlps!r}.")
     tokens = _tl.to_tokens(model, orig_input)
@@ -328,11 +350,10 @@ def path_patch(
     check_hooks_exist(model, all_hooks)
 
     with torch.no_grad(), _tl.model_flags(model, _tl.flags_for(all_hooks)):
-        orig = _source(model, orig_cache, orig_input, orig_hooks, tokens, "orig_cache")
         new = _source(model, new_cache, new_input, sender_hooks, tokens, "new_cache")
-        patcher = _PathPatcher(model, tokens, shape, variants, metric, (batch_size, max_memory, apply_metric_to_cache), verbose)
-        if fork:
-            outputs = patcher.one_pass(orig, new, apply_metric_to_cache)
-        else:
-            outputs = patcher.two_pass(orig, new, freeze_mlps, apply_metric_to_cache)
+        orig = _source(model, orig_cache, orig_input, orig_hooks, tokens, "orig_cache")
+        chunk_args = (batch_size, max_memory, apply_metric_to_cache)
+        with progress_bar(len(variants), "path_patch", verbose) as progress:
+            patcher = _PathPatcher(model, tokens, shape, variants, metric, chunk_args, progress)
+            outputs = patcher.one_pass(orig, new) if fork else patcher.two_pass(orig, new, freeze_mlps)
     return assemble(sweeps, outputs, batch) if sweeps is not None else outputs[0]
