@@ -14,32 +14,8 @@ import torch
 
 from transformer_lens_patching import IterNode, Node, act_patch, path_patch
 from transformer_lens_patching.embedded_model import load_smollm2
-
-FORMATS = [
-    "When John and Mary went to the shops,{} gave the bag to",
-    "When Tom and James went to the park,{} gave the ball to",
-    "When Dan and Sid went to the shops,{} gave an apple to",
-    "After Martin and Amy went to the park,{} gave a drink to",
-]
-NAMES = [(" John", " Mary"), (" Tom", " James"), (" Dan", " Sid"), (" Martin", " Amy")]
-
-
-def ioi_prompts(model):
-    """Clean prompts, corrupted prompts (the other name repeated) and (IO, S) token ids."""
-    clean, corrupted, answers = [], [], []
-    for fmt, (first, second) in zip(FORMATS, NAMES):
-        for subject, indirect in ((first, second), (second, first)):
-            clean.append(fmt.format(subject))
-            corrupted.append(fmt.format(indirect))
-            answers.append((model.to_single_token(indirect), model.to_single_token(subject)))
-    return model.to_tokens(clean), model.to_tokens(corrupted), torch.tensor(answers)
-
-
-def logit_diff(logits, answers):
-    """Mean over prompts of logit(IO) - logit(S) at the last position."""
-    last = logits[:, -1]
-    return (last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:])).mean()
-
+from transformer_lens_patching.ioi import example_prompts
+from transformer_lens_patching.metrics import logit_diff
 
 def top_heads(result, k=5):
     """The k (layer, head) cells with the largest absolute effect, with their values."""
@@ -53,7 +29,7 @@ def main():
     torch.set_grad_enabled(False)
     start = time.perf_counter()
     model = load_smollm2()
-    clean, corrupted, answers = ioi_prompts(model)
+    clean, corrupted, answers = example_prompts(model)
     clean_ld = float(logit_diff(model(clean), answers))
     corrupted_ld = float(logit_diff(model(corrupted), answers))
     print(f"SmolLM2-135M: clean logit diff {clean_ld:.3f}, corrupted {corrupted_ld:.3f} ({len(clean)} prompts)")

@@ -14,20 +14,13 @@ import torch
 
 from tests.models import TL_MAJOR
 from transformer_lens_patching import IterNode, act_patch
+from transformer_lens_patching.ioi import example_prompts
+from transformer_lens_patching.metrics import logit_diff
 
 pytestmark = [
     pytest.mark.hub,
     pytest.mark.skipif(os.environ.get("TLP_HUB") != "1", reason="needs GPT-2 small from the model hub (set TLP_HUB=1)"),
 ]
-
-FORMATS = [
-    "When John and Mary went to the shops,{} gave the bag to",
-    "When Tom and James went to the park,{} gave the ball to",
-    "When Dan and Sid went to the shops,{} gave an apple to",
-    "After Martin and Amy went to the park,{} gave a drink to",
-]
-NAMES = [(" John", " Mary"), (" Tom", " James"), (" Dan", " Sid"), (" Martin", " Amy")]
-
 
 @pytest.fixture(scope="module")
 def gpt2():
@@ -47,20 +40,7 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def ioi(gpt2):
-    prompts, answers = [], []
-    for fmt, (first, second) in zip(FORMATS, NAMES):
-        for subject, indirect in ((first, second), (second, first)):
-            prompts.append(fmt.format(subject))
-            answers.append((gpt2.to_single_token(indirect), gpt2.to_single_token(subject)))
-    clean = gpt2.to_tokens(prompts, prepend_bos=True)
-    corrupted = clean[[i ^ 1 for i in range(len(prompts))]]
-    return clean, corrupted, torch.tensor(answers)
-
-
-def logit_diff(logits, answers, per_prompt=False):
-    last = logits[:, -1]
-    diff = last.gather(1, answers[:, :1]).squeeze(1) - last.gather(1, answers[:, 1:]).squeeze(1)
-    return diff if per_prompt else diff.mean()
+    return example_prompts(gpt2)
 
 
 def test_clean_logit_diff(gpt2, ioi):

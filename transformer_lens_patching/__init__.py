@@ -3,7 +3,7 @@
 from .ablation import mean_ablation_cache, zero_ablation_cache
 from .activation_patching import act_patch
 from .errors import PatchingError
-from .metrics import lm_loss
+from .metrics import lm_loss, logit_diff
 from .nodes import IterNode, Node
 from .path_patching import path_patch
 from .plugin import install, load_plugins
@@ -18,6 +18,7 @@ __all__ = [
     "install",
     "lm_loss",
     "load_plugins",
+    "logit_diff",
     "mean_ablation_cache",
     "path_patch",
     "zero_ablation_cache",

@@ -36,6 +36,24 @@ def lm_loss(tokens: Tokens, per_token: bool = False) -> Metric:
     return loss
 
 
+def logit_diff(logits: Logits, answers: Tensor, per_prompt: bool = False) -> Tensor:
+    """logit(answer) - logit(wrong answer) at the last position.
+
+    Args:
+        logits: The model's logits.
+        answers: (batch, 2) token ids: the right answer, then the wrong one (IO, S for IOI).
+        per_prompt: Return one value per prompt instead of the mean.
+
+    >>> logits = torch.zeros(2, 3, 5); logits[:, -1, 1] = 2.0
+    >>> logit_diff(logits, torch.tensor([[1, 0], [0, 1]]), per_prompt=True)
+    tensor([ 2., -2.])
+    """
+    last = logits[:, -1]
+    answers = answers.to(last.device)
+    diff = last.gather(1, answers[:, :1]).squeeze(1) - last.gather(1, answers[:, 1:]).squeeze(1)
+    return diff if per_prompt else diff.mean()
+
+
 def resolve_metric(metric, tokens: Tensor) -> Metric:
     """A callable metric: `metric` itself, or the LM loss for "loss" / "loss_per_token"."""
     if isinstance(metric, str):
