@@ -123,3 +123,14 @@ def test_zero_ablation_of_everything_upstream_is_not_the_clean_run(small_model):
     zero = act_patch(model, orig, Node("z", 1), metric, new_cache="zero")
     resample = act_patch(model, orig, Node("z", 1), metric, new_input=new)
     assert (zero - resample).abs().max() > 1e-3
+
+
+def test_sweeps_start_at_the_first_patched_layer(small_model):
+    """Blocks before the first patch are not run again: block 0 runs once, for the orig residual stream."""
+    model = small_model
+    orig, _ = make_inputs(model)
+    calls = []
+    last = model.cfg.n_layers - 1
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: calls.append(act.shape[0]))]):
+        act_patch(model, orig, IterNode(["z", "mlp_out"], layers=[last]), logit_diff_metric(), new_cache="zero")
+    assert calls == [orig.shape[0]]

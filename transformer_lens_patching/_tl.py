@@ -125,9 +125,51 @@ def resid_mid_carries(model) -> dict[str, str]:
     return {f"blocks.{layer}.hook_resid_mid": f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)}
 
 
-def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Run the model and return its logits."""
-    return model(tokens, return_type="logits")
+def forward_logits(model, tokens: torch.Tensor, residual: torch.Tensor | None = None, start_layer: int = 0) -> torch.Tensor:
+    """Run the model and return its logits; from `start_layer` on if `residual` (the residual
+    stream entering that layer) is given, without computing the layers before it."""
+    if residual is None or start_layer == 0 or not can_start_late(model):
+        return model(tokens, return_type="logits")
+    if TL_MAJOR >= 4:
+        with _blocks_skipped(model, start_layer):
+            return model(residual, start_at_layer=start_layer)
+    return model(residual, start_at_layer=start_layer)
+
+
+def can_start_late(model) -> bool:
+    """Whether a forward pass can start at a later layer without running the ones before.
+
+    HookedTransformer can; of TransformerLens 4 bridges, those over a Hugging Face model
+    (`boot_transformers`) can, and native ones (`boot_native`) run every block.
+    """
+    if TL_MAJOR < 4:
+        return True
+    from transformers import PreTrainedModel
+
+    return isinstance(model.original_model, PreTrainedModel)
+
+
+def _pass_through(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _blocks_skipped(model, count: int) -> Iterator[None]:
+    """Make the first `count` blocks return their input unchanged.
+
+    TransformerLens 4.3's `start_at_layer` still runs the blocks before it and then discards
+    their output; skipping them is what makes starting late cheaper. The override goes into
+    the block's own `__dict__`: the bridge's `__setattr__` would forward it to the wrapped
+    Hugging Face module.
+    """
+    blocks = list(model.blocks)[:count]
+    for block in blocks:
+        object.__setattr__(block, "forward", _pass_through)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
 
 
 def run_with_cache(model, tokens: torch.Tensor, names: Mapping | set | list | None = None):

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import _tl
-from .engine import check_chunk_args, progress_bar, run_variants, variants_per_pass
+from .engine import OrigResiduals, check_chunk_args, progress_bar, run_variants, variants_per_pass
 from .errors import PatchingError
 from .hooks import PatchProgram
 from .metrics import resolve_metric
@@ -95,5 +95,8 @@ def act_patch(
             len(cells), tokens, shape, batch_size, max_memory
         )
         with progress_bar(len(cells), "act_patch", verbose) as progress:
-            outputs = run_variants(model, tokens, len(cells), add_steps, metric, chunk, apply_metric_to_cache, progress)
+            outputs = run_variants(
+                model, tokens, len(cells), add_steps, metric, chunk, apply_metric_to_cache, progress,
+                OrigResiduals(model, tokens),
+            )
     return assemble(resolved, outputs, batch) if is_sweep else outputs[0]

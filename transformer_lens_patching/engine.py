@@ -48,6 +48,26 @@ def variants_per_pass(
     return max(1, min(n_variants, budget // per_variant))
 
 
+class OrigResiduals:
+    """The orig run's residual stream entering each layer, from one cached run on first use.
+
+    A patched forward pass whose first edit is at layer l starts there from these values:
+    the layers before l would compute exactly them again.
+    """
+
+    def __init__(self, model, tokens: torch.Tensor):
+        self._model = model
+        self._tokens = tokens
+        self._by_layer: dict[int, torch.Tensor] | None = None
+
+    def __call__(self, layer: int) -> torch.Tensor:
+        if self._by_layer is None:
+            names = {f"blocks.{i}.hook_resid_pre": i for i in range(self._model.cfg.n_layers)}
+            _, cache = _tl.run_with_cache(self._model, self._tokens, names)
+            self._by_layer = {i: _tl.cache_items(cache)[name] for name, i in names.items()}
+        return self._by_layer[layer]
+
+
 @contextmanager
 def progress_bar(total: int, description: str, verbose: bool) -> Iterator[tqdm | None]:
     """A progress bar over `total` variants when `verbose` (else None), closed on exit."""
@@ -67,12 +87,14 @@ def run_variants(
     chunk: int,
     apply_metric_to_cache: bool = False,
     progress: tqdm | None = None,
+    residuals: OrigResiduals | None = None,
 ) -> list:
     """Run every variant and return the metric of each (or Nones when `metric` is None).
 
     Variants are stacked `chunk` at a time along the batch axis. With
     `apply_metric_to_cache`, the metric receives each variant's ActivationCache instead of
-    its logits. `progress`, if given, is advanced by one per variant measured.
+    its logits. `progress`, if given, is advanced by one per variant measured. With
+    `residuals`, each forward pass starts at the first layer its edits touch.
     """
     batch = tokens.shape[0]
     carries = _tl.resid_mid_carries(model)
@@ -83,12 +105,14 @@ def run_variants(
         for offset in range(count):
             add_steps(program, start + offset, offset * batch)
         stacked = tokens.repeat(count, 1) if count > 1 else tokens
+        first_layer = program.first_layer if residuals is not None and not apply_metric_to_cache else 0
+        residual = residuals(first_layer).repeat(count, 1, 1) if first_layer else None
         with applied(model, program):
             if apply_metric_to_cache:
                 _, cache = _tl.run_with_cache(model, stacked)
                 tensors = _tl.cache_items(cache)
             else:
-                logits = _tl.forward_logits(model, stacked)
+                logits = _tl.forward_logits(model, stacked, residual, first_layer)
         for offset in range(count):
             rows = slice(offset * batch, (offset + 1) * batch)
             if metric is None:

@@ -6,6 +6,7 @@ writes into a copy of the activation, never into the tensor the model (or anyone
 hook) produced, and never into a cache it reads from.
 """
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -16,6 +17,7 @@ from .errors import PatchingError
 from .plan import PatchSite
 
 Step = Callable[[torch.Tensor], None]
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 class PatchProgram:
@@ -73,6 +75,13 @@ class PatchProgram:
     def hook_names(self) -> list[str]:
         """The hook points this program touches."""
         return list(self._steps)
+
+    @property
+    def first_layer(self) -> int:
+        """The first layer any step touches (0 if a step is outside the blocks): the forward
+        pass may start there, from the orig residual stream."""
+        layers = [int(match.group(1)) if (match := _BLOCK.match(name)) else 0 for name in self._steps]
+        return min(layers, default=0)
 
     def fwd_hooks(self) -> list[tuple[str, Callable]]:
         """(hook name, hook function) pairs for TransformerLens' `hooks()`."""

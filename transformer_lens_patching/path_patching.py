@@ -25,7 +25,7 @@ from . import _tl
 from ._tl import ModelShape
 from .activation_patching import check_hooks_exist
 from .components import COMPONENTS, RECEIVERS, SENDERS, Component
-from .engine import check_chunk_args, progress_bar, run_variants, variants_per_pass
+from .engine import OrigResiduals, check_chunk_args, progress_bar, run_variants, variants_per_pass
 from .errors import PatchingError
 from .hooks import PatchProgram
 from .metrics import resolve_metric
@@ -147,6 +147,7 @@ class _PathPatcher:
         self.batch_size, self.max_memory, self.apply_to_cache = chunk_args
         self.progress = progress
         self.batch = tokens.shape[0]
+        self.residuals = OrigResiduals(model, tokens)
 
     @functools.cached_property
     def w_o(self) -> Tensor:
@@ -165,7 +166,7 @@ class _PathPatcher:
         metric = self.metric if measured else None
         return run_variants(
             self.model, self.tokens, n_variants, add_steps, metric, self._chunk(n_variants, measured),
-            self.apply_to_cache and measured, self.progress,
+            self.apply_to_cache and measured, self.progress, self.residuals,
         )
 
     def two_pass(self, orig: ActivationSource, new: ActivationSource, freeze_mlps: bool) -> list:
@@ -180,9 +181,9 @@ class _PathPatcher:
                         for s in variant.senders)  # fmt: skip
             groups.setdefault(key, []).append(index)
         members = list(groups.values())
-        frozen_hooks = [COMPONENTS[name].hook_name(layer) for name in (("z", "post") if freeze_mlps else ("z",))
+        frozen_hooks = [(layer, COMPONENTS[name].hook_name(layer)) for name in (("z", "post") if freeze_mlps else ("z",))
                         for layer in range(self.shape.n_layers)]  # fmt: skip
-        frozen = [(name, orig.value(name)) for name in frozen_hooks]
+        frozen = [(layer, name, orig.value(name)) for layer, name in frozen_hooks]
         outputs: list = [None] * len(self.variants)
         block_size = self._chunk(len(members), measured=False)
         for start in range(0, len(members), block_size):
@@ -191,12 +192,15 @@ class _PathPatcher:
 
             def pass_one(program: PatchProgram, group: int, row_start: int) -> None:
                 receivers = {site.hook_name: site for v in block[group] for site in self.variants[v].receivers}
+                senders = self.variants[block[group][0]].senders
+                first = min(site.layer for site in [*senders, *receivers.values()])
                 for name, site in receivers.items():
                     if site.component.name == "z":
                         program.record(name, row_start, records, (group, name))
-                for name, value in frozen:
-                    program.fill(name, row_start, value)
-                for site in self.variants[block[group][0]].senders:
+                for layer, name, value in frozen:
+                    if layer >= first:
+                        program.fill(name, row_start, value)
+                for site in senders:
                     program.edit(site, row_start, new.value(site.hook_name))
                 for name, site in receivers.items():
                     if site.component.name != "z":
