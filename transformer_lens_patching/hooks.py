@@ -72,11 +72,6 @@ class PatchProgram:
         self._add(hook_name, step)
 
     @property
-    def hook_names(self) -> list[str]:
-        """The hook points this program touches."""
-        return list(self._steps)
-
-    @property
     def first_layer(self) -> int:
         """The first layer any step touches (0 if a step is outside the blocks): the forward
         pass may start there, from the orig residual stream."""

@@ -108,12 +108,12 @@ def _source(model, cache, model_input, names: set[str], tokens: Tensor, what: st
     if isinstance(cache, str):
         if cache != "zero" or what != "new_cache":
             raise PatchingError(f"{what} must be an ActivationCache or a dict{' or zero' if what == 'new_cache' else ''}; got {cache!r}.")
-        return ActivationSource(None, batch, what)
+        return ActivationSource(None, batch)
     if cache is not None:
-        return ActivationSource(check_cache(cache, names, tokens.shape, what), batch, what)
+        return ActivationSource(check_cache(cache, names, tokens.shape, what), batch)
     if model_input is None:
         raise PatchingError(f"path_patch needs {what.replace('_cache', '_input')} or {what}.")
-    return ActivationSource(cached_run(model, model_input, names, tokens.shape, what.replace("_cache", "_input")), batch, what)
+    return ActivationSource(cached_run(model, model_input, names, tokens.shape, what.replace("_cache", "_input")), batch)
 
 
 def _input_site(component: Component, site: PatchSite) -> PatchSite:

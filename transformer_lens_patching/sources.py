@@ -16,10 +16,9 @@ class ActivationSource:
     `tensors` is None for zero ablation.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor] | None, batch: int, label: str):
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None, batch: int):
         self._tensors = tensors
         self.batch = batch
-        self.label = label
 
     @property
     def is_zero(self) -> bool:
@@ -106,12 +105,12 @@ def make_source(model, new_input, new_cache, hook_names: Iterable[str], tokens: 
     if isinstance(new_cache, str):
         if new_cache != "zero":
             raise PatchingError(f"new_cache must be an ActivationCache, a dict or 'zero'; got {new_cache!r}.")
-        return ActivationSource(None, batch, "zero")
+        return ActivationSource(None, batch)
     if new_cache is not None:
-        return ActivationSource(check_cache(new_cache, hook_names, tokens.shape, "new_cache"), batch, "new_cache")
+        return ActivationSource(check_cache(new_cache, hook_names, tokens.shape, "new_cache"), batch)
     if new_input is None:
         raise PatchingError(
             "Nothing to patch in: pass new_input (resample ablation), new_cache (an ActivationCache, "
             "e.g. from mean_ablation_cache) or new_cache='zero' (zero ablation)."
         )
-    return ActivationSource(cached_run(model, new_input, hook_names, tokens.shape, "new_input"), batch, "new_input")
+    return ActivationSource(cached_run(model, new_input, hook_names, tokens.shape, "new_input"), batch)
