@@ -128,6 +128,12 @@ def _input_base_hook(receiver: PatchSite) -> str:
     return receiver.hook_name
 
 
+def _frozen_hooks(shape: ModelShape, freeze_mlps: bool) -> list[tuple[int, str]]:
+    """(layer, hook) of every activation pass 1 of the two-pass algorithm freezes to orig."""
+    names = ("z", "post") if freeze_mlps else ("z",)
+    return [(layer, COMPONENTS[name].hook_name(layer)) for name in names for layer in range(shape.n_layers)]
+
+
 def _reaches(sender: PatchSite, receiver: PatchSite) -> bool:
     """Whether a direct residual path goes from `sender`'s output to `receiver`'s input."""
     written = 2 * sender.layer + sender.component.write_offset
@@ -181,9 +187,7 @@ class _PathPatcher:
                         for s in variant.senders)  # fmt: skip
             groups.setdefault(key, []).append(index)
         members = list(groups.values())
-        frozen_hooks = [(layer, COMPONENTS[name].hook_name(layer)) for name in (("z", "post") if freeze_mlps else ("z",))
-                        for layer in range(self.shape.n_layers)]  # fmt: skip
-        frozen = [(layer, name, orig.value(name)) for layer, name in frozen_hooks]
+        frozen = [(layer, name, orig.value(name)) for layer, name in _frozen_hooks(self.shape, freeze_mlps)]
         outputs: list = [None] * len(self.variants)
         block_size = self._chunk(len(members), measured=False)
         for start in range(0, len(members), block_size):
@@ -347,8 +351,7 @@ def path_patch(
         patched_hooks = {_input_site(COMPONENTS[name], r).hook_name for r in receiver_sites
                          for name in _HEAD_INPUTS.get(r.component.name, ())}  # fmt: skip
     else:
-        frozen = ["z", "post"] if freeze_mlps else ["z"]
-        orig_hooks = {COMPONENTS[name].hook_name(layer) for name in frozen for layer in range(shape.n_layers)}
+        orig_hooks = {name for _, name in _frozen_hooks(shape, freeze_mlps)}
         patched_hooks = set()
     all_hooks = sender_hooks | orig_hooks | patched_hooks | {r.hook_name for r in receiver_sites}
     check_hooks_exist(model, all_hooks)
