@@ -1,20 +1,27 @@
 """Sweep benchmark: this library against TransformerLens 4.3's patching helpers and the
 prior art's one-or-two-full-passes-per-node algorithm, measured in one process.
 
-    python benchmarks/sweeps.py            # GPT-2-small shape (random weights) and SmolLM2-135M
-    python benchmarks/sweeps.py --quick    # one repeat, small model: checks that it runs
+    python benchmarks/sweeps.py                  # GPT-2-small shape (random weights) and SmolLM2-135M
+    python benchmarks/sweeps.py --models gpt2    # GPT-2-small shape only
+    python benchmarks/sweeps.py --quick          # one repeat, small model: checks that it runs
 
-For each sweep it prints the median wall time of each method over the repeats, their ratio,
-and the transformer-block evaluations performed (one block on one copy of the batch) against
-the minimum the sweep needs (a patch at layer l needs blocks l and later only).
+For each sweep it prints the median wall time of each method over the repeats and their
+ratio next to the arithmetic bound (the multiply-adds of the baseline over the minimum the
+sweep needs: a patch at layer l needs only layers l and later), the attention and MLP
+layer evaluations performed against that minimum, and the peak memory against one
+`run_with_cache` plus the default budget.
 """
 
 import argparse
+import ctypes
+import gc
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,8 +29,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from transformer_lens_patching import IterNode, Node, act_patch, path_patch  # noqa: E402
+from transformer_lens_patching.engine import DEFAULT_MAX_MEMORY  # noqa: E402
 
 BATCH, SEQ_LEN = 8, 15
+SWEEPS = ("z", "block", "path-logits", "path-q", "neurons")
 
 
 def gpt2_small_shape(tokenizer, quick: bool):
@@ -39,39 +48,87 @@ def gpt2_small_shape(tokenizer, quick: bool):
     return model
 
 
-class BlockCounter:
-    """Counts block evaluations: each firing of `blocks.L.hook_resid_pre` on `rows` rows is
-    rows / batch evaluations of one block on one copy of the batch."""
+class LayerCounter:
+    """Counts attention and MLP evaluations, each on one copy of the batch: attention by
+    `blocks.L.attn.hook_pattern` (which fires only where attention is computed), MLPs by
+    `blocks.L.mlp.hook_post`."""
 
     def __init__(self, model):
         self.model = model
-        self.count = 0.0
+        self.attention = 0.0
+        self.mlp = 0.0
         self.handles = []
 
     def __enter__(self):
         for layer in range(self.model.cfg.n_layers):
-            hook_point = self.model.hook_dict[f"blocks.{layer}.hook_resid_pre"]
-            self.handles.append(hook_point.register_forward_hook(self._count))
+            for name, kind in ((f"blocks.{layer}.attn.hook_pattern", "attention"), (f"blocks.{layer}.mlp.hook_post", "mlp")):
+                hook_point = self.model.hook_dict[name]
+                self.handles.append(hook_point.register_forward_hook(lambda m, i, out, kind=kind: self._count(kind, out)))
         return self
 
-    def _count(self, module, inputs, output):
-        self.count += output.shape[0] / BATCH
+    def _count(self, kind: str, output) -> None:
+        setattr(self, kind, getattr(self, kind) + output.shape[0] / BATCH)
 
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
 
 
-def timed(function: Callable, repeats: int, model) -> tuple[float, float]:
-    """Median seconds over `repeats` runs, and the block evaluations of one run."""
+class PeakMemory:
+    """Peak resident memory, above the level at entry, sampled every millisecond. Memory
+    the allocator kept from earlier work is handed back first, so that it is not reused
+    unseen."""
+
+    def __enter__(self):
+        gc.collect()
+        _LIBC.malloc_trim(0)
+        self.base = self.peak = _rss()
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def increase(self) -> int:
+        return self.peak - self.base
+
+
+_LIBC = ctypes.CDLL("libc.so.6")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Measured:
+    seconds: float
+    attention: float
+    mlp: float
+    memory: int
+
+
+def timed(function: Callable, repeats: int, model) -> Measured:
+    """Median seconds over `repeats` runs; evaluations and peak memory of the last run."""
     times = []
     for _ in range(repeats):
-        with BlockCounter(model) as counter:
+        with LayerCounter(model) as counter, PeakMemory() as memory:
             start = time.perf_counter()
             with torch.no_grad():
                 function()
             times.append(time.perf_counter() - start)
-    return statistics.median(times), counter.count
+    return Measured(statistics.median(times), counter.attention, counter.mlp, memory.increase)
 
 
 def prior_art_path_patch(model, orig, new, senders, receivers, metric):
@@ -148,126 +205,172 @@ def one_forward_per_neuron(model, orig, new_cache, layer, neurons, metric):
     return torch.stack(results)
 
 
-def macs_per_token(model) -> tuple[float, float]:
-    """Multiply-adds per token of one block and of the unembedding (attention scores ignored)."""
+def macs_per_token(model) -> tuple[float, float, float]:
+    """Multiply-adds per token of one layer's attention (projections; scores ignored), of
+    one MLP, and of the unembedding."""
     cfg = model.cfg
-    attention = 2 * cfg.d_model * cfg.n_heads * cfg.d_head + 2 * cfg.d_model * (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head
+    kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    attention = 2 * cfg.d_model * cfg.n_heads * cfg.d_head + 2 * cfg.d_model * kv_heads * cfg.d_head
     mlp = (3 if getattr(cfg, "gated_mlp", False) else 2) * cfg.d_model * cfg.d_mlp
-    return attention + mlp, cfg.d_model * cfg.d_vocab
+    return attention, mlp, cfg.d_model * cfg.d_vocab
 
 
-def bound(model, layers_per_cell: list[int]) -> float:
-    """Speed-up bound of skipping blocks before each patch, against full forwards."""
-    block, unembed = macs_per_token(model)
-    full = model.cfg.n_layers * block + unembed
-    needed = [(model.cfg.n_layers - layer) * block + unembed for layer in layers_per_cell]
-    return full * len(needed) / sum(needed)
+@dataclass
+class Work:
+    """Layer evaluations (each on one copy of the batch) and unembeddings of a method."""
+
+    attention: float = 0
+    mlp: float = 0
+    unembed: float = 0
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.attention + other.attention, self.mlp + other.mlp, self.unembed + other.unembed)
+
+    def macs(self, model) -> float:
+        attention, mlp, unembed = macs_per_token(model)
+        return self.attention * attention + self.mlp * mlp + self.unembed * unembed
 
 
-def path_bound(model, sender_layers: list[int], receiver_layer: int | None, mlps_direct: bool) -> float:
-    """Speed-up bound for path patching each sender into receivers at `receiver_layer`
-    (None: the final residual stream), against the prior art's full passes.
+def layers_from(model, layer: int, unembed: bool = True) -> Work:
+    """Attention and MLP of layers `layer` and later, then the unembedding."""
+    n = model.cfg.n_layers - layer
+    return Work(n, n, 1 if unembed else 0)
 
-    Pass 1 needs only the MLPs between the sender and the receiver (every head is frozen);
-    pass 2 needs the blocks from the receiver on. Without MLPs, one pass from the receiver on.
-    """
-    cfg = model.cfg
-    block, unembed = macs_per_token(model)
-    mlp = (3 if getattr(cfg, "gated_mlp", False) else 2) * cfg.d_model * cfg.d_mlp
-    full = cfg.n_layers * block + unembed
-    start = cfg.n_layers if receiver_layer is None else receiver_layer
-    after_receiver = (cfg.n_layers - start) * block + unembed
-    prior, needed = 0.0, 0.0
+
+def full_runs(model, count: int) -> Work:
+    """`count` full forward passes (e.g. caching the orig and new runs)."""
+    return Work(count * model.cfg.n_layers, count * model.cfg.n_layers, count)
+
+
+def act_minimum(model, cell_layers: list[int]) -> Work:
+    """A patch at layer l needs layers l and later; starting there needs one orig run."""
+    return sum((layers_from(model, layer) for layer in cell_layers), full_runs(model, 1))
+
+
+def path_minimum(model, sender_layers: list[int], receiver_layer: int | None, mlps_direct: bool) -> Work:
+    """Path patching each sender, with the orig and new runs cached first. Pass 1 needs only
+    the MLPs between the sender and the receiver (every head is frozen), pass 2 the layers
+    from the receiver on (only the unembedding for the final residual stream); without
+    MLPs, one pass from the receiver on. Senders at or after the receiver reach nothing and
+    share one unembedding of the orig run."""
+    n_layers = model.cfg.n_layers
+    start = n_layers if receiver_layer is None else receiver_layer
+    work = full_runs(model, 2) + Work(unembed=1 if any(layer >= start for layer in sender_layers) else 0)
     for layer in sender_layers:
-        prior += (2 if mlps_direct else 1) * full
         if layer < start:
-            needed += ((start - layer) * mlp if mlps_direct else 0) + after_receiver
-    return prior / needed
+            work += Work(mlp=start - layer if mlps_direct else 0) + layers_from(model, start)
+    return work
 
 
-def path_minimum(model, sender_layers: list[int], receiver_layer: int | None, mlps_direct: bool) -> int:
-    """Minimum block evaluations: pass 1 from the sender's layer to the receiver's (MLPs only),
-    pass 2 from the receiver's layer on; senders at or after the receiver need nothing."""
-    start = model.cfg.n_layers if receiver_layer is None else receiver_layer
-    reaching = [layer for layer in sender_layers if layer < start]
-    pass_one = sum(start - layer for layer in reaching) if mlps_direct else 0
-    return pass_one + len(reaching) * (model.cfg.n_layers - start)
+def report(name: str, ours: Measured, baseline: Measured, baseline_work: Work, minimum: Work, model, rwc: int) -> None:
+    bound = baseline_work.macs(model) / minimum.macs(model)
+    budget = DEFAULT_MAX_MEMORY["cpu"]
+    print(
+        f"{name}\n  ours {ours.seconds:7.2f} s   baseline {baseline.seconds:7.2f} s   speed-up "
+        f"{baseline.seconds / ours.seconds:5.2f}x   (arithmetic bound {bound:.2f}x)\n"
+        f"  attention / MLP layer evaluations: ours {ours.attention:.0f} / {ours.mlp:.0f}, baseline "
+        f"{baseline.attention:.0f} / {baseline.mlp:.0f}, minimum {minimum.attention:.0f} / {minimum.mlp:.0f}\n"
+        f"  peak memory above start: ours {ours.memory / 2**20:.0f} MiB, baseline {baseline.memory / 2**20:.0f} MiB; "
+        f"limit 1.5 x run_with_cache ({rwc / 2**20:.0f} MiB) + budget ({budget / 2**20:.0f} MiB) = "
+        f"{(1.5 * rwc + budget) / 2**20:.0f} MiB"
+    )
 
 
-def report(name: str, ours: tuple[float, float], theirs: tuple[float, float], minimum: float, arithmetic: float) -> None:
-    (t_ours, b_ours), (t_theirs, b_theirs) = ours, theirs
-    print(f"{name}\n  ours {t_ours:7.2f} s  baseline {t_theirs:7.2f} s  speed-up {t_theirs / t_ours:5.2f}x "
-          f"(arithmetic bound {arithmetic:.2f}x)\n  block evaluations: ours {b_ours:.0f}, baseline {b_theirs:.0f}, "
-          f"minimum {minimum:.0f}")  # fmt: skip
-
-
-def run(model, label: str, repeats: int) -> None:
+def run(model, label: str, repeats: int, n_neurons: int, sweeps: set[str], batch: int = BATCH) -> None:
     from transformer_lens import patching
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     generator = torch.Generator().manual_seed(0)
-    orig = torch.randint(100, 20000, (BATCH, SEQ_LEN), generator=generator)
-    new = torch.randint(100, 20000, (BATCH, SEQ_LEN), generator=generator)
+    orig = torch.randint(100, 20000, (batch, SEQ_LEN), generator=generator)
+    new = torch.randint(100, 20000, (batch, SEQ_LEN), generator=generator)
     with torch.no_grad():
         _, new_cache = model.run_with_cache(new)
+        with PeakMemory() as rwc:
+            model.run_with_cache(orig)
 
     def metric(logits):
         return (logits[:, -1, 5] - logits[:, -1, 6]).mean()
 
-    print(f"\n== {label}: {n_layers} layers, {n_heads} heads, d_model {model.cfg.d_model}, batch {BATCH} x {SEQ_LEN} ==")
     head_layers = [layer for layer in range(n_layers) for _ in range(n_heads)]
-    report(
-        'act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos',
-        timed(lambda: act_patch(model, orig, IterNode("z"), metric, new_input=new), repeats, model),
-        timed(lambda: patching.get_act_patch_attn_head_out_all_pos(model, orig, new_cache, metric), repeats, model),
-        sum(n_layers - layer for layer in head_layers), bound(model, head_layers),
-    )
-    block_layers = [layer for _ in range(3) for layer in range(n_layers) for _ in range(SEQ_LEN)]
-    report(
-        'act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_every',
-        timed(lambda: act_patch(model, orig, IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each"), metric,
-                                new_input=new), repeats, model),
-        timed(lambda: patching.get_act_patch_block_every(model, orig, new_cache, metric), repeats, model),
-        sum(n_layers - layer for layer in block_layers), bound(model, block_layers),
-    )
     senders = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    last = n_layers - 1
-    head_layers = [layer for layer, _ in senders]
-    report(
-        f'path_patch IterNode("z") -> resid_post {last}, MLPs direct, vs two full passes per sender',
-        timed(lambda: path_patch(model, orig, new, IterNode("z"), Node("resid_post", last), metric), repeats, model),
-        timed(lambda: prior_art_path_patch(model, orig, new, senders, [(f"blocks.{last}.hook_resid_post", (slice(None),))],
-                                           metric), repeats, model),
-        path_minimum(model, head_layers, None, True), path_bound(model, head_layers, None, True),
-    )
-    receiver_layer = min(9, n_layers - 1)
-    heads = list(range(min(3, n_heads)))
-    receivers = [Node("q", receiver_layer, head=h) for h in heads]
-    receiver_hooks = [(f"blocks.{receiver_layer}.attn.hook_q", (slice(None), slice(None), h)) for h in heads]
-    for direct in (True, False):
+    print(f"\n== {label}: {n_layers} layers, {n_heads} heads, d_model {model.cfg.d_model}, batch {batch} x {SEQ_LEN}; "
+          f"one run_with_cache: {rwc.increase / 2**20:.0f} MiB ==")  # fmt: skip
+    if "z" in sweeps:
         report(
-            f"path_patch IterNode(\"z\") -> q of {len(heads)} layer-{receiver_layer} heads, direct_includes_mlps={direct}",
-            timed(lambda: path_patch(model, orig, new, IterNode("z"), receivers, metric, direct_includes_mlps=direct),
-                  repeats, model),
-            timed(lambda: prior_art_path_patch(model, orig, new, senders, receiver_hooks, metric) if direct
-                  else prior_art_direct_path_patch(model, orig, new, senders, receiver_layer, heads, metric), repeats, model),
-            path_minimum(model, head_layers, receiver_layer, direct), path_bound(model, head_layers, receiver_layer, direct),
+            'act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos',
+            timed(lambda: act_patch(model, orig, IterNode("z"), metric, new_cache=new_cache), repeats, model),
+            timed(lambda: patching.get_act_patch_attn_head_out_all_pos(model, orig, new_cache, metric), repeats, model),
+            full_runs(model, len(head_layers)), act_minimum(model, head_layers), model, rwc.increase,
         )
-    layer = n_layers // 2
-    neurons = list(range(min(256, model.cfg.d_mlp)))
-    report(
-        f'act_patch IterNode("post", layers=[{layer}]) on {len(neurons)} neurons vs one forward per neuron',
-        timed(lambda: act_patch(model, orig, IterNode("post", layers=[layer], neurons=neurons), metric, new_input=new),
-              repeats, model),
-        timed(lambda: one_forward_per_neuron(model, orig, new_cache, layer, neurons, metric), repeats, model),
-        len(neurons) * (n_layers - layer), bound(model, [layer] * len(neurons)),
-    )
+    if "block" in sweeps:
+        block_layers = [layer for _ in range(3) for layer in range(n_layers) for _ in range(SEQ_LEN)]
+        report(
+            'act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_every',
+            timed(lambda: act_patch(model, orig, IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each"), metric,
+                                    new_cache=new_cache), repeats, model),
+            timed(lambda: patching.get_act_patch_block_every(model, orig, new_cache, metric), repeats, model),
+            full_runs(model, len(block_layers)), act_minimum(model, block_layers), model, rwc.increase,
+        )
+    last = n_layers - 1
+    if "path-logits" in sweeps:
+        report(
+            f'path_patch IterNode("z") -> resid_post {last}, MLPs direct, vs two full passes per sender',
+            timed(lambda: path_patch(model, orig, new, IterNode("z"), Node("resid_post", last), metric), repeats, model),
+            timed(lambda: prior_art_path_patch(model, orig, new, senders, [(f"blocks.{last}.hook_resid_post", (slice(None),))],
+                                               metric), repeats, model),
+            full_runs(model, 2 + 2 * len(senders)), path_minimum(model, head_layers, None, True), model, rwc.increase,
+        )
+    if "path-q" in sweeps:
+        receiver_layer = min(9, n_layers - 1)
+        heads = list(range(min(3, n_heads)))
+        receivers = [Node("q", receiver_layer, head=h) for h in heads]
+        receiver_hooks = [(f"blocks.{receiver_layer}.attn.hook_q", (slice(None), slice(None), h)) for h in heads]
+        for direct in (True, False):
+            report(
+                f"path_patch IterNode(\"z\") -> q of {len(heads)} layer-{receiver_layer} heads, direct_includes_mlps={direct}",
+                timed(lambda: path_patch(model, orig, new, IterNode("z"), receivers, metric, direct_includes_mlps=direct),
+                      repeats, model),
+                timed(lambda: prior_art_path_patch(model, orig, new, senders, receiver_hooks, metric) if direct
+                      else prior_art_direct_path_patch(model, orig, new, senders, receiver_layer, heads, metric), repeats, model),
+                full_runs(model, 2 + (2 if direct else 1) * len(senders)),
+                path_minimum(model, head_layers, receiver_layer, direct), model, rwc.increase,
+            )
+    if "neurons" in sweeps:
+        layer = n_layers // 2
+        neurons = list(range(min(n_neurons, model.cfg.d_mlp)))
+        report(
+            f'act_patch IterNode("post", layers=[{layer}]) on {len(neurons)} neurons vs one forward per neuron',
+            timed(lambda: act_patch(model, orig, IterNode("post", layers=[layer], neurons=neurons), metric,
+                                    new_cache=new_cache), repeats, model),
+            timed(lambda: one_forward_per_neuron(model, orig, new_cache, layer, neurons, metric), repeats, model),
+            full_runs(model, len(neurons)), act_minimum(model, [layer] * len(neurons)), model, rwc.increase,
+        )
+
+
+def memory_at_batch(model, batch: int) -> None:
+    """Peak memory of a sweep at a large batch with default settings, against one run_with_cache."""
+    generator = torch.Generator().manual_seed(1)
+    orig = torch.randint(100, 20000, (batch, SEQ_LEN), generator=generator)
+    new = torch.randint(100, 20000, (batch, SEQ_LEN), generator=generator)
+    layers = [0, model.cfg.n_layers - 1]
+    with torch.no_grad():
+        with PeakMemory() as rwc:
+            model.run_with_cache(orig)
+        with PeakMemory() as sweep:
+            act_patch(model, orig, IterNode("z", layers=layers), lambda logits: logits[:, -1, 5].mean(), new_input=new)
+    limit = 1.5 * rwc.increase + DEFAULT_MAX_MEMORY["cpu"]
+    print(f"\n== memory at batch {batch} x {SEQ_LEN}, act_patch IterNode(\"z\", layers={layers}), default settings ==\n"
+          f"  peak above start: sweep {sweep.increase / 2**20:.0f} MiB, one run_with_cache {rwc.increase / 2**20:.0f} MiB, "
+          f"limit {limit / 2**20:.0f} MiB")  # fmt: skip
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repeat on a small model: a smoke test")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default="gpt2,smollm2", help="comma-separated: gpt2 (GPT-2-small shape), smollm2")
+    parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, from: {', '.join(SWEEPS)}")
+    parser.add_argument("--neurons", type=int, default=256, help="neurons in the neuron sweep (3072: all of GPT-2's)")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -275,10 +378,15 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     repeats = 1 if args.quick else args.repeats
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder()))
-    run(gpt2_small_shape(tokenizer, args.quick), "GPT-2-small shape, random weights", repeats)
-    if not args.quick:
-        run(load_smollm2(), "SmolLM2-135M", repeats)
+    models = args.models.split(",")
+    sweeps = set(args.sweeps.split(","))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {repeats}")
+    if "gpt2" in models:
+        model = gpt2_small_shape(AutoTokenizer.from_pretrained(str(hf_folder())), args.quick)
+        run(model, "GPT-2-small shape, random weights", repeats, args.neurons, sweeps)
+        memory_at_batch(model, 64)
+    if "smollm2" in models and not args.quick:
+        run(load_smollm2(), "SmolLM2-135M", repeats, args.neurons, sweeps)
 
 
 if __name__ == "__main__":

@@ -36,14 +36,14 @@ def smollm2_model():
 
 
 def model_state(model) -> tuple:
-    """Everything a patching call must leave untouched: hooks, flags, mode, gradients, block methods."""
+    """Everything a patching call must leave untouched: hooks, flags, mode, gradients, block and attention methods."""
     hooks = tuple((name, len(hp.fwd_hooks), len(hp.bwd_hooks)) for name, hp in sorted(model.hook_dict.items()))
     flags = tuple(
         getattr(model.cfg, flag, None)
         for flag in ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in", "use_attn_in")
     )
     grads = tuple(p.grad is None for p in model.parameters())
-    overridden = tuple("forward" in block.__dict__ for block in model.blocks)
+    overridden = tuple("forward" in module.__dict__ for block in model.blocks for module in (block, block.attn))
     return hooks, flags, model.training, grads, torch.is_grad_enabled(), overridden
 
 

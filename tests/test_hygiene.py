@@ -169,7 +169,7 @@ def test_interrupt_inside_forward_pass_removes_our_hooks(small_model):
             raise KeyboardInterrupt
         return act
 
-    name = "blocks.2.hook_resid_post"
+    name = "blocks.3.hook_resid_post"
     with user_hook(model, name, interrupt_on_third_call):
         with pytest.raises(KeyboardInterrupt):
             path_patch(model, orig, new, IterNode("z", layers=[0, 1]), Node("q", 3, head=1), logit_diff_metric(),

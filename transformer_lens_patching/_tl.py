@@ -125,15 +125,23 @@ def resid_mid_carries(model) -> dict[str, str]:
     return {f"blocks.{layer}.hook_resid_mid": f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)}
 
 
-def forward_logits(model, tokens: torch.Tensor, residual: torch.Tensor | None = None, start_layer: int = 0) -> torch.Tensor:
-    """Run the model and return its logits; from `start_layer` on if `residual` (the residual
-    stream entering that layer) is given, without computing the layers before it."""
-    if residual is None or start_layer == 0 or not can_start_late(model):
-        return model(tokens, return_type="logits")
+def forward_logits(model, model_input: torch.Tensor, start_layer: int = 0) -> torch.Tensor:
+    """The model's logits: from tokens, or from `model_input` = the residual stream entering
+    `start_layer` (0 < start_layer < n_layers; see `can_start_late`) without computing the
+    layers before it."""
+    if start_layer == 0:
+        return model(model_input, return_type="logits")
     if TL_MAJOR >= 4:
         with _blocks_skipped(model, start_layer):
-            return model(residual, start_at_layer=start_layer)
-    return model(residual, start_at_layer=start_layer)
+            return model(model_input, start_at_layer=start_layer)
+    return model(model_input, start_at_layer=start_layer)
+
+
+def unembed(model, residual: torch.Tensor) -> torch.Tensor:
+    """Logits from the final residual stream: the final LayerNorm and the unembedding."""
+    if TL_MAJOR >= 4:
+        return model.unembed(model.ln_final(residual))
+    return model(residual, start_at_layer=model.cfg.n_layers)
 
 
 def can_start_late(model) -> bool:
@@ -147,6 +155,34 @@ def can_start_late(model) -> bool:
     from transformers import PreTrainedModel
 
     return isinstance(model.original_model, PreTrainedModel)
+
+
+@contextmanager
+def attention_replaced(model, layers) -> Iterator[None]:
+    """Skip the attention of `layers`: each returns zeros, which the `hook_attn_out` hooks
+    of whoever replaced it then fill in. Only for models where `can_start_late`."""
+    if not layers:
+        yield
+        return
+    attentions = [model.blocks[layer].attn for layer in sorted(layers)]
+    for attention in attentions:
+        object.__setattr__(attention, "forward", _zero_attention(attention, model.cfg.d_model))
+    try:
+        yield
+    finally:
+        for attention in attentions:
+            attention.__dict__.pop("forward", None)
+
+
+def _zero_attention(attention, d_model: int):
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("query_input"))
+        zeros = hidden.new_zeros(*hidden.shape[:2], d_model)
+        if TL_MAJOR >= 4:
+            return attention.hook_out(zeros), None
+        return zeros
+
+    return forward
 
 
 def _pass_through(*args, **kwargs):

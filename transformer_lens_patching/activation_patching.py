@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from . import _tl
-from .engine import OrigResiduals, check_chunk_args, progress_bar, run_variants, variants_per_pass
+from .engine import OrigResiduals, Variants, check_chunk_args, progress_bar, run_variants, variants_per_pass
 from .errors import PatchingError
-from .hooks import PatchProgram
+from .hooks import PatchProgram, entry_layer
 from .metrics import resolve_metric
 from .nodes import IterNode, Node
 from .plan import PatchSite, resolve_spec
@@ -58,7 +58,8 @@ def act_patch(
             its logits.
         verbose: Show a progress bar.
         batch_size: Patched variants per forward pass (default: as many as fit in `max_memory`).
-        max_memory: Bytes of activations one forward pass may use (default 1 GiB).
+        max_memory: Bytes of activations one forward pass may use (default 256 MiB on
+            CPU, 2 GiB on accelerators).
 
     Returns:
         For a Node or list of Nodes, what the metric returned. For an IterNode, a dict from
@@ -94,9 +95,10 @@ def act_patch(
         chunk = 1 if apply_metric_to_cache and batch_size is None else variants_per_pass(
             len(cells), tokens, shape, batch_size, max_memory
         )
+        start_layers = [min(entry_layer(site.hook_name) for site in cell) for cell in cells]
+        variants = Variants(len(cells), add_steps, start_layers, metric)
         with progress_bar(len(cells), "act_patch", verbose) as progress:
             outputs = run_variants(
-                model, tokens, len(cells), add_steps, metric, chunk, apply_metric_to_cache, progress,
-                OrigResiduals(model, tokens),
+                model, tokens, variants, chunk, OrigResiduals(model, tokens), apply_metric_to_cache, progress
             )
     return assemble(resolved, outputs, batch) if is_sweep else outputs[0]

@@ -18,24 +18,52 @@ from .plan import PatchSite
 
 Step = Callable[[torch.Tensor], None]
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+
+
+def entry_layer(hook_name: str) -> int:
+    """The first layer a forward pass must run for a step at `hook_name` to take effect.
+
+    `blocks.L.*` needs layer L, except `blocks.L.hook_resid_post`: it is the residual stream
+    entering layer L + 1, so a pass may start there with the step applied to its input.
+    Hooks outside the blocks (embeddings) need the whole pass.
+    """
+    if match := _RESID_POST.match(hook_name):
+        return int(match.group(1)) + 1
+    if match := _BLOCK.match(hook_name):
+        return int(match.group(1))
+    return 0
+
+
+class StopForward(Exception):
+    """Raised from a hook once every recording of a program is made: the rest of the pass is not needed."""
 
 
 class PatchProgram:
     """Edits and recordings to apply, hook by hook, in the order they were added.
 
-    `carries` maps a hook to a later one that must receive the same change (see
-    `_tl.resid_mid_carries`): whatever the steps change at the first is added at the second.
+    `start_layer` is the layer the forward pass starts at. `carries` maps a hook to a later
+    one that must receive the same change (see `_tl.resid_mid_carries`): whatever the steps
+    change at the first is added at the second. With `stop_when_recorded`, the pass is
+    abandoned (StopForward) as soon as every `record` step has run.
     """
 
-    def __init__(self, batch: int, carries: dict[str, str] | None = None):
+    def __init__(self, batch: int, carries: dict[str, str] | None = None, start_layer: int = 0,
+                 stop_when_recorded: bool = False):  # fmt: skip
         self.batch = batch
+        self.start_layer = start_layer
         self._steps: dict[str, list[Step]] = {}
+        self._checked: set[str] = set()
         self._fired: set[str] = set()
         self._carries = carries or {}
         self._carried: dict[str, torch.Tensor] = {}
+        self._stop_when_recorded = stop_when_recorded
+        self._pending_records = 0
 
-    def _add(self, hook_name: str, step: Step) -> None:
+    def _add(self, hook_name: str, step: Step, checked: bool = True) -> None:
         self._steps.setdefault(hook_name, []).append(step)
+        if checked:
+            self._checked.add(hook_name)
 
     def edit(self, site: PatchSite, row_start: int, value: torch.Tensor | float) -> None:
         """Overwrite `site` in the rows of one variant with `value[site]` (or a constant).
@@ -54,11 +82,24 @@ class PatchProgram:
         self._add(site.hook_name, step)
 
     def fill(self, hook_name: str, row_start: int, value: torch.Tensor) -> None:
-        """Overwrite all rows of one variant at `hook_name` with `value` (one batch)."""
+        """Overwrite all rows of one variant at `hook_name` with `value` (one batch).
+
+        Fills freeze activations to known values; a fill at a hook the pass never reaches
+        (because it stopped earlier) is not an error.
+        """
         batch = self.batch
 
         def step(out: torch.Tensor) -> None:
             out[row_start : row_start + batch] = value.to(out.device, out.dtype)
+
+        self._add(hook_name, step, checked=False)
+
+    def add(self, hook_name: str, row_start: int, value: torch.Tensor) -> None:
+        """Add `value` (one batch) to the rows of one variant at `hook_name`."""
+        batch = self.batch
+
+        def step(out: torch.Tensor) -> None:
+            out[row_start : row_start + batch] += value.to(out.device, out.dtype)
 
         self._add(hook_name, step)
 
@@ -68,15 +109,25 @@ class PatchProgram:
 
         def step(out: torch.Tensor) -> None:
             store[key] = out[row_start : row_start + batch].clone()
+            self._pending_records -= 1
 
+        self._pending_records += 1
         self._add(hook_name, step)
 
     @property
     def first_layer(self) -> int:
-        """The first layer any step touches (0 if a step is outside the blocks): the forward
-        pass may start there, from the orig residual stream."""
-        layers = [int(match.group(1)) if (match := _BLOCK.match(name)) else 0 for name in self._steps]
-        return min(layers, default=0)
+        """The first layer a step needs (see `entry_layer`): the pass may start there."""
+        return min((entry_layer(name) for name in self._steps), default=0)
+
+    def enter(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering `layer` with the steps at `blocks.{layer-1}.hook_resid_post`
+        applied; for a pass that starts at `layer`, where that hook never fires."""
+        name = f"blocks.{layer - 1}.hook_resid_post"
+        steps = self._steps.pop(name, None)
+        if steps is None:
+            return residual
+        self._checked.discard(name)
+        return self._hook_fn(name, steps)(residual)
 
     def fwd_hooks(self) -> list[tuple[str, Callable]]:
         """(hook name, hook function) pairs for TransformerLens' `hooks()`."""
@@ -97,13 +148,15 @@ class PatchProgram:
             if carry_to is not None:
                 self._carried[carry_to] = out - activation
             self._fired.add(name)
+            if self._stop_when_recorded and self._pending_records == 0:
+                raise StopForward
             return out
 
         return hook_fn
 
     def check_all_fired(self) -> None:
-        """Raise if a hook this program needed never ran (the model does not compute it)."""
-        missing = [name for name in self._steps if name not in self._fired]
+        """Raise if a hook this program edits or records at never ran (the model does not compute it)."""
+        missing = [name for name in self._checked if name not in self._fired]
         if missing:
             raise PatchingError(
                 f"Hook(s) {missing} never fired during the forward pass, so nothing was patched there. "
@@ -114,7 +167,13 @@ class PatchProgram:
 
 @contextmanager
 def applied(model, program: PatchProgram) -> Iterator[None]:
-    """Run the block with `program`'s hooks on `model`; remove exactly those hooks afterwards."""
+    """Run the block with `program`'s hooks on `model`; remove exactly those hooks afterwards.
+
+    A StopForward raised by the program ends the block early, as a normal exit.
+    """
     with _tl.hooks(model, program.fwd_hooks()):
-        yield
+        try:
+            yield
+        except StopForward:
+            pass
     program.check_all_fired()

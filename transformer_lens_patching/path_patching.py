@@ -25,9 +25,9 @@ from . import _tl
 from ._tl import ModelShape
 from .activation_patching import check_hooks_exist
 from .components import COMPONENTS, RECEIVERS, SENDERS, Component
-from .engine import OrigResiduals, check_chunk_args, progress_bar, run_variants, variants_per_pass
+from .engine import OrigResiduals, Variants, check_chunk_args, progress_bar, run_variants, variants_per_pass
 from .errors import PatchingError
-from .hooks import PatchProgram
+from .hooks import PatchProgram, entry_layer
 from .metrics import resolve_metric
 from .nodes import IterNode, Node, normalize_seq_pos
 from .plan import PatchSite, Sweep, resolve_spec
@@ -103,7 +103,9 @@ def _variants(senders, receivers, sender_spec, receiver_spec) -> tuple[list[_Var
     return [_Variant(senders, receivers)], None
 
 
-def _source(model, cache, model_input, names: set[str], tokens: Tensor, what: str) -> ActivationSource:
+def _source(model, cache, model_input, names: set[str], tokens: Tensor, what: str, extra=()) -> ActivationSource:
+    """The activations `names` of one run, from a given cache or by running `model_input`
+    (then also caching the `extra` hooks, which a given cache need not hold)."""
     batch = tokens.shape[0]
     if isinstance(cache, str):
         if cache != "zero" or what != "new_cache":
@@ -113,7 +115,8 @@ def _source(model, cache, model_input, names: set[str], tokens: Tensor, what: st
         return ActivationSource(check_cache(cache, names, tokens.shape, what), batch)
     if model_input is None:
         raise PatchingError(f"path_patch needs {what.replace('_cache', '_input')} or {what}.")
-    return ActivationSource(cached_run(model, model_input, names, tokens.shape, what.replace("_cache", "_input")), batch)
+    run_names = names | set(extra)
+    return ActivationSource(cached_run(model, model_input, run_names, tokens.shape, what.replace("_cache", "_input")), batch)
 
 
 def _input_site(component: Component, site: PatchSite) -> PatchSite:
@@ -128,10 +131,35 @@ def _input_base_hook(receiver: PatchSite) -> str:
     return receiver.hook_name
 
 
-def _frozen_hooks(shape: ModelShape, freeze_mlps: bool) -> list[tuple[int, str]]:
-    """(layer, hook) of every activation pass 1 of the two-pass algorithm freezes to orig."""
-    names = ("z", "post") if freeze_mlps else ("z",)
-    return [(layer, COMPONENTS[name].hook_name(layer)) for name in names for layer in range(shape.n_layers)]
+@dataclass(frozen=True)
+class _PassOnePlan:
+    """What pass 1 of the two-pass algorithm freezes to orig values, and where it skips attention."""
+
+    frozen: list[tuple[int, str]]
+    """(layer, hook) of each frozen activation: `attn_out` where attention is skipped, else
+    `z` (every head), and `post` when MLPs are frozen too."""
+    replaced_attention: frozenset[int]
+    """Layers whose attention pass 1 does not compute: with every head frozen, their output
+    is the orig one plus the senders' contributions."""
+
+
+def _pass_one_plan(shape: ModelShape, receivers: list[PatchSite], freeze_mlps: bool, skip_attention: bool) -> _PassOnePlan:
+    """Freeze only what lies before the last point a receiver reads; skip the attention of
+    every layer without an attention receiver when `skip_attention`."""
+    last_read = max(2 * r.layer + r.component.read_offset for r in receivers)
+    attention_receiver_layers = {r.layer for r in receivers if r.component.name in _HEAD_INPUTS}
+    heads, mlps = COMPONENTS["z"], COMPONENTS["post"]
+    frozen, replaced = [], set()
+    for layer in range(shape.n_layers):
+        if 2 * layer + heads.write_offset <= last_read:
+            if skip_attention and layer not in attention_receiver_layers:
+                replaced.add(layer)
+                frozen.append((layer, COMPONENTS["attn_out"].hook_name(layer)))
+            else:
+                frozen.append((layer, heads.hook_name(layer)))
+        if freeze_mlps and 2 * layer + mlps.write_offset <= last_read:
+            frozen.append((layer, mlps.hook_name(layer)))
+    return _PassOnePlan(frozen, frozenset(replaced))
 
 
 def _reaches(sender: PatchSite, receiver: PatchSite) -> bool:
@@ -141,19 +169,39 @@ def _reaches(sender: PatchSite, receiver: PatchSite) -> bool:
     return written <= read
 
 
+def _reaching(variant: _Variant) -> _Variant | None:
+    """The variant without the senders that reach none of its receivers and the receivers
+    that none of its senders reach (they keep their orig values); None if nothing is
+    reached: then nothing changes, and the result is the unpatched metric."""
+    senders = [s for s in variant.senders if any(_reaches(s, r) for r in variant.receivers)]
+    receivers = [r for r in variant.receivers if any(_reaches(s, r) for s in senders)]
+    return _Variant(senders, receivers) if senders else None
+
+
+def _patched_hooks(receiver: PatchSite) -> list[str]:
+    """The hooks the one-pass algorithm edits for `receiver`."""
+    inputs = _HEAD_INPUTS.get(receiver.component.name)
+    if inputs is None:
+        return [receiver.hook_name]
+    return [_input_site(COMPONENTS[name], receiver).hook_name for name in inputs]
+
+
+def _no_steps(program: PatchProgram, variant: int, row_start: int) -> None:
+    """The orig run: nothing to patch."""
+
+
 class _PathPatcher:
     """State shared by the path-patching algorithms for one call."""
 
-    def __init__(self, model, tokens, shape: ModelShape, variants: list[_Variant], metric, chunk_args, progress):
+    def __init__(self, model, tokens, shape: ModelShape, metric, chunk_args, progress, residuals: OrigResiduals):
         self.model = model
         self.tokens = tokens
         self.shape = shape
-        self.variants = variants
         self.metric = metric
         self.batch_size, self.max_memory, self.apply_to_cache = chunk_args
         self.progress = progress
         self.batch = tokens.shape[0]
-        self.residuals = OrigResiduals(model, tokens)
+        self.residuals = residuals
 
     @functools.cached_property
     def w_o(self) -> Tensor:
@@ -168,63 +216,75 @@ class _PathPatcher:
             return 1
         return variants_per_pass(n_variants, self.tokens, self.shape, self.batch_size, self.max_memory)
 
-    def _run(self, n_variants: int, add_steps, measured: bool) -> list:
-        metric = self.metric if measured else None
+    def _run(self, variants: Variants, progress=None) -> list:
+        measured = variants.metric is not None
         return run_variants(
-            self.model, self.tokens, n_variants, add_steps, metric, self._chunk(n_variants, measured),
-            self.apply_to_cache and measured, self.progress, self.residuals,
+            self.model, self.tokens, variants, self._chunk(variants.count, measured), self.residuals,
+            self.apply_to_cache and measured, progress,
         )
 
-    def two_pass(self, orig: ActivationSource, new: ActivationSource, freeze_mlps: bool) -> list:
+    def unpatched(self):
+        """The metric of the orig run, from its final residual stream."""
+        return self._run(Variants(1, _no_steps, [self.shape.n_layers], self.metric))[0]
+
+    def two_pass(self, variants: list[_Variant], orig: ActivationSource, new: ActivationSource, plan: _PassOnePlan) -> list:
         """Pass 1 freezes heads (and MLPs) and records the receivers; pass 2 patches them in.
 
-        Variants that share their senders share one pass-1 run. Sender groups are processed
-        a block at a time, so only one block's recordings are held in memory.
+        Variants that share their senders share one pass-1 run, which starts at the first
+        sender, skips the attention `plan` replaces and stops once the receivers are
+        recorded. Sender groups are processed a block at a time, so only one block's
+        recordings are held in memory.
         """
         groups: dict[tuple, list[int]] = {}
-        for index, variant in enumerate(self.variants):
+        for index, variant in enumerate(variants):
             key = tuple((s.hook_name, s.unit, None if s.positions is None else tuple(s.positions.flatten().tolist()))
                         for s in variant.senders)  # fmt: skip
             groups.setdefault(key, []).append(index)
         members = list(groups.values())
-        frozen = [(layer, name, orig.value(name)) for layer, name in _frozen_hooks(self.shape, freeze_mlps)]
-        outputs: list = [None] * len(self.variants)
+        frozen = [(layer, name, orig.value(name)) for layer, name in plan.frozen]
+        outputs: list = [None] * len(variants)
         block_size = self._chunk(len(members), measured=False)
         for start in range(0, len(members), block_size):
             block = members[start : start + block_size]
             records: dict[tuple[int, str], Tensor] = {}
 
             def pass_one(program: PatchProgram, group: int, row_start: int) -> None:
-                receivers = {site.hook_name: site for v in block[group] for site in self.variants[v].receivers}
-                senders = self.variants[block[group][0]].senders
-                first = min(site.layer for site in [*senders, *receivers.values()])
+                receivers = {site.hook_name: site for v in block[group] for site in variants[v].receivers}
                 for name, site in receivers.items():
                     if site.component.name == "z":
                         program.record(name, row_start, records, (group, name))
                 for layer, name, value in frozen:
-                    if layer >= first:
+                    if layer >= program.start_layer:
                         program.fill(name, row_start, value)
-                for site in senders:
-                    program.edit(site, row_start, new.value(site.hook_name))
+                for site in variants[block[group][0]].senders:
+                    if site.component.name == "z" and site.layer in plan.replaced_attention:
+                        attn_out = COMPONENTS["attn_out"].hook_name(site.layer)
+                        program.add(attn_out, row_start, self._contribution(site, orig, new))
+                    else:
+                        program.edit(site, row_start, new.value(site.hook_name))
                 for name, site in receivers.items():
                     if site.component.name != "z":
                         program.record(name, row_start, records, (group, name))
 
-            self._run(len(block), pass_one, measured=False)
+            starts = [min(entry_layer(s.hook_name) for s in variants[indices[0]].senders) for indices in block]
+            self._run(Variants(len(block), pass_one, starts, stop_when_recorded=True,
+                               replaced_attention=plan.replaced_attention))  # fmt: skip
             pairs = [(group, v) for group, indices in enumerate(block) for v in indices]
 
             def pass_two(program: PatchProgram, index: int, row_start: int) -> None:
                 group, variant = pairs[index]
-                for site in self.variants[variant].receivers:
+                for site in variants[variant].receivers:
                     if site.component.name in _WHOLE_HEAD_RECEIVERS:
                         site = site.with_positions(None)
                     program.edit(site, row_start, records[(group, site.hook_name)])
 
-            for (_, variant), output in zip(pairs, self._run(len(pairs), pass_two, measured=True)):
+            starts = [min(entry_layer(r.hook_name) for r in variants[v].receivers) for _, v in pairs]
+            measured = self._run(Variants(len(pairs), pass_two, starts, self.metric), self.progress)
+            for (_, variant), output in zip(pairs, measured):
                 outputs[variant] = output
         return outputs
 
-    def one_pass(self, orig: ActivationSource, new: ActivationSource) -> list:
+    def one_pass(self, variants: list[_Variant], orig: ActivationSource, new: ActivationSource) -> list:
         """Set each receiver's input to orig plus the reaching senders' new - orig, in one pass."""
         contributions: dict[int, Tensor] = {}
 
@@ -234,8 +294,8 @@ class _PathPatcher:
             return contributions[id(site)]
 
         def add_steps(program: PatchProgram, variant: int, row_start: int) -> None:
-            senders = self.variants[variant].senders
-            for receiver in self.variants[variant].receivers:
+            senders = variants[variant].senders
+            for receiver in variants[variant].receivers:
                 reaching = [contribution(s) for s in senders if _reaches(s, receiver)]
                 delta = torch.stack(reaching).sum(0) if reaching else None
                 base = orig.value(_input_base_hook(receiver))
@@ -249,7 +309,8 @@ class _PathPatcher:
                     expanded = value.unsqueeze(2).expand(*value.shape[:2], count, value.shape[-1])
                     program.edit(_input_site(component, receiver), row_start, expanded)
 
-        return self._run(len(self.variants), add_steps, measured=True)
+        starts = [min(entry_layer(name) for r in v.receivers for name in _patched_hooks(r)) for v in variants]
+        return self._run(Variants(len(variants), add_steps, starts, self.metric), self.progress)
 
     def _contribution(self, site: PatchSite, orig: ActivationSource, new: ActivationSource) -> Tensor:
         """What `site`'s change from orig to new adds to the residual stream, (batch, pos, d_model)."""
@@ -317,7 +378,8 @@ def path_patch(
         direct_includes_mlps: Whether paths through MLPs count as direct (module docstring).
         verbose: Show progress bars.
         batch_size: Patched variants per forward pass (default: fit in `max_memory`).
-        max_memory: Bytes of activations one forward pass may use (default 1 GiB).
+        max_memory: Bytes of activations one forward pass may use (default 256 MiB on
+            CPU, 2 GiB on accelerators).
 
     Returns:
         The metric's value, or for an IterNode a dict of PatchResults, as for `act_patch`.
@@ -343,24 +405,42 @@ def path_patch(
     metric = resolve_metric(patching_metric, tokens)
     fork = not direct_includes_mlps and _can_fork(model, shape, variants)
     freeze_mlps = not direct_includes_mlps and shape.has_mlps
+    reaching = [_reaching(v) for v in variants]
+    live = [v for v in reaching if v is not None]
 
-    sender_hooks = {s.hook_name for v in variants for s in v.senders}
-    receiver_sites = [r for v in variants for r in v.receivers]
+    sender_hooks = {s.hook_name for v in live for s in v.senders}
+    receiver_sites = [r for v in live for r in v.receivers]
+    plan = _PassOnePlan([], frozenset())
     if fork:
         orig_hooks = sender_hooks | {_input_base_hook(r) for r in receiver_sites}
-        patched_hooks = {_input_site(COMPONENTS[name], r).hook_name for r in receiver_sites
-                         for name in _HEAD_INPUTS.get(r.component.name, ())}  # fmt: skip
+        patched_hooks = {name for r in receiver_sites for name in _patched_hooks(r)}
     else:
-        orig_hooks = {name for _, name in _frozen_hooks(shape, freeze_mlps)}
+        if live:
+            plan = _pass_one_plan(shape, receiver_sites, freeze_mlps, _tl.can_start_late(model))
+        orig_hooks = {name for _, name in plan.frozen} | sender_hooks
         patched_hooks = set()
-    all_hooks = sender_hooks | orig_hooks | patched_hooks | {r.hook_name for r in receiver_sites}
+    all_hooks = {s.hook_name for v in variants for s in v.senders} | orig_hooks | patched_hooks
+    all_hooks |= {r.hook_name for v in variants for r in v.receivers}
     check_hooks_exist(model, all_hooks)
 
     with torch.no_grad(), _tl.model_flags(model, _tl.flags_for(all_hooks)):
         new = _source(model, new_cache, new_input, sender_hooks, tokens, "new_cache")
-        orig = _source(model, orig_cache, orig_input, orig_hooks, tokens, "orig_cache")
+        residual_hooks = OrigResiduals.hook_names(shape.n_layers)
+        orig = _source(model, orig_cache, orig_input, orig_hooks, tokens, "orig_cache", residual_hooks)
         chunk_args = (batch_size, max_memory, apply_metric_to_cache)
         with progress_bar(len(variants), "path_patch", verbose) as progress:
-            patcher = _PathPatcher(model, tokens, shape, variants, metric, chunk_args, progress)
-            outputs = patcher.one_pass(orig, new) if fork else patcher.two_pass(orig, new, freeze_mlps)
+            residuals = OrigResiduals(model, tokens, orig.tensors)
+            patcher = _PathPatcher(model, tokens, shape, metric, chunk_args, progress, residuals)
+            outputs = [None] * len(variants)
+            if live:
+                measured = patcher.one_pass(live, orig, new) if fork else patcher.two_pass(live, orig, new, plan)
+                for index, output in zip([i for i, v in enumerate(reaching) if v is not None], measured):
+                    outputs[index] = output
+            unreached = [i for i, v in enumerate(reaching) if v is None]
+            if unreached:
+                unpatched = patcher.unpatched()
+                for index in unreached:
+                    outputs[index] = unpatched
+                if progress is not None:
+                    progress.update(len(unreached))
     return assemble(sweeps, outputs, batch) if sweeps is not None else outputs[0]

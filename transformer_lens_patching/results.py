@@ -99,7 +99,8 @@ class PatchResult(torch.Tensor):
 
 
 def assemble(sweeps, outputs: list, batch: int) -> dict[str, PatchResult]:
-    """Shape a flat list of metric outputs (sweep cells in order) into one PatchResult per sweep."""
+    """Shape a flat list of metric outputs (sweep cells in order) into one PatchResult per
+    sweep, moved to the CPU in one transfer per sweep."""
     values = [as_tensor(output) for output in outputs]
     shapes = {tuple(v.shape) for v in values}
     if len(shapes) > 1:
@@ -107,7 +108,8 @@ def assemble(sweeps, outputs: list, batch: int) -> dict[str, PatchResult]:
     results, start = {}, 0
     for sweep in sweeps:
         count = len(sweep.sites)
-        stacked = torch.stack([v.to(torch.device("cpu")) for v in values[start : start + count]])
+        cells = values[start : start + count]
+        stacked = torch.stack([v.to(cells[0].device) for v in cells]).cpu()
         start += count
         extra = metric_dims(stacked.shape[1:], batch)
         results[sweep.name] = PatchResult(stacked.reshape(*sweep.shape, *stacked.shape[1:]), sweep.dims + extra, sweep.coords)

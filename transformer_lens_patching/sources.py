@@ -25,6 +25,11 @@ class ActivationSource:
         """Whether every value is zero."""
         return self._tensors is None
 
+    @property
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        """The activations by hook name (empty for zero ablation)."""
+        return self._tensors or {}
+
     def value(self, hook_name: str) -> torch.Tensor | float:
         """The activation at `hook_name` (a tensor with `batch` rows), or 0.0 for zero ablation."""
         if self._tensors is None:
