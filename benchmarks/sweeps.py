@@ -276,13 +276,79 @@ def report(name: str, ours: Measured, baseline: Measured, baseline_work: Work, m
     )
 
 
-def run(model, label: str, repeats: int, n_neurons: int, sweeps: set[str], batch: int = BATCH) -> None:
+@dataclass
+class Sweep:
+    key: str
+    name: str
+    ours: Callable
+    baseline: Callable
+    baseline_work: Work
+    minimum: Work
+
+
+def sweeps_of(model, orig, new, new_cache, metric, n_neurons: int) -> list[Sweep]:
+    """Every benchmarked sweep on `model`: ours, the baseline, and their work."""
     from transformer_lens import patching
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    head_layers = [layer for layer in range(n_layers) for _ in range(n_heads)]
+    senders = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    block_layers = [layer for _ in range(3) for layer in range(n_layers) for _ in range(SEQ_LEN)]
+    block_every = IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each")
+    last = n_layers - 1
+    final = [(f"blocks.{last}.hook_resid_post", (slice(None),))]
+    receiver_layer = min(9, n_layers - 1)
+    heads = list(range(min(3, n_heads)))
+    receivers = [Node("q", receiver_layer, head=h) for h in heads]
+    receiver_hooks = [(f"blocks.{receiver_layer}.attn.hook_q", (slice(None), slice(None), h)) for h in heads]
+    layer = n_layers // 2
+    neurons = list(range(min(n_neurons, model.cfg.d_mlp)))
+    q_sweeps = [
+        Sweep(
+            "path-q",
+            f'path_patch IterNode("z") -> q of {len(heads)} layer-{receiver_layer} heads, direct_includes_mlps={direct}',
+            lambda direct=direct: path_patch(model, orig, new, IterNode("z"), receivers, metric, direct_includes_mlps=direct),
+            (lambda: prior_art_path_patch(model, orig, new, senders, receiver_hooks, metric)) if direct
+            else (lambda: prior_art_direct_path_patch(model, orig, new, senders, receiver_layer, heads, metric)),
+            full_runs(model, 2 + (2 if direct else 1) * len(senders)),
+            path_minimum(model, head_layers, receiver_layer, direct),
+        )
+        for direct in (True, False)
+    ]  # fmt: skip
+    return [
+        Sweep(
+            "z", 'act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos',
+            lambda: act_patch(model, orig, IterNode("z"), metric, new_cache=new_cache),
+            lambda: patching.get_act_patch_attn_head_out_all_pos(model, orig, new_cache, metric),
+            full_runs(model, len(head_layers)), act_minimum(model, head_layers),
+        ),
+        Sweep(
+            "block", 'act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_every',
+            lambda: act_patch(model, orig, block_every, metric, new_cache=new_cache),
+            lambda: patching.get_act_patch_block_every(model, orig, new_cache, metric),
+            full_runs(model, len(block_layers)), act_minimum(model, block_layers),
+        ),
+        Sweep(
+            "path-logits", f'path_patch IterNode("z") -> resid_post {last}, MLPs direct, vs two full passes per sender',
+            lambda: path_patch(model, orig, new, IterNode("z"), Node("resid_post", last), metric),
+            lambda: prior_art_path_patch(model, orig, new, senders, final, metric),
+            full_runs(model, 2 + 2 * len(senders)), path_minimum(model, head_layers, None, True),
+        ),
+        *q_sweeps,
+        Sweep(
+            "neurons", f'act_patch IterNode("post", layers=[{layer}]) on {len(neurons)} neurons vs one forward per neuron',
+            lambda: act_patch(model, orig, IterNode("post", layers=[layer], neurons=neurons), metric, new_cache=new_cache),
+            lambda: one_forward_per_neuron(model, orig, new_cache, layer, neurons, metric),
+            full_runs(model, len(neurons)), act_minimum(model, [layer] * len(neurons)),
+        ),
+    ]  # fmt: skip
+
+
+def run(model, label: str, repeats: int, n_neurons: int, keys: set[str], memory_only: bool) -> None:
+    """Time (or with `memory_only`, only measure the peak memory of) each sweep in `keys`."""
     generator = torch.Generator().manual_seed(0)
-    orig = torch.randint(100, 20000, (batch, SEQ_LEN), generator=generator)
-    new = torch.randint(100, 20000, (batch, SEQ_LEN), generator=generator)
+    orig = torch.randint(100, 20000, (BATCH, SEQ_LEN), generator=generator)
+    new = torch.randint(100, 20000, (BATCH, SEQ_LEN), generator=generator)
     with torch.no_grad():
         _, new_cache = model.run_with_cache(new)
         with PeakMemory() as rwc:
@@ -291,60 +357,20 @@ def run(model, label: str, repeats: int, n_neurons: int, sweeps: set[str], batch
     def metric(logits):
         return (logits[:, -1, 5] - logits[:, -1, 6]).mean()
 
-    head_layers = [layer for layer in range(n_layers) for _ in range(n_heads)]
-    senders = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    print(f"\n== {label}: {n_layers} layers, {n_heads} heads, d_model {model.cfg.d_model}, batch {batch} x {SEQ_LEN}; "
+    cfg = model.cfg
+    print(f"\n== {label}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, batch {BATCH} x {SEQ_LEN}; "
           f"one run_with_cache: {rwc.increase / 2**20:.0f} MiB ==")  # fmt: skip
-    if "z" in sweeps:
-        report(
-            'act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos',
-            timed(lambda: act_patch(model, orig, IterNode("z"), metric, new_cache=new_cache), repeats, model),
-            timed(lambda: patching.get_act_patch_attn_head_out_all_pos(model, orig, new_cache, metric), repeats, model),
-            full_runs(model, len(head_layers)), act_minimum(model, head_layers), model, rwc.increase,
-        )
-    if "block" in sweeps:
-        block_layers = [layer for _ in range(3) for layer in range(n_layers) for _ in range(SEQ_LEN)]
-        report(
-            'act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_every',
-            timed(lambda: act_patch(model, orig, IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each"), metric,
-                                    new_cache=new_cache), repeats, model),
-            timed(lambda: patching.get_act_patch_block_every(model, orig, new_cache, metric), repeats, model),
-            full_runs(model, len(block_layers)), act_minimum(model, block_layers), model, rwc.increase,
-        )
-    last = n_layers - 1
-    if "path-logits" in sweeps:
-        report(
-            f'path_patch IterNode("z") -> resid_post {last}, MLPs direct, vs two full passes per sender',
-            timed(lambda: path_patch(model, orig, new, IterNode("z"), Node("resid_post", last), metric), repeats, model),
-            timed(lambda: prior_art_path_patch(model, orig, new, senders, [(f"blocks.{last}.hook_resid_post", (slice(None),))],
-                                               metric), repeats, model),
-            full_runs(model, 2 + 2 * len(senders)), path_minimum(model, head_layers, None, True), model, rwc.increase,
-        )
-    if "path-q" in sweeps:
-        receiver_layer = min(9, n_layers - 1)
-        heads = list(range(min(3, n_heads)))
-        receivers = [Node("q", receiver_layer, head=h) for h in heads]
-        receiver_hooks = [(f"blocks.{receiver_layer}.attn.hook_q", (slice(None), slice(None), h)) for h in heads]
-        for direct in (True, False):
-            report(
-                f"path_patch IterNode(\"z\") -> q of {len(heads)} layer-{receiver_layer} heads, direct_includes_mlps={direct}",
-                timed(lambda: path_patch(model, orig, new, IterNode("z"), receivers, metric, direct_includes_mlps=direct),
-                      repeats, model),
-                timed(lambda: prior_art_path_patch(model, orig, new, senders, receiver_hooks, metric) if direct
-                      else prior_art_direct_path_patch(model, orig, new, senders, receiver_layer, heads, metric), repeats, model),
-                full_runs(model, 2 + (2 if direct else 1) * len(senders)),
-                path_minimum(model, head_layers, receiver_layer, direct), model, rwc.increase,
-            )
-    if "neurons" in sweeps:
-        layer = n_layers // 2
-        neurons = list(range(min(n_neurons, model.cfg.d_mlp)))
-        report(
-            f'act_patch IterNode("post", layers=[{layer}]) on {len(neurons)} neurons vs one forward per neuron',
-            timed(lambda: act_patch(model, orig, IterNode("post", layers=[layer], neurons=neurons), metric,
-                                    new_cache=new_cache), repeats, model),
-            timed(lambda: one_forward_per_neuron(model, orig, new_cache, layer, neurons, metric), repeats, model),
-            full_runs(model, len(neurons)), act_minimum(model, [layer] * len(neurons)), model, rwc.increase,
-        )
+    limit = 1.5 * rwc.increase + DEFAULT_MAX_MEMORY["cpu"]
+    for sweep in sweeps_of(model, orig, new, new_cache, metric, n_neurons):
+        if sweep.key not in keys:
+            continue
+        if memory_only:
+            with torch.no_grad(), PeakMemory() as peak:
+                sweep.ours()
+            print(f"{sweep.name}\n  peak memory above start: {peak.increase / 2**20:.0f} MiB (limit {limit / 2**20:.0f} MiB)")
+        else:
+            ours, baseline = timed(sweep.ours, repeats, model), timed(sweep.baseline, repeats, model)
+            report(sweep.name, ours, baseline, sweep.baseline_work, sweep.minimum, model, rwc.increase)
 
 
 def memory_at_batch(model, batch: int) -> None:
@@ -370,6 +396,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="gpt2,smollm2", help="comma-separated: gpt2 (GPT-2-small shape), smollm2")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, from: {', '.join(SWEEPS)}")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak memory of this library's sweeps")
     parser.add_argument("--neurons", type=int, default=256, help="neurons in the neuron sweep (3072: all of GPT-2's)")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
@@ -383,10 +410,10 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {repeats}")
     if "gpt2" in models:
         model = gpt2_small_shape(AutoTokenizer.from_pretrained(str(hf_folder())), args.quick)
-        run(model, "GPT-2-small shape, random weights", repeats, args.neurons, sweeps)
+        run(model, "GPT-2-small shape, random weights", repeats, args.neurons, sweeps, args.memory_only)
         memory_at_batch(model, 64)
     if "smollm2" in models and not args.quick:
-        run(load_smollm2(), "SmolLM2-135M", repeats, args.neurons, sweeps)
+        run(load_smollm2(), "SmolLM2-135M", repeats, args.neurons, sweeps, args.memory_only)
 
 
 if __name__ == "__main__":

@@ -114,11 +114,6 @@ class PatchProgram:
         self._pending_records += 1
         self._add(hook_name, step)
 
-    @property
-    def first_layer(self) -> int:
-        """The first layer a step needs (see `entry_layer`): the pass may start there."""
-        return min((entry_layer(name) for name in self._steps), default=0)
-
     def enter(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
         """The residual stream entering `layer` with the steps at `blocks.{layer-1}.hook_resid_post`
         applied; for a pass that starts at `layer`, where that hook never fires."""

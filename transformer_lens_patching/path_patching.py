@@ -6,7 +6,9 @@ metric is then measured on the orig run with those receivers. Two meanings of "d
 
 - `direct_includes_mlps=True` (the IOI paper's): paths through MLPs count as direct.
   Pass 1 runs orig with every head's output frozen to orig, the senders set to new and
-  the MLPs recomputed, recording the receivers; pass 2 patches them in.
+  the MLPs recomputed, recording the receivers; pass 2 patches them in. With every head
+  frozen, a layer's attention output is the orig one plus the senders' contributions, so
+  pass 1 computes attention only where a receiver reads it, and stops at the receivers.
 - `direct_includes_mlps=False`: only the residual stream is direct. Each receiver's input
   is set to its orig value plus the senders' `new - orig` contributions, in one pass
   through the per-head q/k/v input hooks. Where a receiver cannot be forked that way
@@ -431,16 +433,9 @@ def path_patch(
         with progress_bar(len(variants), "path_patch", verbose) as progress:
             residuals = OrigResiduals(model, tokens, orig.tensors)
             patcher = _PathPatcher(model, tokens, shape, metric, chunk_args, progress, residuals)
-            outputs = [None] * len(variants)
-            if live:
-                measured = patcher.one_pass(live, orig, new) if fork else patcher.two_pass(live, orig, new, plan)
-                for index, output in zip([i for i, v in enumerate(reaching) if v is not None], measured):
-                    outputs[index] = output
-            unreached = [i for i, v in enumerate(reaching) if v is None]
-            if unreached:
-                unpatched = patcher.unpatched()
-                for index in unreached:
-                    outputs[index] = unpatched
-                if progress is not None:
-                    progress.update(len(unreached))
+            measured = iter(patcher.one_pass(live, orig, new) if fork else patcher.two_pass(live, orig, new, plan))
+            unpatched = patcher.unpatched() if len(live) < len(variants) else None
+            outputs = [unpatched if variant is None else next(measured) for variant in reaching]
+            if progress is not None:
+                progress.update(len(variants) - len(live))
     return assemble(sweeps, outputs, batch) if sweeps is not None else outputs[0]
