@@ -92,9 +92,7 @@ def act_patch(
             for site in cells[variant]:
                 program.edit(site, row_start, source.value(site.hook_name))
 
-        chunk = 1 if apply_metric_to_cache and batch_size is None else variants_per_pass(
-            len(cells), tokens, shape, batch_size, max_memory
-        )
+        chunk = variants_per_pass(len(cells), tokens, shape, batch_size, max_memory, apply_metric_to_cache)
         start_layers = [min(entry_layer(site.hook_name) for site in cell) for cell in cells]
         variants = Variants(len(cells), add_steps, start_layers, metric)
         with progress_bar(len(cells), "act_patch", verbose) as progress:

@@ -35,16 +35,21 @@ def variants_per_pass(
     shape: ModelShape,
     batch_size: int | None,
     max_memory: int | None,
+    metric_reads_cache: bool = False,
 ) -> int:
     """How many variants to stack in one forward pass.
 
-    `batch_size` fixes it; otherwise it is as many as fit in `max_memory` bytes, counting
+    `batch_size` fixes it; a metric that reads each variant's cache gets one variant per
+    pass unless `batch_size` says otherwise (a stacked cache holds every activation of
+    every variant); otherwise it is as many as fit in `max_memory` bytes, counting
     each stacked copy's logits twice (the unembedding's product and its bias sum are alive
     together) and its largest per-layer activations with the copies hooks make.
     """
     check_chunk_args(batch_size, max_memory)
     if batch_size is not None:
         return min(batch_size, max(n_variants, 1))
+    if metric_reads_cache:
+        return 1
     if max_memory is None:
         max_memory = DEFAULT_MAX_MEMORY["cpu" if tokens.device.type == "cpu" else "accelerator"]
     batch, seq_len = tokens.shape

@@ -6,19 +6,17 @@ writes into a copy of the activation, never into the tensor the model (or anyone
 hook) produced, and never into a cache it reads from.
 """
 
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 from . import _tl
+from .components import lookup
 from .errors import PatchingError
 from .plan import PatchSite
 
 Step = Callable[[torch.Tensor], None]
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-_RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 
 
 def entry_layer(hook_name: str) -> int:
@@ -28,11 +26,10 @@ def entry_layer(hook_name: str) -> int:
     entering layer L + 1, so a pass may start there with the step applied to its input.
     Hooks outside the blocks (embeddings) need the whole pass.
     """
-    if match := _RESID_POST.match(hook_name):
-        return int(match.group(1)) + 1
-    if match := _BLOCK.match(hook_name):
-        return int(match.group(1))
-    return 0
+    component, layer = lookup(hook_name)
+    if layer is None:
+        return 0
+    return layer + 1 if component.name == "resid_post" else layer
 
 
 class StopForward(Exception):

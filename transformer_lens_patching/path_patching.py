@@ -214,9 +214,9 @@ class _PathPatcher:
         return _tl.w_out(self.model)
 
     def _chunk(self, n_variants: int, measured: bool) -> int:
-        if measured and self.apply_to_cache and self.batch_size is None:
-            return 1
-        return variants_per_pass(n_variants, self.tokens, self.shape, self.batch_size, self.max_memory)
+        return variants_per_pass(
+            n_variants, self.tokens, self.shape, self.batch_size, self.max_memory, self.apply_to_cache and measured
+        )
 
     def _run(self, variants: Variants, progress=None) -> list:
         measured = variants.metric is not None
