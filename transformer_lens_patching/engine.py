@@ -11,6 +11,7 @@ from . import _tl
 from ._tl import ModelShape
 from .errors import PatchingError
 from .hooks import PatchProgram, applied
+from .memory import release_freed_memory
 
 DEFAULT_MAX_MEMORY = {"cpu": 256 << 20, "accelerator": 2 << 30}
 """Default budget, in bytes, for the activations of one stacked forward pass. On CPUs,
@@ -172,6 +173,7 @@ def run_variants(
                     logits = _tl.unembed(model, residual)
                 else:
                     logits = _tl.forward_logits(model, residual, first_layer)
+        release_freed_memory(tokens.device)
         if variants.metric is None:
             continue
         for offset, index in enumerate(indices):
