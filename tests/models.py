@@ -34,14 +34,15 @@ def _randomize_biases(model, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
-def gpt2_like(n_layers: int = 12, tok=None):
-    """A random GPT-2-shaped model: 12 layers, 4 heads, d_model 64, LayerNorm, learned positions."""
+def gpt2_like(n_layers: int = 12, tok=None, vocab: int = VOCAB):
+    """A random GPT-2-shaped model: 12 layers, 4 heads, d_model 64, LayerNorm, learned positions
+    (`vocab` 2048 unless given: the whole tokenizer's for text prompts)."""
     torch.manual_seed(0)
     if TL_MAJOR >= 4:
         from transformer_lens.model_bridge import TransformerBridge
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(n_layer=n_layers, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=64, initializer_range=0.1)
+        config = GPT2Config(n_layer=n_layers, n_head=4, n_embd=64, vocab_size=vocab, n_positions=64, initializer_range=0.1)
         hf = GPT2LMHeadModel(config).eval()
         _randomize_biases(hf, 1)
         with warnings.catch_warnings():
@@ -50,7 +51,7 @@ def gpt2_like(n_layers: int = 12, tok=None):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     config = HookedTransformerConfig(
-        n_layers=n_layers, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=VOCAB, n_ctx=64,
+        n_layers=n_layers, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=vocab, n_ctx=64,
         act_fn="gelu_new", normalization_type="LN", initializer_range=0.1, seed=0,
     )
     model = HookedTransformer(config, tokenizer=tok or tokenizer())

@@ -320,3 +320,13 @@ def boot_hf_folder(folder: str, tokenizer, device: str):
         fold_value_biases=True,
     )
     return model.to(device)
+
+
+def load_pretrained(name: str, device: str):
+    """A model by TransformerLens / Hugging Face name (e.g. "gpt2"), from the hub or its cache,
+    with HookedTransformer numerics."""
+    if TL_MAJOR >= 4:
+        model = TransformerBridge.boot_transformers(name, device=device)
+        model.enable_compatibility_mode()
+        return model
+    return HookedTransformer.from_pretrained(name, device=device)

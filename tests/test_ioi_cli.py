@@ -1,0 +1,206 @@
+"""The IOI analysis, its report files, the `tl-patch` command and the report in a real browser.
+
+A small random GPT-2-shaped model with the whole SmolLM2 vocabulary runs the analysis
+quickly; its results are checked against literal recomputations. SmolLM2 itself runs
+the command once, and its findings are checked against reference-numbers.md.
+"""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from tests import models
+from tests.conftest import model_state
+from transformer_lens_patching import IterNode, Node, act_patch, path_patch
+from transformer_lens_patching.cli import main
+from transformer_lens_patching.ioi_analysis import WORDS, IOISettings, run_ioi
+from transformer_lens_patching.report import write_report
+
+STEPS = ["act_heads", "act_words", "path_logits", "path_queries", "path_values"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tok):
+    return models.gpt2_like(n_layers=6, tok=tok, vocab=len(tok))
+
+
+@pytest.fixture(scope="module")
+def analysis(tiny_model):
+    before = model_state(tiny_model)
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_ioi(tiny_model, IOISettings(n_prompts=5, top_k=2), "tiny", progress=False, log=lines.append)
+    assert model_state(tiny_model) == before
+    result.log = lines
+    return result
+
+
+def logit_diffs(logits, dataset):
+    """IO - S logit at the end word of each prompt, one prompt at a time."""
+    values = []
+    for i in range(dataset.N):
+        end = int(dataset.word_idx["end"][i])
+        values.append(float(logits[i, end, dataset.io_token_ids[i]] - logits[i, end, dataset.s_token_ids[i]]))
+    return torch.tensor(values)
+
+
+def test_logit_diffs_are_read_at_each_prompts_end(analysis, tiny_model):
+    with torch.no_grad():
+        clean = logit_diffs(tiny_model(analysis.dataset.toks), analysis.dataset)
+        corrupted = logit_diffs(tiny_model(analysis.corrupted.toks), analysis.dataset)
+    torch.testing.assert_close(analysis.clean_logit_diff, clean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(analysis.corrupted_logit_diff, corrupted, rtol=1e-5, atol=1e-5)
+    assert len(set(analysis.dataset.lengths.tolist())) > 1, "the prompts should differ in length (padding is tested)"
+
+
+def figures(analysis) -> int:
+    """The report's figures: the logit differences, then each step that ran."""
+    return 1 + sum(bool(step.results) for step in analysis.steps)
+
+
+def test_steps_and_result_dims(analysis, tiny_model):
+    assert [step.key for step in analysis.steps] == STEPS
+    heads = analysis.step("act_heads").results
+    assert sorted(heads) == ["k", "pattern", "q", "v", "z"]
+    assert heads["z"].dims == ("layer", "head") and tuple(heads["z"].shape) == (6, 4)
+    words = analysis.step("act_words").results
+    for component in ("resid_pre", "attn_out", "mlp_out"):
+        assert words[component].dims == ("seq_pos", "layer")
+        assert words[component].coords["seq_pos"] == WORDS
+    assert analysis.step("path_logits").results["z"].dims == ("layer", "head")
+    assert len(analysis.log) == 5  # the logit diffs, then one line per step that picks heads
+
+
+def test_a_step_without_earlier_heads_is_reported_as_skipped(analysis):
+    """On this model the S-inhibition heads found are in layer 0: nothing can send to their values."""
+    inhibitors = analysis.step("path_queries").top["S-inhibition heads"]
+    assert inhibitors and all(head.layer == 0 for head in inhibitors)
+    values = analysis.step("path_values")
+    assert values.results == {} and values.description.startswith("Skipped")
+    assert analysis.log[-1].endswith(values.description)
+
+
+def cells(result):
+    return [((layer, head), float(result.sel(layer=layer, head=head))) for layer in result.coords["layer"]
+            for head in result.coords["head"]]  # fmt: skip
+
+
+def test_top_heads_are_the_extreme_cells(analysis):
+    for step in analysis.steps:
+        for role, heads in step.top.items():
+            sign = 1 if "raise" in role or "restoring" in role else -1
+            values = sorted(cells(step.results["z"]), key=lambda cell: -sign * cell[1])
+            expected = [(head, value) for head, value in values if sign * value > 0][: len(heads)]
+            assert [(h.layer, h.head) for h in heads] == [head for head, _ in expected]
+            assert [h.value for h in heads] == pytest.approx([value for _, value in expected])
+
+
+def test_heads_follow_from_the_previous_step(analysis):
+    movers = analysis.step("path_logits").top["name movers (lower the logit diff)"]
+    queries = analysis.step("path_queries")
+    assert queries.results["z"].coords["layer"] == tuple(range(max(h.layer for h in movers if h.layer > 0)))
+    assert all(f"{h.layer}.{h.head}" in queries.description for h in movers if h.layer > 0)
+
+
+def test_patching_an_unchanged_word_restores_nothing(analysis):
+    """Clean and corrupted prompts share every token but the names: patching the residual
+    stream at the first layer at a shared word changes nothing (denoising value 0)."""
+    words = analysis.step("act_words").results["resid_pre"]
+    for word in ("S1+1", "end"):
+        assert float(words.sel(seq_pos=word, layer=0)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_step_results_equal_direct_calls(analysis, tiny_model):
+    """A cell of each step recomputed by a direct act_patch / path_patch call with metrics written here."""
+    ds, corrupted = analysis.dataset, analysis.corrupted
+    clean_mean, corrupted_mean = analysis.clean_logit_diff.mean(), analysis.corrupted_logit_diff.mean()
+
+    def mean_ld(logits):
+        return logit_diffs(logits, ds).mean()
+
+    restored = act_patch(tiny_model, corrupted.toks, Node("v", 1, head=2),
+                         lambda logits: (mean_ld(logits) - corrupted_mean) / (clean_mean - corrupted_mean),
+                         new_input=ds.toks)  # fmt: skip
+    assert float(restored) == pytest.approx(float(analysis.step("act_heads").results["v"].sel(layer=1, head=2)), abs=1e-5)
+    s2 = act_patch(tiny_model, corrupted.toks, Node("mlp_out", 2, seq_pos=ds.word_idx["S2"]),
+                   lambda logits: (mean_ld(logits) - corrupted_mean) / (clean_mean - corrupted_mean),
+                   new_input=ds.toks)  # fmt: skip
+    assert float(s2) == pytest.approx(float(analysis.step("act_words").results["mlp_out"].sel(seq_pos="S2", layer=2)), abs=1e-5)
+    damage = path_patch(tiny_model, ds.toks, corrupted.toks, Node("z", 1, head=3), Node("resid_post", tiny_model.cfg.n_layers - 1),
+                        lambda logits: (mean_ld(logits) - clean_mean) / (clean_mean - corrupted_mean))  # fmt: skip
+    assert float(damage) == pytest.approx(float(analysis.step("path_logits").results["z"].sel(layer=1, head=3)), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def report_folder(analysis, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report")
+    write_report(analysis, folder)
+    return folder
+
+
+def test_json_and_csv_hold_every_result(analysis, report_folder):
+    data = json.loads((report_folder / "results.json").read_text())
+    assert [step["key"] for step in data["steps"]] == STEPS
+    assert data["clean_logit_diff"]["per_prompt"] == pytest.approx(analysis.clean_logit_diff.tolist())
+    for step, saved in zip(analysis.steps, data["steps"]):
+        for name, result in step.results.items():
+            assert saved["results"][name]["dims"] == list(result.dims)
+            assert torch.tensor(saved["results"][name]["values"]) == pytest.approx(result.as_tensor())
+    with (report_folder / "results.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == sum(r.numel() for step in analysis.steps for r in step.results.values())
+    row = next(r for r in rows if r["step"] == "path_logits" and r["layer"] == "1" and r["head"] == "3")
+    assert float(row["value"]) == pytest.approx(float(analysis.step("path_logits").results["z"].sel(layer=1, head=3)))
+
+
+def test_report_html_is_self_contained(analysis, report_folder):
+    page = (report_folder / "report.html").read_text()
+    assert not re.search(r"<(script|link)[^>]+(src|href)=", page), "no script or stylesheet is fetched"
+    assert "Plotly" in page.split("</head>")[0], "plotly.js is inside the page"
+    assert page.count('class="figure"') == figures(analysis)
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(analysis, report_folder):
+    browser = chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    run = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=20000", "--dump-dom", (report_folder / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rendered = re.findall(r'class="[^"]*js-plotly-plot[^"]*"', run.stdout)
+    assert len(rendered) == figures(analysis), "every figure is drawn by plotly.js"
+    assert run.stdout.count("main-svg") >= 2 * figures(analysis)
+    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, "the page logs nothing to the console (no errors, no warnings)"
+
+
+def test_cli_explains_an_unloadable_model(capsys):
+    status = main(["ioi", "--model", "gpt2", "--quiet"])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith("tl-patch: error: Cannot load model 'gpt2'") and "--model smollm2" in error
+    assert "Traceback" not in error
+
+
+def test_module_entry_point_prints_help():
+    run = subprocess.run([sys.executable, "-m", "transformer_lens_patching", "ioi", "--help"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0 and "--n-prompts" in run.stdout and "--out" in run.stdout

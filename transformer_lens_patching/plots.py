@@ -1,0 +1,294 @@
+"""Plotly figures of patching results, with axes, ticks and hover text taken from their dims.
+
+Each function takes a `PatchResult`, or the dict of them that `act_patch` and `path_patch`
+return for an `IterNode`, and returns a `plotly.graph_objects.Figure`. Nothing is shown:
+call `fig.show()` or `fig.write_html(path)`.
+
+- `heatmap`: a 2-D result (layer on the y axis by default), one panel per entry of a dict
+  with one shared colour scale, or a dict of 1-D results side by side as columns. A 3-D
+  result, e.g. `IterNode("z", seq_pos="each")`'s `(seq_pos, layer, head)`, gets one panel per
+  coordinate of its first dim; use `result.permute_dims(...)` to choose that dim.
+- `line`: 1-D results, one line per entry of a dict.
+- `histogram`: the distribution of a result's values, one overlaid histogram per entry.
+
+`tokens=` labels the `seq_pos` dim ("0: <bos>", "1: When", ...). `percent=True` shows
+normalised metrics as percentages (0.25 as 25%) on colour bars, axes and hover text.
+Results with a per-prompt `batch` dim (or another dim of the metric's own output) are
+refused: reduce that dim or select one prompt first.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from .errors import PatchingError
+from .results import PatchResult
+
+Results = PatchResult | Mapping[str, PatchResult]
+"""One result, or a dict of them by component name (as returned for an IterNode)."""
+
+COLUMNS = 5
+"""Panels per row of a faceted heatmap."""
+
+
+def heatmap(
+    results: Results,
+    *,
+    tokens: Sequence[str] | None = None,
+    y: str | None = None,
+    percent: bool = False,
+    value_label: str = "value",
+    title: str | None = None,
+) -> go.Figure:
+    """A heatmap of a 2-D result, or one panel per entry of a dict, on a colour scale centred at 0.
+
+    Args:
+        results: A 2-D PatchResult (e.g. `("layer", "head")`, `("seq_pos", "layer")`); a 3-D
+            one, faceted over its first dim; a dict of 2-D results, one panel each, titled by
+            key; or a dict of 1-D results, drawn as the columns of one heatmap.
+        tokens: One string per position of the prompt, to label the `seq_pos` dim.
+        y: The dim on the y axis; by default `layer` where there is one, else the first dim.
+        percent: Show values as percentages (for metrics normalised to 0..1).
+        value_label: What the values are, for the colour bar and hover text.
+        title: The figure title; by default the value label and the dims.
+
+    Raises:
+        PatchingError: For anything but PatchResults of those shapes, for per-prompt dims,
+            and for `tokens` that do not fit the `seq_pos` dim.
+
+    >>> import torch
+    >>> from transformer_lens_patching import PatchResult
+    >>> result = PatchResult(torch.arange(6.0).reshape(2, 3) - 2, ("layer", "head"), {"layer": (4, 5)})
+    >>> fig = heatmap(result)
+    >>> fig.layout.yaxis.title.text, fig.data[0].y, fig.layout.xaxis.title.text, fig.data[0].x
+    ('layer', (4, 5), 'head', (0, 1, 2))
+    >>> resid = PatchResult(torch.arange(6.0).reshape(3, 2), ("seq_pos", "layer"))
+    >>> by_position = {"resid_pre": resid, "attn_out": resid}
+    >>> fig = heatmap(by_position, tokens=["<bos>", " When", " John"], percent=True)
+    >>> [a.text for a in fig.layout.annotations], fig.data[1].x
+    (['resid_pre', 'attn_out'], ('0: <bos>', '1:  When', '2:  John'))
+    """
+    panels = _checked(results, "heatmap")
+    _check_tokens(panels, tokens)
+    title = title or _title(value_label, "by", panels)
+    panels = _heatmap_panels(results, panels, tokens)
+    rows, cols = -(-len(panels) // COLUMNS), min(len(panels), COLUMNS)
+    titles = list(panels) if any(panels) else None
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.3 / cols)
+    for index, (name, result) in enumerate(panels.items()):
+        y_dim = y or ("layer" if "layer" in result.dims else result.dims[0])
+        if y_dim not in result.dims:
+            where = f"the panel {name!r}" if name else "this result"
+            raise PatchingError(f"y={y_dim!r} is not a dim of {where}: its dims are {result.dims}.")
+        x_dim = next(dim for dim in result.dims if dim != y_dim)
+        values = result.permute_dims(y_dim, x_dim).as_tensor()
+        hover = f"{y_dim}=%{{y}}<br>{x_dim}=%{{x}}<br>{value_label}=%{{z:{_number_format(percent)}}}"
+        trace = go.Heatmap(
+            z=values.float().tolist(),
+            x=_labels(result, x_dim, tokens),
+            y=_labels(result, y_dim, tokens),
+            coloraxis="coloraxis",
+            name=name,
+            hovertemplate=f"{hover}<extra>{name}</extra>",
+        )
+        row, col = index // cols + 1, index % cols + 1
+        fig.add_trace(trace, row=row, col=col)
+        fig.update_xaxes(title_text=x_dim, type="category", row=row, col=col)
+        fig.update_yaxes(title_text=y_dim, type="category", autorange="reversed", row=row, col=col)
+    for index in range(len(panels), rows * cols):  # the empty cells of the last row
+        fig.update_xaxes(visible=False, row=rows, col=index % cols + 1)
+        fig.update_yaxes(visible=False, row=rows, col=index % cols + 1)
+    colorbar = {"title": {"text": value_label}, **({"tickformat": "~%"} if percent else {})}
+    fig.update_layout(
+        title=title,
+        height=150 + 300 * rows,
+        coloraxis={"colorscale": "RdBu", "cmid": 0, "colorbar": colorbar},
+    )
+    return fig
+
+
+def line(
+    results: Results,
+    *,
+    tokens: Sequence[str] | None = None,
+    percent: bool = False,
+    value_label: str = "value",
+    title: str | None = None,
+) -> go.Figure:
+    """A line plot of a 1-D result (e.g. dims `("layer",)`), or one line per entry of a dict.
+
+    Args:
+        results: A 1-D PatchResult, or a dict of them over the same dim (one line each, named by key).
+        tokens: One string per position of the prompt, to label the `seq_pos` dim.
+        percent: Show values as percentages (for metrics normalised to 0..1).
+        value_label: What the values are, for the y axis and hover text.
+        title: The figure title; by default the value label and the dim.
+
+    Raises:
+        PatchingError: For anything but 1-D PatchResults over one dim, for per-prompt dims,
+            and for `tokens` that do not fit the `seq_pos` dim.
+
+    >>> import torch
+    >>> from transformer_lens_patching import PatchResult
+    >>> by_layer = {name: PatchResult(torch.arange(3.0) / 4, ("layer",)) for name in ("resid_pre", "mlp_out")}
+    >>> fig = line(by_layer, percent=True)
+    >>> [trace.name for trace in fig.data], fig.layout.xaxis.title.text, fig.layout.yaxis.tickformat
+    (['resid_pre', 'mlp_out'], 'layer', '~%')
+    """
+    panels = _checked(results, "line")
+    _check_tokens(panels, tokens)
+    dims = {result.dims for result in panels.values()}
+    for name, result in panels.items():
+        if result.ndim != 1:
+            raise PatchingError(f"line needs 1-D results, but {_name(name)} has dims {result.dims}: use heatmap.")
+    if len(dims) > 1:
+        raise PatchingError(f"line draws every entry on one x axis, so they need one dim; got dims {sorted(dims)}.")
+    (dim,) = dims.pop()
+    fig = go.Figure()
+    for name, result in panels.items():
+        hover = f"{dim}=%{{x}}<br>{value_label}=%{{y:{_number_format(percent)}}}<extra>{name}</extra>"
+        x, values = _labels(result, dim, tokens), result.as_tensor().float().tolist()
+        fig.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=name, hovertemplate=hover))
+    fig.update_layout(title=title or _title(value_label, "by", panels), showlegend=len(panels) > 1)
+    fig.update_xaxes(title_text=dim)
+    fig.update_yaxes(title_text=value_label, **({"tickformat": "~%"} if percent else {}))
+    return fig
+
+
+def histogram(
+    results: Results,
+    *,
+    percent: bool = False,
+    nbins: int | None = None,
+    value_label: str = "value",
+    title: str | None = None,
+) -> go.Figure:
+    """The distribution of a result's values (e.g. over all heads); a dict gives one overlaid histogram per entry.
+
+    Args:
+        results: A PatchResult of any dims, or a dict of them (one histogram each, named by key).
+        percent: Show values as percentages (for metrics normalised to 0..1).
+        nbins: The most bins to use; by default plotly chooses.
+        value_label: What the values are, for the x axis and hover text.
+        title: The figure title; by default the value label and the dims.
+
+    Raises:
+        PatchingError: For anything but PatchResults, and for per-prompt dims.
+
+    >>> import torch
+    >>> from transformer_lens_patching import PatchResult
+    >>> heads = PatchResult(torch.arange(12.0).reshape(3, 4) / 12, ("layer", "head"))
+    >>> fig = histogram(heads, percent=True)
+    >>> len(fig.data[0].x), fig.layout.xaxis.tickformat, fig.layout.title.text
+    (12, '~%', 'value over layer × head')
+    """
+    panels = _checked(results, "histogram")
+    fig = go.Figure()
+    for name, result in panels.items():
+        hover = f"{value_label}=%{{x}}<br>count=%{{y}}<extra>{name}</extra>"
+        values = result.as_tensor().flatten().float().tolist()
+        opacity = 0.6 if len(panels) > 1 else 1.0
+        fig.add_trace(go.Histogram(x=values, name=name, nbinsx=nbins, opacity=opacity, hovertemplate=hover))
+    fig.update_layout(
+        title=title or _title(value_label, "over", panels),
+        barmode="overlay",
+        bargap=0.05,
+        showlegend=len(panels) > 1,
+    )
+    fig.update_xaxes(title_text=value_label, **({"tickformat": "~%", "hoverformat": ".1%"} if percent else {}))
+    fig.update_yaxes(title_text="count")
+    return fig
+
+
+def _checked(results, function: str) -> dict[str, PatchResult]:
+    """name -> result ("" for a lone result), refusing plain tensors, empty dicts and the metric's own dims."""
+    panels = dict(results) if isinstance(results, Mapping) and results else {"": results}
+    for name, result in panels.items():
+        if not isinstance(result, PatchResult):
+            got = "an empty dict" if isinstance(results, Mapping) and not results else type(result).__name__
+            raise PatchingError(
+                f"{function} needs a PatchResult, or a dict of them as act_patch returns for an IterNode; "
+                f"{_name(name)} is {got}. Indexing or arithmetic on a PatchResult gives a plain tensor: use "
+                "percent=True instead of scaling, restrict a sweep with IterNode(..., layers=..., heads=...), "
+                "select with result.sel(...), or rebuild one with PatchResult(values, dims, coords)."
+            )
+        extra = [dim for dim in result.dims if dim == "batch" or dim.startswith("metric_")]
+        if extra:
+            what = "one value per prompt" if extra[0] == "batch" else "the metric's own output"
+            raise PatchingError(
+                f"{function} cannot plot {_name(name)}: its dims are {result.dims}, and {extra[0]!r} holds {what}. "
+                f"Reduce it first, e.g. PatchResult(result.mean(-1), result.dims[:-1], result.coords), "
+                f"or select one with result.sel({extra[0]}=0)."
+            )
+    return panels
+
+
+def _heatmap_panels(
+    results: Results, panels: dict[str, PatchResult], tokens: Sequence[str] | None
+) -> dict[str, PatchResult]:
+    """The 2-D result of each panel: a 3-D result split over its first dim, a dict of 1-D results stacked."""
+    if isinstance(results, PatchResult) and results.ndim == 3:
+        dim = results.dims[0]
+        labels = _labels(results, dim, tokens)
+        return {f"{dim} {label}": results.sel(**{dim: coord}) for coord, label in zip(results.coords[dim], labels)}
+    if isinstance(results, Mapping) and all(result.ndim == 1 for result in panels.values()):
+        (first_name, first), *_ = panels.items()
+        for name, result in panels.items():
+            if result.coords != first.coords:
+                raise PatchingError(
+                    f"heatmap draws a dict of 1-D results as the columns of one grid, so they need the same coords; "
+                    f"{_name(name)} has {result.coords}, {_name(first_name)} has {first.coords}."
+                )
+        values = torch.stack([result.as_tensor() for result in panels.values()], dim=1)
+        (dim,) = first.dims
+        return {"": PatchResult(values, (dim, "component"), {dim: first.coords[dim], "component": tuple(panels)})}
+    for name, result in panels.items():
+        if result.ndim != 2:
+            hint = {1: "use line", 3: "plot it on its own, one panel per coordinate of its first dim"}.get(
+                result.ndim, "select coordinates with result.sel(...) first"
+            )
+            raise PatchingError(
+                f"heatmap needs 2-D results (or one 3-D result, or a dict of 1-D results), but {_name(name)} "
+                f"has dims {result.dims}: {hint}."
+            )
+    return panels
+
+
+def _check_tokens(panels: dict[str, PatchResult], tokens: Sequence[str] | None) -> None:
+    if tokens is None:
+        return
+    if isinstance(tokens, str) or not all(isinstance(token, str) for token in tokens):
+        raise PatchingError("tokens must be a list of strings, one per position, e.g. model.to_str_tokens(prompt).")
+    positions = [result.coords["seq_pos"] for result in panels.values() if "seq_pos" in result.dims]
+    if not positions:
+        dims = sorted({result.dims for result in panels.values()})
+        raise PatchingError(f"tokens= labels the 'seq_pos' dim, but there is none here: the dims are {dims}.")
+    for coords in positions:
+        whole = coords == tuple(range(len(coords)))
+        if len(tokens) <= max(coords) or (whole and len(tokens) != len(coords)):
+            raise PatchingError(
+                f"Got {len(tokens)} tokens for a result over positions {coords[0]}..{coords[-1]}: "
+                "pass one token per position of the prompt, e.g. model.to_str_tokens(prompt)."
+            )
+
+
+def _labels(result: PatchResult, dim: str, tokens: Sequence[str] | None) -> list:
+    """The coordinates of `dim`, as "position: token" for `seq_pos` when tokens are given."""
+    if dim == "seq_pos" and tokens is not None:
+        return [f"{position}: {tokens[position]}" for position in result.coords[dim]]
+    return list(result.coords[dim])
+
+
+def _title(value_label: str, word: str, panels: dict[str, PatchResult]) -> str:
+    dims = dict.fromkeys(dim for result in panels.values() for dim in result.dims)
+    return f"{value_label} {word} {' × '.join(dims)}"
+
+
+def _name(name: str) -> str:
+    return f"results[{name!r}]" if name else "this result"
+
+
+def _number_format(percent: bool) -> str:
+    return ".1%" if percent else ".4g"
