@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy
 import torch
 
 from . import ioi_words
@@ -53,7 +54,7 @@ def _templates(prompt_type, nb_templates: int | None, rng: random.Random) -> tup
     if not isinstance(prompt_type, str):
         templates = list(prompt_type)
         if not templates or not all(isinstance(t, str) for t in templates):
-            raise PatchingError("prompt_type must be one of {PROMPT_TYPES} or a non-empty list of template strings.")
+            raise PatchingError(f"prompt_type must be one of {PROMPT_TYPES} or a non-empty list of template strings.")
         return templates, any("[C]" in t for t in templates)
     if prompt_type not in PROMPT_TYPES:
         raise PatchingError(f"Unknown prompt_type {prompt_type!r}: expected one of {PROMPT_TYPES} or a list of templates.")
@@ -267,7 +268,7 @@ class IOIDataset:
         """The prompts `key` selects, as a new dataset."""
         if not isinstance(key, slice):
             raise PatchingError(f"Index an IOIDataset with a slice (e.g. ds[:10]), got {type(key).__name__}.")
-        return self._with_prompts(self.prompts[key])
+        return self._with_prompts(self.prompts[key], {name: idx[key] for name, idx in self.word_idx.items()})
 
     def _with_prompts(self, prompts: Sequence[IOIPrompt], word_idx=None) -> "IOIDataset":
         return IOIDataset(
@@ -290,7 +291,7 @@ class IOIDataset:
         'When Alan and Sullivan got a snack at the store, Adam decided to give it to Victoria'
         """
         rules = _parse_flip(flip)
-        rng = random.Random(f"{self.seed}:{flip}")
+        rng = numpy.random.RandomState(self.seed + sum(map(ord, flip)))
         flipped = []
         for prompt in self.prompts:
             if prompt.c is not None:
@@ -323,13 +324,13 @@ def _parse_flip(flip: str) -> dict[str, tuple[str, str]]:
     return rules
 
 
-def _flip_prompt(prompt: IOIPrompt, old: str, new: str, names: Sequence[str], rng: random.Random) -> IOIPrompt:
+def _flip_prompt(prompt: IOIPrompt, old: str, new: str, names: Sequence[str], rng: numpy.random.RandomState) -> IOIPrompt:
     """`prompt` with its three name slots rewritten from order `old` to order `new`."""
     letter_names = {"A": prompt.io, "B": prompt.s}
     others = [name for name in names if name not in (prompt.io, prompt.s)]
     for letter in dict.fromkeys(new):
         if letter not in letter_names:
-            letter_names[letter] = rng.choice(others)
+            letter_names[letter] = str(rng.choice(others))
     slots = re.findall(r"\[([AB])\]", prompt.template)[:3]
     template = prompt.template.replace("[PLACE]", prompt.place).replace("[OBJECT]", prompt.object)
     for slot, letter in zip(slots, new):
