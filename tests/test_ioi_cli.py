@@ -77,16 +77,20 @@ def test_steps_and_result_dims(analysis, tiny_model):
         assert words[component].dims == ("seq_pos", "layer")
         assert words[component].coords["seq_pos"] == WORDS
     assert analysis.step("path_logits").results["z"].dims == ("layer", "head")
-    assert len(analysis.log) == 5  # the logit diffs, then one line per step that picks heads
+    assert len(analysis.log) == 5  # the logit diffs, then one line per step that picks heads or is skipped
 
 
-def test_a_step_without_earlier_heads_is_reported_as_skipped(analysis):
-    """On this model the S-inhibition heads found are in layer 0: nothing can send to their values."""
-    inhibitors = analysis.step("path_queries").top["S-inhibition heads"]
-    assert inhibitors and all(head.layer == 0 for head in inhibitors)
-    values = analysis.step("path_values")
-    assert values.results == {} and values.description.startswith("Skipped")
-    assert analysis.log[-1].endswith(values.description)
+def test_a_model_of_one_layer_skips_the_steps_back_from_the_name_movers(tok):
+    """Every head of a one-layer model is in layer 0: no head can send to the name movers."""
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_ioi(models.gpt2_like(n_layers=1, tok=tok, vocab=len(tok)), IOISettings(n_prompts=3), "one layer",
+                         progress=False, log=lines.append)  # fmt: skip
+    for key in ("path_queries", "path_values"):
+        step = result.step(key)
+        assert step.results == {} and step.description.startswith("Skipped")
+        assert any(line.endswith(step.description) for line in lines)
 
 
 def cells(result):
@@ -95,7 +99,7 @@ def cells(result):
 
 
 def test_top_heads_are_the_extreme_cells(analysis):
-    for step in analysis.steps:
+    for step in (step for step in analysis.steps if step.results):
         for role, heads in step.top.items():
             sign = 1 if "raise" in role or "restoring" in role else -1
             values = sorted(cells(step.results["z"]), key=lambda cell: -sign * cell[1])
@@ -105,10 +109,18 @@ def test_top_heads_are_the_extreme_cells(analysis):
 
 
 def test_heads_follow_from_the_previous_step(analysis):
-    movers = analysis.step("path_logits").top["name movers (lower the logit diff)"]
-    queries = analysis.step("path_queries")
-    assert queries.results["z"].coords["layer"] == tuple(range(max(h.layer for h in movers if h.layer > 0)))
-    assert all(f"{h.layer}.{h.head}" in queries.description for h in movers if h.layer > 0)
+    """Each path step receives at the heads the step before found (those after layer 0), from
+    every head before the last of them; it is skipped when all of them are in layer 0."""
+    found = analysis.step("path_logits").top["name movers (lower the logit diff)"]
+    for key, role in (("path_queries", "S-inhibition heads"), ("path_values", "heads writing into them")):
+        step = analysis.step(key)
+        receivers = [head for head in found if head.layer > 0]
+        if not receivers:
+            assert step.results == {} and step.description.startswith("Skipped")
+            return
+        assert step.results["z"].coords["layer"] == tuple(range(max(h.layer for h in receivers)))
+        assert all(f"{h.layer}.{h.head}" in step.description for h in receivers)
+        found = step.top[role]
 
 
 def test_patching_an_unchanged_word_restores_nothing(analysis):
