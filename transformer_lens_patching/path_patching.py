@@ -374,7 +374,8 @@ def path_patch(
             `k_input`, `v_input`, `pattern`, `z` (its q, k and v), `resid_pre`,
             `resid_mid`, `resid_post`, `pre`. At most one side may be an IterNode.
         patching_metric: A function of the final logits, or "loss" / "loss_per_token".
-        orig_cache, new_cache: Caches of the two runs, if already computed.
+        orig_cache: A cache of the orig run, if already computed.
+        new_cache: A cache of the new run, if already computed (or "zero", as above).
         seq_pos: Positions for senders and receivers alike (as for `Node`).
         apply_metric_to_cache: Give the metric the final run's ActivationCache.
         direct_includes_mlps: Whether paths through MLPs count as direct (module docstring).

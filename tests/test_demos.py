@@ -1,0 +1,44 @@
+"""The notebooks in demos/: stored without outputs, and each runs top to bottom without an error.
+
+Running them takes minutes (they patch the real SmolLM2-135M), so they run once, in the
+TransformerLens 4 environment, which has nbclient and ipykernel (requirements/docs.txt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.models import TL_MAJOR
+
+DEMOS = Path(__file__).resolve().parent.parent / "demos"
+NOTEBOOKS = sorted(DEMOS.glob("*.ipynb"))
+CELL_TIMEOUT_S = 900
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, f"no notebooks in {DEMOS}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_notebook_is_stored_without_outputs(path):
+    cells = json.loads(path.read_text())["cells"]
+    with_outputs = [index for index, cell in enumerate(cells) if cell.get("outputs") or cell.get("execution_count")]
+    assert not with_outputs, f"{path.name}: cells {with_outputs} have outputs; clear them before committing"
+
+
+@pytest.mark.skipif(TL_MAJOR < 4, reason="the notebooks run once, in the TransformerLens 4 environment")
+@pytest.mark.skipif(bool(os.environ.get("TLP_FAST")), reason="TLP_FAST set: SmolLM2 skipped")
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_notebook_runs(path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(DEMOS)}}
+    )
+    client.execute()
