@@ -9,7 +9,10 @@ For each sweep it prints the median wall time of each method over the repeats an
 ratio next to the arithmetic bound (the multiply-adds of the baseline over the minimum the
 sweep needs: a patch at layer l needs only layers l and later), the attention and MLP
 layer evaluations performed against that minimum, and the peak memory against one
-`run_with_cache` plus the default budget.
+`run_with_cache` plus the default budget. Each sweep runs twice here: with the metric as
+a plain function (the library computes full logits) and as a `LogitDiff` object, which
+declares that it reads two logits at the last position (only those are computed); the
+baseline is timed once, as it computes full logits either way.
 """
 
 import argparse
@@ -30,6 +33,7 @@ import torch  # noqa: E402
 
 from transformer_lens_patching import IterNode, Node, act_patch, path_patch  # noqa: E402
 from transformer_lens_patching.engine import DEFAULT_MAX_MEMORY  # noqa: E402
+from transformer_lens_patching.metrics import LogitDiff  # noqa: E402
 
 BATCH, SEQ_LEN = 8, 15
 SWEEPS = ("z", "block", "path-logits", "path-q", "neurons")
@@ -217,7 +221,8 @@ def macs_per_token(model) -> tuple[float, float, float]:
 
 @dataclass
 class Work:
-    """Layer evaluations (each on one copy of the batch) and unembeddings of a method."""
+    """Layer evaluations (each on one copy of the batch) and unembeddings (full ones, or the
+    fraction of one a selected-logits metric needs) of a method."""
 
     attention: float = 0
     mlp: float = 0
@@ -231,23 +236,28 @@ class Work:
         return self.attention * attention + self.mlp * mlp + self.unembed * unembed
 
 
-def layers_from(model, layer: int, unembed: bool = True) -> Work:
-    """Attention and MLP of layers `layer` and later, then the unembedding."""
+def selected_unembedding(model) -> float:
+    """The fraction of a full unembedding that two logits at the last position need."""
+    return 2 / model.cfg.d_vocab / SEQ_LEN
+
+
+def layers_from(model, layer: int, unembed: float = 1) -> Work:
+    """Attention and MLP of layers `layer` and later, then `unembed` unembeddings."""
     n = model.cfg.n_layers - layer
-    return Work(n, n, 1 if unembed else 0)
+    return Work(n, n, unembed)
 
 
-def full_runs(model, count: int) -> Work:
+def full_runs(model, count: int, unembed: float = 1) -> Work:
     """`count` full forward passes (e.g. caching the orig and new runs)."""
-    return Work(count * model.cfg.n_layers, count * model.cfg.n_layers, count)
+    return Work(count * model.cfg.n_layers, count * model.cfg.n_layers, count * unembed)
 
 
-def act_minimum(model, cell_layers: list[int]) -> Work:
+def act_minimum(model, cell_layers: list[int], unembed: float = 1) -> Work:
     """A patch at layer l needs layers l and later; starting there needs one orig run."""
-    return sum((layers_from(model, layer) for layer in cell_layers), full_runs(model, 1))
+    return sum((layers_from(model, layer, unembed) for layer in cell_layers), full_runs(model, 1, unembed))
 
 
-def path_minimum(model, sender_layers: list[int], receiver_layer: int | None, mlps_direct: bool) -> Work:
+def path_minimum(model, sender_layers: list[int], receiver_layer: int | None, mlps_direct: bool, unembed: float = 1) -> Work:
     """Path patching each sender, with the orig and new runs cached first. Pass 1 needs only
     the MLPs between the sender and the receiver (every head is frozen), pass 2 the layers
     from the receiver on (only the unembedding for the final residual stream); without
@@ -255,24 +265,28 @@ def path_minimum(model, sender_layers: list[int], receiver_layer: int | None, ml
     share one unembedding of the orig run."""
     n_layers = model.cfg.n_layers
     start = n_layers if receiver_layer is None else receiver_layer
-    work = full_runs(model, 2) + Work(unembed=1 if any(layer >= start for layer in sender_layers) else 0)
+    work = full_runs(model, 2, unembed) + Work(unembed=unembed if any(layer >= start for layer in sender_layers) else 0)
     for layer in sender_layers:
         if layer < start:
-            work += Work(mlp=start - layer if mlps_direct else 0) + layers_from(model, start)
+            work += Work(mlp=start - layer if mlps_direct else 0) + layers_from(model, start, unembed)
     return work
 
 
-def report(name: str, ours: Measured, baseline: Measured, baseline_work: Work, minimum: Work, model, rwc: int) -> None:
-    bound = baseline_work.macs(model) / minimum.macs(model)
+def report(sweep: "Sweep", ours: Measured, selected: Measured, baseline: Measured, model, rwc: int) -> None:
     budget = DEFAULT_MAX_MEMORY["cpu"]
+    print(sweep.name)
+    for label, measured, minimum in (("ours", ours, sweep.minimum), ("ours, LogitDiff object", selected, sweep.selected_minimum)):
+        bound = sweep.baseline_work.macs(model) / minimum.macs(model)
+        print(
+            f"  {label:22s} {measured.seconds:7.2f} s   baseline {baseline.seconds:7.2f} s   speed-up "
+            f"{baseline.seconds / measured.seconds:5.2f}x   (arithmetic bound {bound:.2f}x)\n"
+            f"    attention / MLP layer evaluations {measured.attention:.0f} / {measured.mlp:.0f} "
+            f"(minimum {minimum.attention:.0f} / {minimum.mlp:.0f}); peak memory above start {measured.memory / 2**20:.0f} MiB"
+        )
     print(
-        f"{name}\n  ours {ours.seconds:7.2f} s   baseline {baseline.seconds:7.2f} s   speed-up "
-        f"{baseline.seconds / ours.seconds:5.2f}x   (arithmetic bound {bound:.2f}x)\n"
-        f"  attention / MLP layer evaluations: ours {ours.attention:.0f} / {ours.mlp:.0f}, baseline "
-        f"{baseline.attention:.0f} / {baseline.mlp:.0f}, minimum {minimum.attention:.0f} / {minimum.mlp:.0f}\n"
-        f"  peak memory above start: ours {ours.memory / 2**20:.0f} MiB, baseline {baseline.memory / 2**20:.0f} MiB; "
-        f"limit 1.5 x run_with_cache ({rwc / 2**20:.0f} MiB) + budget ({budget / 2**20:.0f} MiB) = "
-        f"{(1.5 * rwc + budget) / 2**20:.0f} MiB"
+        f"  baseline: attention / MLP layer evaluations {baseline.attention:.0f} / {baseline.mlp:.0f}; peak memory "
+        f"{baseline.memory / 2**20:.0f} MiB; memory limit 1.5 x run_with_cache ({rwc / 2**20:.0f} MiB) + budget "
+        f"({budget / 2**20:.0f} MiB) = {(1.5 * rwc + budget) / 2**20:.0f} MiB"
     )
 
 
@@ -280,14 +294,17 @@ def report(name: str, ours: Measured, baseline: Measured, baseline_work: Work, m
 class Sweep:
     key: str
     name: str
-    ours: Callable
+    ours: Callable[[Callable], object]
+    """Runs this library's sweep with the metric given."""
     baseline: Callable
     baseline_work: Work
     minimum: Work
+    selected_minimum: Work
 
 
 def sweeps_of(model, orig, new, new_cache, metric, n_neurons: int) -> list[Sweep]:
-    """Every benchmarked sweep on `model`: ours, the baseline, and their work."""
+    """Every benchmarked sweep on `model`: ours (given a metric), the baseline (with
+    `metric`), and their work."""
     from transformer_lens import patching
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -303,43 +320,51 @@ def sweeps_of(model, orig, new, new_cache, metric, n_neurons: int) -> list[Sweep
     receiver_hooks = [(f"blocks.{receiver_layer}.attn.hook_q", (slice(None), slice(None), h)) for h in heads]
     layer = n_layers // 2
     neurons = list(range(min(n_neurons, model.cfg.d_mlp)))
+    read = selected_unembedding(model)
+
+    def act(cell_layers):
+        return act_minimum(model, cell_layers), act_minimum(model, cell_layers, read)
+
+    def path(receiver, direct):
+        return path_minimum(model, head_layers, receiver, direct), path_minimum(model, head_layers, receiver, direct, read)
+
     q_sweeps = [
         Sweep(
             "path-q",
             f'path_patch IterNode("z") -> q of {len(heads)} layer-{receiver_layer} heads, direct_includes_mlps={direct}',
-            lambda direct=direct: path_patch(model, orig, new, IterNode("z"), receivers, metric, direct_includes_mlps=direct),
+            lambda used, direct=direct: path_patch(model, orig, new, IterNode("z"), receivers, used, direct_includes_mlps=direct),
             (lambda: prior_art_path_patch(model, orig, new, senders, receiver_hooks, metric)) if direct
             else (lambda: prior_art_direct_path_patch(model, orig, new, senders, receiver_layer, heads, metric)),
             full_runs(model, 2 + (2 if direct else 1) * len(senders)),
-            path_minimum(model, head_layers, receiver_layer, direct),
+            *path(receiver_layer, direct),
         )
         for direct in (True, False)
     ]  # fmt: skip
     return [
         Sweep(
             "z", 'act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos',
-            lambda: act_patch(model, orig, IterNode("z"), metric, new_cache=new_cache),
+            lambda used: act_patch(model, orig, IterNode("z"), used, new_cache=new_cache),
             lambda: patching.get_act_patch_attn_head_out_all_pos(model, orig, new_cache, metric),
-            full_runs(model, len(head_layers)), act_minimum(model, head_layers),
+            full_runs(model, len(head_layers)), *act(head_layers),
         ),
         Sweep(
             "block", 'act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_every',
-            lambda: act_patch(model, orig, block_every, metric, new_cache=new_cache),
+            lambda used: act_patch(model, orig, block_every, used, new_cache=new_cache),
             lambda: patching.get_act_patch_block_every(model, orig, new_cache, metric),
-            full_runs(model, len(block_layers)), act_minimum(model, block_layers),
+            full_runs(model, len(block_layers)), *act(block_layers),
         ),
         Sweep(
             "path-logits", f'path_patch IterNode("z") -> resid_post {last}, MLPs direct, vs two full passes per sender',
-            lambda: path_patch(model, orig, new, IterNode("z"), Node("resid_post", last), metric),
+            lambda used: path_patch(model, orig, new, IterNode("z"), Node("resid_post", last), used),
             lambda: prior_art_path_patch(model, orig, new, senders, final, metric),
-            full_runs(model, 2 + 2 * len(senders)), path_minimum(model, head_layers, None, True),
+            full_runs(model, 2 + 2 * len(senders)), *path(None, True),
         ),
         *q_sweeps,
         Sweep(
             "neurons", f'act_patch IterNode("post", layers=[{layer}]) on {len(neurons)} neurons vs one forward per neuron',
-            lambda: act_patch(model, orig, IterNode("post", layers=[layer], neurons=neurons), metric, new_cache=new_cache),
+            lambda used: act_patch(model, orig, IterNode("post", layers=[layer], neurons=neurons), used, new_cache=new_cache),
             lambda: one_forward_per_neuron(model, orig, new_cache, layer, neurons, metric),
-            full_runs(model, len(neurons)), act_minimum(model, [layer] * len(neurons)),
+            full_runs(model, len(neurons)), *act([layer] * len(neurons)),
         ),
     ]  # fmt: skip
 
@@ -357,6 +382,7 @@ def run(model, label: str, repeats: int, n_neurons: int, keys: set[str], memory_
     def metric(logits):
         return (logits[:, -1, 5] - logits[:, -1, 6]).mean()
 
+    metric_object = LogitDiff(torch.tensor([[5, 6]] * BATCH))
     cfg = model.cfg
     print(f"\n== {label}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, batch {BATCH} x {SEQ_LEN}; "
           f"one run_with_cache: {rwc.increase / 2**20:.0f} MiB ==")  # fmt: skip
@@ -365,12 +391,16 @@ def run(model, label: str, repeats: int, n_neurons: int, keys: set[str], memory_
         if sweep.key not in keys:
             continue
         if memory_only:
-            with torch.no_grad(), PeakMemory() as peak:
-                sweep.ours()
-            print(f"{sweep.name}\n  peak memory above start: {peak.increase / 2**20:.0f} MiB (limit {limit / 2**20:.0f} MiB)")
+            for label, used in (("function", metric), ("LogitDiff object", metric_object)):
+                with torch.no_grad(), PeakMemory() as peak:
+                    sweep.ours(used)
+                print(f"{sweep.name}, metric a {label}\n  peak memory above start: {peak.increase / 2**20:.0f} MiB "
+                      f"(limit {limit / 2**20:.0f} MiB)")  # fmt: skip
         else:
-            ours, baseline = timed(sweep.ours, repeats, model), timed(sweep.baseline, repeats, model)
-            report(sweep.name, ours, baseline, sweep.baseline_work, sweep.minimum, model, rwc.increase)
+            ours = timed(lambda: sweep.ours(metric), repeats, model)
+            selected = timed(lambda: sweep.ours(metric_object), repeats, model)
+            baseline = timed(sweep.baseline, repeats, model)
+            report(sweep, ours, selected, baseline, model, rwc.increase)
 
 
 def memory_at_batch(model, batch: int) -> None:

@@ -3,7 +3,7 @@
 from .ablation import mean_ablation_cache, zero_ablation_cache
 from .activation_patching import act_patch
 from .errors import PatchingError
-from .metrics import lm_loss, logit_diff
+from .metrics import LogitDiff, LogitsAt, TokenLogit, TokenProbability, lm_loss, logit_diff
 from .nodes import IterNode, Node
 from .path_patching import path_patch
 from .plugin import install, load_plugins
@@ -11,9 +11,13 @@ from .results import PatchResult
 
 __all__ = [
     "IterNode",
+    "LogitDiff",
+    "LogitsAt",
     "Node",
     "PatchResult",
     "PatchingError",
+    "TokenLogit",
+    "TokenProbability",
     "act_patch",
     "install",
     "lm_loss",

@@ -144,6 +144,27 @@ def unembed(model, residual: torch.Tensor) -> torch.Tensor:
     return model(residual, start_at_layer=model.cfg.n_layers)
 
 
+def final_norm(model, residual: torch.Tensor) -> torch.Tensor:
+    """The final LayerNorm (or RMSNorm) of `residual`, which may hold any subset of positions;
+    the identity on models without one."""
+    norm = getattr(model, "ln_final", None)
+    return residual if norm is None else norm(residual)
+
+
+def output_hooked(model) -> bool:
+    """Whether hooks (e.g. the user's) are attached to the final norm or the unembedding:
+    they may expect full logits, so those must then be computed."""
+    return any(point.fwd_hooks for name, point in model.hook_dict.items() if name.startswith(("ln_final.", "unembed.")))
+
+
+def unembed_columns(model, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unembedding's weight (d_model, n) and bias (n,) for `token_ids` (None: all tokens)."""
+    weight, bias = model.W_U, model.b_U
+    if token_ids is None:
+        return weight, bias
+    return weight[:, token_ids], bias[token_ids]
+
+
 def can_start_late(model) -> bool:
     """Whether a forward pass can start at a later layer without running the ones before.
 

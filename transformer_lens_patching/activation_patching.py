@@ -6,7 +6,15 @@ import torch
 from torch import Tensor
 
 from . import _tl
-from .engine import OrigResiduals, Variants, check_chunk_args, progress_bar, run_variants, variants_per_pass
+from .engine import (
+    OrigResiduals,
+    Variants,
+    check_chunk_args,
+    logit_reader,
+    progress_bar,
+    run_variants,
+    variants_per_pass,
+)
 from .errors import PatchingError
 from .hooks import PatchProgram, entry_layer
 from .metrics import resolve_metric
@@ -85,18 +93,30 @@ def act_patch(
     check_hooks_exist(model, names)
     metric = resolve_metric(patching_metric, tokens)
 
+    reader = logit_reader(model, metric, tokens, shape, apply_metric_to_cache)
+    # Cells that patch only positions after those the metric reads score the unpatched metric.
+    live = [i for i, cell in enumerate(cells) if reader is None or not all(map(reader.only_after_reads, cell))]
+
     with torch.no_grad(), _tl.model_flags(model, _tl.flags_for(names)):
         source = make_source(model, new_input, new_cache, names, tokens)
 
         def add_steps(program: PatchProgram, variant: int, row_start: int) -> None:
-            for site in cells[variant]:
+            for site in cells[live[variant]]:
                 program.edit(site, row_start, source.value(site.hook_name))
 
-        chunk = variants_per_pass(len(cells), tokens, shape, batch_size, max_memory, apply_metric_to_cache)
-        start_layers = [min(entry_layer(site.hook_name) for site in cell) for cell in cells]
-        variants = Variants(len(cells), add_steps, start_layers, metric)
+        logits_per_prompt = None if reader is None else reader.floats_per_prompt
+        chunk = variants_per_pass(len(live), tokens, shape, batch_size, max_memory, apply_metric_to_cache, logits_per_prompt)
+        start_layers = [min(entry_layer(site.hook_name) for site in cells[i]) for i in live]
+        variants = Variants(len(live), add_steps, start_layers, metric)
+        residuals = OrigResiduals(model, tokens)
         with progress_bar(len(cells), "act_patch", verbose) as progress:
-            outputs = run_variants(
-                model, tokens, variants, chunk, OrigResiduals(model, tokens), apply_metric_to_cache, progress
-            )
+            measured = iter(run_variants(model, tokens, variants, chunk, residuals, apply_metric_to_cache, progress, reader))
+            unpatched = None
+            if len(live) < len(cells):
+                orig_run = Variants.orig_run(shape.n_layers, metric)
+                unpatched = run_variants(model, tokens, orig_run, 1, residuals, reader=reader)[0]
+                if progress is not None:
+                    progress.update(len(cells) - len(live))
+            is_live = set(live)
+            outputs = [next(measured) if index in is_live else unpatched for index in range(len(cells))]
     return assemble(resolved, outputs, batch) if is_sweep else outputs[0]

@@ -12,11 +12,16 @@ from ._tl import ModelShape
 from .errors import PatchingError
 from .hooks import PatchProgram, applied
 from .memory import release_freed_memory
+from .selection import LogitReader, selection_of
 
 DEFAULT_MAX_MEMORY = {"cpu": 256 << 20, "accelerator": 2 << 30}
-"""Default budget, in bytes, for the activations of one stacked forward pass. On CPUs,
-larger passes gain nothing: on GPT-2 small (2 cores), 16 to 128 stacked prompts of 15
-tokens ran at the same speed per prompt, 192 and more about 25% slower."""
+"""Default budget, in bytes, for the activations of one stacked forward pass."""
+
+CPU_PROMPTS_PER_PASS = 128
+"""At most this many stacked prompts in one pass on a CPU, unless `batch_size` says
+otherwise: larger passes gain nothing there. On GPT-2 small (2 cores), 16 to 128 stacked
+prompts of 15 tokens ran at the same speed per prompt, 192 and more 20-25% slower; without
+full logits, the memory budget alone would allow about 300."""
 
 AddSteps = Callable[[PatchProgram, int, int], None]
 """`add_steps(program, variant, row_start)` adds one variant's edits at rows `row_start:`."""
@@ -37,14 +42,17 @@ def variants_per_pass(
     batch_size: int | None,
     max_memory: int | None,
     metric_reads_cache: bool = False,
+    logits_per_prompt: int | None = None,
 ) -> int:
     """How many variants to stack in one forward pass.
 
     `batch_size` fixes it; a metric that reads each variant's cache gets one variant per
     pass unless `batch_size` says otherwise (a stacked cache holds every activation of
-    every variant); otherwise it is as many as fit in `max_memory` bytes, counting
-    each stacked copy's logits twice (the unembedding's product and its bias sum are alive
-    together) and its largest per-layer activations with the copies hooks make.
+    every variant); otherwise it is as many as fit in `max_memory` bytes, counting each
+    stacked copy's largest per-layer activations with the copies hooks make, and its
+    logits twice (the unembedding's product and its bias sum are alive together):
+    `logits_per_prompt` of them per prompt (default: every position's full vocabulary).
+    On CPUs, at most `CPU_PROMPTS_PER_PASS` prompts are stacked.
     """
     check_chunk_args(batch_size, max_memory)
     if batch_size is not None:
@@ -54,9 +62,23 @@ def variants_per_pass(
     if max_memory is None:
         max_memory = DEFAULT_MAX_MEMORY["cpu" if tokens.device.type == "cpu" else "accelerator"]
     batch, seq_len = tokens.shape
-    floats_per_token = 2 * shape.d_vocab + 6 * shape.d_model + 3 * shape.d_mlp + 3 * shape.n_heads * seq_len
-    per_variant = 4 * batch * seq_len * floats_per_token
-    return max(1, min(n_variants, max_memory // per_variant))
+    if logits_per_prompt is None:
+        logits_per_prompt = seq_len * shape.d_vocab
+    floats_per_token = 6 * shape.d_model + 3 * shape.d_mlp + 3 * shape.n_heads * seq_len
+    per_variant = 4 * batch * (seq_len * floats_per_token + 2 * logits_per_prompt)
+    fitting = max_memory // per_variant
+    if tokens.device.type == "cpu":
+        fitting = min(fitting, CPU_PROMPTS_PER_PASS // batch)
+    return max(1, min(n_variants, fitting))
+
+
+def logit_reader(model, metric, tokens: torch.Tensor, shape: ModelShape, apply_metric_to_cache: bool) -> LogitReader | None:
+    """A reader of the logits `metric` selects, or None when it reads them all (a plain
+    function), reads a cache, or hooks on the model's output expect full logits."""
+    selection = selection_of(metric)
+    if selection is None or apply_metric_to_cache or _tl.output_hooked(model):
+        return None
+    return LogitReader(model, selection, tokens, shape.d_vocab)
 
 
 class OrigResiduals:
@@ -103,10 +125,10 @@ class Variants:
 
     `add_steps(program, variant, row_start)` adds one variant's steps at rows
     `row_start:`; `start_layers[variant]` is the first layer its steps need (`n_layers`:
-    only the unembedding). `metric` is measured on each variant's logits (None: the passes
-    only record). `stop_when_recorded` ends each pass once its recordings are made.
-    `replaced_attention` lists layers whose attention is not computed: every variant
-    fills their `hook_attn_out` from `program.start_layer` on.
+    only the unembedding). `metric` is measured on each variant's logits, or on those a
+    `LogitReader` selects (None: the passes only record). `stop_when_recorded` ends each
+    pass once its recordings are made. `replaced_attention` lists layers whose attention
+    is not computed: every variant fills their `hook_attn_out` from `program.start_layer` on.
     """
 
     count: int
@@ -115,6 +137,15 @@ class Variants:
     metric: Callable | None = None
     stop_when_recorded: bool = False
     replaced_attention: frozenset[int] = frozenset()
+
+    @classmethod
+    def orig_run(cls, n_layers: int, metric: Callable) -> "Variants":
+        """The unpatched orig run, measured from its final residual stream."""
+        return cls(1, _no_steps, [n_layers], metric)
+
+
+def _no_steps(program: PatchProgram, variant: int, row_start: int) -> None:
+    """The orig run: nothing to patch."""
 
 
 def _chunks(variants: Variants, chunk: int, start_late: bool) -> Iterator[tuple[int, list[int]]]:
@@ -138,25 +169,32 @@ def run_variants(
     residuals: OrigResiduals,
     apply_metric_to_cache: bool = False,
     progress: tqdm | None = None,
+    reader: LogitReader | None = None,
 ) -> list:
     """Run every variant and return the metric of each (or Nones when there is no metric).
 
     Variants are stacked up to `chunk` at a time along the batch axis, grouped so that
     each pass starts at its variants' first layer from the orig `residuals`. With
     `apply_metric_to_cache`, the metric receives each variant's ActivationCache instead of
-    its logits (and passes start at layer 0). `progress`, if given, is advanced by one per
-    variant measured.
+    its logits (and passes start at layer 0). With a `reader`, each pass stops at the
+    final residual stream, the reader computes only the logits the metric selects, and
+    the metric's `measure_selected` receives them. `progress`, if given, is advanced by
+    one per variant measured.
     """
     batch = tokens.shape[0]
     carries = _tl.resid_mid_carries(model)
     start_late = _tl.can_start_late(model) and not apply_metric_to_cache
     n_layers = model.cfg.n_layers
+    final_residual = OrigResiduals.hook_names(n_layers)[-1]
+    read = reader is not None and variants.metric is not None and not apply_metric_to_cache
     outputs: list = [None] * variants.count
     for first_layer, indices in _chunks(variants, chunk, start_late):
         count = len(indices)
         program = PatchProgram(batch, carries, first_layer, variants.stop_when_recorded)
         for offset, index in enumerate(indices):
             variants.add_steps(program, index, offset * batch)
+        if read and first_layer < n_layers:
+            program.stop_at(final_residual)
         stacked = tokens.repeat(count, 1) if count > 1 else tokens
         replaced = {layer for layer in variants.replaced_attention if layer >= first_layer}
         entering = residuals(first_layer).repeat(count, 1, 1) if first_layer else None
@@ -165,24 +203,26 @@ def run_variants(
             if apply_metric_to_cache:
                 _, cache = _tl.run_with_cache(model, stacked)
                 tensors = _tl.cache_items(cache)
+            elif first_layer == n_layers:
+                residual = program.enter(first_layer, entering)
+                logits = reader(residual) if read else _tl.unembed(model, residual)
             elif first_layer == 0:
                 logits = _tl.forward_logits(model, stacked)
             else:
-                residual = program.enter(first_layer, entering)
-                if first_layer == n_layers:
-                    logits = _tl.unembed(model, residual)
-                else:
-                    logits = _tl.forward_logits(model, residual, first_layer)
+                logits = _tl.forward_logits(model, program.enter(first_layer, entering), first_layer)
+        if read and first_layer < n_layers:
+            logits = reader(program.stopped_with)
         release_freed_memory(tokens.device)
         if variants.metric is None:
             continue
+        measure = variants.metric.measure_selected if read else variants.metric
         for offset, index in enumerate(indices):
             rows = slice(offset * batch, (offset + 1) * batch)
             if tensors is not None:
                 sliced = {name: t[rows] if t.ndim and t.shape[0] == count * batch else t for name, t in tensors.items()}
                 outputs[index] = variants.metric(_tl.make_cache(sliced, model))
             else:
-                outputs[index] = variants.metric(logits[rows])
+                outputs[index] = measure(logits[rows])
         if progress is not None:
             progress.update(count)
     return outputs

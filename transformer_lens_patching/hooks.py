@@ -56,6 +56,9 @@ class PatchProgram:
         self._carried: dict[str, torch.Tensor] = {}
         self._stop_when_recorded = stop_when_recorded
         self._pending_records = 0
+        self._stop_at: str | None = None
+        self.stopped_with: torch.Tensor | None = None
+        """The activation at the `stop_at` hook, once the pass reached it."""
 
     def _add(self, hook_name: str, step: Step, checked: bool = True) -> None:
         self._steps.setdefault(hook_name, []).append(step)
@@ -111,6 +114,12 @@ class PatchProgram:
         self._pending_records += 1
         self._add(hook_name, step)
 
+    def stop_at(self, hook_name: str) -> None:
+        """End the pass (StopForward) at `hook_name`, after its steps, keeping the activation
+        there in `stopped_with`: e.g. the final residual stream, when no logits are needed."""
+        self._stop_at = hook_name
+        self._steps.setdefault(hook_name, [])
+
     def enter(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
         """The residual stream entering `layer` with the steps at `blocks.{layer-1}.hook_resid_post`
         applied; for a pass that starts at `layer`, where that hook never fires."""
@@ -140,6 +149,9 @@ class PatchProgram:
             if carry_to is not None:
                 self._carried[carry_to] = out - activation
             self._fired.add(name)
+            if name == self._stop_at:
+                self.stopped_with = out
+                raise StopForward
             if self._stop_when_recorded and self._pending_records == 0:
                 raise StopForward
             return out

@@ -1,5 +1,6 @@
 """Built-in metrics, and turning whatever a metric returns into a tensor."""
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -7,6 +8,7 @@ from torch import Tensor
 
 from . import _tl
 from .errors import PatchingError
+from .selection import LogitSelection, distinct_token_ids, selection_of
 from .tensor_types import Logits, Tokens
 
 Metric = Callable[[Logits], "float | Tensor"]
@@ -56,7 +58,43 @@ def logit_diff(logits: Logits, answers: Tensor, per_prompt: bool = False, positi
     return LogitDiff(answers, positions, per_prompt)(logits)
 
 
-class LogitDiff:
+class SelectionMetric(ABC):
+    """A metric that reads only some logits, and says which: `selection`.
+
+    It is a plain callable on full logits (batch, pos, d_vocab), so it works wherever a
+    function does; given one, `act_patch` and `path_patch` compute only the selected
+    logits and pass them to `measure_selected`, and skip patches that cannot reach them.
+    Subclasses set `selection` and define `measure_selected`.
+    """
+
+    selection: LogitSelection
+
+    @abstractmethod
+    def measure_selected(self, selected: Tensor) -> Tensor:
+        """The metric from the selected logits, (batch, k positions, n tokens)."""
+
+    def __call__(self, logits: Logits) -> Tensor:
+        return self.measure_selected(self.selection.select(logits))
+
+
+def _one_position_per_prompt(positions, batch: int | None) -> Tensor | None:
+    if positions is None:
+        return None
+    positions = torch.as_tensor(positions)
+    if positions.ndim != 1 or (batch is not None and positions.shape[0] != batch):
+        raise PatchingError(
+            f"positions must hold one position per prompt: expected shape ({batch if batch is not None else 'batch'},), "
+            f"got {tuple(positions.shape)}."
+        )
+    return positions
+
+
+def _check_rows(selected: Tensor, batch: int) -> None:
+    if selected.shape[0] != batch:
+        raise PatchingError(f"The metric is for {batch} prompts, but the logits are for {selected.shape[0]}.")
+
+
+class LogitDiff(SelectionMetric):
     """A metric: logit(right answer) - logit(wrong answer), at one position per prompt.
 
     Args:
@@ -67,6 +105,8 @@ class LogitDiff:
     >>> metric = LogitDiff(torch.tensor([[1, 0]]))
     >>> float(metric(torch.tensor([[[0.5, 3.0]]])))
     2.5
+    >>> metric.selection.token_ids
+    tensor([0, 1])
     """
 
     def __init__(self, answers: Tensor, positions: Tensor | None = None, per_prompt: bool = False):
@@ -76,26 +116,15 @@ class LogitDiff:
                 f"answers must have shape (batch, 2): the right then the wrong token id of each prompt; "
                 f"got shape {tuple(answers.shape)}."
             )
-        if positions is not None:
-            positions = torch.as_tensor(positions)
-            if positions.shape != answers.shape[:1]:
-                raise PatchingError(
-                    f"positions must hold one position per prompt: expected shape ({answers.shape[0]},), "
-                    f"got {tuple(positions.shape)}."
-                )
-        self.answers, self.positions, self.per_prompt = answers, positions, per_prompt
+        self.answers, self.per_prompt = answers, per_prompt
+        self.positions = _one_position_per_prompt(positions, answers.shape[0])
+        ids = distinct_token_ids(answers, "answers")
+        self.selection = LogitSelection(self.positions, ids, answers.shape[0])
 
-    def __call__(self, logits: Logits) -> Tensor:
-        batch = logits.shape[0]
-        if batch != self.answers.shape[0]:
-            raise PatchingError(
-                f"The metric has answers for {self.answers.shape[0]} prompts, but the logits are for {batch}."
-            )
-        if self.positions is None:
-            read = logits[:, -1]
-        else:
-            read = logits[torch.arange(batch, device=logits.device), self.positions.to(logits.device)]
-        chosen = read.gather(1, self.answers.to(read.device))
+    def measure_selected(self, selected: Tensor) -> Tensor:
+        _check_rows(selected, self.answers.shape[0])
+        columns = self.selection.columns(self.answers.to(selected.device))
+        chosen = selected[:, 0].gather(1, columns)
         diff = chosen[:, 0] - chosen[:, 1]
         return diff if self.per_prompt else diff.mean()
 
@@ -104,9 +133,122 @@ class LogitDiff:
         return f"LogitDiff({self.answers.shape[0]} prompts, {where}, per_prompt={self.per_prompt})"
 
 
+def _per_prompt_tokens(tokens, what: str) -> Tensor:
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim > 1:
+        raise PatchingError(f"{what} must be one token id, or one per prompt (batch,); got shape {tuple(tokens.shape)}.")
+    distinct_token_ids(tokens, what)
+    return tokens.long()
+
+
+class TokenLogit(SelectionMetric):
+    """A metric: the logit of one token per prompt (or one for all), at one position per prompt.
+
+    Args:
+        tokens: A token id, or (batch,) token ids, one per prompt.
+        positions: (batch,) position read in each prompt; None: the last position.
+        per_prompt: Return one value per prompt instead of the mean.
+
+    >>> metric = TokenLogit(1)
+    >>> float(metric(torch.tensor([[[0.5, 3.0]]])))
+    3.0
+    """
+
+    def __init__(self, tokens, positions: Tensor | None = None, per_prompt: bool = False):
+        self.tokens, self.per_prompt = _per_prompt_tokens(tokens, "tokens"), per_prompt
+        batch = len(self.tokens) if self.tokens.ndim else None
+        self.positions = _one_position_per_prompt(positions, batch)
+        if batch is None and self.positions is not None:
+            batch = len(self.positions)
+        self.selection = LogitSelection(self.positions, distinct_token_ids(self.tokens, "tokens"), batch)
+
+    def _read(self, selected: Tensor) -> Tensor:
+        """Each prompt's token's entry at its position, (batch,)."""
+        if self.selection.batch is not None:
+            _check_rows(selected, self.selection.batch)
+        tokens = self.tokens.to(selected.device).expand(selected.shape[0])
+        return selected[:, 0].gather(1, self.selection.columns(tokens).unsqueeze(1)).squeeze(1)
+
+    def measure_selected(self, selected: Tensor) -> Tensor:
+        value = self._read(selected)
+        return value if self.per_prompt else value.mean()
+
+    def __repr__(self) -> str:
+        return f"TokenLogit(tokens={self.tokens.tolist()}, per_prompt={self.per_prompt})"
+
+
+class TokenProbability(TokenLogit):
+    """A metric: the probability (or with `log=True`, log-probability) of one token per
+    prompt, at one position per prompt. It reads the whole vocabulary at those positions
+    (to normalise), but no other position.
+
+    Args:
+        tokens: A token id, or (batch,) token ids, one per prompt.
+        positions: (batch,) position read in each prompt; None: the last position.
+        per_prompt: Return one value per prompt instead of the mean.
+        log: Return the log-probability.
+
+    >>> metric = TokenProbability(1)
+    >>> round(float(metric(torch.tensor([[[0.0, 0.0]]]))), 4)
+    0.5
+    """
+
+    def __init__(self, tokens, positions: Tensor | None = None, per_prompt: bool = False, log: bool = False):
+        super().__init__(tokens, positions, per_prompt)
+        self.log = log
+        self.selection = LogitSelection(self.selection.positions, None, self.selection.batch)
+
+    def measure_selected(self, selected: Tensor) -> Tensor:
+        log_probs = self._read(selected.log_softmax(dim=-1))
+        value = log_probs if self.log else log_probs.exp()
+        return value if self.per_prompt else value.mean()
+
+    def __repr__(self) -> str:
+        kind = "log-probability" if self.log else "probability"
+        return f"TokenProbability({kind}, tokens={self.tokens.tolist()}, per_prompt={self.per_prompt})"
+
+
+class LogitsAt(SelectionMetric):
+    """A metric from the logits of some tokens at some positions, passed through `reduce`.
+
+    Args:
+        token_ids: (n,) token ids read in every prompt, or (batch, n), per prompt.
+        positions: Positions read in each prompt: an int, (batch,) or (batch, k); None: the
+            last position.
+        reduce: A function of the selected logits (batch, k, n), in the order given;
+            None returns them (a per-prompt result).
+
+    >>> metric = LogitsAt([2, 0], reduce=lambda x: (x[..., 0] - x[..., 1]).mean())
+    >>> float(metric(torch.tensor([[[1.0, 5.0, 4.0]]])))
+    3.0
+    """
+
+    def __init__(self, token_ids, positions=None, reduce: Callable[[Tensor], "Tensor | float"] | None = None):
+        ids = torch.as_tensor(token_ids)
+        if ids.ndim not in (1, 2):
+            raise PatchingError(f"token_ids must have shape (n,) or (batch, n); got {tuple(ids.shape)}.")
+        self.token_ids, self.reduce = ids.long(), reduce
+        batch = ids.shape[0] if ids.ndim == 2 else None
+        self.selection = LogitSelection(positions, distinct_token_ids(ids, "token_ids"), batch)
+
+    def measure_selected(self, selected: Tensor) -> Tensor:
+        columns = self.selection.columns(self.token_ids.to(selected.device))
+        if columns.ndim == 2:
+            _check_rows(selected, columns.shape[0])
+            columns = columns.unsqueeze(1).expand(-1, selected.shape[1], -1)
+        else:
+            columns = columns.expand(*selected.shape[:2], -1)
+        logits = selected.gather(2, columns)
+        return logits if self.reduce is None else self.reduce(logits)
+
+    def __repr__(self) -> str:
+        return f"LogitsAt(token_ids of shape {tuple(self.token_ids.shape)}, reduce={self.reduce!r})"
+
+
 class NormalisedMetric:
     """A metric rescaled so that two reference runs score fixed values:
     `(base(logits) - offset) / scale`. Build it with `denoising_metric` or `noising_metric`.
+    It reads the logits `base` reads (`selection`: None when `base` is a plain function).
     """
 
     def __init__(self, base: Metric, offset, scale, kind: str):
@@ -117,9 +259,17 @@ class NormalisedMetric:
                 "so no change can be expressed as a fraction of their difference."
             )
         self.base, self.offset, self.scale, self.kind = base, torch.as_tensor(offset, dtype=torch.float32), scale, kind
+        self.selection = selection_of(base)
 
     def __call__(self, logits: Logits) -> Tensor:
-        value = as_tensor(self.base(logits))
+        return self._normalise(self.base(logits))
+
+    def measure_selected(self, selected: Tensor) -> Tensor:
+        """The normalised metric from the logits `selection` picks (see `SelectionMetric`)."""
+        return self._normalise(self.base.measure_selected(selected))
+
+    def _normalise(self, value) -> Tensor:
+        value = as_tensor(value)
         return (value - self.offset.to(value.device)) / self.scale.to(value.device)
 
     def __repr__(self) -> str:

@@ -27,13 +27,22 @@ from . import _tl
 from ._tl import ModelShape
 from .activation_patching import check_hooks_exist
 from .components import COMPONENTS, RECEIVERS, SENDERS, Component
-from .engine import OrigResiduals, Variants, check_chunk_args, progress_bar, run_variants, variants_per_pass
+from .engine import (
+    OrigResiduals,
+    Variants,
+    check_chunk_args,
+    logit_reader,
+    progress_bar,
+    run_variants,
+    variants_per_pass,
+)
 from .errors import PatchingError
 from .hooks import PatchProgram, entry_layer
 from .metrics import resolve_metric
 from .nodes import IterNode, Node, normalize_seq_pos
 from .plan import PatchSite, Sweep, resolve_spec
 from .results import PatchResult, assemble
+from .selection import LogitReader
 from .sources import ActivationSource, cached_run, check_cache
 from .tensor_types import ModelInput, OtherModelInput
 
@@ -171,11 +180,13 @@ def _reaches(sender: PatchSite, receiver: PatchSite) -> bool:
     return written <= read
 
 
-def _reaching(variant: _Variant) -> _Variant | None:
-    """The variant without the senders that reach none of its receivers and the receivers
-    that none of its senders reach (they keep their orig values); None if nothing is
-    reached: then nothing changes, and the result is the unpatched metric."""
-    senders = [s for s in variant.senders if any(_reaches(s, r) for r in variant.receivers)]
+def _reaching(variant: _Variant, reader: LogitReader | None) -> _Variant | None:
+    """The variant without the senders that reach none of its receivers, or (with a
+    `reader`) only positions after every position the metric reads, and without the
+    receivers that none of its senders reach (they keep their orig values); None if
+    nothing is reached: then nothing changes, and the result is the unpatched metric."""
+    senders = [s for s in variant.senders if reader is None or not reader.only_after_reads(s)]
+    senders = [s for s in senders if any(_reaches(s, r) for r in variant.receivers)]
     receivers = [r for r in variant.receivers if any(_reaches(s, r) for s in senders)]
     return _Variant(senders, receivers) if senders else None
 
@@ -188,14 +199,11 @@ def _patched_hooks(receiver: PatchSite) -> list[str]:
     return [_input_site(COMPONENTS[name], receiver).hook_name for name in inputs]
 
 
-def _no_steps(program: PatchProgram, variant: int, row_start: int) -> None:
-    """The orig run: nothing to patch."""
-
-
 class _PathPatcher:
     """State shared by the path-patching algorithms for one call."""
 
-    def __init__(self, model, tokens, shape: ModelShape, metric, chunk_args, progress, residuals: OrigResiduals):
+    def __init__(self, model, tokens, shape: ModelShape, metric, chunk_args, progress, residuals: OrigResiduals,
+                 reader: LogitReader | None):  # fmt: skip
         self.model = model
         self.tokens = tokens
         self.shape = shape
@@ -204,6 +212,7 @@ class _PathPatcher:
         self.progress = progress
         self.batch = tokens.shape[0]
         self.residuals = residuals
+        self.reader = reader
 
     @functools.cached_property
     def w_o(self) -> Tensor:
@@ -214,20 +223,23 @@ class _PathPatcher:
         return _tl.w_out(self.model)
 
     def _chunk(self, n_variants: int, measured: bool) -> int:
+        """Variants per pass; passes that only record compute no logits."""
+        logits_per_prompt = None if self.reader is None else self.reader.floats_per_prompt
         return variants_per_pass(
-            n_variants, self.tokens, self.shape, self.batch_size, self.max_memory, self.apply_to_cache and measured
+            n_variants, self.tokens, self.shape, self.batch_size, self.max_memory, self.apply_to_cache and measured,
+            logits_per_prompt if measured else 0,
         )
 
     def _run(self, variants: Variants, progress=None) -> list:
         measured = variants.metric is not None
         return run_variants(
             self.model, self.tokens, variants, self._chunk(variants.count, measured), self.residuals,
-            self.apply_to_cache and measured, progress,
+            self.apply_to_cache and measured, progress, self.reader,
         )
 
     def unpatched(self):
         """The metric of the orig run, from its final residual stream."""
-        return self._run(Variants(1, _no_steps, [self.shape.n_layers], self.metric))[0]
+        return self._run(Variants.orig_run(self.shape.n_layers, self.metric))[0]
 
     def two_pass(self, variants: list[_Variant], orig: ActivationSource, new: ActivationSource, plan: _PassOnePlan) -> list:
         """Pass 1 freezes heads (and MLPs) and records the receivers; pass 2 patches them in.
@@ -406,9 +418,10 @@ def path_patch(
     receivers = resolve_spec(receiver_nodes, shape, batch, seq_len, "receiver_nodes", positions)
     variants, sweeps = _variants(senders, receivers, sender_nodes, receiver_nodes)
     metric = resolve_metric(patching_metric, tokens)
+    reader = logit_reader(model, metric, tokens, shape, apply_metric_to_cache)
     fork = not direct_includes_mlps and _can_fork(model, shape, variants)
     freeze_mlps = not direct_includes_mlps and shape.has_mlps
-    reaching = [_reaching(v) for v in variants]
+    reaching = [_reaching(v, reader) for v in variants]
     live = [v for v in reaching if v is not None]
 
     sender_hooks = {s.hook_name for v in live for s in v.senders}
@@ -433,7 +446,7 @@ def path_patch(
         chunk_args = (batch_size, max_memory, apply_metric_to_cache)
         with progress_bar(len(variants), "path_patch", verbose) as progress:
             residuals = OrigResiduals(model, tokens, orig.tensors)
-            patcher = _PathPatcher(model, tokens, shape, metric, chunk_args, progress, residuals)
+            patcher = _PathPatcher(model, tokens, shape, metric, chunk_args, progress, residuals, reader)
             measured = iter(patcher.one_pass(live, orig, new) if fork else patcher.two_pass(live, orig, new, plan))
             unpatched = patcher.unpatched() if len(live) < len(variants) else None
             outputs = [unpatched if variant is None else next(measured) for variant in reaching]

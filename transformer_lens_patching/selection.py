@@ -1,0 +1,124 @@
+"""Which logits a metric reads (`LogitSelection`), and computing only those (`LogitReader`).
+
+Most patching metrics read a handful of logits: two tokens at one position per prompt for
+a logit difference. A metric that says so lets the engines skip the rest of the
+unembedding (the final LayerNorm runs only at the read positions, and only the read
+columns of W_U are multiplied) and every patch that cannot reach a read position.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _tl
+from .errors import PatchingError
+from .nodes import SeqPos, normalize_seq_pos
+from .plan import PatchSite, resolve_positions
+
+
+@dataclass(frozen=True)
+class LogitSelection:
+    """The logits a metric reads: the vocabulary columns `token_ids` at `positions`.
+
+    Args:
+        positions: Positions read in each prompt, as for a Node's `seq_pos`: an int, a
+            (batch,) or (batch, k) sequence or tensor; None reads the last position of
+            every prompt.
+        token_ids: The distinct token ids read, in increasing order; None reads the whole
+            vocabulary (e.g. to normalise probabilities).
+        batch: The number of prompts the metric is for; None if it fits any batch.
+
+    >>> selection = LogitSelection(positions=None, token_ids=torch.tensor([3, 7]))
+    >>> selection.select(torch.arange(20.0).reshape(1, 2, 10))
+    tensor([[[13., 17.]]])
+    """
+
+    positions: SeqPos
+    token_ids: Tensor | None
+    batch: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "positions", normalize_seq_pos(self.positions))
+
+    def resolved_positions(self, batch: int, seq_len: int) -> Tensor:
+        """The read positions as a (batch, k) tensor of non-negative positions."""
+        if self.batch is not None and self.batch != batch:
+            raise PatchingError(f"The metric is for {self.batch} prompts, but the input has {batch}.")
+        if self.positions is None:
+            return torch.full((batch, 1), seq_len - 1, dtype=torch.long)
+        return resolve_positions(self.positions, batch, seq_len, "the metric's positions")
+
+    def columns(self, token_ids: Tensor) -> Tensor:
+        """Where each of `token_ids` sits along the last axis of the selected logits."""
+        if self.token_ids is None:
+            return token_ids
+        return torch.searchsorted(self.token_ids.to(token_ids.device), token_ids.contiguous())
+
+    def select(self, logits: Tensor) -> Tensor:
+        """The selected entries of full logits (batch, pos, d_vocab), as (batch, k, n_tokens)."""
+        batch, seq_len = logits.shape[:2]
+        positions = self.resolved_positions(batch, seq_len).to(logits.device)
+        rows = torch.arange(batch, device=logits.device).unsqueeze(1)
+        read = logits[rows, positions]
+        return read if self.token_ids is None else read[..., self.token_ids.to(logits.device)]
+
+
+def distinct_token_ids(token_ids, what: str) -> Tensor:
+    """The distinct ids in `token_ids`, in increasing order, checked to be non-negative ints."""
+    ids = torch.as_tensor(token_ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.numel() == 0:
+        raise PatchingError(f"{what} must hold at least one integer token id; got {ids.dtype} of shape {tuple(ids.shape)}.")
+    if (ids < 0).any():
+        raise PatchingError(f"{what} contains the negative token id {ids[ids < 0][0].item()}.")
+    return torch.unique(ids.long())
+
+
+def selection_of(metric) -> LogitSelection | None:
+    """The logits `metric` declares it reads, or None (a plain function reads them all)."""
+    selection = getattr(metric, "selection", None)
+    return selection if isinstance(selection, LogitSelection) else None
+
+
+class LogitReader:
+    """Computes a selection's logits from the final residual stream of stacked variants.
+
+    Only the read positions go through the final LayerNorm, and only the read columns of
+    the unembedding are multiplied: for a logit difference on GPT-2 small, about 0.01% of
+    the full unembedding's work.
+    """
+
+    def __init__(self, model, selection: LogitSelection, tokens: Tensor, d_vocab: int):
+        batch, seq_len = tokens.shape
+        token_ids = selection.token_ids
+        if token_ids is not None and token_ids.max().item() >= d_vocab:
+            raise PatchingError(
+                f"The metric reads token id {token_ids.max().item()}, but the model's vocabulary has {d_vocab} tokens."
+            )
+        self.positions = selection.resolved_positions(batch, seq_len)
+        """(batch, k) positions read in each prompt, on the CPU."""
+        self.n_columns = d_vocab if token_ids is None else len(token_ids)
+        self._model = model
+        self._device_positions = self.positions.to(tokens.device)
+        self._weight, self._bias = _tl.unembed_columns(model, None if token_ids is None else token_ids.to(tokens.device))
+
+    @property
+    def floats_per_prompt(self) -> int:
+        """Floats of selected logits per prompt (what one variant's logits cost)."""
+        return self.positions.shape[1] * self.n_columns
+
+    def __call__(self, residual: Tensor) -> Tensor:
+        """Selected logits (rows, k, n_columns) of a final residual stream (rows, pos, d_model)
+        whose rows are copies of the batch, one after another."""
+        copies = residual.shape[0] // self.positions.shape[0]
+        positions = self._device_positions.repeat(copies, 1)
+        rows = torch.arange(residual.shape[0], device=residual.device).unsqueeze(1)
+        normalised = _tl.final_norm(self._model, residual[rows, positions])
+        return normalised @ self._weight.to(normalised.dtype) + self._bias.to(normalised.dtype)
+
+    def only_after_reads(self, site: PatchSite) -> bool:
+        """Whether `site` patches, in every prompt, only positions after every position read
+        there: with causal attention, such a patch cannot change what the metric reads."""
+        if site.positions is None:
+            return False
+        return bool((site.positions.min(dim=1).values > self.positions.max(dim=1).values).all())
