@@ -391,10 +391,10 @@ def run(model, label: str, repeats: int, n_neurons: int, keys: set[str], memory_
         if sweep.key not in keys:
             continue
         if memory_only:
-            for label, used in (("function", metric), ("LogitDiff object", metric_object)):
+            for form, used in (("function", metric), ("LogitDiff object", metric_object)):
                 with torch.no_grad(), PeakMemory() as peak:
                     sweep.ours(used)
-                print(f"{sweep.name}, metric a {label}\n  peak memory above start: {peak.increase / 2**20:.0f} MiB "
+                print(f"{sweep.name}, metric a {form}\n  peak memory above start: {peak.increase / 2**20:.0f} MiB "
                       f"(limit {limit / 2**20:.0f} MiB)")  # fmt: skip
         else:
             ours = timed(lambda: sweep.ours(metric), repeats, model)

@@ -119,7 +119,7 @@ def test_positions_must_be_one_per_prompt(shape):
 @pytest.mark.parametrize("batch", [4, 6])
 def test_logits_batch_must_match_the_answers(batch):
     logits, _, _ = random_case(batch=batch)
-    with raises(rf"answers for 5 prompts, but the logits are for {batch}"):
+    with raises(rf"is for 5 prompts, but the input has {batch}"):
         LogitDiff(torch.zeros(5, 2, dtype=torch.long))(logits)
 
 
