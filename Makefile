@@ -4,30 +4,40 @@ VENV ?= .venv
 VENV_TL2 ?= .venv-tl2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+export STAGE_TIMES ?= $(CURDIR)/.stage-times
+STAGE := scripts/stage.sh
 
-.PHONY: ioi test test-tl4 test-tl2 docs browser
+.PHONY: ioi test setup test-tl4 test-tl2 docs browser
 
 $(VENV)/.installed: requirements/tl4.txt requirements/docs.txt setup.cfg
-	scripts/setup-env.sh $(VENV) requirements/tl4.txt requirements/docs.txt
+	$(STAGE) "set up $(VENV) (TransformerLens 4)" scripts/setup-env.sh $(VENV) requirements/tl4.txt requirements/docs.txt
 
 $(VENV_TL2)/.installed: requirements/tl2.txt setup.cfg
-	scripts/setup-env.sh $(VENV_TL2) requirements/tl2.txt
+	$(STAGE) "set up $(VENV_TL2) (TransformerLens 2)" scripts/setup-env.sh $(VENV_TL2) requirements/tl2.txt
 
 ioi: $(VENV)/.installed
 	$(VENV)/bin/tl-patch ioi --out ioi-report
 
-test: docs browser test-tl4 test-tl2
+# Both environments and the browser are set up side by side; then the docs and the two suites
+# run side by side, one thread each (the machine has two cores; each suite is mostly small
+# single-threaded passes, and two processes keep both cores busy).
+test:
+	@rm -f $(STAGE_TIMES)
+	$(MAKE) -j3 --output-sync=target setup browser
+	$(MAKE) -j3 --output-sync=target docs test-tl4 test-tl2 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+setup: $(VENV)/.installed $(VENV_TL2)/.installed
 
 # Debian's chromium, for the test that opens the IOI report in a real browser.
 browser:
-	scripts/install-browser.sh
+	$(STAGE) "install chromium" scripts/install-browser.sh
 
 test-tl4: $(VENV)/.installed
-	scripts/run-tests.sh $(VENV)
+	$(STAGE) "tests on TransformerLens 4" scripts/run-tests.sh $(VENV)
 
 test-tl2: $(VENV_TL2)/.installed
-	scripts/run-tests.sh $(VENV_TL2)
+	$(STAGE) "tests on TransformerLens 2" scripts/run-tests.sh $(VENV_TL2)
 
 # The documentation site, in site/; fails on any warning (a broken link, a bad docstring).
 docs: $(VENV)/.installed
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	$(STAGE) "docs site" env NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

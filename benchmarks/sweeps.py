@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from transformer_lens_patching import IterNode, Node, act_patch, path_patch  # noqa: E402
-from transformer_lens_patching.engine import DEFAULT_MAX_MEMORY  # noqa: E402
+from transformer_lens_patching._core.memory import DEFAULT_MAX_MEMORY  # noqa: E402
 from transformer_lens_patching.metrics import LogitDiff  # noqa: E402
 
 BATCH, SEQ_LEN = 8, 15
@@ -431,7 +431,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from transformer_lens_patching.embedded_model import hf_folder, load_smollm2
+    from transformer_lens_patching import load_smollm2
+    from transformer_lens_patching._embedded import hf_folder
 
     torch.set_num_threads(os.cpu_count() or 1)
     repeats = 1 if args.quick else args.repeats

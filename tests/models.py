@@ -20,7 +20,7 @@ def tokenizer():
     """The SmolLM2 tokenizer (byte-level BPE), offline."""
     from transformers import AutoTokenizer
 
-    from transformer_lens_patching.embedded_model import hf_folder
+    from transformer_lens_patching._embedded import hf_folder
 
     return AutoTokenizer.from_pretrained(str(hf_folder()))
 
@@ -90,7 +90,7 @@ def llama_gqa(tok=None):
 
 def smollm2():
     """SmolLM2-135M-Instruct (30 layers, 9 heads, 3 key/value heads), real weights."""
-    from transformer_lens_patching.embedded_model import load_smollm2
+    from transformer_lens_patching import load_smollm2
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

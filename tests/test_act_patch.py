@@ -8,13 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import logit_diff_metric, make_inputs
+from tests.helpers import assert_close, logit_diff_metric, make_inputs
 from tests.reference import full_cache, naive_act_patch, split_qkv_input
 from transformer_lens_patching import IterNode, Node, act_patch, mean_ablation_cache
-
-
-def assert_close(actual, expected) -> None:
-    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), rtol=1e-5, atol=1e-5)
 
 
 def node_cases(model, batch: int) -> dict[str, list[Node]]:

@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import logit_diff_metric, make_inputs
+from tests.helpers import assert_close, logit_diff_metric, make_inputs
 from transformer_lens_patching import IterNode, Node, act_patch, path_patch
-
-
-def assert_close(actual, expected) -> None:
-    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), rtol=1e-5, atol=1e-5)
 
 
 def act_sweeps(model) -> dict[str, IterNode]:

@@ -33,10 +33,13 @@ def test_notebook_is_stored_without_outputs(path):
 @pytest.mark.skipif(TL_MAJOR < 4, reason="the notebooks run once, in the TransformerLens 4 environment")
 @pytest.mark.skipif(bool(os.environ.get("TLP_FAST")), reason="TLP_FAST set: SmolLM2 skipped")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
+    """On the embedded model; the TransformerLens-format demo defaults to GPT-2 small and reads
+    its model from TLP_DEMO_MODEL (the kernel inherits the environment)."""
     import nbformat
     from nbclient import NotebookClient
 
+    monkeypatch.setenv("TLP_DEMO_MODEL", "smollm2")
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(DEMOS)}}

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 
 import pytest
 import torch
-import typeguard
 
-from tests.conftest import logit_diff_metric, make_inputs
+from tests.helpers import logit_diff_metric, make_inputs, raises
 from transformer_lens_patching import IterNode, Node, PatchingError, act_patch, path_patch
-
-
-@contextmanager
-def raises(match: str):
-    """pytest.raises(PatchingError, match=match), with the suite's run-time type checks off, so that
-    wrongly typed input meets the library's own validation, as it does for users."""
-    with typeguard.suppress_type_checks(), pytest.raises(PatchingError, match=match):
-        yield
 
 
 def n_kv_heads(model) -> int:

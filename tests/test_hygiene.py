@@ -8,15 +8,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from tests.conftest import logit_diff_metric, make_inputs
+from tests.helpers import assert_close, logit_diff_metric, make_inputs
 from tests.reference import full_cache, naive_act_patch, naive_path_patch
 from transformer_lens_patching import IterNode, Node, act_patch, mean_ablation_cache, path_patch
 
 KNOCKOUT_HOOK = "blocks.1.attn.hook_z"
-
-
-def assert_close(actual, expected) -> None:
-    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), rtol=1e-5, atol=1e-5)
 
 
 def hook_counts(model) -> dict[str, int]:

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from tests import models
-from tests.conftest import model_state
+from tests.helpers import model_state
 from transformer_lens_patching import Node, act_patch, path_patch
+from transformer_lens_patching._tasks.ioi.analysis import WORDS
 from transformer_lens_patching.cli import main
-from transformer_lens_patching.ioi_analysis import WORDS, IOISettings, run_ioi
-from transformer_lens_patching.report import write_report
+from transformer_lens_patching.ioi import IOISettings, run_ioi, write_report
 
 STEPS = ["act_heads", "act_words", "path_logits", "path_queries", "path_values"]
 

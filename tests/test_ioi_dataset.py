@@ -12,17 +12,15 @@ import re
 import subprocess
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import typeguard
 
-from transformer_lens_patching import ioi_words
-from transformer_lens_patching.errors import PatchingError
-from transformer_lens_patching.ioi import FLIPS, IOIDataset
+from tests.helpers import raises
+from transformer_lens_patching._tasks.ioi import words as ioi_words
+from transformer_lens_patching._tasks.ioi.dataset import FLIPS, IOIDataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,14 +103,6 @@ class CharTokenizer(WordTokenizer):
         return ids
 
 
-@contextmanager
-def raises(match: str):
-    """pytest.raises(PatchingError, match=match) with the suite's run-time type checks off, so a
-    wrongly typed argument meets the library's own validation, as it does for users."""
-    with typeguard.suppress_type_checks(), pytest.raises(PatchingError, match=match):
-        yield
-
-
 def quiet_dataset(*args, **kwargs) -> IOIDataset:
     """An IOIDataset, without the warning about names that are not single tokens."""
     with warnings.catch_warnings():
@@ -171,7 +161,8 @@ from tests.test_ioi_dataset import WordTokenizer, snapshots
 print(json.dumps(snapshots(WordTokenizer())))
 """
 """Prints `snapshots` in a fresh process. The package is registered without running its
-__init__, which imports TransformerLens (seconds per process) and nothing the dataset uses."""
+__init__, which imports TransformerLens (seconds per process) and nothing the dataset uses;
+so is the dataset's own module, not the public `transformer_lens_patching.ioi`."""
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +183,7 @@ def smol(tok):
 
 
 def test_same_seed_gives_the_same_dataset_in_processes_with_other_hash_seeds():
-    package_dir = str(Path(ioi_words.__file__).parent)
+    package_dir = str(Path(ioi_words.__file__).parents[2])
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", SNAPSHOT_SCRIPT, package_dir],
@@ -692,3 +683,22 @@ def test_prepend_bos_needs_a_bos_token():
     with raises(r"prepend_bos=True, but this tokenizer has no BOS token"):
         IOIDataset("mixed", N=5, tokenizer=WordTokenizer(bos=False), prepend_bos=True)
     assert IOIDataset("mixed", N=5, tokenizer=WordTokenizer(bos=False)).toks.shape[0] == 5
+
+
+# The prior art's call forms
+
+
+def test_tokenizer_may_be_the_third_argument_as_in_the_prior_art(tok):
+    positional = quiet_dataset("mixed", 6, tok, seed=3)
+    assert positional.sentences == quiet_dataset("mixed", N=6, tokenizer=tok, seed=3).sentences
+    assert positional.io_tokenIDs == positional.io_token_ids.tolist() and isinstance(positional.s_tokenIDs, list)
+    assert positional.copy().sentences == positional.sentences and positional.copy().toks.device == positional.toks.device
+
+
+def test_prior_art_prompt_dicts_and_tuple_flips_get_clear_errors(tok):
+    ds = quiet_dataset("mixed", N=4, tokenizer=tok, seed=0)
+    with raises(r"prompts must be IOIPrompt objects .*got a dict.*prompt dicts are not accepted"):
+        IOIDataset("mixed", N=4, tokenizer=tok, prompts=ds.ioi_prompts)
+    with raises(r"A flip is a string like 'ABB->XYZ, BAB->XYZ', got \('IO', 'RAND'\)"):
+        ds.gen_flipped_prompts(("IO", "RAND"))
+    assert ds.ioi_prompts[0]["IO"] == ds.prompts[0].io and ds.ioi_prompts[0]["text"] == ds.sentences[0]

@@ -26,7 +26,7 @@ RECOVERY_AT_S2 = {0: 1.00, 5: 1.00, 10: 1.00, 15: 1.00, 20: 0.87, 25: 0.02}
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2-report")
-    status = main(["ioi", "--n-prompts", "6", "--corruption", "ABB->ABC, BAB->BAC", "--out", str(out), "--quiet"])
+    status = main(["ioi", "--n-prompts", "4", "--corruption", "ABB->ABC, BAB->BAC", "--out", str(out), "--quiet"])
     assert status == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -35,7 +35,7 @@ def test_clean_logit_diffs_match_transformers(report):
     """The per-prompt logit differences, recomputed with the Hugging Face model on each sentence alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transformer_lens_patching.embedded_model import hf_folder
+    from transformer_lens_patching._embedded import hf_folder
 
     _, data = report
     tokenizer = AutoTokenizer.from_pretrained(str(hf_folder()))

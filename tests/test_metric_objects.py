@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from transformer_lens_patching import PatchingError
+from transformer_lens_patching import LogitSelection, PatchingError
+from transformer_lens_patching._core.selection import selection_of
 from transformer_lens_patching.metrics import (
     LogitDiff,
     LogitsAt,
@@ -17,7 +18,6 @@ from transformer_lens_patching.metrics import (
     denoising_metric,
     noising_metric,
 )
-from transformer_lens_patching.selection import LogitSelection, selection_of
 
 BATCH, SEQ, VOCAB = 3, 5, 11
 

@@ -4,24 +4,13 @@ and their use as act_patch's patching_metric on the random test models."""
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 
 import pytest
 import torch
-import typeguard
 
-from tests.conftest import make_inputs
+from tests.helpers import make_inputs, raises
 from transformer_lens_patching import IterNode, Node, act_patch, logit_diff
-from transformer_lens_patching.errors import PatchingError
 from transformer_lens_patching.metrics import LogitDiff, NormalisedMetric, calibrate, denoising_metric, noising_metric
-
-
-@contextmanager
-def raises(match: str):
-    """pytest.raises(PatchingError, match=match) with the suite's run-time type checks off, so a
-    wrongly typed argument meets the library's own validation, as it does for users."""
-    with typeguard.suppress_type_checks(), pytest.raises(PatchingError, match=match):
-        yield
 
 
 def random_case(batch: int = 5, seq_len: int = 6, d_vocab: int = 11, seed: int = 0):

@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import logit_diff_metric, make_inputs
+from tests.helpers import assert_close, logit_diff_metric, make_inputs
 from tests.reference import naive_path_patch
 from transformer_lens_patching import IterNode, Node, path_patch
-
-
-def assert_close(actual, expected) -> None:
-    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), rtol=1e-5, atol=1e-5)
 
 
 def _kv_last(model) -> int:

@@ -8,16 +8,23 @@ import pytest
 import torch
 
 import transformer_lens_patching
-from tests.conftest import logit_diff_metric, make_inputs
+from tests.helpers import assert_close, logit_diff_metric, make_inputs
 from tests.reference import naive_act_patch
-from transformer_lens_patching import IterNode, Node, PatchingError, act_patch, path_patch
+from transformer_lens_patching import (
+    CachePatchingMixin,
+    IterNode,
+    Node,
+    PatchingError,
+    PatchingMixin,
+    PatchPlan,
+    act_patch,
+    path_patch,
+    plan_act_patch,
+    plan_path_patch,
+)
 from transformer_lens_patching._tl import MODEL_CLASSES, ActivationCache
 
 GROUP, NAME = "transformer_lens.plugins", "transformer_lens_patching"
-
-
-def assert_close(actual, expected) -> None:
-    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
@@ -34,6 +41,27 @@ def test_import_adds_model_methods(small_model):
     assert isinstance(small_model, MODEL_CLASSES)
     assert callable(small_model.act_patch) and callable(small_model.path_patch)
     assert small_model.act_patch.__doc__ == act_patch.__doc__
+
+
+def test_every_mixin_method_is_on_the_model_and_cache_classes():
+    methods = [name for name in vars(PatchingMixin) if not name.startswith("_")]
+    assert sorted(methods) == ["act_patch", "path_patch", "plan_act_patch", "plan_path_patch"]
+    for model_class in MODEL_CLASSES:
+        assert all(getattr(model_class, name) is getattr(PatchingMixin, name) for name in methods)
+    cache_methods = [name for name in vars(CachePatchingMixin) if not name.startswith("_")]
+    assert all(getattr(ActivationCache, name) is getattr(CachePatchingMixin, name) for name in cache_methods)
+
+
+def test_plan_methods_match_functions(small_model):
+    model = small_model
+    orig, new = make_inputs(model)
+    metric = logit_diff_metric()
+    plan = model.plan_act_patch(orig, IterNode("z", layers=[1]), metric, new_input=new)
+    assert isinstance(plan, PatchPlan) and model.plan_act_patch.__doc__ == plan_act_patch.__doc__
+    expected = act_patch(model, orig, IterNode("z", layers=[1]), metric, new_input=new)["z"]
+    assert torch.equal(plan.assemble(plan.run())["z"], expected)
+    plan = model.plan_path_patch(orig, new, IterNode("z", layers=[0]), Node("resid_post", 1), metric)
+    assert str(plan).startswith("path_patch plan") and model.plan_path_patch.__doc__ == plan_path_patch.__doc__
 
 
 def test_act_patch_method_matches_function(small_model):
@@ -77,12 +105,12 @@ def test_load_plugins_finds_and_installs_entry_point():
     classes = MODEL_CLASSES
     try:
         for model_class in classes:
-            del model_class.act_patch
-            del model_class.path_patch
+            for name in ("act_patch", "path_patch", "plan_act_patch", "plan_path_patch"):
+                delattr(model_class, name)
         del ActivationCache.zero_ablated
         loaded = transformer_lens_patching.load_plugins()
         assert NAME in loaded
-        assert all(hasattr(c, "act_patch") and hasattr(c, "path_patch") for c in classes)
+        assert all(hasattr(c, "act_patch") and hasattr(c, "plan_path_patch") for c in classes)
         assert hasattr(ActivationCache, "zero_ablated")
     finally:
         transformer_lens_patching.install()

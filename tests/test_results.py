@@ -7,13 +7,9 @@ import pickle
 import pytest
 import torch
 
-from tests.conftest import logit_diff_metric, make_inputs
+from tests.helpers import assert_close, logit_diff_metric, make_inputs
 from tests.reference import full_cache, naive_act_patch
 from transformer_lens_patching import IterNode, Node, PatchingError, PatchResult, act_patch, path_patch
-
-
-def assert_close(actual, expected) -> None:
-    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture

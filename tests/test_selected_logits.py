@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import make_inputs
+from tests.helpers import make_inputs
 from tests.test_work import counted
 from transformer_lens_patching import IterNode, Node, PatchingError, act_patch, path_patch
 from transformer_lens_patching.metrics import LogitDiff, LogitsAt, TokenLogit, TokenProbability, denoising_metric

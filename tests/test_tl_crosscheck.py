@@ -5,15 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import logit_diff_metric, make_inputs
+from tests.helpers import assert_close, logit_diff_metric, make_inputs
 from tests.models import TL_MAJOR
 from transformer_lens_patching import IterNode, act_patch
 
 pytestmark = pytest.mark.skipif(TL_MAJOR < 4, reason="get_act_patch_* as cross-checked here are TransformerLens 4.3's")
-
-
-def assert_close(actual, expected) -> None:
-    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from tests.conftest import logit_diff_metric, make_inputs
+from tests.helpers import logit_diff_metric, make_inputs
 from transformer_lens_patching import IterNode, Node, act_patch, path_patch
 
 

@@ -1,31 +1,76 @@
-"""Activation patching and path patching for TransformerLens models."""
+"""Activation patching and path patching for TransformerLens models.
 
-from .ablation import mean_ablation_cache, zero_ablation_cache
-from .activation_patching import act_patch
-from .errors import PatchingError
-from .metrics import LogitDiff, LogitsAt, TokenLogit, TokenProbability, lm_loss, logit_diff
-from .nodes import IterNode, Node
-from .path_patching import path_patch
-from .plugin import install, load_plugins
-from .results import PatchResult
+Everything public is listed in `__all__` and importable from here; `plots` (plotly
+figures) and `ioi` (the IOI task) are public submodules with their own `__all__`. All
+other modules are private. Importing the package installs the TransformerLens plugin
+(`model.act_patch`, `cache[Node(...)]`, ...; see `plugin`).
+"""
+
+from . import ioi as ioi
+from ._core.nodes import IterNode as IterNode
+from ._core.nodes import Node as Node
+from ._core.nodes import SeqPos as SeqPos
+from ._core.plan import Block as Block
+from ._core.plan import Pass as Pass
+from ._core.plan import PatchPlan as PatchPlan
+from ._core.plan import PlanOutputs as PlanOutputs
+from ._core.selection import LogitSelection as LogitSelection
+from ._embedded import load_smollm2 as load_smollm2
+from ._methods.ablation import mean_ablation_cache as mean_ablation_cache
+from ._methods.ablation import zero_ablation_cache as zero_ablation_cache
+from ._methods.activation import act_patch as act_patch
+from ._methods.activation import plan_act_patch as plan_act_patch
+from ._methods.path import path_patch as path_patch
+from ._methods.path import plan_path_patch as plan_path_patch
+from .errors import PatchingError as PatchingError
+from .ioi import IOIDataset as IOIDataset
+from .ioi import IOISettings as IOISettings
+from .ioi import example_prompts as example_prompts
+from .ioi import run_ioi as run_ioi
+from .ioi import write_report as write_report
+from .metrics import LogitDiff as LogitDiff
+from .metrics import LogitsAt as LogitsAt
+from .metrics import NormalisedMetric as NormalisedMetric
+from .metrics import SelectionMetric as SelectionMetric
+from .metrics import TokenLogit as TokenLogit
+from .metrics import TokenProbability as TokenProbability
+from .metrics import calibrate as calibrate
+from .metrics import denoising_metric as denoising_metric
+from .metrics import lm_loss as lm_loss
+from .metrics import logit_diff as logit_diff
+from .metrics import noising_metric as noising_metric
+from .plugin import CachePatchingMixin as CachePatchingMixin
+from .plugin import PatchingMixin as PatchingMixin
+from .plugin import install as install
+from .plugin import load_plugins as load_plugins
+from .results import PatchResult as PatchResult
 
 __all__ = [
-    "IterNode",
-    "LogitDiff",
-    "LogitsAt",
-    "Node",
-    "PatchResult",
-    "PatchingError",
-    "TokenLogit",
-    "TokenProbability",
-    "act_patch",
-    "install",
-    "lm_loss",
-    "load_plugins",
-    "logit_diff",
-    "mean_ablation_cache",
-    "path_patch",
-    "zero_ablation_cache",
-]
+    # what to patch
+    "Node", "IterNode", "SeqPos",
+    # patching
+    "act_patch", "path_patch", "plan_act_patch", "plan_path_patch", "PatchPlan", "PlanOutputs", "Pass", "Block",
+    "mean_ablation_cache", "zero_ablation_cache",
+    # results and errors
+    "PatchResult", "PatchingError",
+    # metrics
+    "LogitDiff", "TokenLogit", "TokenProbability", "LogitsAt", "LogitSelection", "SelectionMetric",
+    "NormalisedMetric", "logit_diff", "lm_loss", "calibrate", "denoising_metric", "noising_metric",
+    # the TransformerLens plugin
+    "PatchingMixin", "CachePatchingMixin", "install", "load_plugins",
+    # the IOI task and the embedded model
+    "IOIDataset", "IOISettings", "example_prompts", "run_ioi", "write_report", "load_smollm2",
+    # public submodules
+    "ioi", "plots",
+]  # fmt: skip
 
 install()
+
+
+def __getattr__(name: str):
+    """`transformer_lens_patching.plots`, imported on first use (it needs plotly)."""
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module(".plots", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

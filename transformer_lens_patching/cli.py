@@ -2,29 +2,33 @@
 
     tl-patch ioi --out ioi-report          # the embedded SmolLM2-135M, offline
     tl-patch ioi --model gpt2 --n-prompts 50 --device cuda
+    tl-patch ioi --dry-run                 # the plan of each step, nothing run
     python -m transformer_lens_patching ioi --help
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from . import _tl
 from .errors import PatchingError
-from .ioi_analysis import IOISettings, run_ioi
+from .ioi import IOISettings, plan_ioi, run_ioi
 
 EMBEDDED = "smollm2"
+LOADING_ERRORS = (OSError, ValueError, ImportError)
+"""What a model that cannot be loaded raises: a missing file or hub entry (OSError), a name
+no loader knows or a folder it cannot read (ValueError), a missing package (ImportError).
+Anything else is a bug, and its traceback is shown."""
 
 
 def load_model(name: str, device: str):
     """The model `--model` names: the embedded SmolLM2-135M, a local Hugging Face folder, or
     a TransformerLens model name loaded from the Hugging Face hub."""
     if name == EMBEDDED:
-        from .embedded_model import load_smollm2
+        from ._embedded import load_smollm2
 
         return load_smollm2(device)
     try:
@@ -33,7 +37,7 @@ def load_model(name: str, device: str):
 
             return _tl.boot_hf_folder(name, AutoTokenizer.from_pretrained(name), device)
         return _tl.load_pretrained(name, device)
-    except Exception as error:  # any loading failure becomes one clear message
+    except LOADING_ERRORS as error:
         raise PatchingError(_load_failure(name, error)) from error
 
 
@@ -69,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                      "%(default)r: every name random; e.g. 'ABB->ABC, BAB->BAC' replaces only the second subject)")
     ioi.add_argument("--batch-size", type=int, default=None, help="patched variants per forward pass (default: automatic)")
     ioi.add_argument("--quiet", action="store_true", help="no progress bars")
+    ioi.add_argument("--dry-run", action="store_true", help="print the plan of each patching step and exit: what it "
+                     "patches, how many variants and forward passes, which layers each pass runs")  # fmt: skip
     return parser
 
 
@@ -84,11 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         if settings.n_prompts < 1 or settings.top_k < 1:
             raise PatchingError("--n-prompts and --top-k must be at least 1.")
-        with torch.no_grad():
-            model = load_model(args.model, args.device)
-            print(f"{args.model}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads; {settings.n_prompts} prompts")
-            analysis = run_ioi(model, settings, model_name=args.model, progress=not args.quiet)
-        from .report import write_report
+        if not args.dry_run and importlib.util.find_spec("plotly") is None:
+            raise PatchingError("The report's figures need plotly: pip install 'transformer_lens_patching[plot]'.")
+        model = load_model(args.model, args.device)
+        print(f"{args.model}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads; {settings.n_prompts} prompts")
+        if args.dry_run:
+            for step, plan in plan_ioi(model, settings):
+                print(f"\n{step}: {plan}")
+            return 0
+        analysis = run_ioi(model, settings, model_name=args.model, progress=not args.quiet)
+        from .ioi import write_report
 
         paths = write_report(analysis, args.out)
     except PatchingError as error:

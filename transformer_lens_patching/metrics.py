@@ -1,4 +1,9 @@
-"""Built-in metrics, and turning whatever a metric returns into a tensor."""
+"""Built-in metrics: what a patched run is measured by.
+
+Any function of the logits is a metric. The metric objects here also say which logits
+they read (`selection`: the engines then compute only those) and the dims of what they
+return (`dims`, e.g. `("batch",)` for one value per prompt).
+"""
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -7,9 +12,10 @@ import torch
 from torch import Tensor
 
 from . import _tl
+from ._core.measure import BATCH, as_tensor, declared_dims
+from ._core.selection import LogitSelection, distinct_token_ids, selection_of
+from ._core.tensor_types import Logits, Tokens
 from .errors import PatchingError
-from .selection import LogitSelection, distinct_token_ids, selection_of
-from .tensor_types import Logits, Tokens
 
 Metric = Callable[[Logits], "float | Tensor"]
 """A function of the patched run's logits (or of its ActivationCache, with apply_metric_to_cache)."""
@@ -36,6 +42,7 @@ def lm_loss(tokens: Tokens, per_token: bool = False) -> Metric:
         per_position = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return per_position if per_token else per_position.mean()
 
+    loss.dims = (BATCH, "metric_1") if per_token else ()
     return loss
 
 
@@ -64,10 +71,12 @@ class SelectionMetric(ABC):
     It is a plain callable on full logits (batch, pos, d_vocab), so it works wherever a
     function does; given one, `act_patch` and `path_patch` compute only the selected
     logits and pass them to `measure_selected`, and skip patches that cannot reach them.
-    Subclasses set `selection` and define `measure_selected`.
+    Subclasses set `selection` and `dims` and define `measure_selected`.
     """
 
     selection: LogitSelection
+    dims: tuple[str, ...] | None = None
+    """The dims of what the metric returns (None: found from its first value)."""
 
     @abstractmethod
     def measure_selected(self, selected: Tensor) -> Tensor:
@@ -120,6 +129,7 @@ class LogitDiff(SelectionMetric):
         self.positions = _one_position_per_prompt(positions, answers.shape[0])
         ids = distinct_token_ids(answers, "answers")
         self.selection = LogitSelection(self.positions, ids, answers.shape[0])
+        self.dims = (BATCH,) if per_prompt else ()
 
     def measure_selected(self, selected: Tensor) -> Tensor:
         _check_rows(selected, self.answers.shape[0])
@@ -161,6 +171,7 @@ class TokenLogit(SelectionMetric):
         if batch is None and self.positions is not None:
             batch = len(self.positions)
         self.selection = LogitSelection(self.positions, distinct_token_ids(self.tokens, "tokens"), batch)
+        self.dims = (BATCH,) if per_prompt else ()
 
     def _read(self, selected: Tensor) -> Tensor:
         """Each prompt's token's entry at its position, (batch,)."""
@@ -230,6 +241,7 @@ class LogitsAt(SelectionMetric):
         self.token_ids, self.reduce = ids.long(), reduce
         batch = ids.shape[0] if ids.ndim == 2 else None
         self.selection = LogitSelection(positions, distinct_token_ids(ids, "token_ids"), batch)
+        self.dims = (BATCH, "metric_1", "metric_2") if reduce is None else None
 
     def measure_selected(self, selected: Tensor) -> Tensor:
         columns = self.selection.columns(self.token_ids.to(selected.device))
@@ -260,6 +272,7 @@ class NormalisedMetric:
             )
         self.base, self.offset, self.scale, self.kind = base, torch.as_tensor(offset, dtype=torch.float32), scale, kind
         self.selection = selection_of(base)
+        self.dims = declared_dims(base)
 
     def __call__(self, logits: Logits) -> Tensor:
         return self._normalise(self.base(logits))
@@ -318,32 +331,7 @@ def calibrate(model, base: Metric, clean_input: Tokens, corrupted_input: Tokens)
         return tuple(as_tensor(base(_tl.forward_logits(model, tokens))) for tokens in (clean_input, corrupted_input))
 
 
-def resolve_metric(metric, tokens: Tensor) -> Metric:
-    """A callable metric: `metric` itself, or the LM loss for "loss" / "loss_per_token"."""
-    if isinstance(metric, str):
-        if metric == "loss":
-            return lm_loss(tokens)
-        if metric == "loss_per_token":
-            return lm_loss(tokens, per_token=True)
-        raise PatchingError(f"Unknown metric {metric!r}: expected a callable, 'loss' or 'loss_per_token'.")
-    if not callable(metric):
-        raise PatchingError(f"patching_metric must be a callable, 'loss' or 'loss_per_token'; got {type(metric).__name__}.")
-    return metric
-
-
-def as_tensor(value) -> Tensor:
-    """A metric's return value (float, 0-d or n-d tensor, or a sequence) as a detached tensor."""
-    if isinstance(value, Tensor):
-        return value.detach()
-    try:
-        return torch.as_tensor(value, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise PatchingError(f"The metric returned {type(value).__name__}, which is not a number or tensor.") from error
-
-
-def metric_dims(shape: torch.Size, batch: int) -> tuple[str, ...]:
-    """Dim names for a metric's output: `batch` first when it is per prompt."""
-    if not shape:
-        return ()
-    first = "batch" if shape[0] == batch else "metric_0"
-    return (first, *(f"metric_{i}" for i in range(1, len(shape))))
+__all__ = [
+    "LogitDiff", "LogitsAt", "NormalisedMetric", "SelectionMetric", "TokenLogit", "TokenProbability", "calibrate",
+    "denoising_metric", "lm_loss", "logit_diff", "noising_metric",
+]  # fmt: skip

@@ -19,12 +19,20 @@ refused: reduce that dim or select one prompt first.
 
 from collections.abc import Mapping, Sequence
 
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
 from .errors import PatchingError
 from .results import PatchResult
+
+try:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+except ImportError as error:
+    raise ImportError(
+        "transformer_lens_patching.plots needs plotly: pip install 'transformer_lens_patching[plot]'."
+    ) from error
+
+__all__ = ["heatmap", "histogram", "line"]
 
 Results = PatchResult | Mapping[str, PatchResult]
 """One result, or a dict of them by component name (as returned for an IterNode)."""
@@ -78,7 +86,7 @@ def heatmap(
     titles = list(panels) if any(panels) else None
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.3 / cols)
     for index, (name, result) in enumerate(panels.items()):
-        y_dim = y or ("layer" if "layer" in result.dims else result.dims[0])
+        y_dim = result.dim_for(y) if y else ("layer" if "layer" in result.dims else result.dims[0])
         if y_dim not in result.dims:
             where = f"the panel {name!r}" if name else "this result"
             raise PatchingError(f"y={y_dim!r} is not a dim of {where}: its dims are {result.dims}.")

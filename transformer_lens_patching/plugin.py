@@ -1,26 +1,39 @@
 """The TransformerLens plugin: patching methods on models, Node indexing on caches.
 
-`import transformer_lens_patching` installs it; so does loading the entry point
+`PatchingMixin` holds the methods TransformerLens models gain (`model.act_patch(...)`,
+`model.path_patch(...)`, `model.plan_act_patch(...)`, `model.plan_path_patch(...)`);
+`CachePatchingMixin` those ActivationCache gains (`cache[Node(...)]`, `cache.zero_ablated()`,
+`cache.mean_ablated(groups)`). `install()` sets them on TransformerLens' classes.
+
+Importing `transformer_lens_patching` installs the plugin, so `model.path_patch` works
+in any code that imported the package; so does loading the entry point
 `transformer_lens_patching` of group `transformer_lens.plugins`, which `load_plugins()`
-does for every plugin registered there.
+does for every plugin registered there. Installing adds methods and nothing else: no
+TransformerLens method changes, except that `ActivationCache.__getitem__` also accepts a
+`Node` (any other key goes to TransformerLens' own `__getitem__`).
 """
 
 import functools
 import importlib.metadata
+from collections.abc import Callable, Sequence
+
+import torch
 
 from . import _tl
-from .ablation import mean_ablation_cache, zero_ablation_cache
-from .activation_patching import act_patch
+from ._core.nodes import IterNode, Node
+from ._core.sites import resolve_layer, resolve_node
+from ._methods.ablation import mean_ablation_cache, zero_ablation_cache
+from ._methods.activation import act_patch, plan_act_patch
+from ._methods.path import path_patch, plan_path_patch
 from .errors import PatchingError
-from .nodes import Node
-from .path_patching import path_patch
-from .plan import resolve_layer, resolve_node
 
 ENTRY_POINT_GROUP = "transformer_lens.plugins"
 """The entry-point group TransformerLens plugins register under."""
 
 
-def _as_method(function):
+def _method_of(function: Callable) -> Callable:
+    """`function(model, ...)` as a method: the same signature without `model`, the same docs."""
+
     @functools.wraps(function)
     def method(self, *args, **kwargs):
         return function(self, *args, **kwargs)
@@ -28,7 +41,21 @@ def _as_method(function):
     return method
 
 
-def node_slice(cache, node: Node):
+class PatchingMixin:
+    """The methods the plugin gives TransformerLens models; each is the function of the
+    same name with the model as its first argument.
+
+    >>> results = model.act_patch(corrupted, IterNode("z"), metric, new_input=clean)  # doctest: +SKIP
+    >>> print(model.plan_path_patch(clean, corrupted, IterNode("z"), Node("resid_post", 11), metric))  # doctest: +SKIP
+    """
+
+    act_patch = _method_of(act_patch)
+    path_patch = _method_of(path_patch)
+    plan_act_patch = _method_of(plan_act_patch)
+    plan_path_patch = _method_of(plan_path_patch)
+
+
+def node_slice(cache, node: Node) -> torch.Tensor:
     """The slice of `cache` that `node` names, e.g. one head's z at one position per prompt.
 
     >>> cache[Node("z", 9, head=9, seq_pos=-1)].shape  # doctest: +SKIP
@@ -42,37 +69,61 @@ def node_slice(cache, node: Node):
         raise PatchingError(f"This cache has no activation {hook_name!r} (for {node!r}).")
     tensor = tensors[hook_name]
     batch, seq_len = tensor.shape[0], tensor.shape[node.component.pos_axis]
-    site = resolve_node(node, shape, batch, seq_len)
+    site = resolve_node(node, shape, batch, seq_len, tensor.device)
     return tensor[site.index(0, batch, tensor.device)]
 
 
-def _wrap_getitem(original):
+class CachePatchingMixin:
+    """The methods the plugin gives ActivationCache.
+
+    >>> cache[Node("z", 9, head=9)].shape  # doctest: +SKIP
+    >>> means = cache.mean_ablated(groups=templates)  # doctest: +SKIP
+    >>> act_patch(model, tokens, IterNode("z"), metric, new_cache=means)  # doctest: +SKIP
+    """
+
+    def zero_ablated(self):
+        """This cache with every activation set to zero (see `zero_ablation_cache`)."""
+        return zero_ablation_cache(self)
+
+    def mean_ablated(self, groups: Sequence | torch.Tensor | None = None):
+        """This cache with every activation replaced by its mean over prompts, or over the
+        prompts of each group (see `mean_ablation_cache`)."""
+        return mean_ablation_cache(self, groups)
+
+
+def _getitem_with_nodes(original: Callable) -> Callable:
     @functools.wraps(original)
     def __getitem__(self, key):
         if isinstance(key, Node):
             return node_slice(self, key)
+        if isinstance(key, IterNode):
+            raise PatchingError(f"A cache is indexed by one Node, not an IterNode ({key!r}).")
         return original(self, key)
 
     __getitem__.patching_plugin = True
     return __getitem__
 
 
+def _set_methods(cls: type, mixin: type) -> None:
+    for name, value in vars(mixin).items():
+        if not name.startswith("_"):
+            setattr(cls, name, value)
+
+
 def install() -> None:
-    """Add `act_patch`/`path_patch` methods to TransformerLens models and Node indexing,
-    `zero_ablated()` and `mean_ablated(groups)` to ActivationCache. Safe to call twice.
+    """Give TransformerLens' model classes the methods of `PatchingMixin`, and ActivationCache
+    those of `CachePatchingMixin` and Node indexing. Safe to call twice.
 
     >>> install()
-    >>> hasattr(_tl.MODEL_CLASSES[0], "act_patch")
+    >>> hasattr(_tl.MODEL_CLASSES[0], "plan_act_patch")
     True
     """
     for model_class in _tl.MODEL_CLASSES:
-        model_class.act_patch = _as_method(act_patch)
-        model_class.path_patch = _as_method(path_patch)
-    cache_class = _tl.ActivationCache
+        _set_methods(model_class, PatchingMixin)
+    cache_class = _tl.CACHE_CLASS
+    _set_methods(cache_class, CachePatchingMixin)
     if not getattr(cache_class.__getitem__, "patching_plugin", False):
-        cache_class.__getitem__ = _wrap_getitem(cache_class.__getitem__)
-    cache_class.zero_ablated = _as_method(zero_ablation_cache)
-    cache_class.mean_ablated = _as_method(mean_ablation_cache)
+        cache_class.__getitem__ = _getitem_with_nodes(cache_class.__getitem__)
 
 
 def load_plugins(group: str = ENTRY_POINT_GROUP) -> list[str]:
@@ -91,3 +142,6 @@ def load_plugins(group: str = ENTRY_POINT_GROUP) -> list[str]:
             target()
         loaded.append(entry_point.name)
     return loaded
+
+
+__all__ = ["ENTRY_POINT_GROUP", "CachePatchingMixin", "PatchingMixin", "install", "load_plugins", "node_slice"]

@@ -6,8 +6,8 @@ from typing import Literal, Union
 
 import torch
 
+from ..errors import PatchingError
 from .components import COMPONENTS, Component, lookup
-from .errors import PatchingError
 
 SeqPos = Union[None, int, tuple[int, ...], tuple[tuple[int, ...], ...]]
 """A normalised position spec: all positions, one position for every prompt, one per
@@ -54,8 +54,8 @@ def _check_index(value, what: str) -> None:
 
 
 def _check_unit(component: Component, head, neuron) -> None:
-    if head is not None and component.unit not in ("head", "kv_head"):
-        with_heads = [c.name for c in COMPONENTS.values() if c.unit in ("head", "kv_head")]
+    if head is not None and not component.has_heads:
+        with_heads = [c.name for c in COMPONENTS.values() if c.has_heads]
         raise PatchingError(
             f"Component {component.name!r} has no head axis, so head={head} is not allowed. "
             f"Components with heads: {', '.join(with_heads)}."
@@ -72,8 +72,9 @@ class Node:
     """One activation, or a slice of it, to patch, send from or receive at.
 
     Args:
-        name: A short component name (`"z"`, `"resid_pre"`, ...) or a full hook name
-            (`"blocks.11.attn.hook_z"`, whose layer is then read from the name).
+        node_name: A short component name (`"z"`, `"resid_pre"`, ...) or a full hook name
+            (`"blocks.11.attn.hook_z"`, whose layer is then read from the name). The node
+            keeps the short name as `name` (and `component_name`).
         layer: The layer (negative counts from the end). Required for per-layer components.
         head: One head, for components with a head axis. For `k`, `v`, `k_input` and
             `v_input` of grouped-query models this is a key/value head.
@@ -93,15 +94,15 @@ class Node:
     neuron: int | None = None
     seq_pos: SeqPos = None
 
-    def __init__(self, name: str, layer: int | None = None, head: int | None = None,
-                 neuron: int | None = None, seq_pos=None):
-        component, name_layer = lookup(name)
+    def __init__(self, node_name: str, layer: int | None = None, head: int | None = None,
+                 neuron: int | None = None, seq_pos=None):  # fmt: skip
+        component, name_layer = lookup(node_name)
         _check_index(layer, "layer")
         _check_index(head, "head")
         _check_index(neuron, "neuron")
         if name_layer is not None:
             if layer is not None and layer != name_layer:
-                raise PatchingError(f"Hook name {name!r} is at layer {name_layer}, but layer={layer} was given.")
+                raise PatchingError(f"Hook name {node_name!r} is at layer {name_layer}, but layer={layer} was given.")
             layer = name_layer
         if component.layered and layer is None:
             raise PatchingError(f"Component {component.name!r} needs a layer, e.g. Node({component.name!r}, 0).")
@@ -164,7 +165,8 @@ class IterNode:
     """A sweep: patch each layer (and head, or neuron) of each component, one at a time.
 
     Args:
-        names: One component name or a list of them (`"z"`, `["q", "k", "v"]`).
+        node_names: One component name or a list of them (`"z"`, `["q", "k", "v"]`); the
+            sweep keeps them as `names` (and `component_names`).
         seq_pos: None (all positions), `"each"` (also iterate over every position), or a
             fixed position spec as for `Node`.
         layers: Restrict the sweep to these layers (default: all).
@@ -182,7 +184,8 @@ class IterNode:
     neurons: tuple[int, ...] | None = None
     _components: tuple[Component, ...] = field(default=(), repr=False, compare=False)
 
-    def __init__(self, names, seq_pos=None, layers=None, heads=None, neurons=None):
+    def __init__(self, node_names, seq_pos=None, layers=None, heads=None, neurons=None):
+        names = node_names
         raw = [names] if isinstance(names, str) else list(names) if isinstance(names, Iterable) else None
         if not raw:
             raise PatchingError(f"IterNode needs a component name or a non-empty list of them, got {names!r}.")
@@ -201,7 +204,7 @@ class IterNode:
             raise PatchingError(f"IterNode seq_pos must be None, 'each' or a position spec; got {seq_pos!r}.")
         heads_t = _int_tuple(heads, "heads")
         neurons_t = _int_tuple(neurons, "neurons")
-        if heads_t is not None and not any(c.unit in ("head", "kv_head") for c in components):
+        if heads_t is not None and not any(c.has_heads for c in components):
             raise PatchingError(f"heads= restricts head components, but none of {raw} has heads.")
         if neurons_t is not None and not any(c.unit == "neuron" for c in components):
             raise PatchingError(f"neurons= restricts 'pre'/'post', but none of {raw} has neurons.")
@@ -217,10 +220,22 @@ class IterNode:
         """The component table entries swept over."""
         return self._components
 
+    @property
+    def component_names(self) -> list[str]:
+        """The short component names (the prior-art spelling of `names`)."""
+        return list(self.names)
+
     def __repr__(self) -> str:
         parts = [repr(list(self.names)) if len(self.names) > 1 else repr(self.names[0])]
         for key in ("seq_pos", "layers", "heads", "neurons"):
             value = getattr(self, key)
             if value is not None:
-                parts.append(f"{key}={value!r}")
+                parts.append(f"{key}={_compact(value)}")
         return f"IterNode({', '.join(parts)})"
+
+
+def _compact(value) -> str:
+    """A restriction as `range(a, b)` when it is one, else as given."""
+    if isinstance(value, tuple) and len(value) > 2 and value == tuple(range(value[0], value[-1] + 1)):
+        return f"range({value[0]}, {value[-1] + 1})"
+    return repr(value)

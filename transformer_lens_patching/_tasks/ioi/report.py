@@ -1,4 +1,8 @@
-"""Write an `IOIAnalysis` as a self-contained HTML report, a JSON file and a CSV file."""
+"""Write an `IOIAnalysis` as a self-contained HTML report, a JSON file and a CSV file.
+
+The HTML report needs plotly (`pip install 'transformer_lens_patching[plot]'`), imported
+when a report is written.
+"""
 
 import csv
 import datetime
@@ -6,13 +10,13 @@ import html
 import itertools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import plotly.graph_objects as go
-from plotly.offline import get_plotlyjs
+from ...results import PatchResult
+from .analysis import IOIAnalysis, Step
 
-from . import plots
-from .ioi_analysis import IOIAnalysis, Step
-from .results import PatchResult
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 REPORT, JSON, CSV = "report.html", "results.json", "results.csv"
 CSV_DIMS = ("seq_pos", "layer", "head", "kv_head")
@@ -38,14 +42,18 @@ def write_report(analysis: IOIAnalysis, out: str | Path) -> dict[str, Path]:
     return paths
 
 
-def step_figure(step: Step) -> go.Figure:
+def step_figure(step: Step) -> "go.Figure":
     """The heatmap of a step's results: one panel per component."""
+    from ... import plots
+
     results = step.results if len(step.results) > 1 else next(iter(step.results.values()))
     return plots.heatmap(results, percent=True, value_label="effect", title=step.title)
 
 
-def logit_diff_figure(analysis: IOIAnalysis) -> go.Figure:
+def logit_diff_figure(analysis: IOIAnalysis) -> "go.Figure":
     """The per-prompt logit differences of the clean and corrupted runs."""
+    from ... import plots
+
     per_prompt = {
         "clean": PatchResult(analysis.clean_logit_diff, ("prompt",)),
         "corrupted": PatchResult(analysis.corrupted_logit_diff, ("prompt",)),
@@ -55,6 +63,8 @@ def logit_diff_figure(analysis: IOIAnalysis) -> go.Figure:
 
 def report_html(analysis: IOIAnalysis) -> str:
     """The report as one HTML page with plotly.js inside (no network needed to view it)."""
+    from plotly.offline import get_plotlyjs
+
     sections = [_summary(analysis), _figure(logit_diff_figure(analysis), "logit-diff"), _prompts(analysis)]
     for step in analysis.steps:
         sections.append(
@@ -78,7 +88,7 @@ _STYLE = (
 )
 
 
-def _figure(figure: go.Figure, key: str) -> str:
+def _figure(figure: "go.Figure", key: str) -> str:
     return f'<div class="figure">{figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{key}")}</div>'
 
 

@@ -1,13 +1,13 @@
 """Where patched-in values come from: a cache of another run, or zeros."""
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from . import _tl
+from .. import _tl
+from ..errors import PatchingError
 from .components import lookup
-from .errors import PatchingError
 
 
 class ActivationSource:
@@ -82,14 +82,19 @@ def check_cache(cache, hook_names: Iterable[str], tokens_shape: torch.Size, what
     return tensors
 
 
-def cached_run(model, model_input, hook_names: Iterable[str], tokens_shape: torch.Size, what: str) -> dict:
-    """Run `model_input` and cache only `hook_names`, checking it matches the orig input's shape."""
+def checked_tokens(model, model_input, tokens_shape: torch.Size, what: str) -> torch.Tensor:
+    """The tokens of another run's input, checked to have the orig input's shape."""
     tokens = _tl.to_tokens(model, model_input)
     if tokens.shape != tokens_shape:
         raise PatchingError(
             f"{what} has token shape {tuple(tokens.shape)}, but orig_input has {tuple(tokens_shape)}: "
             "both runs must have the same batch size and length, so that positions line up."
         )
+    return tokens
+
+
+def cached_run(model, tokens: torch.Tensor, hook_names: Iterable[str], what: str) -> dict:
+    """Run `tokens` and cache only `hook_names`."""
     names = set(hook_names)
     if not names:
         return {}
@@ -104,18 +109,32 @@ def cached_run(model, model_input, hook_names: Iterable[str], tokens_shape: torc
     return tensors
 
 
-def make_source(model, new_input, new_cache, hook_names: Iterable[str], tokens: torch.Tensor) -> ActivationSource:
-    """The source of patch values for act_patch: `new_cache` (a cache or "zero") or a run of `new_input`."""
+SourceFactory = Callable[[], ActivationSource]
+"""Makes a source when a plan runs (running the model if the source is another input)."""
+
+
+def planned_source(model, model_input, cache, hook_names: Iterable[str], tokens: torch.Tensor, what: str,
+                   missing: str, zero_allowed: bool = True, extra: Iterable[str] = ()) -> tuple[SourceFactory, str]:  # fmt: skip
+    """Check a source of patch values now, and return what makes it later, with a description.
+
+    The source is `cache` (an ActivationCache or dict; "zero" for zeros where
+    `zero_allowed`) or a run of `model_input`, which then also caches the `extra` hooks
+    (a given cache need not hold them). `what` names the cache argument ("new_cache");
+    `missing` is the error when neither is given.
+    """
     batch = tokens.shape[0]
-    if isinstance(new_cache, str):
-        if new_cache != "zero":
-            raise PatchingError(f"new_cache must be an ActivationCache, a dict or 'zero'; got {new_cache!r}.")
-        return ActivationSource(None, batch)
-    if new_cache is not None:
-        return ActivationSource(check_cache(new_cache, hook_names, tokens.shape, "new_cache"), batch)
-    if new_input is None:
-        raise PatchingError(
-            "Nothing to patch in: pass new_input (resample ablation), new_cache (an ActivationCache, "
-            "e.g. from mean_ablation_cache) or new_cache='zero' (zero ablation)."
-        )
-    return ActivationSource(cached_run(model, new_input, hook_names, tokens.shape, "new_input"), batch)
+    input_name = what.replace("_cache", "_input")
+    names = set(hook_names)
+    if isinstance(cache, str):
+        if cache != "zero" or not zero_allowed:
+            expected = "an ActivationCache, a dict or 'zero'" if zero_allowed else "an ActivationCache or a dict"
+            raise PatchingError(f"{what} must be {expected}; got {cache!r}.")
+        return (lambda: ActivationSource(None, batch)), "zeros (zero ablation)"
+    if cache is not None:
+        tensors = check_cache(cache, names, tokens.shape, what)
+        return (lambda: ActivationSource(tensors, batch)), f"{what} ({len(_tl.cache_items(cache))} activations)"
+    if model_input is None:
+        raise PatchingError(missing)
+    other = checked_tokens(model, model_input, tokens.shape, input_name)
+    run_names = names | set(extra)
+    return (lambda: ActivationSource(cached_run(model, other, run_names, input_name), batch)), f"a run of {input_name}"

@@ -1,18 +1,19 @@
 """Resolve Nodes and IterNodes against a model and an input into concrete patch sites.
 
-This is the pure planning step: it checks every model-dependent rule (layer, head and
-neuron ranges, position shapes and ranges) before any forward pass runs, and turns each
-node into a `PatchSite` that knows its hook name and how to index its activation.
+This is the first, pure part of planning: it checks every model-dependent rule (layer,
+head and neuron ranges, position shapes and ranges) before any forward pass runs, and
+turns each node into a `PatchSite` that knows its hook name and how to index its
+activation.
 """
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ._tl import ModelShape
+from .._tl import ModelShape
+from ..errors import PatchingError
 from .components import MLP_COMPONENTS, Component
-from .errors import PatchingError
 from .nodes import IterNode, Node, SeqPos
 
 
@@ -26,8 +27,9 @@ class PatchSite:
     unit: int | None
     """The head or neuron index, or None for the whole axis."""
     positions: torch.Tensor | None
-    """(batch, k) positions per prompt, or None for every position."""
-    _device_positions: dict = field(default_factory=dict, repr=False)
+    """(batch, k) positions per prompt, on the CPU, or None for every position."""
+    device_positions: torch.Tensor | None
+    """The same positions on the model's device, for indexing its activations."""
 
     @property
     def component(self) -> Component:
@@ -47,19 +49,17 @@ class PatchSite:
         if self.positions is None:
             index[0] = slice(row_start, row_start + batch)
         else:
-            positions = self._device_positions.get(device)
-            if positions is None:
-                positions = self.positions.to(device)
-                self._device_positions[device] = positions
             index[0] = torch.arange(row_start, row_start + batch, device=device).unsqueeze(1)
-            index[component.pos_axis] = positions
+            index[component.pos_axis] = self.device_positions.to(device)
         if self.unit is not None:
             index[component.unit_axis] = self.unit
         return tuple(index)
 
-    def with_positions(self, positions: torch.Tensor | None) -> "PatchSite":
-        """The same site restricted to other positions."""
-        return PatchSite(self.node, self.hook_name, self.unit, positions)
+    def with_positions_of(self, other: "PatchSite | None") -> "PatchSite":
+        """The same site at the positions of `other` (None: every position)."""
+        if other is None:
+            return PatchSite(self.node, self.hook_name, self.unit, None, None)
+        return PatchSite(self.node, self.hook_name, self.unit, other.positions, other.device_positions)
 
 
 def _context(node, shape: ModelShape) -> str:
@@ -119,8 +119,10 @@ def resolve_positions(seq_pos: SeqPos, batch: int, seq_len: int, what: str = "se
     return (positions % seq_len).contiguous()
 
 
-def resolve_node(node: Node, shape: ModelShape, batch: int, seq_len: int, seq_pos: SeqPos = None) -> PatchSite:
-    """Check `node` against the model and input size, and return its PatchSite.
+def resolve_node(node: Node, shape: ModelShape, batch: int, seq_len: int, device: torch.device,
+                 seq_pos: SeqPos = None) -> PatchSite:  # fmt: skip
+    """Check `node` against the model and an input of `batch` prompts of `seq_len` tokens on
+    `device`, and return its PatchSite.
 
     `seq_pos`, when given, replaces the node's own positions (path patching and sweeps).
     """
@@ -134,7 +136,8 @@ def resolve_node(node: Node, shape: ModelShape, batch: int, seq_len: int, seq_po
     spec = node.seq_pos if seq_pos is None else seq_pos
     positions = resolve_positions(spec, batch, seq_len)
     resolved = Node(component.name, layer, head=node.head, neuron=node.neuron, seq_pos=node.seq_pos)
-    return PatchSite(resolved, component.hook_name(layer), unit, positions)
+    device_positions = None if positions is None else positions.to(device)
+    return PatchSite(resolved, component.hook_name(layer), unit, positions, device_positions)
 
 
 @dataclass(frozen=True)
@@ -162,8 +165,9 @@ def _restrict(values: tuple[int, ...] | None, count: int, what: str, node: IterN
     return values
 
 
-def resolve_sweep(node: IterNode, shape: ModelShape, batch: int, seq_len: int, seq_pos: SeqPos = None) -> list[Sweep]:
+def resolve_sweep(node: IterNode, shape: ModelShape, tokens: torch.Tensor, seq_pos: SeqPos = None) -> list[Sweep]:
     """One Sweep per component of `node`; dims are (seq_pos, layer, head|kv_head|neuron) as applicable."""
+    batch, seq_len = tokens.shape
     sweeps = []
     for component in node.components:
         dims, coords = [], {}
@@ -176,7 +180,7 @@ def resolve_sweep(node: IterNode, shape: ModelShape, batch: int, seq_len: int, s
         if component.unit is not None:
             count = shape.unit_count(component.unit)
             dim = "kv_head" if component.unit == "kv_head" and shape.n_kv_heads != shape.n_heads else (
-                "head" if component.unit in ("head", "kv_head") else "neuron"
+                "head" if component.has_heads else "neuron"
             )
             restriction = node.neurons if component.unit == "neuron" else node.heads
             dims.append(dim)
@@ -191,19 +195,21 @@ def resolve_sweep(node: IterNode, shape: ModelShape, batch: int, seq_len: int, s
             spec = Node(
                 component.name,
                 cell.get("layer"),
-                head=unit if component.unit in ("head", "kv_head") else None,
+                head=unit if component.has_heads else None,
                 neuron=unit if component.unit == "neuron" else None,
             )
-            cells.append([resolve_node(spec, shape, batch, seq_len, cell_pos if seq_pos is None else seq_pos)])
+            positions = cell_pos if seq_pos is None else seq_pos
+            cells.append([resolve_node(spec, shape, batch, seq_len, tokens.device, positions)])
         sweeps.append(Sweep(component.name, tuple(dims), coords, cells))
     return sweeps
 
 
-def resolve_spec(spec, shape: ModelShape, batch: int, seq_len: int, what: str, seq_pos: SeqPos = None) -> list[PatchSite] | list[Sweep]:
+def resolve_spec(spec, shape: ModelShape, tokens: torch.Tensor, what: str, seq_pos: SeqPos = None) -> list[PatchSite] | list[Sweep]:
     """Resolve a Node, a list of Nodes (sites patched together) or an IterNode (sweeps)."""
     if isinstance(spec, IterNode):
-        return resolve_sweep(spec, shape, batch, seq_len, seq_pos)
+        return resolve_sweep(spec, shape, tokens, seq_pos)
     nodes = [spec] if isinstance(spec, Node) else list(spec) if isinstance(spec, (list, tuple)) else None
     if not nodes or not all(isinstance(node, Node) for node in nodes):
         raise PatchingError(f"{what} must be a Node, a non-empty list of Nodes or an IterNode; got {spec!r}.")
-    return [resolve_node(node, shape, batch, seq_len, seq_pos) for node in nodes]
+    batch, seq_len = tokens.shape
+    return [resolve_node(node, shape, batch, seq_len, tokens.device, seq_pos) for node in nodes]

@@ -11,25 +11,35 @@ from contextlib import contextmanager
 
 import torch
 
-from . import _tl
-from .components import lookup
-from .errors import PatchingError
-from .plan import PatchSite
+from .. import _tl
+from ..errors import PatchingError
+from .components import hook_name, lookup
+from .sites import PatchSite
 
 Step = Callable[[torch.Tensor], None]
 
 
-def entry_layer(hook_name: str) -> int:
-    """The first layer a forward pass must run for a step at `hook_name` to take effect.
+def entry_layer(name: str) -> int:
+    """The first layer a forward pass must run for a step at hook `name` to take effect.
 
     `blocks.L.*` needs layer L, except `blocks.L.hook_resid_post`: it is the residual stream
     entering layer L + 1, so a pass may start there with the step applied to its input.
     Hooks outside the blocks (embeddings) need the whole pass.
     """
-    component, layer = lookup(hook_name)
+    component, layer = lookup(name)
     if layer is None:
         return 0
     return layer + 1 if component.name == "resid_post" else layer
+
+
+def resid_mid_carries(model) -> dict[str, str]:
+    """Where a change to `hook_resid_mid` must also be added by hand: {resid_mid hook: resid_post
+    hook} of every layer on models whose resid_mid hook feeds only the MLP (see
+    `_tl.resid_mid_feeds_only_the_mlp`); empty elsewhere."""
+    if not _tl.resid_mid_feeds_only_the_mlp(model):
+        return {}
+    layers = range(model.cfg.n_layers)
+    return {hook_name("resid_mid", layer): hook_name("resid_post", layer) for layer in layers}
 
 
 class StopForward(Exception):
@@ -40,7 +50,7 @@ class PatchProgram:
     """Edits and recordings to apply, hook by hook, in the order they were added.
 
     `start_layer` is the layer the forward pass starts at. `carries` maps a hook to a later
-    one that must receive the same change (see `_tl.resid_mid_carries`): whatever the steps
+    one that must receive the same change (see `resid_mid_carries`): whatever the steps
     change at the first is added at the second. With `stop_when_recorded`, the pass is
     abandoned (StopForward) as soon as every `record` step has run.
     """
@@ -123,7 +133,7 @@ class PatchProgram:
     def enter(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
         """The residual stream entering `layer` with the steps at `blocks.{layer-1}.hook_resid_post`
         applied; for a pass that starts at `layer`, where that hook never fires."""
-        name = f"blocks.{layer - 1}.hook_resid_post"
+        name = hook_name("resid_post", layer - 1)
         steps = self._steps.pop(name, None)
         if steps is None:
             return residual

@@ -13,17 +13,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _tl
-from .activation_patching import act_patch
-from .errors import PatchingError
-from .ioi import IOIDataset
-from .metrics import LogitDiff, calibrate, denoising_metric, noising_metric
-from .nodes import IterNode, Node
-from .path_patching import path_patch
-from .results import PatchResult
+from ... import _tl
+from ..._core.nodes import IterNode, Node
+from ..._core.plan import PatchPlan
+from ..._methods.activation import act_patch, plan_act_patch
+from ..._methods.path import path_patch, plan_path_patch
+from ...errors import PatchingError
+from ...metrics import LogitDiff, calibrate, denoising_metric, noising_metric
+from ...results import PatchResult
+from .dataset import IOIDataset
 
 WORDS = ("S1", "S1+1", "IO", "punct", "S2", "end")
 """The word positions of the residual-stream sweep."""
+HEAD_COMPONENTS = ["z", "q", "k", "v", "pattern"]
+"""What the every-head step patches."""
+WORD_COMPONENTS = ["resid_pre", "attn_out", "mlp_out"]
+"""What the by-word step patches."""
 
 
 @dataclass(frozen=True)
@@ -116,15 +121,31 @@ def top_heads(result: PatchResult, k: int, sign: int) -> list[TopHead]:
     ]
 
 
+def _word_sweep(dataset: IOIDataset, word: str) -> IterNode:
+    """The by-word step's sweep at one word of every prompt."""
+    return IterNode(WORD_COMPONENTS, seq_pos=dataset.word_idx[word])
+
+
+def _receiver_nodes(shape, receivers: list[TopHead], component: str) -> list[Node]:
+    """`component` of each receiver head: of the key/value head it shares on a grouped-query model."""
+    grouped = component in ("k", "v") and shape.n_kv_heads != shape.n_heads
+    group = shape.n_heads // shape.n_kv_heads
+    return sorted({Node(component, h.layer, head=h.head // group if grouped else h.head) for h in receivers}, key=repr)
+
+
+def _earlier_heads(receivers: list[TopHead]) -> IterNode:
+    """Every head before the last receiver's layer: the senders into the receivers."""
+    return IterNode("z", layers=range(max(h.layer for h in receivers)))
+
+
 def _by_word(model, orig, new, metric, dataset: IOIDataset, **options) -> dict[str, PatchResult]:
     """Residual stream, attention and MLP outputs patched at each word of `WORDS`:
     one (seq_pos, layer) result per component, seq_pos labelled by word."""
-    per_word = {}
-    for word in WORDS:
-        node = IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos=dataset.word_idx[word])
-        per_word[word] = act_patch(model, orig, node, metric, new_input=new, **options)
+    per_word = {
+        word: act_patch(model, orig, _word_sweep(dataset, word), metric, new_input=new, **options) for word in WORDS
+    }
     results = {}
-    for component in ("resid_pre", "attn_out", "mlp_out"):
+    for component in WORD_COMPONENTS:
         stacked = torch.stack([per_word[word][component].as_tensor() for word in WORDS])
         layers = per_word[WORDS[0]][component].coords["layer"]
         results[component] = PatchResult(stacked, ("seq_pos", "layer"), {"seq_pos": WORDS, "layer": layers})
@@ -158,7 +179,7 @@ class _Experiment:
                  "Each head's output (z), query, key, value and attention pattern, at all positions, patched from "
                  "the clean run into the corrupted run. Values: fraction of the clean logit difference restored.",
                  {}),
-            lambda: act_patch(self.model, self.corrupted, IterNode(["z", "q", "k", "v", "pattern"]), self.restored,
+            lambda: act_patch(self.model, self.corrupted, IterNode(HEAD_COMPONENTS), self.restored,
                               new_input=self.clean, **self.options),
         )  # fmt: skip
         step.top["restoring heads (z)"] = top_heads(step.results["z"], top_k, +1)
@@ -203,13 +224,11 @@ class _Experiment:
             self.log(f"{title}: {reason}")
             return []
         receivers = [head for head in receivers if head.layer > 0]
-        grouped = component in ("k", "v") and self.shape.n_kv_heads != self.shape.n_heads
-        group = self.shape.n_heads // self.shape.n_kv_heads
-        nodes = sorted({Node(component, h.layer, head=h.head // group if grouped else h.head) for h in receivers},
-                       key=repr)  # fmt: skip
+        nodes = _receiver_nodes(self.shape, receivers, component)
         names = ", ".join(f"{h.layer}.{h.head}" for h in receivers)
+        grouped = component in ("k", "v") and self.shape.n_kv_heads != self.shape.n_heads
         note = " (on this grouped-query model, the key/value head each receiver shares)" if grouped else ""
-        senders = IterNode("z", layers=range(max(h.layer for h in receivers)))
+        senders = _earlier_heads(receivers)
         step = self.record(
             Step(key, title,
                  f"Each earlier head's output, corrupted, reaching the {component} of heads {names}{note} only "
@@ -222,6 +241,47 @@ class _Experiment:
         return step.top[found]
 
 
+def _datasets(model, settings: IOISettings) -> tuple[IOIDataset, IOIDataset]:
+    """The clean IOI prompts and their corrupted copies."""
+    dataset = IOIDataset(
+        settings.prompt_type, settings.n_prompts, tokenizer=model, seed=settings.seed,
+        prepend_bos=settings.prepend_bos, device=_tl.model_device(model),
+    )  # fmt: skip
+    return dataset, dataset.flipped(settings.corruption)
+
+
+def plan_ioi(model, settings: IOISettings = IOISettings()) -> list[tuple[str, PatchPlan]]:
+    """The plan of each patching call `run_ioi` makes, with nothing run (for `tl-patch ioi --dry-run`).
+
+    The later path-patching steps receive at the heads the earlier ones find; they are
+    planned here with `top_k` receivers in the last layer, the most work they can take.
+
+    >>> for step, plan in plan_ioi(model):  # doctest: +SKIP
+    ...     print(step, plan)
+    """
+    dataset, corrupted = _datasets(model, settings)
+    clean, corrupt, shape = dataset.toks, corrupted.toks, _tl.model_shape(model)
+    metric = LogitDiff(dataset.answers, dataset.word_idx["end"])
+    options = {"batch_size": settings.batch_size}
+    last = shape.n_layers - 1
+    every_head = plan_act_patch(model, corrupt, IterNode(HEAD_COMPONENTS), metric, new_input=clean, **options)
+    plans = [("act_heads", every_head)]
+    plans += [
+        (f"act_words at {word}", plan_act_patch(model, corrupt, _word_sweep(dataset, word), metric, new_input=clean,
+                                                **options))  # fmt: skip
+        for word in WORDS
+    ]
+    receiver = Node("resid_post", last)
+    plans.append(("path_logits", plan_path_patch(model, clean, corrupt, IterNode("z"), receiver, metric, **options)))
+    if last > 0:
+        heads = [TopHead(last, head, 0.0) for head in range(min(settings.top_k, shape.n_heads))]
+        for key, component in (("path_queries", "q"), ("path_values", "v")):
+            nodes = _receiver_nodes(shape, heads, component)
+            plan = plan_path_patch(model, clean, corrupt, _earlier_heads(heads), nodes, metric, **options)
+            plans.append((f"{key} (at most: receivers in the last layer)", plan))
+    return plans
+
+
 def run_ioi(
     model, settings: IOISettings = IOISettings(), model_name: str = "", progress: bool = True, log: Callable = print
 ) -> IOIAnalysis:
@@ -231,11 +291,7 @@ def run_ioi(
     >>> [str(h) for h in analysis.step("path_logits").top["name movers (lower the logit diff)"]]  # doctest: +SKIP
     """
     start = time.perf_counter()
-    dataset = IOIDataset(
-        settings.prompt_type, settings.n_prompts, tokenizer=model, seed=settings.seed,
-        prepend_bos=settings.prepend_bos, device=_tl.model_device(model),
-    )  # fmt: skip
-    corrupted = dataset.flipped(settings.corruption)
+    dataset, corrupted = _datasets(model, settings)
     logit_diff = LogitDiff(dataset.answers, dataset.word_idx["end"])
     per_prompt = LogitDiff(dataset.answers, dataset.word_idx["end"], per_prompt=True)
     clean_ld, corrupted_ld = calibrate(model, per_prompt, dataset.toks, corrupted.toks)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import PatchingError
+from ..errors import PatchingError
 
 Unit = Literal["head", "kv_head", "neuron"]
 """What a `head=` or `neuron=` index counts in a component."""
@@ -36,6 +36,11 @@ class Component:
     """Where a receiver reads the residual stream: point `2 * layer + read_offset`."""
     write_offset: int | None = None
     """Where a sender writes to the residual stream: point `2 * layer + write_offset`."""
+
+    @property
+    def has_heads(self) -> bool:
+        """Whether the component has a head axis (query heads or key/value heads)."""
+        return self.unit in ("head", "kv_head")
 
     @property
     def layered(self) -> bool:
@@ -106,6 +111,24 @@ RECEIVERS = (
     "resid_pre", "resid_mid", "resid_post", "pre",
 )  # fmt: skip
 """Components path patching accepts as receivers."""
+
+def hook_name(component: str, layer: int | None = None) -> str:
+    """The full hook name of a component at a layer.
+
+    >>> hook_name("resid_post", 11)
+    'blocks.11.hook_resid_post'
+    """
+    return COMPONENTS[component].hook_name(layer)
+
+
+def residual_hooks(n_layers: int) -> list[str]:
+    """The hooks holding the residual stream entering each layer, then the final residual stream.
+
+    >>> residual_hooks(2)
+    ['blocks.0.hook_resid_pre', 'blocks.1.hook_resid_pre', 'blocks.1.hook_resid_post']
+    """
+    return [hook_name("resid_pre", layer) for layer in range(n_layers)] + [hook_name("resid_post", n_layers - 1)]
+
 
 _FULL_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _tl
-from .errors import PatchingError
+from .. import _tl
+from ..errors import PatchingError
 from .nodes import SeqPos, normalize_seq_pos
-from .plan import PatchSite, resolve_positions
+from .sites import PatchSite, resolve_positions
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class LogitReader:
         self.positions = selection.resolved_positions(batch, seq_len)
         """(batch, k) positions read in each prompt, on the CPU."""
         self.n_columns = d_vocab if token_ids is None else len(token_ids)
+        self.reads_whole_vocabulary = token_ids is None
         self._model = model
         self._device_positions = self.positions.to(tokens.device)
         self._weight, self._bias = _tl.unembed_columns(model, None if token_ids is None else token_ids.to(tokens.device))

@@ -1,0 +1,55 @@
+"""What many test files share: inputs, a sensitive metric, tolerances, error checks, model state."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+import typeguard
+
+
+def make_inputs(model, batch: int = 3, seq_len: int = 7, seed: int = 0):
+    """Two random token batches of the same shape (orig and new)."""
+    generator = torch.Generator().manual_seed(seed)
+    orig = torch.randint(100, 2000, (batch, seq_len), generator=generator)
+    new = torch.randint(100, 2000, (batch, seq_len), generator=generator)
+    return orig, new
+
+
+def logit_diff_metric(per_prompt: bool = False):
+    """A sensitive metric: logit of token 5 minus token 6 at the last position."""
+
+    def metric(logits):
+        diff = logits[:, -1, 5] - logits[:, -1, 6]
+        return diff if per_prompt else diff.mean()
+
+    return metric
+
+
+def assert_close(actual, expected) -> None:
+    """Equal to 1e-5, absolute and relative."""
+    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), rtol=1e-5, atol=1e-5)
+
+
+@contextmanager
+def raises(match: str):
+    """pytest.raises(PatchingError, match=match), with the suite's run-time type checks off, so that
+    wrongly typed input meets the library's own validation, as it does for users. (The package is
+    imported here, not at the top: conftest imports this module before typeguard instruments it.)"""
+    from transformer_lens_patching import PatchingError
+
+    with typeguard.suppress_type_checks(), pytest.raises(PatchingError, match=match):
+        yield
+
+
+def model_state(model) -> tuple:
+    """Everything a patching call must leave untouched: hooks, flags, mode, gradients, block and attention methods."""
+    hooks = tuple((name, len(hp.fwd_hooks), len(hp.bwd_hooks)) for name, hp in sorted(model.hook_dict.items()))
+    flags = tuple(
+        getattr(model.cfg, flag, None)
+        for flag in ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in", "use_attn_in")
+    )
+    grads = tuple(p.grad is None for p in model.parameters())
+    overridden = tuple("forward" in module.__dict__ for block in model.blocks for module in (block, block.attn))
+    return hooks, flags, model.training, grads, torch.is_grad_enabled(), overridden

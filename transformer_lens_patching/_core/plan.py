@@ -1,0 +1,304 @@
+"""PatchPlan: what a patching call will run, decided before any forward pass.
+
+A plan lists the stacked forward passes a call needs, grouped into blocks: passes that
+depend only on each other (path patching's recording pass and the passes that use its
+recordings). Blocks are the unit of sharding: `plan.shard(i, n)` takes some of them, and
+since every pass runs exactly as in the whole plan, the shards' outputs assemble into
+exactly the unsharded result.
+
+    plan -> run (each block's passes) -> PlanOutputs -> assemble -> result
+"""
+
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
+
+import torch
+
+from ..errors import PatchingError
+from ..results import PatchResult
+from .measure import as_tensor
+from .sites import Sweep
+
+Stage = Literal["patch", "record", "unpatched"]
+"""What a pass does: `patch` runs patched variants and measures the metric; `record` runs
+path patching's first pass and keeps the receivers' values; `unpatched` measures the orig
+run once, for every cell whose patch cannot change what the metric reads."""
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass over several patched variants stacked along the batch."""
+
+    stage: Stage
+    variants: tuple[int, ...]
+    """The variants stacked, in order: cells for `patch`, the block's groups for `record`."""
+    start_layer: int
+    """The first layer run; the residual stream entering it comes from the orig run."""
+    stop_layer: int
+    """Layers `start_layer .. stop_layer - 1` run (then the unembedding, unless recording)."""
+
+    @property
+    def layers_run(self) -> int:
+        """How many layers the pass computes."""
+        return self.stop_layer - self.start_layer
+
+
+@dataclass(frozen=True)
+class Block:
+    """Passes that depend only on each other: the unit a shard takes whole."""
+
+    cells: tuple[int, ...]
+    """The result cells the block measures."""
+    passes: tuple[Pass, ...]
+    groups: tuple[tuple[int, ...], ...] = ()
+    """For path patching's two passes: the cells each recording variant serves (they share senders)."""
+
+    @property
+    def cost(self) -> int:
+        """Stacked variants times layers run, summed over the passes (an unembedding-only pass counts 1)."""
+        return sum(len(p.variants) * max(1, p.layers_run) for p in self.passes)
+
+
+@dataclass(frozen=True)
+class PlanOutputs:
+    """What running a plan (or a shard of it) measured: the metric's value for each of its cells."""
+
+    plan_id: str
+    values: dict[int, object]
+    """Metric value by cell index (tensors keep their autograd graph when run with `grad=True`)."""
+    metric_dims: tuple[str, ...] | None
+    """The dims of each metric value (None when the shard measured nothing)."""
+
+
+class Session(Protocol):
+    """What runs a plan's blocks: made by its method, with the caches and flags they need."""
+
+    metric_dims: tuple[str, ...] | None
+
+    def run_block(self, block: Block) -> dict[int, object]:
+        """The metric's value for each cell of `block`."""
+
+
+SessionFactory = Callable[[bool, int], AbstractContextManager[Session]]
+"""`start(grad, progress)`: a context in which the method's blocks can run, with a progress
+bar over `progress` cells (none for 0)."""
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """A patching call resolved into stacked forward passes, before any of them runs.
+
+    Build one with `plan_act_patch` or `plan_path_patch` (or `model.plan_act_patch`), which
+    check every argument and run nothing. Print it to see what will be patched, how many
+    variants and passes that takes and which layers each pass runs; `run()` it for the
+    metric values and `assemble` them into what `act_patch` / `path_patch` would return.
+
+    >>> plan = plan_act_patch(model, corrupted, IterNode("z"), metric, new_input=clean)  # doctest: +SKIP
+    >>> print(plan)  # doctest: +SKIP
+    >>> result = plan.assemble(plan.run())  # the same as act_patch(...)  # doctest: +SKIP
+    >>> parts = [plan.shard(i, 4).run() for i in range(4)]  # e.g. one per process  # doctest: +SKIP
+    >>> plan.assemble(parts)  # exactly the same result  # doctest: +SKIP
+    """
+
+    method: str
+    """`act_patch` or `path_patch`."""
+    description: tuple[tuple[str, str], ...]
+    """(label, text) lines saying what is patched, from where, into what, and how it is measured."""
+    n_cells: int
+    """Results the call computes: one per cell of a sweep, or one for a Node or list of Nodes."""
+    layout: tuple[Sweep, ...] | None
+    """For an IterNode: each component's dims and coordinates; None for a single result."""
+    metric_dims: tuple[str, ...] | None
+    """The dims the metric declares its values have (None: known once it has run)."""
+    blocks: tuple[Block, ...]
+    _start: SessionFactory = field(repr=False, compare=False)
+    shard_of: tuple[int, int] | None = None
+    """(index, count) for a shard made by `shard`; None for a whole plan."""
+    plan_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
+
+    @property
+    def passes(self) -> tuple[Pass, ...]:
+        """Every forward pass, in the order they run."""
+        return tuple(p for block in self.blocks for p in block.passes)
+
+    @property
+    def variants_per_pass(self) -> int:
+        """The most variants any one pass stacks."""
+        return max((len(p.variants) for p in self.passes), default=0)
+
+    @property
+    def layer_evaluations(self) -> int:
+        """Layers computed for one copy of the batch, summed over the stacked variants of every
+        pass: the work the plan does, in units of one layer's forward on the orig input."""
+        return sum(len(p.variants) * p.layers_run for p in self.passes)
+
+    @property
+    def cells(self) -> tuple[int, ...]:
+        """The cells this plan (or shard) measures."""
+        return tuple(cell for block in self.blocks for cell in block.cells)
+
+    @property
+    def unpatched_cells(self) -> tuple[int, ...]:
+        """Cells whose patch cannot change what the metric reads: they score the unpatched run."""
+        return tuple(c for block in self.blocks if block.passes[0].stage == "unpatched" for c in block.cells)
+
+    def shard(self, index: int, count: int) -> "PatchPlan":
+        """The part of this plan that shard `index` of `count` runs.
+
+        Blocks are dealt out by cost (largest first, each to the least loaded shard), so
+        shards do about the same work; a shard may get none. Every pass runs exactly as
+        in the whole plan, so `assemble` of all shards' outputs equals the whole plan's
+        result, bit for bit.
+
+        >>> parts = [plan.shard(i, 2).run() for i in range(2)]  # doctest: +SKIP
+        """
+        for value, what in ((count, "count"), (index, "index")):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise PatchingError(f"shard {what} must be an int, got {value!r}.")
+        if count < 1 or not 0 <= index < count:
+            raise PatchingError(f"shard(index, count) needs count >= 1 and 0 <= index < count; got ({index}, {count}).")
+        if self.shard_of is not None:
+            index, count = self.shard_of
+            raise PatchingError(f"This plan is already shard {index} of {count}; shard the whole plan.")
+        loads, owner = [0] * count, {}
+        for position in sorted(range(len(self.blocks)), key=lambda b: (-self.blocks[b].cost, b)):
+            chosen = min(range(count), key=lambda s: (loads[s], s))
+            loads[chosen] += self.blocks[position].cost
+            owner[position] = chosen
+        blocks = tuple(block for position, block in enumerate(self.blocks) if owner[position] == index)
+        return replace(self, blocks=blocks, shard_of=(index, count), plan_id=self.plan_id)
+
+    def run(self, *, grad: bool = False, progress: bool = False) -> PlanOutputs:
+        """Run every pass of this plan (or shard) and return the metric's value for each cell.
+
+        Args:
+            grad: Keep the autograd graph: the values are then differentiable with respect
+                to the model's parameters and to any patched-in tensor that requires grad.
+                Every pass then runs from the first layer (a pass starting late would begin
+                from the orig run's cached, detached residual stream); values taken from
+                cached runs (the new run's activations, path patching's frozen orig
+                activations) are constants. Without it, nothing records gradients.
+            progress: Show a progress bar over the cells.
+        """
+        with torch.set_grad_enabled(grad), self._start(grad, len(self.cells) if progress else 0) as session:
+            values: dict[int, object] = {}
+            for block in self.blocks:
+                values.update(session.run_block(block))
+            return PlanOutputs(self.plan_id, values, session.metric_dims)
+
+    def assemble(self, outputs: "PlanOutputs | Sequence[PlanOutputs]"):
+        """What `act_patch` / `path_patch` return, from the outputs of `run()` on this plan or on
+        all of its shards: the metric's value for a Node or list of Nodes, else a dict from
+        component name to a PatchResult with the sweep's dims plus the metric's own."""
+        parts = [outputs] if isinstance(outputs, PlanOutputs) else list(outputs)
+        values: dict[int, object] = {}
+        dims = None
+        for part in parts:
+            if not isinstance(part, PlanOutputs) or part.plan_id != self.plan_id:
+                raise PatchingError(
+                    "assemble() takes the outputs of run() on this plan or on its shards, and nothing else."
+                )
+            repeated = sorted(set(values) & set(part.values))
+            if repeated:
+                raise PatchingError(f"Cells {repeated[:5]} were measured by more than one of the outputs given.")
+            values.update(part.values)
+            dims = dims if part.metric_dims is None else part.metric_dims
+        missing = sorted(set(range(self.n_cells)) - set(values))
+        if missing:
+            raise PatchingError(
+                f"{len(missing)} of {self.n_cells} cells are missing (e.g. {missing[:5]}): "
+                "pass the outputs of every shard."
+            )
+        if self.layout is None:
+            return values[0]
+        return _assembled(self.layout, [values[cell] for cell in range(self.n_cells)], dims or ())
+
+    def __str__(self) -> str:
+        lines = [f"{self.method} plan" + (f", shard {self.shard_of[0]} of {self.shard_of[1]}" if self.shard_of else "")]
+        lines += [f"  {label:<10}{text}" for label, text in self.description]
+        if self.layout is not None:
+            own = "" if self.metric_dims == () else (
+                ", plus the metric's own dims" if self.metric_dims is None else ", ".join(("", *self.metric_dims))
+            )
+            sizes = [(s.name, ", ".join(f"{d}={len(s.coords[d])}" for d in s.dims)) for s in self.layout]
+            shapes = "; ".join(f"{name}: ({dims}{own})" for name, dims in sizes)
+            lines.append(f"  {'result':<10}{shapes}")
+        unpatched = len(self.unpatched_cells)
+        measured = len(self.cells)
+        lines.append(f"  {'variants':<10}{measured - unpatched} patched" + (
+            f", {unpatched} scoring the unpatched run (nothing they patch can change what the metric reads)"
+            if unpatched else ""
+        ))
+        passes = self.passes
+        lines.append(f"  {'passes':<10}{len(passes)} forward passes in {len(self.blocks)} blocks, "
+                     f"at most {self.variants_per_pass} variants stacked per pass, "
+                     f"{self.layer_evaluations} layer evaluations in all")  # fmt: skip
+        lines += [f"  {'':<10}{line}" for line in _pass_table(passes)]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        shard = f", shard {self.shard_of[0]}/{self.shard_of[1]}" if self.shard_of else ""
+        return f"<PatchPlan {self.method}: {len(self.cells)} cells in {len(self.passes)} passes{shard}>"
+
+
+def stacked_passes(stage: Stage, variants: Sequence[int], start_layers: Sequence[int], chunk: int,
+                   stop_layer: Callable[[int], int], start_late: bool) -> list[Pass]:  # fmt: skip
+    """Passes over `variants`, whose first layers are `start_layers`: variants that start at the
+    same layer (all at layer 0 unless passes can `start_late`), at most `chunk` per pass, in
+    order of their start layer. `stop_layer(start)` is where a pass that starts there stops."""
+    by_layer: dict[int, list[int]] = {}
+    for variant, layer in zip(variants, start_layers):
+        by_layer.setdefault(layer if start_late else 0, []).append(variant)
+    passes = []
+    for layer in sorted(by_layer):
+        variants = by_layer[layer]
+        for start in range(0, len(variants), chunk):
+            passes.append(Pass(stage, tuple(variants[start : start + chunk]), layer, stop_layer(layer)))
+    return passes
+
+
+def _pass_table(passes: Sequence[Pass]) -> Iterator[str]:
+    """One line per stage and last layer: how many passes, how many variants each stacks,
+    and the layers they run."""
+    kinds: dict[tuple, list[Pass]] = {}
+    order = {"record": 0, "patch": 1, "unpatched": 2}
+    for p in sorted(passes, key=lambda p: (order[p.stage], p.stop_layer, p.start_layer)):
+        kinds.setdefault((p.stage, p.stop_layer), []).append(p)
+    for (stage, stop), group in kinds.items():
+        sizes = sorted(len(p.variants) for p in group)
+        starts = sorted({p.start_layer for p in group})
+        size_text = str(sizes[0]) if sizes[0] == sizes[-1] else f"{sizes[0]}-{sizes[-1]}"
+        count = f"{len(group)} pass" + ("es" if len(group) > 1 else "")
+        if stop <= starts[0]:
+            layers = "only the unembedding"
+        else:
+            if starts == [stop - 1]:
+                layers = f"layer {stop - 1}"
+            else:
+                first = f"layer {starts[0]}" if len(starts) == 1 else f"layers {starts[0]}-{starts[-1]}"
+                layers = f"from {first} through layer {stop - 1}"
+            layers += "" if stage == "record" else ", then the unembedding"
+        yield f"{stage:<10}{count:>11} x {size_text:>5} variants: {layers}"
+
+
+def _assembled(layout: Sequence[Sweep], outputs: list, metric_dims: tuple[str, ...]) -> dict[str, PatchResult]:
+    """One PatchResult per sweep from the cells' metric values (in cell order), moved to the CPU
+    in one transfer per sweep."""
+    values = [as_tensor(output).detach() for output in outputs]
+    shapes = {tuple(v.shape) for v in values}
+    if len(shapes) > 1:
+        raise PatchingError(f"The metric returned values of different shapes across the sweep: {sorted(shapes)}.")
+    if len(metric_dims) != values[0].ndim:
+        metric_dims = tuple(f"metric_{axis}" for axis in range(values[0].ndim))
+    results, start = {}, 0
+    for sweep in layout:
+        count = len(sweep.sites)
+        cells = values[start : start + count]
+        stacked = torch.stack([v.to(cells[0].device) for v in cells]).cpu()
+        start += count
+        shaped = stacked.reshape(*sweep.shape, *stacked.shape[1:])
+        results[sweep.name] = PatchResult(shaped, sweep.dims + metric_dims, sweep.coords)
+    return results

@@ -1,0 +1,191 @@
+"""act_patch: run orig, overwrite some activations with values from another run, measure.
+
+`plan_act_patch` resolves the call into a `PatchPlan` without running anything;
+`act_patch` runs that plan and assembles its result.
+"""
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import Tensor
+
+from .. import _tl
+from .._core.executor import Executor, OrigResiduals, logit_reader, metric_calls, progress_bar
+from .._core.measure import declared_dims
+from .._core.memory import check_chunk_args, variants_per_pass
+from .._core.nodes import IterNode, Node
+from .._core.plan import Block, Pass, PatchPlan, stacked_passes
+from .._core.program import PatchProgram, entry_layer
+from .._core.sites import PatchSite, resolve_spec
+from .._core.sources import SourceFactory, planned_source
+from .._core.tensor_types import ModelInput, OtherModelInput
+from ..results import PatchResult
+from .common import check_hooks_exist, describe_metric, print_shapes, resolve_metric
+
+NOTHING_TO_PATCH_IN = (
+    "Nothing to patch in: pass new_input (resample ablation), new_cache (an ActivationCache, "
+    "e.g. from mean_ablation_cache) or new_cache='zero' (zero ablation)."
+)
+
+
+def plan_act_patch(
+    model,
+    orig_input: ModelInput,
+    patching_nodes: Node | Sequence[Node] | IterNode,
+    patching_metric: Callable | str,
+    new_input: OtherModelInput | None = None,
+    new_cache=None,
+    apply_metric_to_cache: bool = False,
+    *,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+) -> PatchPlan:
+    """The plan of an `act_patch` call, with every argument checked and nothing run.
+
+    Takes the arguments of `act_patch` (but `verbose`). Print the plan to see what it will
+    patch and the passes it needs; `plan.assemble(plan.run())` is what `act_patch` returns.
+
+    >>> plan = plan_act_patch(model, corrupted, IterNode("z"), metric, new_input=clean)  # doctest: +SKIP
+    >>> print(plan)  # doctest: +SKIP
+    """
+    _tl.check_model(model)
+    _tl.check_deterministic(model)
+    check_chunk_args(batch_size, max_memory)
+    tokens = _tl.to_tokens(model, orig_input)
+    shape = _tl.model_shape(model)
+    resolved = resolve_spec(patching_nodes, shape, tokens, "patching_nodes")
+    is_sweep = isinstance(patching_nodes, IterNode)
+    cells: list[list[PatchSite]] = [c for sweep in resolved for c in sweep.sites] if is_sweep else [resolved]
+    names = {site.hook_name for cell in cells for site in cell}
+    check_hooks_exist(model, names)
+    metric = resolve_metric(patching_metric, tokens)
+    reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache)
+    source, source_text = planned_source(model, new_input, new_cache, names, tokens, "new_cache", NOTHING_TO_PATCH_IN)
+
+    # Cells that patch only positions after those the metric reads score the unpatched metric.
+    live = [i for i, cell in enumerate(cells) if reader is None or not all(map(reader.only_after_reads, cell))]
+    unpatched = tuple(i for i in range(len(cells)) if i not in set(live))
+    logits_per_prompt = None if reader is None else reader.floats_per_prompt
+    chunk = variants_per_pass(len(live), tokens, shape, batch_size, max_memory, apply_metric_to_cache,
+                              logits_per_prompt)  # fmt: skip
+    start_late = _tl.can_start_late(model) and not apply_metric_to_cache
+    start_layers = [min(entry_layer(site.hook_name) for site in cells[i]) for i in live]
+    passes = stacked_passes("patch", live, start_layers, chunk, lambda start: shape.n_layers, start_late)
+    blocks = [Block(p.variants, (p,)) for p in passes]
+    if unpatched:
+        blocks.append(Block(unpatched, (Pass("unpatched", (0,), shape.n_layers, shape.n_layers),)))
+    description = (
+        ("patch", f"{patching_nodes!r}" if is_sweep else ", ".join(repr(site.node) for site in resolved)),
+        ("from", source_text),
+        ("into", f"orig_input: {tokens.shape[0]} prompts x {tokens.shape[1]} tokens"),
+        ("metric", describe_metric(metric, reader, apply_metric_to_cache)),
+    )
+    run = _ActPatchRun(model, tokens, cells, metric, reader, source, names, apply_metric_to_cache)
+    layout = tuple(resolved) if is_sweep else None
+    return PatchPlan("act_patch", description, len(cells), layout, declared_dims(metric), tuple(blocks), run.start)
+
+
+class _ActPatchRun:
+    """What running an act_patch plan needs: the cells' sites and where their values come from."""
+
+    def __init__(self, model, tokens, cells, metric, reader, source: SourceFactory, names, apply_metric_to_cache):
+        self.model, self.tokens, self.cells = model, tokens, cells
+        self.metric, self.reader, self.source = metric, reader, source
+        self.flags = _tl.flags_for(names)
+        self.apply_metric_to_cache = apply_metric_to_cache
+
+    @contextmanager
+    def start(self, grad: bool, progress: int) -> Iterator["_ActPatchSession"]:
+        """A session with the model's flags switched on (and a bar over `progress` cells, if any)."""
+        _tl.check_deterministic(self.model)
+        with _tl.model_flags(self.model, self.flags), progress_bar(progress, "act_patch", progress > 0) as bar:
+            calls = metric_calls(self.metric, self.tokens.shape[0], self.reader, self.apply_metric_to_cache, self.model)
+            executor = Executor(self.model, self.tokens, OrigResiduals(self.model, self.tokens), calls, self.reader,
+                                self.apply_metric_to_cache, full_graph=grad, progress=bar)  # fmt: skip
+            yield _ActPatchSession(self, executor)
+
+
+class _ActPatchSession:
+    """Runs the blocks of an act_patch plan; the new run's cache is made when first needed."""
+
+    def __init__(self, run: _ActPatchRun, executor: Executor):
+        self._run, self._executor = run, executor
+
+    @property
+    def metric_dims(self) -> tuple[str, ...] | None:
+        return self._executor.calls.dims
+
+    @functools.cached_property
+    def _source(self):
+        return self._run.source()
+
+    def run_block(self, block: Block) -> dict[int, object]:
+        (pass_,) = block.passes
+        if pass_.stage == "unpatched":
+            value = self._executor.unpatched(pass_)
+            if self._executor.progress is not None:
+                self._executor.progress.update(len(block.cells) - 1)
+            return dict.fromkeys(block.cells, value)
+        source, cells = self._source, self._run.cells
+
+        def add_steps(program: PatchProgram, cell: int, row_start: int) -> None:
+            for site in cells[cell]:
+                program.edit(site, row_start, source.value(site.hook_name))
+
+        return dict(zip(pass_.variants, self._executor.run(pass_, add_steps)))
+
+
+def act_patch(
+    model,
+    orig_input: ModelInput,
+    patching_nodes: Node | Sequence[Node] | IterNode,
+    patching_metric: Callable | str,
+    new_input: OtherModelInput | None = None,
+    new_cache=None,
+    apply_metric_to_cache: bool = False,
+    verbose: bool = False,
+    *,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+) -> "float | Tensor | tuple | dict[str, PatchResult]":
+    """Activation patching: run `orig_input` with some activations taken from another run.
+
+    Args:
+        model: A TransformerLens model (TransformerBridge on TransformerLens 4,
+            HookedTransformer on 2).
+        orig_input: The run to patch into: a string, a list of strings or tokens (batch, pos).
+        patching_nodes: A Node, a list of Nodes (all patched together, one result) or an
+            IterNode (one result per node it sweeps over).
+        patching_metric: A function of the patched logits (batch, pos, d_vocab) returning a
+            float, a tensor or a tuple of them, or "loss" / "loss_per_token".
+        new_input: The run whose activations are patched in (resample ablation).
+        new_cache: Instead of `new_input`: an ActivationCache (e.g. from
+            `mean_ablation_cache`) or "zero" for zero ablation.
+        apply_metric_to_cache: Give the metric the patched run's ActivationCache instead of
+            its logits.
+        verbose: Show a progress bar, and for an IterNode print each result's dims.
+        batch_size: Patched variants per forward pass (default: as many as fit in `max_memory`).
+        max_memory: Bytes of activations one forward pass may use (default 256 MiB on
+            CPU, 2 GiB on accelerators).
+
+    Returns:
+        For a Node or list of Nodes, what the metric returned. For an IterNode, a dict from
+        component name to a PatchResult with dims such as `("layer", "head")` or
+        `("seq_pos", "layer")`, plus `"batch"` for a per-prompt metric.
+
+    Raises:
+        PatchingError: for any invalid node, input, cache or metric.
+
+    >>> results = act_patch(model, corrupted, IterNode("z"), metric, new_input=clean)  # doctest: +SKIP
+    >>> results["z"].dims  # doctest: +SKIP
+    ('layer', 'head')
+    """
+    plan = plan_act_patch(
+        model, orig_input, patching_nodes, patching_metric, new_input, new_cache, apply_metric_to_cache,
+        batch_size=batch_size, max_memory=max_memory,
+    )  # fmt: skip
+    result = plan.assemble(plan.run(progress=verbose))
+    if verbose:
+        print_shapes(result)
+    return result

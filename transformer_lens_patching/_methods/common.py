@@ -1,0 +1,58 @@
+"""What the patching methods share: their metric, checking their hooks exist, printing their results' shapes."""
+
+import types
+
+from torch import Tensor
+
+from .. import _tl
+from .._core.selection import LogitReader
+from ..errors import PatchingError
+from ..metrics import Metric, lm_loss
+from ..results import PatchResult
+
+
+def check_hooks_exist(model, names) -> None:
+    """Raise a PatchingError naming any hook the model does not have."""
+    available = _tl.hook_names(model)
+    missing = sorted(set(names) - available)
+    if missing:
+        raise PatchingError(
+            f"This model has no hook {missing[0]!r}. It may not compute that activation "
+            "(e.g. attn.hook_result needs use_attn_result, rotary models have no hook_pos_embed)."
+        )
+
+
+def print_shapes(results) -> None:
+    """For `verbose=True`, as the prior art did: one line per component, e.g.
+    `results['z'].shape = (layer=12, head=12)`."""
+    if not isinstance(results, dict):
+        return
+    for name, result in results.items():
+        if isinstance(result, PatchResult):
+            print(f"results[{name!r}].shape = ({result.dims_text})")
+
+
+def resolve_metric(metric, tokens: Tensor) -> Metric:
+    """A callable metric: `metric` itself, or the LM loss for "loss" / "loss_per_token"."""
+    if isinstance(metric, str):
+        if metric == "loss":
+            return lm_loss(tokens)
+        if metric == "loss_per_token":
+            return lm_loss(tokens, per_token=True)
+        raise PatchingError(f"Unknown metric {metric!r}: expected a callable, 'loss' or 'loss_per_token'.")
+    if not callable(metric):
+        raise PatchingError(f"patching_metric must be a callable, 'loss' or 'loss_per_token'; got {type(metric).__name__}.")
+    return metric
+
+
+def describe_metric(metric, reader: LogitReader | None, apply_metric_to_cache: bool) -> str:
+    """What a plan says about its metric: what it is, and what it receives."""
+    plain = isinstance(metric, types.FunctionType) or type(metric).__repr__ is object.__repr__
+    name = f"{getattr(metric, '__qualname__', type(metric).__name__)}" if plain else repr(metric)
+    if apply_metric_to_cache:
+        return f"{name}, of each patched run's ActivationCache"
+    if reader is None:
+        return f"{name}, of the full logits (batch, pos, d_vocab)"
+    positions = reader.positions.shape[1]
+    tokens = "the whole vocabulary" if reader.reads_whole_vocabulary else f"{reader.n_columns} logits"
+    return f"{name}: reads {tokens} at {positions} position{'s' if positions > 1 else ''} per prompt"

@@ -1,0 +1,220 @@
+"""Path patching's rules: which senders reach which receivers, and which passes they need.
+
+A sender at a point of the residual stream reaches a receiver that reads it at or after
+that point (`reaches`). The one-pass algorithm rebuilds a receiver's input from the
+per-head input hooks (`HEAD_INPUTS`); the two-pass algorithm freezes every head before
+the last receiver (`pass_one_plan`) and groups the cells that share their senders into
+one recording variant (`two_pass_blocks`).
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from .. import _tl
+from .._core.components import COMPONENTS, RECEIVERS, SENDERS, Component, hook_name
+from .._core.nodes import IterNode, Node
+from .._core.plan import Block, stacked_passes
+from .._core.program import entry_layer
+from .._core.selection import LogitReader
+from .._core.sites import PatchSite, Sweep
+from .._tl import ModelShape
+from ..errors import PatchingError
+
+HEAD_INPUTS = {"q": ("q_input",), "k": ("k_input",), "v": ("v_input",), "q_input": ("q_input",),
+               "k_input": ("k_input",), "v_input": ("v_input",), "pattern": ("q_input", "k_input"),
+               "z": ("q_input", "k_input", "v_input")}  # fmt: skip
+"""Which per-head input hooks carry each head receiver's input."""
+
+WHOLE_HEAD_RECEIVERS = ("z", "pattern")
+"""Receivers that mix positions, so pass 2 patches the whole head, not only `seq_pos`."""
+
+
+@dataclass(frozen=True)
+class PathVariant:
+    """One path-patching experiment: these senders to these receivers."""
+
+    senders: list[PatchSite]
+    receivers: list[PatchSite]
+
+
+def _names(spec) -> list[str]:
+    if isinstance(spec, IterNode):
+        return list(spec.names)
+    if isinstance(spec, Node):
+        return [spec.name]
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(n, Node) for n in spec):
+        return [n.name for n in spec]
+    return []
+
+
+def check_specs(senders, receivers, seq_pos) -> None:
+    """Raise a PatchingError for senders or receivers path patching cannot take."""
+    if isinstance(senders, IterNode) and isinstance(receivers, IterNode):
+        raise PatchingError("Only one of sender_nodes and receiver_nodes may be an IterNode, not both.")
+    for spec, what, allowed in ((senders, "sender", SENDERS), (receivers, "receiver", RECEIVERS)):
+        for name in _names(spec):
+            if name not in allowed:
+                raise PatchingError(f"{name!r} cannot be a {what} in path patching. Valid {what}s: {', '.join(allowed)}.")
+        nodes = [spec] if isinstance(spec, Node) else spec if isinstance(spec, (list, tuple)) else []
+        for node in nodes:
+            if isinstance(node, Node) and node.seq_pos is not None:
+                raise PatchingError(
+                    f"{node!r} has its own seq_pos, which path_patch does not allow: direct paths never cross "
+                    "positions, so one seq_pos= argument of path_patch applies to senders and receivers alike."
+                )
+        if isinstance(spec, IterNode):
+            if spec.seq_pos not in (None, "each"):
+                raise PatchingError(
+                    f"In path_patch an IterNode's seq_pos must be None or 'each' (got {spec.seq_pos!r}); "
+                    "pass fixed positions as path_patch(seq_pos=...)."
+                )
+            if spec.seq_pos == "each" and seq_pos is not None:
+                raise PatchingError("IterNode(seq_pos='each') sweeps positions, so path_patch's seq_pos must be None.")
+
+
+def paired_variants(senders, receivers, sender_spec, receiver_spec) -> tuple[list[PathVariant], list[Sweep] | None]:
+    """Pair senders with receivers: one variant per cell of whichever side is an IterNode."""
+
+    def repositioned(sites: list[PatchSite], cell: list[PatchSite], each: bool) -> list[PatchSite]:
+        return [site.with_positions_of(cell[0]) for site in sites] if each else sites
+
+    if isinstance(sender_spec, IterNode):
+        each = sender_spec.seq_pos == "each"
+        cells = [cell for sweep in senders for cell in sweep.sites]
+        return [PathVariant(cell, repositioned(receivers, cell, each)) for cell in cells], senders
+    if isinstance(receiver_spec, IterNode):
+        each = receiver_spec.seq_pos == "each"
+        cells = [cell for sweep in receivers for cell in sweep.sites]
+        return [PathVariant(repositioned(senders, cell, each), cell) for cell in cells], receivers
+    return [PathVariant(senders, receivers)], None
+
+
+def input_site(component: Component, site: PatchSite) -> PatchSite:
+    """The per-head input hook `component` (e.g. `q_input`) of a head receiver `site`."""
+    node = Node(component.name, site.layer, head=site.unit)
+    return PatchSite(node, component.hook_name(site.layer), site.unit, site.positions, site.device_positions)
+
+
+def input_base_hook(receiver: PatchSite) -> str:
+    """The orig activation a receiver's input is rebuilt from in the one-pass algorithm."""
+    if receiver.component.name in HEAD_INPUTS:
+        return hook_name("resid_pre", receiver.layer)
+    return receiver.hook_name
+
+
+@dataclass(frozen=True)
+class PassOnePlan:
+    """What pass 1 of the two-pass algorithm freezes to orig values, and where it skips attention."""
+
+    frozen: list[tuple[int, str]]
+    """(layer, hook) of each frozen activation: `attn_out` where attention is skipped, else
+    `z` (every head), and `post` when MLPs are frozen too."""
+    replaced_attention: frozenset[int]
+    """Layers whose attention pass 1 does not compute: with every head frozen, their output
+    is the orig one plus the senders' contributions."""
+
+
+def pass_one_plan(shape: ModelShape, receivers: list[PatchSite], freeze_mlps: bool, skip_attention: bool) -> PassOnePlan:
+    """Freeze only what lies before the last point a receiver reads; skip the attention of
+    every layer without an attention receiver when `skip_attention`."""
+    last_read = max(2 * r.layer + r.component.read_offset for r in receivers)
+    attention_receiver_layers = {r.layer for r in receivers if r.component.name in HEAD_INPUTS}
+    heads, mlps = COMPONENTS["z"], COMPONENTS["post"]
+    frozen, replaced = [], set()
+    for layer in range(shape.n_layers):
+        if 2 * layer + heads.write_offset <= last_read:
+            if skip_attention and layer not in attention_receiver_layers:
+                replaced.add(layer)
+                frozen.append((layer, COMPONENTS["attn_out"].hook_name(layer)))
+            else:
+                frozen.append((layer, heads.hook_name(layer)))
+        if freeze_mlps and 2 * layer + mlps.write_offset <= last_read:
+            frozen.append((layer, mlps.hook_name(layer)))
+    return PassOnePlan(frozen, frozenset(replaced))
+
+
+def reaches(sender: PatchSite, receiver: PatchSite) -> bool:
+    """Whether a direct residual path goes from `sender`'s output to `receiver`'s input."""
+    written = 2 * sender.layer + sender.component.write_offset
+    read = 2 * receiver.layer + receiver.component.read_offset
+    return written <= read
+
+
+def reaching_part(variant: PathVariant, reader: LogitReader | None) -> PathVariant | None:
+    """The variant without the senders that reach none of its receivers, or (with a
+    `reader`) only positions after every position the metric reads, and without the
+    receivers that none of its senders reach (they keep their orig values); None if
+    nothing is reached: then nothing changes, and the result is the unpatched metric."""
+    senders = [s for s in variant.senders if reader is None or not reader.only_after_reads(s)]
+    senders = [s for s in senders if any(reaches(s, r) for r in variant.receivers)]
+    receivers = [r for r in variant.receivers if any(reaches(s, r) for s in senders)]
+    return PathVariant(senders, receivers) if senders else None
+
+
+def patched_hooks(receiver: PatchSite) -> list[str]:
+    """The hooks the one-pass algorithm edits for `receiver`."""
+    inputs = HEAD_INPUTS.get(receiver.component.name)
+    if inputs is None:
+        return [receiver.hook_name]
+    return [input_site(COMPONENTS[name], receiver).hook_name for name in inputs]
+
+
+def recorded_until(receivers: Sequence[PatchSite]) -> int:
+    """The layer a recording pass stops before: it has run the layers the receivers read in."""
+    return max(r.layer + (0 if r.component.name == "resid_pre" else 1) for r in receivers)
+
+
+@dataclass(frozen=True)
+class PathPlan:
+    """Everything a path_patch plan's passes need, decided before any of them runs."""
+
+    variants: list[PathVariant | None]
+    """Per cell: the senders that reach a receiver and the receivers they reach (None: no path)."""
+    fork: bool
+    """Whether the one-pass algorithm runs (else the two-pass one)."""
+    pass_one: PassOnePlan
+    flags: set[str]
+    """The model flags the hooks need (e.g. `use_split_qkv_input`)."""
+
+
+def two_pass_blocks(plan: PathPlan, live: list[int], chunk: Callable[[int, bool], int],
+                    start_late: Callable[[bool], bool], n_layers: int) -> list[Block]:  # fmt: skip
+    """Blocks of the two-pass algorithm: cells that share their senders share one recording
+    variant; each block records a chunk of such groups, then patches their cells in.
+    `chunk(n, measured)` and `start_late(measured)` size and place the passes."""
+    variants = plan.variants
+    groups: dict[tuple, list[int]] = {}
+    for cell in live:
+        key = tuple((s.hook_name, s.unit, None if s.positions is None else tuple(s.positions.flatten().tolist()))
+                    for s in variants[cell].senders)  # fmt: skip
+        groups.setdefault(key, []).append(cell)
+    members = list(groups.values())
+    block_size = chunk(len(members), False)
+    blocks = []
+    for start in range(0, len(members), block_size):
+        block = members[start : start + block_size]
+        starts = [min(entry_layer(s.hook_name) for s in variants[cells[0]].senders) for cells in block]
+        recording = stacked_passes("record", range(len(block)), starts, chunk(len(block), False), lambda s: n_layers,
+                                   start_late(False))  # fmt: skip
+        receivers_of = [[r for cell in cells for r in variants[cell].receivers] for cells in block]
+        recording = [
+            replace(p, stop_layer=recorded_until([r for group in p.variants for r in receivers_of[group]]))
+            for p in recording
+        ]
+        cells = [cell for group in block for cell in group]
+        starts = [min(entry_layer(r.hook_name) for r in variants[cell].receivers) for cell in cells]
+        patching = stacked_passes("patch", cells, starts, chunk(len(cells), True), lambda s: n_layers, start_late(True))
+        blocks.append(Block(tuple(cells), tuple(recording + patching), tuple(tuple(group) for group in block)))
+    return blocks
+
+
+def can_fork(model, shape: ModelShape, variants: list[PathVariant]) -> bool:
+    """Whether the one-pass algorithm can set every receiver's input (see the module docstring of `path`)."""
+    receivers = {site.component.name for v in variants for site in v.receivers}
+    if "pre" in receivers:
+        return False
+    if shape.n_kv_heads != shape.n_heads and receivers & set(WHOLE_HEAD_RECEIVERS):
+        return False
+    if receivers & set(HEAD_INPUTS):
+        return _tl.supports_split_qkv_input(model)
+    return True

@@ -1,0 +1,175 @@
+"""Running a path_patch plan: the one-pass and two-pass algorithms, block by block."""
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from .. import _tl
+from .._core.components import COMPONENTS, hook_name
+from .._core.executor import Executor, OrigResiduals, metric_calls, progress_bar
+from .._core.plan import Block
+from .._core.program import PatchProgram
+from .._core.sites import PatchSite
+from .._core.sources import ActivationSource, SourceFactory
+from .path_rules import HEAD_INPUTS, WHOLE_HEAD_RECEIVERS, PathPlan, input_base_hook, input_site, reaches
+
+
+class PathPatchRun:
+    """What running a path_patch plan needs, besides its blocks."""
+
+    def __init__(self, model, tokens, plan: PathPlan, metric, reader, new: SourceFactory, orig: SourceFactory,
+                 apply_metric_to_cache: bool, cache_names_filter):  # fmt: skip
+        self.model, self.tokens, self.plan = model, tokens, plan
+        self.shape = _tl.model_shape(model)
+        self.metric, self.reader, self.new, self.orig = metric, reader, new, orig
+        self.apply_metric_to_cache, self.cache_names_filter = apply_metric_to_cache, cache_names_filter
+
+    @contextmanager
+    def start(self, grad: bool, progress: int) -> Iterator["PathPatchSession"]:
+        """A session with the model's flags switched on (and a bar over `progress` cells, if any)."""
+        _tl.check_deterministic(self.model)
+        with _tl.model_flags(self.model, self.plan.flags), progress_bar(progress, "path_patch", progress > 0) as bar:
+            yield PathPatchSession(self, grad, bar)
+
+
+class PathPatchSession:
+    """Runs the blocks of a path_patch plan; the orig and new caches are made when first needed."""
+
+    def __init__(self, run: PathPatchRun, grad: bool, progress):
+        self._run, self._grad, self._progress = run, grad, progress
+        self._calls = metric_calls(run.metric, run.tokens.shape[0], run.reader, run.apply_metric_to_cache, run.model)
+        self._contributions: dict[int, Tensor] = {}
+
+    @property
+    def metric_dims(self) -> tuple[str, ...] | None:
+        return self._calls.dims
+
+    @functools.cached_property
+    def _new(self) -> ActivationSource:
+        return self._run.new()
+
+    @functools.cached_property
+    def _orig(self) -> ActivationSource:
+        return self._run.orig()
+
+    @functools.cached_property
+    def _executor(self) -> Executor:
+        run = self._run
+        residuals = OrigResiduals(run.model, run.tokens, self._orig.tensors)
+        return Executor(
+            run.model, run.tokens, residuals, self._calls, run.reader, run.apply_metric_to_cache,
+            full_graph=self._grad, progress=self._progress, cache_names_filter=run.cache_names_filter,
+        )  # fmt: skip
+
+    @functools.cached_property
+    def _w_o(self) -> Tensor:
+        return _tl.w_o(self._run.model)
+
+    @functools.cached_property
+    def _w_out(self) -> Tensor:
+        return _tl.w_out(self._run.model)
+
+    @functools.cached_property
+    def _frozen(self) -> list[tuple[int, str, Tensor]]:
+        return [(layer, name, self._orig.value(name)) for layer, name in self._run.plan.pass_one.frozen]
+
+    def run_block(self, block: Block) -> dict[int, object]:
+        first = block.passes[0]
+        if first.stage == "unpatched":
+            value = self._executor.unpatched(first)
+            if self._progress is not None:
+                self._progress.update(len(block.cells) - 1)
+            return dict.fromkeys(block.cells, value)
+        if self._run.plan.fork:
+            (pass_,) = block.passes
+            return dict(zip(pass_.variants, self._executor.run(pass_, self._one_pass_steps)))
+        return self._two_passes(block)
+
+    def _one_pass_steps(self, program: PatchProgram, cell: int, row_start: int) -> None:
+        """Set each receiver's input to orig plus the reaching senders' new - orig."""
+        variant, orig = self._run.plan.variants[cell], self._orig
+        for receiver in variant.receivers:
+            reaching = [self._cached_contribution(s) for s in variant.senders if reaches(s, receiver)]
+            delta = torch.stack(reaching).sum(0) if reaching else None
+            base = orig.value(input_base_hook(receiver))
+            value = base if delta is None else base + delta
+            inputs = HEAD_INPUTS.get(receiver.component.name)
+            if inputs is None:
+                program.edit(receiver, row_start, value)
+            for input_name in inputs or ():
+                component = COMPONENTS[input_name]
+                count = self._run.shape.unit_count(component.unit)
+                expanded = value.unsqueeze(2).expand(*value.shape[:2], count, value.shape[-1])
+                program.edit(input_site(component, receiver), row_start, expanded)
+
+    def _two_passes(self, block: Block) -> dict[int, object]:
+        """Pass 1 freezes heads (and MLPs) and records the receivers; pass 2 patches them in.
+
+        Each recording variant starts at its first sender, skips the attention the plan
+        replaces and stops once its receivers are recorded.
+        """
+        variants, plan = self._run.plan.variants, self._run.plan.pass_one
+        new = self._new
+        records: dict[tuple[int, str], Tensor] = {}
+        group_of = {cell: group for group, cells in enumerate(block.groups) for cell in cells}
+
+        def pass_one(program: PatchProgram, group: int, row_start: int) -> None:
+            cells = block.groups[group]
+            receivers = {site.hook_name: site for cell in cells for site in variants[cell].receivers}
+            for name, site in receivers.items():
+                if site.component.name == "z":
+                    program.record(name, row_start, records, (group, name))
+            for layer, name, value in self._frozen:
+                if layer >= program.start_layer:
+                    program.fill(name, row_start, value)
+            for site in variants[cells[0]].senders:
+                if site.component.name == "z" and site.layer in plan.replaced_attention:
+                    attn_out = hook_name("attn_out", site.layer)
+                    program.add(attn_out, row_start, self._contribution(site))
+                else:
+                    program.edit(site, row_start, new.value(site.hook_name))
+            for name, site in receivers.items():
+                if site.component.name != "z":
+                    program.record(name, row_start, records, (group, name))
+
+        def pass_two(program: PatchProgram, cell: int, row_start: int) -> None:
+            for site in variants[cell].receivers:
+                if site.component.name in WHOLE_HEAD_RECEIVERS:
+                    site = site.with_positions_of(None)
+                program.edit(site, row_start, records[(group_of[cell], site.hook_name)])
+
+        outputs: dict[int, object] = {}
+        for pass_ in block.passes:
+            if pass_.stage == "record":
+                self._executor.run(pass_, pass_one, measured=False, stop_when_recorded=True,
+                                   replaced_attention=plan.replaced_attention)  # fmt: skip
+            else:
+                outputs.update(zip(pass_.variants, self._executor.run(pass_, pass_two)))
+        return outputs
+
+    def _cached_contribution(self, site: PatchSite) -> Tensor:
+        """`_contribution(site)`, computed once per session (one-pass variants share senders)."""
+        if id(site) not in self._contributions:
+            self._contributions[id(site)] = self._contribution(site)
+        return self._contributions[id(site)]
+
+    def _contribution(self, site: PatchSite) -> Tensor:
+        """What `site`'s change from orig to new adds to the residual stream, (batch, pos, d_model)."""
+        before = self._orig.value(site.hook_name)
+        diff = self._new.tensor_like(site.hook_name, before) - before
+        units = slice(None) if site.unit is None else slice(site.unit, site.unit + 1)
+        if site.component.name == "z":
+            w_o = self._w_o[site.layer, units]
+            diff = torch.einsum("bphd,hdm->bpm", diff[:, :, units], w_o.to(diff.dtype))
+        elif site.component.name == "post":
+            w_out = self._w_out[site.layer, units]
+            diff = diff[..., units] @ w_out.to(diff.dtype)
+        if site.positions is not None:
+            batch = diff.shape[0]
+            mask = torch.zeros(diff.shape[:2], dtype=diff.dtype, device=diff.device)
+            mask[torch.arange(batch, device=diff.device).unsqueeze(1), site.positions.to(diff.device)] = 1
+            diff = diff * mask.unsqueeze(-1)
+        return diff

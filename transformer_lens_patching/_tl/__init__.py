@@ -1,0 +1,41 @@
+"""Every TransformerLens import, and every difference between TransformerLens 4 and 2.
+
+TransformerLens 4 models are `TransformerBridge`s; TransformerLens 2 models are
+`HookedTransformer`s. Both expose the same hook names, `hooks()` context manager,
+`run_with_cache` and stacked weights; what differs is handled in this subpackage and
+nowhere else. The rest of the library calls it as `_tl.<function>`.
+"""
+
+from .cache import cache_items, make_cache, run_with_cache
+from .flags import flags_for, model_flags, resid_mid_feeds_only_the_mlp, supports_split_qkv_input
+from .forward import (
+    attention_replaced,
+    can_start_late,
+    final_norm,
+    forward_logits,
+    hooks,
+    output_hooked,
+    unembed,
+    unembed_columns,
+)
+from .loading import boot_hf_folder, load_pretrained
+from .model import (
+    ModelShape,
+    active_dropout,
+    check_deterministic,
+    hook_names,
+    model_device,
+    model_shape,
+    to_tokens,
+    w_o,
+    w_out,
+)
+from .version import CACHE_CLASS, MODEL_CLASSES, TL_MAJOR, TL_VERSION, ActivationCache, check_model
+
+__all__ = [
+    "ActivationCache", "CACHE_CLASS", "MODEL_CLASSES", "ModelShape", "TL_MAJOR", "TL_VERSION", "active_dropout",
+    "attention_replaced", "boot_hf_folder", "cache_items", "can_start_late", "check_deterministic", "check_model",
+    "final_norm", "flags_for", "forward_logits", "hook_names", "hooks", "load_pretrained", "make_cache",
+    "model_device", "model_flags", "model_shape", "output_hooked", "resid_mid_feeds_only_the_mlp",
+    "run_with_cache", "supports_split_qkv_input", "to_tokens", "unembed", "unembed_columns", "w_o", "w_out",
+]  # fmt: skip

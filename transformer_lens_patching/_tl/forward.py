@@ -1,0 +1,119 @@
+"""Forward passes: with hooks, from a later layer, without some attention, or only the unembedding."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .version import TL_MAJOR
+
+
+@contextmanager
+def hooks(model, fwd_hooks: list) -> Iterator[None]:
+    """Add `fwd_hooks` for the duration of the block; remove exactly those afterwards."""
+    with model.hooks(fwd_hooks=fwd_hooks, reset_hooks_end=True):
+        yield
+
+
+def forward_logits(model, model_input: torch.Tensor, start_layer: int = 0) -> torch.Tensor:
+    """The model's logits: from tokens, or from `model_input` = the residual stream entering
+    `start_layer` (0 < start_layer < n_layers; see `can_start_late`) without computing the
+    layers before it."""
+    if start_layer == 0:
+        return model(model_input, return_type="logits")
+    if TL_MAJOR >= 4:
+        with _blocks_skipped(model, start_layer):
+            return model(model_input, start_at_layer=start_layer)
+    return model(model_input, start_at_layer=start_layer)
+
+
+def unembed(model, residual: torch.Tensor) -> torch.Tensor:
+    """Logits from the final residual stream: the final LayerNorm and the unembedding."""
+    if TL_MAJOR >= 4:
+        return model.unembed(model.ln_final(residual))
+    return model(residual, start_at_layer=model.cfg.n_layers)
+
+
+def final_norm(model, residual: torch.Tensor) -> torch.Tensor:
+    """The final LayerNorm (or RMSNorm) of `residual`, which may hold any subset of positions;
+    the identity on models without one."""
+    norm = getattr(model, "ln_final", None)
+    return residual if norm is None else norm(residual)
+
+
+def output_hooked(model) -> bool:
+    """Whether hooks (e.g. the user's) are attached to the final norm or the unembedding:
+    they may expect full logits, so those must then be computed."""
+    return any(point.fwd_hooks for name, point in model.hook_dict.items() if name.startswith(("ln_final.", "unembed.")))
+
+
+def unembed_columns(model, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unembedding's weight (d_model, n) and bias (n,) for `token_ids` (None: all tokens)."""
+    weight, bias = model.W_U, model.b_U
+    if token_ids is None:
+        return weight, bias
+    return weight[:, token_ids], bias[token_ids]
+
+
+def can_start_late(model) -> bool:
+    """Whether a forward pass can start at a later layer without running the ones before.
+
+    HookedTransformer can; of TransformerLens 4 bridges, those over a Hugging Face model
+    (`boot_transformers`) can, and native ones (`boot_native`) run every block.
+    """
+    if TL_MAJOR < 4:
+        return True
+    from transformers import PreTrainedModel
+
+    return isinstance(model.original_model, PreTrainedModel)
+
+
+@contextmanager
+def attention_replaced(model, layers) -> Iterator[None]:
+    """Skip the attention of `layers`: each returns zeros, which the `hook_attn_out` hooks
+    of whoever replaced it then fill in. Only for models where `can_start_late`."""
+    if not layers:
+        yield
+        return
+    attentions = [model.blocks[layer].attn for layer in sorted(layers)]
+    for attention in attentions:
+        object.__setattr__(attention, "forward", _zero_attention(attention, model.cfg.d_model))
+    try:
+        yield
+    finally:
+        for attention in attentions:
+            attention.__dict__.pop("forward", None)
+
+
+def _zero_attention(attention, d_model: int):
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("query_input"))
+        zeros = hidden.new_zeros(*hidden.shape[:2], d_model)
+        if TL_MAJOR >= 4:
+            return attention.hook_out(zeros), None
+        return zeros
+
+    return forward
+
+
+def _pass_through(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _blocks_skipped(model, count: int) -> Iterator[None]:
+    """Make the first `count` blocks return their input unchanged.
+
+    TransformerLens 4.3's `start_at_layer` still runs the blocks before it and then discards
+    their output; skipping them is what makes starting late cheaper. The override goes into
+    the block's own `__dict__`: the bridge's `__setattr__` would forward it to the wrapped
+    Hugging Face module.
+    """
+    blocks = list(model.blocks)[:count]
+    for block in blocks:
+        object.__setattr__(block, "forward", _pass_through)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)

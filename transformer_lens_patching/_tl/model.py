@@ -1,0 +1,110 @@
+"""What the library reads off a model: its sizes, device, hooks, weights and mode, and its tokens."""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PatchingError
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a model that validation and sweeps need."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    has_mlps: bool
+
+    def unit_count(self, unit: str) -> int:
+        """How many heads, key/value heads or neurons a layer has."""
+        return {"head": self.n_heads, "kv_head": self.n_kv_heads, "neuron": self.d_mlp}[unit]
+
+
+def model_shape(model) -> ModelShape:
+    """Read the sizes from `model.cfg`."""
+    cfg = model.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    return ModelShape(
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=n_kv,
+        d_model=cfg.d_model,
+        d_head=cfg.d_head,
+        d_mlp=cfg.d_mlp or 0,
+        d_vocab=cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab,
+        has_mlps=not getattr(cfg, "attn_only", False) and bool(cfg.d_mlp),
+    )
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's parameters."""
+    return next(model.parameters()).device
+
+
+def hook_names(model) -> set[str]:
+    """Every hook name the model accepts, aliases included."""
+    return set(model.hook_dict)
+
+
+def to_tokens(model, model_input) -> torch.Tensor:
+    """Tokens for a string, a list of strings or a token tensor, on the model's device."""
+    if isinstance(model_input, torch.Tensor):
+        tokens = model_input
+    elif isinstance(model_input, (str, list)):
+        if getattr(model, "tokenizer", None) is None:
+            raise PatchingError("This model has no tokenizer: pass token tensors instead of strings.")
+        tokens = model.to_tokens(model_input)
+    else:
+        raise PatchingError(
+            f"Model input must be a str, a list of str or an int tensor (batch, pos), got {type(model_input).__name__}."
+        )
+    if tokens.ndim == 1:
+        tokens = tokens.unsqueeze(0)
+    if tokens.ndim != 2 or tokens.dtype.is_floating_point:
+        raise PatchingError(f"Token input must be an int tensor of shape (batch, pos), got {tuple(tokens.shape)} {tokens.dtype}.")
+    if 0 in tokens.shape:
+        raise PatchingError(f"Token input has shape {tuple(tokens.shape)}: expected at least one prompt of at least one token.")
+    return tokens.to(model_device(model))
+
+
+def w_o(model) -> torch.Tensor:
+    """Stacked attention output weights, (layer, head, d_head, d_model)."""
+    return model.W_O
+
+
+def w_out(model) -> torch.Tensor:
+    """Stacked MLP output weights, (layer, d_mlp, d_model)."""
+    return model.W_out
+
+
+def active_dropout(model) -> list[str]:
+    """The dropouts that would act in a forward pass: modules in training mode with p > 0,
+    and (in training mode) a Hugging Face attention dropout rate set in the config."""
+    active = [
+        f"{name} (p={module.p})"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.training and module.p > 0
+    ]
+    original = getattr(model, "original_model", None)
+    rate = getattr(getattr(original, "config", None), "attention_dropout", 0.0)
+    if model.training and isinstance(rate, (int, float)) and rate > 0:
+        active.append(f"the attention's dropout (config.attention_dropout={rate})")
+    return active
+
+
+def check_deterministic(model) -> None:
+    """Raise a PatchingError if dropout is active: stacked variants would then each get
+    other random masks, and no two results would be comparable."""
+    active = active_dropout(model)
+    if active:
+        shown = ", ".join(active[:3]) + (f" and {len(active) - 3} more" if len(active) > 3 else "")
+        raise PatchingError(
+            f"The model is in training mode with dropout active ({shown}): every patched run would drop "
+            "different activations, so results would not be comparable. Call model.eval() first "
+            "(and model.train() afterwards if you were training)."
+        )
