@@ -11,7 +11,7 @@ from .. import _tl
 from .components import residual_hooks
 from .measure import MetricCalls
 from .memory import release_freed_memory
-from .plan import Pass
+from .plan import Block, Pass
 from .program import PatchProgram, applied, resid_mid_carries
 from .selection import LogitReader, selection_of
 
@@ -40,13 +40,13 @@ class OrigResiduals:
         self._model = model
         self._tokens = tokens
         self._known = dict(known or {})
+        self._names = residual_hooks(model.cfg.n_layers)
 
     def __call__(self, layer: int) -> torch.Tensor:
-        names = residual_hooks(self._model.cfg.n_layers)
-        if names[layer] not in self._known:
-            _, cache = _tl.run_with_cache(self._model, self._tokens, names)
+        if self._names[layer] not in self._known:
+            _, cache = _tl.run_with_cache(self._model, self._tokens, self._names)
             self._known.update(_tl.cache_items(cache))
-        return self._known[names[layer]]
+        return self._known[self._names[layer]]
 
 
 @contextmanager
@@ -74,7 +74,7 @@ class Executor:
     model: object
     tokens: torch.Tensor
     residuals: OrigResiduals
-    calls: MetricCalls | None
+    calls: MetricCalls
     reader: LogitReader | None = None
     apply_metric_to_cache: bool = False
     full_graph: bool = False
@@ -84,6 +84,7 @@ class Executor:
     def __post_init__(self):
         self._carries = resid_mid_carries(self.model)
         self._n_layers = self.model.cfg.n_layers
+        self._final_residual = residual_hooks(self._n_layers)[-1]
 
     def run(self, pass_: Pass, add_steps: AddSteps, *, measured: bool = True, stop_when_recorded: bool = False,
             replaced_attention: frozenset[int] = frozenset()) -> list:  # fmt: skip
@@ -97,9 +98,8 @@ class Executor:
         program = PatchProgram(batch, self._carries, first, stop_when_recorded)
         for offset, variant in enumerate(pass_.variants):
             add_steps(program, variant, offset * batch)
-        final_residual = residual_hooks(n_layers)[-1]
         if read and first < n_layers:
-            program.stop_at(final_residual)
+            program.stop_at(self._final_residual)
         stacked = tokens.repeat(count, 1) if count > 1 else tokens
         replaced = {layer for layer in replaced_attention if layer >= first}
         entering = self.residuals(first).repeat(count, 1, 1) if first else None
@@ -132,9 +132,13 @@ class Executor:
             self.progress.update(count)
         return outputs
 
-    def unpatched(self, pass_: Pass) -> object:
-        """The metric of the orig run (a pass of stage `unpatched`)."""
-        return self.run(pass_, _no_steps)[0]
+    def unpatched(self, block: Block) -> dict[int, object]:
+        """The metric of the orig run, once, for every cell of an `unpatched_block`."""
+        (pass_,) = block.passes
+        value = self.run(pass_, _no_steps)[0]
+        if self.progress is not None:
+            self.progress.update(len(block.cells) - 1)
+        return dict.fromkeys(block.cells, value)
 
 
 def _no_steps(program: PatchProgram, variant: int, row_start: int) -> None:

@@ -244,6 +244,12 @@ class PatchPlan:
         return f"<PatchPlan {self.method}: {len(self.cells)} cells in {len(self.passes)} passes{shard}>"
 
 
+def unpatched_block(cells: Sequence[int], n_layers: int) -> Block:
+    """The block measuring the orig run once, for `cells` whose patch cannot change what the
+    metric reads: one pass that runs only the unembedding."""
+    return Block(tuple(cells), (Pass("unpatched", (0,), n_layers, n_layers),))
+
+
 def stacked_passes(stage: Stage, variants: Sequence[int], start_layers: Sequence[int], chunk: int,
                    stop_layer: Callable[[int], int], start_late: bool) -> list[Pass]:  # fmt: skip
     """Passes over `variants`, whose first layers are `start_layers`: variants that start at the

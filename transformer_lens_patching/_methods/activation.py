@@ -15,7 +15,7 @@ from .._core.executor import Executor, OrigResiduals, logit_reader, metric_calls
 from .._core.measure import declared_dims
 from .._core.memory import check_chunk_args, variants_per_pass
 from .._core.nodes import IterNode, Node
-from .._core.plan import Block, Pass, PatchPlan, stacked_passes
+from .._core.plan import Block, PatchPlan, stacked_passes, unpatched_block
 from .._core.program import PatchProgram, entry_layer
 from .._core.sites import PatchSite, resolve_spec
 from .._core.sources import SourceFactory, planned_source
@@ -65,7 +65,8 @@ def plan_act_patch(
 
     # Cells that patch only positions after those the metric reads score the unpatched metric.
     live = [i for i, cell in enumerate(cells) if reader is None or not all(map(reader.only_after_reads, cell))]
-    unpatched = tuple(i for i in range(len(cells)) if i not in set(live))
+    is_live = set(live)
+    unpatched = [i for i in range(len(cells)) if i not in is_live]
     logits_per_prompt = None if reader is None else reader.floats_per_prompt
     chunk = variants_per_pass(len(live), tokens, shape, batch_size, max_memory, apply_metric_to_cache,
                               logits_per_prompt)  # fmt: skip
@@ -74,7 +75,7 @@ def plan_act_patch(
     passes = stacked_passes("patch", live, start_layers, chunk, lambda start: shape.n_layers, start_late)
     blocks = [Block(p.variants, (p,)) for p in passes]
     if unpatched:
-        blocks.append(Block(unpatched, (Pass("unpatched", (0,), shape.n_layers, shape.n_layers),)))
+        blocks.append(unpatched_block(unpatched, shape.n_layers))
     description = (
         ("patch", f"{patching_nodes!r}" if is_sweep else ", ".join(repr(site.node) for site in resolved)),
         ("from", source_text),
@@ -123,10 +124,7 @@ class _ActPatchSession:
     def run_block(self, block: Block) -> dict[int, object]:
         (pass_,) = block.passes
         if pass_.stage == "unpatched":
-            value = self._executor.unpatched(pass_)
-            if self._executor.progress is not None:
-                self._executor.progress.update(len(block.cells) - 1)
-            return dict.fromkeys(block.cells, value)
+            return self._executor.unpatched(block)
         source, cells = self._source, self._run.cells
 
         def add_steps(program: PatchProgram, cell: int, row_start: int) -> None:

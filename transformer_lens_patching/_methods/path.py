@@ -29,7 +29,7 @@ from .._core.executor import logit_reader
 from .._core.measure import declared_dims
 from .._core.memory import check_chunk_args, variants_per_pass
 from .._core.nodes import IterNode, Node, normalize_seq_pos
-from .._core.plan import Block, Pass, PatchPlan, stacked_passes
+from .._core.plan import Block, PatchPlan, stacked_passes, unpatched_block
 from .._core.program import entry_layer
 from .._core.sites import resolve_spec
 from .._core.sources import planned_source
@@ -137,9 +137,9 @@ def plan_path_patch(
         blocks = [Block(p.variants, (p,)) for p in passes]
     else:
         blocks = two_pass_blocks(plan, live, chunk, start_late, shape.n_layers)
-    unpatched = tuple(cell for cell, v in enumerate(reaching) if v is None)
+    unpatched = [cell for cell, v in enumerate(reaching) if v is None]
     if unpatched:
-        blocks.append(Block(unpatched, (Pass("unpatched", (0,), shape.n_layers, shape.n_layers),)))
+        blocks.append(unpatched_block(unpatched, shape.n_layers))
     algorithm = "one pass: each receiver's input is orig plus the senders' new - orig" if fork else (
         "two passes (pass 1 freezes every head" + (" and MLP" if freeze_mlps else "") + " and records the receivers)"
     )

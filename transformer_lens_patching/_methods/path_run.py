@@ -77,12 +77,8 @@ class PathPatchSession:
         return [(layer, name, self._orig.value(name)) for layer, name in self._run.plan.pass_one.frozen]
 
     def run_block(self, block: Block) -> dict[int, object]:
-        first = block.passes[0]
-        if first.stage == "unpatched":
-            value = self._executor.unpatched(first)
-            if self._progress is not None:
-                self._progress.update(len(block.cells) - 1)
-            return dict.fromkeys(block.cells, value)
+        if block.passes[0].stage == "unpatched":
+            return self._executor.unpatched(block)
         if self._run.plan.fork:
             (pass_,) = block.passes
             return dict(zip(pass_.variants, self._executor.run(pass_, self._one_pass_steps)))
