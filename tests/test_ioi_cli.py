@@ -1,11 +1,14 @@
 """The IOI analysis, its report files, the `tl-patch` command and the report in a real browser.
 
-A small random GPT-2-shaped model with the whole SmolLM2 vocabulary runs the analysis
-quickly; its results are checked against literal recomputations. SmolLM2 itself runs
-the command once, and its findings are checked against reference-numbers.md.
+A small random GPT-2-shaped model of 30 layers (as deep as SmolLM2) with the whole SmolLM2
+vocabulary runs the analysis quickly; its results are checked against literal
+recomputations, and its report in headless Chromium. SmolLM2 itself runs the command once
+(test_ioi_report_smollm2.py), and its findings are checked against reference-numbers.md.
 """
 
+import contextlib
 import csv
+import io
 import json
 import os
 import re
@@ -21,26 +24,30 @@ from tests import models
 from tests.helpers import model_state
 from transformer_lens_patching import Node, act_patch, path_patch
 from transformer_lens_patching._tasks.ioi.analysis import WORDS
+from transformer_lens_patching._tasks.ioi.report import logit_diff_figure, step_figure
 from transformer_lens_patching.cli import main
-from transformer_lens_patching.ioi import IOISettings, run_ioi, write_report
+from transformer_lens_patching.ioi import IOISettings, plan_ioi, run_ioi, write_report
 
 STEPS = ["act_heads", "act_words", "path_logits", "path_queries", "path_values"]
+LAYERS = 30
+SETTINGS = IOISettings(n_prompts=5, top_k=2, min_effect=0.0)
+"""No effect threshold: on random weights every step then finds heads, so every step runs."""
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tok):
-    return models.gpt2_like(n_layers=6, tok=tok, vocab=len(tok))
+    return models.gpt2_like(n_layers=LAYERS, tok=tok, vocab=len(tok))
 
 
 @pytest.fixture(scope="module")
 def analysis(tiny_model):
     before = model_state(tiny_model)
-    lines = []
-    with warnings.catch_warnings():
+    lines, bars = [], io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(bars):
         warnings.simplefilter("ignore")
-        result = run_ioi(tiny_model, IOISettings(n_prompts=5, top_k=2), "tiny", progress=False, log=lines.append)
+        result = run_ioi(tiny_model, SETTINGS, "tiny", progress=True, log=lines.append)
     assert model_state(tiny_model) == before
-    result.log = lines
+    result.log, result.bars = lines, bars.getvalue()
     return result
 
 
@@ -71,13 +78,34 @@ def test_steps_and_result_dims(analysis, tiny_model):
     assert [step.key for step in analysis.steps] == STEPS
     heads = analysis.step("act_heads").results
     assert sorted(heads) == ["k", "pattern", "q", "v", "z"]
-    assert heads["z"].dims == ("layer", "head") and tuple(heads["z"].shape) == (6, 4)
+    assert heads["z"].dims == ("layer", "head") and tuple(heads["z"].shape) == (LAYERS, 4)
     words = analysis.step("act_words").results
     for component in ("resid_pre", "attn_out", "mlp_out"):
         assert words[component].dims == ("seq_pos", "layer")
         assert words[component].coords["seq_pos"] == WORDS
     assert analysis.step("path_logits").results["z"].dims == ("layer", "head")
-    assert len(analysis.log) == 5  # the logit diffs, then one line per step that picks heads or is skipped
+
+
+def test_each_step_is_announced_and_its_bars_are_labelled(analysis):
+    """A header before each step, with what it patches; progress bars named by step (and word)."""
+    headers = [line for line in analysis.log if line.startswith("step ")]
+    assert [line.split(":")[0] for line in headers] == [f"step {i}/6" for i in range(1, 7)]
+    assert headers[1] == f"step 2/6: activation patching of z, q, k, v, pattern for {LAYERS * 4} heads"
+    assert headers[3] == f"step 4/6: path patching of {LAYERS * 4} heads -> logits"
+    ran = [number for number, step in enumerate(analysis.steps, start=2) if step.results]
+    labels = [f"step {n}/6" for n in ran if n != 3] + [f"step 3/6 at {word}" for word in WORDS]
+    for label in labels:
+        assert f"\r{label}: " in analysis.bars, label
+    assert len(set(re.findall(r"\r(step [^:]*): ", analysis.bars))) == len(labels), "no other bars"
+    assert "act_patch:" not in analysis.bars and "path_patch:" not in analysis.bars
+
+
+def test_the_time_estimate_comes_from_the_plans(analysis, tiny_model):
+    """The estimate counts the work of every plan `plan_ioi` makes (the path steps at their upper bound)."""
+    (line,) = [line for line in analysis.log if "Estimated time" in line]
+    work = sum(plan.layer_evaluations for _, plan in plan_ioi(tiny_model, SETTINGS))
+    assert f"({work:,} layer evaluations" in line
+    assert analysis.estimated_seconds > 0
 
 
 def test_a_model_of_one_layer_skips_the_steps_back_from_the_name_movers(tok):
@@ -99,13 +127,43 @@ def cells(result):
 
 
 def test_top_heads_are_the_extreme_cells(analysis):
+    assert set(analysis.step("act_heads").top) == {"restoring heads (z: raise the logit diff)",
+                                                   "opposing heads (z: lower it)"}, "both signs"  # fmt: skip
     for step in (step for step in analysis.steps if step.results):
         for role, heads in step.top.items():
             sign = 1 if "raise" in role or "restoring" in role else -1
             values = sorted(cells(step.results["z"]), key=lambda cell: -sign * cell[1])
-            expected = [(head, value) for head, value in values if sign * value > 0][: len(heads)]
+            expected = [(head, value) for head, value in values if sign * value > 0][: SETTINGS.top_k]
             assert [(h.layer, h.head) for h in heads] == [head for head, _ in expected]
             assert [h.value for h in heads] == pytest.approx([value for _, value in expected])
+
+
+def run_small(tok, **settings):
+    model = models.gpt2_like(n_layers=2, tok=tok, vocab=len(tok))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_ioi(model, IOISettings(n_prompts=3, **settings), "two layers", progress=False, log=lambda line: None)
+
+
+def test_a_threshold_leaves_out_weak_heads(tok):
+    """--min-effect: no head below it is listed (and so none is carried into the next step)."""
+    analysis = run_small(tok, min_effect=0.3)
+    for step in (step for step in analysis.steps if step.results):
+        for role, heads in step.top.items():
+            sign = 1 if "raise" in role or "restoring" in role else -1
+            strong = [head for head, value in cells(step.results["z"]) if sign * value >= 0.3]
+            assert {(h.layer, h.head) for h in heads} <= set(strong)
+            assert len(heads) == min(len(strong), 3)
+
+
+def test_with_no_head_above_the_threshold_the_steps_back_are_skipped(tok):
+    analysis = run_small(tok, min_effect=100.0)
+    assert all(heads == [] for step in analysis.steps for heads in step.top.values())
+    assert analysis.step("path_queries").results == {}
+    assert analysis.step("path_queries").description == (
+        "Skipped: the previous step found no head with an effect of at least 10000%."
+    )
+    assert analysis.step("path_values").description == "Skipped: the previous step was skipped."
 
 
 def test_heads_follow_from_the_previous_step(analysis):
@@ -181,6 +239,44 @@ def test_report_html_is_self_contained(analysis, report_folder):
     assert page.count('class="figure"') == figures(analysis)
 
 
+def test_report_names_versions_threshold_and_answers(analysis, report_folder):
+    import importlib.metadata
+
+    page = (report_folder / "report.html").read_text()
+    data = json.loads((report_folder / "results.json").read_text())
+    expected = {"transformer_lens": importlib.metadata.version("transformer_lens"), "torch": torch.__version__,
+                "transformer_lens_patching": importlib.metadata.version("transformer_lens_patching")}  # fmt: skip
+    assert {name: data["versions"][name] for name in expected} == expected
+    versions = page.split('id="versions"')[1].split("</table>")[0]
+    assert all(f"<td>{version}</td>" in versions for version in expected.values())
+    assert data["complete"] is True and data["missing_steps"] == [] and "missing-steps" not in page
+    assert "at least 0% of the clean - corrupted logit difference" in page
+    for prompt in analysis.dataset.prompts[:5]:
+        assert page.count(f"<mark>{prompt.io}</mark></td>") >= 2, "the answer is marked in both prompts"
+
+
+def test_per_prompt_figure_pairs_clean_and_corrupted(analysis):
+    figure = logit_diff_figure(analysis)
+    traces = {trace.name: trace for trace in figure.data if trace.name}
+    rows = [f"prompt {i}" for i in range(analysis.dataset.N)]
+    for name, values, prompts in (("clean", analysis.clean_logit_diff, analysis.dataset),
+                                  ("corrupted", analysis.corrupted_logit_diff, analysis.corrupted)):  # fmt: skip
+        assert list(traces[name].y) == rows
+        assert list(traces[name].x) == pytest.approx(values.tolist())
+        assert list(traces[name].customdata) == prompts.sentences, "each point shows its own prompt on hover"
+    joins = next(trace for trace in figure.data if trace.mode == "lines")
+    pairs = [value for i in range(0, len(joins.x), 3) for value in joins.x[i : i + 2]]
+    expected = zip(analysis.corrupted_logit_diff.tolist(), analysis.clean_logit_diff.tolist())
+    assert pairs == pytest.approx([value for pair in expected for value in pair])
+
+
+def test_head_heatmaps_name_each_head_on_hover(analysis):
+    figure = step_figure(analysis.step("act_heads"))
+    z = next(trace for trace in figure.data if trace.name == "z")
+    assert z.text[23][3] == "23.3" and z.hovertemplate.startswith("head %{text}")
+    assert list(figure.layout.yaxis.tickvals) == list(range(LAYERS)), "a tick per layer"
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -202,10 +298,16 @@ def test_report_renders_in_headless_chromium(analysis, report_folder):
     assert run.stdout.count("main-svg") >= 2 * figures(analysis)
     console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
     assert not console, "the page logs nothing to the console (no errors, no warnings)"
+    for step in (step for step in analysis.steps if step.results):
+        drawn = run.stdout.split(f'id="fig-{step.key}"')[1].split('id="fig-')[0]
+        for index, (name, result) in enumerate(step.results.items()):
+            axis = "y" if index == 0 else f"y{index + 1}"
+            ticks = re.findall(rf'<g class="{axis}tick"><text[^>]*data-unformatted="([^"]*)"', drawn)
+            assert ticks == [str(layer) for layer in result.coords["layer"]], f"{step.key} {name}: a tick per layer"
 
 
-def test_cli_explains_an_unloadable_model(capsys):
-    status = main(["ioi", "--model", "gpt2", "--quiet"])
+def test_cli_explains_an_unloadable_model(capsys, tmp_path):
+    status = main(["ioi", "--model", "gpt2", "--quiet", "--out", str(tmp_path)])
     error = capsys.readouterr().err
     assert status == 2
     assert error.startswith("tl-patch: error: Cannot load model 'gpt2'") and "--model smollm2" in error

@@ -84,3 +84,21 @@ def test_report_has_every_step_with_a_figure(report):
     assert page.count('class="figure"') == 1 + len(data["steps"])
     movers = data["steps"][2]["top"]["name movers (lower the logit diff)"]
     assert movers and all(head["value"] < 0 for head in movers)
+
+
+def test_report_says_where_the_weights_come_from_and_what_ran_them(report):
+    out, data = report
+    assert "Q4_1" in data["model_source"] and "dequantised to float32" in data["model_source"]
+    assert data["versions"]["transformer_lens"].startswith("4.") and data["complete"] is True
+    assert "dequantised to float32" in (out / "report.html").read_text()
+
+
+def test_heads_of_both_signs_are_listed(report):
+    """SmolLM2 has heads whose clean output lowers the logit difference (one at -53% on the
+    default prompts); the summary lists them next to those that restore it."""
+    _, data = report
+    top = data["steps"][0]["top"]
+    assert all(h["value"] > 0 for h in top["restoring heads (z: raise the logit diff)"])
+    opposing = top["opposing heads (z: lower it)"]
+    assert opposing and all(h["value"] <= -0.05 for h in opposing)
+

@@ -158,3 +158,22 @@ def test_the_core_works_without_plotly():
     value, message = done.stdout.strip().splitlines()[-2:]
     float(value)
     assert "pip install 'transformer_lens_patching[plot]'" in message
+
+
+def test_the_license_file_is_the_one_the_metadata_names():
+    import configparser
+
+    metadata = configparser.ConfigParser()
+    metadata.read(ROOT / "setup.cfg")
+    assert metadata["metadata"]["license"] == "MIT" and metadata["metadata"]["license_files"] == "LICENSE"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n") and "Permission is hereby granted, free of charge" in text
+
+
+def test_the_readme_says_how_to_cite_and_what_to_do_when_stuck():
+    readme = (ROOT / "README.md").read_text()
+    headings = re.findall(r"^## (.+)$", readme, flags=re.MULTILINE)
+    assert {"Troubleshooting", "Citing"} <= set(headings)
+    citing = readme.split("## Citing")[1]
+    assert "@software{transformer_lens_patching" in citing and "Indirect Object Identification" in citing
+    assert "random weights" in readme.split("## Speed")[1].split("\n## ")[0], "the speed claim says what was measured"

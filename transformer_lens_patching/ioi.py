@@ -8,6 +8,7 @@ lists (`NAMES`, `PLACES`, `OBJECTS`, the templates) are those of the prior art's
 `from transformer_lens_patching.ioi import IOIDataset, NAMES`.
 """
 
+from ._tasks.ioi.analysis import STEP_KEYS as STEP_KEYS
 from ._tasks.ioi.analysis import IOIAnalysis as IOIAnalysis
 from ._tasks.ioi.analysis import IOISettings as IOISettings
 from ._tasks.ioi.analysis import Step as Step
@@ -19,6 +20,7 @@ from ._tasks.ioi.dataset import FLIPS as FLIPS
 from ._tasks.ioi.dataset import IOIDataset as IOIDataset
 from ._tasks.ioi.dataset import IOIPrompt as IOIPrompt
 from ._tasks.ioi.dataset import example_prompts as example_prompts
+from ._tasks.ioi.report import write_json as write_json
 from ._tasks.ioi.report import write_report as write_report
 from ._tasks.ioi.words import ABBA_TEMPLATES as ABBA_TEMPLATES
 from ._tasks.ioi.words import ABC_TEMPLATES as ABC_TEMPLATES
@@ -29,7 +31,7 @@ from ._tasks.ioi.words import OBJECTS as OBJECTS
 from ._tasks.ioi.words import PLACES as PLACES
 
 __all__ = [
-    "ABBA_TEMPLATES", "ABC_TEMPLATES", "BABA_TEMPLATES", "BAC_TEMPLATES", "FLIPS", "IOIAnalysis", "IOIDataset",
-    "IOIPrompt", "IOISettings", "NAMES", "OBJECTS", "PLACES", "Step", "TopHead",
-    "example_prompts", "plan_ioi", "run_ioi", "top_heads", "write_report",
+    "ABBA_TEMPLATES", "ABC_TEMPLATES", "BABA_TEMPLATES", "BAC_TEMPLATES", "FLIPS", "NAMES", "OBJECTS", "PLACES",
+    "STEP_KEYS", "IOIAnalysis", "IOIDataset", "IOIPrompt", "IOISettings", "Step", "TopHead", "example_prompts",
+    "plan_ioi", "run_ioi", "top_heads", "write_json", "write_report",
 ]  # fmt: skip

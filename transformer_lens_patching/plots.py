@@ -39,6 +39,10 @@ Results = PatchResult | Mapping[str, PatchResult]
 
 COLUMNS = 5
 """Panels per row of a faceted heatmap."""
+ROW_PIXELS = 16
+"""Height of one heatmap row (e.g. one layer), so that every row keeps its tick label."""
+EVERY_TICK = ("layer", "head", "kv_head")
+"""Dims whose every coordinate gets a tick (plotly would otherwise skip some on deep models)."""
 
 
 def heatmap(
@@ -86,32 +90,38 @@ def heatmap(
     titles = list(panels) if any(panels) else None
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.3 / cols)
     for index, (name, result) in enumerate(panels.items()):
-        y_dim = result.dim_for(y) if y else ("layer" if "layer" in result.dims else result.dims[0])
+        y_dim = _y_of(result, y)
         if y_dim not in result.dims:
             where = f"the panel {name!r}" if name else "this result"
             raise PatchingError(f"y={y_dim!r} is not a dim of {where}: its dims are {result.dims}.")
         x_dim = next(dim for dim in result.dims if dim != y_dim)
         values = result.permute_dims(y_dim, x_dim).as_tensor()
+        x_labels, y_labels = _labels(result, x_dim, tokens), _labels(result, y_dim, tokens)
+        heads = _head_names(result, y_dim, x_dim)
         hover = f"{y_dim}=%{{y}}<br>{x_dim}=%{{x}}<br>{value_label}=%{{z:{_number_format(percent)}}}"
+        if heads is not None:
+            hover = f"{heads[0]} %{{text}}<br>{hover}"
         trace = go.Heatmap(
             z=values.float().tolist(),
-            x=_labels(result, x_dim, tokens),
-            y=_labels(result, y_dim, tokens),
+            x=x_labels,
+            y=y_labels,
+            text=None if heads is None else heads[1],
             coloraxis="coloraxis",
             name=name,
             hovertemplate=f"{hover}<extra>{name}</extra>",
         )
         row, col = index // cols + 1, index % cols + 1
         fig.add_trace(trace, row=row, col=col)
-        fig.update_xaxes(title_text=x_dim, type="category", row=row, col=col)
-        fig.update_yaxes(title_text=y_dim, type="category", autorange="reversed", row=row, col=col)
+        fig.update_xaxes(title_text=x_dim, type="category", row=row, col=col, **_every_tick(x_dim, x_labels))
+        fig.update_yaxes(title_text=y_dim, type="category", autorange="reversed", row=row, col=col,
+                         **_every_tick(y_dim, y_labels))  # fmt: skip
     for index in range(len(panels), rows * cols):  # the empty cells of the last row
         fig.update_xaxes(visible=False, row=rows, col=index % cols + 1)
         fig.update_yaxes(visible=False, row=rows, col=index % cols + 1)
     colorbar = {"title": {"text": value_label}, **({"tickformat": "~%"} if percent else {})}
     fig.update_layout(
         title=title,
-        height=150 + 300 * rows,
+        height=150 + rows * _row_height(panels, y),
         coloraxis={"colorscale": "RdBu", "cmid": 0, "colorbar": colorbar},
     )
     return fig
@@ -280,6 +290,37 @@ def _check_tokens(panels: dict[str, PatchResult], tokens: Sequence[str] | None) 
                 f"Got {len(tokens)} tokens for a result over positions {coords[0]}..{coords[-1]}: "
                 "pass one token per position of the prompt, e.g. model.to_str_tokens(prompt)."
             )
+
+
+def _y_of(result: PatchResult, y: str | None) -> str:
+    """The dim a heatmap panel puts on its y axis: `y`, else `layer` where there is one, else the first."""
+    return result.dim_for(y) if y else ("layer" if "layer" in result.dims else result.dims[0])
+
+
+def _row_height(panels: dict[str, PatchResult], y: str | None) -> int:
+    """Pixels per row of panels: 300, or enough for a tick per coordinate of a deep `EVERY_TICK` y axis."""
+    ticked = [len(r.coords[_y_of(r, y)]) for r in panels.values() if _y_of(r, y) in EVERY_TICK]
+    return max([300] + [80 + ROW_PIXELS * count for count in ticked])
+
+
+def _every_tick(dim: str, labels: list) -> dict:
+    """Axis settings that tick every coordinate of `dim`, for the dims of `EVERY_TICK`."""
+    return {"tickmode": "array", "tickvals": labels} if dim in EVERY_TICK else {}
+
+
+def _head_names(result: PatchResult, y_dim: str, x_dim: str) -> tuple[str, list[list[str]]] | None:
+    """For a (layer, head) or (layer, kv_head) panel: what a cell is ("head") and each cell's
+    "layer.head" name, in the panel's (y, x) order; None for other dims."""
+    dims = {y_dim, x_dim}
+    unit = next((dim for dim in ("head", "kv_head") if dim in dims), None)
+    if "layer" not in dims or unit is None:
+        return None
+    rows, columns = result.coords[y_dim], result.coords[x_dim]
+    if y_dim == "layer":
+        names = [[f"{layer}.{head}" for head in columns] for layer in rows]
+    else:
+        names = [[f"{layer}.{head}" for layer in columns] for head in rows]
+    return unit.replace("_", " "), names
 
 
 def _labels(result: PatchResult, dim: str, tokens: Sequence[str] | None) -> list:

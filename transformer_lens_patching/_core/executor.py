@@ -50,12 +50,12 @@ class OrigResiduals:
 
 
 @contextmanager
-def progress_bar(total: int, description: str, verbose: bool) -> Iterator[tqdm | None]:
-    """A progress bar over `total` cells when `verbose` (else None), closed on exit."""
-    if not verbose:
+def progress_bar(total: int, label: str) -> Iterator[tqdm | None]:
+    """A progress bar over `total` cells, labelled `label` (None for no cells), closed on exit."""
+    if total == 0:
         yield None
         return
-    with tqdm(total=total, desc=description, leave=False) as bar:
+    with tqdm(total=total, desc=label, leave=False) as bar:
         yield bar
 
 

@@ -82,9 +82,9 @@ class Session(Protocol):
         """The metric's value for each cell of `block`."""
 
 
-SessionFactory = Callable[[bool, int], AbstractContextManager[Session]]
-"""`start(grad, progress)`: a context in which the method's blocks can run, with a progress
-bar over `progress` cells (none for 0)."""
+SessionFactory = Callable[[bool, int, str], AbstractContextManager[Session]]
+"""`start(grad, progress, label)`: a context in which the method's blocks can run, with a
+progress bar over `progress` cells labelled `label` (none for 0)."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class PatchPlan:
         blocks = tuple(block for position, block in enumerate(self.blocks) if owner[position] == index)
         return replace(self, blocks=blocks, shard_of=(index, count), plan_id=self.plan_id)
 
-    def run(self, *, grad: bool = False, progress: bool = False) -> PlanOutputs:
+    def run(self, *, grad: bool = False, progress: bool | str = False) -> PlanOutputs:
         """Run every pass of this plan (or shard) and return the metric's value for each cell.
 
         Args:
@@ -181,9 +181,11 @@ class PatchPlan:
                 from the orig run's cached, detached residual stream); values taken from
                 cached runs (the new run's activations, path patching's frozen orig
                 activations) are constants. Without it, nothing records gradients.
-            progress: Show a progress bar over the cells.
+            progress: Show a progress bar over the cells: True labels it with the method
+                ("act_patch"), a string labels it with that string (e.g. "step 2/6").
         """
-        with torch.set_grad_enabled(grad), self._start(grad, len(self.cells) if progress else 0) as session:
+        label = progress if isinstance(progress, str) else self.method
+        with torch.set_grad_enabled(grad), self._start(grad, len(self.cells) if progress else 0, label) as session:
             values: dict[int, object] = {}
             for block in self.blocks:
                 values.update(session.run_block(block))

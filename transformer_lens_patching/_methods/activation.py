@@ -97,10 +97,10 @@ class _ActPatchRun:
         self.apply_metric_to_cache = apply_metric_to_cache
 
     @contextmanager
-    def start(self, grad: bool, progress: int) -> Iterator["_ActPatchSession"]:
+    def start(self, grad: bool, progress: int, label: str) -> Iterator["_ActPatchSession"]:
         """A session with the model's flags switched on (and a bar over `progress` cells, if any)."""
         _tl.check_deterministic(self.model)
-        with _tl.model_flags(self.model, self.flags), progress_bar(progress, "act_patch", progress > 0) as bar:
+        with _tl.model_flags(self.model, self.flags), progress_bar(progress, label) as bar:
             calls = metric_calls(self.metric, self.tokens.shape[0], self.reader, self.apply_metric_to_cache, self.model)
             executor = Executor(self.model, self.tokens, OrigResiduals(self.model, self.tokens), calls, self.reader,
                                 self.apply_metric_to_cache, full_graph=grad, progress=bar)  # fmt: skip

@@ -28,10 +28,10 @@ class PathPatchRun:
         self.apply_metric_to_cache, self.cache_names_filter = apply_metric_to_cache, cache_names_filter
 
     @contextmanager
-    def start(self, grad: bool, progress: int) -> Iterator["PathPatchSession"]:
+    def start(self, grad: bool, progress: int, label: str) -> Iterator["PathPatchSession"]:
         """A session with the model's flags switched on (and a bar over `progress` cells, if any)."""
         _tl.check_deterministic(self.model)
-        with _tl.model_flags(self.model, self.plan.flags), progress_bar(progress, "path_patch", progress > 0) as bar:
+        with _tl.model_flags(self.model, self.plan.flags), progress_bar(progress, label) as bar:
             yield PathPatchSession(self, grad, bar)
 
 

@@ -7,6 +7,9 @@ that step found (the name movers), and into the values of the heads that feed th
 queries (the S-inhibition heads). Heads are chosen from the results, never from a list.
 """
 
+import contextlib
+import importlib.metadata
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ... import _tl
+from ..._core.components import hook_name
 from ..._core.nodes import IterNode, Node
 from ..._core.plan import PatchPlan
-from ..._methods.activation import act_patch, plan_act_patch
-from ..._methods.path import path_patch, plan_path_patch
+from ..._methods.activation import plan_act_patch
+from ..._methods.path import plan_path_patch
 from ...errors import PatchingError
 from ...metrics import LogitDiff, calibrate, denoising_metric, noising_metric
 from ...results import PatchResult
@@ -29,6 +33,10 @@ HEAD_COMPONENTS = ["z", "q", "k", "v", "pattern"]
 """What the every-head step patches."""
 WORD_COMPONENTS = ["resid_pre", "attn_out", "mlp_out"]
 """What the by-word step patches."""
+STEP_KEYS = ("act_heads", "act_words", "path_logits", "path_queries", "path_values")
+"""The steps of the analysis that patch, in the order they run (after the logit differences)."""
+STEP_COUNT = 1 + len(STEP_KEYS)
+"""Steps as the progress headers count them: the logit differences, then `STEP_KEYS`."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,10 @@ class IOISettings:
         corruption: How the corrupted prompts are made from the clean ones (an
             `IOIDataset.flipped` rule); the default replaces every name by a random one
             (the IOI paper's ABC dataset).
-        top_k: Heads taken from each step into the next.
+        top_k: The most heads taken from each step into the next.
+        min_effect: The smallest effect a head needs to be listed and taken into the next
+            step, as a fraction of the clean - corrupted logit difference (the scale of every
+            step's values): heads at noise level are not given a role.
         batch_size: Variants per forward pass (None: automatic).
     """
 
@@ -53,6 +64,7 @@ class IOISettings:
     prepend_bos: bool = False
     corruption: str = "ABB->XYZ, BAB->XYZ"
     top_k: int = 3
+    min_effect: float = 0.05
     batch_size: int | None = None
 
 
@@ -82,7 +94,7 @@ class Step:
 
 @dataclass
 class IOIAnalysis:
-    """Everything `run_ioi` measured, ready for a report."""
+    """Everything `run_ioi` measured, ready for a report; while it runs, the steps done so far."""
 
     settings: IOISettings
     model_name: str
@@ -92,6 +104,12 @@ class IOIAnalysis:
     corrupted_logit_diff: torch.Tensor
     steps: list[Step]
     seconds: float
+    model_source: str = ""
+    """Where the model's weights came from (e.g. the embedded SmolLM2 is a dequantised 4-bit GGUF)."""
+    versions: dict[str, str] = field(default_factory=dict)
+    """The versions of the library, TransformerLens, torch and Python that ran the analysis."""
+    estimated_seconds: float | None = None
+    """The time the plans predicted for the patching steps (at most: later steps at their upper bound)."""
 
     def step(self, key: str) -> Step:
         """The step called `key`."""
@@ -100,14 +118,23 @@ class IOIAnalysis:
                 return step
         raise PatchingError(f"No step {key!r}; steps: {[s.key for s in self.steps]}.")
 
+    @property
+    def missing_steps(self) -> list[str]:
+        """The steps of `STEP_KEYS` not run (yet): those after an interruption or a failure."""
+        done = {step.key for step in self.steps}
+        return [key for key in STEP_KEYS if key not in done]
 
-def top_heads(result: PatchResult, k: int, sign: int) -> list[TopHead]:
+
+def top_heads(result: PatchResult, k: int, sign: int, min_effect: float = 0.0) -> list[TopHead]:
     """The `k` heads of a (layer, head) result with the largest effect of `sign` (-1: most
-    negative first; +1: most positive first); heads with no effect of that sign are left out.
+    negative first; +1: most positive first); heads with no effect of that sign, or with
+    an effect smaller than `min_effect` in size, are left out.
 
     >>> r = PatchResult(torch.tensor([[0.0, -0.5], [0.2, -0.1]]), ("layer", "head"))
     >>> [str(h) for h in top_heads(r, 2, -1)]
     ['0.1 (-50.0%)', '1.1 (-10.0%)']
+    >>> [str(h) for h in top_heads(r, 2, -1, min_effect=0.2)]
+    ['0.1 (-50.0%)']
     """
     values = result.permute_dims("layer", "head").as_tensor() * sign
     flat = values.flatten()
@@ -117,13 +144,8 @@ def top_heads(result: PatchResult, k: int, sign: int) -> list[TopHead]:
     return [
         TopHead(layers[int(i) // n_heads], heads[int(i) % n_heads], float(flat[i]) * sign)
         for i in order
-        if flat[i] > 0
+        if flat[i] > 0 and flat[i] >= min_effect
     ]
-
-
-def _word_sweep(dataset: IOIDataset, word: str) -> IterNode:
-    """The by-word step's sweep at one word of every prompt."""
-    return IterNode(WORD_COMPONENTS, seq_pos=dataset.word_idx[word])
 
 
 def _receiver_nodes(shape, receivers: list[TopHead], component: str) -> list[Node]:
@@ -133,17 +155,59 @@ def _receiver_nodes(shape, receivers: list[TopHead], component: str) -> list[Nod
     return sorted({Node(component, h.layer, head=h.head // group if grouped else h.head) for h in receivers}, key=repr)
 
 
-def _earlier_heads(receivers: list[TopHead]) -> IterNode:
-    """Every head before the last receiver's layer: the senders into the receivers."""
-    return IterNode("z", layers=range(max(h.layer for h in receivers)))
+class _Plans:
+    """The patching calls of the analysis as plans: the model, prompts, metric and batch size they share."""
+
+    def __init__(self, model, dataset: IOIDataset, corrupted: IOIDataset, batch_size: int | None):
+        self.model, self.shape, self.dataset = model, _tl.model_shape(model), dataset
+        self.clean, self.corrupted = dataset.toks, corrupted.toks
+        self.options = {"batch_size": batch_size}
+
+    def heads(self, metric) -> PatchPlan:
+        """Every head's z, q, k, v and pattern, clean into corrupted."""
+        return plan_act_patch(self.model, self.corrupted, IterNode(HEAD_COMPONENTS), metric, new_input=self.clean,
+                              **self.options)  # fmt: skip
+
+    def words(self, metric) -> dict[str, PatchPlan]:
+        """The residual stream, attention and MLP outputs at each word of `WORDS`, clean into corrupted."""
+        return {
+            word: plan_act_patch(self.model, self.corrupted, IterNode(WORD_COMPONENTS, seq_pos=self.dataset.word_idx[word]),
+                                 metric, new_input=self.clean, **self.options)  # fmt: skip
+            for word in WORDS
+        }
+
+    def into_logits(self, metric) -> PatchPlan:
+        """Every head -> the final residual stream, corrupted into clean."""
+        receiver = Node("resid_post", self.shape.n_layers - 1)
+        return plan_path_patch(self.model, self.clean, self.corrupted, IterNode("z"), receiver, metric, **self.options)
+
+    def into_heads(self, receivers: list[TopHead], component: str, metric) -> PatchPlan:
+        """Every head before the last receiver's layer -> `component` of the receivers."""
+        senders = IterNode("z", layers=range(max(h.layer for h in receivers)))
+        nodes = _receiver_nodes(self.shape, receivers, component)
+        return plan_path_patch(self.model, self.clean, self.corrupted, senders, nodes, metric, **self.options)
+
+    def upper_bound_receivers(self, top_k: int) -> list[TopHead]:
+        """`top_k` heads in the last layer: the receivers that give a later path step the most work."""
+        last = self.shape.n_layers - 1
+        return [TopHead(last, head, 0.0) for head in range(min(top_k, self.shape.n_heads))]
 
 
-def _by_word(model, orig, new, metric, dataset: IOIDataset, **options) -> dict[str, PatchResult]:
-    """Residual stream, attention and MLP outputs patched at each word of `WORDS`:
-    one (seq_pos, layer) result per component, seq_pos labelled by word."""
-    per_word = {
-        word: act_patch(model, orig, _word_sweep(dataset, word), metric, new_input=new, **options) for word in WORDS
-    }
+def _all_plans(plans: _Plans, metric, top_k: int) -> list[tuple[str, PatchPlan]]:
+    """(step, plan) of every patching call, the later path steps at their upper bound."""
+    steps = [("act_heads", plans.heads(metric))]
+    steps += [(f"act_words at {word}", plan) for word, plan in plans.words(metric).items()]
+    steps.append(("path_logits", plans.into_logits(metric)))
+    if plans.shape.n_layers > 1:
+        receivers = plans.upper_bound_receivers(top_k)
+        for key, component in (("path_queries", "q"), ("path_values", "v")):
+            plan = plans.into_heads(receivers, component, metric)
+            steps.append((f"{key} (at most: receivers in the last layer)", plan))
+    return steps
+
+
+def _by_word(per_word: dict[str, dict[str, PatchResult]]) -> dict[str, PatchResult]:
+    """One (seq_pos, layer) result per component from the by-word step's results at each word."""
     results = {}
     for component in WORD_COMPONENTS:
         stacked = torch.stack([per_word[word][component].as_tensor() for word in WORDS])
@@ -152,92 +216,117 @@ def _by_word(model, orig, new, metric, dataset: IOIDataset, **options) -> dict[s
     return results
 
 
+def _heads_list(heads: list[TopHead]) -> str:
+    """'23.3, 29.1'."""
+    return ", ".join(f"{h.layer}.{h.head}" for h in heads)
+
+
 class _Experiment:
-    """The model, prompts, metrics and options every step shares, and the steps run so far."""
+    """The plans, the metrics and the analysis so far; each step runs, is recorded and reported."""
 
-    def __init__(self, model, dataset: IOIDataset, corrupted: IOIDataset, restored, damaged, options: dict, log):
-        self.model, self.shape = model, _tl.model_shape(model)
-        self.dataset, self.clean, self.corrupted = dataset, dataset.toks, corrupted.toks
+    def __init__(self, plans: _Plans, analysis: IOIAnalysis, restored, damaged, progress: bool, log, on_step,
+                 began: float):  # fmt: skip
+        self.plans, self.analysis = plans, analysis
         self.restored, self.damaged = restored, damaged
-        self.options, self.log = options, log
-        self.steps: list[Step] = []
+        self.progress, self.log, self.on_step = progress, log, on_step
+        self.settings = analysis.settings
+        self.began = began
 
-    def record(self, step: Step, run: Callable[[], dict[str, PatchResult]]) -> Step:
-        began = time.perf_counter()
-        step.results = run()
+    def header(self, what: str) -> str:
+        """Log the header of the next step; returns its label for progress bars ("step 2/6")."""
+        number = 2 + len(self.analysis.steps)
+        self.log(f"step {number}/{STEP_COUNT}: {what}")
+        return f"step {number}/{STEP_COUNT}"
+
+    def run(self, plan: PatchPlan, label: str):
+        return plan.assemble(plan.run(progress=label if self.progress else False))
+
+    def record(self, step: Step, began: float) -> Step:
         step.seconds = time.perf_counter() - began
-        self.steps.append(step)
+        self.analysis.steps.append(step)
+        self.analysis.seconds = time.perf_counter() - self.began
+        parts = [f"{name}: {', '.join(map(str, heads)) or 'none'}" for name, heads in step.top.items()]
+        if not step.results:
+            self.log(f"  {step.description}")
+        else:
+            self.log(f"  {step.title} ({step.seconds:.0f} s)" + (": " + "; ".join(parts) if parts else ""))
+        if self.on_step is not None:
+            self.on_step(self.analysis)
         return step
 
-    def report(self, step: Step) -> None:
-        parts = [f"{name}: {', '.join(map(str, heads)) or 'none'}" for name, heads in step.top.items()]
-        self.log(f"{step.title} ({step.seconds:.0f} s): " + "; ".join(parts))
+    def top(self, result: PatchResult, sign: int) -> list[TopHead]:
+        return top_heads(result, self.settings.top_k, sign, self.settings.min_effect)
 
-    def heads(self, top_k: int) -> None:
-        step = self.record(
-            Step("act_heads", "Activation patching: every head",
-                 "Each head's output (z), query, key, value and attention pattern, at all positions, patched from "
-                 "the clean run into the corrupted run. Values: fraction of the clean logit difference restored.",
-                 {}),
-            lambda: act_patch(self.model, self.corrupted, IterNode(HEAD_COMPONENTS), self.restored,
-                              new_input=self.clean, **self.options),
-        )  # fmt: skip
-        step.top["restoring heads (z)"] = top_heads(step.results["z"], top_k, +1)
-        self.report(step)
+    def heads(self) -> None:
+        shape = self.plans.shape
+        label = self.header(f"activation patching of {', '.join(HEAD_COMPONENTS)} for {shape.n_layers * shape.n_heads} "
+                            "heads")  # fmt: skip
+        began = time.perf_counter()
+        step = Step("act_heads", "Activation patching: every head",
+                    "Each head's output (z), query, key, value and attention pattern, at all positions, patched from "
+                    "the clean run into the corrupted run. Values: fraction of the clean logit difference restored.",
+                    self.run(self.plans.heads(self.restored), label))  # fmt: skip
+        step.top["restoring heads (z: raise the logit diff)"] = self.top(step.results["z"], +1)
+        step.top["opposing heads (z: lower it)"] = self.top(step.results["z"], -1)
+        self.record(step, began)
 
     def words(self) -> None:
+        label = self.header(f"activation patching of {', '.join(WORD_COMPONENTS)} at {len(WORDS)} words "
+                            f"({', '.join(WORDS)}) x {self.plans.shape.n_layers} layers")  # fmt: skip
+        began = time.perf_counter()
+        per_word = {word: self.run(plan, f"{label} at {word}") for word, plan in self.plans.words(self.restored).items()}
         self.record(
             Step("act_words", "Activation patching: residual stream, attention and MLP outputs by word",
                  "The residual stream entering each layer, and each layer's attention and MLP output, patched at "
                  "one word of every prompt (S1, the token after it, IO, the punctuation ending the first clause, "
                  "S2 and the end), clean into corrupted. Values: fraction of the clean logit difference restored.",
-                 {}),
-            lambda: _by_word(self.model, self.corrupted, self.clean, self.restored, self.dataset, **self.options),
+                 _by_word(per_word)),
+            began,
         )  # fmt: skip
 
-    def into_logits(self, top_k: int) -> list[TopHead]:
-        last = self.shape.n_layers - 1
-        step = self.record(
-            Step("path_logits", "Path patching: every head -> logits",
-                 f"Each head's output, corrupted, reaching the final residual stream (resid_post {last}) only "
-                 "directly (other heads frozen, MLPs recomputed), in the clean run. Values: change of the logit "
-                 "difference as a fraction of clean - corrupted (0: no effect, -100%: as corrupted).", {}),
-            lambda: path_patch(self.model, self.clean, self.corrupted, IterNode("z"), Node("resid_post", last),
-                               self.damaged, **self.options),
-        )  # fmt: skip
-        movers = top_heads(step.results["z"], top_k, -1)
-        step.top["name movers (lower the logit diff)"] = movers
-        step.top["negative name movers (raise it)"] = top_heads(step.results["z"], top_k, +1)
-        self.report(step)
+    def into_logits(self) -> list[TopHead]:
+        shape = self.plans.shape
+        label = self.header(f"path patching of {shape.n_layers * shape.n_heads} heads -> logits")
+        began = time.perf_counter()
+        step = Step("path_logits", "Path patching: every head -> logits",
+                    f"Each head's output, corrupted, reaching the final residual stream (resid_post "
+                    f"{shape.n_layers - 1}) only directly (other heads frozen, MLPs recomputed), in the clean run. "
+                    "Values: change of the logit difference as a fraction of clean - corrupted (0: no effect, "
+                    "-100%: as corrupted).", self.run(self.plans.into_logits(self.damaged), label))  # fmt: skip
+        movers = step.top["name movers (lower the logit diff)"] = self.top(step.results["z"], -1)
+        step.top["negative name movers (raise it)"] = self.top(step.results["z"], +1)
+        self.record(step, began)
         return movers
 
-    def into_heads(self, receivers: list[TopHead], component: str, key: str, what: str, found: str,
-                   top_k: int) -> list[TopHead]:  # fmt: skip
+    def _skip_reason(self, receivers: list[TopHead]) -> str:
+        """Why a path step back from `receivers` (the heads the previous step found) cannot run."""
+        if not self.analysis.steps[-1].results:
+            return "Skipped: the previous step was skipped."
+        if not receivers:
+            return f"Skipped: the previous step found no head with an effect of at least {self.settings.min_effect:.0%}."
+        return f"Skipped: no head found by the previous step ({_heads_list(receivers)}) has earlier heads to receive from."
+
+    def into_heads(self, receivers: list[TopHead], component: str, key: str, what: str, found: str) -> list[TopHead]:
         """Path patching from every earlier head into `component` of the `receivers`; returns
         the heads that lower the logit difference most (none when no receiver has earlier
         heads)."""
         title = f"Path patching: every earlier head -> {what}"
-        if not any(head.layer > 0 for head in receivers):
-            found_before = ", ".join(f"{h.layer}.{h.head}" for h in receivers) or "none"
-            reason = f"Skipped: no head found by the previous step ({found_before}) has earlier heads to receive from."
-            self.steps.append(Step(key, title, reason, {}))
-            self.log(f"{title}: {reason}")
+        reachable = [head for head in receivers if head.layer > 0]
+        label = self.header(f"path patching of every earlier head -> {what}" + (
+            f" ({_heads_list(reachable)})" if reachable else ""))  # fmt: skip
+        began = time.perf_counter()
+        if not reachable:
+            self.record(Step(key, title, self._skip_reason(receivers), {}), began)
             return []
-        receivers = [head for head in receivers if head.layer > 0]
-        nodes = _receiver_nodes(self.shape, receivers, component)
-        names = ", ".join(f"{h.layer}.{h.head}" for h in receivers)
-        grouped = component in ("k", "v") and self.shape.n_kv_heads != self.shape.n_heads
+        grouped = component in ("k", "v") and self.plans.shape.n_kv_heads != self.plans.shape.n_heads
         note = " (on this grouped-query model, the key/value head each receiver shares)" if grouped else ""
-        senders = _earlier_heads(receivers)
-        step = self.record(
-            Step(key, title,
-                 f"Each earlier head's output, corrupted, reaching the {component} of heads {names}{note} only "
-                 "directly, in the clean run. Values: change of the logit difference as a fraction of "
-                 "clean - corrupted.", {}),
-            lambda: path_patch(self.model, self.clean, self.corrupted, senders, nodes, self.damaged, **self.options),
-        )  # fmt: skip
-        step.top[found] = top_heads(step.results["z"], top_k, -1)
-        self.report(step)
+        step = Step(key, title,
+                    f"Each earlier head's output, corrupted, reaching the {component} of heads "
+                    f"{_heads_list(reachable)}{note} only directly, in the clean run. Values: change of the logit "
+                    "difference as a fraction of clean - corrupted.",
+                    self.run(self.plans.into_heads(reachable, component, self.damaged), label))  # fmt: skip
+        step.top[found] = self.top(step.results["z"], -1)
+        self.record(step, began)
         return step.top[found]
 
 
@@ -260,56 +349,116 @@ def plan_ioi(model, settings: IOISettings = IOISettings()) -> list[tuple[str, Pa
     ...     print(step, plan)
     """
     dataset, corrupted = _datasets(model, settings)
-    clean, corrupt, shape = dataset.toks, corrupted.toks, _tl.model_shape(model)
     metric = LogitDiff(dataset.answers, dataset.word_idx["end"])
-    options = {"batch_size": settings.batch_size}
-    last = shape.n_layers - 1
-    every_head = plan_act_patch(model, corrupt, IterNode(HEAD_COMPONENTS), metric, new_input=clean, **options)
-    plans = [("act_heads", every_head)]
-    plans += [
-        (f"act_words at {word}", plan_act_patch(model, corrupt, _word_sweep(dataset, word), metric, new_input=clean,
-                                                **options))  # fmt: skip
-        for word in WORDS
-    ]
-    receiver = Node("resid_post", last)
-    plans.append(("path_logits", plan_path_patch(model, clean, corrupt, IterNode("z"), receiver, metric, **options)))
-    if last > 0:
-        heads = [TopHead(last, head, 0.0) for head in range(min(settings.top_k, shape.n_heads))]
-        for key, component in (("path_queries", "q"), ("path_values", "v")):
-            nodes = _receiver_nodes(shape, heads, component)
-            plan = plan_path_patch(model, clean, corrupt, _earlier_heads(heads), nodes, metric, **options)
-            plans.append((f"{key} (at most: receivers in the last layer)", plan))
-    return plans
+    return _all_plans(_Plans(model, dataset, corrupted, settings.batch_size), metric, settings.top_k)
+
+
+def versions() -> dict[str, str]:
+    """The versions of what runs the analysis: this library, TransformerLens, torch and Python."""
+    try:
+        library = importlib.metadata.version("transformer_lens_patching")
+    except importlib.metadata.PackageNotFoundError:
+        library = "not installed"
+    return {"transformer_lens_patching": library, "transformer_lens": _tl.TL_VERSION, "torch": torch.__version__,
+            "python": platform.python_version()}  # fmt: skip
+
+
+class _EndOfLayers(Exception):
+    """Raised at the last layer's output: the timed pass need not unembed."""
+
+
+def _seconds_per_layer(model, tokens: torch.Tensor, copies: int) -> float:
+    """The time one layer takes on one copy of `tokens` when `copies` of them are stacked, as
+    the plans stack variants: from the residual stream entering the first layer to the one
+    leaving the last (the pass stops there), the median of three passes after one that warms up."""
+    n_layers = _tl.model_shape(model).n_layers
+    marks: list[float] = []
+
+    def mark(activation, hook):
+        if activation.is_cuda:
+            torch.cuda.synchronize(activation.device)
+        marks.append(time.perf_counter())
+
+    def mark_and_stop(activation, hook):
+        mark(activation, hook)
+        raise _EndOfLayers
+
+    ends = [(hook_name("resid_pre", 0), mark), (hook_name("resid_post", n_layers - 1), mark_and_stop)]
+    stacked = tokens.repeat(copies, 1)
+    with torch.no_grad(), _tl.hooks(model, ends):
+        for _ in range(4):
+            with contextlib.suppress(_EndOfLayers):
+                _tl.forward_logits(model, stacked)
+    timed = sorted(end - start for start, end in zip(marks[2::2], marks[3::2]))
+    return timed[1] / (n_layers * copies)
 
 
 def run_ioi(
-    model, settings: IOISettings = IOISettings(), model_name: str = "", progress: bool = True, log: Callable = print
+    model,
+    settings: IOISettings = IOISettings(),
+    model_name: str = "",
+    progress: bool = True,
+    log: Callable = print,
+    *,
+    model_source: str = "",
+    on_step: Callable[[IOIAnalysis], None] | None = None,
 ) -> IOIAnalysis:
-    """Run the IOI analysis on `model`; `log` receives one line per step.
+    """Run the IOI analysis on `model`.
+
+    `log` receives a header line before each step ("step 2/6: activation patching of ..."),
+    the estimated time of the whole run (from the plans) and a line of findings after each
+    step; progress bars are labelled with their step. `on_step` receives the analysis once the
+    logit differences are known and after each step, e.g. to save what is finished; if a step
+    fails, what it received last holds every step before.
 
     >>> analysis = run_ioi(load_smollm2(), IOISettings(n_prompts=8))  # doctest: +SKIP
     >>> [str(h) for h in analysis.step("path_logits").top["name movers (lower the logit diff)"]]  # doctest: +SKIP
     """
     start = time.perf_counter()
     dataset, corrupted = _datasets(model, settings)
+    log(f"step 1/{STEP_COUNT}: logit differences of {dataset.N} clean and {dataset.N} corrupted prompts")
     logit_diff = LogitDiff(dataset.answers, dataset.word_idx["end"])
     per_prompt = LogitDiff(dataset.answers, dataset.word_idx["end"], per_prompt=True)
     clean_ld, corrupted_ld = calibrate(model, per_prompt, dataset.toks, corrupted.toks)
-    log(f"Logit difference (IO - S at the end): clean {clean_ld.mean():.3f}, corrupted {corrupted_ld.mean():.3f}")
+    log(f"  Logit difference (IO - S at the end): clean {clean_ld.mean():.3f}, corrupted {corrupted_ld.mean():.3f}")
+    plans = _Plans(model, dataset, corrupted, settings.batch_size)
+    analysis = IOIAnalysis(settings, model_name, dataset, corrupted, clean_ld.cpu(), corrupted_ld.cpu(), [], 0.0,
+                           model_source=model_source, versions=versions())  # fmt: skip
+    analysis.estimated_seconds = _estimate(plans, logit_diff, settings.top_k, dataset.toks, log)
     experiment = _Experiment(
-        model, dataset, corrupted,
+        plans, analysis,
         restored=denoising_metric(logit_diff, clean_ld.mean(), corrupted_ld.mean()),
         damaged=noising_metric(logit_diff, clean_ld.mean(), corrupted_ld.mean()),
-        options={"verbose": progress, "batch_size": settings.batch_size}, log=log,
+        progress=progress, log=log, on_step=on_step, began=start,
     )  # fmt: skip
-    experiment.heads(settings.top_k)
+    if on_step is not None:
+        on_step(analysis)
+    experiment.heads()
     experiment.words()
-    movers = experiment.into_logits(settings.top_k)
-    inhibitors = experiment.into_heads(movers, "q", "path_queries", "the name movers' queries", "S-inhibition heads",
-                                       settings.top_k)  # fmt: skip
-    experiment.into_heads(inhibitors, "v", "path_values", "the S-inhibition heads' values", "heads writing into them",
-                          settings.top_k)  # fmt: skip
-    return IOIAnalysis(
-        settings, model_name, dataset, corrupted, clean_ld.cpu(), corrupted_ld.cpu(), experiment.steps,
-        time.perf_counter() - start,
-    )  # fmt: skip
+    movers = experiment.into_logits()
+    inhibitors = experiment.into_heads(movers, "q", "path_queries", "the name movers' queries", "S-inhibition heads")
+    experiment.into_heads(inhibitors, "v", "path_values", "the S-inhibition heads' values", "heads writing into them")
+    analysis.seconds = time.perf_counter() - start
+    return analysis
+
+
+def _estimate(plans: _Plans, metric, top_k: int, tokens: torch.Tensor, log: Callable) -> float:
+    """The patching steps' time: the plans' work in layer evaluations times one layer's measured
+    time (the later path steps at their upper bound); logged, and returned in seconds."""
+    steps = _all_plans(plans, metric, top_k)
+    work = sum(plan.layer_evaluations for _, plan in steps)
+    stacked = max(plan.variants_per_pass for _, plan in steps)
+    per_layer = _seconds_per_layer(plans.model, tokens, stacked)
+    seconds = work * per_layer
+    log(f"  Estimated time of the patching, steps 2-{STEP_COUNT}: about {_duration(seconds)} ({work:,} layer evaluations, "
+        f"{per_layer * 1000:.2f} ms each as measured with {stacked} variants stacked; the last two steps at their "
+        "largest)")  # fmt: skip
+    return seconds
+
+
+def _duration(seconds: float) -> str:
+    """'40 s', '7 min', '1 h 20 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"

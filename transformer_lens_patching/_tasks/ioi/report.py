@@ -9,10 +9,10 @@ import datetime
 import html
 import itertools
 import json
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...results import PatchResult
 from .analysis import IOIAnalysis, Step
 
 if TYPE_CHECKING:
@@ -24,22 +24,36 @@ CSV_DIMS = ("seq_pos", "layer", "head", "kv_head")
 
 
 def write_report(analysis: IOIAnalysis, out: str | Path) -> dict[str, Path]:
-    """Write `report.html`, `results.json` and `results.csv` into the folder `out`.
+    """Write `report.html`, `results.json` and `results.csv` into the folder `out`. An
+    analysis that stopped early (see `IOIAnalysis.missing_steps`) gets a report of the steps
+    it finished, which says which are missing.
 
     >>> paths = write_report(run_ioi(model), "ioi-report")  # doctest: +SKIP
     >>> sorted(paths)  # doctest: +SKIP
     ['csv', 'html', 'json']
     """
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"html": folder / REPORT, "json": folder / JSON, "csv": folder / CSV}
+    paths = {"html": Path(out) / REPORT, "json": write_json(analysis, out), "csv": Path(out) / CSV}
     paths["html"].write_text(report_html(analysis), encoding="utf-8")
-    paths["json"].write_text(json.dumps(as_json(analysis), indent=1), encoding="utf-8")
     with paths["csv"].open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(("step", "component", *CSV_DIMS, "value"))
         writer.writerows(csv_rows(analysis))
     return paths
+
+
+def write_json(analysis: IOIAnalysis, out: str | Path) -> Path:
+    """Write `results.json` alone into the folder `out` (e.g. after each step); returns its path.
+
+    It is written to a temporary file first and then renamed, so an interruption never
+    leaves half a file.
+    """
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{JSON}.", suffix=".partial", delete=False,
+                                     encoding="utf-8") as partial:  # fmt: skip
+        json.dump(as_json(analysis), partial, indent=1)
+    Path(partial.name).replace(folder / JSON)
+    return folder / JSON
 
 
 def step_figure(step: Step) -> "go.Figure":
@@ -51,14 +65,29 @@ def step_figure(step: Step) -> "go.Figure":
 
 
 def logit_diff_figure(analysis: IOIAnalysis) -> "go.Figure":
-    """The per-prompt logit differences of the clean and corrupted runs."""
-    from ... import plots
+    """Each prompt's clean and corrupted logit difference, side by side on one row per prompt
+    (a line joins the two), the prompt's text on hover."""
+    import plotly.graph_objects as go
 
-    per_prompt = {
-        "clean": PatchResult(analysis.clean_logit_diff, ("prompt",)),
-        "corrupted": PatchResult(analysis.corrupted_logit_diff, ("prompt",)),
-    }
-    return plots.histogram(per_prompt, value_label="logit diff", title="Logit difference per prompt")
+    clean, corrupted = analysis.clean_logit_diff.tolist(), analysis.corrupted_logit_diff.tolist()
+    rows = [f"prompt {i}" for i in range(len(clean))]
+    fig = go.Figure()
+    joins_x = [value for pair in zip(corrupted, clean, itertools.repeat(None)) for value in pair]
+    joins_y = [row for row in rows for _ in range(3)]
+    fig.add_trace(go.Scatter(x=joins_x, y=joins_y, mode="lines", line={"color": "#bbb"}, hoverinfo="skip",
+                             showlegend=False))  # fmt: skip
+    for name, values, prompts, colour in (("clean", clean, analysis.dataset, "#2166ac"),
+                                          ("corrupted", corrupted, analysis.corrupted, "#b2182b")):  # fmt: skip
+        texts = [html.escape(sentence) for sentence in prompts.sentences]
+        fig.add_trace(go.Scatter(
+            x=values, y=rows, mode="markers", name=name, marker={"color": colour, "size": 9}, customdata=texts,
+            hovertemplate=f"%{{y}}, {name}: %{{x:.3f}}<br>%{{customdata}}<extra></extra>",
+        ))  # fmt: skip
+    fig.update_layout(title="Logit difference (IO - S) per prompt, clean and corrupted",
+                      height=160 + 22 * len(rows), legend={"orientation": "h", "y": -0.15})  # fmt: skip
+    fig.update_xaxes(title_text="logit diff", zeroline=True)
+    fig.update_yaxes(type="category", autorange="reversed")
+    return fig
 
 
 def report_html(analysis: IOIAnalysis) -> str:
@@ -77,14 +106,15 @@ def report_html(analysis: IOIAnalysis) -> str:
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
         f"<script>{get_plotlyjs()}</script><style>{_STYLE}</style></head>"
-        f"<body><h1>{title}</h1>{''.join(sections)}</body></html>"
+        f"<body><h1>{title}</h1>{_missing(analysis)}{''.join(sections)}</body></html>"
     )
 
 
 _STYLE = (
     "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
     "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
-    ".figure{margin:1em 0}"
+    ".figure{margin:1em 0}.missing{background:#fde0dd;border:1px solid #c51b8a;padding:.5em 1em}"
+    "mark{background:#fee391;font-weight:bold}"
 )
 
 
@@ -92,30 +122,61 @@ def _figure(figure: "go.Figure", key: str) -> str:
     return f'<div class="figure">{figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{key}")}</div>'
 
 
+def _missing(analysis: IOIAnalysis) -> str:
+    if not analysis.missing_steps:
+        return ""
+    return (
+        f'<p class="missing" id="missing-steps">This run stopped early: the steps {", ".join(analysis.missing_steps)} '
+        "did not run, and their results are missing. Everything below was finished.</p>"
+    )
+
+
 def _summary(analysis: IOIAnalysis) -> str:
     settings = vars(analysis.settings)
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
+    versions = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in analysis.versions.items()
+    )
     clean, corrupted = float(analysis.clean_logit_diff.mean()), float(analysis.corrupted_logit_diff.mean())
     found = "".join(
         f"<li>{html.escape(step.title)}: {html.escape(name)}: {html.escape(', '.join(map(str, heads)) or 'none')}</li>"
         for step in analysis.steps
         for name, heads in step.top.items()
     )
+    threshold, top_k = analysis.settings.min_effect, analysis.settings.top_k
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    source = f"<p>Weights: {html.escape(analysis.model_source)}</p>" if analysis.model_source else ""
     return (
         f"<p>Model <b>{html.escape(analysis.model_name)}</b>, {analysis.dataset.N} prompts; "
-        f"run in {analysis.seconds:.0f} s on {when}.</p>"
+        f"run in {analysis.seconds:.0f} s on {when}.</p>{source}"
         f"<p>Mean logit difference (IO - S at the end): clean <b>{clean:.3f}</b>, corrupted <b>{corrupted:.3f}</b>.</p>"
-        f"<h2>Heads found</h2><ul>{found}</ul><h2>Settings</h2><table>{rows}</table>"
+        f"<h2>Heads found</h2><p>At most {top_k} heads per role, each with an effect of at least {threshold:.0%} "
+        "of the clean - corrupted logit difference in size (--min-effect); only those are carried into the next "
+        f"step.</p><ul>{found}</ul><h2>Settings</h2><table>{rows}</table>"
+        f"<h2>Versions</h2><table id=\"versions\">{versions}</table>"
     )
+
+
+def _marked_answer(sentence: str, answer: str) -> str:
+    """The sentence, its final word (the answer, which the model is not shown) marked."""
+    if not sentence.endswith(" " + answer):
+        return html.escape(sentence)
+    return f"{html.escape(sentence[: -len(answer)])}<mark>{html.escape(answer)}</mark>"
 
 
 def _prompts(analysis: IOIAnalysis, count: int = 5) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(clean)}</td><td>{html.escape(corrupted)}</td></tr>"
-        for clean, corrupted in zip(analysis.dataset.sentences[:count], analysis.corrupted.sentences[:count])
+        f"<tr><td>{_marked_answer(clean, prompt.io)}</td><td>{_marked_answer(corrupted, prompt.io)}</td></tr>"
+        for clean, corrupted, prompt in zip(
+            analysis.dataset.sentences[:count], analysis.corrupted.sentences[:count], analysis.dataset.prompts
+        )
     )
-    return f"<h2>Prompts (first {count})</h2><table><tr><th>clean</th><th>corrupted</th></tr>{rows}</table>"
+    return (
+        f"<h2>Prompts (first {count})</h2><p>Marked: the answer, the indirect object (IO). The model reads each "
+        "prompt up to the word before it, and the logit difference is the logit of IO minus that of the subject "
+        "(S) there.</p>"
+        f"<table><tr><th>clean</th><th>corrupted</th></tr>{rows}</table>"
+    )
 
 
 def _top_table(step: Step) -> str:
@@ -133,8 +194,13 @@ def as_json(analysis: IOIAnalysis) -> dict:
     """Everything measured, as plain JSON values."""
     return {
         "model": analysis.model_name,
+        "model_source": analysis.model_source,
+        "versions": analysis.versions,
         "settings": vars(analysis.settings),
+        "complete": not analysis.missing_steps,
+        "missing_steps": analysis.missing_steps,
         "seconds": analysis.seconds,
+        "estimated_seconds": analysis.estimated_seconds,
         "clean_logit_diff": _values(analysis.clean_logit_diff),
         "corrupted_logit_diff": _values(analysis.corrupted_logit_diff),
         "prompts": [
