@@ -20,6 +20,7 @@ from ._methods.ablation import mean_ablation_cache as mean_ablation_cache
 from ._methods.ablation import zero_ablation_cache as zero_ablation_cache
 from ._methods.activation import act_patch as act_patch
 from ._methods.activation import plan_act_patch as plan_act_patch
+from ._methods.attribution import attr_patch as attr_patch
 from ._methods.path import path_patch as path_patch
 from ._methods.path import plan_path_patch as plan_path_patch
 from .errors import PatchingError as PatchingError
@@ -49,7 +50,8 @@ __all__ = [
     # what to patch
     "Node", "IterNode", "SeqPos",
     # patching
-    "act_patch", "path_patch", "plan_act_patch", "plan_path_patch", "PatchPlan", "PlanOutputs", "Pass", "Block",
+    "act_patch", "path_patch", "attr_patch", "plan_act_patch", "plan_path_patch", "PatchPlan", "PlanOutputs", "Pass",
+    "Block",
     "mean_ablation_cache", "zero_ablation_cache",
     # results and errors
     "PatchResult", "PatchingError",

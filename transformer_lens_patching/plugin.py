@@ -1,7 +1,8 @@
 """The TransformerLens plugin: patching methods on models, Node indexing on caches.
 
 `PatchingMixin` holds the methods TransformerLens models gain (`model.act_patch(...)`,
-`model.path_patch(...)`, `model.plan_act_patch(...)`, `model.plan_path_patch(...)`);
+`model.path_patch(...)`, `model.attr_patch(...)`, `model.plan_act_patch(...)`,
+`model.plan_path_patch(...)`);
 `CachePatchingMixin` those ActivationCache gains (`cache[Node(...)]`, `cache.zero_ablated()`,
 `cache.mean_ablated(groups)`). `install()` sets them on TransformerLens' classes.
 
@@ -24,6 +25,7 @@ from ._core.nodes import IterNode, Node
 from ._core.sites import resolve_layer, resolve_node
 from ._methods.ablation import mean_ablation_cache, zero_ablation_cache
 from ._methods.activation import act_patch, plan_act_patch
+from ._methods.attribution import attr_patch
 from ._methods.path import path_patch, plan_path_patch
 from .errors import PatchingError
 
@@ -51,6 +53,7 @@ class PatchingMixin:
 
     act_patch = _method_of(act_patch)
     path_patch = _method_of(path_patch)
+    attr_patch = _method_of(attr_patch)
     plan_act_patch = _method_of(plan_act_patch)
     plan_path_patch = _method_of(plan_path_patch)
 

@@ -216,7 +216,7 @@ class PatchPlan:
             )
         if self.layout is None:
             return values[0]
-        return _assembled(self.layout, [values[cell] for cell in range(self.n_cells)], dims or ())
+        return assembled_sweeps(self.layout, [values[cell] for cell in range(self.n_cells)], dims or ())
 
     def __str__(self) -> str:
         lines = [f"{self.method} plan" + (f", shard {self.shard_of[0]} of {self.shard_of[1]}" if self.shard_of else "")]
@@ -292,7 +292,7 @@ def _pass_table(passes: Sequence[Pass]) -> Iterator[str]:
         yield f"{stage:<10}{count:>11} x {size_text:>5} variants: {layers}"
 
 
-def _assembled(layout: Sequence[Sweep], outputs: list, metric_dims: tuple[str, ...]) -> dict[str, PatchResult]:
+def assembled_sweeps(layout: Sequence[Sweep], outputs: list, metric_dims: tuple[str, ...]) -> dict[str, PatchResult]:
     """One PatchResult per sweep from the cells' metric values (in cell order), moved to the CPU
     in one transfer per sweep."""
     values = [as_tensor(output).detach() for output in outputs]

@@ -113,6 +113,17 @@ class PatchProgram:
 
         self._add(hook_name, step)
 
+    def differentiate(self, hook_name: str, store: dict) -> None:
+        """Add zeros that require grad to the activation at `hook_name` and keep them in
+        `store[hook_name]`: the gradient of what the pass computes with respect to them is
+        its gradient with respect to that activation (attribution patching)."""
+
+        def step(out: torch.Tensor) -> None:
+            store[hook_name] = torch.zeros_like(out, requires_grad=True)
+            out += store[hook_name]
+
+        self._add(hook_name, step)
+
     def record(self, hook_name: str, row_start: int, store: dict, key) -> None:
         """Save a copy of one variant's rows at `hook_name` (as they are at this step) in `store[key]`."""
         batch = self.batch
