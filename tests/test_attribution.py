@@ -187,6 +187,46 @@ def test_the_gradient_is_the_limit_of_exact_patching(small_model, name):
     assert estimate == pytest.approx(difference_quotient, rel=2e-2)
 
 
+def test_integrated_gradients_of_one_step_are_atp(small_model):
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    sweep = IterNode(["z", "resid_mid", "post"], layers=[1])
+    atp = attr_patch(model, orig, sweep, logit_diff_metric(per_prompt=True), new_input=new)
+    ig = attr_patch(model, orig, sweep, logit_diff_metric(per_prompt=True), new_input=new, method="ig", steps=1)
+    assert all(torch.equal(atp[name].as_tensor(), ig[name].as_tensor()) for name in atp)
+
+
+def test_integrated_gradients_are_complete_on_a_cut(gpt2_model):
+    """Patching the whole residual stream entering a layer changes the metric by exactly the
+    sum of its positions' IG attributions, up to the Riemann sum's error, which shrinks with
+    the steps (first order: about 1 / steps). AtP, the one-step sum, is furthest off.
+    Measured when written: errors 0.217, 0.039 and 0.0045 for 1, 4 and 32 steps, on a
+    change of -0.043."""
+    model = gpt2_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric()
+    change = float(act_patch(model, orig, Node("resid_pre", 3), metric, new_input=new)) - float(
+        act_patch(model, orig, Node("resid_pre", 3), metric, new_input=orig))
+    sweep = IterNode("resid_pre", layers=[3], seq_pos="each")
+    errors = {}
+    for steps in (1, 4, 32):
+        attributions = attr_patch(model, orig, sweep, metric, new_input=new, method="ig", steps=steps, estimate="delta")
+        errors[steps] = abs(float(attributions["resid_pre"].as_tensor().sum()) - change)
+    assert abs(change) > 0.02
+    assert errors[32] < errors[4] < errors[1]
+    assert errors[32] < 2 * errors[4] * 4 / 32, "the error falls about as 1 / steps"
+    assert errors[32] < 0.25 * abs(change)
+
+
+@pytest.mark.parametrize("component", ["z", "resid_post"])
+def test_integrated_gradients_are_exact_where_linear(induction, component):
+    model, clean, corrupted = induction
+    sweep = IterNode(component, layers=[model.cfg.n_layers - 1])
+    exact = act_patch(model, corrupted, sweep, linear_metric, new_input=clean)[component].as_tensor()
+    ig = attr_patch(model, corrupted, sweep, linear_metric, new_input=clean, method="ig", steps=3)[component].as_tensor()
+    torch.testing.assert_close(ig, exact, rtol=1e-5, atol=1e-4)
+
+
 def test_the_model_keeps_its_gradients_and_flags(gpt2_model):
     model = gpt2_model
     flags, grad_mode = [p.requires_grad for p in model.parameters()], torch.is_grad_enabled()
@@ -203,7 +243,7 @@ def test_bad_arguments_are_explained(gpt2_model):
     model = gpt2_model
     orig, new = make_inputs(model, batch=BATCH)
     node = Node("z", 0, head=0)
-    with raises(r"method must be one of 'atp'; got 'atp\*'"):
+    with raises(r"method must be one of 'atp', 'ig'; got 'atp\*'"):
         attr_patch(model, orig, node, logit_diff_metric(), new_input=new, method="atp*")
     with raises("estimate must be one of 'value', 'delta'; got 'change'"):
         attr_patch(model, orig, node, logit_diff_metric(), new_input=new, estimate="change")
@@ -211,6 +251,10 @@ def test_bad_arguments_are_explained(gpt2_model):
         attr_patch(model, orig, node, lambda logits: logits[:, -1, :2], new_input=new)
     with raises("does not depend on the logits"):
         attr_patch(model, orig, node, lambda logits: torch.tensor(1.0), new_input=new)
+    with raises("steps is for method='ig'"):
+        attr_patch(model, orig, node, logit_diff_metric(), new_input=new, steps=5)
+    with raises("steps must be a whole number of at least 1, got 0"):
+        attr_patch(model, orig, node, logit_diff_metric(), new_input=new, method="ig", steps=0)
     with raises("Nothing to patch in"):
         attr_patch(model, orig, node, logit_diff_metric())
 

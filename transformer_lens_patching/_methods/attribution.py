@@ -1,10 +1,11 @@
-"""attr_patch: attribution patching, a first-order estimate of what `act_patch` returns.
+"""attr_patch: attribution patching, a gradient-based estimate of what `act_patch` returns.
 
 AtP (Nanda, 2023): when patching moves an activation from its orig value `a` to the new
 value `a'`, the metric changes by about `(a' - a) . dM/da`, the gradient taken in the orig
 run. One run of the new input (or the given cache), and one forward and one backward pass
 of the orig input, give that estimate for every cell of a sweep at once: its cost does not
-depend on the number of cells.
+depend on the number of cells. Integrated gradients (as in EAP-IG, Hanna et al. 2024)
+average the gradient over points between `a` and `a'` instead.
 """
 
 from collections.abc import Callable, Sequence
@@ -24,8 +25,10 @@ from ..errors import PatchingError
 from .activation import NOTHING_TO_PATCH_IN
 from .common import check_hooks_exist, resolve_metric
 
-METHODS = ("atp",)
+METHODS = ("atp", "ig")
 """The estimates `attr_patch` computes."""
+IG_STEPS = 10
+"""The points of the integrated gradients' sum when `steps` is not given."""
 ESTIMATES = ("value", "delta")
 """What `attr_patch` returns: the estimated patched metric, or only its change."""
 
@@ -39,6 +42,7 @@ def attr_patch(
     new_cache=None,
     *,
     method: str = "atp",
+    steps: int | None = None,
     estimate: str = "value",
 ):
     """Estimate what `act_patch` returns with the same arguments, for every cell at once.
@@ -60,7 +64,16 @@ def attr_patch(
         new_input: The run patched from (resample ablation).
         new_cache: An ActivationCache to patch from (e.g. `mean_ablation_cache(...)`), or
             "zero" (zero ablation).
-        method: "atp" (attribution patching).
+        method: "atp" (attribution patching: the gradient in the orig run) or "ig"
+            (integrated gradients: the mean gradient at `steps` points `a + (k / steps)(a' - a)`,
+            k = 0 .. steps - 1, between each activation's orig value `a` and new value `a'`).
+            The interpolated quantity is the patched activation itself: each hook the cells
+            patch is interpolated on its own, as a whole (every head, neuron and position,
+            the rest of the model computed from it), so that the attributions of all of one
+            hook's cells sum to the change of patching that whole hook, up to the sum's
+            error, which shrinks as `steps` grows. `steps=1` is AtP. It costs `steps - 1`
+            more forward and backward passes per hook.
+        steps: For "ig", the points of the sum (default `IG_STEPS`); not used by "atp".
         estimate: "value" for the estimated patched metric (what `act_patch` returns) or
             "delta" for its change from the orig run's metric.
 
@@ -79,6 +92,7 @@ def attr_patch(
     """
     _check_choice(method, METHODS, "method")
     _check_choice(estimate, ESTIMATES, "estimate")
+    steps = _checked_steps(method, steps)
     _tl.check_model(model)
     _tl.check_deterministic(model)
     tokens = _tl.to_tokens(model, orig_input)
@@ -91,9 +105,11 @@ def attr_patch(
     source, _ = planned_source(model, new_input, new_cache, names, tokens, "new_cache", NOTHING_TO_PATCH_IN)
     with _tl.model_flags(model, _tl.flags_for(names)), torch.no_grad():
         new = source()
-        orig_value, dims, orig, gradients = _orig_gradients(model, tokens, names, metric)
-        weighted = {name: (new.tensor_like(name, orig[name]).to(orig[name]) - orig[name]) * gradients[name]
-                    for name in names}  # fmt: skip
+        orig_value, dims, orig, gradients = _gradients(model, tokens, names, metric)
+        differences = {name: new.tensor_like(name, orig[name]).to(orig[name]) - orig[name] for name in names}
+        if steps > 1:
+            gradients = _integrated(model, tokens, metric, orig, differences, gradients, steps)
+        weighted = {name: differences[name] * gradients[name] for name in names}
         batch = tokens.shape[0]
         changes = [_cell_change(cell, weighted, batch, per_prompt=dims == ("batch",)) for cell in cells]
     values = changes if estimate == "delta" else [orig_value + change for change in changes]
@@ -107,15 +123,42 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise PatchingError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
-def _orig_gradients(model, tokens: Tensor, names: list[str], metric) -> tuple[Tensor, tuple, dict, dict]:
-    """One forward and one backward pass of the orig run: the metric's value and dims, and at
-    each hook of `names` the activation and the metric's gradient with respect to it (for a
+def _checked_steps(method: str, steps: int | None) -> int:
+    """The points of the integrated gradients' sum: 1 for "atp"."""
+    if method == "atp":
+        if steps is not None:
+            raise PatchingError(f"steps is for method='ig' (integrated gradients); method='atp' takes none, got {steps!r}.")
+        return 1
+    steps = IG_STEPS if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PatchingError(f"steps must be a whole number of at least 1, got {steps!r}.")
+    return steps
+
+
+def _integrated(model, tokens: Tensor, metric, orig: dict, differences: dict, first: dict, steps: int) -> dict:
+    """The mean gradient at each hook over the points orig + (k / steps) * difference, k = 0 ..
+    steps - 1, each hook interpolated on its own; `first` holds the gradients at k = 0."""
+    totals = {name: gradient.clone() for name, gradient in first.items()}
+    for k in range(1, steps):
+        for name in totals:
+            point = {name: orig[name] + (k / steps) * differences[name]}
+            totals[name] += _gradients(model, tokens, [name], metric, point)[3][name]
+    return {name: total / steps for name, total in totals.items()}
+
+
+def _gradients(model, tokens: Tensor, names: list[str], metric, fills: dict[str, Tensor] | None = None,
+               ) -> tuple[Tensor, tuple, dict, dict]:  # fmt: skip
+    """One forward and one backward pass of the orig run, with the activations of `fills` set
+    to the given values: the metric's value and dims, and at each hook of `names` the
+    activation (before any fill) and the metric's gradient with respect to it (for a
     per-prompt metric, each prompt's own gradient: prompts do not interact)."""
     program = PatchProgram(tokens.shape[0], carries=resid_mid_carries(model))
     orig: dict[str, Tensor] = {}
     leaves: dict[str, Tensor] = {}
     for name in names:
         program.record(name, 0, orig, name)
+        if fills and name in fills:
+            program.fill(name, 0, fills[name])
         program.differentiate(name, leaves)
     calls = MetricCalls(metric, tokens.shape[0], model=model)
     with torch.enable_grad(), applied(model, program):
