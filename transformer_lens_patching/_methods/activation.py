@@ -17,11 +17,10 @@ from .._core.memory import check_chunk_args, variants_per_pass
 from .._core.nodes import IterNode, Node
 from .._core.plan import Block, PatchPlan, stacked_passes, unpatched_block
 from .._core.program import PatchProgram, entry_layer
-from .._core.sites import PatchSite, resolve_spec
 from .._core.sources import SourceFactory, planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..results import PatchResult
-from .common import check_hooks_exist, describe_metric, print_shapes, resolve_metric
+from .common import describe_metric, patch_cells, print_shapes, resolve_metric
 
 NOTHING_TO_PATCH_IN = (
     "Nothing to patch in: pass new_input (resample ablation), new_cache (an ActivationCache, "
@@ -54,11 +53,8 @@ def plan_act_patch(
     check_chunk_args(batch_size, max_memory)
     tokens = _tl.to_tokens(model, orig_input)
     shape = _tl.model_shape(model)
-    resolved = resolve_spec(patching_nodes, shape, tokens, "patching_nodes")
-    is_sweep = isinstance(patching_nodes, IterNode)
-    cells: list[list[PatchSite]] = [c for sweep in resolved for c in sweep.sites] if is_sweep else [resolved]
-    names = {site.hook_name for cell in cells for site in cell}
-    check_hooks_exist(model, names)
+    patched = patch_cells(model, tokens, patching_nodes)
+    resolved, is_sweep, cells, names = patched.resolved, patched.is_sweep, patched.cells, patched.names
     metric = resolve_metric(patching_metric, tokens)
     reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache)
     source, source_text = planned_source(model, new_input, new_cache, names, tokens, "new_cache", NOTHING_TO_PATCH_IN)

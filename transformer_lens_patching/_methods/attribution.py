@@ -18,12 +18,12 @@ from .._core.measure import MetricCalls, as_tensor
 from .._core.nodes import IterNode, Node
 from .._core.plan import assembled_sweeps
 from .._core.program import PatchProgram, applied, resid_mid_carries
-from .._core.sites import PatchSite, resolve_spec
+from .._core.sites import PatchSite
 from .._core.sources import planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from .activation import NOTHING_TO_PATCH_IN
-from .common import check_hooks_exist, resolve_metric
+from .common import patch_cells, resolve_metric
 
 METHODS = ("atp", "ig")
 """The estimates `attr_patch` computes."""
@@ -96,11 +96,8 @@ def attr_patch(
     _tl.check_model(model)
     _tl.check_deterministic(model)
     tokens = _tl.to_tokens(model, orig_input)
-    resolved = resolve_spec(patching_nodes, _tl.model_shape(model), tokens, "patching_nodes")
-    is_sweep = isinstance(patching_nodes, IterNode)
-    cells: list[list[PatchSite]] = [c for sweep in resolved for c in sweep.sites] if is_sweep else [resolved]
-    names = sorted({site.hook_name for cell in cells for site in cell})
-    check_hooks_exist(model, names)
+    patched = patch_cells(model, tokens, patching_nodes)
+    names = sorted(patched.names)
     metric = resolve_metric(patching_metric, tokens)
     source, _ = planned_source(model, new_input, new_cache, names, tokens, "new_cache", NOTHING_TO_PATCH_IN)
     with _tl.model_flags(model, _tl.flags_for(names)), torch.no_grad():
@@ -111,11 +108,11 @@ def attr_patch(
             gradients = _integrated(model, tokens, metric, orig, differences, gradients, steps)
         weighted = {name: differences[name] * gradients[name] for name in names}
         batch = tokens.shape[0]
-        changes = [_cell_change(cell, weighted, batch, per_prompt=dims == ("batch",)) for cell in cells]
+        changes = [_cell_change(cell, weighted, batch, per_prompt=dims == ("batch",)) for cell in patched.cells]
     values = changes if estimate == "delta" else [orig_value + change for change in changes]
-    if not is_sweep:
+    if not patched.is_sweep:
         return values[0]
-    return assembled_sweeps(resolved, values, dims)
+    return assembled_sweeps(patched.resolved, values, dims)
 
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:

@@ -1,14 +1,40 @@
-"""What the patching methods share: their metric, checking their hooks exist, printing their results' shapes."""
+"""What the patching methods share: their cells, their metric, checking their hooks exist, printing their results' shapes."""
 
 import types
+from dataclasses import dataclass
 
 from torch import Tensor
 
 from .. import _tl
+from .._core.nodes import IterNode
 from .._core.selection import LogitReader
+from .._core.sites import PatchSite, Sweep, resolve_spec
 from ..errors import PatchingError
 from ..metrics import Metric, lm_loss
 from ..results import PatchResult
+
+
+@dataclass(frozen=True)
+class PatchCells:
+    """What `patching_nodes` patch, resolved: one cell per result (each a list of sites patched together)."""
+
+    resolved: list[Sweep] | list[PatchSite]
+    """The sweeps of an IterNode, or the sites of a Node or list of Nodes."""
+    is_sweep: bool
+    cells: list[list[PatchSite]]
+    names: set[str]
+    """Every hook the cells patch."""
+
+
+def patch_cells(model, tokens: Tensor, patching_nodes) -> PatchCells:
+    """Resolve `patching_nodes` against `model` and `tokens` into cells (one per cell of a
+    sweep; one for a Node or list of Nodes), checking that the model has their hooks."""
+    resolved = resolve_spec(patching_nodes, _tl.model_shape(model), tokens, "patching_nodes")
+    is_sweep = isinstance(patching_nodes, IterNode)
+    cells = [cell for sweep in resolved for cell in sweep.sites] if is_sweep else [resolved]
+    names = {site.hook_name for cell in cells for site in cell}
+    check_hooks_exist(model, names)
+    return PatchCells(resolved, is_sweep, cells, names)
 
 
 def check_hooks_exist(model, names) -> None:
