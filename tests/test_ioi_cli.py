@@ -22,15 +22,15 @@ import torch
 
 from tests import models
 from tests.helpers import model_state
-from transformer_lens_patching import Node, act_patch, path_patch
+from transformer_lens_patching import IterNode, Node, act_patch, attr_patch, path_patch
 from transformer_lens_patching._tasks.ioi.analysis import WORDS
 from transformer_lens_patching._tasks.ioi.report import logit_diff_figure, step_figure
 from transformer_lens_patching.cli import main
 from transformer_lens_patching.ioi import IOISettings, plan_ioi, run_ioi, write_report
 
-STEPS = ["act_heads", "act_words", "path_logits", "path_queries", "path_values"]
+STEPS = ["act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons"]
 LAYERS = 30
-SETTINGS = IOISettings(n_prompts=5, top_k=2, min_effect=0.0)
+SETTINGS = IOISettings(n_prompts=5, top_k=2, min_effect=0.0, top_neurons=6)
 """No effect threshold: on random weights every step then finds heads, so every step runs."""
 
 
@@ -86,14 +86,16 @@ def test_steps_and_result_dims(analysis, tiny_model):
     assert analysis.step("path_logits").results["z"].dims == ("layer", "head")
 
 
-def test_each_step_is_announced_and_its_bars_are_labelled(analysis):
+def test_each_step_is_announced_and_its_bars_are_labelled(analysis, tiny_model):
     """A header before each step, with what it patches; progress bars named by step (and word)."""
     headers = [line for line in analysis.log if line.startswith("step ")]
-    assert [line.split(":")[0] for line in headers] == [f"step {i}/6" for i in range(1, 7)]
-    assert headers[1] == f"step 2/6: activation patching of z, q, k, v, pattern for {LAYERS * 4} heads"
-    assert headers[3] == f"step 4/6: path patching of {LAYERS * 4} heads -> logits"
+    assert [line.split(":")[0] for line in headers] == [f"step {i}/7" for i in range(1, 8)]
+    assert headers[1] == f"step 2/7: activation patching of z, q, k, v, pattern for {LAYERS * 4} heads"
+    assert headers[3] == f"step 4/7: path patching of {LAYERS * 4} heads -> logits"
+    d_mlp = tiny_model.cfg.d_mlp
+    assert headers[6] == f"step 7/7: attribution patching of {LAYERS * d_mlp} MLP neurons, then activation patching of the 6 strongest"
     ran = [number for number, step in enumerate(analysis.steps, start=2) if step.results]
-    labels = [f"step {n}/6" for n in ran if n != 3] + [f"step 3/6 at {word}" for word in WORDS]
+    labels = [f"step {n}/7" for n in ran if n != 3] + [f"step 3/7 at {word}" for word in WORDS]
     for label in labels:
         assert f"\r{label}: " in analysis.bars, label
     assert len(set(re.findall(r"\r(step [^:]*): ", analysis.bars))) == len(labels), "no other bars"
@@ -101,9 +103,15 @@ def test_each_step_is_announced_and_its_bars_are_labelled(analysis):
 
 
 def test_the_time_estimate_comes_from_the_plans(analysis, tiny_model):
-    """The estimate counts the work of every plan `plan_ioi` makes (the path steps at their upper bound)."""
+    """The estimate counts the work of every plan `plan_ioi` makes (the path steps and the
+    neurons' exact patching at their upper bound), plus the neuron screen: four passes of
+    every layer (the clean run, the corrupted run's forward, and its backward at twice that)."""
     (line,) = [line for line in analysis.log if "Estimated time" in line]
-    work = sum(plan.layer_evaluations for _, plan in plan_ioi(tiny_model, SETTINGS))
+    plans = dict(plan_ioi(tiny_model, SETTINGS))
+    confirmation = plans["attr_neurons, exact patching of the strongest (at most: neurons in the first layer)"]
+    assert confirmation.n_cells == SETTINGS.top_neurons
+    assert confirmation.layer_evaluations == SETTINGS.top_neurons * LAYERS, "every pass from the first layer"
+    work = sum(plan.layer_evaluations for plan in plans.values()) + 4 * LAYERS
     assert f"({work:,} layer evaluations" in line
     assert analysis.estimated_seconds > 0
 
@@ -210,6 +218,73 @@ def test_step_results_equal_direct_calls(analysis, tiny_model):
     assert float(damage) == pytest.approx(float(analysis.step("path_logits").results["z"].sel(layer=1, head=3)), abs=1e-5)
 
 
+def restored_fraction(analysis):
+    """The denoising metric, differentiable: the mean IO - S logit difference at each prompt's
+    end, as a fraction of the way from the corrupted mean (0) to the clean mean (1)."""
+    ds = analysis.dataset
+    clean_mean, corrupted_mean = analysis.clean_logit_diff.mean(), analysis.corrupted_logit_diff.mean()
+    rows, ends = torch.arange(ds.N), torch.as_tensor(ds.word_idx["end"])
+    io, s = torch.as_tensor(ds.io_token_ids), torch.as_tensor(ds.s_token_ids)
+
+    def metric(logits):
+        mean_ld = (logits[rows, ends, io] - logits[rows, ends, s]).mean()
+        return (mean_ld - corrupted_mean) / (clean_mean - corrupted_mean)
+
+    return metric
+
+
+def test_the_neuron_step_screens_every_neuron_and_patches_the_strongest_exactly(analysis, tiny_model):
+    """Every neuron's estimate is attr_patch's of that neuron; the neurons patched exactly are
+    the largest estimates in size (a sort here), and their exact values are act_patch's."""
+    ds, corrupted = analysis.dataset, analysis.corrupted
+    metric = restored_fraction(analysis)
+    step = analysis.step("attr_neurons")
+    estimates = step.results["post"]
+    assert estimates.dims == ("layer", "neuron") and tuple(estimates.shape) == (LAYERS, tiny_model.cfg.d_mlp)
+    alone = attr_patch(tiny_model, corrupted.toks, Node("post", 7, neuron=11), metric, new_input=ds.toks)
+    assert float(estimates.sel(layer=7, neuron=11)) == pytest.approx(float(alone), abs=1e-5)
+    cells = [((layer, neuron), float(estimates.sel(layer=layer, neuron=neuron)))
+             for layer in range(LAYERS) for neuron in range(tiny_model.cfg.d_mlp)]  # fmt: skip
+    strongest = [cell for cell, _ in sorted(cells, key=lambda cell: -abs(cell[1]))[: SETTINGS.top_neurons]]
+    confirmed = step.confirmation.cells
+    assert [(cell.coords["layer"], cell.coords["neuron"]) for cell in confirmed] == strongest
+    for cell in confirmed[:3]:
+        exact = act_patch(tiny_model, corrupted.toks, Node("post", cell.coords["layer"], neuron=cell.coords["neuron"]),
+                          metric, new_input=ds.toks)  # fmt: skip
+        assert cell.exact == pytest.approx(float(exact), rel=1e-4, abs=1e-5), "float32 noise over clean - corrupted"
+    assert step.confirmation.unpatched == pytest.approx(0.0, abs=1e-5), "the corrupted run restores nothing"
+
+
+def attention_only(tok, n_layers: int = 2):
+    """A random attention-only model (no MLPs) with the whole SmolLM2 vocabulary."""
+    config = dict(n_layers=n_layers, d_model=64, n_heads=4, d_head=16, d_vocab=len(tok), n_ctx=64, attn_only=True,
+                  normalization_type="LN", positional_embedding_type="standard", act_fn="gelu_new", seed=0)  # fmt: skip
+    if models.TL_MAJOR >= 4:
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+
+        return TransformerBridge.boot_native(TransformerBridgeConfig(**config), tokenizer=tok).eval()
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    return HookedTransformer(HookedTransformerConfig(**config), tokenizer=tok).eval()
+
+
+def test_a_model_without_mlps_skips_the_neuron_step(tok):
+    """No neurons to screen: the step says so, the by-word step leaves out mlp_out, and the
+    time estimate plans no neuron patching."""
+    model = attention_only(tok)
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_ioi(model, IOISettings(n_prompts=3), "attention only", progress=False, log=lines.append)
+    step = result.step("attr_neurons")
+    assert step.results == {} and step.confirmation is None
+    assert step.description == "Skipped: this model has no MLPs (attention-only), so no neurons."
+    assert "step 7/7: attribution patching of MLP neurons" in lines and lines[-1].endswith(step.description)
+    assert sorted(result.step("act_words").results) == ["attn_out", "resid_pre"]
+    assert not [name for name, _ in plan_ioi(model, IOISettings(n_prompts=3)) if name.startswith("attr_neurons")]
+
+
 @pytest.fixture(scope="module")
 def report_folder(analysis, tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
@@ -225,9 +300,19 @@ def test_json_and_csv_hold_every_result(analysis, report_folder):
         for name, result in step.results.items():
             assert saved["results"][name]["dims"] == list(result.dims)
             assert torch.tensor(saved["results"][name]["values"]) == pytest.approx(result.as_tensor())
+    confirmed = analysis.step("attr_neurons").confirmation.cells
+    saved = data["steps"][STEPS.index("attr_neurons")]["confirmation"]
+    assert [(c["coords"], c["estimate"], c["exact"]) for c in saved["cells"]] == [
+        (c.coords, pytest.approx(c.estimate), pytest.approx(c.exact)) for c in confirmed
+    ]
+    assert saved["top_k_overlap"] == analysis.step("attr_neurons").confirmation.top_k_overlap
     with (report_folder / "results.csv").open() as file:
         rows = list(csv.DictReader(file))
-    assert len(rows) == sum(r.numel() for step in analysis.steps for r in step.results.values())
+    assert len(rows) == sum(r.numel() for step in analysis.steps for r in step.results.values()) + len(confirmed)
+    exact_rows = [r for r in rows if r["component"] == "post exact"]
+    assert [(int(r["layer"]), int(r["neuron"]), float(r["value"])) for r in exact_rows] == [
+        (c.coords["layer"], c.coords["neuron"], pytest.approx(c.exact)) for c in confirmed
+    ]
     row = next(r for r in rows if r["step"] == "path_logits" and r["layer"] == "1" and r["head"] == "3")
     assert float(row["value"]) == pytest.approx(float(analysis.step("path_logits").results["z"].sel(layer=1, head=3)))
 
@@ -251,6 +336,11 @@ def test_report_names_versions_threshold_and_answers(analysis, report_folder):
     assert all(f"<td>{version}</td>" in versions for version in expected.values())
     assert data["complete"] is True and data["missing_steps"] == [] and "missing-steps" not in page
     assert "at least 0% of the clean - corrupted logit difference" in page
+    table = page.split('id="confirmed-neurons"')[1].split("</table>")[0]
+    confirmed = analysis.step("attr_neurons").confirmation.cells
+    assert table.count("<tr><td>") == SETTINGS.top_neurons
+    assert f"<tr><td>{confirmed[0].coords['layer']}</td><td>{confirmed[0].coords['neuron']}</td>" in table
+    assert f"<td>{confirmed[0].exact_change:+.1%}</td>" in table
     for prompt in analysis.dataset.prompts[:5]:
         assert page.count(f"<mark>{prompt.io}</mark></td>") >= 2, "the answer is marked in both prompts"
 
@@ -277,6 +367,15 @@ def test_head_heatmaps_name_each_head_on_hover(analysis):
     assert list(figure.layout.yaxis.tickvals) == list(range(LAYERS)), "a tick per layer"
 
 
+def test_the_neuron_figure_plots_estimate_against_exact(analysis):
+    confirmation = analysis.step("attr_neurons").confirmation
+    points = next(trace for trace in step_figure(analysis.step("attr_neurons")).data if trace.mode == "markers")
+    assert list(points.x) == pytest.approx([cell.estimated_change for cell in confirmation.cells])
+    assert list(points.y) == pytest.approx([cell.exact_change for cell in confirmation.cells])
+    first = confirmation.cells[0].coords
+    assert points.text[0] == f"L{first['layer']} N{first['neuron']}"
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -298,7 +397,7 @@ def test_report_renders_in_headless_chromium(analysis, report_folder):
     assert run.stdout.count("main-svg") >= 2 * figures(analysis)
     console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
     assert not console, "the page logs nothing to the console (no errors, no warnings)"
-    for step in (step for step in analysis.steps if step.results):
+    for step in (step for step in analysis.steps if step.results and step.confirmation is None):
         drawn = run.stdout.split(f'id="fig-{step.key}"')[1].split('id="fig-')[0]
         for index, (name, result) in enumerate(step.results.items()):
             axis = "y" if index == 0 else f"y{index + 1}"

@@ -77,13 +77,27 @@ def test_residual_stream_recovery_profile_at_s2(report):
 def test_report_has_every_step_with_a_figure(report):
     out, data = report
     assert [step["key"] for step in data["steps"]] == [
-        "act_heads", "act_words", "path_logits", "path_queries", "path_values",
+        "act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons",
     ]  # fmt: skip
     assert all(step["results"] for step in data["steps"]), "no step was skipped on SmolLM2"
     page = (out / "report.html").read_text()
     assert page.count('class="figure"') == 1 + len(data["steps"])
     movers = data["steps"][2]["top"]["name movers (lower the logit diff)"]
     assert movers and all(head["value"] < 0 for head in movers)
+
+
+def test_every_neuron_is_screened_and_the_strongest_patched_exactly(report):
+    """SmolLM2's 30 x 1536 MLP neurons estimated; the default 20 strongest patched exactly, and
+    listed in the report."""
+    out, data = report
+    step = data["steps"][-1]
+    assert step["results"]["post"]["dims"] == ["layer", "neuron"]
+    assert len(step["results"]["post"]["values"]) == 30 and len(step["results"]["post"]["values"][0]) == 1536
+    confirmation = step["confirmation"]
+    assert confirmation["screened"] == 30 * 1536 and len(confirmation["cells"]) == 20
+    assert confirmation["spearman"] is not None and 0 <= confirmation["top_k_overlap"] <= confirmation["overlap_size"] == 10
+    table = (out / "report.html").read_text().split('id="confirmed-neurons"')[1].split("</table>")[0]
+    assert table.count("<tr><td>") == 20
 
 
 def test_report_says_where_the_weights_come_from_and_what_ran_them(report):

@@ -7,6 +7,10 @@ other modules are private. Importing the package installs the TransformerLens pl
 """
 
 from . import ioi as ioi
+from ._core.graph import Edge as Edge
+from ._core.graph import EdgeGraph as EdgeGraph
+from ._core.graph import EdgeScores as EdgeScores
+from ._core.graph import GraphNode as GraphNode
 from ._core.nodes import IterNode as IterNode
 from ._core.nodes import Node as Node
 from ._core.nodes import SeqPos as SeqPos
@@ -21,6 +25,12 @@ from ._methods.ablation import zero_ablation_cache as zero_ablation_cache
 from ._methods.activation import act_patch as act_patch
 from ._methods.activation import plan_act_patch as plan_act_patch
 from ._methods.attribution import attr_patch as attr_patch
+from ._methods.confirmation import Confirmation as Confirmation
+from ._methods.confirmation import ConfirmedCell as ConfirmedCell
+from ._methods.confirmation import confirm as confirm
+from ._methods.path_confirmation import confirm_paths as confirm_paths
+from ._methods.edges import attr_edges as attr_edges
+from ._methods.edge_paths import attr_path_patch as attr_path_patch
 from ._methods.path import path_patch as path_patch
 from ._methods.path import plan_path_patch as plan_path_patch
 from .errors import PatchingError as PatchingError
@@ -52,6 +62,9 @@ __all__ = [
     # patching
     "act_patch", "path_patch", "attr_patch", "plan_act_patch", "plan_path_patch", "PatchPlan", "PlanOutputs", "Pass",
     "Block",
+    "confirm", "confirm_paths", "Confirmation", "ConfirmedCell",
+    # edge attribution and the edge graph
+    "attr_edges", "attr_path_patch", "GraphNode", "Edge", "EdgeGraph", "EdgeScores",
     "mean_ablation_cache", "zero_ablation_cache",
     # results and errors
     "PatchResult", "PatchingError",

@@ -10,6 +10,8 @@ call `fig.show()` or `fig.write_html(path)`.
   coordinate of its first dim; use `result.permute_dims(...)` to choose that dim.
 - `line`: 1-D results, one line per entry of a dict.
 - `histogram`: the distribution of a result's values, one overlaid histogram per entry.
+- `estimate_vs_exact`: a `Confirmation`'s cells, estimated against exact change, with the
+  diagonal where the two agree.
 
 `tokens=` labels the `seq_pos` dim ("0: <bos>", "1: When", ...). `percent=True` shows
 normalised metrics as percentages (0.25 as 25%) on colour bars, axes and hover text.
@@ -21,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ._methods.confirmation import Confirmation
 from .errors import PatchingError
 from .results import PatchResult
 
@@ -32,7 +35,7 @@ except ImportError as error:
         "transformer_lens_patching.plots needs plotly: pip install 'transformer_lens_patching[plot]'."
     ) from error
 
-__all__ = ["heatmap", "histogram", "line"]
+__all__ = ["estimate_vs_exact", "heatmap", "histogram", "line"]
 
 Results = PatchResult | Mapping[str, PatchResult]
 """One result, or a dict of them by component name (as returned for an IterNode)."""
@@ -217,6 +220,64 @@ def histogram(
     )
     fig.update_xaxes(title_text=value_label, **({"tickformat": "~%", "hoverformat": ".1%"} if percent else {}))
     fig.update_yaxes(title_text="count")
+    return fig
+
+
+def estimate_vs_exact(
+    confirmation: Confirmation,
+    *,
+    percent: bool = False,
+    value_label: str = "change",
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Each confirmed cell's estimated change (x) against its exact change (y), with the
+    diagonal y = x where they agree; the rank correlation and overlap in the title.
+
+    Args:
+        confirmation: What `confirm` returned.
+        percent: Show values as percentages (for metrics normalised to 0..1).
+        value_label: What the values are, for the axes and hover text.
+        labels: One name per confirmed cell for the hover text (default: each cell's `label`,
+            e.g. "post layer=3, neuron=17").
+        title: The figure title; by default the Spearman correlation and the top-k overlap.
+
+    Raises:
+        PatchingError: For anything but a Confirmation, and `labels` of the wrong length.
+
+    >>> from transformer_lens_patching import Confirmation, ConfirmedCell
+    >>> cells = tuple(ConfirmedCell("post", {"layer": 0, "neuron": n}, n / 4, n / 2, n / 4, n / 2) for n in (3, 2, 1))
+    >>> fig = estimate_vs_exact(Confirmation(cells, unpatched=0.0, screened=10))
+    >>> points = fig.data[1]
+    >>> points.x, points.y, points.text[0]
+    ((0.75, 0.5, 0.25), (1.5, 1.0, 0.5), 'post layer=0, neuron=3')
+    >>> fig.layout.title.text
+    'Estimated and exact change of 3 of 10 cells: Spearman 1.00, top-2 overlap 2 of 2'
+    """
+    if not isinstance(confirmation, Confirmation):
+        raise PatchingError(f"estimate_vs_exact needs what confirm returns (a Confirmation), got {type(confirmation).__name__}.")
+    cells = confirmation.cells
+    labels = [cell.label for cell in cells] if labels is None else list(labels)
+    if len(labels) != len(cells):
+        raise PatchingError(f"labels needs one name per confirmed cell: {len(cells)}, got {len(labels)}.")
+    estimated, exact = [cell.estimated_change for cell in cells], [cell.exact_change for cell in cells]
+    number = _number_format(percent)
+    fig = go.Figure()
+    low, high = min([0.0, *estimated, *exact]), max([0.0, *estimated, *exact])
+    fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", line={"color": "#bbb", "dash": "dash"},
+                             name="estimate = exact", hoverinfo="skip"))  # fmt: skip
+    fig.add_trace(go.Scatter(
+        x=estimated, y=exact, mode="markers", text=labels, name="confirmed", marker={"size": 9, "color": "#2166ac"},
+        hovertemplate=f"%{{text}}<br>estimated {value_label}=%{{x:{number}}}<br>exact {value_label}=%{{y:{number}}}"
+                      "<extra></extra>",
+    ))  # fmt: skip
+    default = (f"Estimated and exact {value_label} of {len(cells)} of {confirmation.screened} cells: Spearman "
+               f"{confirmation.spearman:.2f}, top-{confirmation.overlap_size} overlap {confirmation.top_k_overlap} of "
+               f"{confirmation.overlap_size}")  # fmt: skip
+    axis = {"tickformat": "~%"} if percent else {}
+    fig.update_layout(title=title or default, showlegend=False, height=480)
+    fig.update_xaxes(title_text=f"estimated {value_label}", zeroline=True, **axis)
+    fig.update_yaxes(title_text=f"exact {value_label}", zeroline=True, **axis)
     return fig
 
 

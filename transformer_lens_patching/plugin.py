@@ -1,7 +1,8 @@
 """The TransformerLens plugin: patching methods on models, Node indexing on caches.
 
 `PatchingMixin` holds the methods TransformerLens models gain (`model.act_patch(...)`,
-`model.path_patch(...)`, `model.attr_patch(...)`, `model.plan_act_patch(...)`,
+`model.path_patch(...)`, `model.attr_patch(...)`, `model.confirm(...)`, `model.attr_edges(...)`,
+`model.attr_path_patch(...)`, `model.confirm_paths(...)`, `model.plan_act_patch(...)`,
 `model.plan_path_patch(...)`);
 `CachePatchingMixin` those ActivationCache gains (`cache[Node(...)]`, `cache.zero_ablated()`,
 `cache.mean_ablated(groups)`). `install()` sets them on TransformerLens' classes.
@@ -26,7 +27,11 @@ from ._core.sites import resolve_layer, resolve_node
 from ._methods.ablation import mean_ablation_cache, zero_ablation_cache
 from ._methods.activation import act_patch, plan_act_patch
 from ._methods.attribution import attr_patch
+from ._methods.confirmation import confirm
+from ._methods.edge_paths import attr_path_patch
+from ._methods.edges import attr_edges
 from ._methods.path import path_patch, plan_path_patch
+from ._methods.path_confirmation import confirm_paths
 from .errors import PatchingError
 
 ENTRY_POINT_GROUP = "transformer_lens.plugins"
@@ -54,6 +59,10 @@ class PatchingMixin:
     act_patch = _method_of(act_patch)
     path_patch = _method_of(path_patch)
     attr_patch = _method_of(attr_patch)
+    confirm = _method_of(confirm)
+    confirm_paths = _method_of(confirm_paths)
+    attr_edges = _method_of(attr_edges)
+    attr_path_patch = _method_of(attr_path_patch)
     plan_act_patch = _method_of(plan_act_patch)
     plan_path_patch = _method_of(plan_path_patch)
 

@@ -66,6 +66,7 @@ COMPONENTS: dict[str, Component] = {
         Component("resid_post", "blocks.{layer}.hook_resid_post", read_offset=2, write_offset=2),
         Component("attn_out", "blocks.{layer}.hook_attn_out", write_offset=1),
         Component("mlp_out", "blocks.{layer}.hook_mlp_out", write_offset=2),
+        Component("mlp_in", "blocks.{layer}.hook_mlp_in", read_offset=1),
         _head("q", "blocks.{layer}.attn.hook_q", read_offset=0),
         _head("k", "blocks.{layer}.attn.hook_k", "kv_head", read_offset=0),
         _head("v", "blocks.{layer}.attn.hook_v", "kv_head", read_offset=0),
@@ -101,7 +102,7 @@ _EXTRA_FULL_SUFFIXES: dict[str, str] = {
 }
 """TransformerLens 4's canonical spellings of hooks the table names differently."""
 
-MLP_COMPONENTS = ("pre", "post", "mlp_out")
+MLP_COMPONENTS = ("mlp_in", "pre", "post", "mlp_out")
 """Components that attention-only models do not have."""
 
 SENDERS = ("z", "attn_out", "post", "mlp_out", "resid_pre", "resid_mid", "resid_post")

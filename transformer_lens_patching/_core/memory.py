@@ -63,6 +63,27 @@ def variants_per_pass(
     return max(1, min(n_variants, fitting))
 
 
+def prompts_per_gradient_pass(tokens: torch.Tensor, shape: ModelShape, max_memory: int | None,
+                              split_inputs: bool = False) -> int:  # fmt: skip
+    """How many prompts one forward and backward pass of attribution patching may run.
+
+    The backward pass needs what the forward pass saved: per token and layer, about
+    `12 * d_model + 4 * d_mlp` floats and the attention scores and pattern of every head,
+    plus the logits and their gradient. With `split_inputs` (per-head q/k/v input hooks,
+    as edge attribution uses), each head's own copy of the residual stream, its
+    normalisation and its gradient add about `8 * d_model` floats per head and key/value
+    head input. At least one prompt.
+    """
+    if max_memory is None:
+        max_memory = DEFAULT_MAX_MEMORY["cpu" if tokens.device.type == "cpu" else "accelerator"]
+    seq_len = tokens.shape[1]
+    per_layer = 12 * shape.d_model + 4 * shape.d_mlp + 3 * shape.n_heads * seq_len
+    if split_inputs:
+        per_layer += 8 * shape.d_model * (shape.n_heads + 2 * shape.n_kv_heads)
+    per_token = shape.n_layers * per_layer + 3 * shape.d_vocab
+    return max(1, max_memory // (4 * seq_len * per_token))
+
+
 def _load_malloc_trim():
     name = ctypes.util.find_library("c")
     if name is None:

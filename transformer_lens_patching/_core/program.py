@@ -67,6 +67,7 @@ class PatchProgram:
         self._stop_when_recorded = stop_when_recorded
         self._pending_records = 0
         self._stop_at: str | None = None
+        self._gradient_stops: dict[str, torch.Tensor | None] = {}
         self.stopped_with: torch.Tensor | None = None
         """The activation at the `stop_at` hook, once the pass reached it."""
 
@@ -124,6 +125,14 @@ class PatchProgram:
 
         self._add(hook_name, step)
 
+    def stop_gradient(self, hook_name: str, mask: torch.Tensor | None = None) -> None:
+        """Let no gradient flow back through the activation arriving at `hook_name` (only where
+        the boolean `mask`, broadcastable to it, is set); its value is unchanged, and what this
+        program's steps add there keeps its gradient. AtP*'s GradDrop drops one layer's
+        residual-stream contribution this way."""
+        self._gradient_stops[hook_name] = mask
+        self._steps.setdefault(hook_name, [])
+
     def record(self, hook_name: str, row_start: int, store: dict, key) -> None:
         """Save a copy of one variant's rows at `hook_name` (as they are at this step) in `store[key]`."""
         batch = self.batch
@@ -162,6 +171,9 @@ class PatchProgram:
 
         def hook_fn(activation: torch.Tensor, hook=None) -> torch.Tensor:
             out = activation.clone()
+            if name in self._gradient_stops:
+                mask = self._gradient_stops[name]
+                out = out.detach() if mask is None else torch.where(mask.to(out.device), out.detach(), out)
             carried = self._carried.pop(name, None)
             if carried is not None:
                 out += carried

@@ -6,6 +6,7 @@ unembedding (the final LayerNorm runs only at the read positions, and only the r
 columns of W_U are multiplied) and every patch that cannot reach a read position.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,13 @@ class LogitReader:
         rows = torch.arange(residual.shape[0], device=residual.device).unsqueeze(1)
         normalised = _tl.final_norm(self._model, residual[rows, positions])
         return normalised @ self._weight.to(normalised.dtype) + self._bias.to(normalised.dtype)
+
+    def rows(self, rows: slice) -> "LogitReader":
+        """This reader for the prompts `rows` of its batch (a chunk of them)."""
+        part = copy.copy(self)
+        part.positions = self.positions[rows]
+        part._device_positions = self._device_positions[rows]
+        return part
 
     def only_after_reads(self, site: PatchSite) -> bool:
         """Whether `site` patches, in every prompt, only positions after every position read

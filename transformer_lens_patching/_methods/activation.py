@@ -17,6 +17,7 @@ from .._core.memory import check_chunk_args, variants_per_pass
 from .._core.nodes import IterNode, Node
 from .._core.plan import Block, PatchPlan, stacked_passes, unpatched_block
 from .._core.program import PatchProgram, entry_layer
+from .._core.sites import PatchSite, Sweep
 from .._core.sources import SourceFactory, planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..results import PatchResult
@@ -52,9 +53,37 @@ def plan_act_patch(
     _tl.check_deterministic(model)
     check_chunk_args(batch_size, max_memory)
     tokens = _tl.to_tokens(model, orig_input)
-    shape = _tl.model_shape(model)
     patched = patch_cells(model, tokens, patching_nodes)
-    resolved, is_sweep, cells, names = patched.resolved, patched.is_sweep, patched.cells, patched.names
+    what = f"{patching_nodes!r}" if patched.is_sweep else ", ".join(repr(site.node) for site in patched.resolved)
+    layout = tuple(patched.resolved) if patched.is_sweep else None
+    return plan_cells(model, tokens, patched.cells, layout, what, patching_metric, new_input, new_cache,
+                      apply_metric_to_cache, batch_size=batch_size, max_memory=max_memory)  # fmt: skip
+
+
+def plan_cells(
+    model,
+    tokens: Tensor,
+    cells: Sequence[Sequence[PatchSite]],
+    layout: tuple[Sweep, ...] | None,
+    what: str,
+    patching_metric: Callable | str,
+    new_input: OtherModelInput | None = None,
+    new_cache=None,
+    apply_metric_to_cache: bool = False,
+    *,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+) -> PatchPlan:
+    """The act_patch plan of `cells`, each a list of sites resolved against `model` and `tokens`
+    (patched together), stacked into passes as a sweep's are; `layout` says how their results
+    assemble (None: the first cell's value) and `what` is the plan's "patch" line.
+
+    `plan_act_patch` plans the cells of its Nodes here; `confirm` plans the cells it picks
+    from a sweep (`_tl.check_model` and `check_chunk_args` are the caller's).
+    """
+    shape = _tl.model_shape(model)
+    cells = [list(cell) for cell in cells]
+    names = {site.hook_name for cell in cells for site in cell}
     metric = resolve_metric(patching_metric, tokens)
     reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache)
     source, source_text = planned_source(model, new_input, new_cache, names, tokens, "new_cache", NOTHING_TO_PATCH_IN)
@@ -73,13 +102,12 @@ def plan_act_patch(
     if unpatched:
         blocks.append(unpatched_block(unpatched, shape.n_layers))
     description = (
-        ("patch", f"{patching_nodes!r}" if is_sweep else ", ".join(repr(site.node) for site in resolved)),
+        ("patch", what),
         ("from", source_text),
         ("into", f"orig_input: {tokens.shape[0]} prompts x {tokens.shape[1]} tokens"),
         ("metric", describe_metric(metric, reader, apply_metric_to_cache)),
     )
     run = _ActPatchRun(model, tokens, cells, metric, reader, source, names, apply_metric_to_cache)
-    layout = tuple(resolved) if is_sweep else None
     return PatchPlan("act_patch", description, len(cells), layout, declared_dims(metric), tuple(blocks), run.start)
 
 

@@ -14,18 +14,20 @@ import torch
 from torch import Tensor
 
 from .. import _tl
-from .._core.measure import MetricCalls, as_tensor
+from .._core.components import hook_name, lookup
+from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode, Node
 from .._core.plan import assembled_sweeps
-from .._core.program import PatchProgram, applied, resid_mid_carries
 from .._core.sites import PatchSite
 from .._core.sources import planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from .activation import NOTHING_TO_PATCH_IN
+from .attribution_qk import is_qk, qk_changes
 from .common import patch_cells, resolve_metric
+from .gradients import GradientPass
 
-METHODS = ("atp", "ig")
+METHODS = ("atp", "atp*", "ig")
 """The estimates `attr_patch` computes."""
 IG_STEPS = 10
 """The points of the integrated gradients' sum when `steps` is not given."""
@@ -44,6 +46,9 @@ def attr_patch(
     method: str = "atp",
     steps: int | None = None,
     estimate: str = "value",
+    grad_drop: bool = False,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
 ):
     """Estimate what `act_patch` returns with the same arguments, for every cell at once.
 
@@ -64,8 +69,12 @@ def attr_patch(
         new_input: The run patched from (resample ablation).
         new_cache: An ActivationCache to patch from (e.g. `mean_ablation_cache(...)`), or
             "zero" (zero ablation).
-        method: "atp" (attribution patching: the gradient in the orig run) or "ig"
-            (integrated gradients: the mean gradient at `steps` points `a + (k / steps)(a' - a)`,
+        method: "atp" (attribution patching: the gradient in the orig run), "atp*" (AtP's
+            QK fix: for sites on `q`, `k`, `q_input`, `k_input` and `attn_scores`, the
+            attention pattern the patch gives is computed exactly, by a pass that starts at
+            the site's layer and stops at its pattern, and only what follows the softmax is
+            linearised; every other site is estimated as by "atp"), or "ig" (integrated
+            gradients: the mean gradient at `steps` points `a + (k / steps)(a' - a)`,
             k = 0 .. steps - 1, between each activation's orig value `a` and new value `a'`).
             The interpolated quantity is the patched activation itself: each hook the cells
             patch is interpolated on its own, as a whole (every head, neuron and position,
@@ -73,9 +82,23 @@ def attr_patch(
             hook's cells sum to the change of patching that whole hook, up to the sum's
             error, which shrinks as `steps` grows. `steps=1` is AtP. It costs `steps - 1`
             more forward and backward passes per hook.
-        steps: For "ig", the points of the sum (default `IG_STEPS`); not used by "atp".
+        steps: For "ig", the points of the sum (default `IG_STEPS`); not used otherwise.
         estimate: "value" for the estimated patched metric (what `act_patch` returns) or
             "delta" for its change from the orig run's metric.
+        grad_drop: AtP*'s GradDrop, for "atp*" with estimate="delta": against cancellation,
+            where a cell's effects along different paths offset each other in the gradient.
+            For each layer l, the estimate is computed again with no gradient flowing back
+            through layer l's output to the residual stream (`attn_out`, `mlp_out`); the
+            result is the sum of those estimates' absolute values over the layers, divided by
+            `n_layers - 1`: a magnitude to rank cells by, not a signed change. It costs one
+            more forward and backward pass per layer.
+        batch_size: Variants per stacked pass of AtP*'s pattern passes, as in `act_patch`
+            (default: as many as fit in `max_memory`).
+        max_memory: Bytes of activations one pass may use (default as `act_patch`). The
+            gradient pass runs the prompts in chunks that fit: the metric's gradient with
+            respect to every prompt's logits is taken once, and each chunk is run again
+            with gradients and given its rows of it, so any metric, even one that mixes
+            prompts, gets the gradient of the whole batch.
 
     Returns:
         What `act_patch` returns: the metric's type for a Node or a list of Nodes, and for an
@@ -93,22 +116,47 @@ def attr_patch(
     _check_choice(method, METHODS, "method")
     _check_choice(estimate, ESTIMATES, "estimate")
     steps = _checked_steps(method, steps)
+    _check_grad_drop(grad_drop, method, estimate)
+    check_chunk_args(batch_size, max_memory)
     _tl.check_model(model)
     _tl.check_deterministic(model)
     tokens = _tl.to_tokens(model, orig_input)
     patched = patch_cells(model, tokens, patching_nodes)
-    names = sorted(patched.names)
     metric = resolve_metric(patching_metric, tokens)
+    names = sorted(patched.names)
     source, _ = planned_source(model, new_input, new_cache, names, tokens, "new_cache", NOTHING_TO_PATCH_IN)
+    qk_fix = method == "atp*"
+    linear_cells = [[site for site in cell if not (qk_fix and is_qk(site))] for cell in patched.cells]
+    qk_parts = _qk_parts(patched.cells) if qk_fix else []
+    qk_layers = sorted({sites[0].layer for _, sites in qk_parts})
+    linear = sorted({site.hook_name for cell in linear_cells for site in cell})
+    differentiated = sorted(set(linear) | {hook_name("pattern", layer) for layer in qk_layers})
+    recorded = sorted(patched.names | {hook_name("resid_pre", layer) for layer in qk_layers if layer > 0})
+    gradient_pass = GradientPass(model, tokens, metric, max_memory)
     with _tl.model_flags(model, _tl.flags_for(names)), torch.no_grad():
         new = source()
-        orig_value, dims, orig, gradients = _gradients(model, tokens, names, metric)
-        differences = {name: new.tensor_like(name, orig[name]).to(orig[name]) - orig[name] for name in names}
+        run = gradient_pass(differentiated, recorded)
+        orig_value, dims, orig, gradients = run.value, run.dims, run.activations, run.gradients
+        differences = {name: _difference(new.tensor_like(name, orig[name]).to(orig[name]), orig[name])
+                       for name in linear}  # fmt: skip
         if steps > 1:
-            gradients = _integrated(model, tokens, metric, orig, differences, gradients, steps)
-        weighted = {name: differences[name] * gradients[name] for name in names}
-        batch = tokens.shape[0]
-        changes = [_cell_change(cell, weighted, batch, per_prompt=dims == ("batch",)) for cell in patched.cells]
+            gradients = _integrated(gradient_pass, orig, differences, gradients, steps)
+        layers = range(model.cfg.n_layers)
+        gradient_sets = [gradients]
+        if grad_drop:
+            gradient_sets = [_dropped(gradient_pass, differentiated, layer) for layer in layers]
+        per_row_sets = [_linear_changes(linear_cells, differences, g, tokens) for g in gradient_sets]
+        if qk_parts:
+            fixed_sets = qk_changes(model, tokens, qk_parts, lambda name: new.tensor_like(name, orig[name]), orig,
+                                    gradient_sets, batch_size=batch_size, max_memory=max_memory)  # fmt: skip
+            per_row_sets = [[change + fixed.get(cell, 0) for cell, change in enumerate(per_row)]
+                            for per_row, fixed in zip(per_row_sets, fixed_sets)]  # fmt: skip
+    change_sets = [per_row if dims == ("batch",) else [change.sum() for change in per_row] for per_row in per_row_sets]
+    if grad_drop:
+        scale = max(len(layers) - 1, 1)
+        changes = [sum(found[cell].abs() for found in change_sets) / scale for cell in range(len(linear_cells))]
+    else:
+        (changes,) = change_sets
     values = changes if estimate == "delta" else [orig_value + change for change in changes]
     if not patched.is_sweep:
         return values[0]
@@ -120,11 +168,25 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise PatchingError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
+def _check_grad_drop(grad_drop: bool, method: str, estimate: str) -> None:
+    if not isinstance(grad_drop, bool):
+        raise PatchingError(f"grad_drop must be True or False, got {grad_drop!r}.")
+    if grad_drop and method != "atp*":
+        raise PatchingError(f"grad_drop is part of AtP*: use method='atp*' with it (got method={method!r}).")
+    if grad_drop and estimate != "delta":
+        raise PatchingError(
+            "grad_drop gives a magnitude per cell (a sum of absolute values over the layers), not a patched metric: "
+            "use estimate='delta' with it."
+        )
+
+
 def _checked_steps(method: str, steps: int | None) -> int:
-    """The points of the integrated gradients' sum: 1 for "atp"."""
-    if method == "atp":
+    """The points of the integrated gradients' sum: 1 for the other methods."""
+    if method != "ig":
         if steps is not None:
-            raise PatchingError(f"steps is for method='ig' (integrated gradients); method='atp' takes none, got {steps!r}.")
+            raise PatchingError(
+                f"steps is for method='ig' (integrated gradients); method={method!r} takes none, got {steps!r}."
+            )
         return 1
     steps = IG_STEPS if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -132,61 +194,80 @@ def _checked_steps(method: str, steps: int | None) -> int:
     return steps
 
 
-def _integrated(model, tokens: Tensor, metric, orig: dict, differences: dict, first: dict, steps: int) -> dict:
+def _qk_parts(cells: list[list[PatchSite]]) -> list[tuple[int, list[PatchSite]]]:
+    """(cell index, its query/key sites at one layer) for every cell and layer that has some."""
+    parts = []
+    for index, cell in enumerate(cells):
+        layers: dict[int, list[PatchSite]] = {}
+        for site in cell:
+            if is_qk(site):
+                layers.setdefault(site.layer, []).append(site)
+        parts += [(index, sites) for sites in layers.values()]
+    return parts
+
+
+def _dropped(gradient_pass: GradientPass, differentiated: list[str], layer: int) -> dict[str, Tensor]:
+    """The gradients with none flowing back through `layer`'s outputs to the residual stream (GradDrop)."""
+    outputs = [hook_name("attn_out", layer)]
+    if _tl.model_shape(gradient_pass.model).has_mlps:
+        outputs.append(hook_name("mlp_out", layer))
+    return gradient_pass(differentiated, stopped=[(name, None) for name in outputs]).gradients
+
+
+def _integrated(gradient_pass: GradientPass, orig: dict, differences: dict, first: dict, steps: int) -> dict:
     """The mean gradient at each hook over the points orig + (k / steps) * difference, k = 0 ..
     steps - 1, each hook interpolated on its own; `first` holds the gradients at k = 0."""
     totals = {name: gradient.clone() for name, gradient in first.items()}
     for k in range(1, steps):
         for name in totals:
             point = {name: orig[name] + (k / steps) * differences[name]}
-            totals[name] += _gradients(model, tokens, [name], metric, point)[3][name]
+            totals[name] += gradient_pass([name], fills=point).gradients[name]
     return {name: total / steps for name, total in totals.items()}
 
 
-def _gradients(model, tokens: Tensor, names: list[str], metric, fills: dict[str, Tensor] | None = None,
-               ) -> tuple[Tensor, tuple, dict, dict]:  # fmt: skip
-    """One forward and one backward pass of the orig run, with the activations of `fills` set
-    to the given values: the metric's value and dims, and at each hook of `names` the
-    activation (before any fill) and the metric's gradient with respect to it (for a
-    per-prompt metric, each prompt's own gradient: prompts do not interact)."""
-    program = PatchProgram(tokens.shape[0], carries=resid_mid_carries(model))
-    orig: dict[str, Tensor] = {}
-    leaves: dict[str, Tensor] = {}
-    for name in names:
-        program.record(name, 0, orig, name)
-        if fills and name in fills:
-            program.fill(name, 0, fills[name])
-        program.differentiate(name, leaves)
-    calls = MetricCalls(metric, tokens.shape[0], model=model)
-    with torch.enable_grad(), applied(model, program):
-        value = as_tensor(calls(_tl.forward_logits(model, tokens)))
-        if calls.dims not in ((), ("batch",)):
-            raise PatchingError(
-                f"attr_patch needs a metric that returns one number, or one number per prompt; this one returns "
-                f"shape {tuple(value.shape)} (dims {calls.dims}). Reduce its output, e.g. to its mean."
-            )
-        if not value.requires_grad:
-            raise PatchingError("The metric's value does not depend on the logits it received, so it has no gradient.")
-        grads = torch.autograd.grad(value.sum(), [leaves[name] for name in names], allow_unused=True)
-    gradients = {name: torch.zeros_like(orig[name]) if g is None else g for name, g in zip(names, grads)}
-    return value.detach(), calls.dims, {name: tensor.detach() for name, tensor in orig.items()}, gradients
+def _difference(new: Tensor, orig: Tensor) -> Tensor:
+    """new - orig, and 0 where they are equal: masked attention scores are -inf in both runs."""
+    return torch.where(new == orig, torch.zeros_like(orig), new - orig)
 
 
-def _cell_change(cell: list[PatchSite], weighted: dict[str, Tensor], batch: int, per_prompt: bool) -> Tensor:
-    """The estimated change of the metric for patching every site of `cell`: the weighted
-    differences summed over the sites' union, per prompt for a per-prompt metric."""
-    if len(cell) == 1:
-        (site,) = cell
-        tensor = weighted[site.hook_name]
-        per_row = tensor[site.index(0, batch, tensor.device)].reshape(batch, -1).sum(1)
-    else:
-        per_row = 0
-        for name in dict.fromkeys(site.hook_name for site in cell):
-            tensor = weighted[name]
-            mask = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
-            for site in cell:
-                if site.hook_name == name:
-                    mask[site.index(0, batch, tensor.device)] = True
-            per_row = per_row + (tensor * mask).reshape(batch, -1).sum(1)
-    return per_row if per_prompt else per_row.sum()
+def _linear_changes(cells: list[list[PatchSite]], differences: dict[str, Tensor], gradients: dict[str, Tensor],
+                    tokens: Tensor) -> list[Tensor]:  # fmt: skip
+    """Each cell's first-order change, per prompt: (new - orig) . gradient over its sites.
 
+    Cells of one whole head or neuron (a sweep's usual cell) are read from one table per
+    hook, the weighted differences summed over everything but the batch and the unit.
+    """
+    batch = tokens.shape[0]
+    weighted = {name: difference * gradients[name] for name, difference in differences.items()}
+    changes: list[Tensor | None] = [None] * len(cells)
+    whole_units: dict[str, list[tuple[int, int]]] = {}
+    for index, cell in enumerate(cells):
+        if len(cell) == 1 and cell[0].positions is None and cell[0].unit is not None:
+            whole_units.setdefault(cell[0].hook_name, []).append((index, cell[0].unit))
+        else:
+            changes[index] = _cell_change(cell, weighted, batch, tokens.device)
+    for name, members in whole_units.items():
+        tensor = weighted[name]
+        axis = lookup(name)[0].unit_axis
+        table = tensor.movedim(axis, 1).reshape(batch, tensor.shape[axis], -1).sum(-1)
+        picked = table[:, [unit for _, unit in members]]
+        for column, (index, _) in enumerate(members):
+            changes[index] = picked[:, column]
+    return changes
+
+
+def _cell_change(cell: list[PatchSite], weighted: dict[str, Tensor], batch: int, device: torch.device) -> Tensor:
+    """The estimated change of the metric for patching every site of `cell`, per prompt:
+    the weighted differences summed over the sites' union."""
+    per_row = torch.zeros(batch, device=device)
+    for name in dict.fromkeys(site.hook_name for site in cell):
+        tensor = weighted[name]
+        sites = [site for site in cell if site.hook_name == name]
+        if len(sites) == 1:
+            per_row = per_row + tensor[sites[0].index(0, batch, tensor.device)].reshape(batch, -1).sum(1)
+            continue
+        mask = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+        for site in sites:
+            mask[site.index(0, batch, tensor.device)] = True
+        per_row = per_row + (tensor * mask).reshape(batch, -1).sum(1)
+    return per_row

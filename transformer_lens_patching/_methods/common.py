@@ -34,6 +34,13 @@ def patch_cells(model, tokens: Tensor, patching_nodes) -> PatchCells:
     cells = [cell for sweep in resolved for cell in sweep.sites] if is_sweep else [resolved]
     names = {site.hook_name for cell in cells for site in cell}
     check_hooks_exist(model, names)
+    scores = any(site.component.name == "attn_scores" for cell in cells for site in cell)
+    if scores and not _tl.attention_scores_patchable(model):
+        raise PatchingError(
+            "This model's attention is computed by the module it wraps, which fires hook_attn_scores only after "
+            "the softmax, with the pattern: a patch there would not change anything. Patch 'pattern' (or 'q' / 'k') "
+            "instead."
+        )
     return PatchCells(resolved, is_sweep, cells, names)
 
 

@@ -22,6 +22,7 @@ from .loading import boot_hf_folder, load_pretrained
 from .model import (
     ModelShape,
     active_dropout,
+    attention_scores_patchable,
     check_deterministic,
     hook_names,
     model_device,
@@ -34,8 +35,9 @@ from .version import CACHE_CLASS, MODEL_CLASSES, TL_MAJOR, TL_VERSION, Activatio
 
 __all__ = [
     "ActivationCache", "CACHE_CLASS", "MODEL_CLASSES", "ModelShape", "TL_MAJOR", "TL_VERSION", "active_dropout",
-    "attention_replaced", "boot_hf_folder", "cache_items", "can_start_late", "check_deterministic", "check_model",
-    "final_norm", "flags_for", "forward_logits", "hook_names", "hooks", "load_pretrained", "make_cache",
-    "model_device", "model_flags", "model_shape", "output_hooked", "resid_mid_feeds_only_the_mlp",
-    "run_with_cache", "supports_split_qkv_input", "to_tokens", "unembed", "unembed_columns", "w_o", "w_out",
+    "attention_replaced", "attention_scores_patchable", "boot_hf_folder", "cache_items", "can_start_late",
+    "check_deterministic", "check_model", "final_norm", "flags_for", "forward_logits", "hook_names", "hooks",
+    "load_pretrained", "make_cache", "model_device", "model_flags", "model_shape", "output_hooked",
+    "resid_mid_feeds_only_the_mlp", "run_with_cache", "supports_split_qkv_input", "to_tokens", "unembed",
+    "unembed_columns", "w_o", "w_out",
 ]  # fmt: skip

@@ -22,6 +22,7 @@ _FLAG_FOR_SUFFIX = {
     "hook_k_input": "use_split_qkv_input",
     "hook_v_input": "use_split_qkv_input",
     "attn.hook_result": "use_attn_result",
+    "hook_mlp_in": "use_hook_mlp_in",
 }
 
 

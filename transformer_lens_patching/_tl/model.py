@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PatchingError
+from .version import TL_MAJOR
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,18 @@ def check_deterministic(model) -> None:
             "different activations, so results would not be comparable. Call model.eval() first "
             "(and model.train() afterwards if you were training)."
         )
+
+
+def attention_scores_patchable(model) -> bool:
+    """Whether an edit at `hook_attn_scores` changes the pattern.
+
+    HookedTransformer and the TransformerLens 4 bridges that compute attention themselves
+    (e.g. GPT-2's and Llama's) apply the hook before the softmax. A bridge whose attention
+    delegates to the wrapped module (`boot_native`) fires it afterwards, with the weights
+    the module returned: there it holds the pattern, and an edit is discarded.
+    """
+    if TL_MAJOR < 4:
+        return True
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    return all(type(block.attn).forward is not AttentionBridge.forward for block in model.blocks)

@@ -5,6 +5,8 @@ every head and every residual-stream position (denoising), path-patches every he
 the logits (noising), and then follows the circuit back: into the queries of the heads
 that step found (the name movers), and into the values of the heads that feed those
 queries (the S-inhibition heads). Heads are chosen from the results, never from a list.
+Last, it screens every MLP neuron with attribution patching and patches the strongest
+exactly (`confirm`): exact sweeps of every neuron would take thousands of times longer.
 """
 
 import contextlib
@@ -21,6 +23,8 @@ from ..._core.components import hook_name
 from ..._core.nodes import IterNode, Node
 from ..._core.plan import PatchPlan
 from ..._methods.activation import plan_act_patch
+from ..._methods.attribution import attr_patch
+from ..._methods.confirmation import Confirmation, confirm
 from ..._methods.path import plan_path_patch
 from ...errors import PatchingError
 from ...metrics import LogitDiff, calibrate, denoising_metric, noising_metric
@@ -33,7 +37,16 @@ HEAD_COMPONENTS = ["z", "q", "k", "v", "pattern"]
 """What the every-head step patches."""
 WORD_COMPONENTS = ["resid_pre", "attn_out", "mlp_out"]
 """What the by-word step patches."""
-STEP_KEYS = ("act_heads", "act_words", "path_logits", "path_queries", "path_values")
+NEURONS = "post"
+"""What the neuron step screens: each MLP neuron's activation after the nonlinearity (for a
+gated MLP, the gate's activation times the linear branch), the coefficient of the neuron's
+output weights, so that it carries everything the neuron writes. `pre` would miss a gated
+MLP's linear branch, and its first-order estimate would have to cross the nonlinearity."""
+SCREEN_PASSES = 4
+"""The neuron screen's work in forward passes of the prompts, for the time estimate: the
+clean run patched from, and the corrupted run's forward and backward pass (a backward
+costs about two forwards)."""
+STEP_KEYS = ("act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons")
 """The steps of the analysis that patch, in the order they run (after the logit differences)."""
 STEP_COUNT = 1 + len(STEP_KEYS)
 """Steps as the progress headers count them: the logit differences, then `STEP_KEYS`."""
@@ -56,6 +69,8 @@ class IOISettings:
             step, as a fraction of the clean - corrupted logit difference (the scale of every
             step's values): heads at noise level are not given a role.
         batch_size: Variants per forward pass (None: automatic).
+        top_neurons: The MLP neurons the neuron step patches exactly: those whose effect
+            attribution patching estimates largest in size.
     """
 
     n_prompts: int = 8
@@ -66,6 +81,7 @@ class IOISettings:
     top_k: int = 3
     min_effect: float = 0.05
     batch_size: int | None = None
+    top_neurons: int = 20
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,8 @@ class Step:
     results: dict[str, PatchResult]
     top: dict[str, list[TopHead]] = field(default_factory=dict)
     seconds: float = 0.0
+    confirmation: Confirmation | None = None
+    """For the neuron step: the strongest neurons by estimate, each patched exactly."""
 
 
 @dataclass
@@ -168,13 +186,34 @@ class _Plans:
         return plan_act_patch(self.model, self.corrupted, IterNode(HEAD_COMPONENTS), metric, new_input=self.clean,
                               **self.options)  # fmt: skip
 
+    @property
+    def word_components(self) -> list[str]:
+        """`WORD_COMPONENTS` that the model has (no `mlp_out` without MLPs)."""
+        return [name for name in WORD_COMPONENTS if self.shape.has_mlps or name != "mlp_out"]
+
     def words(self, metric) -> dict[str, PatchPlan]:
         """The residual stream, attention and MLP outputs at each word of `WORDS`, clean into corrupted."""
         return {
-            word: plan_act_patch(self.model, self.corrupted, IterNode(WORD_COMPONENTS, seq_pos=self.dataset.word_idx[word]),
-                                 metric, new_input=self.clean, **self.options)  # fmt: skip
+            word: plan_act_patch(self.model, self.corrupted, IterNode(self.word_components,
+                                 seq_pos=self.dataset.word_idx[word]), metric, new_input=self.clean, **self.options)
             for word in WORDS
-        }
+        }  # fmt: skip
+
+    def neuron_estimates(self, metric) -> dict[str, PatchResult]:
+        """Every MLP neuron, clean into corrupted, estimated by attribution patching (AtP)."""
+        return attr_patch(self.model, self.corrupted, IterNode(NEURONS), metric, new_input=self.clean)
+
+    def confirmed_neurons(self, estimates: dict[str, PatchResult], metric, top_k: int, progress) -> Confirmation:
+        """The `top_k` neurons of `estimates` with the largest estimated effect, patched exactly."""
+        return confirm(self.model, estimates, self.corrupted, IterNode(NEURONS), metric, new_input=self.clean,
+                       top_k=top_k, progress=progress, **self.options)  # fmt: skip
+
+    def upper_bound_confirmation(self, metric, top_k: int) -> PatchPlan:
+        """`top_k` neurons in the first layer (at most all of its neurons): the confirmation's
+        most work, as each of its passes starts at the first layer it patches."""
+        neurons = list(range(min(top_k, self.shape.d_mlp)))
+        return plan_act_patch(self.model, self.corrupted, IterNode(NEURONS, layers=[0], neurons=neurons), metric,
+                              new_input=self.clean, **self.options)  # fmt: skip
 
     def into_logits(self, metric) -> PatchPlan:
         """Every head -> the final residual stream, corrupted into clean."""
@@ -193,8 +232,9 @@ class _Plans:
         return [TopHead(last, head, 0.0) for head in range(min(top_k, self.shape.n_heads))]
 
 
-def _all_plans(plans: _Plans, metric, top_k: int) -> list[tuple[str, PatchPlan]]:
-    """(step, plan) of every patching call, the later path steps at their upper bound."""
+def _all_plans(plans: _Plans, metric, top_k: int, top_neurons: int) -> list[tuple[str, PatchPlan]]:
+    """(step, plan) of every patching call, the later path steps and the neurons' confirmation
+    at their upper bound (the neuron screen has no plan: see `SCREEN_PASSES`)."""
     steps = [("act_heads", plans.heads(metric))]
     steps += [(f"act_words at {word}", plan) for word, plan in plans.words(metric).items()]
     steps.append(("path_logits", plans.into_logits(metric)))
@@ -203,13 +243,16 @@ def _all_plans(plans: _Plans, metric, top_k: int) -> list[tuple[str, PatchPlan]]
         for key, component in (("path_queries", "q"), ("path_values", "v")):
             plan = plans.into_heads(receivers, component, metric)
             steps.append((f"{key} (at most: receivers in the last layer)", plan))
+    if plans.shape.has_mlps:
+        plan = plans.upper_bound_confirmation(metric, top_neurons)
+        steps.append(("attr_neurons, exact patching of the strongest (at most: neurons in the first layer)", plan))
     return steps
 
 
 def _by_word(per_word: dict[str, dict[str, PatchResult]]) -> dict[str, PatchResult]:
     """One (seq_pos, layer) result per component from the by-word step's results at each word."""
     results = {}
-    for component in WORD_COMPONENTS:
+    for component in per_word[WORDS[0]]:
         stacked = torch.stack([per_word[word][component].as_tensor() for word in WORDS])
         layers = per_word[WORDS[0]][component].coords["layer"]
         results[component] = PatchResult(stacked, ("seq_pos", "layer"), {"seq_pos": WORDS, "layer": layers})
@@ -233,7 +276,7 @@ class _Experiment:
         self.began = began
 
     def header(self, what: str) -> str:
-        """Log the header of the next step; returns its label for progress bars ("step 2/6")."""
+        """Log the header of the next step; returns its label for progress bars ("step 2/7")."""
         number = 2 + len(self.analysis.steps)
         self.log(f"step {number}/{STEP_COUNT}: {what}")
         return f"step {number}/{STEP_COUNT}"
@@ -246,6 +289,8 @@ class _Experiment:
         self.analysis.steps.append(step)
         self.analysis.seconds = time.perf_counter() - self.began
         parts = [f"{name}: {', '.join(map(str, heads)) or 'none'}" for name, heads in step.top.items()]
+        if step.confirmation is not None:
+            parts.append(_confirmation_line(step.confirmation))
         if not step.results:
             self.log(f"  {step.description}")
         else:
@@ -271,7 +316,7 @@ class _Experiment:
         self.record(step, began)
 
     def words(self) -> None:
-        label = self.header(f"activation patching of {', '.join(WORD_COMPONENTS)} at {len(WORDS)} words "
+        label = self.header(f"activation patching of {', '.join(self.plans.word_components)} at {len(WORDS)} words "
                             f"({', '.join(WORDS)}) x {self.plans.shape.n_layers} layers")  # fmt: skip
         began = time.perf_counter()
         per_word = {word: self.run(plan, f"{label} at {word}") for word, plan in self.plans.words(self.restored).items()}
@@ -329,6 +374,37 @@ class _Experiment:
         self.record(step, began)
         return step.top[found]
 
+    def neurons(self) -> None:
+        """Attribution patching of every MLP neuron, then exact patching of the strongest."""
+        shape, top_k = self.plans.shape, self.settings.top_neurons
+        title = "Attribution patching: every MLP neuron, the strongest patched exactly"
+        label = self.header(f"attribution patching of {shape.n_layers * shape.d_mlp} MLP neurons, then activation "
+                            f"patching of the {top_k} strongest" if shape.has_mlps else "attribution patching of MLP "
+                            "neurons")  # fmt: skip
+        began = time.perf_counter()
+        if not shape.has_mlps:
+            self.record(Step("attr_neurons", title, "Skipped: this model has no MLPs (attention-only), so no neurons.",
+                             {}), began)  # fmt: skip
+            return
+        estimates = self.plans.neuron_estimates(self.restored)
+        confirmation = self.plans.confirmed_neurons(estimates, self.restored, top_k, label if self.progress else False)
+        description = (
+            f"Each MLP neuron's activation ({NEURONS}: after the nonlinearity, the coefficient of its output weights), "
+            "at all positions, patched from the clean run into the corrupted run: estimated for every neuron by "
+            "attribution patching (AtP: one forward and one backward pass), then the "
+            f"{len(confirmation.cells)} with the largest estimated effect patched exactly (activation patching). "
+            "Values: fraction of the clean logit difference restored."
+        )
+        self.record(Step("attr_neurons", title, description, estimates, confirmation=confirmation), began)
+
+
+def _confirmation_line(confirmation: Confirmation) -> str:
+    """'strongest exactly: L3 N1234 (+4.0%), ...; Spearman 0.85 between estimate and exact, top-10 overlap 8 of 10'."""
+    strongest = sorted(confirmation.cells, key=lambda cell: -abs(cell.exact_change))[:3]
+    cells = ", ".join(f"L{c.coords['layer']} N{c.coords['neuron']} ({c.exact_change:+.1%})" for c in strongest)
+    return (f"strongest exactly: {cells}; Spearman {confirmation.spearman:.2f} between estimate and exact, "
+            f"top-{confirmation.overlap_size} overlap {confirmation.top_k_overlap} of {confirmation.overlap_size}")
+
 
 def _datasets(model, settings: IOISettings) -> tuple[IOIDataset, IOIDataset]:
     """The clean IOI prompts and their corrupted copies."""
@@ -343,14 +419,17 @@ def plan_ioi(model, settings: IOISettings = IOISettings()) -> list[tuple[str, Pa
     """The plan of each patching call `run_ioi` makes, with nothing run (for `tl-patch ioi --dry-run`).
 
     The later path-patching steps receive at the heads the earlier ones find; they are
-    planned here with `top_k` receivers in the last layer, the most work they can take.
+    planned here with `top_k` receivers in the last layer, the most work they can take. The
+    neuron step's exact patching is planned with `top_neurons` neurons of the first layer,
+    likewise its most work; its attribution screen (one forward and one backward pass) has
+    no plan.
 
     >>> for step, plan in plan_ioi(model):  # doctest: +SKIP
     ...     print(step, plan)
     """
     dataset, corrupted = _datasets(model, settings)
     metric = LogitDiff(dataset.answers, dataset.word_idx["end"])
-    return _all_plans(_Plans(model, dataset, corrupted, settings.batch_size), metric, settings.top_k)
+    return _all_plans(_Plans(model, dataset, corrupted, settings.batch_size), metric, settings.top_k, settings.top_neurons)
 
 
 def versions() -> dict[str, str]:
@@ -405,7 +484,7 @@ def run_ioi(
 ) -> IOIAnalysis:
     """Run the IOI analysis on `model`.
 
-    `log` receives a header line before each step ("step 2/6: activation patching of ..."),
+    `log` receives a header line before each step ("step 2/7: activation patching of ..."),
     the estimated time of the whole run (from the plans) and a line of findings after each
     step; progress bars are labelled with their step. `on_step` receives the analysis once the
     logit differences are known and after each step, e.g. to save what is finished; if a step
@@ -424,7 +503,7 @@ def run_ioi(
     plans = _Plans(model, dataset, corrupted, settings.batch_size)
     analysis = IOIAnalysis(settings, model_name, dataset, corrupted, clean_ld.cpu(), corrupted_ld.cpu(), [], 0.0,
                            model_source=model_source, versions=versions())  # fmt: skip
-    analysis.estimated_seconds = _estimate(plans, logit_diff, settings.top_k, dataset.toks, log)
+    analysis.estimated_seconds = _estimate(plans, logit_diff, settings, dataset.toks, log)
     experiment = _Experiment(
         plans, analysis,
         restored=denoising_metric(logit_diff, clean_ld.mean(), corrupted_ld.mean()),
@@ -438,21 +517,29 @@ def run_ioi(
     movers = experiment.into_logits()
     inhibitors = experiment.into_heads(movers, "q", "path_queries", "the name movers' queries", "S-inhibition heads")
     experiment.into_heads(inhibitors, "v", "path_values", "the S-inhibition heads' values", "heads writing into them")
+    experiment.neurons()
     analysis.seconds = time.perf_counter() - start
     return analysis
 
 
-def _estimate(plans: _Plans, metric, top_k: int, tokens: torch.Tensor, log: Callable) -> float:
-    """The patching steps' time: the plans' work in layer evaluations times one layer's measured
-    time (the later path steps at their upper bound); logged, and returned in seconds."""
-    steps = _all_plans(plans, metric, top_k)
-    work = sum(plan.layer_evaluations for _, plan in steps)
+def screen_layer_evaluations(shape) -> int:
+    """The neuron screen's work in layer evaluations (`SCREEN_PASSES` passes of every layer);
+    none for a model without MLPs, whose neuron step is skipped."""
+    return SCREEN_PASSES * shape.n_layers if shape.has_mlps else 0
+
+
+def _estimate(plans: _Plans, metric, settings: IOISettings, tokens: torch.Tensor, log: Callable) -> float:
+    """The patching steps' time: the plans' work in layer evaluations, and the neuron screen's,
+    times one layer's measured time (the later path steps and the neurons' exact patching at
+    their upper bound); logged, and returned in seconds."""
+    steps = _all_plans(plans, metric, settings.top_k, settings.top_neurons)
+    work = sum(plan.layer_evaluations for _, plan in steps) + screen_layer_evaluations(plans.shape)
     stacked = max(plan.variants_per_pass for _, plan in steps)
     per_layer = _seconds_per_layer(plans.model, tokens, stacked)
     seconds = work * per_layer
     log(f"  Estimated time of the patching, steps 2-{STEP_COUNT}: about {_duration(seconds)} ({work:,} layer evaluations, "
-        f"{per_layer * 1000:.2f} ms each as measured with {stacked} variants stacked; the last two steps at their "
-        "largest)")  # fmt: skip
+        f"{per_layer * 1000:.2f} ms each as measured with {stacked} variants stacked; the path steps back from the "
+        "name movers and the neurons' exact patching at their largest)")  # fmt: skip
     return seconds
 
 

@@ -9,18 +9,22 @@ import datetime
 import html
 import itertools
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..._methods.confirmation import Confirmation
 from .analysis import IOIAnalysis, Step
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 REPORT, JSON, CSV = "report.html", "results.json", "results.csv"
-CSV_DIMS = ("seq_pos", "layer", "head", "kv_head")
+CSV_DIMS = ("seq_pos", "layer", "head", "kv_head", "neuron")
 """The dim columns of the CSV file (empty where a result has no such dim)."""
+EXACT = "exact"
+"""The CSV's component suffix for the neuron step's exactly patched cells (e.g. `post exact`)."""
 
 
 def write_report(analysis: IOIAnalysis, out: str | Path) -> dict[str, Path]:
@@ -57,9 +61,13 @@ def write_json(analysis: IOIAnalysis, out: str | Path) -> Path:
 
 
 def step_figure(step: Step) -> "go.Figure":
-    """The heatmap of a step's results: one panel per component."""
+    """The heatmap of a step's results, one panel per component; for the neuron step, its
+    confirmed neurons' estimated against exact effect."""
     from ... import plots
 
+    if step.confirmation is not None:
+        labels = [_neuron(cell.coords) for cell in step.confirmation.cells]
+        return plots.estimate_vs_exact(step.confirmation, percent=True, value_label="effect", labels=labels)
     results = step.results if len(step.results) > 1 else next(iter(step.results.values()))
     return plots.heatmap(results, percent=True, value_label="effect", title=step.title)
 
@@ -100,6 +108,7 @@ def report_html(analysis: IOIAnalysis) -> str:
             f'<h2 id="{step.key}">{html.escape(step.title)}</h2>'
             f"<p>{html.escape(step.description)}" + (f" ({step.seconds:.0f} s)</p>" if step.results else "</p>")
             + _top_table(step)
+            + (_confirmation_section(step.confirmation, analysis) if step.confirmation is not None else "")
             + (_figure(step_figure(step), step.key) if step.results else "")
         )
     title = f"IOI circuit analysis: {html.escape(analysis.model_name)}"
@@ -190,6 +199,57 @@ def _top_table(step: Step) -> str:
     return f"<table><tr><th>role</th><th>head</th><th>effect</th></tr>{rows}</table>"
 
 
+def _neuron(coords: dict[str, int]) -> str:
+    """'L12 N345'."""
+    return f"L{coords['layer']} N{coords['neuron']}"
+
+
+def _confirmation_section(confirmation: Confirmation, analysis: IOIAnalysis) -> str:
+    """The confirmed neurons' table, how well the estimate ranked them, and the strongest head for scale."""
+    rows = "".join(
+        f"<tr><td>{cell.coords['layer']}</td><td>{cell.coords['neuron']}</td><td>{cell.estimated_change:+.1%}</td>"
+        f"<td>{cell.exact_change:+.1%}</td></tr>"
+        for cell in confirmation.cells
+    )
+    n = confirmation.overlap_size
+    scale = ""
+    heads = next((step for step in analysis.steps if step.key == "act_heads" and step.results), None)
+    if heads is not None:
+        z = heads.results["z"]
+        strongest = int(z.as_tensor().abs().argmax())
+        layer, head = z.coords["layer"][strongest // z.shape[1]], z.coords["head"][strongest % z.shape[1]]
+        scale = (f" For scale, the strongest head's output (z, exact) restores {float(z.sel(layer=layer, head=head)):+.1%}"
+                 f" (head {layer}.{head}).")  # fmt: skip
+    return (
+        f"<p>The {len(confirmation.cells)} of {confirmation.screened} neurons with the largest estimated effect, "
+        "each patched exactly. Rank correlation (Spearman) of estimated and exact effect over them: "
+        f"<b>{_number(confirmation.spearman)}</b>; of the estimate's {n} strongest, <b>{confirmation.top_k_overlap}</b> "
+        f"are among the {n} strongest exactly.{scale}</p>"
+        "<table id=\"confirmed-neurons\"><tr><th>layer</th><th>neuron</th><th>estimated effect</th>"
+        f"<th>exact effect</th></tr>{rows}</table>"
+    )
+
+
+def _number(value: float) -> str:
+    return "undefined" if math.isnan(value) else f"{value:.2f}"
+
+
+def _confirmation_json(confirmation: Confirmation) -> dict:
+    """A Confirmation as plain JSON values (a NaN correlation as null)."""
+    return {
+        "screened": confirmation.screened,
+        "unpatched": confirmation.unpatched,
+        "spearman": None if math.isnan(confirmation.spearman) else confirmation.spearman,
+        "overlap_size": confirmation.overlap_size,
+        "top_k_overlap": confirmation.top_k_overlap,
+        "cells": [
+            {"component": c.component, "coords": c.coords, "estimate": c.estimate, "exact": c.exact,
+             "estimated_change": c.estimated_change, "exact_change": c.exact_change}
+            for c in confirmation.cells
+        ],  # fmt: skip
+    }
+
+
 def as_json(analysis: IOIAnalysis) -> dict:
     """Everything measured, as plain JSON values."""
     return {
@@ -218,6 +278,7 @@ def as_json(analysis: IOIAnalysis) -> dict:
                     name: {"dims": list(r.dims), "coords": {d: list(c) for d, c in r.coords.items()}, "values": r.tolist()}
                     for name, r in step.results.items()
                 },
+                **({"confirmation": _confirmation_json(step.confirmation)} if step.confirmation is not None else {}),
             }
             for step in analysis.steps
         ],
@@ -229,10 +290,13 @@ def _values(per_prompt) -> dict:
 
 
 def csv_rows(analysis: IOIAnalysis):
-    """One row per result cell: step, component, the dims' coordinates, value."""
+    """One row per result cell: step, component, the dims' coordinates, value; then for the
+    neuron step one row per exactly patched neuron (component `post exact`)."""
     for step in analysis.steps:
         for name, result in step.results.items():
             values = result.as_tensor()
             for index in itertools.product(*(range(size) for size in values.shape)):
                 coords = {dim: result.coords[dim][i] for dim, i in zip(result.dims, index)}
                 yield (step.key, name, *(coords.get(dim, "") for dim in CSV_DIMS), float(values[index]))
+        for cell in step.confirmation.cells if step.confirmation is not None else ():
+            yield (step.key, f"{cell.component} {EXACT}", *(cell.coords.get(dim, "") for dim in CSV_DIMS), cell.exact)

@@ -1,0 +1,431 @@
+"""Attribution benchmark: attr_patch and attr_edges against exact patching and against
+TransformerLens 4.3's attribution-patching helpers, measured in one process.
+
+    python benchmarks/attribution.py            # GPT-2-small shape (random weights), median of 3
+    python benchmarks/attribution.py --tiny     # small shapes, one repeat, memory in-process: a smoke test
+
+Every time is the median wall time over the repeats, and every ratio is of two times
+measured in this process. The exact baselines too slow to run in full are measured on a
+subset of their cells and extrapolated linearly per cell (each printed row says how).
+Peak memory is the kernel's resident-set high-water mark (`VmHWM`), reset right before
+the measured call (`/proc/self/clear_refs`) after the C heap is trimmed, minus the
+resident size at that moment: each measurement runs in a fresh subprocess, so that
+nothing freed earlier is reused unseen (with `--tiny`, in this process). It is compared
+with 1.5 x one `run_with_cache` of the same batch, measured the same way, plus the
+default memory budget.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+from transformer_lens_patching import IterNode, LogitDiff, Node, act_patch, attr_patch, path_patch
+from transformer_lens_patching._core.memory import DEFAULT_MAX_MEMORY
+
+SHAPES = {
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "batch": 8, "seq_len": 15},
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "batch": 2, "seq_len": 6},
+}
+"""The GPT-2-small shape (12 layers, 12 heads, d_model 768, d_mlp 3072) and the smoke test's."""
+SECTIONS = ("heads", "neurons", "edges", "transformer_lens", "memory")
+HEAD_COMPONENTS = ["z", "q", "k", "v", "pattern"]
+IG_STEPS = 5
+MEMORY_KEYS = ("run_with_cache", "attr_patch heads", "attr_patch neurons", "attr_edges EAP",
+               f"attr_edges EAP-IG {IG_STEPS}")  # fmt: skip
+BOUNDS = {"heads": 30.0, "neurons": 3000.0, "transformer_lens": 3.0}
+"""The least speed-ups the issue asks for, on the GPT-2-small shape."""
+
+
+@dataclass
+class Setup:
+    """A model, its inputs, the caches of both runs and the metric, as every measurement sees them."""
+
+    model: object
+    orig: torch.Tensor
+    new: torch.Tensor
+    orig_cache: object
+    new_cache: object
+    metric: LogitDiff
+
+
+def build(shape: str) -> Setup:
+    """A random GPT-2-shaped TransformerBridge (vocabulary 50257) and 8 (or 2) prompt pairs of
+    15 (or 6) tokens, orig and new; the metric a logit difference at the last position."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from transformer_lens_patching._embedded import hf_folder
+
+    size = dict(SHAPES[shape])
+    batch, seq_len = size.pop("batch"), size.pop("seq_len")
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **size)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder()))
+    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device="cpu")
+    model.enable_compatibility_mode()
+    generator = torch.Generator().manual_seed(0)
+    orig = torch.randint(100, 20000, (batch, seq_len), generator=generator)
+    new = torch.randint(100, 20000, (batch, seq_len), generator=generator)
+    with torch.no_grad():
+        _, orig_cache = model.run_with_cache(orig)
+        _, new_cache = model.run_with_cache(new)
+    return Setup(model, orig, new, orig_cache, new_cache, LogitDiff(torch.tensor([[5, 6]] * batch)))
+
+
+def timed(function: Callable, repeats: int) -> float:
+    """The median wall time of `function` over `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class Row:
+    """One line of the table: a speed-up (baseline / ours) or a peak memory (ours / limit)."""
+
+    name: str
+    ours: float
+    baseline: float
+    unit: str
+    bound: float | None
+    how: str
+
+    @property
+    def ratio(self) -> float:
+        return self.baseline / self.ours if self.unit == "s" else self.ours / self.baseline
+
+    @property
+    def passed(self) -> bool | None:
+        if self.bound is None:
+            return None
+        return self.ratio >= self.bound if self.unit == "s" else self.ratio <= self.bound
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3g} s" if value < 1000 else f"{value:,.0f} s"
+
+
+def print_table(rows: list[Row], checked: bool) -> None:
+    """The table in Markdown, then how each row was measured; with `checked` False (small shapes,
+    which the bounds are not for) no row passes or fails."""
+    print("\n| comparison | ours | baseline | ratio | bound | result |\n|---|---|---|---|---|---|")
+    for row in rows:
+        if row.unit == "s":
+            ours, baseline, ratio = _seconds(row.ours), _seconds(row.baseline), f"**{row.ratio:,.1f}x**"
+            bound = "none set" if row.bound is None else f">= {row.bound:g}x"
+        else:
+            ours, baseline = f"{row.ours / 2**20:.0f} MiB", f"{row.baseline / 2**20:.0f} MiB (limit)"
+            ratio = f"{row.ratio:.2f}"
+            bound = f"<= {row.bound:g}"
+        result = {None: "-", True: "pass", False: "**fail**"}[row.passed] if checked else "not checked"
+        print(f"| {row.name} | {ours} | {baseline} | {ratio} | {bound} | {result} |")
+    print()
+    for index, row in enumerate(rows, 1):
+        print(f"{index}. {row.name}: {row.how}")
+
+
+def head_rows(s: Setup, repeats: int) -> list[Row]:
+    """attr_patch of every head's z, q, k, v and pattern against act_patch of the same cells, in full."""
+    cfg = s.model.cfg
+    heads = IterNode(HEAD_COMPONENTS)
+    cells = len(HEAD_COMPONENTS) * cfg.n_layers * cfg.n_heads
+    ours = timed(lambda: attr_patch(s.model, s.orig, heads, s.metric, new_cache=s.new_cache), repeats)
+    exact = timed(lambda: act_patch(s.model, s.orig, heads, s.metric, new_cache=s.new_cache), repeats)
+    return [Row(f"attr_patch vs act_patch, heads ({', '.join(HEAD_COMPONENTS)}; {cells} cells)", ours, exact, "s",
+                BOUNDS["heads"], "act_patch measured in full, same new_cache and LogitDiff object.")]  # fmt: skip
+
+
+def neuron_rows(s: Setup, repeats: int, per_layer: int) -> list[Row]:
+    """attr_patch of every neuron against act_patch of `per_layer` neurons of every layer, extrapolated."""
+    cfg = s.model.cfg
+    sampled = list(range(0, cfg.d_mlp, cfg.d_mlp // per_layer))[:per_layer]
+    ours = timed(lambda: attr_patch(s.model, s.orig, IterNode("post"), s.metric, new_cache=s.new_cache), repeats)
+    measured = timed(
+        lambda: act_patch(s.model, s.orig, IterNode("post", neurons=sampled), s.metric, new_cache=s.new_cache), repeats
+    )
+    exact = measured * cfg.d_mlp / per_layer
+    cells = cfg.n_layers * cfg.d_mlp
+    return [Row(f"attr_patch vs act_patch, neurons ({cfg.n_layers} x {cfg.d_mlp} = {cells} cells)", ours, exact, "s",
+                BOUNDS["neurons"],
+                f"act_patch measured on {per_layer} evenly spaced neurons of every layer "
+                f"({per_layer * cfg.n_layers} cells, {_seconds(measured)}), times {cfg.d_mlp} / {per_layer}: every "
+                "neuron of a layer costs the same, and the sample covers every layer equally.")]  # fmt: skip
+
+
+def _receiver_group(receiver) -> tuple[str, int]:
+    """What an edge's receiver is, for pricing its exact path patching: (q, k, v, mlp or logits; layer)."""
+    if receiver.kind == "head":
+        return receiver.input, receiver.layer
+    return receiver.kind, receiver.layer if receiver.kind == "mlp" else -1
+
+
+def _exact_receiver(model, group: tuple[str, int]) -> Node:
+    kind, layer = group
+    if kind == "logits":
+        return Node("resid_post", model.cfg.n_layers - 1)
+    return Node("pre", layer) if kind == "mlp" else Node(kind, layer, head=0)
+
+
+def edge_rows(s: Setup, repeats: int, layers: list[int]) -> list[Row]:
+    """attr_edges (EAP, EAP-IG) against exact residual-only path_patch of every edge, extrapolated
+    per edge from path_patch of a sample of edges into receivers at `layers`."""
+    from transformer_lens_patching import attr_edges
+
+    model, n_layers, n_heads = s.model, s.model.cfg.n_layers, s.model.cfg.n_heads
+    eap = timed(lambda: attr_edges(model, s.orig, s.metric, new_cache=s.new_cache, method="atp"), repeats)
+    ig = timed(lambda: attr_edges(model, s.orig, s.metric, new_cache=s.new_cache, method="ig", steps=IG_STEPS), repeats)
+    graph = attr_edges(model, s.orig, s.metric, new_cache=s.new_cache).graph
+    edges = Counter(_receiver_group(edge.receiver) for edge in graph)
+
+    def seconds_per_edge(group: tuple[str, int]) -> float:
+        kind, layer = group
+        senders = IterNode(["z", "mlp_out"], layers=None if kind == "logits" else [layer - 1])
+        count = (n_layers if kind == "logits" else 1) * (n_heads + 1)
+        seconds = timed(
+            lambda: path_patch(model, s.orig, s.new, senders, _exact_receiver(model, group), s.metric,
+                               orig_cache=s.orig_cache, new_cache=s.new_cache, direct_includes_mlps=False),
+            repeats,
+        )  # fmt: skip
+        return seconds / count
+
+    measured = {("logits", -1): seconds_per_edge(("logits", -1))}
+    for kind in ("q", "k", "v", "mlp"):
+        measured.update({(kind, layer): seconds_per_edge((kind, layer)) for layer in layers})
+    exact = sum(count * _interpolated(measured, group) for group, count in edges.items())
+    edges_measured = n_layers * (n_heads + 1) + 4 * len(layers) * (n_heads + 1)
+    how = (f"path_patch(direct_includes_mlps=False), given both caches (computed once, not timed), on the edges "
+           f"into head 0's q, k and v input and into the MLP (`pre`) of layers {', '.join(map(str, layers))} from the "
+           f"heads and MLP of the layer before, and into the logits from every head and MLP ({edges_measured} edges); "
+           f"each receiver group's seconds per edge (at other layers: linear in the layer between the measured ones, "
+           f"the nearest one's outside them) times its edges in the graph ({len(graph)} edges, the embedding's "
+           f"included).")  # fmt: skip
+    return [
+        Row(f"attr_edges EAP vs path_patch residual-only, whole graph ({len(graph)} edges)", eap, exact, "s", None,
+            how),
+        Row(f"attr_edges EAP-IG ({IG_STEPS} steps) vs the same", ig, exact, "s", None, "as the row above."),
+    ]
+
+
+def _interpolated(measured: dict[tuple[str, int], float], group: tuple[str, int]) -> float:
+    """A group's seconds per edge: measured, or linear in the layer between the nearest measured layers."""
+    if group in measured:
+        return measured[group]
+    kind, layer = group
+    known = sorted(at for k, at in measured if k == kind)
+    below = max((at for at in known if at <= layer), default=known[0])
+    above = min((at for at in known if at >= layer), default=known[-1])
+    if below == above:
+        return measured[(kind, below)]
+    weight = (layer - below) / (above - below)
+    return (1 - weight) * measured[(kind, below)] + weight * measured[(kind, above)]
+
+
+def _single_prompt_metric(logits: torch.Tensor) -> torch.Tensor:
+    """The per-prompt metric TransformerLens' helper differentiates: one prompt's logit difference."""
+    return logits[0, -1, 5] - logits[0, -1, 6]
+
+
+def transformer_lens_rows(s: Setup, repeats: int) -> list[Row]:
+    """attr_patch and attr_edges against TransformerLens 4.3's `attribution_patch` (one prompt
+    pair at a time, as it runs) on the same inputs and quantity; their values are compared too."""
+    from transformer_lens.tools.analysis import attribution_patching as tl
+
+    from transformer_lens_patching import attr_edges
+
+    model = s.model
+    by_position = IterNode(["embed", "z", "mlp_out"], seq_pos="each")
+
+    def ours_nodes():
+        return attr_patch(model, s.orig, by_position, s.metric, new_input=s.new, estimate="delta")
+
+    def theirs(granularity: str):
+        return tl.attribution_patch(model, s.new, s.orig, _single_prompt_metric, tl.EdgeAttributionConfig(granularity))
+
+    node_gap = _node_disagreement(ours_nodes(), theirs("node"))
+    ours_node_s = timed(ours_nodes, repeats)
+    theirs_node_s = timed(lambda: theirs("node"), repeats)
+    edge_gap = _edge_disagreement(attr_edges(model, s.orig, s.metric, new_input=s.new), theirs("edge"))
+    ours_edge_s = timed(lambda: attr_edges(model, s.orig, s.metric, new_input=s.new), repeats)
+    theirs_edge_s = timed(lambda: theirs("edge"), repeats)
+    common = ("both from the tokens (each runs the new input itself); TransformerLens scores one prompt pair at a "
+              "time and averages; ours with the LogitDiff object, theirs with the same logit difference of one "
+              "prompt")  # fmt: skip
+    return [
+        Row("attr_patch vs TransformerLens `attribution_patch`, nodes (embed, heads' z, MLPs; every position)",
+            ours_node_s, theirs_node_s, "s", BOUNDS["transformer_lens"],
+            f"{common}; largest difference {node_gap:.1e} of their largest score."),
+        Row("attr_edges EAP vs TransformerLens `attribution_patch`, edges",
+            ours_edge_s, theirs_edge_s, "s", BOUNDS["transformer_lens"],
+            f"{common}; theirs per position, summed over positions to compare; largest difference {edge_gap:.1e} "
+            "of their largest score."),
+    ]  # fmt: skip
+
+
+def _relative_gap(pairs: list[tuple[float, float]]) -> float:
+    ours, theirs = torch.tensor(pairs, dtype=torch.float64).unbind(1)
+    return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+def _node_disagreement(ours: dict, theirs) -> float:
+    """The largest difference between our scores and TransformerLens' node scores, over their largest."""
+    pairs = []
+    for node, score in theirs.node_scores.items():
+        if node.kind == "embed":
+            pairs.append((float(ours["embed"][node.position]), score))
+        elif node.kind == "attn_head_out":
+            pairs.append((float(ours["z"][node.position, node.layer, node.head]), score))
+        else:
+            pairs.append((float(ours["mlp_out"][node.position, node.layer]), score))
+    return _relative_gap(pairs)
+
+
+def _edge_disagreement(ours, theirs) -> float:
+    """The same for edges, TransformerLens' per-position scores summed over positions."""
+    summed: Counter = Counter()
+    for (writer, reader), score in theirs.edge_scores.items():
+        summed[(_our_sender(writer), _our_receiver(reader))] += score
+    by_name = {(str(edge.sender), str(edge.receiver)): float(ours.score(edge)) for edge in ours.graph}
+    if set(by_name) != set(summed):
+        raise RuntimeError(f"the two edge graphs differ: {len(by_name)} edges here, {len(summed)} in TransformerLens'")
+    return _relative_gap([(by_name[key], score) for key, score in summed.items()])
+
+
+def _our_sender(writer) -> str:
+    """TransformerLens' writer node, named as our GraphNode prints."""
+    names = {"embed": "embed", "attn_head_out": f"head {writer.layer}.{writer.head}", "mlp_out": f"mlp {writer.layer}"}
+    return names[writer.kind]
+
+
+def _our_receiver(reader) -> str:
+    if reader.kind == "logits":
+        return "logits"
+    if reader.kind == "mlp_in":
+        return f"mlp {reader.layer}"
+    return f"head {reader.layer}.{reader.head} ({reader.kind[0]})"
+
+
+def measure_memory(s: Setup, key: str) -> int:
+    """The peak resident memory of one measured call above the resident size before it."""
+    model = s.model
+    calls = {
+        "run_with_cache": lambda: _no_grad(lambda: model.run_with_cache(s.orig)),
+        "attr_patch heads": lambda: attr_patch(model, s.orig, IterNode(HEAD_COMPONENTS), s.metric,
+                                               new_cache=s.new_cache),
+        "attr_patch neurons": lambda: attr_patch(model, s.orig, IterNode("post"), s.metric, new_cache=s.new_cache),
+        "attr_edges EAP": lambda: _attr_edges(s, "atp", None),
+        f"attr_edges EAP-IG {IG_STEPS}": lambda: _attr_edges(s, "ig", IG_STEPS),
+    }
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    start = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    result = calls[key]()
+    peak = _status_bytes("VmHWM")
+    del result
+    return peak - start
+
+
+def _no_grad(function: Callable):
+    with torch.no_grad():
+        return function()
+
+
+def _attr_edges(s: Setup, method: str, steps: int | None):
+    from transformer_lens_patching import attr_edges
+
+    return attr_edges(s.model, s.orig, s.metric, new_cache=s.new_cache, method=method, steps=steps)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_rows(shape: str, in_process: Setup | None) -> list[Row]:
+    """Each measurement's peak, each in a fresh subprocess (or in `in_process`), against the limit."""
+    peaks = {}
+    for key in MEMORY_KEYS:
+        if in_process is not None:
+            peaks[key] = measure_memory(in_process, key)
+        else:
+            command = [sys.executable, __file__, "--shape", shape, "--memory-of", key]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            peaks[key] = json.loads(output.strip().splitlines()[-1])["peak"]
+    rwc, budget = peaks.pop("run_with_cache"), DEFAULT_MAX_MEMORY["cpu"]
+    limit = 1.5 * rwc + budget
+    where = "this process" if in_process is not None else "a fresh subprocess each"
+    how = (f"VmHWM above VmRSS at its reset, {where}; limit 1.5 x one run_with_cache of the batch "
+           f"({rwc / 2**20:.0f} MiB) + the budget ({budget / 2**20:.0f} MiB).")  # fmt: skip
+    return [Row(f"peak memory, {key}", peak, limit, "MiB", 1.0, how if index == 0 else "as the row above.")
+            for index, (key, peak) in enumerate(peaks.items())]  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small shapes, one repeat, memory in-process: a smoke test")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--neurons", type=int, default=16, help="neurons of each layer act_patch is measured on")
+    parser.add_argument("--edge-layers", type=lambda text: [int(x) for x in text.split(",")],
+                        help="receiver layers where exact path patching is measured (>= 1; default: 1, the middle "
+                             "and the last)")  # fmt: skip
+    parser.add_argument("--sections", type=lambda text: text.split(","), default=list(SECTIONS),
+                        help=f"comma-separated, from: {', '.join(SECTIONS)}")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", choices=MEMORY_KEYS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not set(args.sections) <= set(SECTIONS):
+        parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
+    if args.edge_layers and min(args.edge_layers) < 1:
+        parser.error("--edge-layers: layers from 1 on (edges into layer 0 come from the embeddings only)")
+    shape = args.shape or ("tiny" if args.tiny else "gpt2")
+    if args.memory_of:
+        print(json.dumps({"peak": measure_memory(build(shape), args.memory_of)}))
+        return 0
+    repeats = 1 if args.tiny else args.repeats
+    s = build(shape)
+    cfg = s.model.cfg
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {repeats}; "
+          f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, "
+          f"batch {s.orig.shape[0]} x {s.orig.shape[1]}")  # fmt: skip
+    layers = sorted({min(layer, cfg.n_layers - 1) for layer in args.edge_layers}) if args.edge_layers else \
+        sorted({1, cfg.n_layers // 2, cfg.n_layers - 1})  # fmt: skip
+    sections = {
+        "heads": lambda: head_rows(s, repeats),
+        "neurons": lambda: neuron_rows(s, repeats, min(args.neurons, cfg.d_mlp)),
+        "edges": lambda: edge_rows(s, repeats, layers),
+        "transformer_lens": lambda: transformer_lens_rows(s, repeats),
+        "memory": lambda: memory_rows(shape, s if args.tiny else None),
+    }
+    rows = []
+    for name in args.sections:
+        start = time.perf_counter()
+        rows += sections[name]()
+        print(f"  {name}: measured in {time.perf_counter() - start:.0f} s", flush=True)
+    print_table(rows, checked=not args.tiny)
+    return 0 if args.tiny or all(row.passed is not False for row in rows) else 1
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Edge attribution: a first-order estimate of path patching for every sender-receiver pair.
+
+The residual stream is a sum, so when a sender's output moves from its orig value `s` to
+its new value `s'`, the input of a receiver that reads the stream after it moves by
+`s' - s`. Setting only that receiver's input so (path patching with
+`direct_includes_mlps=False`) changes the metric by about `(s' - s) . dM/dx_r`, the
+gradient taken with respect to the receiver's *own copy* of its input `x_r` (its per-head
+q/k/v input hook, its MLP's `hook_mlp_in`, the final residual stream), so that only the
+paths through that receiver count. One forward and one backward pass of the orig run give
+every receiver's gradient; one run of the new input gives every sender's `s'`; every
+edge's score is then a dot product (EAP, Syed et al. 2023).
+
+`attr_path_patch` (in `edge_paths`) gives the same estimate for chosen senders and
+receivers, in `path_patch`'s result form.
+
+EAP-IG (Hanna et al. 2024) averages the receivers' gradients over runs whose input
+embeddings are interpolated between orig and new. Node-level `attr_patch(method="ig")`
+instead interpolates each patched activation on its own; for edges that would take one
+set of passes per receiver, while interpolating the input costs `steps` passes in all.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _tl
+from .._core.components import hook_name
+from .._core.graph import EdgeGraph, EdgeScores
+from .._core.sources import ActivationSource, planned_source
+from .._core.tensor_types import ModelInput, OtherModelInput
+from ..errors import PatchingError
+from .activation import NOTHING_TO_PATCH_IN
+from .attribution import _check_choice, _checked_steps
+from .common import check_hooks_exist, resolve_metric
+from .gradients import GradientPass, GradientRun, NeuronRead
+
+METHODS = ("atp", "ig")
+"""The estimates edge attribution computes: EAP and EAP-IG."""
+EMBEDDINGS = hook_name("resid_pre", 0)
+"""The residual stream entering layer 0: the embeddings' output, and where EAP-IG interpolates."""
+
+
+def attr_edges(
+    model,
+    orig_input: ModelInput,
+    patching_metric: Callable | str,
+    new_input: OtherModelInput | None = None,
+    new_cache=None,
+    *,
+    method: str = "atp",
+    steps: int | None = None,
+) -> EdgeScores:
+    """Score every edge of the model's graph (`EdgeGraph.of(model)`) at once.
+
+    An edge `s -> r`'s score is the first-order estimate of what path patching from `s` to
+    `r` alone (`path_patch(..., direct_includes_mlps=False)`) changes the metric by: the sum
+    over prompts (or per prompt) and positions of `(s_new - s_orig) . dM/dx_r`, with `x_r`
+    the receiver's own input. Sender outputs: the embeddings are the residual stream
+    entering layer 0, a head's is its z times its rows of W_O, an MLP's is its `mlp_out`.
+    The cost is one run of the new input and one forward and backward pass of the orig
+    input (`steps` of them for "ig"), whatever the number of edges.
+
+    Args:
+        model: A TransformerLens model with per-head q/k/v input hooks (`use_split_qkv_input`;
+            TransformerLens 4 bridges made by `boot_transformers`).
+        orig_input: The run whose edges would be patched (text or tokens).
+        patching_metric: A function of the logits returning one number or one per prompt, or
+            "loss".
+        new_input: The run the senders' new outputs come from.
+        new_cache: Or an ActivationCache of it (or `mean_ablation_cache(...)`, or "zero").
+        method: "atp" (the gradient in the orig run: EAP) or "ig" (EAP-IG: the mean gradient
+            over `steps` runs whose residual stream entering layer 0 is `x + (k / steps)(x' - x)`,
+            k = 0 .. steps - 1, between the orig embeddings `x` and the new ones `x'`; `steps=1`
+            is AtP). The inputs are interpolated, not each receiver's activation as node-level
+            `attr_patch(method="ig")` does, which would cost a set of passes per receiver.
+        steps: For "ig", the points of the sum (default 10); not used by "atp".
+
+    Returns:
+        EdgeScores: one score per edge (per edge and prompt for a per-prompt metric), with the
+        orig run's metric as `unpatched`.
+
+    Raises:
+        PatchingError: For an unknown `method`, a metric that is neither one number nor one
+            per prompt, a model without per-head input hooks, and anything `attr_patch` refuses.
+
+    >>> scores = attr_edges(model, corrupted, metric, new_input=clean)  # doctest: +SKIP
+    >>> [str(edge) for edge in scores.top(3)]  # doctest: +SKIP
+    """
+    _check_choice(method, METHODS, "method")
+    steps = _checked_steps(method, steps)
+    _tl.check_model(model)
+    _tl.check_deterministic(model)
+    tokens = _tl.to_tokens(model, orig_input)
+    graph = EdgeGraph.of(model)
+    if not _tl.supports_split_qkv_input(model):
+        raise PatchingError(NO_HEAD_INPUTS.format(what="attr_edges reads every head's q/k/v input, which needs"))
+    metric = resolve_metric(patching_metric, tokens)
+    layers = range(graph.n_layers)
+    heads = [hook_name("z", layer) for layer in layers]
+    mlps = [hook_name("mlp_out", layer) for layer in layers] if graph.has_mlps else []
+    receivers = [hook_name(part, layer) for layer in layers
+                 for part in ("q_input", "k_input", "v_input") + (("mlp_in",) if graph.has_mlps else ())]  # fmt: skip
+    receivers.append(hook_name("resid_post", graph.n_layers - 1))
+    senders = [EMBEDDINGS, *heads, *mlps]
+    check_hooks_exist(model, senders + receivers)
+    source, _ = planned_source(model, new_input, new_cache, senders, tokens, "new_cache", NOTHING_TO_PATCH_IN)
+    with _tl.model_flags(model, _tl.flags_for(receivers)), torch.no_grad():
+        new = source()
+        run = eap_gradients(GradientPass(model, tokens, metric, split_inputs=True), senders, receivers, new, steps)
+        outputs = _flattened(_graph_sender_outputs(model, graph, run.activations, new))
+        gradients = _flattened(torch.cat([_with_unit_axis(run.gradients.pop(name)) for name in receivers], dim=2))
+        per_pair = torch.bmm(outputs, gradients.transpose(1, 2))
+    sender_row = {node: i for i, node in enumerate(graph.senders)}
+    receiver_row = {node: i for i, node in enumerate(graph.receivers)}
+    rows = torch.tensor([sender_row[edge.sender] for edge in graph], device=per_pair.device)
+    columns = torch.tensor([receiver_row[edge.receiver] for edge in graph], device=per_pair.device)
+    scores = per_pair[:, rows, columns].T
+    if run.dims != ("batch",):
+        scores = scores.sum(1)
+    return EdgeScores(graph, scores.cpu(), method, run.value.cpu() if run.value.ndim else float(run.value))
+
+
+def _flattened(stacked: Tensor) -> Tensor:
+    """(batch, pos, node, d_model) as (batch, node, pos * d_model): one matrix product then
+    sums every node pair's dot products over positions."""
+    batch, seq_len, nodes, d_model = stacked.shape
+    return stacked.permute(0, 2, 1, 3).reshape(batch, nodes, seq_len * d_model)
+
+
+def _with_unit_axis(gradient: Tensor) -> Tensor:
+    """A gradient as (batch, pos, units, d_model): per-head input hooks have a head axis already."""
+    return gradient if gradient.ndim == 4 else gradient.unsqueeze(2)
+
+
+def _graph_sender_outputs(model, graph: EdgeGraph, orig: dict, new: ActivationSource) -> Tensor:
+    """(batch, pos, sender, d_model): each sender's new - orig output, in `graph.senders`' order."""
+    w_o = _tl.w_o(model)
+    parts = [difference(EMBEDDINGS, orig, new).unsqueeze(2)]
+    for layer in range(graph.n_layers):
+        z = difference(hook_name("z", layer), orig, new)
+        parts.append(torch.einsum("bphe,hed->bphd", z, w_o[layer].to(z)))
+        if graph.has_mlps:
+            parts.append(difference(hook_name("mlp_out", layer), orig, new).unsqueeze(2))
+    return torch.cat(parts, dim=2)
+
+
+def difference(name: str, orig: dict, new: ActivationSource) -> Tensor:
+    """The new run's activation at hook `name` minus the orig run's."""
+    before = orig[name]
+    return new.tensor_like(name, before).to(before) - before
+
+
+NO_HEAD_INPUTS = (
+    "{what} per-head input hooks (use_split_qkv_input), and this model has none. TransformerLens 4 bridges made "
+    "by TransformerBridge.boot_native lack them: use TransformerBridge.boot_transformers."
+)
+
+
+def eap_gradients(gradient_pass: GradientPass, recorded: Sequence[str], differentiated: Sequence[str],
+                  new: ActivationSource, steps: int, *, stopped: Sequence[tuple[str, Tensor]] = (),
+                  neuron_reads: Sequence[NeuronRead] = ()) -> GradientRun:  # fmt: skip
+    """The orig run's gradients; for EAP-IG (`steps` > 1) averaged with those of `steps - 1`
+    more passes whose embeddings are interpolated toward the new run's."""
+    first = gradient_pass(differentiated, [*recorded, EMBEDDINGS], stopped=stopped, neuron_reads=neuron_reads)
+    if steps == 1:
+        return first
+    start = first.activations[EMBEDDINGS]
+    moved = difference(EMBEDDINGS, first.activations, new)
+    gradients = {name: g.clone() for name, g in first.gradients.items()}
+    neurons = [g.clone() for g in first.through_neurons]
+    for k in range(1, steps):
+        point = gradient_pass(differentiated, fills={EMBEDDINGS: start + (k / steps) * moved}, stopped=stopped,
+                              neuron_reads=neuron_reads)  # fmt: skip
+        for name in gradients:
+            gradients[name] += point.gradients[name]
+        for total, gradient in zip(neurons, point.through_neurons):
+            total += gradient
+    return GradientRun(first.value, first.dims, first.activations, {name: g / steps for name, g in gradients.items()},
+                       [g / steps for g in neurons])  # fmt: skip
+
+
+def position_mask(positions: Tensor | None, batch: int, seq_len: int, device, dtype) -> Tensor:
+    """(batch, pos): 1 at the given positions of each prompt (every position for None)."""
+    if positions is None:
+        return torch.ones(batch, seq_len, device=device, dtype=dtype)
+    mask = torch.zeros(batch, seq_len, device=device, dtype=dtype)
+    mask[torch.arange(batch, device=device).unsqueeze(1), positions.to(device)] = 1
+    return mask

@@ -1,0 +1,136 @@
+"""confirm_paths: exact path patching of the cells an edge-attribution estimate ranks highest.
+
+The counterpart of `confirm` for `attr_path_patch`: its estimates of a sweep over senders
+(or receivers) are ranked as `confirm` ranks a node sweep's, and the strongest cells are
+path-patched exactly (`direct_includes_mlps=False`, the quantity `attr_path_patch`
+estimates). Path patching sweeps whole grids, so each swept component is patched once,
+over the grid of the layers and heads (or neurons) its chosen cells use: one batched
+`path_patch` call per component, not one per cell.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from .. import _tl
+from .._core.measure import BATCH
+from .._core.nodes import IterNode, Node, normalize_seq_pos
+from .._core.sites import Sweep, resolve_spec
+from .._core.tensor_types import ModelInput, OtherModelInput
+from ..errors import PatchingError
+from ..results import PatchResult
+from .common import resolve_metric
+from .confirmation import (
+    Confirmation,
+    ConfirmedCell,
+    _cell_places,
+    _check_arguments,
+    _check_components,
+    _estimates_of,
+    _unpatched,
+)
+from .path import path_patch
+
+UNIT_DIMS = {"head": "heads", "kv_head": "heads", "neuron": "neurons"}
+"""The IterNode restriction that selects each unit dim of a sweep's results."""
+
+
+def confirm_paths(
+    model,
+    estimates: Mapping[str, PatchResult],
+    orig_input: ModelInput,
+    new_input: OtherModelInput | None,
+    sender_nodes: Node | Sequence[Node] | IterNode,
+    receiver_nodes: Node | Sequence[Node] | IterNode,
+    patching_metric: Callable | str,
+    *,
+    new_cache=None,
+    seq_pos=None,
+    top_k: int = 20,
+    estimate: str = "value",
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+) -> Confirmation:
+    """Path-patch exactly the `top_k` cells whose estimated effect `attr_path_patch` ranks largest.
+
+    `estimates` is what `attr_path_patch` returned for the same arguments, with one side an
+    IterNode. The cells are ranked by the size of their estimated change (the estimate
+    minus the unpatched metric, measured once); the chosen ones are then computed by
+    `path_patch(..., direct_includes_mlps=False)` over the grid of layers and units they use.
+
+    Args:
+        model: The model the estimates were computed on.
+        estimates: `attr_path_patch(model, orig_input, new_input, sender_nodes, receiver_nodes,
+            patching_metric, ...)`, one side sweeping.
+        orig_input: The run patched into, as given to `attr_path_patch`.
+        new_input: The run patched from, as given to `attr_path_patch`.
+        sender_nodes: The senders, as given to `attr_path_patch`.
+        receiver_nodes: The receivers, as given to `attr_path_patch`.
+        patching_metric: The metric of the estimates.
+        new_cache: Instead of `new_input`, as given to `attr_path_patch`.
+        seq_pos: Positions, as given to `attr_path_patch`.
+        top_k: How many cells to path-patch exactly.
+        estimate: "value" or "delta": what the estimates hold, as `attr_path_patch`'s
+            argument of that name says.
+        batch_size: Patched variants per forward pass, as for `path_patch`.
+        max_memory: Bytes of activations one forward pass may use, as for `path_patch`.
+
+    Returns:
+        A `Confirmation`, as `confirm` returns.
+
+    Raises:
+        PatchingError: Unless exactly one side is an IterNode, for estimates that are not that
+            sweep's, a `top_k` below 1, and anything `path_patch` refuses.
+
+    >>> estimates = attr_path_patch(model, corrupted, clean, IterNode("z"), Node("resid_post", 11), metric)  # doctest: +SKIP
+    >>> checked = confirm_paths(model, estimates, corrupted, clean, IterNode("z"), Node("resid_post", 11), metric)  # doctest: +SKIP
+    >>> checked.spearman  # doctest: +SKIP
+    """
+    sweeping = [spec for spec in (sender_nodes, receiver_nodes) if isinstance(spec, IterNode)]
+    if len(sweeping) != 1:
+        raise PatchingError(
+            "confirm_paths ranks the cells of one sweep: exactly one of sender_nodes and receiver_nodes must be an "
+            f"IterNode (got {len(sweeping)})."
+        )
+    (swept,) = sweeping
+    _check_arguments(swept, top_k, estimate)
+    _tl.check_model(model)
+    tokens = _tl.to_tokens(model, orig_input)
+    what = "sender_nodes" if swept is sender_nodes else "receiver_nodes"
+    sweeps: list[Sweep] = resolve_spec(swept, _tl.model_shape(model), tokens, what, normalize_seq_pos(seq_pos))
+    metric = resolve_metric(patching_metric, tokens)
+    unpatched, metric_dims = _unpatched(model, tokens, metric)
+    per_prompt = metric_dims == (BATCH,)
+    _check_components(estimates, sweeps)
+    flat = torch.cat([_estimates_of(estimates[sweep.name], sweep, metric_dims, tokens.shape[0]) for sweep in sweeps])
+    unpatched_mean = float(unpatched.double().mean())
+    changes = flat - unpatched_mean if estimate == "value" else flat
+    chosen = changes.abs().argsort(descending=True, stable=True)[: min(top_k, len(flat))].tolist()
+    places = list(_cell_places(sweeps))
+    exact = {}
+    for name in dict.fromkeys(places[index][0] for index in chosen):
+        coords = [places[index][1] for index in chosen if places[index][0] == name]
+        grid = _grid(swept, name, coords)
+        senders, receivers = (grid, receiver_nodes) if swept is sender_nodes else (sender_nodes, grid)
+        exact[name] = path_patch(model, orig_input, new_input, senders, receivers, patching_metric, new_cache=new_cache,
+                                 seq_pos=seq_pos, direct_includes_mlps=False, batch_size=batch_size,
+                                 max_memory=max_memory)[name]  # fmt: skip
+    cells = []
+    for index in chosen:
+        name, coords = places[index]
+        value = torch.as_tensor(exact[name].sel(**coords)).double()
+        value = float(value.mean() if per_prompt else value)
+        estimated = float(changes[index])
+        cells.append(ConfirmedCell(name, coords, estimated + unpatched_mean, value, estimated, value - unpatched_mean))
+    return Confirmation(tuple(cells), unpatched_mean, len(flat), per_prompt)
+
+
+def _grid(swept: IterNode, name: str, coords: list[dict[str, int]]) -> IterNode:
+    """`swept` for component `name` alone, restricted to the layers and units of `coords`."""
+    restrictions = {}
+    if "layer" in coords[0]:
+        restrictions["layers"] = sorted({cell["layer"] for cell in coords})
+    for dim, argument in UNIT_DIMS.items():
+        if dim in coords[0]:
+            restrictions[argument] = sorted({cell[dim] for cell in coords})
+    return IterNode(name, seq_pos=swept.seq_pos, **restrictions)
