@@ -115,6 +115,15 @@ class Node:
         object.__setattr__(self, "neuron", neuron)
         object.__setattr__(self, "seq_pos", normalize_seq_pos(seq_pos))
 
+    @classmethod
+    def _valid(cls, name: str, layer: int | None, head: int | None, neuron: int | None, seq_pos: SeqPos) -> "Node":
+        """A Node from values already checked (a short component name, a normalised seq_pos):
+        sweeps make one per cell, tens of thousands for every neuron."""
+        node = object.__new__(cls)
+        for key, value in (("name", name), ("layer", layer), ("head", head), ("neuron", neuron), ("seq_pos", seq_pos)):
+            object.__setattr__(node, key, value)
+        return node
+
     @property
     def component(self) -> Component:
         """The component table entry of this node."""

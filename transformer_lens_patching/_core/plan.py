@@ -292,9 +292,12 @@ def _pass_table(passes: Sequence[Pass]) -> Iterator[str]:
         yield f"{stage:<10}{count:>11} x {size_text:>5} variants: {layers}"
 
 
-def assembled_sweeps(layout: Sequence[Sweep], outputs: list, metric_dims: tuple[str, ...]) -> dict[str, PatchResult]:
-    """One PatchResult per sweep from the cells' metric values (in cell order), moved to the CPU
-    in one transfer per sweep."""
+def assembled_sweeps(layout: Sequence[Sweep], outputs: list | torch.Tensor, metric_dims: tuple[str, ...]
+                     ) -> dict[str, PatchResult]:  # fmt: skip
+    """One PatchResult per sweep from the cells' metric values (in cell order; or stacked along
+    the first axis of one tensor), moved to the CPU in one transfer per sweep."""
+    if isinstance(outputs, torch.Tensor):
+        return _assembled_stacked(layout, outputs.detach(), metric_dims)
     values = [as_tensor(output).detach() for output in outputs]
     shapes = {tuple(v.shape) for v in values}
     if len(shapes) > 1:
@@ -309,4 +312,16 @@ def assembled_sweeps(layout: Sequence[Sweep], outputs: list, metric_dims: tuple[
         start += count
         shaped = stacked.reshape(*sweep.shape, *stacked.shape[1:])
         results[sweep.name] = PatchResult(shaped, sweep.dims + metric_dims, sweep.coords)
+    return results
+
+
+def _assembled_stacked(layout: Sequence[Sweep], stacked: torch.Tensor, metric_dims: tuple[str, ...]) -> dict[str, PatchResult]:
+    """`assembled_sweeps` of values already stacked: (cells, *metric dims)."""
+    results, start = {}, 0
+    for sweep in layout:
+        count = len(sweep.sites)
+        cells = stacked[start : start + count].cpu()
+        start += count
+        results[sweep.name] = PatchResult(cells.reshape(*sweep.shape, *cells.shape[1:]), sweep.dims + metric_dims,
+                                          sweep.coords)  # fmt: skip
     return results

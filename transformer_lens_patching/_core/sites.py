@@ -188,18 +188,19 @@ def resolve_sweep(node: IterNode, shape: ModelShape, tokens: torch.Tensor, seq_p
         if component.name in MLP_COMPONENTS and not shape.has_mlps:
             raise PatchingError(f"This model has no MLPs (attention-only), so IterNode({component.name!r}) has nothing to sweep.")
         cells = []
+        resolved_positions: dict = {}
         for values in itertools.product(*(coords[dim] for dim in dims)):
             cell = dict(zip(dims, values))
             unit = next((cell[d] for d in ("head", "kv_head", "neuron") if d in cell), None)
             cell_pos = cell["seq_pos"] if "seq_pos" in cell else (None if node.seq_pos == "each" else node.seq_pos)
-            spec = Node(
-                component.name,
-                cell.get("layer"),
-                head=unit if component.has_heads else None,
-                neuron=unit if component.unit == "neuron" else None,
-            )
-            positions = cell_pos if seq_pos is None else seq_pos
-            cells.append([resolve_node(spec, shape, batch, seq_len, tokens.device, positions)])
+            spec = cell_pos if seq_pos is None else seq_pos
+            if spec not in resolved_positions:
+                positions = resolve_positions(spec, batch, seq_len)
+                resolved_positions[spec] = (positions, None if positions is None else positions.to(tokens.device))
+            layer = cell.get("layer")
+            resolved = Node._valid(component.name, layer, unit if component.has_heads else None,
+                                   unit if component.unit == "neuron" else None, None)  # fmt: skip
+            cells.append([PatchSite(resolved, component.hook_name(layer), unit, *resolved_positions[spec])])
         sweeps.append(Sweep(component.name, tuple(dims), coords, cells))
     return sweeps
 

@@ -126,7 +126,7 @@ def attr_patch(
     names = sorted(patched.names)
     source, _ = planned_source(model, new_input, new_cache, names, tokens, "new_cache", NOTHING_TO_PATCH_IN)
     qk_fix = method == "atp*"
-    linear_cells = [[site for site in cell if not (qk_fix and is_qk(site))] for cell in patched.cells]
+    linear_cells = [[site for site in cell if not is_qk(site)] for cell in patched.cells] if qk_fix else patched.cells
     qk_parts = _qk_parts(patched.cells) if qk_fix else []
     qk_layers = sorted({sites[0].layer for _, sites in qk_parts})
     linear = sorted({site.hook_name for cell in linear_cells for site in cell})
@@ -151,13 +151,14 @@ def attr_patch(
                                     gradient_sets, batch_size=batch_size, max_memory=max_memory)  # fmt: skip
             per_row_sets = [[change + fixed.get(cell, 0) for cell, change in enumerate(per_row)]
                             for per_row, fixed in zip(per_row_sets, fixed_sets)]  # fmt: skip
-    change_sets = [per_row if dims == ("batch",) else [change.sum() for change in per_row] for per_row in per_row_sets]
+    change_sets = [torch.stack(per_row) for per_row in per_row_sets]
+    if dims != ("batch",):
+        change_sets = [changes.sum(1) for changes in change_sets]
     if grad_drop:
-        scale = max(len(layers) - 1, 1)
-        changes = [sum(found[cell].abs() for found in change_sets) / scale for cell in range(len(linear_cells))]
+        changes = sum(changes.abs() for changes in change_sets) / max(len(layers) - 1, 1)
     else:
         (changes,) = change_sets
-    values = changes if estimate == "delta" else [orig_value + change for change in changes]
+    values = changes if estimate == "delta" else orig_value + changes
     if not patched.is_sweep:
         return values[0]
     return assembled_sweeps(patched.resolved, values, dims)
@@ -234,26 +235,44 @@ def _linear_changes(cells: list[list[PatchSite]], differences: dict[str, Tensor]
                     tokens: Tensor) -> list[Tensor]:  # fmt: skip
     """Each cell's first-order change, per prompt: (new - orig) . gradient over its sites.
 
-    Cells of one whole head or neuron (a sweep's usual cell) are read from one table per
-    hook, the weighted differences summed over everything but the batch and the unit.
+    Cells of one site (a sweep's cells) are read from one table per hook: the weighted
+    differences summed over everything but the batch, the position and the unit, then
+    gathered for all such cells of that hook at once.
     """
     batch = tokens.shape[0]
     weighted = {name: difference * gradients[name] for name, difference in differences.items()}
     changes: list[Tensor | None] = [None] * len(cells)
-    whole_units: dict[str, list[tuple[int, int]]] = {}
+    single: dict[tuple[str, int | None], list[int]] = {}
     for index, cell in enumerate(cells):
-        if len(cell) == 1 and cell[0].positions is None and cell[0].unit is not None:
-            whole_units.setdefault(cell[0].hook_name, []).append((index, cell[0].unit))
+        if len(cell) == 1:
+            site = cell[0]
+            single.setdefault((site.hook_name, None if site.positions is None else site.positions.shape[1]), []).append(index)
         else:
             changes[index] = _cell_change(cell, weighted, batch, tokens.device)
-    for name, members in whole_units.items():
-        tensor = weighted[name]
-        axis = lookup(name)[0].unit_axis
-        table = tensor.movedim(axis, 1).reshape(batch, tensor.shape[axis], -1).sum(-1)
-        picked = table[:, [unit for _, unit in members]]
-        for column, (index, _) in enumerate(members):
-            changes[index] = picked[:, column]
+    for (name, width), members in single.items():
+        table = _position_unit_table(weighted[name], lookup(name)[0])
+        units = torch.tensor([cells[i][0].unit if cells[i][0].unit is not None else -1 for i in members])
+        if width is None:
+            per_unit = table.sum(1)
+            per_unit = torch.cat([per_unit, per_unit.sum(1, keepdim=True)], dim=1)
+            picked = per_unit[:, units.to(per_unit.device)].T
+        else:
+            table = torch.cat([table, table.sum(2, keepdim=True)], dim=2)
+            positions = torch.stack([cells[i][0].device_positions for i in members]).to(table.device)
+            rows = torch.arange(batch, device=table.device)[None, :, None]
+            picked = table[rows, positions, units.to(table.device)[:, None, None]].sum(-1)
+        for row, index in enumerate(members):
+            changes[index] = picked[row]
     return changes
+
+
+def _position_unit_table(tensor: Tensor, component) -> Tensor:
+    """(batch, pos, units) sums of `tensor` over its other axes (one unit where the component has none)."""
+    n_axes = 1 + max(component.pos_axis, component.unit_axis or 0)
+    table = tensor.sum(dim=tuple(range(n_axes, tensor.ndim))) if tensor.ndim > n_axes else tensor
+    if component.unit_axis is None:
+        return table.movedim(component.pos_axis, 1).reshape(tensor.shape[0], tensor.shape[component.pos_axis], -1)
+    return table.movedim((component.pos_axis, component.unit_axis), (1, 2))
 
 
 def _cell_change(cell: list[PatchSite], weighted: dict[str, Tensor], batch: int, device: torch.device) -> Tensor:

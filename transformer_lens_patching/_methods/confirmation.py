@@ -208,13 +208,8 @@ def confirm(
     patched = patch_cells(model, tokens, patching_nodes)
     sweeps: list[Sweep] = patched.resolved
     metric = resolve_metric(patching_metric, tokens)
-    unpatched, metric_dims = _unpatched(model, tokens, metric)
-    per_prompt = metric_dims == (BATCH,)
-    _check_components(estimates, sweeps)
-    flat = torch.cat([_estimates_of(estimates[sweep.name], sweep, metric_dims, tokens.shape[0]) for sweep in sweeps])
-    unpatched_mean = float(unpatched.double().mean())
-    changes = flat - unpatched_mean if estimate == "value" else flat
-    chosen = changes.abs().argsort(descending=True, stable=True)[: min(top_k, len(flat))].tolist()
+    ranking = rank_estimates(model, tokens, metric, estimates, sweeps, estimate, top_k)
+    per_prompt, unpatched_mean, changes, chosen = ranking.per_prompt, ranking.unpatched, ranking.changes, ranking.chosen
     layout = (Sweep(CONFIRMED, ("cell",), {"cell": tuple(range(len(chosen)))}, [patched.cells[i] for i in chosen]),)
     what = f"the {len(chosen)} cells of {patching_nodes!r} with the largest estimated change"
     plan = plan_cells(model, tokens, layout[0].sites, layout, what, metric, new_input, new_cache,
@@ -229,7 +224,29 @@ def confirm(
         )
         for index, value in zip(chosen, exact)
     )  # fmt: skip
-    return Confirmation(cells, unpatched_mean, len(flat), per_prompt)
+    return Confirmation(cells, unpatched_mean, len(changes), per_prompt)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """An estimate's cells ranked: the unpatched metric (its mean over prompts), each cell's
+    estimated change in the sweeps' order, and the `top_k` cells by its size."""
+
+    per_prompt: bool
+    unpatched: float
+    changes: Tensor
+    chosen: list[int]
+
+
+def rank_estimates(model, tokens: Tensor, metric, estimates, sweeps: list[Sweep], estimate: str, top_k: int) -> Ranking:
+    """Check `estimates` against `sweeps` and rank their cells by the size of their estimated change."""
+    unpatched, metric_dims = _unpatched(model, tokens, metric)
+    _check_components(estimates, sweeps)
+    flat = torch.cat([_estimates_of(estimates[sweep.name], sweep, metric_dims, tokens.shape[0]) for sweep in sweeps])
+    unpatched_mean = float(unpatched.double().mean())
+    changes = flat - unpatched_mean if estimate == "value" else flat
+    chosen = changes.abs().argsort(descending=True, stable=True)[: min(top_k, len(flat))].tolist()
+    return Ranking(metric_dims == (BATCH,), unpatched_mean, changes, chosen)
 
 
 def _check_arguments(patching_nodes, top_k, estimate: str) -> None:

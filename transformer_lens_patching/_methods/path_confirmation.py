@@ -13,22 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from .. import _tl
-from .._core.measure import BATCH
 from .._core.nodes import IterNode, Node, normalize_seq_pos
 from .._core.sites import Sweep, resolve_spec
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from ..results import PatchResult
 from .common import resolve_metric
-from .confirmation import (
-    Confirmation,
-    ConfirmedCell,
-    _cell_places,
-    _check_arguments,
-    _check_components,
-    _estimates_of,
-    _unpatched,
-)
+from .confirmation import Confirmation, ConfirmedCell, _cell_places, _check_arguments, rank_estimates
 from .path import path_patch
 
 UNIT_DIMS = {"head": "heads", "kv_head": "heads", "neuron": "neurons"}
@@ -98,14 +89,8 @@ def confirm_paths(
     tokens = _tl.to_tokens(model, orig_input)
     what = "sender_nodes" if swept is sender_nodes else "receiver_nodes"
     sweeps: list[Sweep] = resolve_spec(swept, _tl.model_shape(model), tokens, what, normalize_seq_pos(seq_pos))
-    metric = resolve_metric(patching_metric, tokens)
-    unpatched, metric_dims = _unpatched(model, tokens, metric)
-    per_prompt = metric_dims == (BATCH,)
-    _check_components(estimates, sweeps)
-    flat = torch.cat([_estimates_of(estimates[sweep.name], sweep, metric_dims, tokens.shape[0]) for sweep in sweeps])
-    unpatched_mean = float(unpatched.double().mean())
-    changes = flat - unpatched_mean if estimate == "value" else flat
-    chosen = changes.abs().argsort(descending=True, stable=True)[: min(top_k, len(flat))].tolist()
+    ranking = rank_estimates(model, tokens, resolve_metric(patching_metric, tokens), estimates, sweeps, estimate, top_k)
+    per_prompt, unpatched_mean, changes, chosen = ranking.per_prompt, ranking.unpatched, ranking.changes, ranking.chosen
     places = list(_cell_places(sweeps))
     exact = {}
     for name in dict.fromkeys(places[index][0] for index in chosen):
@@ -122,7 +107,7 @@ def confirm_paths(
         value = float(value.mean() if per_prompt else value)
         estimated = float(changes[index])
         cells.append(ConfirmedCell(name, coords, estimated + unpatched_mean, value, estimated, value - unpatched_mean))
-    return Confirmation(tuple(cells), unpatched_mean, len(flat), per_prompt)
+    return Confirmation(tuple(cells), unpatched_mean, len(changes), per_prompt)
 
 
 def _grid(swept: IterNode, name: str, coords: list[dict[str, int]]) -> IterNode:
