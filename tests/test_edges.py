@@ -267,6 +267,20 @@ def test_an_identical_new_input_scores_every_edge_zero_and_one_step_ig_is_atp(sm
         assert_close(atp.unpatched, metric(model(orig)))
 
 
+@pytest.mark.parametrize("method", ["atp", "ig"])
+def test_prompts_in_chunks_give_the_same_scores(small_model, method):
+    """A budget of one prompt per gradient pass, for a per-prompt metric and for one that mixes
+    prompts (normalised by the spread of the whole batch's last logits)."""
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    logit_diff = logit_diff_metric()
+    steps = 2 if method == "ig" else None
+    for metric in (logit_diff_metric(per_prompt=True), lambda logits: logit_diff(logits) / logits[:, -1].std()):
+        whole = attr_edges(model, orig, metric, new_input=new, method=method, steps=steps)
+        chunked = attr_edges(model, orig, metric, new_input=new, method=method, steps=steps, max_memory=10**5)
+        torch.testing.assert_close(chunked.scores, whole.scores, rtol=1e-5, atol=1e-5)
+
+
 def test_integrated_gradients_are_complete_on_the_embeddings(gpt2_model):
     """Interpolating the embeddings from orig to new moves the metric from its orig value to
     its new one, so the embeddings' IG edges sum to that change, up to the Riemann sum's error,

@@ -39,6 +39,14 @@ class ActivationSource:
             tensor = tensor.expand(self.batch, *tensor.shape[1:])
         return tensor
 
+    def rows(self, rows: slice) -> "ActivationSource":
+        """The values of the prompts `rows` only (a chunk of the batch)."""
+        batch = len(range(*rows.indices(self.batch)))
+        if self._tensors is None:
+            return ActivationSource(None, batch)
+        tensors = {name: t[rows] if t.ndim and t.shape[0] == self.batch else t for name, t in self._tensors.items()}
+        return ActivationSource(tensors, batch)
+
     def tensor_like(self, hook_name: str, like: torch.Tensor) -> torch.Tensor:
         """The activation as a tensor, with zeros shaped like `like` for zero ablation."""
         value = self.value(hook_name)

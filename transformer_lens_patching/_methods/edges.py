@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import _tl
 from .._core.components import hook_name
 from .._core.graph import EdgeGraph, EdgeScores
+from .._core.memory import check_chunk_args
 from .._core.sources import ActivationSource, planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
@@ -50,6 +51,7 @@ def attr_edges(
     *,
     method: str = "atp",
     steps: int | None = None,
+    max_memory: int | None = None,
 ) -> EdgeScores:
     """Score every edge of the model's graph (`EdgeGraph.of(model)`) at once.
 
@@ -75,6 +77,8 @@ def attr_edges(
             is AtP). The inputs are interpolated, not each receiver's activation as node-level
             `attr_patch(method="ig")` does, which would cost a set of passes per receiver.
         steps: For "ig", the points of the sum (default 10); not used by "atp".
+        max_memory: Bytes of activations one gradient pass may use (default as `act_patch`):
+            the prompts run in chunks that fit, each reduced to its edge scores at once.
 
     Returns:
         EdgeScores: one score per edge (per edge and prompt for a per-prompt metric), with the
@@ -89,6 +93,7 @@ def attr_edges(
     """
     _check_choice(method, METHODS, "method")
     steps = _checked_steps(method, steps)
+    check_chunk_args(None, max_memory)
     _tl.check_model(model)
     _tl.check_deterministic(model)
     tokens = _tl.to_tokens(model, orig_input)
@@ -107,10 +112,8 @@ def attr_edges(
     source, _ = planned_source(model, new_input, new_cache, senders, tokens, "new_cache", NOTHING_TO_PATCH_IN)
     with _tl.model_flags(model, _tl.flags_for(receivers)), torch.no_grad():
         new = source()
-        run = eap_gradients(GradientPass(model, tokens, metric, split_inputs=True), senders, receivers, new, steps)
-        outputs = _flattened(_graph_sender_outputs(model, graph, run.activations, new))
-        gradients = _flattened(torch.cat([_with_unit_axis(run.gradients.pop(name)) for name in receivers], dim=2))
-        per_pair = torch.bmm(outputs, gradients.transpose(1, 2))
+        gradient_pass = GradientPass(model, tokens, metric, max_memory, split_inputs=True)
+        run, per_pair = _scored_pairs(gradient_pass, graph, senders, receivers, new, steps)
     sender_row = {node: i for i, node in enumerate(graph.senders)}
     receiver_row = {node: i for i, node in enumerate(graph.receivers)}
     rows = torch.tensor([sender_row[edge.sender] for edge in graph], device=per_pair.device)
@@ -119,6 +122,35 @@ def attr_edges(
     if run.dims != ("batch",):
         scores = scores.sum(1)
     return EdgeScores(graph, scores.cpu(), method, run.value.cpu() if run.value.ndim else float(run.value))
+
+
+def _scored_pairs(gradient_pass: GradientPass, graph: EdgeGraph, senders: list[str], receivers: list[str],
+                  new: ActivationSource, steps: int) -> tuple[GradientRun, Tensor]:  # fmt: skip
+    """The orig run's gradient pass and (batch, sender, receiver) scores of every node pair,
+    reduced chunk by chunk of prompts so that no receiver gradient outlives its chunk; for
+    EAP-IG averaged over the interpolated passes (a score is linear in the gradient). The
+    senders' output changes are those of the orig and new runs, kept per chunk."""
+    outputs: dict[int, Tensor] = {}
+    embeddings: dict[int, Tensor] = {}
+
+    def scored(rows: slice, part: GradientRun) -> Tensor:
+        if rows.start not in outputs:
+            outputs[rows.start] = _flattened(_graph_sender_outputs(gradient_pass.model, graph, part.activations,
+                                                                   new.rows(rows)))  # fmt: skip
+            embeddings[rows.start] = part.activations[EMBEDDINGS]
+        gradients = _flattened(torch.cat([_with_unit_axis(part.gradients[name]) for name in receivers], dim=2))
+        return torch.bmm(outputs[rows.start], gradients.transpose(1, 2))
+
+    run = gradient_pass(receivers, [*senders, EMBEDDINGS], reduce=scored)
+    per_pair = torch.cat(run.reduced)
+    if steps > 1:
+        start = torch.cat([embeddings[key] for key in sorted(embeddings)])
+        moved = difference(EMBEDDINGS, {EMBEDDINGS: start}, new)
+        for k in range(1, steps):
+            point = gradient_pass(receivers, fills={EMBEDDINGS: start + (k / steps) * moved}, reduce=scored)
+            per_pair = per_pair + torch.cat(point.reduced)
+        per_pair = per_pair / steps
+    return run, per_pair
 
 
 def _flattened(stacked: Tensor) -> Tensor:

@@ -8,8 +8,8 @@ receivers that block each other), and pulls gradients back through chosen MLP ne
 only. Prompts run in chunks that fit the memory budget.
 """
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -43,6 +43,9 @@ class GradientRun:
     activations: dict[str, Tensor]
     gradients: dict[str, Tensor]
     through_neurons: list[Tensor]
+    reduced: list = field(default_factory=list)
+    """With a `reduce` function: what it returned for each chunk of prompts, in order (and
+    nothing in the fields above but the value and dims)."""
 
 
 class GradientPass:
@@ -65,11 +68,14 @@ class GradientPass:
 
     def __call__(self, differentiated: Sequence[str], recorded: Sequence[str] = (), *,
                  fills: dict[str, Tensor] | None = None, stopped: Sequence[tuple[str, Tensor | None]] = (),
-                 neuron_reads: Sequence[NeuronRead] = ()) -> GradientRun:  # fmt: skip
+                 neuron_reads: Sequence[NeuronRead] = (),
+                 reduce: Callable[[slice, GradientRun], object] | None = None) -> GradientRun:  # fmt: skip
         """One gradient of the metric (for a per-prompt metric, each prompt's own: prompts do
         not interact) at each `differentiated` hook, with the activations of `fills` set to the
         given values (one batch each) and no gradient flowing back through the `stopped`
-        (hook, mask or None for all of it) slices."""
+        (hook, mask or None for all of it) slices. With `reduce`, each chunk of prompts'
+        activations and gradients go to `reduce(rows, run)` as soon as they are computed and
+        only its results are kept: the peak memory is then one chunk's."""
         tokens, batch = self._tokens, self._tokens.shape[0]
         calls = MetricCalls(self._metric, batch, selected=self._reader is not None, model=self.model)
         chunks = [slice(start, min(start + self._chunk, batch)) for start in range(0, batch, self._chunk)]
@@ -78,8 +84,10 @@ class GradientPass:
             with torch.enable_grad():
                 logits, live = self._run(tokens, plan, slice(0, batch))
                 value = _measured(calls, logits)
-                part = live.gradients(value.sum(), None)
-            return GradientRun(value.detach(), calls.dims, *part)
+                part = GradientRun(value.detach(), calls.dims, *live.gradients(value.sum(), None))
+            if reduce is None:
+                return part
+            return GradientRun(part.value, part.dims, {}, {}, [], [reduce(slice(0, batch), part)])
         with torch.no_grad():
             logits = torch.cat([self._run(tokens[rows], plan.rows(rows, recorded=False), rows)[0] for rows in chunks])
         with torch.enable_grad():
@@ -90,7 +98,12 @@ class GradientPass:
         for rows in chunks:
             with torch.enable_grad():
                 chunk_logits, live = self._run(tokens[rows], plan.rows(rows), rows)
-                parts.append(live.gradients(chunk_logits, logit_gradient[rows]))
+                part = live.gradients(chunk_logits, logit_gradient[rows])
+            parts.append(part if reduce is None else reduce(rows, GradientRun(value.detach(), calls.dims, *part)))
+            del part, live, chunk_logits
+            release_freed_memory(tokens.device)
+        if reduce is not None:
+            return GradientRun(value.detach(), calls.dims, {}, {}, [], parts)
         activations = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
         gradients = {name: torch.cat([part[1][name] for part in parts]) for name in differentiated}
         neurons = [torch.cat([part[2][i] for part in parts]) for i in range(len(neuron_reads))]
