@@ -27,6 +27,12 @@ def logit_diff_metric(per_prompt: bool = False):
     return metric
 
 
+def linear_metric(logits):
+    """Linear in the logits: a fixed random weighting of every logit, summed."""
+    weights = torch.randn(logits.shape[1:], generator=torch.Generator().manual_seed(1))
+    return (logits * weights).sum()
+
+
 def assert_close(actual, expected) -> None:
     """Equal to 1e-5, absolute and relative."""
     torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests import circuits
-from tests.helpers import assert_close, logit_diff_metric, make_inputs, raises
+from tests.helpers import assert_close, linear_metric, logit_diff_metric, make_inputs, raises
 from tests.models import TL_MAJOR
 from tests.reference import assign, full_cache, hook_of, layer_of, positions_per_prompt, split_qkv_input
 from transformer_lens_patching import (
@@ -171,11 +171,6 @@ def induction():
     clean = circuits.repeated_tokens(4, 5)
     return model, clean, circuits.reverse_first_half(clean)
 
-
-def linear_metric(logits):
-    """Linear in the logits: a fixed random weighting of every logit, summed."""
-    weights = torch.randn(logits.shape[1:], generator=torch.Generator().manual_seed(1))
-    return (logits * weights).sum()
 
 
 @pytest.mark.parametrize("component", ["z", "v", "pattern", "attn_out", "resid_post"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import assert_close, logit_diff_metric, make_inputs, raises
+from tests.helpers import assert_close, linear_metric, logit_diff_metric, make_inputs, raises
 from tests.models import TL_MAJOR
 from tests.reference import (
     assign,
@@ -46,10 +46,6 @@ def one_layer_attention_model():
             parameter.mul_(4.0)
     return model.eval()
 
-
-def linear_metric(logits):
-    weights = torch.randn(logits.shape[1:], generator=torch.Generator().manual_seed(1))
-    return (logits * weights).sum()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests import circuits
-from tests.helpers import logit_diff_metric, make_inputs, raises
+from tests.helpers import linear_metric, logit_diff_metric, make_inputs, raises
 from transformer_lens_patching import (
     Confirmation,
     ConfirmedCell,
@@ -192,11 +192,6 @@ def test_a_frame_and_a_readable_summary(gpt2_model):
     assert "Spearman 1.000; top-1 overlap 1 of 1" in text and "z layer=1, head=0" in text
     assert "top-1 overlap 0 of 1" in repr(hand_made([0.9, -0.7], [0.4, -0.8])), "the exact strongest is the second"
 
-
-def linear_metric(logits):
-    """Linear in the logits: a fixed random weighting of every logit, summed."""
-    weights = torch.randn(logits.shape[1:], generator=torch.Generator().manual_seed(1))
-    return (logits * weights).sum()
 
 
 def test_where_the_estimate_is_exact_so_is_the_ranking():

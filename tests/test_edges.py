@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests import circuits
-from tests.helpers import assert_close, logit_diff_metric, make_inputs, raises
+from tests.helpers import assert_close, linear_metric, logit_diff_metric, make_inputs, raises
 from tests.models import TL_MAJOR
 from tests.reference import full_cache
 from transformer_lens_patching import (
@@ -308,11 +308,6 @@ def induction():
     clean = circuits.repeated_tokens(4, 5)
     return model, clean, circuits.reverse_first_half(clean)
 
-
-def linear_metric(logits):
-    """Linear in the logits: a fixed random weighting of every logit, summed."""
-    weights = torch.randn(logits.shape[1:], generator=torch.Generator().manual_seed(1))
-    return (logits * weights).sum()
 
 
 def test_exact_where_the_metric_is_linear_in_the_receivers_input(induction):

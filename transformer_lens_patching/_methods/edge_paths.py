@@ -8,7 +8,6 @@ its own hook, a `pre` receiver at its MLP's input through only the chosen neuron
 writes and reads of a call are stacked (`_Terms`) so that one product gives every cell.
 """
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from .._core.components import COMPONENTS, hook_name, lookup
 from .._core.nodes import IterNode, Node, normalize_seq_pos
 from .._core.program import resid_mid_carries
 from .._core.sites import PatchSite, Sweep, resolve_spec
-from .._core.sources import ActivationSource, planned_source
+from .._core.sources import planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from ..results import PatchResult
@@ -28,7 +27,7 @@ from .attribution import ESTIMATES, _check_choice, _checked_steps
 from .common import check_hooks_exist, resolve_metric
 from .edges import EMBEDDINGS, METHODS, NO_HEAD_INPUTS, difference, eap_gradients, position_mask
 from .gradients import GradientPass, NeuronRead
-from .path_rules import HEAD_INPUTS, WHOLE_HEAD_RECEIVERS, check_specs
+from .path_rules import HEAD_INPUTS, WHOLE_HEAD_RECEIVERS, OutputWeights, check_specs, residual_write
 
 
 def attr_path_patch(
@@ -132,8 +131,8 @@ def attr_path_patch(
         run = eap_gradients(gradient_pass, sender_hooks, differentiated, new, steps, stopped=stopped,
                             neuron_reads=through)  # fmt: skip
         neuron_gradients = dict(zip(map(id, neuron_reads), run.through_neurons))
-        weights = _OutputWeights(model)
-        writes = _Terms.of(sender_cells, lambda site: [_contribution(weights, site, run.activations, new)],
+        weights = OutputWeights(model)
+        writes = _Terms.of(sender_cells, lambda site: [residual_write(site, difference(site.hook_name, run.activations, new), weights)],
                            lambda site: [2 * site.layer + site.component.write_offset])  # fmt: skip
         gradients = [[_read_gradient(read, run.gradients, neuron_gradients) for read in cell] for cell in reads]
         points = [[read.point for read in cell] for cell in reads]
@@ -247,33 +246,6 @@ def _neuron_mask(read: _Read, tokens_shape, d_mlp: int) -> Tensor:
     neurons = torch.zeros(d_mlp, device=device)
     neurons[slice(None) if read.units is None else sorted(read.units)] = 1
     return position_mask(read.positions, batch, seq_len, device, neurons.dtype).unsqueeze(-1) * neurons
-
-
-class _OutputWeights:
-    """The model's stacked W_O and W_out, read once per call (HookedTransformer stacks them on each read)."""
-
-    def __init__(self, model):
-        self._model = model
-
-    @functools.cached_property
-    def w_o(self) -> Tensor:
-        return _tl.w_o(self._model)
-
-    @functools.cached_property
-    def w_out(self) -> Tensor:
-        return _tl.w_out(self._model)
-
-
-def _contribution(weights: _OutputWeights, site: PatchSite, orig: dict, new: ActivationSource) -> Tensor:
-    """What a sender site's change from orig to new adds to the residual stream, (batch, pos, d_model)."""
-    diff = difference(site.hook_name, orig, new)
-    units = slice(None) if site.unit is None else slice(site.unit, site.unit + 1)
-    if site.component.name == "z":
-        diff = torch.einsum("bphe,hed->bpd", diff[:, :, units], weights.w_o[site.layer, units].to(diff))
-    elif site.component.name == "post":
-        diff = diff[..., units] @ weights.w_out[site.layer, units].to(diff)
-    mask = position_mask(site.device_positions, *diff.shape[:2], diff.device, diff.dtype)
-    return diff * mask.unsqueeze(-1)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,12 @@ the last receiver (`pass_one_plan`) and groups the cells that share their sender
 one recording variant (`two_pass_blocks`).
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
 
 from .. import _tl
 from .._core.components import COMPONENTS, RECEIVERS, SENDERS, Component, hook_name
@@ -218,3 +222,37 @@ def can_fork(model, shape: ModelShape, variants: list[PathVariant]) -> bool:
     if receivers & set(HEAD_INPUTS):
         return _tl.supports_split_qkv_input(model)
     return True
+
+
+class OutputWeights:
+    """A model's stacked W_O and W_out, each read once, when first needed (HookedTransformer
+    stacks them again on every read)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    @functools.cached_property
+    def w_o(self) -> Tensor:
+        return _tl.w_o(self._model)
+
+    @functools.cached_property
+    def w_out(self) -> Tensor:
+        return _tl.w_out(self._model)
+
+
+def residual_write(site: PatchSite, difference: Tensor, weights: OutputWeights) -> Tensor:
+    """What a sender site adds to the residual stream when its activation changes by
+    `difference` (new - orig, the whole activation): (batch, pos, d_model), zero outside
+    the site's positions. A head's or neuron's change goes through its rows of W_O or W_out."""
+    units = slice(None) if site.unit is None else slice(site.unit, site.unit + 1)
+    if site.component.name == "z":
+        w_o = weights.w_o[site.layer, units].to(difference)
+        difference = torch.einsum("bphd,hdm->bpm", difference[:, :, units], w_o)
+    elif site.component.name == "post":
+        difference = difference[..., units] @ weights.w_out[site.layer, units].to(difference)
+    if site.positions is None:
+        return difference
+    batch, seq_len = difference.shape[:2]
+    mask = torch.zeros(batch, seq_len, dtype=difference.dtype, device=difference.device)
+    mask[torch.arange(batch, device=difference.device).unsqueeze(1), site.positions.to(difference.device)] = 1
+    return difference * mask.unsqueeze(-1)

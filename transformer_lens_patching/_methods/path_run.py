@@ -14,7 +14,16 @@ from .._core.plan import Block
 from .._core.program import PatchProgram
 from .._core.sites import PatchSite
 from .._core.sources import ActivationSource, SourceFactory
-from .path_rules import HEAD_INPUTS, WHOLE_HEAD_RECEIVERS, PathPlan, input_base_hook, input_site, reaches
+from .path_rules import (
+    HEAD_INPUTS,
+    WHOLE_HEAD_RECEIVERS,
+    OutputWeights,
+    PathPlan,
+    input_base_hook,
+    input_site,
+    reaches,
+    residual_write,
+)
 
 
 class PathPatchRun:
@@ -65,12 +74,8 @@ class PathPatchSession:
         )  # fmt: skip
 
     @functools.cached_property
-    def _w_o(self) -> Tensor:
-        return _tl.w_o(self._run.model)
-
-    @functools.cached_property
-    def _w_out(self) -> Tensor:
-        return _tl.w_out(self._run.model)
+    def _weights(self) -> OutputWeights:
+        return OutputWeights(self._run.model)
 
     @functools.cached_property
     def _frozen(self) -> list[tuple[int, str, Tensor]]:
@@ -155,17 +160,4 @@ class PathPatchSession:
     def _contribution(self, site: PatchSite) -> Tensor:
         """What `site`'s change from orig to new adds to the residual stream, (batch, pos, d_model)."""
         before = self._orig.value(site.hook_name)
-        diff = self._new.tensor_like(site.hook_name, before) - before
-        units = slice(None) if site.unit is None else slice(site.unit, site.unit + 1)
-        if site.component.name == "z":
-            w_o = self._w_o[site.layer, units]
-            diff = torch.einsum("bphd,hdm->bpm", diff[:, :, units], w_o.to(diff.dtype))
-        elif site.component.name == "post":
-            w_out = self._w_out[site.layer, units]
-            diff = diff[..., units] @ w_out.to(diff.dtype)
-        if site.positions is not None:
-            batch = diff.shape[0]
-            mask = torch.zeros(diff.shape[:2], dtype=diff.dtype, device=diff.device)
-            mask[torch.arange(batch, device=diff.device).unsqueeze(1), site.positions.to(diff.device)] = 1
-            diff = diff * mask.unsqueeze(-1)
-        return diff
+        return residual_write(site, self._new.tensor_like(site.hook_name, before) - before, self._weights)
