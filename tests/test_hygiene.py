@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 from contextlib import contextmanager
 
 import pytest
@@ -10,7 +11,15 @@ import torch
 
 from tests.helpers import assert_close, logit_diff_metric, make_inputs
 from tests.reference import full_cache, naive_act_patch, naive_path_patch
-from transformer_lens_patching import IterNode, Node, act_patch, mean_ablation_cache, path_patch
+from transformer_lens_patching import (
+    IterNode,
+    Node,
+    act_patch,
+    attr_edges,
+    attr_patch,
+    mean_ablation_cache,
+    path_patch,
+)
 
 KNOCKOUT_HOOK = "blocks.1.attn.hook_z"
 
@@ -286,6 +295,33 @@ def test_results_carry_no_grad(small_model):
         assert result.grad_fn is None and not result.requires_grad
     assert all(p.grad is None for p in model.parameters())
     assert torch.is_grad_enabled()
+
+
+def test_sweeps_leave_no_tensors_for_the_cycle_collector(small_model):
+    """What a pass kept (records, gradient leaves, the last residual stream) is freed when the call
+    returns, not when the cycle collector next runs: EAP-IG's passes once piled up 120 MB each so."""
+    model = small_model
+    orig, new = make_inputs(model)
+    metric = logit_diff_metric()
+    calls = [
+        lambda: act_patch(model, orig, IterNode(["z", "resid_pre"]), metric, new_input=new),
+        lambda: path_patch(model, orig, new, IterNode("z"), Node("resid_post", -1), metric),
+        lambda: attr_patch(model, orig, IterNode(["z", "post"]), metric, new_input=new, method="ig", steps=2),
+        lambda: attr_edges(model, orig, metric, new_input=new, method="ig", steps=2, max_memory=1),
+    ]
+    gc.collect()
+    gc.disable()
+    try:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        for call in calls:
+            call()
+        gc.collect()
+        left = [type(thing).__name__ for thing in gc.garbage if isinstance(thing, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 # --- (f) specs passed in are not mutated ---

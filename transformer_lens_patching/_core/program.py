@@ -66,6 +66,7 @@ class PatchProgram:
         self._carried: dict[str, torch.Tensor] = {}
         self._stop_when_recorded = stop_when_recorded
         self._pending_records = 0
+        self._records_at: dict[str, int] = {}
         self._stop_at: str | None = None
         self._gradient_stops: dict[str, torch.Tensor | None] = {}
         self.stopped_with: torch.Tensor | None = None
@@ -139,9 +140,9 @@ class PatchProgram:
 
         def step(out: torch.Tensor) -> None:
             store[key] = out[row_start : row_start + batch].clone()
-            self._pending_records -= 1
 
         self._pending_records += 1
+        self._records_at[hook_name] = self._records_at.get(hook_name, 0) + 1
         self._add(hook_name, step)
 
     def stop_at(self, hook_name: str) -> None:
@@ -179,6 +180,7 @@ class PatchProgram:
                 out += carried
             for step in steps:
                 step(out)
+            self._pending_records -= self._records_at.get(name, 0)
             if carry_to is not None:
                 self._carried[carry_to] = out - activation
             self._fired.add(name)
