@@ -2,6 +2,7 @@
 # pinned packages, the offline SmolLM2 model) and then run.
 VENV ?= .venv
 VENV_TL2 ?= .venv-tl2
+VENV_TRACR ?= .venv-tracr
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export STAGE_TIMES ?= $(CURDIR)/.stage-times
@@ -15,6 +16,12 @@ $(VENV)/.installed: requirements/tl4.txt requirements/docs.txt setup.cfg
 $(VENV_TL2)/.installed: requirements/tl2.txt setup.cfg
 	$(STAGE) "set up $(VENV_TL2) (TransformerLens 2)" scripts/setup-env.sh $(VENV_TL2) requirements/tl2.txt
 
+# tracr (and jax) compile the RASP program of tests/test_tracr_circuit.py; they live in their own
+# environment, never in the package's.
+$(VENV_TRACR)/.installed: requirements/tracr.txt
+	$(STAGE) "set up $(VENV_TRACR) (tracr)" sh -c 'python3 -m venv $(VENV_TRACR) && \
+		$(VENV_TRACR)/bin/pip install --quiet -r requirements/tracr.txt && touch $(VENV_TRACR)/.installed'
+
 ioi: $(VENV)/.installed
 	$(VENV)/bin/tl-patch ioi --out ioi-report
 
@@ -26,7 +33,7 @@ test:
 	$(MAKE) -j3 --output-sync=target setup browser
 	$(MAKE) -j3 --output-sync=target docs test-tl4 test-tl2 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-setup: $(VENV)/.installed $(VENV_TL2)/.installed
+setup: $(VENV)/.installed $(VENV_TL2)/.installed $(VENV_TRACR)/.installed
 
 # Debian's chromium, for the test that opens the IOI report in a real browser.
 browser:
@@ -35,8 +42,9 @@ browser:
 test-tl4: $(VENV)/.installed
 	$(STAGE) "tests on TransformerLens 4" scripts/run-tests.sh $(VENV)
 
-test-tl2: $(VENV_TL2)/.installed
-	$(STAGE) "tests on TransformerLens 2" scripts/run-tests.sh $(VENV_TL2)
+test-tl2: $(VENV_TL2)/.installed $(VENV_TRACR)/.installed
+	$(STAGE) "tests on TransformerLens 2" env TLP_TRACR_PYTHON=$(abspath $(VENV_TRACR))/bin/python \
+		scripts/run-tests.sh $(VENV_TL2)
 
 # The documentation site, in site/; fails on any warning (a broken link, a bad docstring).
 docs: $(VENV)/.installed

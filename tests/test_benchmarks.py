@@ -4,6 +4,7 @@ the benchmark's to check, on the GPT-2-small shape, not this test's."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,31 @@ def test_attribution_benchmark_tiny(capsys):
         assert cells[-1].strip() == "not checked" and "nan" not in row and "inf" not in row, row
     gaps = [float(line.split("largest difference ")[1].split()[0]) for line in lines if "largest difference" in line]
     assert len(gaps) == 2 and max(gaps) < 1e-5, gaps
+
+
+def _gpt2_style_edge_count(n_layers: int, n_heads: int) -> int:
+    """Edges of a GPT-2-style graph, counted here: every head's q, k and v input reads the embeddings and
+    every head and MLP of earlier layers; an MLP those and its own layer's heads; the logits everything."""
+    earlier = [1 + layer * (n_heads + 1) for layer in range(n_layers)]
+    return sum(3 * n_heads * senders + senders + n_heads for senders in earlier) + 1 + n_layers * (n_heads + 1)
+
+
+@pytest.mark.skipif(TL_MAJOR < 4, reason="the benchmark's main sections run on a TransformerBridge")
+def test_circuit_benchmark_tiny(capsys):
+    spec = importlib.util.spec_from_file_location("circuit_benchmark", BENCHMARK.parent / "circuits.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.main(["--tiny"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| measurement")]
+    tiny = benchmark.SHAPES["tiny"]
+    edges = _gpt2_style_edge_count(tiny["n_layer"], tiny["n_head"])
+    assert rows[0].startswith(f"| attr_edges EAP, the whole edge graph ({edges} edges) | "), rows
+    assert rows[1].startswith("| faithfulness_curve, 50 sizes + full + empty, stacked ("), rows
+    assert rows[2].startswith(("| auto-circuit: not installed |", "| faithfulness_curve vs auto-circuit")), rows
+    assert len(rows) == 3 and all("nan" not in row and "inf" not in row for row in rows), rows
+    ratio = rows[1].split(" | ")[3]
+    assert ratio.startswith("**") and float(ratio.strip("*x").replace(",", "")) > 0, rows[1]
+    assert "52 circuits x 2 prompts" in next(line for line in lines if line.startswith("2. ")), lines
+    gaps = [float(gap) for line in lines for gap in re.findall(r"values (\S+) of \|full - empty\|", line)]
+    assert 1 <= len(gaps) <= 2 and max(gaps) < 1e-4, gaps

@@ -74,6 +74,8 @@ def nothing_runs(monkeypatch):
         ("--n-prompts", "many", "expected a whole number, got 'many'"),
         ("--top-k", "-1", "must be at least 1, got -1"),
         ("--top-neurons", "0", "must be at least 1, got 0"),
+        ("--circuit-candidates", "0", "must be at least 1, got 0"),
+        ("--circuit-faithfulness", "-0.5", "must be 0 or more"),
         ("--batch-size", "0", "must be at least 1"),
         ("--min-effect", "-0.1", "must be 0 or more"),
         ("--model", "./no-such-folder", "'./no-such-folder' is not a folder that exists"),
@@ -139,6 +141,8 @@ def test_the_command_lines_defaults_are_the_settings_defaults():
     assert cli.settings_of(args) == IOISettings()
     assert set(tl_patch.DEFAULTS) == {f.name for f in fields(IOISettings)} - {"prepend_bos", "batch_size"}
     assert cli.settings_of(tl_patch.parse_arguments(["ioi", "--dry-run", "--top-neurons", "5"])).top_neurons == 5
+    circuit = cli.settings_of(tl_patch.parse_arguments(["ioi", "--circuit-candidates", "7", "--circuit-faithfulness", "0.6"]))
+    assert (circuit.circuit_candidates, circuit.circuit_faithfulness) == (7, 0.6)
 
 
 # A run that stops keeps what it finished
@@ -169,7 +173,7 @@ def test_a_failing_step_keeps_the_steps_before_it(small_model, tmp_path, monkeyp
         run_cli(monkeypatch, small_model, tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     assert [step["key"] for step in data["steps"]] == ["act_heads", "act_words"]
-    missing = ["path_logits", "path_queries", "path_values", "attr_neurons"]
+    missing = ["path_logits", "path_queries", "path_values", "attr_neurons", "circuit"]
     assert data["complete"] is False and data["missing_steps"] == missing
     page = (tmp_path / "report.html").read_text()
     assert 'id="missing-steps"' in page and f"{', '.join(missing)} did not run" in page
@@ -210,7 +214,7 @@ def test_results_are_saved_after_every_step(small_model, tmp_path, monkeypatch):
     write_json = cli.write_json
     monkeypatch.setattr(cli, "write_json", lambda analysis, out: saved.append(len(analysis.steps)) or write_json(analysis, out))
     assert run_cli(monkeypatch, small_model, tmp_path) == 0
-    assert saved == [0, 1, 2, 3, 4, 5, 6]
+    assert saved == [0, 1, 2, 3, 4, 5, 6, 7]
     assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
 
 

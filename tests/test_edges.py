@@ -12,7 +12,17 @@ import pytest
 import torch
 
 from tests import circuits
-from tests.helpers import assert_close, linear_metric, logit_diff_metric, make_inputs, raises
+from tests.helpers import (
+    assert_close,
+    input_hook,
+    linear_metric,
+    logit_diff_metric,
+    make_inputs,
+    n_kv,
+    raises,
+    receiver_node,
+    sender_node,
+)
 from tests.models import TL_MAJOR
 from tests.reference import full_cache
 from transformer_lens_patching import (
@@ -32,19 +42,6 @@ from transformer_lens_patching import (
 )
 
 BATCH = 3
-
-
-def n_kv(model) -> int:
-    return getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
-
-
-def input_hook(model, receiver: GraphNode) -> str:
-    """The hook holding a receiver's own input, named as TransformerLens names it."""
-    if receiver.kind == "logits":
-        return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    if receiver.kind == "mlp":
-        return f"blocks.{receiver.layer}.hook_mlp_in"
-    return f"blocks.{receiver.layer}.hook_{receiver.input}_input"
 
 
 def naive_sender_outputs(model, orig, new) -> dict:
@@ -133,20 +130,6 @@ def test_integrated_gradients_average_the_gradient_over_interpolated_embeddings(
         gradient = sum(naive_gradient(model, orig, receiver, metric, False, embeddings=x) for x in points) / steps
         for edge in (edge for edge in scores.graph if edge.receiver == receiver):
             assert_close(scores.score(edge), naive_score(outputs[edge.sender], gradient, False))
-
-
-def sender_node(graph: EdgeGraph, node: GraphNode) -> Node:
-    if node.kind == "embed":
-        return Node("resid_pre", 0)
-    return Node("z", node.layer, head=node.head) if node.kind == "head" else Node("mlp_out", node.layer)
-
-
-def receiver_node(graph: EdgeGraph, node: GraphNode) -> Node:
-    if node.kind == "logits":
-        return Node("resid_post", graph.n_layers - 1)
-    if node.kind == "mlp":
-        return Node("pre", node.layer)  # every neuron: the whole input of a non-gated MLP
-    return Node(node.input, node.layer, head=node.head)
 
 
 def test_the_whole_graph_equals_one_call_per_pair(small_model):

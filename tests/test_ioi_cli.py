@@ -22,15 +22,26 @@ import torch
 
 from tests import models
 from tests.helpers import model_state
-from transformer_lens_patching import IterNode, Node, act_patch, attr_patch, path_patch
+from transformer_lens_patching import (
+    MIB_FRACTIONS,
+    Circuit,
+    EdgeGraph,
+    IterNode,
+    LogitDiff,
+    Node,
+    act_patch,
+    attr_patch,
+    evaluate_circuit,
+    path_patch,
+)
 from transformer_lens_patching._tasks.ioi.analysis import WORDS
 from transformer_lens_patching._tasks.ioi.report import logit_diff_figure, step_figure
 from transformer_lens_patching.cli import main
 from transformer_lens_patching.ioi import IOISettings, plan_ioi, run_ioi, write_report
 
-STEPS = ["act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons"]
+STEPS = ["act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons", "circuit"]
 LAYERS = 30
-SETTINGS = IOISettings(n_prompts=5, top_k=2, min_effect=0.0, top_neurons=6)
+SETTINGS = IOISettings(n_prompts=5, top_k=2, min_effect=0.0, top_neurons=6, circuit_candidates=5)
 """No effect threshold: on random weights every step then finds heads, so every step runs."""
 
 
@@ -70,8 +81,8 @@ def test_logit_diffs_are_read_at_each_prompts_end(analysis, tiny_model):
 
 
 def figures(analysis) -> int:
-    """The report's figures: the logit differences, then each step that ran."""
-    return 1 + sum(bool(step.results) for step in analysis.steps)
+    """The report's figures: the logit differences, then each step that ran (the circuit step: its curves and graph)."""
+    return 1 + sum(bool(step.results) for step in analysis.steps) + 2 * sum(step.circuit is not None for step in analysis.steps)
 
 
 def test_steps_and_result_dims(analysis, tiny_model):
@@ -89,13 +100,16 @@ def test_steps_and_result_dims(analysis, tiny_model):
 def test_each_step_is_announced_and_its_bars_are_labelled(analysis, tiny_model):
     """A header before each step, with what it patches; progress bars named by step (and word)."""
     headers = [line for line in analysis.log if line.startswith("step ")]
-    assert [line.split(":")[0] for line in headers] == [f"step {i}/7" for i in range(1, 8)]
-    assert headers[1] == f"step 2/7: activation patching of z, q, k, v, pattern for {LAYERS * 4} heads"
-    assert headers[3] == f"step 4/7: path patching of {LAYERS * 4} heads -> logits"
+    assert [line.split(":")[0] for line in headers] == [f"step {i}/8" for i in range(1, 9)]
+    assert headers[1] == f"step 2/8: activation patching of z, q, k, v, pattern for {LAYERS * 4} heads"
+    assert headers[3] == f"step 4/8: path patching of {LAYERS * 4} heads -> logits"
     d_mlp = tiny_model.cfg.d_mlp
-    assert headers[6] == f"step 7/7: attribution patching of {LAYERS * d_mlp} MLP neurons, then activation patching of the 6 strongest"
+    assert headers[6] == f"step 7/8: attribution patching of {LAYERS * d_mlp} MLP neurons, then activation patching of the 6 strongest"
+    edges = len(EdgeGraph.of(tiny_model))
+    assert headers[7] == (f"step 8/8: edge attribution of {edges:,} edges, exact scores of the 5 strongest, faithfulness "
+                          "curves of 3 rankings")  # fmt: skip
     ran = [number for number, step in enumerate(analysis.steps, start=2) if step.results]
-    labels = [f"step {n}/7" for n in ran if n != 3] + [f"step 3/7 at {word}" for word in WORDS]
+    labels = [f"step {n}/8" for n in ran if n != 3] + [f"step 3/8 at {word}" for word in WORDS]
     for label in labels:
         assert f"\r{label}: " in analysis.bars, label
     assert len(set(re.findall(r"\r(step [^:]*): ", analysis.bars))) == len(labels), "no other bars"
@@ -111,7 +125,11 @@ def test_the_time_estimate_comes_from_the_plans(analysis, tiny_model):
     confirmation = plans["attr_neurons, exact patching of the strongest (at most: neurons in the first layer)"]
     assert confirmation.n_cells == SETTINGS.top_neurons
     assert confirmation.layer_evaluations == SETTINGS.top_neurons * LAYERS, "every pass from the first layer"
-    work = sum(plan.layer_evaluations for plan in plans.values()) + 4 * LAYERS
+    curves = plans["circuit, faithfulness curves"]
+    assert curves.n_cells == 3 * (len(MIB_FRACTIONS) + 2), "three rankings' curves, each with the full and empty circuit"
+    assert plans["circuit, exact scores of the candidates"].n_cells == SETTINGS.circuit_candidates + 1
+    edge_screen = 2 + 3 * (1 + 5)  # each method's corrupted run; EAP's and EAP-IG's 5 points' forward + backward
+    work = sum(plan.layer_evaluations for plan in plans.values()) + (4 + edge_screen) * LAYERS
     assert f"({work:,} layer evaluations" in line
     assert analysis.estimated_seconds > 0
 
@@ -269,6 +287,26 @@ def attention_only(tok, n_layers: int = 2):
     return HookedTransformer(HookedTransformerConfig(**config), tokenizer=tok).eval()
 
 
+def test_the_circuit_step_evaluates_its_circuit_exactly(analysis, tiny_model):
+    """The step's circuit is the smallest of the best curve that reaches the faithfulness asked
+    for (or the most faithful one), and its faithfulness is that of an exact evaluation."""
+    finding = analysis.step("circuit").circuit
+    clean, corrupted = analysis.dataset.toks, analysis.corrupted.toks
+    metric = LogitDiff(analysis.dataset.answers, analysis.dataset.word_idx["end"])
+    graph = EdgeGraph.of(tiny_model)
+    full, empty, value = evaluate_circuit(tiny_model, [Circuit.full(graph), Circuit.empty(graph), finding.circuit], clean,
+                                          metric, new_input=corrupted).as_tensor().tolist()  # fmt: skip
+    assert finding.faithfulness == pytest.approx((value - empty) / (full - empty), abs=1e-4)
+    assert [curve.method for curve in finding.curves] == ["atp", "ig", "ig+exact"]
+    best = finding.curves[finding.chosen]
+    assert best.cpr == max(curve.cpr for curve in finding.curves)
+    reaching = [c for c, f in zip(best.circuits, best.faithfulness) if f >= SETTINGS.circuit_faithfulness]
+    assert finding.circuit == (reaching[0] if reaching else best.circuits[best.faithfulness.index(max(best.faithfulness))])
+    confirmed, ig = finding.scores[2], finding.scores[1]
+    changed = [edge for edge in graph if not torch.equal(confirmed.score(edge), ig.score(edge).to(confirmed.scores))]
+    assert len(changed) <= SETTINGS.circuit_candidates and set(changed) <= set(ig.top(SETTINGS.circuit_candidates))
+
+
 def test_a_model_without_mlps_skips_the_neuron_step(tok):
     """No neurons to screen: the step says so, the by-word step leaves out mlp_out, and the
     time estimate plans no neuron patching."""
@@ -280,7 +318,7 @@ def test_a_model_without_mlps_skips_the_neuron_step(tok):
     step = result.step("attr_neurons")
     assert step.results == {} and step.confirmation is None
     assert step.description == "Skipped: this model has no MLPs (attention-only), so no neurons."
-    assert "step 7/7: attribution patching of MLP neurons" in lines and lines[-1].endswith(step.description)
+    assert "step 7/8: attribution patching of MLP neurons" in lines and any(line.endswith(step.description) for line in lines)
     assert sorted(result.step("act_words").results) == ["attn_out", "resid_pre"]
     assert not [name for name, _ in plan_ioi(model, IOISettings(n_prompts=3)) if name.startswith("attr_neurons")]
 
@@ -315,6 +353,23 @@ def test_json_and_csv_hold_every_result(analysis, report_folder):
     ]
     row = next(r for r in rows if r["step"] == "path_logits" and r["layer"] == "1" and r["head"] == "3")
     assert float(row["value"]) == pytest.approx(float(analysis.step("path_logits").results["z"].sel(layer=1, head=3)))
+
+
+def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model):
+    finding = analysis.step("circuit").circuit
+    saved = json.loads((report_folder / "results.json").read_text())["steps"][STEPS.index("circuit")]["circuit"]
+    assert Circuit.from_json(json.dumps(saved["circuit"])) == finding.circuit
+    assert [c["faithfulness"] for c in saved["curves"]] == [pytest.approx(list(c.faithfulness)) for c in finding.curves]
+    assert [c["cpr"] for c in saved["curves"]] == [pytest.approx(c.cpr) for c in finding.curves]
+    named = [(step.key, head) for step in analysis.steps if step.key.startswith("path_") for heads in step.top.values()
+             for head in heads]  # fmt: skip
+    kept = set(finding.circuit.heads)
+    assert [h["in_circuit"] for h in saved["named_heads"]] == [(h.layer, h.head) in kept for _, h in named]
+    page = (report_folder / "report.html").read_text()
+    table = page.split('id="circuit-edges"')[1].split("</table>")[0]
+    assert table.count("<tr><td>") == min(40, len(finding.circuit))
+    heads = page.split('id="named-heads"')[1].split("</table>")[0]
+    assert heads.count("<tr><td>") == len(named) and heads.count("<td>yes</td>") == sum(h["in_circuit"] for h in saved["named_heads"])
 
 
 def test_report_html_is_self_contained(analysis, report_folder):

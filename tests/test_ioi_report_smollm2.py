@@ -77,11 +77,12 @@ def test_residual_stream_recovery_profile_at_s2(report):
 def test_report_has_every_step_with_a_figure(report):
     out, data = report
     assert [step["key"] for step in data["steps"]] == [
-        "act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons",
+        "act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons", "circuit",
     ]  # fmt: skip
-    assert all(step["results"] for step in data["steps"]), "no step was skipped on SmolLM2"
+    assert all(step["results"] for step in data["steps"][:-1]), "no step was skipped on SmolLM2"
+    assert "circuit" in data["steps"][-1], "the circuit step ran"
     page = (out / "report.html").read_text()
-    assert page.count('class="figure"') == 1 + len(data["steps"])
+    assert page.count('class="figure"') == 1 + len(data["steps"]) - 1 + 2, "the circuit step: curves and graph"
     movers = data["steps"][2]["top"]["name movers (lower the logit diff)"]
     assert movers and all(head["value"] < 0 for head in movers)
 
@@ -90,7 +91,7 @@ def test_every_neuron_is_screened_and_the_strongest_patched_exactly(report):
     """SmolLM2's 30 x 1536 MLP neurons estimated; the default 20 strongest patched exactly, and
     listed in the report."""
     out, data = report
-    step = data["steps"][-1]
+    step = data["steps"][5]
     assert step["results"]["post"]["dims"] == ["layer", "neuron"]
     assert len(step["results"]["post"]["values"]) == 30 and len(step["results"]["post"]["values"][0]) == 1536
     confirmation = step["confirmation"]
@@ -116,3 +117,24 @@ def test_heads_of_both_signs_are_listed(report):
     opposing = top["opposing heads (z: lower it)"]
     assert opposing and all(h["value"] <= -0.05 for h in opposing)
 
+
+
+CIRCUIT_FLOORS = {"EAP": (0.90, 0.10), "EAP-IG (5 steps)": (0.90, 0.10), "EAP-IG, candidates confirmed exactly": (0.90, 0.10)}
+"""(least CPR, most CMD) of each ranking's faithfulness curve: regression floors under the
+values measured on 2026-12-01 (CPR 0.949 / 0.940 / 0.940, CMD 0.052 / 0.069 / 0.069)."""
+
+
+def test_the_circuit_step_finds_a_faithful_circuit_holding_the_name_movers(report):
+    """Every edge scored, three rankings' curves evaluated exactly; the circuit reaches 80%
+    faithfulness with at most a tenth of SmolLM2's 70,651 edges and holds every name mover."""
+    out, data = report
+    found = data["steps"][-1]["circuit"]
+    for curve in found["curves"]:
+        least_cpr, most_cmd = CIRCUIT_FLOORS[curve["ranking"]]
+        assert curve["cpr"] >= least_cpr and curve["cmd"] <= most_cmd, curve["ranking"]
+        assert curve["faithfulness"][-1] == pytest.approx(1.0) and curve["edges"][-1] == 70651
+    assert found["faithfulness"] >= 0.8 and len(found["circuit"]["edges"]) <= 7065
+    movers = [h for h in found["named_heads"] if h["role"] == "name movers (lower the logit diff)"]
+    assert movers and all(h["in_circuit"] for h in movers)
+    page = (out / "report.html").read_text()
+    assert 'id="faithfulness"' in page and 'id="circuit-edges"' in page and 'id="named-heads"' in page

@@ -7,8 +7,17 @@ import pytest
 import torch
 import typeguard
 
-from transformer_lens_patching import PatchingError, PatchResult
-from transformer_lens_patching.plots import heatmap, histogram, line
+from transformer_lens_patching import (
+    Circuit,
+    Edge,
+    EdgeGraph,
+    EdgeScores,
+    FaithfulnessCurve,
+    GraphNode,
+    PatchingError,
+    PatchResult,
+)
+from transformer_lens_patching.plots import circuit_graph, faithfulness_curves, heatmap, histogram, line
 
 TOKENS = ["<bos>", " When", " John"]
 
@@ -327,6 +336,262 @@ def test_figures_are_returned_not_shown_and_save(monkeypatch, tmp_path):
     for index, fig in enumerate(figures):
         assert isinstance(fig, go.Figure)
         assert "plotly" in fig.to_html(include_plotlyjs=False)
+        path = tmp_path / f"figure{index}.html"
+        fig.write_html(path, include_plotlyjs=False)
+        assert path.stat().st_size > 0
+
+
+# --- circuit_graph: nodes by layer, edges as lines weighted and coloured by score ---
+
+GRAPH = EdgeGraph(n_layers=2, n_heads=2, n_kv_heads=2, has_mlps=True)
+GROUPED = EdgeGraph(n_layers=2, n_heads=4, n_kv_heads=2, has_mlps=False)
+EMBED, LOGITS = GraphNode("embed"), GraphNode("logits")
+
+
+def head(layer: int, index: int, into: str | None = None, kv: bool = False) -> GraphNode:
+    return GraphNode("head", layer, head=index, input=into, kv_head=kv)
+
+
+def nodes_of(fig: go.Figure) -> dict[str, tuple[float, float]]:
+    """Each drawn node's name (the first line of its hover text) -> its (x, y)."""
+    (trace,) = [t for t in fig.data if t.name == "nodes"]
+    return {text.split("<br>")[0]: (x, y) for text, x, y in zip(trace.hovertext, trace.x, trace.y)}
+
+
+def line_traces(fig: go.Figure) -> list:
+    return [t for t in fig.data if t.mode == "lines"]
+
+
+def segments(trace) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """The (start, end) of each line of a trace whose lines are separated by None."""
+    points = list(zip(trace.x, trace.y))
+    found = []
+    for i in range(0, len(points), 3):
+        assert points[i + 2] == (None, None)
+        found.append((points[i], points[i + 1]))
+    return found
+
+
+def edge_styles(fig: go.Figure) -> dict[str, list]:
+    """An edge's name -> the line traces drawing it, matched by the hover point in each line's middle."""
+    (hover,) = [t for t in fig.data if t.name == "edges"]
+    styles: dict[str, list] = {}
+    for text, x, y in zip(hover.hovertext, hover.x, hover.y):
+        drawn = [t for t in line_traces(fig) for a, b in segments(t)
+                 if abs((a[0] + b[0]) / 2 - x) < 1e-9 and abs((a[1] + b[1]) / 2 - y) < 1e-9]  # fmt: skip
+        assert len(drawn) == 1, text
+        styles.setdefault(text.split("<br>")[0], []).append(drawn[0])
+    return styles
+
+
+def scored(graph: EdgeGraph, values: dict[Edge, float], extra_dim: int | None = None) -> EdgeScores:
+    scores = torch.zeros(len(graph))
+    for edge, value in values.items():
+        scores[graph.index(edge)] = value
+    if extra_dim:
+        scores = scores[:, None] + torch.arange(extra_dim) - (extra_dim - 1) / 2  # per-prompt, same mean
+    return EdgeScores(graph, scores, "atp", 0.0)
+
+
+def test_circuit_graph_draws_the_joined_nodes_placed_by_layer():
+    edges = [Edge(EMBED, head(0, 1, "q")), Edge(head(0, 1), GraphNode("mlp", 0)),
+             Edge(GraphNode("mlp", 0), head(1, 0, "v")), Edge(head(1, 0), LOGITS), Edge(EMBED, LOGITS)]  # fmt: skip
+    fig = circuit_graph(Circuit(GRAPH, edges))
+    # embeddings left of layer 0, logits right of the last layer, heads by index, the MLP above them
+    assert nodes_of(fig) == {"embed": (-1, -1), "head 0.1": (0, 1), "mlp 0": (0.5, 2), "head 1.0": (1, 0),
+                             "logits": (2, -1)}  # fmt: skip
+    assert fig.layout.xaxis.ticktext == ("embed", "0", "1", "logits")
+    assert fig.layout.xaxis.tickvals == (-1, 0, 1, 2)
+
+
+def test_circuit_graph_draws_exactly_the_nodes_its_edges_join():
+    scores = EdgeScores(GRAPH, torch.linspace(-1, 1, len(GRAPH)) ** 3, "atp", 0.0)
+    circuit = Circuit.from_scores(scores, 9, prune=False)
+    expected = set()
+    for edge in circuit.edges:
+        receiver = edge.receiver
+        marker = head(receiver.layer, receiver.head) if receiver.kind == "head" else receiver
+        expected |= {str(edge.sender), str(marker)}
+    drawn = nodes_of(circuit_graph(circuit, scores))
+    assert len(drawn) == len(expected) and set(drawn) == expected
+    assert len(circuit_graph(circuit, scores).data[-1].x) == len(expected)
+
+
+def test_edges_run_from_sender_to_the_receiving_heads_marker_with_the_input_visible():
+    edges = [Edge(EMBED, head(1, 1, part)) for part in ("q", "k", "v")] + [Edge(head(0, 0), head(1, 1, "k"))]
+    fig = circuit_graph(Circuit(GRAPH, edges))
+    by_input = {trace.name: trace for trace in line_traces(fig)}
+    assert set(by_input) == {"→ q", "→ k", "→ v"}
+    assert len({trace.line.dash for trace in by_input.values()}) == 3  # q, k and v lines look different
+    ends = {}
+    for name, trace in by_input.items():
+        for start, end in segments(trace):
+            assert start in {(-1, -1), (0, 0)}  # the embeddings' or head 0.0's marker
+            assert end[0] == 1 and abs(end[1] - 1) < 0.25  # at head 1.1's marker
+            ends.setdefault(name, set()).add(end[1])
+    (q,), (k,), (v,) = ends["→ q"], ends["→ k"], ends["→ v"]
+    assert q > k > v  # q above k above v
+    hover = [text for text in fig.data[-2].hovertext]
+    assert sorted(hover) == sorted(str(edge) for edge in edges)
+
+
+def test_grouped_query_edges_end_at_every_query_head_sharing_the_key_value_head():
+    edge = Edge(EMBED, head(1, 1, "k", kv=True))  # key/value head 1.1 serves query heads 1.2 and 1.3
+    fig = circuit_graph(Circuit(GROUPED, [edge, Edge(head(1, 2), LOGITS)]))
+    assert nodes_of(fig) == {"embed": (-1, -1), "head 1.2": (1, 2), "head 1.3": (1, 3), "logits": (2, -1)}
+    (into_k,) = [trace for trace in line_traces(fig) if trace.name == "→ k"]
+    assert sorted(end for _, end in segments(into_k)) == [(1, 2), (1, 3)]
+    texts = [text for text in fig.data[-2].hovertext if text.startswith(str(edge))]
+    assert len(texts) == 2 and all("1.2–1.3" in text for text in texts)
+
+
+def test_line_widths_grow_with_abs_score_and_colours_follow_the_sign():
+    values = {Edge(head(1, 0), LOGITS): 4.0, Edge(head(0, 1), LOGITS): -2.0, Edge(EMBED, head(1, 0, "q")): 1.0,
+              Edge(head(0, 0), GraphNode("mlp", 1)): -0.4}  # fmt: skip
+    scores = scored(GRAPH, values)
+    styles = edge_styles(circuit_graph(Circuit(GRAPH, values), scores))
+    widths = [styles[str(edge)][0].line.width for edge in sorted(values, key=lambda e: -abs(values[e]))]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 4
+    colours = {edge: styles[str(edge)][0].line.color for edge in values}
+    positive = {colours[edge] for edge in values if values[edge] > 0}
+    negative = {colours[edge] for edge in values if values[edge] < 0}
+    assert len(positive) == len(negative) == 1 and positive != negative
+
+    def rgb(colour: str) -> tuple[int, ...]:
+        return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+
+    (up,), (down,) = map(rgb, positive), map(rgb, negative)
+    assert up[2] > up[0] and down[0] > down[2]  # blue positive, red negative, as the heatmaps' RdBu scale
+
+
+def test_hover_gives_each_edges_name_and_score_and_each_nodes_total():
+    values = {Edge(head(1, 0), LOGITS): 0.25, Edge(EMBED, head(1, 0, "v")): -1.5}
+    fig = circuit_graph(Circuit(GRAPH, values), scored(GRAPH, values))
+    assert sorted(fig.data[-2].hovertext) == sorted(f"{edge}<br>score {value:+.4g}" for edge, value in values.items())
+    (node,) = [text for text in fig.data[-1].hovertext if text.startswith("head 1.0")]
+    assert "1 edge in (score -1.5)" in node and "1 edge out (score +0.25)" in node
+
+
+def test_per_prompt_scores_count_by_their_mean():
+    values = {Edge(head(1, 0), LOGITS): 0.5, Edge(head(0, 0), LOGITS): -3.0}
+    fig = circuit_graph(Circuit(GRAPH, values), scored(GRAPH, values, extra_dim=3))
+    assert sorted(fig.data[-2].hovertext) == sorted(f"{edge}<br>score {value:+.4g}" for edge, value in values.items())
+
+
+def test_unscored_edges_are_grey_and_thin():
+    values = {Edge(head(1, 0), LOGITS): float("nan"), Edge(head(0, 0), LOGITS): 2.0}
+    styles = edge_styles(circuit_graph(Circuit(GRAPH, values), scored(GRAPH, values)))
+    nan, strong = styles[str(Edge(head(1, 0), LOGITS))][0], styles[str(Edge(head(0, 0), LOGITS))][0]
+    assert nan.name.startswith("unscored") and nan.line.width < strong.line.width
+    red, green, blue = (int(nan.line.color[i : i + 2], 16) for i in (1, 3, 5))
+    assert red == green == blue
+
+
+def test_without_scores_every_edge_looks_the_same_apart_from_its_input():
+    circuit = Circuit(GRAPH, [Edge(head(0, 0), LOGITS), Edge(EMBED, head(1, 1, "k")), Edge(EMBED, GraphNode("mlp", 0))])
+    fig = circuit_graph(circuit)
+    assert len({(trace.line.width, trace.line.color) for trace in line_traces(fig)}) == 1
+    assert not any("score" in text for text in fig.data[-2].hovertext)
+    assert fig.layout.title.text == "Circuit of 3 of 46 edges"
+    assert circuit_graph(circuit, title="IOI").layout.title.text == "IOI"
+
+
+def test_positions_of_position_restricted_edges_are_in_the_hover():
+    edge = Edge(head(0, 0), LOGITS)
+    fig = circuit_graph(Circuit(GRAPH, [edge], positions={edge: [2, -1]}))
+    assert fig.data[-2].hovertext == (f"{edge} at positions [-1, 2]",)
+
+
+def test_hundreds_of_edges_take_a_few_traces_and_one_legend_entry_per_style():
+    graph = EdgeGraph(n_layers=4, n_heads=4, n_kv_heads=4, has_mlps=True)
+    scores = EdgeScores(graph, torch.randn(len(graph), generator=torch.Generator().manual_seed(0)), "ig", 0.0)
+    fig = circuit_graph(Circuit.full(graph), scores)
+    lines = line_traces(fig)
+    assert len(graph) > 400
+    assert sum(len(segments(trace)) for trace in lines) == len(graph) == len(fig.data[-2].hovertext)
+    assert len(lines) <= 2 * 5 * 6  # sign x what the receiver reads x width step
+    shown = [trace.name for trace in lines if trace.showlegend]
+    assert sorted(shown) == sorted({trace.name for trace in lines})
+    assert fig.layout.title.text == f"Circuit of {len(graph)} of {len(graph)} edges (ig scores)"
+
+
+def test_empty_circuit_draws_no_nodes():
+    fig = circuit_graph(Circuit.empty(GRAPH))
+    assert len(fig.data[-1].x) == 0 and not line_traces(fig)
+
+
+def test_circuit_graph_refuses_other_input():
+    circuit = Circuit(GRAPH, [Edge(head(0, 0), LOGITS)])
+    with typeguard.suppress_type_checks():
+        with pytest.raises(PatchingError, match=r"circuit_graph needs a Circuit, got list"):
+            circuit_graph(circuit.edges)
+        with pytest.raises(PatchingError, match=r"scores must be EdgeScores.*got Tensor"):
+            circuit_graph(circuit, torch.zeros(len(GRAPH)))
+    other = EdgeScores(GROUPED, torch.zeros(len(GROUPED)), "atp", 0.0)
+    with pytest.raises(PatchingError, match=r"The scores are of EdgeGraph\(n_layers=2, n_heads=4.*the circuit of"):
+        circuit_graph(circuit, other)
+
+
+# --- faithfulness_curves ---
+
+
+def curve(method: str, fractions: tuple[float, ...], values: tuple[float, ...], full=2.0, empty=-2.0):
+    circuits = tuple(Circuit(GRAPH, GRAPH.edges[: int(f * len(GRAPH))]) for f in fractions)
+    return FaithfulnessCurve(method, fractions, circuits, values, full, empty)
+
+
+def trapezoid(xs, ys) -> float:
+    return sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
+
+
+def test_curve_points_are_fractions_and_faithfulness():
+    atp = curve("atp", (0.1, 0.5, 1.0), (-1.0, 1.0, 2.0))
+    fig = faithfulness_curves(atp)
+    (trace,) = fig.data
+    faithfulness = [(v + 2.0) / 4.0 for v in (-1.0, 1.0, 2.0)]
+    assert trace.x == (0.1, 0.5, 1.0) and list(trace.y) == faithfulness
+    assert trace.mode == "lines+markers"
+    cpr = trapezoid([0.1, 0.5, 1.0], faithfulness)
+    cmd = trapezoid([0.1, 0.5, 1.0], [abs(1 - f) for f in faithfulness])
+    assert trace.name == f"atp: CPR {cpr:.3f}, CMD {cmd:.3f}"
+    assert [list(point) for point in trace.customdata] == [[4, -1.0], [23, 1.0], [46, 2.0]]
+    assert "kept" in trace.hovertemplate and "metric %{customdata[1]" in trace.hovertemplate
+
+
+def test_one_line_per_curve_with_reference_lines_and_a_log_axis():
+    curves = [curve("atp", (0.01, 0.1, 1.0), (0.0, 1.0, 2.0)), curve("ig", (0.01, 0.1, 1.0), (1.0, 1.5, 2.0))]
+    fig = faithfulness_curves(curves)
+    assert [trace.name.split(":")[0] for trace in fig.data] == ["atp", "ig"]
+    assert all("CPR" in trace.name and "CMD" in trace.name for trace in fig.data)
+    assert sorted((shape.y0, shape.y1, shape.line.dash) for shape in fig.layout.shapes) == [(0, 0, "dash"),
+                                                                                            (1, 1, "dash")]  # fmt: skip
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.title.text == "faithfulness"
+    assert faithfulness_curves(curves, log_x=False).layout.xaxis.type == "linear"
+    assert fig.layout.title.text == "Faithfulness by circuit size"
+    assert faithfulness_curves(curves, title="IOI").layout.title.text == "IOI"
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"atp": None}, r"got dict"),
+        ([], r"got an empty list"),
+        (["atp"], r"got a list holding str"),
+        ("atp", r"got str"),
+    ],
+)
+def test_faithfulness_curves_refuses_other_input(bad, match):
+    if isinstance(bad, dict):
+        bad = {"atp": curve("atp", (0.1, 1.0), (0.0, 2.0))}
+    with typeguard.suppress_type_checks(), pytest.raises(PatchingError, match=r"needs a FaithfulnessCurve.*" + match):
+        faithfulness_curves(bad)
+
+
+def test_circuit_figures_save(tmp_path):
+    values = {Edge(head(1, 0), LOGITS): 0.25, Edge(EMBED, head(1, 1, "k", kv=True)): -1.5}
+    grouped = Circuit(GROUPED, values)
+    for index, fig in enumerate([circuit_graph(grouped, scored(GROUPED, values)),
+                                 faithfulness_curves(curve("atp", (0.1, 1.0), (0.0, 2.0)))]):  # fmt: skip
         path = tmp_path / f"figure{index}.html"
         fig.write_html(path, include_plotlyjs=False)
         assert path.stat().st_size > 0

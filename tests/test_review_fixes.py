@@ -137,9 +137,10 @@ def test_cli_dry_run_prints_the_plans_and_runs_nothing(monkeypatch, capsys, tmp_
         status = cli_module.main(["ioi", "--dry-run", "--n-prompts", "3", "--out", str(tmp_path / "report")])
     out = capsys.readouterr().out
     assert status == 0 and calls == [] and not (tmp_path / "report").exists()
-    for step in ("act_heads", "act_words at S2", "path_logits", "path_queries", "path_values", "attr_neurons"):
+    for step in ("act_heads", "act_words at S2", "path_logits", "path_queries", "path_values", "attr_neurons",
+                 "circuit, exact scores of the candidates", "circuit, faithfulness curves"):
         assert f"\n{step}" in out, step
-    assert out.count("forward passes in") == 11
+    assert out.count("forward passes in") == 13
 
 
 # Dropout

@@ -7,6 +7,7 @@ other modules are private. Importing the package installs the TransformerLens pl
 """
 
 from . import ioi as ioi
+from ._core.circuit import Circuit as Circuit
 from ._core.graph import Edge as Edge
 from ._core.graph import EdgeGraph as EdgeGraph
 from ._core.graph import EdgeScores as EdgeScores
@@ -25,12 +26,19 @@ from ._methods.ablation import zero_ablation_cache as zero_ablation_cache
 from ._methods.activation import act_patch as act_patch
 from ._methods.activation import plan_act_patch as plan_act_patch
 from ._methods.attribution import attr_patch as attr_patch
+from ._methods.circuit_discovery import confirm_edges as confirm_edges
+from ._methods.circuit_discovery import exact_edge_scores as exact_edge_scores
+from ._methods.circuits import evaluate_circuit as evaluate_circuit
+from ._methods.circuits import plan_circuit_evaluation as plan_circuit_evaluation
 from ._methods.confirmation import Confirmation as Confirmation
 from ._methods.confirmation import ConfirmedCell as ConfirmedCell
 from ._methods.confirmation import confirm as confirm
 from ._methods.path_confirmation import confirm_paths as confirm_paths
 from ._methods.edges import attr_edges as attr_edges
 from ._methods.edge_paths import attr_path_patch as attr_path_patch
+from ._methods.faithfulness import MIB_FRACTIONS as MIB_FRACTIONS
+from ._methods.faithfulness import FaithfulnessCurve as FaithfulnessCurve
+from ._methods.faithfulness import faithfulness_curve as faithfulness_curve
 from ._methods.path import path_patch as path_patch
 from ._methods.path import plan_path_patch as plan_path_patch
 from .errors import PatchingError as PatchingError
@@ -65,6 +73,9 @@ __all__ = [
     "confirm", "confirm_paths", "Confirmation", "ConfirmedCell",
     # edge attribution and the edge graph
     "attr_edges", "attr_path_patch", "GraphNode", "Edge", "EdgeGraph", "EdgeScores",
+    # circuits
+    "Circuit", "evaluate_circuit", "plan_circuit_evaluation", "faithfulness_curve", "FaithfulnessCurve",
+    "MIB_FRACTIONS", "exact_edge_scores", "confirm_edges",
     "mean_ablation_cache", "zero_ablation_cache",
     # results and errors
     "PatchResult", "PatchingError",

@@ -80,7 +80,8 @@ def settings_of(args: argparse.Namespace) -> IOISettings:
     return IOISettings(
         n_prompts=args.n_prompts, seed=args.seed, prompt_type=args.prompt_type, prepend_bos=args.prepend_bos,
         corruption=args.corruption, top_k=args.top_k, min_effect=args.min_effect, batch_size=args.batch_size,
-        top_neurons=args.top_neurons,
+        top_neurons=args.top_neurons, circuit_candidates=args.circuit_candidates,
+        circuit_faithfulness=args.circuit_faithfulness,
     )  # fmt: skip
 
 

@@ -1,8 +1,8 @@
 """Plotly figures of patching results, with axes, ticks and hover text taken from their dims.
 
 Each function takes a `PatchResult`, or the dict of them that `act_patch` and `path_patch`
-return for an `IterNode`, and returns a `plotly.graph_objects.Figure`. Nothing is shown:
-call `fig.show()` or `fig.write_html(path)`.
+return for an `IterNode` (the last two: a `Circuit` or `FaithfulnessCurve`s), and returns a
+`plotly.graph_objects.Figure`. Nothing is shown: call `fig.show()` or `fig.write_html(path)`.
 
 - `heatmap`: a 2-D result (layer on the y axis by default), one panel per entry of a dict
   with one shared colour scale, or a dict of 1-D results side by side as columns. A 3-D
@@ -12,6 +12,9 @@ call `fig.show()` or `fig.write_html(path)`.
 - `histogram`: the distribution of a result's values, one overlaid histogram per entry.
 - `estimate_vs_exact`: a `Confirmation`'s cells, estimated against exact change, with the
   diagonal where the two agree.
+- `circuit_graph`: a `Circuit`'s nodes by layer and its edges as lines, weighted and coloured
+  by `EdgeScores` when given.
+- `faithfulness_curves`: `FaithfulnessCurve`s, faithfulness against the fraction of edges kept.
 
 `tokens=` labels the `seq_pos` dim ("0: <bos>", "1: When", ...). `percent=True` shows
 normalised metrics as percentages (0.25 as 25%) on colour bars, axes and hover text.
@@ -19,11 +22,15 @@ Results with a per-prompt `batch` dim (or another dim of the metric's own output
 refused: reduce that dim or select one prompt first.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
+from ._core.circuit import Circuit
+from ._core.graph import Edge, EdgeGraph, EdgeScores, GraphNode
 from ._methods.confirmation import Confirmation
+from ._methods.faithfulness import FaithfulnessCurve
 from .errors import PatchingError
 from .results import PatchResult
 
@@ -35,7 +42,7 @@ except ImportError as error:
         "transformer_lens_patching.plots needs plotly: pip install 'transformer_lens_patching[plot]'."
     ) from error
 
-__all__ = ["estimate_vs_exact", "heatmap", "histogram", "line"]
+__all__ = ["circuit_graph", "estimate_vs_exact", "faithfulness_curves", "heatmap", "histogram", "line"]
 
 Results = PatchResult | Mapping[str, PatchResult]
 """One result, or a dict of them by component name (as returned for an IterNode)."""
@@ -46,6 +53,21 @@ ROW_PIXELS = 16
 """Height of one heatmap row (e.g. one layer), so that every row keeps its tick label."""
 EVERY_TICK = ("layer", "head", "kv_head")
 """Dims whose every coordinate gets a tick (plotly would otherwise skip some on deep models)."""
+MLP_SHIFT = 0.5
+"""How far right of its layer's heads a circuit graph draws an MLP (it reads their outputs)."""
+INPUT_OFFSET = {"q": 0.15, "k": 0.0, "v": -0.15}
+"""Where on a head's marker an edge into its query, key or value input ends (in head rows)."""
+EDGE_DASH = {"q": "solid", "k": "dash", "v": "dot", "mlp": "solid", "logits": "solid"}
+"""The line of an edge, by what its receiver reads: a head's input, an MLP or the logits."""
+WIDTH_STEPS = 6
+"""Line widths of a scored circuit graph: |score| / max |score| rounded up to this many steps."""
+MAX_WIDTH = 8.0
+"""The width in pixels of a circuit graph's strongest edges."""
+SIGN_COLOURS = {"positive": "#2166ac", "negative": "#b2182b", "unscored": "#bbbbbb"}
+"""Edge colours by the sign of the score, as the heatmaps' RdBu scale (positive blue)."""
+NODE_STYLE = {"embed": ("diamond", "#444444"), "logits": ("diamond", "#444444"), "head": ("circle", "#4d9221"),
+              "mlp": ("square", "#e08214")}  # fmt: skip
+"""Marker symbol and colour of a circuit graph's nodes, by kind."""
 
 
 def heatmap(
@@ -279,6 +301,255 @@ def estimate_vs_exact(
     fig.update_xaxes(title_text=f"estimated {value_label}", zeroline=True, **axis)
     fig.update_yaxes(title_text=f"exact {value_label}", zeroline=True, **axis)
     return fig
+
+
+def circuit_graph(circuit: Circuit, scores: EdgeScores | None = None, *, title: str | None = None) -> go.Figure:
+    """A circuit's nodes placed by layer and its edges as lines, weighted and coloured by `scores`.
+
+    The x axis is the layer: the embeddings at -1, each layer's heads at its number with the
+    MLP half a layer to their right (it reads their outputs), the logits right of the last
+    layer. Heads sit on y by head index, the MLPs above them, the embeddings and logits below.
+    Only the nodes the circuit's edges join are drawn. An edge into a head's query, key or
+    value ends at that head's marker, slightly above (q), at (k) or below (v) its centre, and
+    its line is solid (q), dashed (k) or dotted (v). On grouped-query graphs an edge into a
+    key/value head ends at each query head that shares it: one line per query head.
+
+    Without scores every edge is a grey line of one width. With `scores`, an edge's width
+    grows with its |score| (in steps, relative to the circuit's strongest edge) and its colour
+    is its sign: blue positive, red negative, grey unscored (NaN); per-prompt scores count by
+    their mean over prompts. Hovering a node names it and counts its edges (with their total
+    score); hovering the middle of a line names its edge, its score and the positions it is
+    kept at. Legend entries (by sign and input) show or hide those edges.
+
+    Args:
+        circuit: The circuit to draw.
+        scores: Edge scores of the circuit's graph (e.g. those it was chosen from).
+        title: The figure title; by default the circuit's size and the scores' method.
+
+    Raises:
+        PatchingError: For anything but a Circuit, and for scores that are not EdgeScores of
+            the circuit's graph.
+
+    >>> from transformer_lens_patching import Circuit, Edge, EdgeGraph, GraphNode
+    >>> graph = EdgeGraph(n_layers=2, n_heads=2, n_kv_heads=2, has_mlps=True)
+    >>> head = GraphNode("head", 0, head=1)
+    >>> circuit = Circuit(graph, [Edge(GraphNode("embed"), GraphNode("head", 0, head=1, input="k")),
+    ...                           Edge(head, GraphNode("logits"))])
+    >>> fig = circuit_graph(circuit)
+    >>> edges, nodes = fig.data[-2:]
+    >>> nodes.text, nodes.x, nodes.y
+    (('embed', '0.1', 'logits'), (-1.0, 0.0, 2.0), (-1.0, 1.0, -1.0))
+    >>> edges.hovertext
+    ('embed -> head 0.1 (k)', 'head 0.1 -> logits')
+    >>> circuit_graph(Circuit.from_scores(scores, 0.01), scores).show()  # doctest: +SKIP
+    """
+    if not isinstance(circuit, Circuit):
+        raise PatchingError(f"circuit_graph needs a Circuit, got {type(circuit).__name__}.")
+    graph = circuit.graph
+    values = _circuit_scores(circuit, scores)
+    lines = [line for edge in circuit.edges for line in _edge_lines(edge, graph)]
+    fig = go.Figure(_edge_traces(lines, values))
+    fig.add_trace(go.Scatter(
+        x=[(start[0] + end[0]) / 2 for _, start, end in lines], y=[(start[1] + end[1]) / 2 for _, start, end in lines],
+        hovertext=[_edge_text(edge, graph, circuit, values) for edge, _, _ in lines], mode="markers", name="edges",
+        marker={"size": 10, "color": "rgba(0,0,0,0)"}, hovertemplate="%{hovertext}<extra></extra>", showlegend=False,
+    ))  # fmt: skip
+    fig.add_trace(_node_trace(circuit, values))
+    _circuit_axes(fig, graph)
+    method = "" if scores is None else f" ({scores.method} scores)"
+    fig.update_layout(
+        title=title or f"Circuit of {len(circuit)} of {len(graph)} edges{method}",
+        hovermode="closest",
+        height=max(400, 160 + 40 * (graph.n_heads + 2)),
+        legend={"title": {"text": "edges into"}},
+    )
+    return fig
+
+
+def faithfulness_curves(
+    curves: FaithfulnessCurve | Sequence[FaithfulnessCurve],
+    *,
+    title: str | None = None,
+    log_x: bool = True,
+) -> go.Figure:
+    """Faithfulness against the fraction of edges kept, one line per curve, with dashed lines
+    at 1 (the full model) and 0 (the empty circuit); each legend entry gives the curve's CPR
+    and CMD, and hovering a point its edges kept and metric value.
+
+    Args:
+        curves: A `FaithfulnessCurve` (what `faithfulness_curve` returns), or a list of them.
+        title: The figure title; by default "Faithfulness by circuit size".
+        log_x: Put the fraction of edges on a log axis (MIB's sizes span 0.1% to 100%); a point
+            at fraction 0 is then not drawn.
+
+    Raises:
+        PatchingError: For anything but a FaithfulnessCurve or a non-empty list of them.
+
+    >>> curves = [faithfulness_curve(model, scores, clean, metric, new_input=corrupted)  # doctest: +SKIP
+    ...           for scores in (atp_scores, ig_scores)]
+    >>> fig = faithfulness_curves(curves)  # doctest: +SKIP
+    >>> [trace.name for trace in fig.data]  # doctest: +SKIP
+    ['atp: CPR 0.812, CMD 0.201', 'ig: CPR 0.845, CMD 0.172']
+    """
+    curves = _checked_curves(curves)
+    fig = go.Figure()
+    for curve in curves:
+        hover = ("%{x:~%} of the edges: %{customdata[0]} kept<br>metric %{customdata[1]:.4g}<br>"
+                 f"faithfulness %{{y:.3f}}<extra>{curve.method}</extra>")  # fmt: skip
+        fig.add_trace(go.Scatter(
+            x=list(curve.fractions), y=list(curve.faithfulness), mode="lines+markers", hovertemplate=hover,
+            name=f"{curve.method}: CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}",
+            customdata=[[count, value] for count, value in zip(curve.edge_counts, curve.values)],
+        ))  # fmt: skip
+    for level, text in ((1, "full model"), (0, "empty circuit")):
+        fig.add_hline(y=level, line={"dash": "dash", "color": "#888888", "width": 1}, annotation_text=text,
+                      annotation_position="bottom right")  # fmt: skip
+    fig.update_layout(title=title or "Faithfulness by circuit size", height=480)
+    fig.update_xaxes(title_text="fraction of edges kept", type="log" if log_x else "linear", tickformat="~%")
+    fig.update_yaxes(title_text="faithfulness")
+    return fig
+
+
+def _checked_curves(curves) -> list[FaithfulnessCurve]:
+    """A list of the curves, refusing anything but a FaithfulnessCurve or a non-empty sequence of them."""
+    if isinstance(curves, FaithfulnessCurve):
+        return [curves]
+    listed = isinstance(curves, Sequence) and not isinstance(curves, str)
+    if listed and curves and all(isinstance(curve, FaithfulnessCurve) for curve in curves):
+        return list(curves)
+    if not listed:
+        got = type(curves).__name__
+    elif not curves:
+        got = "an empty list"
+    else:
+        got = f"a list holding {type(next(c for c in curves if not isinstance(c, FaithfulnessCurve))).__name__}"
+    raise PatchingError(f"faithfulness_curves needs a FaithfulnessCurve (what faithfulness_curve returns) or a list "
+                        f"of them, got {got}.")  # fmt: skip
+
+
+def _circuit_scores(circuit: Circuit, scores: EdgeScores | None) -> dict[Edge, float]:
+    """Each kept edge's score (the mean over prompts of per-prompt scores); empty without scores."""
+    if scores is None:
+        return {}
+    if not isinstance(scores, EdgeScores):
+        raise PatchingError(f"circuit_graph's scores must be EdgeScores (e.g. from attr_edges), got "
+                            f"{type(scores).__name__}.")  # fmt: skip
+    if scores.graph != circuit.graph:
+        raise PatchingError(f"The scores are of {scores.graph!r}, the circuit of {circuit.graph!r}: pass scores of the "
+                            "circuit's own model.")  # fmt: skip
+    values = scores.scores.float()
+    values = values.mean(1) if values.ndim == 2 else values
+    return {edge: float(values[circuit.graph.index(edge)]) for edge in circuit.edges}
+
+
+def _edge_traces(lines: list[tuple], values: dict[Edge, float]) -> list[go.Scatter]:
+    """The circuit's lines, one trace per style (sign, input, width), thinnest first; segments
+    apart by None. One legend entry per sign and input."""
+    strongest = max((abs(value) for value in values.values() if not math.isnan(value)), default=0.0)
+    groups: dict[tuple[str, str, float], list[tuple]] = {}
+    for edge, start, end in lines:
+        groups.setdefault(_edge_style(edge, values.get(edge), strongest), []).append((start, end))
+    traces, named = [], set()
+    for (sign, into, width), segments in sorted(groups.items(), key=lambda item: item[0][2]):
+        name = f"{sign} → {into}" if sign else f"→ {into}"
+        traces.append(go.Scatter(
+            x=[x for start, end in segments for x in (start[0], end[0], None)],
+            y=[y for start, end in segments for y in (start[1], end[1], None)],
+            mode="lines", name=name, legendgroup=name, showlegend=name not in named, hoverinfo="skip", opacity=0.75,
+            line={"color": SIGN_COLOURS.get(sign, "#777777"), "width": width, "dash": EDGE_DASH[into]},
+        ))  # fmt: skip
+        named.add(name)
+    return traces
+
+
+def _edge_lines(edge: Edge, graph: EdgeGraph) -> list[tuple[Edge, tuple[float, float], tuple[float, float]]]:
+    """(edge, start, end) of each line drawn for an edge: one per head marker its receiver belongs to."""
+    start = _node_position(edge.sender, graph)
+    offset = INPUT_OFFSET.get(edge.receiver.input, 0.0)
+    ends = [_node_position(marker, graph) for marker in _receiver_markers(edge.receiver, graph)]
+    return [(edge, start, (x, y + offset)) for x, y in ends]
+
+
+def _edge_style(edge: Edge, value: float | None, strongest: float) -> tuple[str, str, float]:
+    """(sign, what the receiver reads, line width) of an edge; sign "" without scores."""
+    into = edge.receiver.input or edge.receiver.kind
+    if value is None:
+        return "", into, 2.0
+    if math.isnan(value):
+        return "unscored", into, MAX_WIDTH / WIDTH_STEPS
+    step = max(1, math.ceil(WIDTH_STEPS * abs(value) / strongest)) if strongest else 1
+    return ("positive" if value >= 0 else "negative"), into, MAX_WIDTH * step / WIDTH_STEPS
+
+
+def _edge_text(edge: Edge, graph: EdgeGraph, circuit: Circuit, values: dict[Edge, float]) -> str:
+    """An edge's hover text: its name, the query heads sharing a key/value head, its positions and score."""
+    text = str(edge)
+    if edge.receiver.kv_head:
+        heads = _receiver_markers(edge.receiver, graph)
+        text += f" (read by heads {heads[0].layer}.{heads[0].head}–{heads[-1].layer}.{heads[-1].head})"
+    if edge in circuit.positions:
+        text += f" at positions {list(circuit.positions[edge])}"
+    return text + (f"<br>score {values[edge]:+.4g}" if edge in values else "")
+
+
+def _receiver_markers(receiver: GraphNode, graph: EdgeGraph) -> list[GraphNode]:
+    """The markers an edge into `receiver` ends at: its head (each query head sharing a
+    key/value head), its MLP, the logits."""
+    if receiver.kind != "head":
+        return [receiver]
+    if not receiver.kv_head:
+        return [GraphNode("head", receiver.layer, head=receiver.head)]
+    group = graph.n_heads // graph.n_kv_heads
+    heads = range(receiver.head * group, (receiver.head + 1) * group)
+    return [GraphNode("head", receiver.layer, head=head) for head in heads]
+
+
+def _node_position(node: GraphNode, graph: EdgeGraph) -> tuple[float, float]:
+    """(x, y) of a marker: a head at (layer, head), an MLP at (layer + MLP_SHIFT, n_heads), the
+    embeddings at (-1, -1) and the logits at (n_layers, -1)."""
+    if node.kind in ("embed", "logits"):
+        return (-1.0 if node.kind == "embed" else float(graph.n_layers), -1.0)
+    if node.kind == "mlp":
+        return (node.layer + MLP_SHIFT, float(graph.n_heads))
+    return (float(node.layer), float(node.head))
+
+
+def _node_trace(circuit: Circuit, values: dict[Edge, float]) -> go.Scatter:
+    """The markers of the nodes the circuit's edges join, in forward order, with their edge counts."""
+    ins: dict[GraphNode, list[Edge]] = {}
+    outs: dict[GraphNode, list[Edge]] = {}
+    for edge in circuit.edges:
+        outs.setdefault(edge.sender, []).append(edge)
+        for marker in _receiver_markers(edge.receiver, circuit.graph):
+            ins.setdefault(marker, []).append(edge)
+    nodes = sorted(set(ins) | set(outs))
+    texts = []
+    for node in nodes:
+        counts = []
+        for word, edges in (("in", ins.get(node, [])), ("out", outs.get(node, []))):
+            total = f" (score {sum(values[edge] for edge in edges):+.4g})" if values and edges else ""
+            counts.append(f"{len(edges)} edge{'' if len(edges) == 1 else 's'} {word}{total}")
+        texts.append(f"{node}<br>{', '.join(counts)}")
+    positions = [_node_position(node, circuit.graph) for node in nodes]
+    return go.Scatter(
+        x=[x for x, _ in positions], y=[y for _, y in positions], mode="markers+text", name="nodes",
+        text=[f"{n.layer}.{n.head}" if n.kind == "head" else str(n) for n in nodes], textposition="top center",
+        hovertext=texts, hovertemplate="%{hovertext}<extra></extra>", showlegend=False,
+        marker={"size": 16, "symbol": [NODE_STYLE[n.kind][0] for n in nodes],
+                "color": [NODE_STYLE[n.kind][1] for n in nodes], "line": {"width": 1, "color": "white"}},
+    )  # fmt: skip
+
+
+def _circuit_axes(fig: go.Figure, graph: EdgeGraph) -> None:
+    """Layer ticks on x (embed, 0, 1, ..., logits), head and MLP rows on y."""
+    layers = list(range(graph.n_layers))
+    fig.update_xaxes(title_text="layer", tickmode="array", tickvals=[-1, *layers, graph.n_layers],
+                     ticktext=["embed", *map(str, layers), "logits"], range=[-1.5, graph.n_layers + 0.5],
+                     zeroline=False)  # fmt: skip
+    rows = list(range(graph.n_heads)) + ([graph.n_heads] if graph.has_mlps else [])
+    fig.update_yaxes(title_text="head", tickmode="array", tickvals=rows, zeroline=False,
+                     ticktext=[f"head {row}" if row < graph.n_heads else "mlp" for row in rows],
+                     range=[-1.6, graph.n_heads + 0.6])  # fmt: skip
 
 
 def _checked(results, function: str) -> dict[str, PatchResult]:

@@ -2,8 +2,9 @@
 
 `PatchingMixin` holds the methods TransformerLens models gain (`model.act_patch(...)`,
 `model.path_patch(...)`, `model.attr_patch(...)`, `model.confirm(...)`, `model.attr_edges(...)`,
-`model.attr_path_patch(...)`, `model.confirm_paths(...)`, `model.plan_act_patch(...)`,
-`model.plan_path_patch(...)`);
+`model.attr_path_patch(...)`, `model.confirm_paths(...)`, `model.evaluate_circuit(...)`,
+`model.faithfulness_curve(...)`, `model.exact_edge_scores(...)`, `model.confirm_edges(...)`,
+`model.plan_act_patch(...)`, `model.plan_path_patch(...)`, `model.plan_circuit_evaluation(...)`);
 `CachePatchingMixin` those ActivationCache gains (`cache[Node(...)]`, `cache.zero_ablated()`,
 `cache.mean_ablated(groups)`). `install()` sets them on TransformerLens' classes.
 
@@ -27,9 +28,12 @@ from ._core.sites import resolve_layer, resolve_node
 from ._methods.ablation import mean_ablation_cache, zero_ablation_cache
 from ._methods.activation import act_patch, plan_act_patch
 from ._methods.attribution import attr_patch
+from ._methods.circuit_discovery import confirm_edges, exact_edge_scores
+from ._methods.circuits import evaluate_circuit, plan_circuit_evaluation
 from ._methods.confirmation import confirm
 from ._methods.edge_paths import attr_path_patch
 from ._methods.edges import attr_edges
+from ._methods.faithfulness import faithfulness_curve
 from ._methods.path import path_patch, plan_path_patch
 from ._methods.path_confirmation import confirm_paths
 from .errors import PatchingError
@@ -65,6 +69,11 @@ class PatchingMixin:
     attr_path_patch = _method_of(attr_path_patch)
     plan_act_patch = _method_of(plan_act_patch)
     plan_path_patch = _method_of(plan_path_patch)
+    evaluate_circuit = _method_of(evaluate_circuit)
+    plan_circuit_evaluation = _method_of(plan_circuit_evaluation)
+    faithfulness_curve = _method_of(faithfulness_curve)
+    exact_edge_scores = _method_of(exact_edge_scores)
+    confirm_edges = _method_of(confirm_edges)
 
 
 def node_slice(cache, node: Node) -> torch.Tensor:

@@ -186,6 +186,10 @@ class EdgeGraph:
     receivers: tuple[GraphNode, ...] = field(init=False, repr=False, compare=False)
     edges: tuple[Edge, ...] = field(init=False, repr=False, compare=False)
     _positions: dict = field(init=False, repr=False, compare=False)
+    edge_senders: torch.Tensor = field(init=False, repr=False, compare=False)
+    """(n_edges,) each edge's sender, as its index in `senders`."""
+    edge_receivers: torch.Tensor = field(init=False, repr=False, compare=False)
+    """(n_edges,) each edge's receiver, as its index in `receivers`."""
 
     def __post_init__(self):
         for name in ("n_layers", "n_heads", "n_kv_heads"):
@@ -210,6 +214,10 @@ class EdgeGraph:
         object.__setattr__(self, "receivers", tuple(receivers))
         object.__setattr__(self, "edges", edges)
         object.__setattr__(self, "_positions", {edge: i for i, edge in enumerate(edges)})
+        sender_row = {node: i for i, node in enumerate(senders)}
+        receiver_row = {node: i for i, node in enumerate(receivers)}
+        object.__setattr__(self, "edge_senders", torch.tensor([sender_row[e.sender] for e in edges]))
+        object.__setattr__(self, "edge_receivers", torch.tensor([receiver_row[e.receiver] for e in edges]))
 
     @classmethod
     def of(cls, model) -> "EdgeGraph":
@@ -290,14 +298,13 @@ class EdgeScores:
         """The score of `edge`: a 0-d tensor, or `(batch,)` for a per-prompt metric."""
         return self.scores[self.graph.index(edge)]
 
-    def top(self, n: int) -> list[Edge]:
-        """The `n` edges of largest |score| (for per-prompt scores, of largest |mean over
-        prompts|), strongest first; ties keep the graph's order."""
+    def top(self, n: int, absolute: bool = True) -> list[Edge]:
+        """The `n` strongest edges, strongest first: largest |score| (for per-prompt scores,
+        of the mean over prompts), or with `absolute=False` the most negative scores; ties
+        keep the graph's order and unscored edges (NaN) come last."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise PatchingError(f"top(n) needs an int n >= 0, got {n!r}.")
-        strength = (self.scores.mean(1) if self.per_prompt else self.scores).abs().float()
-        order = torch.sort(strength, descending=True, stable=True).indices[:n]
-        return [self.graph.edges[i] for i in order.tolist()]
+        return ranked_edges(self, absolute)[:n]
 
     def to_frame(self):
         """A pandas DataFrame, one row per edge (per edge and prompt for per-prompt scores):
@@ -390,3 +397,16 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"unknown dtype {name!r}")
     return dtype
+
+
+def ranked_edges(scores: EdgeScores, absolute: bool = True) -> list[Edge]:
+    """Every edge of `scores`, strongest first (see `EdgeScores.top`)."""
+    return [scores.graph.edges[i] for i in ranked_indices(scores, absolute).tolist()]
+
+
+def ranked_indices(scores: EdgeScores, absolute: bool = True) -> torch.Tensor:
+    """The graph positions of `ranked_edges`."""
+    values = scores.scores.float()
+    values = values.mean(1) if values.ndim == 2 else values
+    strength = torch.nan_to_num(values.abs() if absolute else -values, nan=-math.inf)
+    return torch.sort(strength, descending=True, stable=True).indices

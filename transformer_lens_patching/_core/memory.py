@@ -34,6 +34,7 @@ def variants_per_pass(
     max_memory: int | None,
     metric_reads_cache: bool = False,
     logits_per_prompt: int | None = None,
+    extra_floats_per_token: int = 0,
 ) -> int:
     """How many variants to stack in one forward pass.
 
@@ -43,7 +44,9 @@ def variants_per_pass(
     stacked copy's largest per-layer activations with the copies hooks make, and its
     logits twice (the unembedding's product and its bias sum are alive together):
     `logits_per_prompt` of them per prompt (default: every position's full vocabulary).
-    On CPUs, at most `CPU_PROMPTS_PER_PASS` prompts are stacked.
+    On CPUs, at most `CPU_PROMPTS_PER_PASS` prompts are stacked. `extra_floats_per_token`
+    counts what a method keeps per token and variant besides (circuit evaluation: every
+    sender's output change and every per-head input copy).
     """
     check_chunk_args(batch_size, max_memory)
     if batch_size is not None:
@@ -55,7 +58,7 @@ def variants_per_pass(
     batch, seq_len = tokens.shape
     if logits_per_prompt is None:
         logits_per_prompt = seq_len * shape.d_vocab
-    floats_per_token = 6 * shape.d_model + 3 * shape.d_mlp + 3 * shape.n_heads * seq_len
+    floats_per_token = 6 * shape.d_model + 3 * shape.d_mlp + 3 * shape.n_heads * seq_len + extra_floats_per_token
     per_variant = 4 * batch * (seq_len * floats_per_token + 2 * logits_per_prompt)
     fitting = max_memory // per_variant
     if tokens.device.type == "cpu":

@@ -104,7 +104,7 @@ class PatchPlan:
     """
 
     method: str
-    """`act_patch` or `path_patch`."""
+    """`act_patch`, `path_patch` or `evaluate_circuit`."""
     description: tuple[tuple[str, str], ...]
     """(label, text) lines saying what is patched, from where, into what, and how it is measured."""
     n_cells: int

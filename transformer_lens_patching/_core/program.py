@@ -115,6 +115,16 @@ class PatchProgram:
 
         self._add(hook_name, step)
 
+    def visit(self, hook_name: str, row_start: int, fn: Callable[[torch.Tensor], None]) -> None:
+        """Call `fn` on one variant's rows at `hook_name` (a view: `fn` may read them, or change
+        them in place). Circuit evaluation reads senders' outputs and edits receivers' inputs so."""
+        batch = self.batch
+
+        def step(out: torch.Tensor) -> None:
+            fn(out[row_start : row_start + batch])
+
+        self._add(hook_name, step)
+
     def differentiate(self, hook_name: str, store: dict) -> None:
         """Add zeros that require grad to the activation at `hook_name` and keep them in
         `store[hook_name]`: the gradient of what the pass computes with respect to them is

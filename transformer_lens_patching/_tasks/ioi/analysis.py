@@ -5,8 +5,10 @@ every head and every residual-stream position (denoising), path-patches every he
 the logits (noising), and then follows the circuit back: into the queries of the heads
 that step found (the name movers), and into the values of the heads that feed those
 queries (the S-inhibition heads). Heads are chosen from the results, never from a list.
-Last, it screens every MLP neuron with attribution patching and patches the strongest
-exactly (`confirm`): exact sweeps of every neuron would take thousands of times longer.
+It screens every MLP neuron with attribution patching and patches the strongest exactly
+(`confirm`): exact sweeps of every neuron would take thousands of times longer. Last, it
+scores every edge, evaluates circuits of growing size exactly and picks one
+(`circuit_step`).
 """
 
 import contextlib
@@ -29,6 +31,8 @@ from ..._methods.path import plan_path_patch
 from ...errors import PatchingError
 from ...metrics import LogitDiff, calibrate, denoising_metric, noising_metric
 from ...results import PatchResult
+from . import circuit_step
+from .circuit_step import CircuitFinding
 from .dataset import IOIDataset
 
 WORDS = ("S1", "S1+1", "IO", "punct", "S2", "end")
@@ -46,7 +50,7 @@ SCREEN_PASSES = 4
 """The neuron screen's work in forward passes of the prompts, for the time estimate: the
 clean run patched from, and the corrupted run's forward and backward pass (a backward
 costs about two forwards)."""
-STEP_KEYS = ("act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons")
+STEP_KEYS = ("act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons", "circuit")
 """The steps of the analysis that patch, in the order they run (after the logit differences)."""
 STEP_COUNT = 1 + len(STEP_KEYS)
 """Steps as the progress headers count them: the logit differences, then `STEP_KEYS`."""
@@ -71,6 +75,9 @@ class IOISettings:
         batch_size: Variants per forward pass (None: automatic).
         top_neurons: The MLP neurons the neuron step patches exactly: those whose effect
             attribution patching estimates largest in size.
+        circuit_candidates: The edges the circuit step scores exactly: the strongest by EAP-IG.
+        circuit_faithfulness: The faithfulness the circuit step's circuit must reach: it is the
+            smallest of MIB's circuit sizes that does, on the best ranking.
     """
 
     n_prompts: int = 8
@@ -82,6 +89,8 @@ class IOISettings:
     min_effect: float = 0.05
     batch_size: int | None = None
     top_neurons: int = 20
+    circuit_candidates: int = 50
+    circuit_faithfulness: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,8 @@ class Step:
     seconds: float = 0.0
     confirmation: Confirmation | None = None
     """For the neuron step: the strongest neurons by estimate, each patched exactly."""
+    circuit: CircuitFinding | None = None
+    """For the circuit step: the faithfulness curves and the circuit found."""
 
 
 @dataclass
@@ -232,9 +243,10 @@ class _Plans:
         return [TopHead(last, head, 0.0) for head in range(min(top_k, self.shape.n_heads))]
 
 
-def _all_plans(plans: _Plans, metric, top_k: int, top_neurons: int) -> list[tuple[str, PatchPlan]]:
+def _all_plans(plans: _Plans, metric, top_k: int, top_neurons: int, circuit_candidates: int
+               ) -> list[tuple[str, PatchPlan]]:  # fmt: skip
     """(step, plan) of every patching call, the later path steps and the neurons' confirmation
-    at their upper bound (the neuron screen has no plan: see `SCREEN_PASSES`)."""
+    at their upper bound (the neuron and edge screens have no plan: see `SCREEN_PASSES`)."""
     steps = [("act_heads", plans.heads(metric))]
     steps += [(f"act_words at {word}", plan) for word, plan in plans.words(metric).items()]
     steps.append(("path_logits", plans.into_logits(metric)))
@@ -246,6 +258,9 @@ def _all_plans(plans: _Plans, metric, top_k: int, top_neurons: int) -> list[tupl
     if plans.shape.has_mlps:
         plan = plans.upper_bound_confirmation(metric, top_neurons)
         steps.append(("attr_neurons, exact patching of the strongest (at most: neurons in the first layer)", plan))
+    if circuit_step.supported(plans.model):
+        steps += circuit_step.circuit_plans(plans.model, plans.clean, plans.corrupted, metric, circuit_candidates,
+                                            plans.options["batch_size"])  # fmt: skip
     return steps
 
 
@@ -397,6 +412,23 @@ class _Experiment:
         )
         self.record(Step("attr_neurons", title, description, estimates, confirmation=confirmation), began)
 
+    def circuit(self, logit_diff) -> None:
+        """Every edge scored, circuits of growing size evaluated exactly, one picked."""
+        settings, graph_size = self.settings, len(circuit_step.EdgeGraph.of(self.plans.model))
+        title = "Circuit: every edge scored, circuits evaluated exactly"
+        self.header(f"edge attribution of {graph_size:,} edges, exact scores of the {settings.circuit_candidates} "
+                    f"strongest, faithfulness curves of {len(circuit_step.METHODS)} rankings")  # fmt: skip
+        began = time.perf_counter()
+        if not circuit_step.supported(self.plans.model):
+            self.record(Step("circuit", title, "Skipped: this model has no per-head q/k/v input hooks (a "
+                             "TransformerBridge from boot_native), which circuit evaluation edits.", {}), began)
+            return
+        finding = circuit_step.find_circuit(self.plans.model, self.plans.clean, self.plans.corrupted, logit_diff,
+                                            settings.circuit_candidates, settings.circuit_faithfulness,
+                                            self.plans.options["batch_size"])  # fmt: skip
+        description = circuit_step.describe(finding, graph_size)
+        self.record(Step("circuit", title, description, {}, circuit=finding), began)
+
 
 def _confirmation_line(confirmation: Confirmation) -> str:
     """'strongest exactly: L3 N1234 (+4.0%), ...; Spearman 0.85 between estimate and exact, top-10 overlap 8 of 10'."""
@@ -429,7 +461,8 @@ def plan_ioi(model, settings: IOISettings = IOISettings()) -> list[tuple[str, Pa
     """
     dataset, corrupted = _datasets(model, settings)
     metric = LogitDiff(dataset.answers, dataset.word_idx["end"])
-    return _all_plans(_Plans(model, dataset, corrupted, settings.batch_size), metric, settings.top_k, settings.top_neurons)
+    return _all_plans(_Plans(model, dataset, corrupted, settings.batch_size), metric, settings.top_k, settings.top_neurons,
+                      settings.circuit_candidates)  # fmt: skip
 
 
 def versions() -> dict[str, str]:
@@ -518,22 +551,27 @@ def run_ioi(
     inhibitors = experiment.into_heads(movers, "q", "path_queries", "the name movers' queries", "S-inhibition heads")
     experiment.into_heads(inhibitors, "v", "path_values", "the S-inhibition heads' values", "heads writing into them")
     experiment.neurons()
+    experiment.circuit(logit_diff)
     analysis.seconds = time.perf_counter() - start
     return analysis
 
 
-def screen_layer_evaluations(shape) -> int:
-    """The neuron screen's work in layer evaluations (`SCREEN_PASSES` passes of every layer);
-    none for a model without MLPs, whose neuron step is skipped."""
-    return SCREEN_PASSES * shape.n_layers if shape.has_mlps else 0
+def screen_layer_evaluations(model) -> int:
+    """The neuron and edge screens' work in layer evaluations (`SCREEN_PASSES` and
+    `circuit_step.SCREEN_PASSES` passes of every layer); none for a step that is skipped
+    (the neuron step on a model without MLPs, the circuit step without per-head inputs)."""
+    shape = _tl.model_shape(model)
+    neurons = SCREEN_PASSES if shape.has_mlps else 0
+    edges = circuit_step.SCREEN_PASSES if circuit_step.supported(model) else 0
+    return (neurons + edges) * shape.n_layers
 
 
 def _estimate(plans: _Plans, metric, settings: IOISettings, tokens: torch.Tensor, log: Callable) -> float:
     """The patching steps' time: the plans' work in layer evaluations, and the neuron screen's,
     times one layer's measured time (the later path steps and the neurons' exact patching at
     their upper bound); logged, and returned in seconds."""
-    steps = _all_plans(plans, metric, settings.top_k, settings.top_neurons)
-    work = sum(plan.layer_evaluations for _, plan in steps) + screen_layer_evaluations(plans.shape)
+    steps = _all_plans(plans, metric, settings.top_k, settings.top_neurons, settings.circuit_candidates)
+    work = sum(plan.layer_evaluations for _, plan in steps) + screen_layer_evaluations(plans.model)
     stacked = max(plan.variants_per_pass for _, plan in steps)
     per_layer = _seconds_per_layer(plans.model, tokens, stacked)
     seconds = work * per_layer

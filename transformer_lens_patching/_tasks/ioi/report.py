@@ -14,13 +14,19 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..._core.circuit import Circuit
 from ..._methods.confirmation import Confirmation
 from .analysis import IOIAnalysis, Step
+from .circuit_step import METHODS, CircuitFinding
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 REPORT, JSON, CSV = "report.html", "results.json", "results.csv"
+PATH_STEPS = ("path_logits", "path_queries", "path_values")
+"""The path-patching steps whose heads the circuit section looks up in the circuit."""
+SHOWN_EDGES = 40
+"""The circuit's strongest edges drawn and listed in the report (results.json has them all)."""
 CSV_DIMS = ("seq_pos", "layer", "head", "kv_head", "neuron")
 """The dim columns of the CSV file (empty where a result has no such dim)."""
 EXACT = "exact"
@@ -106,10 +112,12 @@ def report_html(analysis: IOIAnalysis) -> str:
     for step in analysis.steps:
         sections.append(
             f'<h2 id="{step.key}">{html.escape(step.title)}</h2>'
-            f"<p>{html.escape(step.description)}" + (f" ({step.seconds:.0f} s)</p>" if step.results else "</p>")
+            f"<p>{html.escape(step.description)}"
+            + (f" ({step.seconds:.0f} s)</p>" if step.results or step.circuit else "</p>")
             + _top_table(step)
             + (_confirmation_section(step.confirmation, analysis) if step.confirmation is not None else "")
             + (_figure(step_figure(step), step.key) if step.results else "")
+            + (_circuit_section(step.circuit, analysis) if step.circuit is not None else "")
         )
     title = f"IOI circuit analysis: {html.escape(analysis.model_name)}"
     return (
@@ -230,6 +238,79 @@ def _confirmation_section(confirmation: Confirmation, analysis: IOIAnalysis) -> 
     )
 
 
+def _shown(finding: CircuitFinding) -> Circuit:
+    """The circuit's `SHOWN_EDGES` strongest edges by the scores that chose them."""
+    scores = finding.scores[finding.chosen]
+    strongest = [edge for edge in scores.top(len(scores.graph)) if edge in finding.circuit][:SHOWN_EDGES]
+    return Circuit(finding.circuit.graph, strongest)
+
+
+def named_heads(analysis: IOIAnalysis) -> list[tuple[str, object]]:
+    """(role, head) of every head the path-patching steps named."""
+    return [(role, head) for step in analysis.steps if step.key in PATH_STEPS for role, heads in step.top.items()
+            for head in heads]  # fmt: skip
+
+
+def _circuit_section(finding: CircuitFinding, analysis: IOIAnalysis) -> str:
+    """The curves and their areas, the circuit (figure and strongest edges), and which named heads it holds."""
+    from ... import plots
+
+    sizes = finding.curves[0].fractions
+    header = "".join(f"<th>{f:g}</th>" for f in sizes)
+    rows = "".join(
+        f"<tr><td>{html.escape(method)}</td><td>{curve.cpr:.3f}</td><td>{curve.cmd:.3f}</td>"
+        + "".join(f"<td>{f:.3f}</td>" for f in curve.faithfulness) + "</tr>"
+        for method, curve in zip(METHODS, finding.curves)
+    )  # fmt: skip
+    shown = _shown(finding)
+    scores = finding.scores[finding.chosen]
+    edges = "".join(
+        f"<tr><td>{html.escape(str(edge.sender))}</td><td>{html.escape(str(edge.receiver))}</td>"
+        f"<td>{float(scores.score(edge)):+.4f}</td></tr>"
+        for edge in sorted(shown, key=lambda edge: -abs(float(scores.score(edge))))
+    )
+    kept = set(finding.circuit.heads)
+    heads = "".join(
+        f"<tr><td>{html.escape(role)}</td><td>{head.layer}.{head.head}</td>"
+        f"<td>{'yes' if (head.layer, head.head) in kept else 'no'}</td></tr>"
+        for role, head in named_heads(analysis)
+    )
+    curves = plots.faithfulness_curves(list(finding.curves), title="Faithfulness of each ranking's circuits")
+    graph = plots.circuit_graph(shown, scores, title=f"The circuit's {len(shown)} strongest of {len(finding.circuit):,} "
+                                f"edges ({finding.method} scores)")  # fmt: skip
+    return (
+        "<h3>Faithfulness</h3><table id=\"faithfulness\"><tr><th>ranking</th><th>CPR</th><th>CMD</th>"
+        f"{header}</tr>{rows}</table>" + _figure(curves, "faithfulness")
+        + f"<h3>The circuit</h3><p>{len(finding.circuit):,} of {len(finding.circuit.graph):,} edges from the "
+        f"{html.escape(finding.method)} ranking, faithfulness <b>{finding.faithfulness:.3f}</b>; its "
+        f"{len(shown)} strongest edges:</p>" + _figure(graph, "circuit-graph")
+        + f"<table id=\"circuit-edges\"><tr><th>sender</th><th>receiver</th><th>score</th></tr>{edges}</table>"
+        + "<h3>Heads named by path patching</h3><p>Whether each head the path-patching steps named writes into "
+        "the circuit (its output is the sender of an edge in it).</p>"
+        + f"<table id=\"named-heads\"><tr><th>role</th><th>head</th><th>in the circuit</th></tr>{heads}</table>"
+    )  # fmt: skip
+
+
+def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
+    """A CircuitFinding as plain JSON values: the curves, the circuit's edges and the named heads' membership."""
+    kept = set(finding.circuit.heads)
+    return {
+        "curves": [
+            {"ranking": method, "method": c.method, "fractions": list(c.fractions), "edges": list(c.edge_counts),
+             "metric": list(c.values), "faithfulness": list(c.faithfulness), "full": c.full, "empty": c.empty,
+             "cpr": c.cpr, "cmd": c.cmd}
+            for method, c in zip(METHODS, finding.curves)
+        ],
+        "ranking": finding.method,
+        "candidates": finding.candidates,
+        "target": finding.target,
+        "faithfulness": finding.faithfulness,
+        "circuit": json.loads(finding.circuit.to_json()),
+        "named_heads": [{"role": role, "layer": head.layer, "head": head.head, "in_circuit": (head.layer, head.head) in kept}
+                        for role, head in named_heads(analysis)],
+    }  # fmt: skip
+
+
 def _number(value: float) -> str:
     return "undefined" if math.isnan(value) else f"{value:.2f}"
 
@@ -279,6 +360,7 @@ def as_json(analysis: IOIAnalysis) -> dict:
                     for name, r in step.results.items()
                 },
                 **({"confirmation": _confirmation_json(step.confirmation)} if step.confirmation is not None else {}),
+                **({"circuit": _circuit_json(step.circuit, analysis)} if step.circuit is not None else {}),
             }
             for step in analysis.steps
         ],

@@ -1,0 +1,363 @@
+"""Circuit benchmark: scoring GPT-2 small's edge graph, and a 50-point faithfulness curve
+evaluated stacked against one circuit at a time and against auto-circuit, in one process.
+
+    python benchmarks/circuits.py            # GPT-2-small shape (random weights), median of 3
+    python benchmarks/circuits.py --tiny     # small shapes, one repeat: a smoke test
+    python benchmarks/circuits.py --sections auto_circuit   # where auto-circuit (TransformerLens 2.x) is installed
+
+Every time is the median wall time over the repeats, and every ratio is of two times
+measured in this process. The circuits are the strongest edges of `attr_edges` (EAP)
+scores at 50 sizes, geometric from 0.1% to 100% of the graph's edges, pruned; each curve
+also evaluates the full and the empty circuit, so 52 circuits in all. Each comparison
+also checks that both sides give the same metric values, and the script exits 1 where
+they differ by more than `TOLERANCE` of |full - empty|.
+"""
+
+import argparse
+import functools
+import importlib.metadata
+import itertools
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+from transformer_lens_patching import (
+    Circuit,
+    EdgeGraph,
+    LogitDiff,
+    attr_edges,
+    evaluate_circuit,
+    faithfulness_curve,
+    plan_circuit_evaluation,
+)
+
+SHAPES = {
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "batch": 8, "seq_len": 15},
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "batch": 2, "seq_len": 6},
+}
+"""The GPT-2-small shape (12 layers, 12 heads, d_model 768, d_mlp 3072) and the smoke test's."""
+SECTIONS = ("edges", "curve", "auto_circuit")
+POINTS = 50
+TOLERANCE = 1e-4
+"""The largest difference between two evaluations of the same circuits, as a fraction of |full - empty|."""
+ANSWERS = (5, 6)
+"""The two tokens whose logit difference at the last position is the metric."""
+
+
+@dataclass
+class Setup:
+    """A model, its inputs and the metric, as every measurement sees them; the EAP scores once computed."""
+
+    model: object
+    orig: torch.Tensor
+    new: torch.Tensor
+    metric: LogitDiff
+    scores: object = field(default=None)
+
+    def edge_scores(self):
+        """attr_edges (EAP) of the whole graph, computed on first use."""
+        if self.scores is None:
+            self.scores = attr_edges(self.model, self.orig, self.metric, new_input=self.new)
+        return self.scores
+
+
+def inputs(shape: str) -> tuple[torch.Tensor, torch.Tensor, LogitDiff]:
+    """8 (or 2) prompt pairs of 15 (or 6) random tokens, orig and new, and the logit-difference metric."""
+    batch, seq_len = SHAPES[shape]["batch"], SHAPES[shape]["seq_len"]
+    generator = torch.Generator().manual_seed(0)
+    orig = torch.randint(100, 20000, (batch, seq_len), generator=generator)
+    new = torch.randint(100, 20000, (batch, seq_len), generator=generator)
+    return orig, new, LogitDiff(torch.tensor([ANSWERS] * batch))
+
+
+def build(shape: str) -> Setup:
+    """A random GPT-2-shaped TransformerBridge (vocabulary 50257) and its inputs."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from transformer_lens_patching._embedded import hf_folder
+
+    size = {key: value for key, value in SHAPES[shape].items() if key.startswith("n_")}
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **size)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder()))
+    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device="cpu")
+    model.enable_compatibility_mode()
+    return Setup(model, *inputs(shape))
+
+
+def sizes(points: int) -> list[float]:
+    """`points` fractions of the graph's edges, geometric from 0.001 to 1."""
+    return [0.001 ** (1 - index / (points - 1)) for index in range(points)]
+
+
+def timed(function: Callable, repeats: int) -> float:
+    """The median wall time of `function` over `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class Row:
+    """One line of the table: a time (ours), optionally against a baseline's, and how both agree."""
+
+    name: str
+    ours: float | None
+    baseline: float | None
+    how: str
+    gap: float | None = None
+    """The largest difference of the two sides' metric values, over |full - empty|."""
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.ours is None or self.baseline is None else self.baseline / self.ours
+
+    @property
+    def passed(self) -> bool:
+        return self.gap is None or self.gap <= TOLERANCE
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g} s" if value < 1000 else f"{value:,.0f} s"
+
+
+def print_table(rows: list[Row]) -> None:
+    """The table in Markdown, then how each row was measured."""
+    print("\n| measurement | ours | baseline | ratio (baseline / ours) | values agree |\n|---|---|---|---|---|")
+    for row in rows:
+        ratio = "-" if row.ratio is None else f"**{row.ratio:,.1f}x**"
+        agree = "-" if row.gap is None else ("yes" if row.passed else "**no**") + f" ({row.gap:.1e})"
+        print(f"| {row.name} | {_seconds(row.ours)} | {_seconds(row.baseline)} | {ratio} | {agree} |")
+    print()
+    for index, row in enumerate(rows, 1):
+        print(f"{index}. {row.name}: {row.how}")
+
+
+def edge_rows(s: Setup, repeats: int) -> list[Row]:
+    """The size of the model's edge graph and the time attr_edges (EAP) takes to score all of it."""
+    graph = EdgeGraph.of(s.model)
+
+    def score():
+        s.scores = attr_edges(s.model, s.orig, s.metric, new_input=s.new)
+
+    seconds = timed(score, repeats)
+    return [Row(f"attr_edges EAP, the whole edge graph ({len(graph)} edges)", seconds, None,
+                f"`len(EdgeGraph.of(model))` = {len(graph)} edges; attr_edges from the tokens (it runs the new input "
+                "itself), LogitDiff object.")]  # fmt: skip
+
+
+def _gap(ours: list[float], theirs: list[float], full: float, empty: float) -> float:
+    """The largest difference of two lists of metric values, over |full - empty|."""
+    difference = (torch.tensor(ours, dtype=torch.float64) - torch.tensor(theirs, dtype=torch.float64)).abs().max()
+    return float(difference / abs(full - empty))
+
+
+def curve_rows(s: Setup, repeats: int, points: int) -> list[Row]:
+    """faithfulness_curve at `points` sizes (stacked) against one evaluate_circuit call per circuit."""
+    model, scores = s.model, s.edge_scores()
+    new_cache = _new_cache(s)
+
+    def stacked():
+        return faithfulness_curve(model, scores, s.orig, s.metric, new_input=s.new, sizes=sizes(points))
+
+    curve = stacked()
+    circuits = [*curve.circuits, Circuit.full(scores.graph), Circuit.empty(scores.graph)]
+
+    def one_at_a_time():
+        return [float(evaluate_circuit(model, c, s.orig, s.metric, new_cache=new_cache).mean()) for c in circuits]
+
+    gap = _gap([*curve.values, curve.full, curve.empty], one_at_a_time(), curve.full, curve.empty)
+    ours = timed(stacked, repeats)
+    baseline = timed(one_at_a_time, repeats)
+    plan = plan_circuit_evaluation(model, circuits, s.orig, s.metric, new_input=s.new)
+    passes = len(plan.passes)
+    passes_text = f"{passes} forward pass{'' if passes == 1 else 'es'}"
+    counts = curve.edge_counts
+    how = (f"faithfulness_curve from the tokens at {points} sizes geometric from 0.1% to 100% of the edges, "
+           f"pruned ({min(counts)} to {max(counts)} edges kept), plus the full and the empty circuit: "
+           f"{len(circuits)} circuits x {s.orig.shape[0]} prompts stacked in {passes_text} "
+           f"(`len(plan_circuit_evaluation(...).passes)`, at most {plan.variants_per_pass} circuits a pass) and one "
+           f"run of the new input; against one `evaluate_circuit` call per circuit, each one forward pass, given the "
+           f"new run's cache (computed once, not timed). Largest difference of the two sides' {len(circuits)} "
+           f"metric values {gap:.1e} of |full - empty| (CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}).")  # fmt: skip
+    return [Row(f"faithfulness_curve, {points} sizes + full + empty, stacked ({passes_text}) vs one "
+                "evaluate_circuit per circuit", ours, baseline, how, gap)]  # fmt: skip
+
+
+def _new_cache(s: Setup):
+    with torch.no_grad():
+        return s.model.run_with_cache(s.new)[1]
+
+
+def auto_circuit_rows(shape: str, repeats: int, points: int) -> list[Row]:
+    """The same curve evaluated by auto-circuit, where it imports (it needs TransformerLens' HookedTransformer,
+    which TransformerLens 4 removed); otherwise a row saying why not."""
+    try:
+        import auto_circuit  # noqa: F401
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError as error:
+        return [Row("auto-circuit: not installed", None, None, f"`import auto_circuit` failed: {error}")]
+    return [AutoCircuitComparison(shape, points).row(repeats)]
+
+
+class AutoCircuitComparison:
+    """Two random GPT-2-shaped HookedTransformers with the same weights: this library's curve on one,
+    auto-circuit's `run_circuits` of the same circuits (tree patching, resample ablation) on the other."""
+
+    def __init__(self, shape: str, points: int):
+        from auto_circuit import prune
+        from auto_circuit.data import PromptDataLoader, PromptDataset
+        from auto_circuit.utils.graph_utils import patchable_model
+        from transformer_lens import HookedTransformer
+
+        prune.tqdm = functools.partial(prune.tqdm, disable=True)
+        self.model = HookedTransformer(_hooked_config(shape)).eval()
+        theirs = HookedTransformer(_hooked_config(shape)).eval()
+        theirs.load_state_dict(self.model.state_dict())
+        theirs.set_use_attn_result(True)
+        theirs.set_use_split_qkv_input(True)
+        theirs.set_use_hook_mlp_in(True)
+        self.patchable = patchable_model(theirs, factorized=True, slice_output="last_seq", separate_qkv=True,
+                                         device=torch.device("cpu"))  # fmt: skip
+        self.orig, self.new, self.metric = inputs(shape)
+        batch = self.orig.shape[0]
+        dataset = PromptDataset(self.orig, self.new, [torch.tensor([ANSWERS[0]])] * batch,
+                                [torch.tensor([ANSWERS[1]])] * batch)  # fmt: skip
+        self.loader = PromptDataLoader(dataset, seq_len=None, diverge_idx=0, batch_size=batch)
+        self.points = points
+        self.scores = attr_edges(self.model, self.orig, self.metric, new_input=self.new)
+
+    def ours(self):
+        return faithfulness_curve(self.model, self.scores, self.orig, self.metric, new_input=self.new,
+                                  sizes=sizes(self.points))  # fmt: skip
+
+    def theirs(self, counts: list[int], prune_scores) -> dict[int, float]:
+        """auto-circuit's metric (mean logit difference) of its circuit of each edge count."""
+        from auto_circuit import prune
+        from auto_circuit.types import AblationType, PatchType
+
+        outputs = prune.run_circuits(self.patchable, self.loader, counts, prune_scores, patch_type=PatchType.TREE_PATCH,
+                               ablation_type=AblationType.RESAMPLE)  # fmt: skip
+        return {count: float(_logit_difference(logits)) for count, by_batch in outputs.items()
+                for logits in by_batch.values()}  # fmt: skip
+
+    def prune_scores(self, circuits: list[Circuit]):
+        """auto-circuit scores whose top n edges are each circuit of n edges: the circuits are nested
+        (pruning keeps the edges on paths from the embeddings to the logits, and a larger set of top
+        edges has every path a smaller one has), so an edge scores by the first circuit that has it."""
+        by_name = {(edge.src.name, edge.dest.name): edge for edge in self.patchable.edges}
+        graph = self.scores.graph
+        if len(by_name) != len(graph):
+            raise RuntimeError(f"auto-circuit's graph has {len(by_name)} edges, this library's {len(graph)}")
+        for smaller, larger in itertools.pairwise(circuits):
+            if not set(smaller) <= set(larger):
+                raise RuntimeError("the curve's circuits are not nested, so no one ranking gives all of them")
+        first = {}
+        for index, circuit in enumerate(circuits):
+            for edge in circuit:
+                first.setdefault(edge, index)
+        ranked = sorted(graph, key=lambda edge: first.get(edge, len(circuits)))
+        prune_scores = self.patchable.new_prune_scores()
+        for rank, edge in enumerate(ranked):
+            theirs = by_name[(_auto_circuit_name(edge.sender), _auto_circuit_name(edge.receiver, receiver=True))]
+            prune_scores[theirs.dest.module_name][theirs.patch_idx] = float(len(ranked) - rank)
+        return prune_scores
+
+    def row(self, repeats: int) -> Row:
+        curve = self.ours()
+        graph = self.scores.graph
+        circuits = [*curve.circuits, Circuit.full(graph)]
+        counts = [len(circuit) for circuit in circuits] + [0]
+        prune_scores = self.prune_scores(circuits)
+        values = self.theirs(counts, prune_scores)
+        gap = _gap([*curve.values, curve.full, curve.empty], [values[count] for count in counts], curve.full,
+                   curve.empty)  # fmt: skip
+        ours = timed(self.ours, repeats)
+        theirs = timed(lambda: self.theirs(counts, prune_scores), repeats)
+        version = importlib.metadata.version("auto-circuit")
+        how = (f"auto-circuit {version} (TransformerLens {importlib.metadata.version('transformer-lens')}): "
+               "`run_circuits(patchable_model(..., factorized=True, separate_qkv=True), ..., "
+               "patch_type=TREE_PATCH, ablation_type=RESAMPLE)` on a copy of the same random HookedTransformer "
+               f"({len(self.patchable.edges)} edges), given scores whose top n edges are each of this library's "
+               f"{len(counts)} circuits, its progress bars off; it runs the new input once, then one forward pass "
+               "per circuit. Ours: faithfulness_curve as in the row above, on the HookedTransformer. Largest "
+               f"difference of the two sides' metric values {gap:.1e} of |full - empty|.")  # fmt: skip
+        return Row(f"faithfulness_curve vs auto-circuit `run_circuits`, the same {len(counts)} circuits", ours,
+                   theirs, how, gap)  # fmt: skip
+
+
+def _hooked_config(shape: str):
+    """The HookedTransformer configuration of a GPT-2-shaped model; weights random (seed 0)."""
+    from transformer_lens import HookedTransformerConfig
+
+    size = SHAPES[shape]
+    return HookedTransformerConfig(n_layers=size["n_layer"], n_heads=size["n_head"], d_model=size["n_embd"],
+                                   d_head=size["n_embd"] // size["n_head"], d_mlp=4 * size["n_embd"], n_ctx=1024,
+                                   d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=0,
+                                   device="cpu")  # fmt: skip
+
+
+def _auto_circuit_name(node, receiver: bool = False) -> str:
+    """A node of this library's edge graph, named as auto-circuit names it."""
+    if node.kind == "embed":
+        return "Resid Start"
+    if node.kind == "logits":
+        return "Resid End"
+    if node.kind == "mlp":
+        return f"MLP {node.layer}"
+    return f"A{node.layer}.{node.head}" + (f".{node.input.upper()}" if receiver else "")
+
+
+def _logit_difference(logits: torch.Tensor) -> torch.Tensor:
+    """The metric on auto-circuit's output (the last position's logits): the mean logit difference."""
+    return (logits[:, ANSWERS[0]] - logits[:, ANSWERS[1]]).mean()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small shapes, one repeat: a smoke test")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--points", type=int, default=POINTS, help="circuit sizes on the curve")
+    parser.add_argument("--sections", type=lambda text: text.split(","), default=list(SECTIONS),
+                        help=f"comma-separated, from: {', '.join(SECTIONS)}")  # fmt: skip
+    args = parser.parse_args(argv)
+    if not set(args.sections) <= set(SECTIONS):
+        parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
+    if args.points < 2:
+        parser.error("--points: a curve needs at least 2 sizes")
+    shape = "tiny" if args.tiny else "gpt2"
+    repeats = 1 if args.tiny else args.repeats
+    size = SHAPES[shape]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; TransformerLens "
+          f"{importlib.metadata.version('transformer-lens')}; median of {repeats}; {size['n_layer']} layers, "
+          f"{size['n_head']} heads, d_model {size['n_embd']}, batch {size['batch']} x {size['seq_len']}")  # fmt: skip
+    setup = build(shape) if {"edges", "curve"} & set(args.sections) else None
+    sections = {
+        "edges": lambda: edge_rows(setup, repeats),
+        "curve": lambda: curve_rows(setup, repeats, args.points),
+        "auto_circuit": lambda: auto_circuit_rows(shape, repeats, args.points),
+    }
+    rows = []
+    for name in args.sections:
+        start = time.perf_counter()
+        rows += sections[name]()
+        print(f"  {name}: measured in {time.perf_counter() - start:.0f} s", flush=True)
+    print_table(rows)
+    return 0 if all(row.passed for row in rows) else 1
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    sys.exit(main())

@@ -1,0 +1,511 @@
+"""Circuits: the Circuit type, exact evaluation with every other edge ablated, faithfulness
+curves, exact edge scores, and the known circuit of the hand-set induction model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from tests import circuits as induction_model
+from tests.helpers import (
+    assert_close,
+    input_hook,
+    linear_metric,
+    logit_diff_metric,
+    make_inputs,
+    n_kv,
+    raises,
+    receiver_node,
+    sender_node,
+)
+from tests.models import TL_MAJOR
+from tests.reference import full_cache
+from transformer_lens_patching import (
+    MIB_FRACTIONS,
+    Circuit,
+    Edge,
+    EdgeGraph,
+    EdgeScores,
+    GraphNode,
+    Node,
+    act_patch,
+    attr_edges,
+    confirm_edges,
+    evaluate_circuit,
+    exact_edge_scores,
+    faithfulness_curve,
+    mean_ablation_cache,
+    path_patch,
+    plan_circuit_evaluation,
+)
+
+BATCH = 3
+
+
+def naive_ablated_outputs(model, cache) -> dict:
+    """Each sender's output in a run's cache (a dict of activations, or None for zeros)."""
+    outputs = {}
+    for layer in range(model.cfg.n_layers):
+        for head in range(model.cfg.n_heads):
+            z = None if cache is None else cache[f"blocks.{layer}.attn.hook_z"][:, :, head]
+            outputs[GraphNode("head", layer, head=head)] = 0.0 if z is None else z @ model.W_O[layer, head].detach()
+        if not model.cfg.attn_only:
+            outputs[GraphNode("mlp", layer)] = 0.0 if cache is None else cache[f"blocks.{layer}.hook_mlp_out"]
+    outputs[GraphNode("embed")] = 0.0 if cache is None else cache["blocks.0.hook_resid_pre"]
+    return outputs
+
+
+def naive_circuit_logits(model, circuit: Circuit, orig, ablated: dict):
+    """One forward pass; at each receiver's input hook, edge by edge and position by position,
+    subtract the removed edge's sender output in this pass minus its ablated output."""
+    graph, seq_len = circuit.graph, orig.shape[1]
+    live = {}
+
+    def record_embed(activation, hook):
+        live[GraphNode("embed")] = activation.clone()
+
+    def record_heads(layer):
+        def hook(activation, hook):
+            for head in range(model.cfg.n_heads):
+                live[GraphNode("head", layer, head=head)] = activation[:, :, head] @ model.W_O[layer, head].detach()
+
+        return hook
+
+    def record_mlp(layer):
+        def hook(activation, hook):
+            live[GraphNode("mlp", layer)] = activation.clone()
+
+        return hook
+
+    def kept_at(edge, position):
+        if edge not in circuit:
+            return False
+        where = circuit.positions.get(edge)
+        return where is None or position in [p % seq_len for p in where]
+
+    def subtract(receivers):
+        def hook(activation, hook):
+            out = activation.clone()
+            for unit, receiver in receivers:
+                for edge in (e for e in graph if e.receiver == receiver):
+                    for position in range(seq_len):
+                        if not kept_at(edge, position):
+                            gone = ablated[edge.sender]
+                            change = live[edge.sender][:, position] - (gone if isinstance(gone, float) else gone[:, position])
+                            if unit is None:
+                                out[:, position] -= change
+                            else:
+                                out[:, position, unit] -= change
+            return out
+
+        return hook
+
+    hooks = [("blocks.0.hook_resid_pre", record_embed)]
+    by_hook: dict[str, list] = {}
+    for receiver in graph.receivers:
+        by_hook.setdefault(input_hook(model, receiver), []).append((receiver.head, receiver))
+    for layer in range(model.cfg.n_layers):
+        for part in ("q", "k", "v"):
+            name = f"blocks.{layer}.hook_{part}_input"
+            hooks.append((name, subtract(by_hook[name])))
+        hooks.append((f"blocks.{layer}.attn.hook_z", record_heads(layer)))
+        if not model.cfg.attn_only:
+            hooks.append((f"blocks.{layer}.hook_mlp_in", subtract(by_hook[f"blocks.{layer}.hook_mlp_in"])))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", record_mlp(layer)))
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    hooks.append((last, subtract(by_hook[last])))
+    model.set_use_split_qkv_input(True)
+    if not model.cfg.attn_only:
+        model.set_use_hook_mlp_in(True)
+    try:
+        with torch.no_grad():
+            return model.run_with_hooks(orig, fwd_hooks=hooks)
+    finally:
+        model.set_use_split_qkv_input(False)
+        if not model.cfg.attn_only:
+            model.set_use_hook_mlp_in(False)
+
+
+def random_circuit(graph: EdgeGraph, fraction: float, seed: int, positions: bool = False) -> Circuit:
+    rng = random.Random(seed)
+    edges = [edge for edge in graph if rng.random() < fraction]
+    where = {edge: [rng.randrange(-3, 7)] for edge in edges[::5]} if positions else None
+    return Circuit(graph, edges, where)
+
+
+# --- exact evaluation ---
+
+
+def test_the_full_circuit_is_the_orig_run_exactly(small_model):
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric(per_prompt=True)
+    value = evaluate_circuit(model, Circuit.full(EdgeGraph.of(model)), orig, metric, new_input=new)
+    assert torch.equal(value, metric(model(orig)).detach())
+
+
+def test_the_empty_circuit_is_the_new_run(small_model):
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric(per_prompt=True)
+    value = evaluate_circuit(model, Circuit.empty(EdgeGraph.of(model)), orig, metric, new_input=new)
+    assert_close(value, metric(model(new)).detach())
+    assert (metric(model(new)) - metric(model(orig))).abs().min() > 0.01, "the two runs differ"
+
+
+def edges_of_every_kind(model, graph: EdgeGraph) -> list[Edge]:
+    last, kv = model.cfg.n_layers - 1, n_kv(model) != model.cfg.n_heads
+    edges = [
+        Edge(GraphNode("embed"), GraphNode("head", 1, head=2, input="q")),
+        Edge(GraphNode("head", 0, head=1), GraphNode("head", 2, head=n_kv(model) - 1, input="k", kv_head=kv)),
+        Edge(GraphNode("head", 1, head=3), GraphNode("head", 3, head=0, input="v", kv_head=kv)),
+        Edge(GraphNode("mlp", 1), GraphNode("logits")),
+        Edge(GraphNode("embed"), GraphNode("logits")),
+        Edge(GraphNode("head", last, head=2), GraphNode("logits")),
+        Edge(GraphNode("mlp", 0), GraphNode("head", last, head=1, input="q")),
+    ]
+    if not kv:  # the gated MLP's `pre` is only its gate, so path_patch has no receiver for its whole input
+        edges += [Edge(GraphNode("head", 2, head=3), GraphNode("mlp", 2)), Edge(GraphNode("embed"), GraphNode("mlp", 0))]
+    return edges
+
+
+def test_removing_one_edge_is_path_patching_it(small_model):
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric(per_prompt=True)
+    graph = EdgeGraph.of(model)
+    edges = edges_of_every_kind(model, graph)
+    circuits = [Circuit(graph, set(graph.edges) - {edge}) for edge in edges]
+    values = evaluate_circuit(model, circuits, orig, metric, new_input=new)
+    assert values.dims == ("circuit", "batch")
+    for edge, value in zip(edges, values.as_tensor()):
+        expected = path_patch(model, orig, new, sender_node(graph, edge.sender), receiver_node(graph, edge.receiver),
+                              metric, direct_includes_mlps=False)  # fmt: skip
+        assert_close(value, expected)
+    exact = exact_edge_scores(model, orig, metric, new_input=new, edges=edges)
+    assert exact.method == "exact" and exact.per_prompt
+    for edge, value in zip(edges, values.as_tensor()):
+        assert_close(exact.score(edge), value - metric(model(orig)).detach())
+    others = [graph.index(edge) for edge in graph if edge not in edges]
+    assert torch.isnan(exact.scores[others]).all()
+
+
+def test_removing_every_edge_into_a_receiver_is_patching_its_input(small_model):
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric()
+    graph, last = EdgeGraph.of(model), model.cfg.n_layers - 1
+    cases = [
+        (GraphNode("head", 2, head=1, input="q"), Node("q_input", 2, head=1)),
+        (GraphNode("head", 3, head=0, input="v", kv_head=n_kv(model) != model.cfg.n_heads), Node("v_input", 3, head=0)),
+        (GraphNode("mlp", 1), Node("mlp_in", 1)),
+        (GraphNode("logits"), Node("resid_post", last)),
+    ]
+    for receiver, node in cases:
+        circuit = Circuit(graph, [edge for edge in graph if edge.receiver != receiver])
+        assert_close(evaluate_circuit(model, circuit, orig, metric, new_input=new),
+                     act_patch(model, orig, node, metric, new_input=new))  # fmt: skip
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
+def test_equal_to_the_naive_reference(small_model, ablation):
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric(per_prompt=True)
+    graph = EdgeGraph.of(model)
+    circuits = [random_circuit(graph, fraction, seed, positions=seed % 2 == 1)
+                for seed, fraction in enumerate((0.02, 0.3, 0.9))]  # fmt: skip
+    if ablation == "resample":
+        source, ablated = {"new_input": new}, naive_ablated_outputs(model, full_cache(model, new))
+    elif ablation == "mean":
+        _, new_cache = model.run_with_cache(new)
+        cache = mean_ablation_cache(new_cache)
+        source, ablated = {"new_cache": cache}, naive_ablated_outputs(model, {name: cache[name] for name in cache.keys()})
+    else:
+        source, ablated = {"new_cache": "zero"}, naive_ablated_outputs(model, None)
+    values = evaluate_circuit(model, circuits, orig, metric, **source).as_tensor()
+    for circuit, value in zip(circuits, values):
+        assert_close(value, metric(naive_circuit_logits(model, circuit, orig, ablated)))
+
+
+def test_stacked_circuits_equal_one_at_a_time(small_model):
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    graph = EdgeGraph.of(model)
+    circuits = [random_circuit(graph, fraction, seed) for seed, fraction in enumerate((0.0, 0.05, 0.5, 0.95, 1.0))]
+    stacked = evaluate_circuit(model, circuits, orig, linear_metric, new_input=new)
+    plan = plan_circuit_evaluation(model, circuits, orig, linear_metric, new_input=new)
+    assert plan.variants_per_pass == len(circuits) and len(plan.passes) == 1
+    single = evaluate_circuit(model, circuits, orig, linear_metric, new_input=new, batch_size=1)
+    assert_close(stacked.as_tensor(), single.as_tensor())
+    for circuit, value in zip(circuits, stacked.as_tensor()):
+        assert_close(value, evaluate_circuit(model, circuit, orig, linear_metric, new_input=new))
+    small = plan_circuit_evaluation(model, circuits, orig, linear_metric, new_input=new, max_memory=1)
+    assert len(small.passes) == len(circuits)
+    sharded = [small.shard(i, 2).run() for i in range(2)]
+    assert_close(small.assemble(sharded)["circuit"].as_tensor(), stacked.as_tensor())
+
+
+def test_a_circuit_kept_at_some_positions_only(small_model):
+    """Keeping every edge but at the last position only ablates what the earlier positions
+    write into the receivers: at position -1 every receiver still reads the orig stream."""
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric()
+    graph = EdgeGraph.of(model)
+    last_only = Circuit(graph, graph.edges, {edge: [-1] for edge in graph})
+    everywhere_but_last = Circuit(graph, graph.edges, {edge: range(orig.shape[1] - 1) for edge in graph})
+    values = evaluate_circuit(model, [last_only, everywhere_but_last], orig, metric, new_input=new).as_tensor()
+    ablated = naive_ablated_outputs(model, full_cache(model, new))
+    assert_close(values[0], metric(naive_circuit_logits(model, last_only, orig, ablated)))
+    assert_close(values[1], metric(naive_circuit_logits(model, everywhere_but_last, orig, ablated)))
+    assert abs(float(values[0]) - float(values[1])) > 1e-3
+
+
+def test_the_model_is_left_as_it_was(small_model):
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    flags = [p.requires_grad for p in model.parameters()]
+    graph = EdgeGraph.of(model)
+    model.evaluate_circuit(random_circuit(graph, 0.3, 0), orig, logit_diff_metric(), new_input=new)
+    assert [p.requires_grad for p in model.parameters()] == flags and torch.is_grad_enabled()
+    assert not model.cfg.use_split_qkv_input and not model.cfg.use_hook_mlp_in
+
+
+# --- the Circuit type ---
+
+
+def small_graph(kv: int = 2) -> EdgeGraph:
+    return EdgeGraph(n_layers=2, n_heads=2, n_kv_heads=kv, has_mlps=True)
+
+
+def head(layer, h, part=None, kv_head=False):
+    return GraphNode("head", layer, head=h, input=part, kv_head=kv_head)
+
+
+def test_circuits_compare_hash_print_and_round_trip():
+    graph = small_graph()
+    a = Edge(head(0, 1), head(1, 0, "k"))
+    b = Edge(GraphNode("embed"), head(0, 1, "q"))
+    circuit = Circuit(graph, [a, b], {a: [-1, 2, 2]})
+    assert circuit == Circuit(graph, [b, a], {a: (2, -1)}) and hash(circuit) == hash(Circuit(graph, {a, b}, {a: [2, -1]}))
+    assert circuit != Circuit(graph, [a, b]) and len({circuit, Circuit(graph, [a, b])}) == 2
+    assert circuit.edges == [b, a] and list(circuit) == [b, a] and a in circuit and len(circuit) == 2
+    assert circuit.positions == {a: (-1, 2)} and circuit.heads == [(0, 1)]
+    assert repr(circuit) == f"Circuit(2 of {len(graph)} edges: embed -> head 0.1 (q), head 0.1 -> head 1.0 (k) at [-1, 2])"
+    assert Circuit.from_json(circuit.to_json()) == circuit
+    assert json.loads(circuit.to_json())["edges"] == ["embed -> head 0.1 (q)", "head 0.1 -> head 1.0 (k)"]
+    frame = circuit.to_frame()
+    assert list(frame["sender"]) == ["embed", "head 0.1"] and list(frame["positions"]) == [None, (-1, 2)]
+    assert repr(Circuit.empty(graph)) == f"Circuit(0 of {len(graph)} edges)" and len(Circuit.full(graph)) == len(graph)
+    mask = torch.zeros(len(graph), dtype=torch.bool)
+    mask[[graph.index(a), graph.index(b)]] = True
+    assert Circuit.from_mask(graph, mask) == Circuit(graph, [a, b]) and torch.equal(Circuit(graph, [a, b]).mask, mask)
+    assert {node for edge in (a, b) for node in (edge.sender, edge.receiver)} == set(circuit.nodes)
+
+
+def test_kept_mask():
+    graph = small_graph()
+    a = Edge(head(0, 1), head(1, 0, "k"))
+    mask = Circuit(graph, graph.edges[1:], {a: [-1]}).kept_mask(4)
+    senders, receivers = list(graph.senders), list(graph.receivers)
+    first = graph.edges[0]
+    assert mask.shape == (4, len(senders), len(receivers))
+    assert not mask[:, senders.index(first.sender), receivers.index(first.receiver)].any()
+    assert mask[:, senders.index(a.sender), receivers.index(a.receiver)].tolist() == [False, False, False, True]
+    assert mask[:, senders.index(GraphNode("mlp", 1)), receivers.index(GraphNode("mlp", 0))].all(), "not an edge"
+    assert Circuit.full(graph).kept_mask(4).shape == (1, len(senders), len(receivers))
+
+
+def test_pruning_keeps_only_edges_from_the_embeddings_to_the_logits():
+    graph = small_graph()
+    chain = [Edge(GraphNode("embed"), head(0, 0, "v")), Edge(head(0, 0), GraphNode("mlp", 0)),
+             Edge(GraphNode("mlp", 0), GraphNode("logits"))]  # fmt: skip
+    dangling_out = Edge(head(0, 1), head(1, 1, "q"))  # head 0.1 has no input, head 1.1 no output
+    dead_end = Edge(GraphNode("embed"), head(1, 0, "q"))  # head 1.0 writes nowhere
+    circuit = Circuit(graph, [*chain, dangling_out, dead_end])
+    assert circuit.pruned() == Circuit(graph, chain)
+    fed = Edge(GraphNode("embed"), head(0, 1, "k"))
+    to_logits = Edge(head(1, 1), GraphNode("logits"))
+    assert Circuit(graph, [*chain, dangling_out, fed, to_logits]).pruned() == Circuit(graph, [*chain, dangling_out, fed,
+                                                                                              to_logits])  # fmt: skip
+    assert Circuit(graph, [dangling_out]).pruned() == Circuit.empty(graph)
+
+
+def test_pruning_on_a_grouped_query_graph():
+    """A key/value head's input feeds every query head that shares it."""
+    graph = EdgeGraph(n_layers=2, n_heads=4, n_kv_heads=2, has_mlps=False)
+    into_kv = Edge(GraphNode("embed"), head(1, 1, "k", kv_head=True))  # feeds heads 1.2 and 1.3
+    out_of_3 = Edge(head(1, 3), GraphNode("logits"))
+    out_of_1 = Edge(head(1, 1), GraphNode("logits"))
+    assert Circuit(graph, [into_kv, out_of_3, out_of_1]).pruned() == Circuit(graph, [into_kv, out_of_3])
+
+
+def test_circuits_from_scores():
+    graph = small_graph()
+    values = torch.linspace(-1, 1, len(graph))
+    values[3] = float("nan")
+    scores = EdgeScores(graph, values, "atp", 0.0)
+    assert Circuit.from_scores(scores, 2, prune=False).edges == sorted([graph[0], graph[len(graph) - 1]], key=graph.index)
+    assert Circuit.from_scores(scores, 1, absolute=False, prune=False).edges == [graph[0]]
+    assert len(Circuit.from_scores(scores, 0.5, prune=False)) == len(graph) // 2
+    assert graph[3] not in Circuit.from_scores(scores, len(graph) - 1, prune=False)
+    assert scores.top(len(graph))[-1] == graph[3], "unscored edges rank last"
+    pruned = Circuit.from_scores(scores, 10)
+    assert pruned == Circuit.from_scores(scores, 10, prune=False).pruned()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda g, e: Circuit("graph", []), "needs the model's EdgeGraph"),
+        (lambda g, e: Circuit(g, [Edge(GraphNode("embed"), head(5, 0, "q"))]), "is not an edge of"),
+        (lambda g, e: Circuit(g, [e], {Edge(GraphNode("embed"), GraphNode("logits")): [1]}), "not one of the circuit's"),
+        (lambda g, e: Circuit(g, [e], {e: []}), "non-empty collection of ints"),
+        (lambda g, e: Circuit(g, [e], {e: [1.5]}), "non-empty collection of ints"),
+        (lambda g, e: Circuit(g, [e], {e: [9]}).kept_mask(4), "at position 9, but the prompts have 4 tokens"),
+        (lambda g, e: Circuit.from_scores(EdgeScores(g, torch.zeros(len(g)), "atp", 0.0), 1.5), r"in \[0, 1\]"),
+        (lambda g, e: Circuit.from_scores(EdgeScores(g, torch.zeros(len(g)), "atp", 0.0), len(g) + 1), "between 0"),
+        (lambda g, e: Circuit.from_scores("scores", 3), "needs EdgeScores"),
+        (lambda g, e: Circuit.from_mask(g, torch.ones(len(g))), "bool tensor of shape"),
+        (lambda g, e: Circuit.from_mask(g, torch.ones(3, dtype=torch.bool)), "bool tensor of shape"),
+        (lambda g, e: Circuit.from_mask("graph", torch.ones(3, dtype=torch.bool)), "needs the model's EdgeGraph"),
+        (lambda g, e: Circuit.from_json("{}"), "not the JSON of Circuit.to_json"),
+        (lambda g, e: Circuit.from_json(Circuit(g, [e]).to_json().replace("head 0.1 (q)", "head 0.9 (q)")),
+         "edges its graph does not have"),
+    ],
+)
+def test_circuit_errors(call, message):
+    graph = small_graph()
+    with raises(message):
+        call(graph, Edge(GraphNode("embed"), head(0, 1, "q")))
+
+
+def test_evaluation_errors(small_model):
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric()
+    with raises("needs a Circuit or a non-empty list"):
+        evaluate_circuit(model, [], orig, metric, new_input=new)
+    with raises("but this model's edge graph is"):
+        evaluate_circuit(model, Circuit.full(small_graph()), orig, metric, new_input=new)
+    with raises("Nothing to patch in"):
+        evaluate_circuit(model, Circuit.full(EdgeGraph.of(model)), orig, metric)
+    with raises("same metric"):
+        faithfulness_curve(model, attr_edges(model, orig, metric, new_input=orig), orig, metric, new_input=orig)
+    with raises("at least two increasing"):
+        faithfulness_curve(model, attr_edges(model, orig, metric, new_input=new), orig, metric, new_input=new,
+                           sizes=[0.5, 0.1])  # fmt: skip
+    with raises("candidates must be an int"):
+        confirm_edges(model, attr_edges(model, orig, metric, new_input=new), orig, metric, new_input=new, candidates=0)
+
+
+# --- faithfulness ---
+
+
+def test_faithfulness_is_mibs(gpt2_model):
+    model = gpt2_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric(per_prompt=True)
+    scores = attr_edges(model, orig, metric, new_input=new)
+    curve = faithfulness_curve(model, scores, orig, metric, new_input=new)
+    graph = scores.graph
+    assert curve.fractions == MIB_FRACTIONS and curve.method == "atp"
+    full = float(metric(model(orig).detach()).mean())
+    empty = float(metric(model(new).detach()).mean())
+    assert curve.full == pytest.approx(full, abs=1e-5) and curve.empty == pytest.approx(empty, abs=1e-4)
+    expected, areas, gaps = [], 0.0, 0.0
+    for fraction, circuit in zip(MIB_FRACTIONS, curve.circuits):
+        assert circuit == Circuit.from_scores(scores, fraction)
+        assert len(circuit) <= int(fraction * len(graph))
+        value = float(evaluate_circuit(model, circuit, orig, metric, new_input=new).mean())
+        expected.append((value - empty) / (full - empty))
+    for i in range(len(expected) - 1):
+        width = MIB_FRACTIONS[i + 1] - MIB_FRACTIONS[i]
+        areas += width * (expected[i] + expected[i + 1]) / 2
+        gaps += width * (abs(1 - expected[i]) + abs(1 - expected[i + 1])) / 2
+    assert curve.faithfulness == pytest.approx(expected, abs=1e-4)
+    assert curve.cpr == pytest.approx(areas, abs=1e-4) and curve.cmd == pytest.approx(gaps, abs=1e-4)
+    assert curve.faithfulness[-1] == pytest.approx(1.0)
+    frame = curve.to_frame()
+    assert list(frame.columns) == ["method", "fraction", "requested_edges", "edges", "metric", "faithfulness"]
+    assert list(frame["edges"]) == list(curve.edge_counts) and "CPR" in repr(curve)
+    counts = faithfulness_curve(model, scores, orig, metric, new_input=new, sizes=[10, 100, len(graph)], prune=False)
+    assert counts.edge_counts == (10, 100, len(graph)) and counts.fractions[0] == 10 / len(graph)
+
+
+def test_confirmed_scores_are_exact_for_the_candidates(gqa_model):
+    model = gqa_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric()
+    estimate = attr_edges(model, orig, metric, new_input=new)
+    confirmed = confirm_edges(model, estimate, orig, metric, new_input=new, candidates=20)
+    assert confirmed.method == "atp+exact"
+    chosen = estimate.top(20)
+    exact = exact_edge_scores(model, orig, metric, new_input=new, edges=chosen)
+    for edge in estimate.graph:
+        expected = exact.score(edge) if edge in chosen else estimate.score(edge)
+        assert_close(confirmed.score(edge), expected)
+    for edge in [edge for edge in chosen if edge.receiver.kind != "mlp"][:3]:  # a gated MLP has no whole-input node
+        pair = path_patch(model, orig, new, sender_node(estimate.graph, edge.sender),
+                          receiver_node(estimate.graph, edge.receiver), metric, direct_includes_mlps=False)  # fmt: skip
+        assert_close(confirmed.score(edge), pair - metric(model(orig)).detach())
+
+
+# --- a known circuit ---
+
+
+@pytest.fixture(scope="module")
+def induction():
+    model = induction_model.build_induction_model()
+    clean = induction_model.repeated_tokens(4, 5)
+    return model, clean, induction_model.reverse_first_half(clean)
+
+
+TRUE_EDGES = [
+    Edge(GraphNode("embed"), GraphNode("head", 0, head=0, input="v")),  # the token the previous-token head copies
+    Edge(GraphNode("head", 0, head=0), GraphNode("head", 1, head=0, input="k")),  # its key: the previous token
+    Edge(GraphNode("embed"), GraphNode("head", 1, head=0, input="v")),  # its value: the token to predict
+    Edge(GraphNode("head", 1, head=0), GraphNode("logits")),
+]
+
+
+@pytest.mark.skipif(TL_MAJOR >= 4, reason="TransformerLens 4 builds the induction model with boot_native: no per-head inputs")
+def test_the_induction_circuit_is_recovered_exactly(induction):
+    """Every edge outside the true circuit scores 0: decoy heads write where nothing reads,
+    the previous-token head's position-only query and key do not change, nor does the
+    induction head's query (the second repeat is the same in both runs). The top edges are
+    the true ones, and the true circuit is as faithful as the model."""
+    model, clean, corrupted = induction
+    exact = exact_edge_scores(model, clean, induction_logit_metric(clean), new_input=corrupted)
+    graph = exact.graph
+    true = Circuit(graph, TRUE_EDGES)
+    assert Circuit.from_scores(exact, len(TRUE_EDGES)) == true
+    others = torch.tensor([graph.index(edge) for edge in graph if edge not in true])
+    assert exact.scores[others].abs().max() < 1e-4
+    assert (exact.scores[[graph.index(edge) for edge in TRUE_EDGES]].abs() > 1.0).all()
+    curve = faithfulness_curve(model, exact, clean, induction_logit_metric(clean), new_input=corrupted,
+                               sizes=[1, len(TRUE_EDGES), len(graph)])  # fmt: skip
+    assert curve.faithfulness[1:] == pytest.approx((1.0, 1.0), abs=1e-5) and curve.faithfulness[0] < 0.5
+    assert curve.circuits[1] == true
+
+
+def induction_logit_metric(clean):
+    """The clean answer's logit at each position of the second repeat, summed: what induction gives."""
+    half = (clean.shape[1] - 1) // 2
+    answers = clean[:, 2 : half + 1]
+
+    def metric(logits):
+        return logits[:, half + 1 : -1].gather(-1, answers.unsqueeze(-1)).sum()
+
+    return metric
+
+
+@pytest.mark.skipif(TL_MAJOR < 4, reason="TransformerLens 2 models have per-head inputs")
+def test_a_boot_native_bridge_is_refused(induction):
+    model, clean, corrupted = induction
+    with raises("Circuit evaluation edits every head's q/k/v input.*boot_transformers"):
+        evaluate_circuit(model, Circuit.full(EdgeGraph.of(model)), clean, linear_metric, new_input=corrupted)

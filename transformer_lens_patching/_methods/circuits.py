@@ -1,0 +1,309 @@
+"""evaluate_circuit: run the orig input with every edge outside a circuit ablated, exactly.
+
+The residual stream is a sum of the senders' outputs, so a receiver's own input (its
+per-head q/k/v input hook, its MLP's `hook_mlp_in`, the final residual stream) can lose
+one term without touching the stream itself: removing an edge `s -> r` subtracts, from
+`r`'s input in this very pass, `s`'s live output minus its ablated output. Every removed
+edge of every receiver is subtracted so, live, in one forward pass: what a receiver reads
+depends on what the circuit let through upstream. Many circuits stack along the batch as
+the variants of any sweep do, each with its own rows and its own kept-edge mask.
+"""
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from .. import _tl
+from .._core.circuit import Circuit
+from .._core.components import hook_name
+from .._core.executor import Executor, OrigResiduals, logit_reader, metric_calls, progress_bar
+from .._core.graph import EdgeGraph
+from .._core.measure import declared_dims
+from .._core.memory import check_chunk_args, variants_per_pass
+from .._core.plan import Block, PatchPlan, stacked_passes
+from .._core.program import PatchProgram
+from .._core.sites import Sweep
+from .._core.sources import ActivationSource, SourceFactory, planned_source
+from .._core.tensor_types import ModelInput, OtherModelInput
+from ..errors import PatchingError
+from ..results import PatchResult
+from .activation import NOTHING_TO_PATCH_IN
+from .common import check_hooks_exist, describe_metric, resolve_metric
+from .edges import EMBEDDINGS, NO_HEAD_INPUTS
+
+
+def evaluate_circuit(
+    model,
+    circuits: Circuit | Sequence[Circuit],
+    orig_input: ModelInput,
+    patching_metric: Callable | str,
+    new_input: OtherModelInput | None = None,
+    new_cache=None,
+    *,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+) -> "Tensor | PatchResult":
+    """The metric of the orig run with every edge outside the circuit carrying its ablated value.
+
+    Each receiver's input is its input in this pass minus, for every edge into it that the
+    circuit removes, the sender's output in this pass plus the sender's ablated output:
+    the new run's output (resample ablation, `new_input`), or its value in `new_cache`
+    (e.g. `mean_ablation_cache(...)`, or "zero"). Everything downstream of a receiver is
+    computed live. The full circuit gives the orig run's metric exactly; the empty one the
+    metric of the run whose every sender is ablated (for `new_input`, the new run's);
+    removing one edge `s -> r` from the full circuit is `path_patch(orig, new, s, r,
+    direct_includes_mlps=False)`.
+
+    Args:
+        model: A TransformerLens model with per-head input hooks (a TransformerBridge from
+            `boot_transformers`, or a HookedTransformer).
+        circuits: A `Circuit` of `EdgeGraph.of(model)`, or a list of them: they run stacked,
+            several per forward pass.
+        orig_input: The prompts the circuit runs on (tokens or text), as in `act_patch`.
+        patching_metric: A metric of the logits, as in `act_patch`.
+        new_input: The run whose sender outputs removed edges carry (resample ablation).
+        new_cache: Instead, the ablated sender outputs: an ActivationCache (e.g. from
+            `mean_ablation_cache`), or "zero".
+        batch_size: Circuits stacked per forward pass (default: as many as fit).
+        max_memory: Bytes one stacked pass may use, as in `act_patch`.
+
+    Returns:
+        For one circuit, the metric's value. For a list, a `PatchResult` with dims
+        `("circuit", *the metric's dims)`.
+
+    >>> graph = EdgeGraph.of(model)  # doctest: +SKIP
+    >>> circuit = Circuit.from_scores(attr_edges(model, clean, metric, new_input=corrupted), 200)  # doctest: +SKIP
+    >>> evaluate_circuit(model, circuit, clean, metric, new_input=corrupted)  # doctest: +SKIP
+    """
+    plan = plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_input, new_cache,
+                                   batch_size=batch_size, max_memory=max_memory)  # fmt: skip
+    result = plan.assemble(plan.run())
+    return result["circuit"] if isinstance(result, dict) else result
+
+
+def plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_input=None, new_cache=None, *,
+                            batch_size: int | None = None, max_memory: int | None = None) -> PatchPlan:  # fmt: skip
+    """The plan of an `evaluate_circuit` call, every argument checked and nothing run."""
+    check_chunk_args(batch_size, max_memory)
+    _tl.check_model(model)
+    _tl.check_deterministic(model)
+    single = isinstance(circuits, Circuit)
+    circuits = [circuits] if single else list(circuits) if isinstance(circuits, (list, tuple)) else []
+    graph = checked_graph(model, circuits)
+    tokens = _tl.to_tokens(model, orig_input)
+    shape = _tl.model_shape(model)
+    wiring = Wiring(graph)
+    check_hooks_exist(model, wiring.sender_hooks + wiring.receiver_hooks)
+    metric = resolve_metric(patching_metric, tokens)
+    reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache=False)
+    source, source_text = planned_source(model, new_input, new_cache, wiring.sender_hooks, tokens, "new_cache",
+                                         NOTHING_TO_PATCH_IN)  # fmt: skip
+    kept_per_token = len(graph.senders) * shape.d_model + 3 * (shape.n_heads + 2 * shape.n_kv_heads) * shape.d_model
+    chunk = variants_per_pass(len(circuits), tokens, shape, batch_size, max_memory,
+                              logits_per_prompt=None if reader is None else reader.floats_per_prompt,
+                              extra_floats_per_token=kept_per_token)  # fmt: skip
+    passes = stacked_passes("patch", range(len(circuits)), [0] * len(circuits), chunk, lambda _: shape.n_layers, False)
+    blocks = tuple(Block(p.variants, (p,)) for p in passes)
+    sizes = sorted({len(c) for c in circuits})
+    size_text = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,}"
+    description = (
+        ("circuits", f"{len(circuits)}, each of {size_text} of the graph's {len(graph):,} edges"),
+        ("ablated", f"every other edge, with {source_text}"),
+        ("into", f"orig_input: {tokens.shape[0]} prompts x {tokens.shape[1]} tokens"),
+        ("metric", describe_metric(metric, reader, False)),
+    )
+    layout = None if single else (Sweep("circuit", ("circuit",), {"circuit": tuple(range(len(circuits)))},
+                                        [[] for _ in circuits]),)  # fmt: skip
+    edited = {name for circuit in circuits for name in wiring.edited_hooks(~circuit.kept_mask(tokens.shape[1]))}
+    run = _CircuitRun(model, tokens, circuits, wiring, metric, reader, source, _tl.flags_for(edited))
+    return PatchPlan("evaluate_circuit", description, len(circuits), layout, declared_dims(metric), blocks, run.start)
+
+
+def checked_graph(model, circuits: Sequence[Circuit]) -> EdgeGraph:
+    """The model's edge graph, checked to be every circuit's, on a model with per-head inputs."""
+    if not circuits or not all(isinstance(c, Circuit) for c in circuits):
+        raise PatchingError("evaluate_circuit needs a Circuit or a non-empty list of Circuits (see Circuit.from_scores).")
+    graph = EdgeGraph.of(model)
+    for circuit in circuits:
+        if circuit.graph != graph:
+            raise PatchingError(f"A circuit is of {circuit.graph!r}, but this model's edge graph is {graph!r}.")
+    if getattr(model.cfg, "parallel_attn_mlp", False):
+        raise PatchingError("This model computes attention and MLP in parallel, so an MLP does not read its layer's "
+                            "heads; the edge graph assumes it does.")  # fmt: skip
+    if not _tl.supports_split_qkv_input(model):
+        raise PatchingError(NO_HEAD_INPUTS.format(what="Circuit evaluation edits every head's q/k/v input, which needs"))
+    return graph
+
+
+class Wiring:
+    """Where each node of the edge graph is read and written in a forward pass.
+
+    Senders: the embeddings at `blocks.0.hook_resid_pre`, the heads of layer L at their
+    `hook_z` (times W_O), MLP L at its `hook_mlp_out`. Receivers: the heads' q/k/v input
+    hooks, `hook_mlp_in`, and the final residual stream. `columns[hook]` lists each hook's
+    receivers as columns of the graph's (sender, receiver) mask, and `upstream[hook]` how
+    many senders (in graph order) write before it reads.
+    """
+
+    def __init__(self, graph: EdgeGraph):
+        self.graph = graph
+        receiver_column = {node: i for i, node in enumerate(graph.receivers)}
+        sender_row = {node: i for i, node in enumerate(graph.senders)}
+        self.sender_slots: dict[str, slice] = {EMBEDDINGS: slice(0, 1)}
+        self.columns: dict[str, list[int]] = {}
+        self.upstream: dict[str, int] = {}
+        for layer in range(graph.n_layers):
+            heads = [sender_row[node] for node in graph.senders if node.kind == "head" and node.layer == layer]
+            self.sender_slots[hook_name("z", layer)] = slice(heads[0], heads[-1] + 1)
+            for part in ("q", "k", "v"):
+                name = hook_name(f"{part}_input", layer)
+                self.columns[name] = [receiver_column[node] for node in graph.receivers
+                                      if node.kind == "head" and node.layer == layer and node.input == part]  # fmt: skip
+                self.upstream[name] = heads[0]
+            if graph.has_mlps:
+                mlp = sender_row[next(n for n in graph.senders if n.kind == "mlp" and n.layer == layer)]
+                self.sender_slots[hook_name("mlp_out", layer)] = slice(mlp, mlp + 1)
+                self.columns[hook_name("mlp_in", layer)] = [receiver_column[next(
+                    n for n in graph.receivers if n.kind == "mlp" and n.layer == layer)]]  # fmt: skip
+                self.upstream[hook_name("mlp_in", layer)] = mlp
+        final = hook_name("resid_post", graph.n_layers - 1)
+        self.columns[final] = [len(graph.receivers) - 1]
+        self.upstream[final] = len(graph.senders)
+
+    def edited_hooks(self, removed: Tensor) -> list[str]:
+        """The receiver hooks whose input loses a term under the `removed` mask."""
+        return [name for name, columns in self.columns.items() if removed[:, : self.upstream[name], columns].any()]
+
+    @property
+    def sender_hooks(self) -> list[str]:
+        return list(self.sender_slots)
+
+    @property
+    def receiver_hooks(self) -> list[str]:
+        return list(self.columns)
+
+
+class _CircuitRun:
+    """What running an evaluate_circuit plan needs: the circuits, the wiring, the ablated values."""
+
+    def __init__(self, model, tokens: Tensor, circuits: list[Circuit], wiring: Wiring, metric, reader,
+                 source: SourceFactory, flags: set[str]):  # fmt: skip
+        self.model, self.tokens, self.circuits, self.wiring = model, tokens, circuits, wiring
+        self.metric, self.reader, self.source = metric, reader, source
+        self.flags = flags
+        """The model flags the edited hooks need: none for circuits that remove nothing, whose
+        passes are then the model's own forward pass."""
+
+    @contextmanager
+    def start(self, grad: bool, progress: int, label: str) -> Iterator["_CircuitSession"]:
+        """A session with the per-head input hooks switched on (and a progress bar, if asked)."""
+        _tl.check_deterministic(self.model)
+        with _tl.model_flags(self.model, self.flags), progress_bar(progress, label) as bar:
+            calls = metric_calls(self.metric, self.tokens.shape[0], self.reader, False, self.model)
+            executor = Executor(self.model, self.tokens, OrigResiduals(self.model, self.tokens), calls, self.reader,
+                                full_graph=True, progress=bar)  # fmt: skip
+            yield _CircuitSession(self, executor)
+
+
+class _CircuitSession:
+    """Runs the blocks of an evaluate_circuit plan; the ablated outputs are made when first needed."""
+
+    def __init__(self, run: _CircuitRun, executor: Executor):
+        self._run, self._executor = run, executor
+
+    @property
+    def metric_dims(self) -> tuple[str, ...] | None:
+        return self._executor.calls.dims
+
+    @functools.cached_property
+    def _ablated(self) -> ActivationSource:
+        return self._run.source()
+
+    @functools.cached_property
+    def _w_o(self) -> Tensor:
+        return _tl.w_o(self._run.model)
+
+    def run_block(self, block: Block) -> dict[int, object]:
+        (pass_,) = block.passes
+        seq_len = self._run.tokens.shape[1]
+
+        def add_steps(program: PatchProgram, index: int, row_start: int) -> None:
+            removed = ~self._run.circuits[index].kept_mask(seq_len)
+            if removed.any():
+                _CircuitRows(self._run.wiring, removed, self._ablated, self._w_o).add_to(program, row_start)
+
+        return dict(zip(pass_.variants, self._executor.run(pass_, add_steps)))
+
+
+class _CircuitRows:
+    """One circuit's steps in one pass. Each sender's hook keeps its output in this pass minus
+    its ablated output (its change) where a receiver needs it, and adds it to the running
+    total of every change so far; each receiver hook then rebuilds its input from whichever
+    is shorter: its input minus the removed edges' changes, or its input minus the total
+    (the fully ablated input) plus the kept edges' changes."""
+
+    def __init__(self, wiring: Wiring, removed: Tensor, ablated: ActivationSource, w_o: Tensor):
+        self.wiring, self.ablated, self.w_o = wiring, ablated, w_o
+        self.plans = {}
+        for name, columns in wiring.columns.items():
+            gone = removed[:, : wiring.upstream[name], columns]
+            if not gone.any():
+                continue
+            removed_senders = gone.any(dim=(0, 2)).nonzero().flatten()
+            kept_senders = (~gone).any(dim=(0, 2)).nonzero().flatten()
+            from_total = len(kept_senders) < len(removed_senders)
+            senders = kept_senders if from_total else removed_senders
+            weights = (~gone if from_total else gone)[:, senders].float()
+            self.plans[name] = (from_total, senders, weights)
+        self.needed = torch.zeros(len(wiring.graph.senders), dtype=torch.bool)
+        for _, senders, _ in self.plans.values():
+            self.needed[senders] = True
+        self.needs_total = any(from_total for from_total, _, _ in self.plans.values())
+        self.changes: Tensor | None = None
+        """(senders, batch, pos, d_model): the kept senders' changes, one contiguous row each."""
+        self.total: Tensor | None = None
+        """(batch, pos, d_model): the sum of every sender's change so far."""
+
+    def add_to(self, program: PatchProgram, row_start: int) -> None:
+        for name, slots in self.wiring.sender_slots.items():
+            if self.needs_total or self.needed[slots].any():
+                program.visit(name, row_start, functools.partial(self._keep_change, name, slots))
+        for name in self.plans:
+            program.visit(name, row_start, functools.partial(self._rebuild, name))
+
+    def _keep_change(self, name: str, slots: slice, live: Tensor) -> None:
+        change = live - self.ablated.tensor_like(name, live).to(live)
+        if self.changes is None:
+            batch, seq_len = live.shape[:2]
+            self.changes = live.new_zeros(len(self.wiring.graph.senders), batch, seq_len, self.w_o.shape[-1])
+            self.total = live.new_zeros(batch, seq_len, self.w_o.shape[-1]) if self.needs_total else None
+        if change.ndim == 4:
+            per_head = torch.einsum("bphe,hed->hbpd", change, self.w_o[int(name.split(".")[1])].to(change))
+            self.changes[slots] = per_head
+            if self.total is not None:
+                self.total += per_head.sum(0)
+        else:
+            self.changes[slots.start] = change
+            if self.total is not None:
+                self.total += change
+
+    def _rebuild(self, name: str, receiver_input: Tensor) -> None:
+        from_total, senders, weights = self.plans[name]
+        changes = self.changes[senders.to(self.changes.device)]
+        weights = weights.to(changes)
+        if weights.shape[0] == 1:
+            terms = (weights[0].T @ changes.flatten(1)).view(weights.shape[-1], *changes.shape[1:])
+        else:
+            terms = torch.einsum("psr,sbpd->rbpd", weights, changes)
+        terms = terms.permute(1, 2, 0, 3)
+        if receiver_input.ndim == 3:
+            terms = terms.squeeze(2)
+        if from_total:
+            total = self.total if receiver_input.ndim == 3 else self.total.unsqueeze(2)
+            receiver_input -= total
+            receiver_input += terms
+        else:
+            receiver_input -= terms
