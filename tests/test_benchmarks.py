@@ -52,11 +52,48 @@ def test_circuit_benchmark_tiny(capsys):
     tiny = benchmark.SHAPES["tiny"]
     edges = _gpt2_style_edge_count(tiny["n_layer"], tiny["n_head"])
     assert rows[0].startswith(f"| attr_edges EAP, the whole edge graph ({edges} edges) | "), rows
-    assert rows[1].startswith("| faithfulness_curve, 50 sizes + full + empty, stacked ("), rows
-    assert rows[2].startswith(("| auto-circuit: not installed |", "| faithfulness_curve vs auto-circuit")), rows
-    assert len(rows) == 3 and all("nan" not in row and "inf" not in row for row in rows), rows
-    ratio = rows[1].split(" | ")[3]
-    assert ratio.startswith("**") and float(ratio.strip("*x").replace(",", "")) > 0, rows[1]
+    assert rows[1].startswith("| faithfulness_curve, 50 sizes + full + empty ("), rows
+    assert rows[2].startswith("| evaluate_circuit of the same 52 circuits stacked vs one at a time | "), rows
+    assert rows[3].startswith(("| auto-circuit: not installed |", "| faithfulness_curve vs auto-circuit")), rows
+    assert len(rows) == 4 and all("nan" not in row and "inf" not in row for row in rows), rows
+    for row in rows[1:3]:
+        ratio = row.split(" | ")[3]
+        assert ratio.startswith("**") and float(ratio.strip("*x").replace(",", "")) > 0, row
     assert "52 circuits x 2 prompts" in next(line for line in lines if line.startswith("2. ")), lines
     gaps = [float(gap) for line in lines for gap in re.findall(r"values (\S+) of \|full - empty\|", line)]
-    assert 1 <= len(gaps) <= 2 and max(gaps) < 1e-4, gaps
+    assert len(gaps) in (2, 3) and max(gaps) < 1e-4, gaps
+
+
+def test_gpu_benchmark_tiny(capsys):
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", BENCHMARK.parent / "gpu.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.main(["--tiny"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| row |")]
+    assert lines[0].startswith("device CPU") and "transformer-lens" in lines[0], lines[0]
+    titles = [line for line in lines if line.startswith("## ")]
+    assert len(titles) == 2 and ", float32, 8 prompts" in titles[0] and ", bfloat16, 16 prompts" in titles[1], titles
+    expected = ['| act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos | ',
+                '| act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_',
+                '| path_patch IterNode("z") -> resid_post 1, direct_includes_mlps=True, vs two passes per sender ',
+                '| path_patch IterNode("z") -> resid_post 1, direct_includes_mlps=False, vs two passes per sender ']
+    assert len(rows) == 2 * len(expected), rows
+    assert all(row.startswith(start) for row, start in zip(rows, expected * 2)), rows
+    tiny = benchmark.TINY["llama8b"]
+    n_cells = [tiny.n_layers * tiny.n_heads, 3 * tiny.n_layers * benchmark.SEQ_LEN, *[tiny.n_layers * tiny.n_heads] * 2]
+    for index, row in enumerate(rows):
+        cells = row.strip("| ").split(" | ")
+        assert len(cells) == 7 and "nan" not in row and "inf" not in row, row
+        ours, baseline, ratio = float(cells[1].removesuffix(" s")), float(cells[2].split(" s")[0]), cells[3]
+        assert ours > 0 and baseline > 0 and ratio.startswith("**"), row
+        assert float(ratio.strip("*x").replace(",", "")) > 0, row
+        assert cells[4].count("GiB") == 2 and cells[5] in ("not checked (tiny)", "-"), row
+        gap, tolerance = re.fullmatch(r"yes \((\S+) <= (\S+); \S+ of the spread\)", cells[6]).groups()
+        assert float(gap) <= float(tolerance) == (1e-4 if index < 4 else 5e-2), row
+        if index < 4:
+            assert "extrapolated" not in cells[2], row
+        else:
+            sampled = f"(extrapolated from {min(tiny.baseline_cells, n_cells[index - 4])} of {n_cells[index - 4]} cells"
+            assert sampled in cells[2], row
+    assert sum(cell == "not checked (tiny)" for row in rows for cell in row.split(" | ")) == 2, rows

@@ -19,6 +19,7 @@ from tl_patch import EMBEDDED
 from tl_patch import main as main
 
 from . import _tl
+from ._core.distributed import launched_group
 from ._embedded import describe_smollm2, load_smollm2, loading_line
 from ._tasks.ioi.report import CSV, JSON, REPORT
 from .errors import PatchingError
@@ -99,33 +100,45 @@ def _warnings_as_notes():
 
 def run(args: argparse.Namespace) -> int:
     """Run `tl-patch ioi` with checked arguments; returns the exit status (2 with a one-line
-    message on bad input, 130 when interrupted)."""
+    message on bad input, 130 when interrupted). Under `torchrun`, every rank takes its share
+    of each step's work and rank 0 alone prints and writes the report."""
     began = time.perf_counter()
-    with _warnings_as_notes():
-        try:
-            settings = settings_of(args)
-            if not args.dry_run and importlib.util.find_spec("plotly") is None:
-                raise PatchingError("The report's figures need plotly: pip install 'transformer_lens_patching[plot]'.")
-            model = load_model(args.model, args.device)
-            print(f"{args.model}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads; {settings.n_prompts} prompts")
-            if args.dry_run:
-                for step, plan in plan_ioi(model, settings):
-                    print(f"\n{step}: {plan}")
-                return 0
-            return _analyse(model, settings, args, began)
-        except PatchingError as error:
-            print(f"tl-patch: error: {error}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("tl-patch: interrupted.", file=sys.stderr)
-            return INTERRUPTED
+    with launched_group(args.device) as (ranks, device), _warnings_as_notes():
+        writer = ranks is None or ranks.rank == 0
+        with open(os.devnull, "w") as silent, contextlib.redirect_stdout(sys.stdout if writer else silent):
+            try:
+                settings = settings_of(args)
+                if not args.dry_run and importlib.util.find_spec("plotly") is None:
+                    raise PatchingError(
+                        "The report's figures need plotly: pip install 'transformer_lens_patching[plot]'."
+                    )
+                model = load_model(args.model, device)
+                print(
+                    f"{args.model}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads; "
+                    f"{settings.n_prompts} prompts" + ("" if ranks is None else f"; {ranks.world_size} processes")
+                )
+                if args.dry_run:
+                    for step, plan in plan_ioi(model, settings):
+                        print(f"\n{step}: {plan}")
+                    return 0
+                return _analyse(model, settings, args, began, writer)
+            except PatchingError as error:
+                print(f"tl-patch: error: {error}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print("tl-patch: interrupted.", file=sys.stderr)
+                return INTERRUPTED
 
 
-def _analyse(model, settings: IOISettings, args: argparse.Namespace, began: float) -> int:
+def _analyse(model, settings: IOISettings, args: argparse.Namespace, began: float, writer: bool = True) -> int:
     """Run the analysis, saving results.json from the start and after every step; on failure or
     Ctrl-C, write the report of the steps finished, say what is missing, and end as the
     failure would. The report files of an earlier run in the folder are removed first, so
-    every file there belongs to this run."""
+    every file there belongs to this run. A process that is not the `writer` (a rank other
+    than 0) runs its share and writes nothing."""
+    if not writer:
+        run_ioi(model, settings, model_name=args.model, progress=False, model_source=model_source(args.model))
+        return 0
     folder = Path(args.out)
     for name in (REPORT, JSON, CSV):
         (folder / name).unlink(missing_ok=True)

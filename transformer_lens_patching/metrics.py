@@ -2,7 +2,9 @@
 
 Any function of the logits is a metric. The metric objects here also say which logits
 they read (`selection`: the engines then compute only those) and the dims of what they
-return (`dims`, e.g. `("batch",)` for one value per prompt).
+return (`dims`, e.g. `("batch",)` for one value per prompt). The engines give every metric
+float32 logits, also on half-precision models; the tensors a metric object reads on every
+call (its token ids, positions, offsets) are moved to the logits' device once, not per call.
 """
 
 from abc import ABC, abstractmethod
@@ -12,8 +14,9 @@ import torch
 from torch import Tensor
 
 from . import _tl
+from ._core.executor import measured_run
 from ._core.measure import BATCH, as_tensor, declared_dims
-from ._core.selection import LogitSelection, distinct_token_ids, selection_of
+from ._core.selection import LogitSelection, distinct_token_ids, on_device, selection_of
 from ._core.tensor_types import Logits, Tokens
 from .errors import PatchingError
 
@@ -36,9 +39,11 @@ def lm_loss(tokens: Tokens, per_token: bool = False) -> Metric:
     if tokens.shape[1] < 2:
         raise PatchingError("The 'loss' metrics need sequences of at least 2 tokens.")
 
+    copies: dict = {}
+
     def loss(logits: Logits) -> Tensor:
         log_probs = logits[:, :-1].log_softmax(dim=-1)
-        targets = tokens[:, 1:].to(logits.device)
+        targets = on_device(copies, "targets", logits.device, lambda: tokens[:, 1:])
         per_position = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return per_position if per_token else per_position.mean()
 
@@ -130,10 +135,11 @@ class LogitDiff(SelectionMetric):
         ids = distinct_token_ids(answers, "answers")
         self.selection = LogitSelection(self.positions, ids, answers.shape[0])
         self.dims = (BATCH,) if per_prompt else ()
+        self._copies: dict = {}
 
     def measure_selected(self, selected: Tensor) -> Tensor:
         _check_rows(selected, self.answers.shape[0])
-        columns = self.selection.columns(self.answers.to(selected.device))
+        columns = on_device(self._copies, "columns", selected.device, lambda: self.selection.columns(self.answers))
         chosen = selected[:, 0].gather(1, columns)
         diff = chosen[:, 0] - chosen[:, 1]
         return diff if self.per_prompt else diff.mean()
@@ -172,13 +178,16 @@ class TokenLogit(SelectionMetric):
             batch = len(self.positions)
         self.selection = LogitSelection(self.positions, distinct_token_ids(self.tokens, "tokens"), batch)
         self.dims = (BATCH,) if per_prompt else ()
+        self._copies: dict = {}
 
     def _read(self, selected: Tensor) -> Tensor:
         """Each prompt's token's entry at its position, (batch,)."""
         if self.selection.batch is not None:
             _check_rows(selected, self.selection.batch)
-        tokens = self.tokens.to(selected.device).expand(selected.shape[0])
-        return selected[:, 0].gather(1, self.selection.columns(tokens).unsqueeze(1)).squeeze(1)
+        rows = selected.shape[0]
+        columns = on_device(self._copies, ("columns", rows), selected.device,
+                            lambda: self.selection.columns(self.tokens.expand(rows)).unsqueeze(1))  # fmt: skip
+        return selected[:, 0].gather(1, columns).squeeze(1)
 
     def measure_selected(self, selected: Tensor) -> Tensor:
         value = self._read(selected)
@@ -242,9 +251,10 @@ class LogitsAt(SelectionMetric):
         batch = ids.shape[0] if ids.ndim == 2 else None
         self.selection = LogitSelection(positions, distinct_token_ids(ids, "token_ids"), batch)
         self.dims = (BATCH, "metric_1", "metric_2") if reduce is None else None
+        self._copies: dict = {}
 
     def measure_selected(self, selected: Tensor) -> Tensor:
-        columns = self.selection.columns(self.token_ids.to(selected.device))
+        columns = on_device(self._copies, "columns", selected.device, lambda: self.selection.columns(self.token_ids))
         if columns.ndim == 2:
             _check_rows(selected, columns.shape[0])
             columns = columns.unsqueeze(1).expand(-1, selected.shape[1], -1)
@@ -273,6 +283,7 @@ class NormalisedMetric:
         self.base, self.offset, self.scale, self.kind = base, torch.as_tensor(offset, dtype=torch.float32), scale, kind
         self.selection = selection_of(base)
         self.dims = declared_dims(base)
+        self._copies: dict = {}
 
     def __call__(self, logits: Logits) -> Tensor:
         return self._normalise(self.base(logits))
@@ -283,7 +294,8 @@ class NormalisedMetric:
 
     def _normalise(self, value) -> Tensor:
         value = as_tensor(value)
-        return (value - self.offset.to(value.device)) / self.scale.to(value.device)
+        offset = on_device(self._copies, "offset", value.device, lambda: self.offset)
+        return (value - offset) / on_device(self._copies, "scale", value.device, lambda: self.scale)
 
     def __repr__(self) -> str:
         return f"{self.kind}_metric({self.base!r}, offset={self.offset.tolist()}, scale={self.scale.tolist()})"
@@ -322,13 +334,16 @@ def noising_metric(base: Metric, clean, corrupted) -> NormalisedMetric:
 
 
 def calibrate(model, base: Metric, clean_input: Tokens, corrupted_input: Tokens) -> tuple[Tensor, Tensor]:
-    """`base` on the model's clean and corrupted runs, for `denoising_metric` / `noising_metric`.
+    """`base` on the model's clean and corrupted runs, for `denoising_metric` / `noising_metric`,
+    measured as the engines measure it (a metric object from its selected logits, in float32 on
+    any model), so that a patch restoring the clean run scores exactly 1.
 
     >>> clean, corrupted = calibrate(model, LogitDiff(answers), clean_tokens, corrupted_tokens)  # doctest: +SKIP
     >>> metric = denoising_metric(LogitDiff(answers), clean, corrupted)  # doctest: +SKIP
     """
     with torch.no_grad():
-        return tuple(as_tensor(base(_tl.forward_logits(model, tokens))) for tokens in (clean_input, corrupted_input))
+        return tuple(as_tensor(measured_run(model, base, _tl.to_tokens(model, tokens)))
+                     for tokens in (clean_input, corrupted_input))  # fmt: skip
 
 
 __all__ = [

@@ -148,3 +148,13 @@ def _no_steps(program: PatchProgram, variant: int, row_start: int) -> None:
 def metric_calls(metric, batch: int, reader: LogitReader | None, apply_metric_to_cache: bool, model) -> MetricCalls:
     """How the executor calls `metric`: on selected logits where a reader computes them."""
     return MetricCalls(metric, batch, selected=reader is not None and not apply_metric_to_cache, model=model)
+
+
+def measured_run(model, metric, tokens: torch.Tensor):
+    """`metric` on the model's own run of `tokens`, measured exactly as the engines measure an
+    unpatched cell: from the logits a metric object selects, or the full logits, in float32."""
+    shape = _tl.model_shape(model)
+    reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache=False)
+    calls = metric_calls(metric, tokens.shape[0], reader, False, model)
+    executor = Executor(model, tokens, OrigResiduals(model, tokens), calls, reader)
+    return executor.run(Pass("unpatched", (0,), 0, shape.n_layers), _no_steps)[0]

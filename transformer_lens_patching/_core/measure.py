@@ -54,6 +54,10 @@ class MetricCalls:
     """Calls a metric on each variant's logits, selected logits or cache, and names the dims
     of its output from the first value it returns.
 
+    Logits in half precision (float16, bfloat16) are upcast to float32 first, so that a metric
+    computes in float32 on any model; a cache is passed as it is (activations in the model's
+    dtype).
+
     >>> calls = MetricCalls(lambda logits: logits[:, -1, 0], batch=3)
     >>> value = calls(torch.randn(3, 4, 5))
     >>> calls.dims
@@ -68,6 +72,8 @@ class MetricCalls:
         """The dims of every value the metric returns; None until it is first called."""
 
     def __call__(self, metric_input):
+        if isinstance(metric_input, Tensor) and metric_input.dtype in _tl.HALF_DTYPES:
+            metric_input = metric_input.float()
         value = self._call(metric_input)
         if self.dims is None:
             self.dims = self._dims_of(value, metric_input)

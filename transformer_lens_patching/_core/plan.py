@@ -19,6 +19,7 @@ import torch
 
 from ..errors import PatchingError
 from ..results import PatchResult
+from . import distributed
 from .measure import as_tensor
 from .sites import Sweep
 
@@ -101,6 +102,7 @@ class PatchPlan:
     >>> result = plan.assemble(plan.run())  # the same as act_patch(...)  # doctest: +SKIP
     >>> parts = [plan.shard(i, 4).run() for i in range(4)]  # e.g. one per process  # doctest: +SKIP
     >>> plan.assemble(parts)  # exactly the same result  # doctest: +SKIP
+    >>> result = plan.compute()  # the same, sharded over the ranks under torchrun  # doctest: +SKIP
     """
 
     method: str
@@ -191,6 +193,26 @@ class PatchPlan:
                 values.update(session.run_block(block))
             return PlanOutputs(self.plan_id, values, session.metric_dims)
 
+    def compute(self, *, progress: bool | str = False):
+        """Run the plan and assemble its result: what `act_patch`, `path_patch` and
+        `evaluate_circuit` return.
+
+        Under `torch.distributed` (a default process group of several processes, e.g. started
+        by `torchrun --nproc-per-node N`), every rank runs `shard(rank, world_size)`, the
+        shards' outputs are gathered with the group's backend, and every rank returns the
+        whole result, equal bit for bit to the single-process one. Every rank must make the
+        same call. Only rank 0 shows the progress bar.
+
+        >>> result = plan_act_patch(model, corrupted, IterNode("z"), metric, new_input=clean).compute()  # doctest: +SKIP
+        """
+        ranks = distributed.current_ranks()
+        if ranks is None or self.shard_of is not None:
+            return self.assemble(self.run(progress=progress))
+        distributed.check_same("plan", (self.method, self.n_cells, self.description, self.blocks), ranks)
+        part = self.shard(ranks.rank, ranks.world_size).run(progress=progress if ranks.rank == 0 else False)
+        parts = distributed.gather(part, ranks)
+        return self.assemble([replace(output, plan_id=self.plan_id) for output in parts])
+
     def assemble(self, outputs: "PlanOutputs | Sequence[PlanOutputs]"):
         """What `act_patch` / `path_patch` return, from the outputs of `run()` on this plan or on
         all of its shards: the metric's value for a Node or list of Nodes, else a dict from
@@ -215,7 +237,7 @@ class PatchPlan:
                 "pass the outputs of every shard."
             )
         if self.layout is None:
-            return values[0]
+            return _on_cpu(values[0])
         return assembled_sweeps(self.layout, [values[cell] for cell in range(self.n_cells)], dims or ())
 
     def __str__(self) -> str:
@@ -244,6 +266,15 @@ class PatchPlan:
     def __repr__(self) -> str:
         shard = f", shard {self.shard_of[0]}/{self.shard_of[1]}" if self.shard_of else ""
         return f"<PatchPlan {self.method}: {len(self.cells)} cells in {len(self.passes)} passes{shard}>"
+
+
+def _on_cpu(value):
+    """A single result on the CPU, as a sweep's are: a tensor, or a tuple or list of them."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on_cpu(part) for part in value)
+    return value
 
 
 def unpatched_block(cells: Sequence[int], n_layers: int) -> Block:

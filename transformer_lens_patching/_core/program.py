@@ -3,7 +3,9 @@
 A forward pass may run several patched variants of the orig batch at once, stacked along
 the batch axis; each variant owns the rows `row_start : row_start + batch`. Every step
 writes into a copy of the activation, never into the tensor the model (or anyone else's
-hook) produced, and never into a cache it reads from.
+hook) produced, and never into a cache it reads from. What a step writes or adds is moved
+to the device of the activation at its hook and cast to its dtype (a no-op where the value
+is there already), so that a model whose layers sit on several devices is patched alike.
 """
 
 from collections.abc import Callable, Iterator
@@ -80,14 +82,15 @@ class PatchProgram:
     def edit(self, site: PatchSite, row_start: int, value: torch.Tensor | float) -> None:
         """Overwrite `site` in the rows of one variant with `value[site]` (or a constant).
 
-        `value` is shaped like the activation of one batch (rows 0..batch), e.g. a cache entry.
+        `value` is shaped like the activation of one batch (rows 0..batch), e.g. a cache entry;
+        its slice is moved to the activation's device and cast to its dtype.
         """
         batch = self.batch
 
         def step(out: torch.Tensor) -> None:
             target = site.index(row_start, batch, out.device)
             if isinstance(value, torch.Tensor):
-                out[target] = value[site.index(0, batch, out.device)].to(out.device, out.dtype)
+                out[target] = value[site.index(0, batch, value.device)].to(out.device, out.dtype)
             else:
                 out[target] = value
 

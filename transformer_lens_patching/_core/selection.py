@@ -7,7 +7,7 @@ columns of W_U are multiplied) and every patch that cannot reach a read position
 """
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -38,6 +38,8 @@ class LogitSelection:
     positions: SeqPos
     token_ids: Tensor | None
     batch: int | None = None
+    _copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """What `columns` and `select` need on each device, moved there once."""
 
     def __post_init__(self):
         object.__setattr__(self, "positions", normalize_seq_pos(self.positions))
@@ -54,15 +56,34 @@ class LogitSelection:
         """Where each of `token_ids` sits along the last axis of the selected logits."""
         if self.token_ids is None:
             return token_ids
-        return torch.searchsorted(self.token_ids.to(token_ids.device), token_ids.contiguous())
+        ids = on_device(self._copies, "token_ids", token_ids.device, lambda: self.token_ids)
+        return torch.searchsorted(ids, token_ids.contiguous())
 
     def select(self, logits: Tensor) -> Tensor:
         """The selected entries of full logits (batch, pos, d_vocab), as (batch, k, n_tokens)."""
         batch, seq_len = logits.shape[:2]
-        positions = self.resolved_positions(batch, seq_len).to(logits.device)
+        key = ("positions", batch, seq_len)
+        positions = on_device(self._copies, key, logits.device, lambda: self.resolved_positions(batch, seq_len))
         rows = torch.arange(batch, device=logits.device).unsqueeze(1)
         read = logits[rows, positions]
-        return read if self.token_ids is None else read[..., self.token_ids.to(logits.device)]
+        if self.token_ids is None:
+            return read
+        return read[..., on_device(self._copies, "token_ids", logits.device, lambda: self.token_ids)]
+
+
+def on_device(copies: dict, key, device: torch.device, make) -> Tensor:
+    """The tensor `make()` gives, on `device`: made and moved the first time `key` is asked for
+    there, then kept in `copies`. Metrics call this on every variant: a copy from the CPU each
+    time would make the host wait for the device.
+
+    >>> copies = {}
+    >>> on_device(copies, "ids", torch.device("cpu"), lambda: torch.tensor([3])) is copies[("ids", torch.device("cpu"))]
+    True
+    """
+    slot = (key, device)
+    if slot not in copies:
+        copies[slot] = _tl.moved(make(), device)
+    return copies[slot]
 
 
 def distinct_token_ids(token_ids, what: str) -> Tensor:
@@ -86,7 +107,9 @@ class LogitReader:
 
     Only the read positions go through the final LayerNorm, and only the read columns of
     the unembedding are multiplied: for a logit difference on GPT-2 small, about 0.01% of
-    the full unembedding's work.
+    the full unembedding's work. The selected logits are float32 whatever the model's dtype:
+    the read columns are multiplied in float32 (a few columns: cheap), the whole vocabulary
+    in the model's dtype, then upcast. The norm and the product run on their own devices.
     """
 
     def __init__(self, model, selection: LogitSelection, tokens: Tensor, d_vocab: int):
@@ -101,8 +124,10 @@ class LogitReader:
         self.n_columns = d_vocab if token_ids is None else len(token_ids)
         self.reads_whole_vocabulary = token_ids is None
         self._model = model
-        self._device_positions = self.positions.to(tokens.device)
-        self._weight, self._bias = _tl.unembed_columns(model, None if token_ids is None else token_ids.to(tokens.device))
+        self._copies: dict = {}
+        on_device(self._copies, "positions", tokens.device, lambda: self.positions)
+        weight, bias = _tl.unembed_columns(model, token_ids)
+        self._weight, self._bias = (weight, bias) if token_ids is None else (weight.float(), bias.float())
 
     @property
     def floats_per_prompt(self) -> int:
@@ -113,16 +138,19 @@ class LogitReader:
         """Selected logits (rows, k, n_columns) of a final residual stream (rows, pos, d_model)
         whose rows are copies of the batch, one after another."""
         copies = residual.shape[0] // self.positions.shape[0]
-        positions = self._device_positions.repeat(copies, 1)
+        positions = on_device(self._copies, "positions", residual.device, lambda: self.positions).repeat(copies, 1)
         rows = torch.arange(residual.shape[0], device=residual.device).unsqueeze(1)
-        normalised = _tl.final_norm(self._model, residual[rows, positions])
-        return normalised @ self._weight.to(normalised.dtype) + self._bias.to(normalised.dtype)
+        normalised = _tl.moved(_tl.final_norm(self._model, residual[rows, positions]), self._weight.device)
+        if self.reads_whole_vocabulary:
+            dtype = normalised.dtype
+            return (normalised @ self._weight.to(dtype) + self._bias.to(dtype)).float()
+        return normalised.float() @ self._weight + self._bias
 
     def rows(self, rows: slice) -> "LogitReader":
         """This reader for the prompts `rows` of its batch (a chunk of them)."""
         part = copy.copy(self)
         part.positions = self.positions[rows]
-        part._device_positions = self._device_positions[rows]
+        part._copies = {slot: positions[rows] for slot, positions in self._copies.items()}
         return part
 
     def only_after_reads(self, site: PatchSite) -> bool:

@@ -1,4 +1,9 @@
-"""Where patched-in values come from: a cache of another run, or zeros."""
+"""Where patched-in values come from: a cache of another run, or zeros.
+
+A cache is checked when the plan is made (names, shapes, dtypes, devices) and placed when the
+plan runs: each activation it gives is moved, once, to the device the model computes that
+activation on, and cast to the model's dtype (`placed`).
+"""
 
 import difflib
 from collections.abc import Callable, Iterable, Mapping
@@ -59,8 +64,9 @@ def _position_axes(hook_name: str) -> tuple[int, ...]:
 
 
 def check_cache(cache, hook_names: Iterable[str], tokens_shape: torch.Size, what: str) -> Mapping[str, torch.Tensor]:
-    """Check that `cache` holds every hook in `hook_names` as a tensor with the orig run's
-    positions and a batch of the same size (or 1)."""
+    """Check that `cache` holds every hook in `hook_names` as a floating-point tensor with
+    values (not on the meta device), the orig run's positions and a batch of the same size
+    (or 1). Its device and floating dtype may be any: `placed` moves and casts it."""
     batch, seq_len = tokens_shape
     tensors = _tl.cache_items(cache)
     for name in hook_names:
@@ -74,6 +80,7 @@ def check_cache(cache, hook_names: Iterable[str], tokens_shape: torch.Size, what
         tensor = tensors[name]
         if not isinstance(tensor, torch.Tensor):
             raise PatchingError(f"{what}[{name!r}] is a {type(tensor).__name__}, expected a tensor.")
+        _check_values(tensor, f"{what}[{name!r}]")
         for axis in _position_axes(name):
             if tensor.ndim <= axis or tensor.shape[axis] != seq_len:
                 raise PatchingError(
@@ -88,6 +95,37 @@ def check_cache(cache, hook_names: Iterable[str], tokens_shape: torch.Size, what
                 f"expected {batch} (or 1, to use the same values for every prompt)."
             )
     return tensors
+
+
+def _check_values(tensor: torch.Tensor, what: str) -> None:
+    """Raise unless `tensor` holds floating-point values that can be moved to the model."""
+    if tensor.is_meta:
+        raise PatchingError(
+            f"{what} is on the meta device: it has a shape but no values, so nothing can be patched in from it. "
+            "Pass a cache recorded on a real device (e.g. from model.run_with_cache)."
+        )
+    if not tensor.is_floating_point():
+        raise PatchingError(
+            f"{what} has dtype {tensor.dtype}: expected floating-point activations (any float dtype: they are cast "
+            "to the model's)."
+        )
+
+
+def placed(model, tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The tensors at `names` where the model computes them, moved and cast once.
+
+    A tensor on one of the model's devices stays there; one on another device (a CPU cache of
+    a GPU model, another GPU) moves to its hook's device (`_tl.hook_device`: its layer's where
+    the model spans several). A tensor of another floating dtype is cast to the model's. A
+    tensor already in place is returned as it is, not copied.
+    """
+    devices, dtype = set(_tl.model_devices(model)), _tl.model_dtype(model)
+    result = {}
+    for name in names:
+        tensor = tensors[name]
+        device = tensor.device if tensor.device in devices else _tl.hook_device(model, name)
+        result[name] = _tl.moved(tensor, device, dtype)
+    return result
 
 
 def checked_tokens(model, model_input, tokens_shape: torch.Size, what: str) -> torch.Tensor:
@@ -117,6 +155,11 @@ def cached_run(model, tokens: torch.Tensor, hook_names: Iterable[str], what: str
     return tensors
 
 
+def _usable(tensor) -> bool:
+    """Whether an optional cache entry can be used (it is then placed like the others)."""
+    return isinstance(tensor, torch.Tensor) and not tensor.is_meta and tensor.is_floating_point()
+
+
 SourceFactory = Callable[[], ActivationSource]
 """Makes a source when a plan runs (running the model if the source is another input)."""
 
@@ -127,8 +170,10 @@ def planned_source(model, model_input, cache, hook_names: Iterable[str], tokens:
 
     The source is `cache` (an ActivationCache or dict; "zero" for zeros where
     `zero_allowed`) or a run of `model_input`, which then also caches the `extra` hooks
-    (a given cache need not hold them). `what` names the cache argument ("new_cache");
-    `missing` is the error when neither is given.
+    (a given cache need not hold them, but those it holds are used). `what` names the cache
+    argument ("new_cache"); `missing` is the error when neither is given. A given cache's
+    activations are moved to the model's devices and cast to its dtype when the source is made
+    (`placed`), once.
     """
     batch = tokens.shape[0]
     input_name = what.replace("_cache", "_input")
@@ -140,7 +185,8 @@ def planned_source(model, model_input, cache, hook_names: Iterable[str], tokens:
         return (lambda: ActivationSource(None, batch)), "zeros (zero ablation)"
     if cache is not None:
         tensors = check_cache(cache, names, tokens.shape, what)
-        return (lambda: ActivationSource(tensors, batch)), f"{what} ({len(_tl.cache_items(cache))} activations)"
+        kept = names | {name for name in extra if _usable(tensors.get(name))}
+        return (lambda: ActivationSource(placed(model, tensors, kept), batch)), f"{what} ({len(tensors)} activations)"
     if model_input is None:
         raise PatchingError(missing)
     other = checked_tokens(model, model_input, tokens.shape, input_name)

@@ -69,7 +69,8 @@ def mean_ablation_cache(cache, groups: Sequence | torch.Tensor | None = None):
             then gets the mean over the prompts of its own group. Default: one group.
 
     Returns:
-        An ActivationCache with the same names and shapes, to pass as `new_cache`.
+        An ActivationCache with the same names, shapes, devices and dtypes, to pass as
+        `new_cache`. Means of half-precision activations are taken in float32.
 
     >>> _, abc_cache = model.run_with_cache(abc_tokens)  # doctest: +SKIP
     >>> means = mean_ablation_cache(abc_cache, groups=templates)  # doctest: +SKIP
@@ -77,14 +78,16 @@ def mean_ablation_cache(cache, groups: Sequence | torch.Tensor | None = None):
     tensors = _tl.cache_items(cache)
     batch = next(iter(tensors.values())).shape[0] if tensors else 0
     row_groups = [torch.arange(batch)] if groups is None else _group_rows(groups, batch)
+    on_device: dict[torch.device, list[torch.Tensor]] = {}
     out = {}
     for name, tensor in tensors.items():
         if tensor.ndim == 0 or tensor.shape[0] != batch or not tensor.is_floating_point():
             out[name] = tensor
             continue
-        mean = torch.empty_like(tensor)
-        for rows in row_groups:
-            rows = rows.to(tensor.device)
-            mean[rows] = tensor[rows].mean(dim=0, keepdim=True).to(tensor.dtype)
+        if tensor.device not in on_device:
+            on_device[tensor.device] = [rows.to(tensor.device) for rows in row_groups]
+        mean, summed_in = torch.empty_like(tensor), torch.promote_types(tensor.dtype, torch.float32)
+        for rows in on_device[tensor.device]:
+            mean[rows] = tensor[rows].to(summed_in).mean(dim=0, keepdim=True).to(tensor.dtype)
         out[name] = mean
     return _tl.make_cache(out, cache.model)

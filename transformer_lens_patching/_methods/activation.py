@@ -188,8 +188,9 @@ def act_patch(
             its logits.
         verbose: Show a progress bar, and for an IterNode print each result's dims.
         batch_size: Patched variants per forward pass (default: as many as fit in `max_memory`).
-        max_memory: Bytes of activations one forward pass may use (default 256 MiB on
-            CPU, 2 GiB on accelerators).
+        max_memory: Bytes of activations one forward pass may use (default 256 MiB on the
+            CPU; on CUDA half of the GPU's free memory when the plan is made; 2 GiB on other
+            accelerators; see Concepts, "Devices and precision").
 
     Returns:
         For a Node or list of Nodes, what the metric returned. For an IterNode, a dict from
@@ -207,7 +208,7 @@ def act_patch(
         model, orig_input, patching_nodes, patching_metric, new_input, new_cache, apply_metric_to_cache,
         batch_size=batch_size, max_memory=max_memory,
     )  # fmt: skip
-    result = plan.assemble(plan.run(progress=verbose))
+    result = plan.compute(progress=verbose)
     if verbose:
         print_shapes(result)
     return result

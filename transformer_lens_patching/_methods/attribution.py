@@ -158,9 +158,9 @@ def attr_patch(
         changes = sum(changes.abs() for changes in change_sets) / max(len(layers) - 1, 1)
     else:
         (changes,) = change_sets
-    values = changes if estimate == "delta" else orig_value + changes
+    values = changes if estimate == "delta" else orig_value.to(changes.device) + changes
     if not patched.is_sweep:
-        return values[0]
+        return values[0].cpu()
     return assembled_sweeps(patched.resolved, values, dims)
 
 
@@ -217,13 +217,19 @@ def _dropped(gradient_pass: GradientPass, differentiated: list[str], layer: int)
 
 def _integrated(gradient_pass: GradientPass, orig: dict, differences: dict, first: dict, steps: int) -> dict:
     """The mean gradient at each hook over the points orig + (k / steps) * difference, k = 0 ..
-    steps - 1, each hook interpolated on its own; `first` holds the gradients at k = 0."""
-    totals = {name: gradient.clone() for name, gradient in first.items()}
+    steps - 1, each hook interpolated on its own; `first` holds the gradients at k = 0. The
+    points are computed and the gradients summed in float32 (or the model's dtype, if wider)."""
+    totals = {name: gradient.to(_wide(gradient), copy=True) for name, gradient in first.items()}
     for k in range(1, steps):
         for name in totals:
-            point = {name: orig[name] + (k / steps) * differences[name]}
+            point = {name: orig[name].to(_wide(orig[name])) + (k / steps) * differences[name]}
             totals[name] += gradient_pass([name], fills=point).gradients[name]
     return {name: total / steps for name, total in totals.items()}
+
+
+def _wide(tensor: Tensor) -> torch.dtype:
+    """The dtype attribution sums in: float32, or the tensor's own if it is wider (float64)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _difference(new: Tensor, orig: Tensor) -> Tensor:
@@ -233,14 +239,15 @@ def _difference(new: Tensor, orig: Tensor) -> Tensor:
 
 def _linear_changes(cells: list[list[PatchSite]], differences: dict[str, Tensor], gradients: dict[str, Tensor],
                     tokens: Tensor) -> list[Tensor]:  # fmt: skip
-    """Each cell's first-order change, per prompt: (new - orig) . gradient over its sites.
+    """Each cell's first-order change, per prompt: (new - orig) . gradient over its sites, the
+    products summed in float32 (or wider) whatever the model's dtype, on the input device.
 
     Cells of one site (a sweep's cells) are read from one table per hook: the weighted
     differences summed over everything but the batch, the position and the unit, then
     gathered for all such cells of that hook at once.
     """
     batch = tokens.shape[0]
-    weighted = {name: difference * gradients[name] for name, difference in differences.items()}
+    weighted = {name: difference.to(_wide(difference)) * gradients[name] for name, difference in differences.items()}
     changes: list[Tensor | None] = [None] * len(cells)
     single: dict[tuple[str, int | None], list[int]] = {}
     for index, cell in enumerate(cells):
@@ -252,15 +259,17 @@ def _linear_changes(cells: list[list[PatchSite]], differences: dict[str, Tensor]
     for (name, width), members in single.items():
         table = _position_unit_table(weighted[name], lookup(name)[0])
         units = torch.tensor([cells[i][0].unit if cells[i][0].unit is not None else -1 for i in members])
+        units = _tl.moved(units, table.device)
         if width is None:
             per_unit = table.sum(1)
             per_unit = torch.cat([per_unit, per_unit.sum(1, keepdim=True)], dim=1)
-            picked = per_unit[:, units.to(per_unit.device)].T
+            picked = per_unit[:, units].T
         else:
             table = torch.cat([table, table.sum(2, keepdim=True)], dim=2)
             positions = torch.stack([cells[i][0].device_positions for i in members]).to(table.device)
             rows = torch.arange(batch, device=table.device)[None, :, None]
-            picked = table[rows, positions, units.to(table.device)[:, None, None]].sum(-1)
+            picked = table[rows, positions, units[:, None, None]].sum(-1)
+        picked = picked.to(tokens.device)
         for row, index in enumerate(members):
             changes[index] = picked[row]
     return changes
@@ -283,10 +292,10 @@ def _cell_change(cell: list[PatchSite], weighted: dict[str, Tensor], batch: int,
         tensor = weighted[name]
         sites = [site for site in cell if site.hook_name == name]
         if len(sites) == 1:
-            per_row = per_row + tensor[sites[0].index(0, batch, tensor.device)].reshape(batch, -1).sum(1)
+            per_row = per_row + tensor[sites[0].index(0, batch, tensor.device)].reshape(batch, -1).sum(1).to(device)
             continue
         mask = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
         for site in sites:
             mask[site.index(0, batch, tensor.device)] = True
-        per_row = per_row + (tensor * mask).reshape(batch, -1).sum(1)
+        per_row = per_row + (tensor * mask).reshape(batch, -1).sum(1).to(device)
     return per_row

@@ -107,7 +107,7 @@ def qk_changes(model, tokens: Tensor, qk_parts: list[tuple[int, list[PatchSite]]
     appear once per layer. `orig` holds the orig run's activations at every patched hook,
     each such layer's `hook_pattern` and, where passes start late, its `hook_resid_pre`;
     each of `gradient_sets` the metric's gradient at each such pattern. Returns, per set,
-    {cell: (batch,) change}.
+    {cell: (batch,) change}, summed in float32 whatever the model's dtype, on the input device.
     """
     shape = _tl.model_shape(model)
     shapes = {name: tensor.shape for name, tensor in orig.items()}
@@ -125,16 +125,25 @@ def qk_changes(model, tokens: Tensor, qk_parts: list[tuple[int, list[PatchSite]]
     batch = tokens.shape[0]
     for layer, variants in by_layer.items():
         pattern = hook_name("pattern", layer)
+        _rows_to(variants, tokens.device)
         per_pass = variants_per_pass(len(variants), tokens, shape, batch_size, max_memory, logits_per_prompt=0)
         for start in range(0, len(variants), per_pass):
             chunk = variants[start : start + per_pass]
             patterns = _patterns_under(model, tokens, layer, chunk, new_value, orig)
-            moved = patterns - orig[pattern].repeat(len(chunk), 1, 1, 1)
+            moved = (patterns.to(orig[pattern].device) - orig[pattern].repeat(len(chunk), 1, 1, 1)).float()
             for gradients, found in zip(gradient_sets, changes):
                 per_row = (moved * gradients[pattern].repeat(len(chunk), 1, 1, 1)).sum(-1)
+                per_row = per_row.to(tokens.device)
                 for offset, variant in enumerate(chunk):
                     _read_apart(per_row[offset * batch : (offset + 1) * batch], variant, found)
     return changes
+
+
+def _rows_to(variants: list[_Variant], device: torch.device) -> None:
+    """Move the query-row masks `_read_apart` reads to `device`, once, before any pass runs."""
+    for variant in variants:
+        for _, _, touch in variant.members:
+            touch.rows = {head: _tl.moved(mask, device) for head, mask in touch.rows.items()}
 
 
 def _read_apart(rows: Tensor, variant: _Variant, found: dict[int, Tensor]) -> None:
@@ -144,7 +153,7 @@ def _read_apart(rows: Tensor, variant: _Variant, found: dict[int, Tensor]) -> No
     for cell, _, touch in variant.members:
         change = sum((rows[:, head].sum(-1) for head in sorted(touch.whole)), rows.new_zeros(batch))
         for head, mask in touch.rows.items():
-            change = change + (rows[:, head] * mask.to(rows.device)).sum(-1)
+            change = change + (rows[:, head] * mask).sum(-1)
         found[cell] = found.get(cell, 0) + change
 
 

@@ -80,7 +80,7 @@ def evaluate_circuit(
     """
     plan = plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_input, new_cache,
                                    batch_size=batch_size, max_memory=max_memory)  # fmt: skip
-    result = plan.assemble(plan.run())
+    result = plan.compute()
     return result["circuit"] if isinstance(result, dict) else result
 
 
@@ -247,7 +247,7 @@ class _CircuitRows:
 
     def __init__(self, wiring: Wiring, removed: Tensor, ablated: ActivationSource, w_o: Tensor):
         self.wiring, self.ablated, self.w_o = wiring, ablated, w_o
-        self.plans = {}
+        plans = {}
         for name, columns in wiring.columns.items():
             gone = removed[:, : wiring.upstream[name], columns]
             if not gone.any():
@@ -257,15 +257,19 @@ class _CircuitRows:
             from_total = len(kept_senders) < len(removed_senders)
             senders = kept_senders if from_total else removed_senders
             weights = (~gone if from_total else gone)[:, senders].float()
-            self.plans[name] = (from_total, senders, weights)
+            plans[name] = (from_total, senders, weights)
         self.needed = torch.zeros(len(wiring.graph.senders), dtype=torch.bool)
-        for _, senders, _ in self.plans.values():
+        for _, senders, _ in plans.values():
             self.needed[senders] = True
-        self.needs_total = any(from_total for from_total, _, _ in self.plans.values())
+        self.needs_total = any(from_total for from_total, _, _ in plans.values())
+        self.plans = {name: (from_total, _tl.moved(senders, w_o.device), _tl.moved(weights, w_o.device, w_o.dtype))
+                      for name, (from_total, senders, weights) in plans.items()}  # fmt: skip
+        """Each edited receiver hook's senders and weights, on the device of the changes (W_O's)."""
         self.changes: Tensor | None = None
-        """(senders, batch, pos, d_model): the kept senders' changes, one contiguous row each."""
+        """(senders, batch, pos, d_model): the kept senders' changes, one contiguous row each, on
+        W_O's device (the input device, where layers are spread over several)."""
         self.total: Tensor | None = None
-        """(batch, pos, d_model): the sum of every sender's change so far."""
+        """(batch, pos, d_model): the sum of every sender's change so far, kept in float32."""
 
     def add_to(self, program: PatchProgram, row_start: int) -> None:
         for name, slots in self.wiring.sender_slots.items():
@@ -277,33 +281,32 @@ class _CircuitRows:
     def _keep_change(self, name: str, slots: slice, live: Tensor) -> None:
         change = live - self.ablated.tensor_like(name, live).to(live)
         if self.changes is None:
-            batch, seq_len = live.shape[:2]
-            self.changes = live.new_zeros(len(self.wiring.graph.senders), batch, seq_len, self.w_o.shape[-1])
-            self.total = live.new_zeros(batch, seq_len, self.w_o.shape[-1]) if self.needs_total else None
+            shape, device = (*live.shape[:2], self.w_o.shape[-1]), self.w_o.device
+            self.changes = torch.zeros(len(self.wiring.graph.senders), *shape, dtype=live.dtype, device=device)
+            wide = torch.promote_types(live.dtype, torch.float32)
+            self.total = torch.zeros(shape, dtype=wide, device=device) if self.needs_total else None
         if change.ndim == 4:
             per_head = torch.einsum("bphe,hed->hbpd", change, self.w_o[int(name.split(".")[1])].to(change))
-            self.changes[slots] = per_head
+            self.changes[slots] = per_head.to(self.changes.device)
             if self.total is not None:
-                self.total += per_head.sum(0)
+                self.total += per_head.sum(0, dtype=self.total.dtype).to(self.total.device)
         else:
-            self.changes[slots.start] = change
+            self.changes[slots.start] = change.to(self.changes.device)
             if self.total is not None:
-                self.total += change
+                self.total += change.to(self.total.device)
 
     def _rebuild(self, name: str, receiver_input: Tensor) -> None:
         from_total, senders, weights = self.plans[name]
-        changes = self.changes[senders.to(self.changes.device)]
-        weights = weights.to(changes)
+        changes = self.changes[senders]
         if weights.shape[0] == 1:
             terms = (weights[0].T @ changes.flatten(1)).view(weights.shape[-1], *changes.shape[1:])
         else:
             terms = torch.einsum("psr,sbpd->rbpd", weights, changes)
-        terms = terms.permute(1, 2, 0, 3)
+        terms = terms.permute(1, 2, 0, 3).to(receiver_input.device)
         if receiver_input.ndim == 3:
             terms = terms.squeeze(2)
         if from_total:
-            total = self.total if receiver_input.ndim == 3 else self.total.unsqueeze(2)
-            receiver_input -= total
-            receiver_input += terms
+            total = (self.total if receiver_input.ndim == 3 else self.total.unsqueeze(2)).to(receiver_input.device)
+            receiver_input.copy_(receiver_input.to(total.dtype) - total + terms)
         else:
             receiver_input -= terms

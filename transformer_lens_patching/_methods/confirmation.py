@@ -214,7 +214,7 @@ def confirm(
     what = f"the {len(chosen)} cells of {patching_nodes!r} with the largest estimated change"
     plan = plan_cells(model, tokens, layout[0].sites, layout, what, metric, new_input, new_cache,
                       batch_size=batch_size, max_memory=max_memory)  # fmt: skip
-    exact = plan.assemble(plan.run(progress=progress))[CONFIRMED].as_tensor().double()
+    exact = plan.compute(progress=progress)[CONFIRMED].as_tensor().double()
     exact = exact.mean(-1) if per_prompt else exact
     places = list(_cell_places(sweeps))
     cells = tuple(

@@ -136,13 +136,13 @@ def attr_path_patch(
                            lambda site: [2 * site.layer + site.component.write_offset])  # fmt: skip
         gradients = [[_read_gradient(read, run.gradients, neuron_gradients) for read in cell] for cell in reads]
         points = [[read.point for read in cell] for cell in reads]
-        read_terms = _Terms.from_lists(gradients, points)
+        read_terms = _Terms.from_lists(gradients, points, writes.tensors.device)
         reaching = (writes.points[:, None] <= read_terms.points[None, :]).to(writes.tensors.dtype)
         pairs = torch.einsum("wbpd,rbpd->wrb", writes.tensors, read_terms.tensors) * reaching[..., None]
         changes = torch.einsum("ws,wrb,rt->stb", writes.cells, pairs, read_terms.cells)
     per_prompt = run.dims == ("batch",)
     changes = changes if per_prompt else changes.sum(-1)
-    values = changes if estimate == "delta" else run.value + changes
+    values = changes if estimate == "delta" else run.value.to(changes.device) + changes
     return _assembled(sender_nodes, senders, receiver_nodes, receivers, values, run.dims)
 
 
@@ -251,7 +251,8 @@ def _neuron_mask(read: _Read, tokens_shape, d_mlp: int) -> Tensor:
 @dataclass(frozen=True)
 class _Terms:
     """Per-site tensors of one side, stacked: `tensors` (term, batch, pos, d_model), the
-    residual `points` they write or read, and `cells` (term, cell): which cell each belongs to."""
+    residual `points` they write or read, and `cells` (term, cell): which cell each belongs to.
+    Products of two sides' terms are summed in float32."""
 
     tensors: Tensor
     points: Tensor
@@ -263,8 +264,11 @@ class _Terms:
                               [[p for site in cell for p in points_of(site)] for cell in cells])  # fmt: skip
 
     @classmethod
-    def from_lists(cls, tensors: list[list[Tensor]], points: list[list[int]]) -> "_Terms":
-        flat = [t for cell in tensors for t in cell]
+    def from_lists(cls, tensors: list[list[Tensor]], points: list[list[int]], device=None) -> "_Terms":
+        """Terms in float32 (or wider) on `device` (default: the first term's), whatever the
+        model's dtype and devices."""
+        device = tensors[0][0].device if device is None else device
+        flat = [t.to(device, torch.promote_types(t.dtype, torch.float32)) for cell in tensors for t in cell]
         membership = torch.zeros(len(flat), len(tensors), dtype=flat[0].dtype, device=flat[0].device)
         row = 0
         for cell, terms in enumerate(tensors):

@@ -32,7 +32,7 @@ from .._core.sources import ActivationSource, planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from .activation import NOTHING_TO_PATCH_IN
-from .attribution import _check_choice, _checked_steps
+from .attribution import _check_choice, _checked_steps, _wide
 from .common import check_hooks_exist, resolve_metric
 from .gradients import GradientPass, GradientRun, NeuronRead
 
@@ -129,25 +129,30 @@ def _scored_pairs(gradient_pass: GradientPass, graph: EdgeGraph, senders: list[s
     """The orig run's gradient pass and (batch, sender, receiver) scores of every node pair,
     reduced chunk by chunk of prompts so that no receiver gradient outlives its chunk; for
     EAP-IG averaged over the interpolated passes (a score is linear in the gradient). The
-    senders' output changes are those of the orig and new runs, kept per chunk."""
+    senders' output changes are those of the orig and new runs, kept per chunk. Scores are
+    products summed in float32 whatever the model's dtype, on the input device."""
     outputs: dict[int, Tensor] = {}
-    embeddings: dict[int, Tensor] = {}
 
     def scored(rows: slice, part: GradientRun) -> Tensor:
         if rows.start not in outputs:
             outputs[rows.start] = _flattened(_graph_sender_outputs(gradient_pass.model, graph, part.activations,
                                                                    new.rows(rows)))  # fmt: skip
-            embeddings[rows.start] = part.activations[EMBEDDINGS]
-        gradients = _flattened(torch.cat([_with_unit_axis(part.gradients[name]) for name in receivers], dim=2))
-        return torch.bmm(outputs[rows.start], gradients.transpose(1, 2))
+        device = outputs[rows.start].device
+        parts = [_with_unit_axis(part.gradients[name]).to(device) for name in receivers]
+        gradients = _flattened(torch.cat(parts, dim=2))
+        return torch.bmm(outputs[rows.start].float(), gradients.float().transpose(1, 2))
 
-    run = gradient_pass(receivers, [*senders, EMBEDDINGS], reduce=scored)
-    per_pair = torch.cat(run.reduced)
+    def scored_with_embeddings(rows: slice, part: GradientRun) -> tuple[Tensor, Tensor]:
+        return scored(rows, part), part.activations[EMBEDDINGS]
+
+    run = gradient_pass(receivers, [*senders, EMBEDDINGS], reduce=scored_with_embeddings)
+    per_pair = torch.cat([scores for scores, _ in run.reduced])
     if steps > 1:
-        start = torch.cat([embeddings[key] for key in sorted(embeddings)])
+        start = torch.cat([embeddings for _, embeddings in run.reduced])
         moved = difference(EMBEDDINGS, {EMBEDDINGS: start}, new)
         for k in range(1, steps):
-            point = gradient_pass(receivers, fills={EMBEDDINGS: start + (k / steps) * moved}, reduce=scored)
+            fills = {EMBEDDINGS: start.to(_wide(start)) + (k / steps) * moved}
+            point = gradient_pass(receivers, fills=fills, reduce=scored)
             per_pair = per_pair + torch.cat(point.reduced)
         per_pair = per_pair / steps
     return run, per_pair
@@ -174,7 +179,7 @@ def _graph_sender_outputs(model, graph: EdgeGraph, orig: dict, new: ActivationSo
         parts.append(torch.einsum("bphe,hed->bphd", z, w_o[layer].to(z)))
         if graph.has_mlps:
             parts.append(difference(hook_name("mlp_out", layer), orig, new).unsqueeze(2))
-    return torch.cat(parts, dim=2)
+    return torch.cat([part.to(parts[0].device) for part in parts], dim=2)
 
 
 def difference(name: str, orig: dict, new: ActivationSource) -> Tensor:
@@ -193,17 +198,18 @@ def eap_gradients(gradient_pass: GradientPass, recorded: Sequence[str], differen
                   new: ActivationSource, steps: int, *, stopped: Sequence[tuple[str, Tensor]] = (),
                   neuron_reads: Sequence[NeuronRead] = ()) -> GradientRun:  # fmt: skip
     """The orig run's gradients; for EAP-IG (`steps` > 1) averaged with those of `steps - 1`
-    more passes whose embeddings are interpolated toward the new run's."""
+    more passes whose embeddings are interpolated toward the new run's (points and sums in
+    float32 whatever the model's dtype)."""
     first = gradient_pass(differentiated, [*recorded, EMBEDDINGS], stopped=stopped, neuron_reads=neuron_reads)
     if steps == 1:
         return first
     start = first.activations[EMBEDDINGS]
     moved = difference(EMBEDDINGS, first.activations, new)
-    gradients = {name: g.clone() for name, g in first.gradients.items()}
-    neurons = [g.clone() for g in first.through_neurons]
+    gradients = {name: g.to(_wide(g), copy=True) for name, g in first.gradients.items()}
+    neurons = [g.to(_wide(g), copy=True) for g in first.through_neurons]
     for k in range(1, steps):
-        point = gradient_pass(differentiated, fills={EMBEDDINGS: start + (k / steps) * moved}, stopped=stopped,
-                              neuron_reads=neuron_reads)  # fmt: skip
+        point = gradient_pass(differentiated, fills={EMBEDDINGS: start.to(_wide(start)) + (k / steps) * moved},
+                              stopped=stopped, neuron_reads=neuron_reads)  # fmt: skip
         for name in gradients:
             gradients[name] += point.gradients[name]
         for total, gradient in zip(neurons, point.through_neurons):

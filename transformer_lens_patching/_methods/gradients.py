@@ -5,7 +5,8 @@ this one class for gradients. A pass is a `PatchProgram` that records activation
 zeros requiring grad where a gradient is wanted (`differentiate`), optionally fills hooks
 with given values (integrated gradients), stops the gradient at some slices (GradDrop,
 receivers that block each other), and pulls gradients back through chosen MLP neurons
-only. Prompts run in chunks that fit the memory budget.
+only. Prompts run in chunks that fit the memory budget; under torch.distributed the ranks
+share the chunks (at least one each) and gather their results.
 """
 
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _tl
+from .._core import distributed
 from .._core.components import hook_name, residual_hooks
 from .._core.executor import logit_reader
 from .._core.measure import MetricCalls, as_tensor
@@ -56,7 +58,10 @@ class GradientPass:
     is then run again with gradients and given its rows of it: exact for any metric, even
     one that mixes prompts, at the cost of one more forward pass per chunk (`split_inputs`:
     the passes use per-head q/k/v input hooks, which the chunks must leave room for). A metric that
-    declares the logits it reads gets only those, from the final residual stream.
+    declares the logits it reads gets only those, from the final residual stream. Under
+    torch.distributed the prompts are split into at least one chunk per rank, each rank runs
+    its chunks, and every rank gets every chunk's result: the same, bit for bit, as one
+    process running those chunks (`max_memory` small enough to make them).
     """
 
     def __init__(self, model, tokens: Tensor, metric, max_memory: int | None = None, split_inputs: bool = False):
@@ -75,10 +80,16 @@ class GradientPass:
         given values (one batch each) and no gradient flowing back through the `stopped`
         (hook, mask or None for all of it) slices. With `reduce`, each chunk of prompts'
         activations and gradients go to `reduce(rows, run)` as soon as they are computed and
-        only its results are kept: the peak memory is then one chunk's."""
+        only its results are kept: the peak memory is then one chunk's. Under torch.distributed
+        a rank calls `reduce` for its own chunks only, so everything the caller needs must be in
+        what it returns."""
         tokens, batch = self._tokens, self._tokens.shape[0]
         calls = MetricCalls(self._metric, batch, selected=self._reader is not None, model=self.model)
-        chunks = [slice(start, min(start + self._chunk, batch)) for start in range(0, batch, self._chunk)]
+        ranks = distributed.current_ranks()
+        chunk = self._chunk if ranks is None else min(self._chunk, -(-batch // ranks.world_size))
+        chunks = [slice(start, min(start + chunk, batch)) for start in range(0, batch, chunk)]
+        if ranks is not None:
+            distributed.check_same("gradient pass", (tuple(tokens.shape), chunk, tuple(differentiated)), ranks)
         plan = _Pass(list(differentiated), list(recorded), fills, list(stopped), list(neuron_reads))
         if len(chunks) == 1:
             with torch.enable_grad():
@@ -88,26 +99,39 @@ class GradientPass:
             if reduce is None:
                 return part
             return GradientRun(part.value, part.dims, {}, {}, [], [reduce(slice(0, batch), part)])
+        mine = range(len(chunks)) if ranks is None else ranks.mine(range(len(chunks)))
         with torch.no_grad():
-            logits = torch.cat([self._run(tokens[rows], plan.rows(rows, recorded=False), rows)[0] for rows in chunks])
+            logits = self._everyones(ranks, {i: self._run(tokens[chunks[i]], plan.rows(chunks[i], recorded=False),
+                                                           chunks[i])[0] for i in mine})  # fmt: skip
+            logits = torch.cat(logits)
         with torch.enable_grad():
             logits.requires_grad_(True)
             value = _measured(calls, logits)
             (logit_gradient,) = torch.autograd.grad(value.sum(), logits)
-        parts = []
-        for rows in chunks:
+        parts = {}
+        for i in mine:
+            rows = chunks[i]
             with torch.enable_grad():
                 chunk_logits, live = self._run(tokens[rows], plan.rows(rows), rows)
                 part = live.gradients(chunk_logits, logit_gradient[rows])
-            parts.append(part if reduce is None else reduce(rows, GradientRun(value.detach(), calls.dims, *part)))
+            parts[i] = part if reduce is None else reduce(rows, GradientRun(value.detach(), calls.dims, *part))
             del part, live, chunk_logits
             release_freed_memory(tokens.device)
+        parts = self._everyones(ranks, parts)
         if reduce is not None:
             return GradientRun(value.detach(), calls.dims, {}, {}, [], parts)
         activations = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
         gradients = {name: torch.cat([part[1][name] for part in parts]) for name in differentiated}
         neurons = [torch.cat([part[2][i] for part in parts]) for i in range(len(neuron_reads))]
         return GradientRun(value.detach(), calls.dims, activations, gradients, neurons)
+
+    def _everyones(self, ranks: distributed.Ranks | None, mine: dict[int, object]) -> list:
+        """Every chunk's result in chunk order: this process's own, or under torch.distributed
+        every rank's (each rank runs its share of the chunks)."""
+        if ranks is not None:
+            everyones = distributed.gather(mine, ranks, self._tokens.device)
+            mine = {i: part for shares in everyones for i, part in shares.items()}
+        return [mine[i] for i in sorted(mine)]
 
     def _run(self, tokens: Tensor, plan: "_Pass", rows: slice) -> tuple[Tensor, "_Live"]:
         """One pass of the prompts `rows` (`tokens`): their logits, or the selected logits."""

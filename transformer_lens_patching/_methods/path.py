@@ -205,8 +205,9 @@ def path_patch(
         direct_includes_mlps: Whether paths through MLPs count as direct (module docstring).
         verbose: Show progress bars, and for an IterNode print each result's dims.
         batch_size: Patched variants per forward pass (default: fit in `max_memory`).
-        max_memory: Bytes of activations one forward pass may use (default 256 MiB on
-            CPU, 2 GiB on accelerators).
+        max_memory: Bytes of activations one forward pass may use (default 256 MiB on the
+            CPU; on CUDA half of the GPU's free memory when the plan is made; 2 GiB on other
+            accelerators; see Concepts, "Devices and precision").
 
     Returns:
         The metric's value, or for an IterNode a dict of PatchResults, as for `act_patch`.
@@ -222,7 +223,7 @@ def path_patch(
         apply_metric_to_cache, names_filter_for_cache_metric, direct_includes_mlps,
         batch_size=batch_size, max_memory=max_memory,
     )  # fmt: skip
-    result = plan.assemble(plan.run(progress=verbose))
+    result = plan.compute(progress=verbose)
     if verbose:
         print_shapes(result)
     return result

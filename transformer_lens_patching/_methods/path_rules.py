@@ -254,5 +254,5 @@ def residual_write(site: PatchSite, difference: Tensor, weights: OutputWeights) 
         return difference
     batch, seq_len = difference.shape[:2]
     mask = torch.zeros(batch, seq_len, dtype=difference.dtype, device=difference.device)
-    mask[torch.arange(batch, device=difference.device).unsqueeze(1), site.positions.to(difference.device)] = 1
+    mask[torch.arange(batch, device=difference.device).unsqueeze(1), site.device_positions.to(difference.device)] = 1
     return difference * mask.unsqueeze(-1)

@@ -93,9 +93,9 @@ class PathPatchSession:
         """Set each receiver's input to orig plus the reaching senders' new - orig."""
         variant, orig = self._run.plan.variants[cell], self._orig
         for receiver in variant.receivers:
-            reaching = [self._cached_contribution(s) for s in variant.senders if reaches(s, receiver)]
-            delta = torch.stack(reaching).sum(0) if reaching else None
             base = orig.value(input_base_hook(receiver))
+            reaching = [self._cached_contribution(s).to(base.device) for s in variant.senders if reaches(s, receiver)]
+            delta = torch.stack(reaching).sum(0) if reaching else None
             value = base if delta is None else base + delta
             inputs = HEAD_INPUTS.get(receiver.component.name)
             if inputs is None:

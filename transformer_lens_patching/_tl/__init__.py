@@ -7,6 +7,18 @@ nowhere else. The rest of the library calls it as `_tl.<function>`.
 """
 
 from .cache import cache_items, make_cache, run_with_cache
+from .devices import (
+    HALF_DTYPES,
+    check_placed,
+    hook_device,
+    layer_device,
+    model_device,
+    model_devices,
+    model_dtype,
+    moved,
+    norm_device,
+    output_device,
+)
 from .flags import flags_for, model_flags, resid_mid_feeds_only_the_mlp, supports_split_qkv_input
 from .forward import (
     attention_replaced,
@@ -25,7 +37,6 @@ from .model import (
     attention_scores_patchable,
     check_deterministic,
     hook_names,
-    model_device,
     model_shape,
     to_tokens,
     w_o,
@@ -34,10 +45,11 @@ from .model import (
 from .version import CACHE_CLASS, MODEL_CLASSES, TL_MAJOR, TL_VERSION, ActivationCache, check_model
 
 __all__ = [
-    "ActivationCache", "CACHE_CLASS", "MODEL_CLASSES", "ModelShape", "TL_MAJOR", "TL_VERSION", "active_dropout",
-    "attention_replaced", "attention_scores_patchable", "boot_hf_folder", "cache_items", "can_start_late",
-    "check_deterministic", "check_model", "final_norm", "flags_for", "forward_logits", "hook_names", "hooks",
-    "load_pretrained", "make_cache", "model_device", "model_flags", "model_shape", "output_hooked",
-    "resid_mid_feeds_only_the_mlp", "run_with_cache", "supports_split_qkv_input", "to_tokens", "unembed",
-    "unembed_columns", "w_o", "w_out",
+    "CACHE_CLASS", "HALF_DTYPES", "MODEL_CLASSES", "TL_MAJOR", "TL_VERSION", "ActivationCache", "ModelShape",
+    "active_dropout", "attention_replaced", "attention_scores_patchable", "boot_hf_folder", "cache_items",
+    "can_start_late", "check_deterministic", "check_model", "check_placed", "final_norm", "flags_for",
+    "forward_logits", "hook_device", "hook_names", "hooks", "layer_device", "load_pretrained", "make_cache",
+    "model_device", "model_devices", "model_dtype", "model_flags", "model_shape", "moved", "norm_device",
+    "output_device", "output_hooked", "resid_mid_feeds_only_the_mlp", "run_with_cache", "supports_split_qkv_input",
+    "to_tokens", "unembed", "unembed_columns", "w_o", "w_out",
 ]  # fmt: skip

@@ -5,6 +5,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .devices import layer_device, moved, norm_device, output_device
 from .version import TL_MAJOR
 
 
@@ -18,9 +19,10 @@ def hooks(model, fwd_hooks: list) -> Iterator[None]:
 def forward_logits(model, model_input: torch.Tensor, start_layer: int = 0) -> torch.Tensor:
     """The model's logits: from tokens, or from `model_input` = the residual stream entering
     `start_layer` (0 < start_layer < n_layers; see `can_start_late`) without computing the
-    layers before it."""
+    layers before it; that residual stream is moved to the device of `start_layer` first."""
     if start_layer == 0:
         return model(model_input, return_type="logits")
+    model_input = moved(model_input, layer_device(model, start_layer))
     if TL_MAJOR >= 4:
         with _blocks_skipped(model, start_layer):
             return model(model_input, start_at_layer=start_layer)
@@ -28,17 +30,19 @@ def forward_logits(model, model_input: torch.Tensor, start_layer: int = 0) -> to
 
 
 def unembed(model, residual: torch.Tensor) -> torch.Tensor:
-    """Logits from the final residual stream: the final LayerNorm and the unembedding."""
+    """Logits from the final residual stream: the final LayerNorm and the unembedding (each on
+    its own device)."""
+    residual = moved(residual, norm_device(model))
     if TL_MAJOR >= 4:
-        return model.unembed(model.ln_final(residual))
+        return model.unembed(moved(model.ln_final(residual), output_device(model)))
     return model(residual, start_at_layer=model.cfg.n_layers)
 
 
 def final_norm(model, residual: torch.Tensor) -> torch.Tensor:
-    """The final LayerNorm (or RMSNorm) of `residual`, which may hold any subset of positions;
-    the identity on models without one."""
+    """The final LayerNorm (or RMSNorm) of `residual`, which may hold any subset of positions,
+    on the norm's device; the identity on models without one."""
     norm = getattr(model, "ln_final", None)
-    return residual if norm is None else norm(residual)
+    return residual if norm is None else norm(moved(residual, norm_device(model)))
 
 
 def output_hooked(model) -> bool:
@@ -48,11 +52,13 @@ def output_hooked(model) -> bool:
 
 
 def unembed_columns(model, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unembedding's weight (d_model, n) and bias (n,) for `token_ids` (None: all tokens)."""
+    """The unembedding's weight (d_model, n) and bias (n,) for `token_ids` (None: all tokens),
+    on the unembedding's device."""
     weight, bias = model.W_U, model.b_U
     if token_ids is None:
         return weight, bias
-    return weight[:, token_ids], bias[token_ids]
+    token_ids = moved(token_ids, weight.device)
+    return weight[:, token_ids], bias.to(weight.device)[token_ids]
 
 
 def can_start_late(model) -> bool:

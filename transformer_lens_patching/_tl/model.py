@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PatchingError
+from .devices import model_device, model_devices, model_dtype, moved
 from .version import TL_MAJOR
 
 
@@ -20,6 +21,10 @@ class ModelShape:
     d_mlp: int
     d_vocab: int
     has_mlps: bool
+    element_size: int = 4
+    """Bytes per activation value: 4 in float32, 2 in float16 and bfloat16."""
+    devices: tuple[torch.device, ...] = ()
+    """The devices the model's parameters are on (several where its layers are spread)."""
 
     def unit_count(self, unit: str) -> int:
         """How many heads, key/value heads or neurons a layer has."""
@@ -39,12 +44,9 @@ def model_shape(model) -> ModelShape:
         d_mlp=cfg.d_mlp or 0,
         d_vocab=cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab,
         has_mlps=not getattr(cfg, "attn_only", False) and bool(cfg.d_mlp),
+        element_size=torch.empty((), dtype=model_dtype(model)).element_size(),
+        devices=model_devices(model),
     )
-
-
-def model_device(model) -> torch.device:
-    """The device of the model's parameters."""
-    return next(model.parameters()).device
 
 
 def hook_names(model) -> set[str]:
@@ -53,7 +55,8 @@ def hook_names(model) -> set[str]:
 
 
 def to_tokens(model, model_input) -> torch.Tensor:
-    """Tokens for a string, a list of strings or a token tensor, on the model's device."""
+    """Tokens for a string, a list of strings or a token tensor, on the model's input device
+    (`model_device`): a token tensor on another device is moved there."""
     if isinstance(model_input, torch.Tensor):
         tokens = model_input
     elif isinstance(model_input, (str, list)):
@@ -70,17 +73,32 @@ def to_tokens(model, model_input) -> torch.Tensor:
         raise PatchingError(f"Token input must be an int tensor of shape (batch, pos), got {tuple(tokens.shape)} {tokens.dtype}.")
     if 0 in tokens.shape:
         raise PatchingError(f"Token input has shape {tuple(tokens.shape)}: expected at least one prompt of at least one token.")
-    return tokens.to(model_device(model))
+    if tokens.is_meta:
+        raise PatchingError("The token input is on the meta device: it has a shape but no token ids. Pass real tokens.")
+    return moved(tokens, model_device(model))
 
 
 def w_o(model) -> torch.Tensor:
-    """Stacked attention output weights, (layer, head, d_head, d_model)."""
-    return model.W_O
+    """Stacked attention output weights, (layer, head, d_head, d_model), on the input device
+    where the layers are spread over several."""
+    if TL_MAJOR >= 4:
+        return model.W_O
+    return _stacked([block.attn.W_O for block in model.blocks], model)
 
 
 def w_out(model) -> torch.Tensor:
-    """Stacked MLP output weights, (layer, d_mlp, d_model)."""
-    return model.W_out
+    """Stacked MLP output weights, (layer, d_mlp, d_model), on the input device where the
+    layers are spread over several."""
+    if TL_MAJOR >= 4:
+        return model.W_out
+    return _stacked([block.mlp.W_out for block in model.blocks], model)
+
+
+def _stacked(weights: list[torch.Tensor], model) -> torch.Tensor:
+    """HookedTransformer's stacking of per-layer weights, gathered on the input device first
+    (its own `W_O` cannot stack layers on different devices)."""
+    device = model_device(model)
+    return torch.stack([weight.to(device) for weight in weights])
 
 
 def active_dropout(model) -> list[str]:

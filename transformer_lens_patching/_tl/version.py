@@ -5,6 +5,7 @@ import importlib.metadata
 from transformer_lens import ActivationCache
 
 from ..errors import PatchingError
+from .devices import check_placed
 
 TL_VERSION: str = importlib.metadata.version("transformer-lens")
 TL_MAJOR: int = int(TL_VERSION.split(".")[0])
@@ -23,9 +24,11 @@ CACHE_CLASS: type = ActivationCache
 
 
 def check_model(model) -> None:
-    """Raise a PatchingError unless `model` is a TransformerLens model of this version."""
+    """Raise a PatchingError unless `model` is a TransformerLens model of this version, with
+    every parameter on a real device (see `check_placed`)."""
     if not isinstance(model, MODEL_CLASSES):
         expected = " or ".join(cls.__name__ for cls in MODEL_CLASSES)
         raise PatchingError(
             f"Expected a TransformerLens {TL_VERSION} model ({expected}), got {type(model).__name__}."
         )
+    check_placed(model)

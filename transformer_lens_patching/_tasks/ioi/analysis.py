@@ -297,7 +297,7 @@ class _Experiment:
         return f"step {number}/{STEP_COUNT}"
 
     def run(self, plan: PatchPlan, label: str):
-        return plan.assemble(plan.run(progress=label if self.progress else False))
+        return plan.compute(progress=label if self.progress else False)
 
     def record(self, step: Step, began: float) -> Step:
         step.seconds = time.perf_counter() - began
