@@ -1,5 +1,5 @@
-"""The attribution benchmark runs end to end on small shapes (`--tiny`); its speed targets are
-the benchmark's to check, on the GPT-2-small shape, not this test's."""
+"""The attribution, circuit and GPU benchmarks run end to end on small shapes (`--tiny`); their
+speed targets are the benchmarks' to check, on their full shapes, not these tests'."""
 
 from __future__ import annotations
 
@@ -11,16 +11,21 @@ import pytest
 
 from tests.models import TL_MAJOR
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "attribution.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def tiny_run(script: str, capsys) -> tuple[object, list[str]]:
+    """Run `benchmarks/<script>.py --tiny` in this process: its module, and the lines it printed."""
+    spec = importlib.util.spec_from_file_location(f"{script}_benchmark", BENCHMARKS / f"{script}.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.main(["--tiny"]) == 0
+    return benchmark, capsys.readouterr().out.splitlines()
 
 
 @pytest.mark.skipif(TL_MAJOR < 4, reason="the benchmark compares with TransformerLens 4.3's attribution helpers")
 def test_attribution_benchmark_tiny(capsys):
-    spec = importlib.util.spec_from_file_location("attribution_benchmark", BENCHMARK)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    assert benchmark.main(["--tiny"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    benchmark, lines = tiny_run("attribution", capsys)
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| comparison")]
     names = [row.split(" | ")[0] for row in rows]
     expected = ["| attr_patch vs act_patch, heads", "| attr_patch vs act_patch, neurons", "| attr_edges EAP vs",
@@ -43,11 +48,7 @@ def _gpt2_style_edge_count(n_layers: int, n_heads: int) -> int:
 
 @pytest.mark.skipif(TL_MAJOR < 4, reason="the benchmark's main sections run on a TransformerBridge")
 def test_circuit_benchmark_tiny(capsys):
-    spec = importlib.util.spec_from_file_location("circuit_benchmark", BENCHMARK.parent / "circuits.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    assert benchmark.main(["--tiny"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    benchmark, lines = tiny_run("circuits", capsys)
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| measurement")]
     tiny = benchmark.SHAPES["tiny"]
     edges = _gpt2_style_edge_count(tiny["n_layer"], tiny["n_head"])
@@ -65,11 +66,7 @@ def test_circuit_benchmark_tiny(capsys):
 
 
 def test_gpu_benchmark_tiny(capsys):
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", BENCHMARK.parent / "gpu.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    assert benchmark.main(["--tiny"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    benchmark, lines = tiny_run("gpu", capsys)
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| row |")]
     assert lines[0].startswith("device CPU") and "transformer-lens" in lines[0], lines[0]
     titles = [line for line in lines if line.startswith("## ")]

@@ -17,6 +17,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from .. import _tl
 from ..errors import PatchingError
 
 T = TypeVar("T")
@@ -70,8 +71,8 @@ def gather(local: object, ranks: Ranks, device: torch.device | None = None) -> l
     """Every rank's `local`, in rank order, on every rank. Tensors travel on the CPU and
     come back on `device` (default: the CPU)."""
     parts: list = [None] * ranks.world_size
-    dist.all_gather_object(parts, moved(local, torch.device("cpu")))
-    return parts if device is None or device.type == "cpu" else [moved(part, device) for part in parts]
+    dist.all_gather_object(parts, _tl.moved_all(local, torch.device("cpu"), detach=True))
+    return parts if device is None or device.type == "cpu" else [_tl.moved_all(part, device) for part in parts]
 
 
 def check_same(what: str, fingerprint: object, ranks: Ranks) -> None:
@@ -86,13 +87,3 @@ def check_same(what: str, fingerprint: object, ranks: Ranks) -> None:
             "Give every rank the same arguments, or shard by hand with plan.shard(index, count)."
         )
 
-
-def moved(value: object, device: torch.device) -> object:
-    """`value` with every tensor in it (inside dicts, lists and tuples) on `device`, detached."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
-    if isinstance(value, dict):
-        return {key: moved(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(moved(item, device) for item in value)
-    return value

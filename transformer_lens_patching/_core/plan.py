@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from .. import _tl
 from ..errors import PatchingError
 from ..results import PatchResult
 from . import distributed
@@ -237,7 +238,7 @@ class PatchPlan:
                 "pass the outputs of every shard."
             )
         if self.layout is None:
-            return _on_cpu(values[0])
+            return _tl.moved_all(values[0], torch.device("cpu"))
         return assembled_sweeps(self.layout, [values[cell] for cell in range(self.n_cells)], dims or ())
 
     def __str__(self) -> str:
@@ -266,15 +267,6 @@ class PatchPlan:
     def __repr__(self) -> str:
         shard = f", shard {self.shard_of[0]}/{self.shard_of[1]}" if self.shard_of else ""
         return f"<PatchPlan {self.method}: {len(self.cells)} cells in {len(self.passes)} passes{shard}>"
-
-
-def _on_cpu(value):
-    """A single result on the CPU, as a sweep's are: a tensor, or a tuple or list of them."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_on_cpu(part) for part in value)
-    return value
 
 
 def unpatched_block(cells: Sequence[int], n_layers: int) -> Block:

@@ -86,7 +86,7 @@ def mean_ablation_cache(cache, groups: Sequence | torch.Tensor | None = None):
             continue
         if tensor.device not in on_device:
             on_device[tensor.device] = [rows.to(tensor.device) for rows in row_groups]
-        mean, summed_in = torch.empty_like(tensor), torch.promote_types(tensor.dtype, torch.float32)
+        mean, summed_in = torch.empty_like(tensor), _tl.summing_dtype(tensor.dtype)
         for rows in on_device[tensor.device]:
             mean[rows] = tensor[rows].to(summed_in).mean(dim=0, keepdim=True).to(tensor.dtype)
         out[name] = mean

@@ -219,17 +219,12 @@ def _integrated(gradient_pass: GradientPass, orig: dict, differences: dict, firs
     """The mean gradient at each hook over the points orig + (k / steps) * difference, k = 0 ..
     steps - 1, each hook interpolated on its own; `first` holds the gradients at k = 0. The
     points are computed and the gradients summed in float32 (or the model's dtype, if wider)."""
-    totals = {name: gradient.to(_wide(gradient), copy=True) for name, gradient in first.items()}
+    totals = {name: gradient.to(_tl.summing_dtype(gradient.dtype), copy=True) for name, gradient in first.items()}
     for k in range(1, steps):
         for name in totals:
-            point = {name: orig[name].to(_wide(orig[name])) + (k / steps) * differences[name]}
+            point = {name: orig[name].to(_tl.summing_dtype(orig[name].dtype)) + (k / steps) * differences[name]}
             totals[name] += gradient_pass([name], fills=point).gradients[name]
     return {name: total / steps for name, total in totals.items()}
-
-
-def _wide(tensor: Tensor) -> torch.dtype:
-    """The dtype attribution sums in: float32, or the tensor's own if it is wider (float64)."""
-    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _difference(new: Tensor, orig: Tensor) -> Tensor:
@@ -247,7 +242,8 @@ def _linear_changes(cells: list[list[PatchSite]], differences: dict[str, Tensor]
     gathered for all such cells of that hook at once.
     """
     batch = tokens.shape[0]
-    weighted = {name: difference.to(_wide(difference)) * gradients[name] for name, difference in differences.items()}
+    weighted = {name: difference.to(_tl.summing_dtype(difference.dtype)) * gradients[name]
+                for name, difference in differences.items()}  # fmt: skip
     changes: list[Tensor | None] = [None] * len(cells)
     single: dict[tuple[str, int | None], list[int]] = {}
     for index, cell in enumerate(cells):

@@ -283,7 +283,7 @@ class _CircuitRows:
         if self.changes is None:
             shape, device = (*live.shape[:2], self.w_o.shape[-1]), self.w_o.device
             self.changes = torch.zeros(len(self.wiring.graph.senders), *shape, dtype=live.dtype, device=device)
-            wide = torch.promote_types(live.dtype, torch.float32)
+            wide = _tl.summing_dtype(live.dtype)
             self.total = torch.zeros(shape, dtype=wide, device=device) if self.needs_total else None
         if change.ndim == 4:
             per_head = torch.einsum("bphe,hed->hbpd", change, self.w_o[int(name.split(".")[1])].to(change))

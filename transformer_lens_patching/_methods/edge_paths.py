@@ -268,7 +268,7 @@ class _Terms:
         """Terms in float32 (or wider) on `device` (default: the first term's), whatever the
         model's dtype and devices."""
         device = tensors[0][0].device if device is None else device
-        flat = [t.to(device, torch.promote_types(t.dtype, torch.float32)) for cell in tensors for t in cell]
+        flat = [t.to(device, _tl.summing_dtype(t.dtype)) for cell in tensors for t in cell]
         membership = torch.zeros(len(flat), len(tensors), dtype=flat[0].dtype, device=flat[0].device)
         row = 0
         for cell, terms in enumerate(tensors):

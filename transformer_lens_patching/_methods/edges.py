@@ -32,7 +32,7 @@ from .._core.sources import ActivationSource, planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from .activation import NOTHING_TO_PATCH_IN
-from .attribution import _check_choice, _checked_steps, _wide
+from .attribution import _check_choice, _checked_steps
 from .common import check_hooks_exist, resolve_metric
 from .gradients import GradientPass, GradientRun, NeuronRead
 
@@ -151,7 +151,7 @@ def _scored_pairs(gradient_pass: GradientPass, graph: EdgeGraph, senders: list[s
         start = torch.cat([embeddings for _, embeddings in run.reduced])
         moved = difference(EMBEDDINGS, {EMBEDDINGS: start}, new)
         for k in range(1, steps):
-            fills = {EMBEDDINGS: start.to(_wide(start)) + (k / steps) * moved}
+            fills = {EMBEDDINGS: start.to(_tl.summing_dtype(start.dtype)) + (k / steps) * moved}
             point = gradient_pass(receivers, fills=fills, reduce=scored)
             per_pair = per_pair + torch.cat(point.reduced)
         per_pair = per_pair / steps
@@ -205,11 +205,11 @@ def eap_gradients(gradient_pass: GradientPass, recorded: Sequence[str], differen
         return first
     start = first.activations[EMBEDDINGS]
     moved = difference(EMBEDDINGS, first.activations, new)
-    gradients = {name: g.to(_wide(g), copy=True) for name, g in first.gradients.items()}
-    neurons = [g.to(_wide(g), copy=True) for g in first.through_neurons]
+    gradients = {name: g.to(_tl.summing_dtype(g.dtype), copy=True) for name, g in first.gradients.items()}
+    neurons = [g.to(_tl.summing_dtype(g.dtype), copy=True) for g in first.through_neurons]
     for k in range(1, steps):
-        point = gradient_pass(differentiated, fills={EMBEDDINGS: start.to(_wide(start)) + (k / steps) * moved},
-                              stopped=stopped, neuron_reads=neuron_reads)  # fmt: skip
+        fills = {EMBEDDINGS: start.to(_tl.summing_dtype(start.dtype)) + (k / steps) * moved}
+        point = gradient_pass(differentiated, fills=fills, stopped=stopped, neuron_reads=neuron_reads)
         for name in gradients:
             gradients[name] += point.gradients[name]
         for total, gradient in zip(neurons, point.through_neurons):

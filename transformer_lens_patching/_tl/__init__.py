@@ -16,8 +16,10 @@ from .devices import (
     model_devices,
     model_dtype,
     moved,
+    moved_all,
     norm_device,
     output_device,
+    summing_dtype,
 )
 from .flags import flags_for, model_flags, resid_mid_feeds_only_the_mlp, supports_split_qkv_input
 from .forward import (
@@ -49,7 +51,7 @@ __all__ = [
     "active_dropout", "attention_replaced", "attention_scores_patchable", "boot_hf_folder", "cache_items",
     "can_start_late", "check_deterministic", "check_model", "check_placed", "final_norm", "flags_for",
     "forward_logits", "hook_device", "hook_names", "hooks", "layer_device", "load_pretrained", "make_cache",
-    "model_device", "model_devices", "model_dtype", "model_flags", "model_shape", "moved", "norm_device",
-    "output_device", "output_hooked", "resid_mid_feeds_only_the_mlp", "run_with_cache", "supports_split_qkv_input",
-    "to_tokens", "unembed", "unembed_columns", "w_o", "w_out",
+    "model_device", "model_devices", "model_dtype", "model_flags", "model_shape", "moved", "moved_all", "norm_device",
+    "output_device", "output_hooked", "resid_mid_feeds_only_the_mlp", "run_with_cache", "summing_dtype",
+    "supports_split_qkv_input", "to_tokens", "unembed", "unembed_columns", "w_o", "w_out",
 ]  # fmt: skip

@@ -15,6 +15,15 @@ from ..errors import PatchingError
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 """The half-precision dtypes: metric values and attribution sums are computed in float32 on such models."""
 
+def summing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums that decide a result run in: float32, or `dtype` if it is wider (float64).
+
+    >>> summing_dtype(torch.bfloat16)
+    torch.float32
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -84,6 +93,18 @@ def check_placed(model) -> None:
             "or never loaded): patching reads the weights directly, so every layer must be on a real device. "
             "Load the model without offloading, e.g. with a device_map over GPUs only."
         )
+
+
+def moved_all(value: object, device: torch.device, detach: bool = False) -> object:
+    """`value` with every tensor in it (inside dicts, lists and tuples) on `device`, detached
+    if `detach`; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return (value.detach() if detach else value).to(device)
+    if isinstance(value, dict):
+        return {key: moved_all(item, device, detach) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(moved_all(item, device, detach) for item in value)
+    return value
 
 
 def moved(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

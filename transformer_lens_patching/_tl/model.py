@@ -44,7 +44,7 @@ def model_shape(model) -> ModelShape:
         d_mlp=cfg.d_mlp or 0,
         d_vocab=cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab,
         has_mlps=not getattr(cfg, "attn_only", False) and bool(cfg.d_mlp),
-        element_size=torch.empty((), dtype=model_dtype(model)).element_size(),
+        element_size=model_dtype(model).itemsize,
         devices=model_devices(model),
     )
 
