@@ -16,7 +16,10 @@ residual_labels; the input and output encodings (input_names/input_ids, output_v
 bos_id, output_label); and, for every input of the vocabulary at full length (BOS first), the
 token ids `inputs`, tracr's residual stream after the embeddings and after each half-layer
 `residuals` (inputs, 1 + 2 * n_layers, positions, d_model) and its decoded output ids `outputs`
-(the argmax of its unembedding; position 0, BOS, is -1).
+(the argmax of its unembedding; position 0, BOS, is -1). Last, the program's own values, from
+RASP's evaluator rather than the compiled model: `sop_labels` names every SOp of the program and
+`sop_values` (SOps, inputs, MAX_SEQ_LEN) holds each one's value at each position of each input
+(without BOS), written as tracr writes values in the residual stream's labels ("sop:value").
 """
 
 import itertools
@@ -84,6 +87,21 @@ def run_all(model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, np.stack([np.asarray(r) for r in stream], axis=1), outputs
 
 
+def program_values(program) -> tuple[np.ndarray, np.ndarray]:
+    """Every SOp of the program and its value at each position of every full-length input, as text."""
+    from tracr.rasp import rasp
+
+    sops, stack = {}, [program]
+    while stack:
+        expr = stack.pop()
+        if isinstance(expr, rasp.SOp) and expr.label not in sops:
+            sops[expr.label] = expr
+        stack.extend(expr.children)
+    inputs = list(itertools.product(VOCAB, repeat=MAX_SEQ_LEN))
+    values = [[[str(v) for v in rasp.evaluate(sop, list(row))] for row in inputs] for sop in sops.values()]
+    return np.array(list(sops)), np.array(values)
+
+
 def main(path: str) -> None:
     began = time.time()
     program, model = compile_program()
@@ -106,6 +124,7 @@ def main(path: str) -> None:
         arrays |= layer_weights(params, config, layer, d_model)
     compiled = time.time()
     arrays["inputs"], arrays["residuals"], arrays["outputs"] = run_all(model)
+    arrays["sop_labels"], arrays["sop_values"] = program_values(program)
     np.savez(path, **arrays)
     print(f"compiled in {compiled - began:.1f}s, ran {len(arrays['inputs'])} inputs in {time.time() - compiled:.1f}s")
 

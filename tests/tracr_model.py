@@ -4,7 +4,9 @@
 (`requirements/tracr.txt`; the package's own environments never get jax): the environment
 variable TLP_TRACR_PYTHON names its python. It writes the compiled weights, the residual
 stream's labels, the token encodings and tracr's own outputs on every input to an npz file,
-kept under ~/.cache/transformer_lens_patching/tracr/ and remade when the script changes.
+kept under ~/.cache/transformer_lens_patching/tracr/ under a key of everything that decides it
+(`compile_key`: the script, the tracr environment's Python and installed packages, the platform
+and the processor), so no test reads a compile made by another version or on another machine.
 
 tracr's model is a stack of layers, each an attention block then an MLP, with no LayerNorm,
 ReLU MLPs, bidirectional attention scaled by 1/sqrt(key_size), one-hot embeddings and an
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -57,10 +60,35 @@ def tracr_python() -> str | None:
     return python if python and os.access(python, os.X_OK) else None
 
 
+ENVIRONMENT = (
+    "import importlib.metadata as m, platform, sys; "
+    "print(sys.version, platform.platform(), *sorted(f'{d.name}=={d.version}' for d in m.distributions()))"
+)
+"""Prints what the tracr environment is: its Python, its platform and every installed package's version."""
+
+
+def processor() -> str:
+    """The processor's model and features (which decide how jax's kernels round), where Linux says them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+def compile_key(python: str) -> str:
+    """A digest of everything that decides the compiled npz: the compile script, the tracr
+    environment (Python, platform, installed packages) and the processor."""
+    environment = subprocess.run([python, "-c", ENVIRONMENT], check=True, capture_output=True, text=True).stdout
+    parts = (SCRIPT.read_bytes(), environment.encode(), platform.machine().encode(), processor().encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
 def compiled_npz(python: str) -> Path:
-    """The compile script's npz, compiled with `python` unless the cache holds it for this script."""
-    digest = hashlib.sha256(SCRIPT.read_bytes()).hexdigest()[:16]
-    path = CACHE / f"sort-{digest}.npz"
+    """The compile script's npz, compiled with `python` unless the cache holds one made with the
+    same `compile_key`."""
+    path = CACHE / f"sort-{compile_key(python)}.npz"
     if path.exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
