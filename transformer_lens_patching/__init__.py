@@ -8,6 +8,7 @@ other modules are private. Importing the package installs the TransformerLens pl
 
 from . import ioi as ioi
 from ._core.circuit import Circuit as Circuit
+from ._core.distributed import set_rank_timeout as set_rank_timeout
 from ._core.graph import Edge as Edge
 from ._core.graph import EdgeGraph as EdgeGraph
 from ._core.graph import EdgeScores as EdgeScores
@@ -69,7 +70,7 @@ __all__ = [
     "Node", "IterNode", "SeqPos",
     # patching
     "act_patch", "path_patch", "attr_patch", "plan_act_patch", "plan_path_patch", "PatchPlan", "PlanOutputs", "Pass",
-    "Block",
+    "Block", "set_rank_timeout",
     "confirm", "confirm_paths", "Confirmation", "ConfirmedCell",
     # edge attribution and the edge graph
     "attr_edges", "attr_path_patch", "GraphNode", "Edge", "EdgeGraph", "EdgeScores",

@@ -6,12 +6,23 @@ plan's blocks (`PatchPlan.shard`), attribution's chunks of prompts. Each rank ru
 part, the parts are gathered with `all_gather_object` (gloo on CPUs, NCCL on GPUs: the
 group's own backend), and every rank assembles the same result. Without a group, or
 with a group of one process, nothing changes.
+
+Ranks meet only in `exchange`, within a bounded time (`set_rank_timeout`): the check that
+they make the same call (`check_same`) and the agreement after each rank's share of the work
+(`agreed`), which every rank reaches whether its share succeeded or raised. Results move only
+once every rank has said its share succeeded; otherwise every rank raises an error that names
+the failing ranks. A rank that never arrives (killed, out of memory, hung) makes the others
+fail within the timeout with an error that says a rank was lost.
 """
 
+import functools
+import hashlib
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -21,6 +32,14 @@ from .. import _tl
 from ..errors import PatchingError
 
 T = TypeVar("T")
+
+DEFAULT_RANK_TIMEOUT = 300.0
+"""Seconds a rank waits at a meeting point for the others (5 minutes): work is dealt out in turn,
+so healthy ranks arrive within about one block of each other."""
+_settings = {"timeout": DEFAULT_RANK_TIMEOUT}
+_meeting_groups: dict[int, object] = {}
+_ON_EVERY_RANK = "_tlp_raised_on_every_rank"
+"""Set on an exception that every rank has raised together: the meetings above it are skipped."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,27 @@ def current_ranks() -> Ranks | None:
         return None
     world_size = dist.get_world_size()
     return None if world_size < 2 else Ranks(dist.get_rank(), world_size)
+
+
+def set_rank_timeout(seconds: float) -> float:
+    """Set how long a rank waits for the others where ranks meet under torch.distributed (the
+    default is 300 s), and return the previous setting.
+
+    Ranks meet at the start of each sharded call (to check they make the same call) and after
+    each rank's share of the work (to agree that every share succeeded). A rank that has not
+    arrived within `seconds` (killed, out of memory, hung) makes every other rank raise a
+    `PatchingError` saying a rank was lost, instead of waiting for the backend's own timeout
+    (30 minutes). Every rank must set the same value, before the call; raise it where ranks
+    can fall further behind each other than that (very uneven devices).
+
+    >>> previous = set_rank_timeout(60)
+    >>> set_rank_timeout(previous)
+    60.0
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise PatchingError(f"The rank timeout must be a positive number of seconds, got {seconds!r}.")
+    previous, _settings["timeout"] = _settings["timeout"], float(seconds)
+    return previous
 
 
 @contextmanager
@@ -75,15 +115,150 @@ def gather(local: object, ranks: Ranks, device: torch.device | None = None) -> l
     return parts if device is None or device.type == "cpu" else [_tl.moved_all(part, device) for part in parts]
 
 
+def digest(*values: object) -> str:
+    """A digest of inputs every rank must share: tensors by shape, dtype and bytes, anything
+    else by its repr (an ActivationCache or dict of activations by its type only)."""
+    hashed = hashlib.sha256()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().to("cpu").contiguous().reshape(-1)
+            hashed.update(repr((tuple(value.shape), str(value.dtype))).encode())
+            hashed.update(flat.view(torch.uint8).numpy().tobytes())
+        elif value is None or isinstance(value, (str, int, float, list, tuple)):
+            hashed.update(repr(value).encode())
+        else:
+            hashed.update(type(value).__name__.encode())
+    return hashed.hexdigest()
+
+
 def check_same(what: str, fingerprint: object, ranks: Ranks) -> None:
     """Raise a PatchingError unless every rank gives the same `fingerprint` of `what`: ranks
     must make the same call for their parts to assemble."""
-    fingerprints = gather(fingerprint, ranks)
+    fingerprints = exchange(fingerprint, ranks, f"the start of a {what}")
     differing = [rank for rank, theirs in enumerate(fingerprints) if theirs != fingerprints[0]]
     if differing:
-        raise PatchingError(
+        raise _on_every_rank(PatchingError(
             f"Under torch.distributed every rank must make the same call, but rank {differing[0]} of "
             f"{ranks.world_size} built a different {what} than rank 0 (e.g. other inputs, nodes or settings). "
             "Give every rank the same arguments, or shard by hand with plan.shard(index, count)."
-        )
+        ))
 
+
+def shared_by_ranks(function: Callable[..., T]) -> Callable[..., T]:
+    """`function` made to end the same way on every rank under torch.distributed: whatever it
+    raises on one rank (its front half, a metric, an assembly) is told to the others at its
+    end (`agreed`), so no rank is left waiting at a later meeting."""
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        with agreed(current_ranks(), function.__name__):
+            return function(*args, **kwargs)
+
+    return call
+
+
+@contextmanager
+def agreed(ranks: Ranks | None, what: str) -> Iterator[None]:
+    """Within: this rank's share of `what`. On leaving, whether the share succeeded or raised,
+    every rank tells every other its outcome; if any rank failed, the ranks that succeeded raise
+    a PatchingError naming the failing ranks and their errors, and each failing rank re-raises
+    its own exception with that note added. Without ranks, nothing is exchanged."""
+    if ranks is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException as error:
+        if not getattr(error, _ON_EVERY_RANK, False):
+            _add_note(error, _told_the_others(error, ranks, what))
+            _on_every_rank(error)
+        raise
+    failures = _failures(exchange(None, ranks, f"the end of {what}"), ranks, what)
+    if failures:
+        raise _on_every_rank(PatchingError(
+            f"{failures} This rank (rank {ranks.rank}) stopped too. The failing rank's own traceback is in its log."
+        ))
+
+
+def _told_the_others(error: BaseException, ranks: Ranks, what: str) -> str:
+    """Tell the other ranks of this rank's `error`; the note that says what came of it."""
+    try:
+        outcomes = exchange(_described(error), ranks, f"the end of {what}")
+    except PatchingError as lost:
+        return str(lost)
+    return f"{_failures(outcomes, ranks, what)} Every rank was told and stopped."
+
+
+def exchange(mine: object, ranks: Ranks, where: str) -> list:
+    """Every rank's `mine` (small and picklable), in rank order, within the rank timeout: a
+    monitored barrier first (which names the ranks that do not arrive), then the values.
+    `where` names the meeting point in the error when a rank is lost."""
+    timeout = _settings["timeout"]
+    try:
+        group = _meeting_group(timeout)
+        dist.monitored_barrier(group, timeout=timedelta(seconds=timeout), wait_all_ranks=True)
+        everyones: list = [None] * ranks.world_size
+        dist.all_gather_object(everyones, mine, group=group)
+    except RuntimeError as error:
+        raise _on_every_rank(PatchingError(_lost_message(error, ranks, where, timeout))) from error
+    return everyones
+
+
+def _on_every_rank(error: BaseException) -> BaseException:
+    """Mark `error` as raised on every rank alike (so no rank meets the others about it again)."""
+    setattr(error, _ON_EVERY_RANK, True)
+    return error
+
+
+def _meeting_group(timeout: float):
+    """A gloo group of every rank, for the meetings (monitored barriers are gloo's alone), made
+    once per default process group; the default group itself where it is gloo."""
+    default = dist.group.WORLD
+    if dist.get_backend(default) == "gloo":
+        return default
+    key = id(default)
+    if key not in _meeting_groups:
+        _meeting_groups.clear()
+        _meeting_groups[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    return _meeting_groups[key]
+
+
+def _lost_message(error: RuntimeError, ranks: Ranks, where: str, timeout: float) -> str:
+    missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(error))
+    others = [str(rank) for rank in range(ranks.world_size) if rank != ranks.rank]
+    lost = missing.group(1).strip().split(", ") if missing else others if len(others) == 1 else []
+    who = f"rank {lost[0]}" if len(lost) == 1 else f"ranks {', '.join(lost)}" if lost else "another rank"
+    return (
+        f"A rank was lost under torch.distributed: rank {ranks.rank} of {ranks.world_size} waited for the others "
+        f"at {where}, and {who} did not arrive within {timeout:g} s or closed its connection (it died, "
+        f"was killed, ran out of memory or hangs). Its own log says why; this process group cannot be used "
+        f"again. (The backend said: {_first_line(error)})"
+    )
+
+
+def _failures(outcomes: list, ranks: Ranks, what: str) -> str:
+    """The sentence naming each failing rank and its error, or "" when none failed."""
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if not failed:
+        return ""
+    listed = "; ".join(f"rank {rank}: {outcome}" for rank, outcome in failed)
+    count = f"{len(failed)} of {ranks.world_size} ranks"
+    return f"Under torch.distributed, {count} failed in their share of {what} ({listed})."
+
+
+def _described(error: BaseException) -> str:
+    """The error's type and the first line of its message."""
+    line = _first_line(error)
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """Add `note` to the exception's report (Python 3.11+; older Pythons show the exception alone)."""
+    add_note: Callable[[str], None] | None = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(note)

@@ -118,6 +118,8 @@ class PatchPlan:
     """The dims the metric declares its values have (None: known once it has run)."""
     blocks: tuple[Block, ...]
     _start: SessionFactory = field(repr=False, compare=False)
+    inputs: tuple = field(default=(), repr=False, compare=False)
+    """The inputs every rank must share under torch.distributed (orig and new), checked by digest."""
     shard_of: tuple[int, int] | None = None
     """(index, count) for a shard made by `shard`; None for a whole plan."""
     plan_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
@@ -202,15 +204,20 @@ class PatchPlan:
         by `torchrun --nproc-per-node N`), every rank runs `shard(rank, world_size)`, the
         shards' outputs are gathered with the group's backend, and every rank returns the
         whole result, equal bit for bit to the single-process one. Every rank must make the
-        same call. Only rank 0 shows the progress bar.
+        same call (the same plan and inputs: checked first). Only rank 0 shows the progress bar.
+        If any rank's share raises, every rank raises: the others a PatchingError naming the
+        failing ranks and their errors, each failing rank its own error with that note; a rank
+        that never arrives makes the others fail within the rank timeout (`set_rank_timeout`).
 
         >>> result = plan_act_patch(model, corrupted, IterNode("z"), metric, new_input=clean).compute()  # doctest: +SKIP
         """
         ranks = distributed.current_ranks()
         if ranks is None or self.shard_of is not None:
             return self.assemble(self.run(progress=progress))
-        distributed.check_same("plan", (self.method, self.n_cells, self.description, self.blocks), ranks)
-        part = self.shard(ranks.rank, ranks.world_size).run(progress=progress if ranks.rank == 0 else False)
+        fingerprint = (self.method, self.n_cells, self.description, self.blocks, distributed.digest(*self.inputs))
+        distributed.check_same("plan", fingerprint, ranks)
+        with distributed.agreed(ranks, self.method):
+            part = self.shard(ranks.rank, ranks.world_size).run(progress=progress if ranks.rank == 0 else False)
         parts = distributed.gather(part, ranks)
         return self.assemble([replace(output, plan_id=self.plan_id) for output in parts])
 

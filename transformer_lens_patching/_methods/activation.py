@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from torch import Tensor
 
 from .. import _tl
+from .._core.distributed import shared_by_ranks
 from .._core.executor import Executor, OrigResiduals, logit_reader, metric_calls, progress_bar
 from .._core.measure import declared_dims
 from .._core.memory import check_chunk_args, variants_per_pass
@@ -108,7 +109,8 @@ def plan_cells(
         ("metric", describe_metric(metric, reader, apply_metric_to_cache)),
     )
     run = _ActPatchRun(model, tokens, cells, metric, reader, source, names, apply_metric_to_cache)
-    return PatchPlan("act_patch", description, len(cells), layout, declared_dims(metric), tuple(blocks), run.start)
+    return PatchPlan("act_patch", description, len(cells), layout, declared_dims(metric), tuple(blocks), run.start,
+                     inputs=(tokens, new_input))
 
 
 class _ActPatchRun:
@@ -158,6 +160,7 @@ class _ActPatchSession:
         return dict(zip(pass_.variants, self._executor.run(pass_, add_steps)))
 
 
+@shared_by_ranks
 def act_patch(
     model,
     orig_input: ModelInput,

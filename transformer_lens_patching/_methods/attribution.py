@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import _tl
 from .._core.components import hook_name, lookup
+from .._core.distributed import shared_by_ranks
 from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode, Node
 from .._core.plan import assembled_sweeps
@@ -35,6 +36,7 @@ ESTIMATES = ("value", "delta")
 """What `attr_patch` returns: the estimated patched metric, or only its change."""
 
 
+@shared_by_ranks
 def attr_patch(
     model,
     orig_input: ModelInput,
@@ -132,7 +134,7 @@ def attr_patch(
     linear = sorted({site.hook_name for cell in linear_cells for site in cell})
     differentiated = sorted(set(linear) | {hook_name("pattern", layer) for layer in qk_layers})
     recorded = sorted(patched.names | {hook_name("resid_pre", layer) for layer in qk_layers if layer > 0})
-    gradient_pass = GradientPass(model, tokens, metric, max_memory)
+    gradient_pass = GradientPass(model, tokens, metric, max_memory, new_input=new_input)
     with _tl.model_flags(model, _tl.flags_for(names)), torch.no_grad():
         new = source()
         run = gradient_pass(differentiated, recorded)

@@ -12,12 +12,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .._core.circuit import Circuit
+from .._core.distributed import shared_by_ranks
 from .._core.graph import Edge, EdgeGraph, EdgeScores
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from .circuits import evaluate_circuit
 
 
+@shared_by_ranks
 def exact_edge_scores(
     model,
     orig_input: ModelInput,
@@ -59,6 +61,7 @@ def exact_edge_scores(
     return EdgeScores(graph, scores, "exact", unpatched if unpatched.ndim else float(unpatched))
 
 
+@shared_by_ranks
 def confirm_edges(
     model,
     scores: EdgeScores,

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import _tl
 from .._core.circuit import Circuit
 from .._core.components import hook_name
+from .._core.distributed import shared_by_ranks
 from .._core.executor import Executor, OrigResiduals, logit_reader, metric_calls, progress_bar
 from .._core.graph import EdgeGraph
 from .._core.measure import declared_dims
@@ -35,6 +36,7 @@ from .common import check_hooks_exist, describe_metric, resolve_metric
 from .edges import EMBEDDINGS, NO_HEAD_INPUTS
 
 
+@shared_by_ranks
 def evaluate_circuit(
     model,
     circuits: Circuit | Sequence[Circuit],
@@ -119,7 +121,8 @@ def plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_in
                                         [[] for _ in circuits]),)  # fmt: skip
     edited = {name for circuit in circuits for name in wiring.edited_hooks(~circuit.kept_mask(tokens.shape[1]))}
     run = _CircuitRun(model, tokens, circuits, wiring, metric, reader, source, _tl.flags_for(edited))
-    return PatchPlan("evaluate_circuit", description, len(circuits), layout, declared_dims(metric), blocks, run.start)
+    return PatchPlan("evaluate_circuit", description, len(circuits), layout, declared_dims(metric), blocks, run.start,
+                     inputs=(tokens, new_input))
 
 
 def checked_graph(model, circuits: Sequence[Circuit]) -> EdgeGraph:

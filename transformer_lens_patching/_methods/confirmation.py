@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _tl
+from .._core.distributed import shared_by_ranks
 from .._core.measure import BATCH, MetricCalls, as_tensor
 from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode
@@ -145,6 +146,7 @@ class Confirmation:
         return "\n".join(lines)
 
 
+@shared_by_ranks
 def confirm(
     model,
     estimates: Mapping[str, PatchResult],

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import _tl
 from .._core.components import COMPONENTS, hook_name, lookup
+from .._core.distributed import shared_by_ranks
 from .._core.nodes import IterNode, Node, normalize_seq_pos
 from .._core.program import resid_mid_carries
 from .._core.sites import PatchSite, Sweep, resolve_spec
@@ -30,6 +31,7 @@ from .gradients import GradientPass, NeuronRead
 from .path_rules import HEAD_INPUTS, WHOLE_HEAD_RECEIVERS, OutputWeights, check_specs, residual_write
 
 
+@shared_by_ranks
 def attr_path_patch(
     model,
     orig_input: ModelInput,
@@ -127,7 +129,8 @@ def attr_path_patch(
         new = source()
         through = [NeuronRead(read.layer, _neuron_mask(read, tokens.shape, shape.d_mlp)) for read in neuron_reads]
         stopped = [(read.hook, _slice_mask(read, tokens.shape, shape)) for read in frozen]
-        gradient_pass = GradientPass(model, tokens, metric, split_inputs="use_split_qkv_input" in _tl.flags_for(all_hooks))
+        split = "use_split_qkv_input" in _tl.flags_for(all_hooks)
+        gradient_pass = GradientPass(model, tokens, metric, split_inputs=split, new_input=new_input)
         run = eap_gradients(gradient_pass, sender_hooks, differentiated, new, steps, stopped=stopped,
                             neuron_reads=through)  # fmt: skip
         neuron_gradients = dict(zip(map(id, neuron_reads), run.through_neurons))

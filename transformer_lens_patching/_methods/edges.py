@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .. import _tl
 from .._core.components import hook_name
+from .._core.distributed import shared_by_ranks
 from .._core.graph import EdgeGraph, EdgeScores
 from .._core.memory import check_chunk_args
 from .._core.sources import ActivationSource, planned_source
@@ -42,6 +43,7 @@ EMBEDDINGS = hook_name("resid_pre", 0)
 """The residual stream entering layer 0: the embeddings' output, and where EAP-IG interpolates."""
 
 
+@shared_by_ranks
 def attr_edges(
     model,
     orig_input: ModelInput,
@@ -112,7 +114,7 @@ def attr_edges(
     source, _ = planned_source(model, new_input, new_cache, senders, tokens, "new_cache", NOTHING_TO_PATCH_IN)
     with _tl.model_flags(model, _tl.flags_for(receivers)), torch.no_grad():
         new = source()
-        gradient_pass = GradientPass(model, tokens, metric, max_memory, split_inputs=True)
+        gradient_pass = GradientPass(model, tokens, metric, max_memory, split_inputs=True, new_input=new_input)
         run, per_pair = _scored_pairs(gradient_pass, graph, senders, receivers, new, steps)
     sender_row = {node: i for i, node in enumerate(graph.senders)}
     receiver_row = {node: i for i, node in enumerate(graph.receivers)}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .._core.circuit import Circuit, edge_count
+from .._core.distributed import shared_by_ranks
 from .._core.graph import EdgeScores
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
@@ -83,6 +84,7 @@ class FaithfulnessCurve:
         return f"FaithfulnessCurve({self.method}: CPR {self.cpr:.4f}, CMD {self.cmd:.4f}; {points})"
 
 
+@shared_by_ranks
 def faithfulness_curve(
     model,
     scores: EdgeScores,

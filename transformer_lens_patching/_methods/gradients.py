@@ -64,8 +64,9 @@ class GradientPass:
     process running those chunks (`max_memory` small enough to make them).
     """
 
-    def __init__(self, model, tokens: Tensor, metric, max_memory: int | None = None, split_inputs: bool = False):
-        self.model, self._tokens, self._metric = model, tokens, metric
+    def __init__(self, model, tokens: Tensor, metric, max_memory: int | None = None, split_inputs: bool = False,
+                 new_input: object = None):  # fmt: skip
+        self.model, self._tokens, self._metric, self._new_input = model, tokens, metric, new_input
         shape = _tl.model_shape(model)
         self._chunk = prompts_per_gradient_pass(tokens, shape, max_memory, split_inputs)
         self._reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache=False)
@@ -89,45 +90,55 @@ class GradientPass:
         chunk = self._chunk if ranks is None else min(self._chunk, -(-batch // ranks.world_size))
         chunks = [slice(start, min(start + chunk, batch)) for start in range(0, batch, chunk)]
         if ranks is not None:
-            distributed.check_same("gradient pass", (tuple(tokens.shape), chunk, tuple(differentiated)), ranks)
-        plan = _Pass(list(differentiated), list(recorded), fills, list(stopped), list(neuron_reads))
-        if len(chunks) == 1:
+            inputs = distributed.digest(tokens, self._new_input)
+            distributed.check_same("gradient pass", (tuple(tokens.shape), chunk, tuple(differentiated), inputs), ranks)
+        with distributed.agreed(ranks, "a gradient pass"):
+            plan = _Pass(list(differentiated), list(recorded), fills, list(stopped), list(neuron_reads))
+            if len(chunks) == 1:
+                with torch.enable_grad():
+                    logits, live = self._run(tokens, plan, slice(0, batch))
+                    value = _measured(calls, logits)
+                    part = GradientRun(value.detach(), calls.dims, *live.gradients(value.sum(), None))
+                if reduce is None:
+                    return part
+                return GradientRun(part.value, part.dims, {}, {}, [], [reduce(slice(0, batch), part)])
+            mine = range(len(chunks)) if ranks is None else ranks.mine(range(len(chunks)))
+            with torch.no_grad():
+                logits = self._everyones(ranks, lambda: {
+                    i: self._run(tokens[chunks[i]], plan.rows(chunks[i], recorded=False), chunks[i])[0] for i in mine
+                })
+                logits = torch.cat(logits)
             with torch.enable_grad():
-                logits, live = self._run(tokens, plan, slice(0, batch))
+                logits.requires_grad_(True)
                 value = _measured(calls, logits)
-                part = GradientRun(value.detach(), calls.dims, *live.gradients(value.sum(), None))
-            if reduce is None:
-                return part
-            return GradientRun(part.value, part.dims, {}, {}, [], [reduce(slice(0, batch), part)])
-        mine = range(len(chunks)) if ranks is None else ranks.mine(range(len(chunks)))
-        with torch.no_grad():
-            logits = self._everyones(ranks, {i: self._run(tokens[chunks[i]], plan.rows(chunks[i], recorded=False),
-                                                           chunks[i])[0] for i in mine})  # fmt: skip
-            logits = torch.cat(logits)
-        with torch.enable_grad():
-            logits.requires_grad_(True)
-            value = _measured(calls, logits)
-            (logit_gradient,) = torch.autograd.grad(value.sum(), logits)
-        parts = {}
-        for i in mine:
-            rows = chunks[i]
-            with torch.enable_grad():
-                chunk_logits, live = self._run(tokens[rows], plan.rows(rows), rows)
-                part = live.gradients(chunk_logits, logit_gradient[rows])
-            parts[i] = part if reduce is None else reduce(rows, GradientRun(value.detach(), calls.dims, *part))
-            del part, live, chunk_logits
-            release_freed_memory(tokens.device)
-        parts = self._everyones(ranks, parts)
-        if reduce is not None:
-            return GradientRun(value.detach(), calls.dims, {}, {}, [], parts)
-        activations = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
-        gradients = {name: torch.cat([part[1][name] for part in parts]) for name in differentiated}
-        neurons = [torch.cat([part[2][i] for part in parts]) for i in range(len(neuron_reads))]
-        return GradientRun(value.detach(), calls.dims, activations, gradients, neurons)
+                (logit_gradient,) = torch.autograd.grad(value.sum(), logits)
 
-    def _everyones(self, ranks: distributed.Ranks | None, mine: dict[int, object]) -> list:
-        """Every chunk's result in chunk order: this process's own, or under torch.distributed
-        every rank's (each rank runs its share of the chunks)."""
+            def my_chunks() -> dict[int, object]:
+                parts = {}
+                for i in mine:
+                    rows = chunks[i]
+                    with torch.enable_grad():
+                        chunk_logits, live = self._run(tokens[rows], plan.rows(rows), rows)
+                        part = live.gradients(chunk_logits, logit_gradient[rows])
+                    parts[i] = part if reduce is None else reduce(rows, GradientRun(value.detach(), calls.dims, *part))
+                    del part, live, chunk_logits
+                    release_freed_memory(tokens.device)
+                return parts
+
+            parts = self._everyones(ranks, my_chunks)
+            if reduce is not None:
+                return GradientRun(value.detach(), calls.dims, {}, {}, [], parts)
+            activations = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
+            gradients = {name: torch.cat([part[1][name] for part in parts]) for name in differentiated}
+            neurons = [torch.cat([part[2][i] for part in parts]) for i in range(len(neuron_reads))]
+            return GradientRun(value.detach(), calls.dims, activations, gradients, neurons)
+
+    def _everyones(self, ranks: distributed.Ranks | None, work: Callable[[], dict[int, object]]) -> list:
+        """Every chunk's result in chunk order, from `work()` (this process's chunks, by index):
+        this process's own, or under torch.distributed every rank's, once the ranks agree that
+        every share succeeded."""
+        with distributed.agreed(ranks, "a gradient pass"):
+            mine = work()
         if ranks is not None:
             everyones = distributed.gather(mine, ranks, self._tokens.device)
             mine = {i: part for shares in everyones for i, part in shares.items()}

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import _tl
 from .._core.components import residual_hooks
+from .._core.distributed import shared_by_ranks
 from .._core.executor import logit_reader
 from .._core.measure import declared_dims
 from .._core.memory import check_chunk_args, variants_per_pass
@@ -155,7 +156,8 @@ def plan_path_patch(
     run = PathPatchRun(model, tokens, plan, metric, reader, new, orig, apply_metric_to_cache,
                        names_filter_for_cache_metric)  # fmt: skip
     layout = tuple(sweeps) if sweeps is not None else None
-    return PatchPlan("path_patch", description, len(variants), layout, declared_dims(metric), tuple(blocks), run.start)
+    return PatchPlan("path_patch", description, len(variants), layout, declared_dims(metric), tuple(blocks), run.start,
+                     inputs=(tokens, new_input))
 
 
 def _described(spec, resolved) -> str:
@@ -163,6 +165,7 @@ def _described(spec, resolved) -> str:
     return repr(spec) if isinstance(spec, IterNode) else ", ".join(repr(site.node) for site in resolved)
 
 
+@shared_by_ranks
 def path_patch(
     model,
     orig_input: ModelInput,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from .. import _tl
+from .._core.distributed import shared_by_ranks
 from .._core.nodes import IterNode, Node, normalize_seq_pos
 from .._core.sites import Sweep, resolve_spec
 from .._core.tensor_types import ModelInput, OtherModelInput
@@ -26,6 +27,7 @@ UNIT_DIMS = {"head": "heads", "kv_head": "heads", "neuron": "neurons"}
 """The IterNode restriction that selects each unit dim of a sweep's results."""
 
 
+@shared_by_ranks
 def confirm_paths(
     model,
     estimates: Mapping[str, PatchResult],
