@@ -287,6 +287,8 @@ def test_bad_arguments_are_explained(gpt2_model):
         attr_patch(model, orig, node, logit_diff_metric(), new_input=new, method="ig", steps=0)
     with raises("Nothing to patch in"):
         attr_patch(model, orig, node, logit_diff_metric())
+    with torch.inference_mode(), raises("called under torch.inference_mode"):
+        attr_patch(model, orig, node, logit_diff_metric(), new_input=new)
 
 
 def spearman_and_top10(estimate: torch.Tensor, exact: torch.Tensor) -> tuple[float, int]:

@@ -358,6 +358,11 @@ def test_circuits_from_scores():
     assert pruned == Circuit.from_scores(scores, 10, prune=False).pruned()
 
 
+def json_with(graph, **fields) -> str:
+    """The JSON of the full circuit of `graph` with some fields replaced."""
+    return json.dumps({**json.loads(Circuit.full(graph).to_json()), **fields})
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -376,6 +381,11 @@ def test_circuits_from_scores():
         (lambda g, e: Circuit.from_json("{}"), "not the JSON of Circuit.to_json"),
         (lambda g, e: Circuit.from_json(Circuit(g, [e]).to_json().replace("head 0.1 (q)", "head 0.9 (q)")),
          "edges its graph does not have"),
+        (lambda g, e: Circuit.from_json(json_with(g, edges=None)), "its edges are None"),
+        (lambda g, e: Circuit.from_json(json_with(g, edges=5)), "its edges are 5"),
+        (lambda g, e: Circuit.from_json(json_with(g, positions=[])), r"its positions are \[\]"),
+        (lambda g, e: Circuit.from_json(json_with(g, positions={"embed -> logits": 3})),
+         "the positions of 'embed -> logits' are 3"),
     ],
 )
 def test_circuit_errors(call, message):
@@ -396,9 +406,12 @@ def test_evaluation_errors(small_model):
         evaluate_circuit(model, Circuit.full(EdgeGraph.of(model)), orig, metric)
     with raises("same metric"):
         faithfulness_curve(model, attr_edges(model, orig, metric, new_input=orig), orig, metric, new_input=orig)
-    with raises("at least two increasing"):
-        faithfulness_curve(model, attr_edges(model, orig, metric, new_input=new), orig, metric, new_input=new,
-                           sizes=[0.5, 0.1])  # fmt: skip
+    scores = attr_edges(model, orig, metric, new_input=new)
+    for sizes in ([0.5, 0.1], [0.002, 0.001, 1.0], [0.5], None, "0.5"):
+        with raises("at least two circuit sizes in increasing order"):
+            faithfulness_curve(model, scores, orig, metric, new_input=new, sizes=sizes)
+    with torch.inference_mode(), raises("called under torch.inference_mode"):
+        attr_edges(model, orig, metric, new_input=new)
     with raises("candidates must be an int"):
         confirm_edges(model, attr_edges(model, orig, metric, new_input=new), orig, metric, new_input=new, candidates=0)
 

@@ -330,6 +330,13 @@ def report_folder(analysis, tmp_path_factory):
     return folder
 
 
+def test_the_report_files_share_their_permissions(report_folder):
+    """results.json (written through a temporary file) is as readable as report.html and results.csv."""
+    modes = {path.name: path.stat().st_mode & 0o777 for path in report_folder.iterdir()}
+    assert modes.keys() == {"report.html", "results.json", "results.csv"}
+    assert len(set(modes.values())) == 1, modes
+
+
 def test_json_and_csv_hold_every_result(analysis, report_folder):
     data = json.loads((report_folder / "results.json").read_text())
     assert [step["key"] for step in data["steps"]] == STEPS

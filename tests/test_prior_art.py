@@ -393,6 +393,48 @@ def test_stacking_all_five_components_without_gqa(tok):
     assert utils.to_numpy(t.stack(tuple(results.values())) * 100).shape == (5, 2, 4)
 
 
+def test_per_prompt_positions_of_an_iternode():
+    """The prior art's per-prompt positions: `seq_pos` a (batch, k) tensor in an IterNode, with a
+    metric of the logits and with apply_metric_to_cache=True; each layer's cell equals a hand-made
+    hook that writes the clean residual stream at those positions, and the IterNode prints."""
+    from tests import models
+
+    model = models.gpt2_like(n_layers=2)
+    generator = t.Generator().manual_seed(0)
+    clean_tokens = t.randint(100, 2000, (3, 6), generator=generator)
+    flipped_tokens = clean_tokens.flip(0)
+    _, clean_cache = model.run_with_cache(clean_tokens)
+    positions = t.tensor([1, 2]).repeat(3, 1)
+    positions[2] = t.tensor([3, 5])
+    nodes = IterNode("resid_pre", seq_pos=positions)
+    assert "IterNode('resid_pre', seq_pos=" in repr(nodes)
+    last_resid = utils.get_act_name("resid_post", 1)
+
+    def metric(logits):
+        return (logits[:, -1, 5] - logits[:, -1, 6]).mean().item()
+
+    def cache_metric(cache):
+        return cache[last_resid][:, -1, 0].mean().item()
+
+    results = act_patch(model=model, orig_input=flipped_tokens, new_cache=clean_cache, patching_nodes=nodes,
+                        patching_metric=metric)  # fmt: skip
+    on_cache = act_patch(model=model, orig_input=flipped_tokens, new_cache=clean_cache, patching_nodes=nodes,
+                         patching_metric=cache_metric, apply_metric_to_cache=True)  # fmt: skip
+    rows = t.arange(3)[:, None]
+    for layer in range(2):
+        name = utils.get_act_name("resid_pre", layer)
+
+        def write_clean(activation, hook, name=name):
+            activation = activation.clone()
+            activation[rows, positions] = clean_cache[name][rows, positions]
+            return activation
+
+        with model.hooks(fwd_hooks=[(name, write_clean)]):
+            logits, cache = model.run_with_cache(flipped_tokens)
+        assert_close(results["resid_pre"].sel(layer=layer), metric(logits))
+        assert_close(on_cache["resid_pre"].sel(layer=layer), cache_metric(cache))
+
+
 def test_act_patch_residual_stream_by_position(nb, by_position, capsys):
     """Example 2: IterNode([...], seq_pos="each") is (seq_pos, layer), as in the prior art; then one position."""
     results, out = by_position

@@ -238,6 +238,7 @@ class Circuit:
             names, positions = data["edges"], data["positions"]
         except (ValueError, KeyError, TypeError) as error:
             raise PatchingError(f"This is not the JSON of Circuit.to_json(): {error!r}.") from None
+        _check_json_structure(names, positions)
         by_name = {str(edge): edge for edge in graph}
         unknown = [name for name in [*names, *positions] if name not in by_name]
         if unknown:
@@ -250,6 +251,20 @@ class Circuit:
                           for edge in first)  # fmt: skip
         more = f", ... ({len(self) - 4} more)" if len(self) > 4 else ""
         return f"Circuit({len(self)} of {len(self._graph)} edges" + (f": {shown}{more})" if first else ")")
+
+
+def _check_json_structure(names: object, positions: object) -> None:
+    """Raise a PatchingError unless `edges` is a list of edge names and `positions` maps edge
+    names to lists of positions, as `Circuit.to_json` writes them."""
+    expected = ('Circuit JSON holds "edges", a list of edge names, and "positions", an object from edge '
+                'names to lists of positions (e.g. {"embed -> logits": [3, 4]})')  # fmt: skip
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise PatchingError(f"{expected}; its edges are {names!r}.")
+    if not isinstance(positions, dict):
+        raise PatchingError(f"{expected}; its positions are {positions!r}.")
+    for name, where in positions.items():
+        if not isinstance(where, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in where):
+            raise PatchingError(f"{expected}; the positions of {name!r} are {where!r}.")
 
 
 def _writers(receiver: GraphNode, graph: EdgeGraph) -> list[GraphNode]:

@@ -245,6 +245,11 @@ class IterNode:
 
 def _compact(value) -> str:
     """A restriction as `range(a, b)` when it is one, else as given."""
-    if isinstance(value, tuple) and len(value) > 2 and value == tuple(range(value[0], value[-1] + 1)):
+    if (
+        isinstance(value, tuple)
+        and len(value) > 2
+        and all(isinstance(v, int) for v in value)
+        and value == tuple(range(value[0], value[-1] + 1))
+    ):
         return f"range({value[0]}, {value[-1] + 1})"
     return repr(value)

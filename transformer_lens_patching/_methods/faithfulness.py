@@ -125,11 +125,17 @@ def faithfulness_curve(
     if not isinstance(scores, EdgeScores):
         raise PatchingError(f"faithfulness_curve needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}.")
     graph = scores.graph
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise PatchingError(f"sizes must be a list of at least two circuit sizes in increasing order, got {sizes!r}.")
     sizes = list(sizes)
-    counts = [edge_count(size, len(graph)) for size in sizes]
-    if len(counts) < 2 or counts != sorted(counts):
-        raise PatchingError(f"sizes must be at least two increasing circuit sizes, got {sizes!r}.")
+    for size in sizes:
+        edge_count(size, len(graph))
     fractions = tuple(size if isinstance(size, float) else size / len(graph) for size in sizes)
+    if len(fractions) < 2 or any(later <= earlier for earlier, later in zip(fractions, fractions[1:])):
+        raise PatchingError(
+            f"sizes must be at least two circuit sizes in increasing order (the curve's x runs left to right), "
+            f"got {sizes!r}."
+        )
     circuits = [Circuit.from_scores(scores, size, absolute=absolute, prune=prune) for size in sizes]
     evaluated = evaluate_circuit(model, [*circuits, Circuit.full(graph), Circuit.empty(graph)], orig_input,
                                  patching_metric, new_input, new_cache, batch_size=batch_size,

@@ -66,6 +66,12 @@ class GradientPass:
 
     def __init__(self, model, tokens: Tensor, metric, max_memory: int | None = None, split_inputs: bool = False,
                  new_input: object = None):  # fmt: skip
+        if torch.is_inference_mode_enabled():
+            raise PatchingError(
+                "Attribution takes gradients, but it was called under torch.inference_mode(), where no tensor "
+                "records them. Call it outside the inference_mode block (the library runs its own passes without "
+                "gradients where it can)."
+            )
         self.model, self._tokens, self._metric, self._new_input = model, tokens, metric, new_input
         shape = _tl.model_shape(model)
         self._chunk = prompts_per_gradient_pass(tokens, shape, max_memory, split_inputs)

@@ -10,6 +10,7 @@ import html
 import itertools
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,15 +56,24 @@ def write_json(analysis: IOIAnalysis, out: str | Path) -> Path:
     """Write `results.json` alone into the folder `out` (e.g. after each step); returns its path.
 
     It is written to a temporary file first and then renamed, so an interruption never
-    leaves half a file.
+    leaves half a file; it gets the permissions of any new file (as report.html and
+    results.csv do), not the temporary file's owner-only ones.
     """
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{JSON}.", suffix=".partial", delete=False,
                                      encoding="utf-8") as partial:  # fmt: skip
         json.dump(as_json(analysis), partial, indent=1)
+    os.chmod(partial.name, _new_file_mode())
     Path(partial.name).replace(folder / JSON)
     return folder / JSON
+
+
+def _new_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 less the process's umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def step_figure(step: Step) -> "go.Figure":
