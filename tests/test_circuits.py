@@ -3,6 +3,7 @@ curves, exact edge scores, and the known circuit of the hand-set induction model
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -21,6 +22,7 @@ from tests.helpers import (
     receiver_node,
     sender_node,
 )
+from tests import models
 from tests.models import TL_MAJOR
 from tests.reference import full_cache
 from transformer_lens_patching import (
@@ -246,7 +248,8 @@ def test_stacked_circuits_equal_one_at_a_time(small_model):
     small = plan_circuit_evaluation(model, circuits, orig, linear_metric, new_input=new, max_memory=1)
     assert len(small.passes) == len(circuits)
     sharded = [small.shard(i, 2).run() for i in range(2)]
-    assert_close(small.assemble(sharded)["circuit"].as_tensor(), stacked.as_tensor())
+    assert_close(small.assemble(sharded).as_tensor(), stacked.as_tensor())
+    assert torch.equal(plan.compute().as_tensor(), stacked.as_tensor())  # compute() is evaluate_circuit
 
 
 def test_a_circuit_kept_at_some_positions_only(small_model):
@@ -522,3 +525,59 @@ def test_a_boot_native_bridge_is_refused(induction):
     model, clean, corrupted = induction
     with raises("Circuit evaluation edits every head's q/k/v input.*boot_transformers"):
         evaluate_circuit(model, Circuit.full(EdgeGraph.of(model)), clean, linear_metric, new_input=corrupted)
+
+
+# --- exact in float32 ---
+
+
+def without_biases(model):
+    """`model` with every bias set to zero (a copy)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.split(".")[-1] in ("bias", "b") or name.split(".")[-1].startswith("b_"):
+                parameter.zero_()
+    return model
+
+
+@pytest.mark.parametrize("biased", [True, False], ids=["biased", "bias-free"])
+def test_evaluation_in_float32_matches_float64(biased):
+    """Zero, mean and resample ablation of a random circuit, of every edge but those into the
+    logits, and of no edge: float32 agrees with float64 to 1e-4 (the fully ablated inputs are
+    built from the ablated side, not by cancelling the live stream), on one thread as on two;
+    on the bias-free model, the circuit of every edge but those into the logits reads exactly
+    zero there, so its logits and the metric are exactly 0."""
+    base = models.gpt2_like(n_layers=4)
+    model32 = base if biased else without_biases(base)
+    model64 = copy.deepcopy(model32).to(torch.float64)
+    orig, new = make_inputs(model32, batch=BATCH)
+    graph = EdgeGraph.of(model32)
+    not_into_logits = Circuit(graph, [edge for edge in graph if edge.receiver.kind != "logits"])
+    circuits = [random_circuit(graph, 0.1, seed=7), not_into_logits, Circuit.empty(graph)]
+    metric = logit_diff_metric(per_prompt=True)
+
+    def evaluated(model, ablation: str) -> torch.Tensor:
+        if ablation == "zero":
+            source = {"new_cache": "zero"}
+        elif ablation == "mean":
+            source = {"new_cache": mean_ablation_cache(model.run_with_cache(new)[1])}
+        else:
+            source = {"new_input": new}
+        return evaluate_circuit(model, circuits, orig, metric, **source).as_tensor()
+
+    threads = torch.get_num_threads()
+    for ablation in ("zero", "mean", "resample"):
+        wide = evaluated(model64, ablation)
+        torch.set_num_threads(1)
+        try:
+            one_thread = evaluated(model32, ablation)
+        finally:
+            torch.set_num_threads(max(threads, 2))
+        try:
+            two_threads = evaluated(model32, ablation)
+        finally:
+            torch.set_num_threads(threads)
+        for value in (one_thread, two_threads):
+            torch.testing.assert_close(value.double(), wide, rtol=0, atol=1e-4)
+        if not biased and ablation == "zero":
+            assert torch.equal(one_thread[1], torch.zeros_like(one_thread[1])), one_thread[1]

@@ -317,7 +317,7 @@ def test_a_model_without_mlps_skips_the_neuron_step(tok):
         result = run_ioi(model, IOISettings(n_prompts=3), "attention only", progress=False, log=lines.append)
     step = result.step("attr_neurons")
     assert step.results == {} and step.confirmation is None
-    assert step.description == "Skipped: this model has no MLPs (attention-only), so no neurons."
+    assert step.description == "Skipped: this model has no MLP neurons to patch (it is attention-only)."
     assert "step 7/8: attribution patching of MLP neurons" in lines and any(line.endswith(step.description) for line in lines)
     assert sorted(result.step("act_words").results) == ["attn_out", "resid_pre"]
     assert not [name for name, _ in plan_ioi(model, IOISettings(n_prompts=3)) if name.startswith("attr_neurons")]

@@ -120,6 +120,8 @@ class PatchPlan:
     _start: SessionFactory = field(repr=False, compare=False)
     inputs: tuple = field(default=(), repr=False, compare=False)
     """The inputs every rank must share under torch.distributed (orig and new), checked by digest."""
+    one_sweep: bool = False
+    """Assemble to the one sweep's PatchResult itself rather than a dict of one (a list of circuits)."""
     shard_of: tuple[int, int] | None = None
     """(index, count) for a shard made by `shard`; None for a whole plan."""
     plan_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
@@ -222,8 +224,9 @@ class PatchPlan:
         return self.assemble([replace(output, plan_id=self.plan_id) for output in parts])
 
     def assemble(self, outputs: "PlanOutputs | Sequence[PlanOutputs]"):
-        """What `act_patch` / `path_patch` return, from the outputs of `run()` on this plan or on
-        all of its shards: the metric's value for a Node or list of Nodes, else a dict from
+        """What `act_patch` / `path_patch` / `evaluate_circuit` return, from the outputs of `run()`
+        on this plan or on all of its shards: the metric's value for a Node, a list of Nodes or
+        one circuit; a PatchResult with a "circuit" dim for a list of circuits; else a dict from
         component name to a PatchResult with the sweep's dims plus the metric's own."""
         parts = [outputs] if isinstance(outputs, PlanOutputs) else list(outputs)
         values: dict[int, object] = {}
@@ -246,7 +249,8 @@ class PatchPlan:
             )
         if self.layout is None:
             return _tl.moved_all(values[0], torch.device("cpu"))
-        return assembled_sweeps(self.layout, [values[cell] for cell in range(self.n_cells)], dims or ())
+        results = assembled_sweeps(self.layout, [values[cell] for cell in range(self.n_cells)], dims or ())
+        return next(iter(results.values())) if self.one_sweep else results
 
     def __str__(self) -> str:
         lines = [f"{self.method} plan" + (f", shard {self.shard_of[0]} of {self.shard_of[1]}" if self.shard_of else "")]

@@ -143,8 +143,8 @@ class LogitReader:
         normalised = _tl.moved(_tl.final_norm(self._model, residual[rows, positions]), self._weight.device)
         if self.reads_whole_vocabulary:
             dtype = normalised.dtype
-            return (normalised @ self._weight.to(dtype) + self._bias.to(dtype)).float()
-        return normalised.float() @ self._weight + self._bias
+            return _tl.output_transform(self._model, normalised @ self._weight.to(dtype) + self._bias.to(dtype)).float()
+        return _tl.output_transform(self._model, normalised.float() @ self._weight + self._bias)
 
     def rows(self, rows: slice) -> "LogitReader":
         """This reader for the prompts `rows` of its batch (a chunk of them)."""

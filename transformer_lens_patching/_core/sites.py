@@ -89,6 +89,18 @@ def _check_unit(node, component: Component, index: int, shape: ModelShape) -> in
     return index
 
 
+def check_neurons_exist(component: Component, shape: ModelShape, node) -> None:
+    """Refuse MLP neurons (`pre`, `post`) on a mixture-of-experts model, whose MLP hooks hold the
+    experts' mix, d_model wide, rather than one layer of neurons."""
+    if component.unit == "neuron" and shape.n_experts:
+        raise PatchingError(
+            f"This model is a mixture of experts ({shape.n_experts} experts per layer): its "
+            f"{component.hook_name(0).replace('blocks.0.', '')} hooks hold the experts' mix (d_model wide), not "
+            f"MLP neurons, so {node!r} has no neurons to patch. Patch 'mlp_out' (each layer's whole expert "
+            "output) instead."
+        )
+
+
 def resolve_positions(seq_pos: SeqPos, batch: int, seq_len: int, what: str = "seq_pos") -> torch.Tensor | None:
     """Turn a SeqPos into a (batch, k) tensor of non-negative positions, checking shape and range."""
     if seq_pos is None:
@@ -133,6 +145,7 @@ def resolve_node(node: Node, shape: ModelShape, batch: int, seq_len: int, device
         unit = _check_unit(node, component, unit, shape)
     if component.name in MLP_COMPONENTS and not shape.has_mlps:
         raise PatchingError(f"This model has no MLPs (attention-only), so {node!r} does not exist.")
+    check_neurons_exist(component, shape, node)
     spec = node.seq_pos if seq_pos is None else seq_pos
     positions = resolve_positions(spec, batch, seq_len)
     resolved = Node(component.name, layer, head=node.head, neuron=node.neuron, seq_pos=node.seq_pos)
@@ -170,6 +183,7 @@ def resolve_sweep(node: IterNode, shape: ModelShape, tokens: torch.Tensor, seq_p
     batch, seq_len = tokens.shape
     sweeps = []
     for component in node.components:
+        check_neurons_exist(component, shape, node)
         dims, coords = [], {}
         if node.seq_pos == "each":
             dims.append("seq_pos")

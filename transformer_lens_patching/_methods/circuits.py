@@ -82,8 +82,7 @@ def evaluate_circuit(
     """
     plan = plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_input, new_cache,
                                    batch_size=batch_size, max_memory=max_memory)  # fmt: skip
-    result = plan.compute()
-    return result["circuit"] if isinstance(result, dict) else result
+    return plan.compute()
 
 
 def plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_input=None, new_cache=None, *,
@@ -122,7 +121,7 @@ def plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_in
     edited = {name for circuit in circuits for name in wiring.edited_hooks(~circuit.kept_mask(tokens.shape[1]))}
     run = _CircuitRun(model, tokens, circuits, wiring, metric, reader, source, _tl.flags_for(edited))
     return PatchPlan("evaluate_circuit", description, len(circuits), layout, declared_dims(metric), blocks, run.start,
-                     inputs=(tokens, new_input))
+                     inputs=(tokens, new_input), one_sweep=True)
 
 
 def checked_graph(model, circuits: Sequence[Circuit]) -> EdgeGraph:
@@ -156,11 +155,13 @@ class Wiring:
         receiver_column = {node: i for i, node in enumerate(graph.receivers)}
         sender_row = {node: i for i, node in enumerate(graph.senders)}
         self.sender_slots: dict[str, slice] = {EMBEDDINGS: slice(0, 1)}
+        self.head_layers: dict[str, int] = {}
         self.columns: dict[str, list[int]] = {}
         self.upstream: dict[str, int] = {}
         for layer in range(graph.n_layers):
             heads = [sender_row[node] for node in graph.senders if node.kind == "head" and node.layer == layer]
             self.sender_slots[hook_name("z", layer)] = slice(heads[0], heads[-1] + 1)
+            self.head_layers[hook_name("z", layer)] = layer
             for part in ("q", "k", "v"):
                 name = hook_name(f"{part}_input", layer)
                 self.columns[name] = [receiver_column[node] for node in graph.receivers
@@ -175,6 +176,12 @@ class Wiring:
         final = hook_name("resid_post", graph.n_layers - 1)
         self.columns[final] = [len(graph.receivers) - 1]
         self.upstream[final] = len(graph.senders)
+
+    def attention_layers_before(self, receiver_hook: str) -> list[int]:
+        """The layers whose heads all write before `receiver_hook` reads: their attention output
+        biases are part of its input whatever the circuit."""
+        upstream = self.upstream[receiver_hook]
+        return [layer for name, layer in self.head_layers.items() if self.sender_slots[name].stop <= upstream]
 
     def edited_hooks(self, removed: Tensor) -> list[str]:
         """The receiver hooks whose input loses a term under the `removed` mask."""
@@ -229,6 +236,10 @@ class _CircuitSession:
     def _w_o(self) -> Tensor:
         return _tl.w_o(self._run.model)
 
+    @functools.cached_property
+    def _b_o(self) -> Tensor:
+        return _tl.b_o(self._run.model)
+
     def run_block(self, block: Block) -> dict[int, object]:
         (pass_,) = block.passes
         seq_len = self._run.tokens.shape[1]
@@ -236,20 +247,25 @@ class _CircuitSession:
         def add_steps(program: PatchProgram, index: int, row_start: int) -> None:
             removed = ~self._run.circuits[index].kept_mask(seq_len)
             if removed.any():
-                _CircuitRows(self._run.wiring, removed, self._ablated, self._w_o).add_to(program, row_start)
+                _CircuitRows(self._run.wiring, removed, self._ablated, self._w_o, self._b_o).add_to(program, row_start)
 
         return dict(zip(pass_.variants, self._executor.run(pass_, add_steps)))
 
 
 class _CircuitRows:
     """One circuit's steps in one pass. Each sender's hook keeps its output in this pass minus
-    its ablated output (its change) where a receiver needs it, and adds it to the running
-    total of every change so far; each receiver hook then rebuilds its input from whichever
-    is shorter: its input minus the removed edges' changes, or its input minus the total
-    (the fully ablated input) plus the kept edges' changes."""
+    its ablated output (its change) where a receiver needs it, and adds its ablated output's
+    write to the running sum of every ablated write so far; each receiver hook then rebuilds
+    its input from whichever is shorter: its input minus the removed edges' changes, or its
+    fully ablated input plus the kept edges' changes. The fully ablated input is built from
+    the ablated side directly (the attention biases upstream plus every ablated write, summed
+    in float32 or wider), never by subtracting every change from the live stream: a receiver
+    whose edges are all removed reads exactly its ablated input, with no residue for a
+    normalisation after it to amplify. Where no sender's output changed at all (an ablation
+    from an identical run), the receiver keeps its live input, bit for bit."""
 
-    def __init__(self, wiring: Wiring, removed: Tensor, ablated: ActivationSource, w_o: Tensor):
-        self.wiring, self.ablated, self.w_o = wiring, ablated, w_o
+    def __init__(self, wiring: Wiring, removed: Tensor, ablated: ActivationSource, w_o: Tensor, b_o: Tensor):
+        self.wiring, self.ablated, self.w_o, self.b_o = wiring, ablated, w_o, b_o
         plans = {}
         for name, columns in wiring.columns.items():
             gone = removed[:, : wiring.upstream[name], columns]
@@ -257,49 +273,66 @@ class _CircuitRows:
                 continue
             removed_senders = gone.any(dim=(0, 2)).nonzero().flatten()
             kept_senders = (~gone).any(dim=(0, 2)).nonzero().flatten()
-            from_total = len(kept_senders) < len(removed_senders)
-            senders = kept_senders if from_total else removed_senders
-            weights = (~gone if from_total else gone)[:, senders].float()
-            plans[name] = (from_total, senders, weights)
+            from_ablated = len(kept_senders) < len(removed_senders)
+            senders = kept_senders if from_ablated else removed_senders
+            weights = (~gone if from_ablated else gone)[:, senders].float()
+            plans[name] = (from_ablated, senders, weights)
         self.needed = torch.zeros(len(wiring.graph.senders), dtype=torch.bool)
         for _, senders, _ in plans.values():
             self.needed[senders] = True
-        self.needs_total = any(from_total for from_total, _, _ in plans.values())
-        self.plans = {name: (from_total, _tl.moved(senders, w_o.device), _tl.moved(weights, w_o.device, w_o.dtype))
-                      for name, (from_total, senders, weights) in plans.items()}  # fmt: skip
+        self.needs_ablated = any(from_ablated for from_ablated, _, _ in plans.values())
+        self.plans = {name: (from_ablated, _tl.moved(senders, w_o.device), _tl.moved(weights, w_o.device, w_o.dtype))
+                      for name, (from_ablated, senders, weights) in plans.items()}  # fmt: skip
         """Each edited receiver hook's senders and weights, on the device of the changes (W_O's)."""
         self.changes: Tensor | None = None
         """(senders, batch, pos, d_model): the kept senders' changes, one contiguous row each, on
         W_O's device (the input device, where layers are spread over several)."""
-        self.total: Tensor | None = None
-        """(batch, pos, d_model): the sum of every sender's change so far, kept in float32."""
+        self.ablated_writes: Tensor | None = None
+        """(batch, pos, d_model): the sum of every sender's ablated write so far, in float32 or wider."""
+        self.unchanged: Tensor | None = None
+        """(batch, pos, d_model): True where no sender's output has changed so far."""
 
     def add_to(self, program: PatchProgram, row_start: int) -> None:
         for name, slots in self.wiring.sender_slots.items():
-            if self.needs_total or self.needed[slots].any():
+            if self.needs_ablated or self.needed[slots].any():
                 program.visit(name, row_start, functools.partial(self._keep_change, name, slots))
         for name in self.plans:
             program.visit(name, row_start, functools.partial(self._rebuild, name))
 
     def _keep_change(self, name: str, slots: slice, live: Tensor) -> None:
-        change = live - self.ablated.tensor_like(name, live).to(live)
+        ablated = self.ablated.tensor_like(name, live).to(live)
+        change = live - ablated
         if self.changes is None:
             shape, device = (*live.shape[:2], self.w_o.shape[-1]), self.w_o.device
             self.changes = torch.zeros(len(self.wiring.graph.senders), *shape, dtype=live.dtype, device=device)
-            wide = _tl.summing_dtype(live.dtype)
-            self.total = torch.zeros(shape, dtype=wide, device=device) if self.needs_total else None
+            if self.needs_ablated:
+                self.ablated_writes = torch.zeros(shape, dtype=_tl.summing_dtype(live.dtype), device=device)
+                self.unchanged = torch.ones(shape, dtype=torch.bool, device=device)
         if change.ndim == 4:
-            per_head = torch.einsum("bphe,hed->hbpd", change, self.w_o[int(name.split(".")[1])].to(change))
-            self.changes[slots] = per_head.to(self.changes.device)
-            if self.total is not None:
-                self.total += per_head.sum(0, dtype=self.total.dtype).to(self.total.device)
+            w_o = self.w_o[self.wiring.head_layers[name]].to(change)
+            per_head = torch.einsum("bphe,hed->hbpd", change, w_o).to(self.changes.device)
+            self.changes[slots] = per_head
+            if self.ablated_writes is not None:
+                wide = self.ablated_writes.dtype
+                write = torch.einsum("bphe,hed->bpd", ablated.to(wide), w_o.to(wide))
+                self.ablated_writes += write.to(self.ablated_writes.device)
+                self.unchanged &= (per_head == 0).all(0)
         else:
-            self.changes[slots.start] = change.to(self.changes.device)
-            if self.total is not None:
-                self.total += change.to(self.total.device)
+            change = change.to(self.changes.device)
+            self.changes[slots.start] = change
+            if self.ablated_writes is not None:
+                self.ablated_writes += ablated.to(self.ablated_writes)
+                self.unchanged &= change == 0
+
+    def _ablated_input(self, name: str) -> Tensor:
+        """(batch, pos, d_model): what the receiver hook `name` reads when every edge into it is
+        removed: the attention output biases of the layers before it plus every ablated write."""
+        layers = self.wiring.attention_layers_before(name)
+        biases = self.b_o[layers].to(self.ablated_writes).sum(0) if layers else 0.0
+        return self.ablated_writes + biases
 
     def _rebuild(self, name: str, receiver_input: Tensor) -> None:
-        from_total, senders, weights = self.plans[name]
+        from_ablated, senders, weights = self.plans[name]
         changes = self.changes[senders]
         if weights.shape[0] == 1:
             terms = (weights[0].T @ changes.flatten(1)).view(weights.shape[-1], *changes.shape[1:])
@@ -308,8 +341,11 @@ class _CircuitRows:
         terms = terms.permute(1, 2, 0, 3).to(receiver_input.device)
         if receiver_input.ndim == 3:
             terms = terms.squeeze(2)
-        if from_total:
-            total = (self.total if receiver_input.ndim == 3 else self.total.unsqueeze(2)).to(receiver_input.device)
-            receiver_input.copy_(receiver_input.to(total.dtype) - total + terms)
+        if from_ablated:
+            base, unchanged = self._ablated_input(name), self.unchanged
+            if receiver_input.ndim == 4:
+                base, unchanged = base.unsqueeze(2), unchanged.unsqueeze(2)
+            rebuilt = base.to(receiver_input.device) + terms
+            receiver_input.copy_(torch.where(unchanged.to(receiver_input.device), receiver_input, rebuilt))
         else:
             receiver_input -= terms

@@ -8,6 +8,7 @@ curve and CMD the area between the curve and 1, each by the trapezoidal rule ove
 fractions (MIB: 0.1% to 100%).
 """
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -143,9 +144,10 @@ def faithfulness_curve(
     values = evaluated.as_tensor().float()
     values = values.reshape(values.shape[0], -1).mean(1).tolist()
     full, empty = values[-2], values[-1]
-    if full == empty:
-        raise PatchingError(f"The full and the empty circuit give the same metric ({full:.6g}), so faithfulness, "
-                            "a fraction of their difference, is undefined: the ablation changes nothing.")  # fmt: skip
+    if math.isclose(full, empty, rel_tol=1e-5, abs_tol=1e-6):
+        raise PatchingError(f"The full and the empty circuit give the same metric ({full:.6g}, to float rounding), "
+                            "so faithfulness, a fraction of their difference, is undefined: the ablation changes "
+                            "nothing.")  # fmt: skip
     return FaithfulnessCurve(scores.method, fractions, tuple(circuits), tuple(values[:-2]), full, empty)
 
 

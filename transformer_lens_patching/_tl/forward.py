@@ -30,12 +30,24 @@ def forward_logits(model, model_input: torch.Tensor, start_layer: int = 0) -> to
 
 
 def unembed(model, residual: torch.Tensor) -> torch.Tensor:
-    """Logits from the final residual stream: the final LayerNorm and the unembedding (each on
-    its own device)."""
+    """Logits from the final residual stream: the final LayerNorm, the unembedding (each on
+    its own device) and the model's own transform of its output (`output_transform`)."""
     residual = moved(residual, norm_device(model))
     if TL_MAJOR >= 4:
-        return model.unembed(moved(model.ln_final(residual), output_device(model)))
+        return output_transform(model, model.unembed(moved(model.ln_final(residual), output_device(model))))
     return model(residual, start_at_layer=model.cfg.n_layers)
+
+
+def output_transform(model, logits: torch.Tensor) -> torch.Tensor:
+    """What the model does to its unembedding's output, elementwise: Gemma-2's soft cap
+    (cap * tanh(logits / cap)), Cohere's and Granite's scaling; the identity on most models.
+    TransformerLens 4 bridges say it through their adapter; HookedTransformer has the soft cap
+    (`cfg.output_logits_soft_cap`) alone."""
+    if TL_MAJOR >= 4:
+        transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
+        return logits if transform is None else transform(logits)
+    cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
 
 def final_norm(model, residual: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ class ModelShape:
     """Bytes per activation value: 4 in float32, 2 in float16 and bfloat16."""
     devices: tuple[torch.device, ...] = ()
     """The devices the model's parameters are on (several where its layers are spread)."""
+    n_experts: int = 0
+    """Experts per MLP layer of a mixture-of-experts model (0 for a dense model)."""
 
     def unit_count(self, unit: str) -> int:
         """How many heads, key/value heads or neurons a layer has."""
@@ -46,6 +48,7 @@ def model_shape(model) -> ModelShape:
         has_mlps=not getattr(cfg, "attn_only", False) and bool(cfg.d_mlp),
         element_size=model_dtype(model).itemsize,
         devices=model_devices(model),
+        n_experts=int(getattr(cfg, "num_experts", None) or 0),
     )
 
 
@@ -84,6 +87,18 @@ def w_o(model) -> torch.Tensor:
     if TL_MAJOR >= 4:
         return model.W_O
     return _stacked([block.attn.W_O for block in model.blocks], model)
+
+
+def b_o(model) -> torch.Tensor:
+    """Stacked attention output biases, (layer, d_model), on the input device: zeros where the
+    attention has none (a TransformerLens 4 bridge of such a model has no `b_O` at all)."""
+    if TL_MAJOR >= 4:
+        bias = getattr(model, "b_O", None)
+        if bias is None:
+            weights = model.W_O
+            return torch.zeros(weights.shape[0], weights.shape[-1], dtype=weights.dtype, device=weights.device)
+        return bias
+    return _stacked([block.attn.b_O for block in model.blocks], model)
 
 
 def w_out(model) -> torch.Tensor:

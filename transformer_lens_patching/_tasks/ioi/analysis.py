@@ -255,7 +255,7 @@ def _all_plans(plans: _Plans, metric, top_k: int, top_neurons: int, circuit_cand
         for key, component in (("path_queries", "q"), ("path_values", "v")):
             plan = plans.into_heads(receivers, component, metric)
             steps.append((f"{key} (at most: receivers in the last layer)", plan))
-    if plans.shape.has_mlps:
+    if _has_neurons(plans.shape):
         plan = plans.upper_bound_confirmation(metric, top_neurons)
         steps.append(("attr_neurons, exact patching of the strongest (at most: neurons in the first layer)", plan))
     if circuit_step.supported(plans.model):
@@ -394,12 +394,14 @@ class _Experiment:
         shape, top_k = self.plans.shape, self.settings.top_neurons
         title = "Attribution patching: every MLP neuron, the strongest patched exactly"
         label = self.header(f"attribution patching of {shape.n_layers * shape.d_mlp} MLP neurons, then activation "
-                            f"patching of the {top_k} strongest" if shape.has_mlps else "attribution patching of MLP "
-                            "neurons")  # fmt: skip
+                            f"patching of the {top_k} strongest" if _has_neurons(shape) else "attribution patching "
+                            "of MLP neurons")  # fmt: skip
         began = time.perf_counter()
-        if not shape.has_mlps:
-            self.record(Step("attr_neurons", title, "Skipped: this model has no MLPs (attention-only), so no neurons.",
-                             {}), began)  # fmt: skip
+        if not _has_neurons(shape):
+            why = ("it is a mixture of experts, whose MLP hooks hold the experts' mix" if shape.n_experts
+                   else "it is attention-only")  # fmt: skip
+            self.record(Step("attr_neurons", title, f"Skipped: this model has no MLP neurons to patch ({why}).", {}),
+                        began)  # fmt: skip
             return
         estimates = self.plans.neuron_estimates(self.restored)
         confirmation = self.plans.confirmed_neurons(estimates, self.restored, top_k, label if self.progress else False)
@@ -556,12 +558,17 @@ def run_ioi(
     return analysis
 
 
+def _has_neurons(shape: _tl.ModelShape) -> bool:
+    """Whether the model has MLP neurons: MLPs that are not a mixture of experts."""
+    return shape.has_mlps and not shape.n_experts
+
+
 def screen_layer_evaluations(model) -> int:
     """The neuron and edge screens' work in layer evaluations (`SCREEN_PASSES` and
     `circuit_step.SCREEN_PASSES` passes of every layer); none for a step that is skipped
     (the neuron step on a model without MLPs, the circuit step without per-head inputs)."""
     shape = _tl.model_shape(model)
-    neurons = SCREEN_PASSES if shape.has_mlps else 0
+    neurons = SCREEN_PASSES if _has_neurons(shape) else 0
     edges = circuit_step.SCREEN_PASSES if circuit_step.supported(model) else 0
     return (neurons + edges) * shape.n_layers
 

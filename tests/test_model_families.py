@@ -1,0 +1,146 @@
+"""Model families that break assumptions GPT-2 and Llama let hold.
+
+- Logits that are more than the unembedding: Gemma-2's final soft cap (cap * tanh(logits /
+  cap)), Granite's division by `logits_scaling`, Cohere's `logit_scale`. Wherever the library
+  computes logits itself (a metric object's selected logits, an unembedding-only pass), it must
+  give the model's own numbers.
+- Mixture-of-experts MLPs (Mixtral, Qwen2-MoE), whose MLP hooks hold the experts' mix, d_model
+  wide: neuron nodes are refused, never patched as if that mix were neurons.
+
+Tiny random models of each family, built offline from their `transformers` config
+(TransformerLens 4) or from a HookedTransformer config (TransformerLens 2); the soft cap is set
+low (2.0) so that it changes these small logits visibly.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from tests.helpers import assert_close, make_inputs, raises
+from tests.models import TL_MAJOR, VOCAB, tokenizer
+from transformer_lens_patching import IterNode, LogitDiff, Node, act_patch, attr_patch, path_patch
+
+SOFT_CAP = 2.0
+ANSWERS = torch.tensor([[5, 6], [17, 3], [6, 5]])
+FAMILIES_TL4 = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "final_logit_softcapping": SOFT_CAP,
+                                                     "initializer_range": 0.5}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0, "initializer_range": 0.5}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25, "initializer_range": 0.5}),
+}  # fmt: skip
+MIXTURES_TL4 = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                            "moe_intermediate_size": 32,
+                                                            "shared_expert_intermediate_size": 32}),
+}  # fmt: skip
+FAMILIES = list(FAMILIES_TL4) if TL_MAJOR >= 4 else ["soft-capped HookedTransformer"]
+MIXTURES = list(MIXTURES_TL4) if TL_MAJOR >= 4 else ["HookedTransformer with 4 experts"]
+
+
+def build(family: str):
+    """A tiny random model of `family`: 2 layers, 4 heads (2 key/value heads), d_model 64."""
+    torch.manual_seed(0)
+    if TL_MAJOR >= 4:
+        import transformers
+        from transformer_lens.model_bridge import TransformerBridge
+
+        config_class, model_class, extra = {**FAMILIES_TL4, **MIXTURES_TL4}[family]
+        config = getattr(transformers, config_class)(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+            vocab_size=VOCAB, max_position_embeddings=64, **extra,
+        )  # fmt: skip
+        config.architectures = [model_class]
+        hf_model = getattr(transformers, model_class)(config).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bridge = TransformerBridge.boot_transformers(family, hf_model=hf_model, tokenizer=tokenizer(), device="cpu")
+            bridge.enable_compatibility_mode()
+        return bridge
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    if family in MIXTURES:
+        config = HookedTransformerConfig(
+            n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=32, d_vocab=VOCAB, n_ctx=64, act_fn="silu",
+            normalization_type="RMS", gated_mlp=True, num_experts=4, experts_per_token=2, seed=0,
+        )  # fmt: skip
+    else:
+        config = HookedTransformerConfig(
+            n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=VOCAB, n_ctx=64, act_fn="gelu_new",
+            normalization_type="LN", initializer_range=0.5, output_logits_soft_cap=SOFT_CAP, seed=0,
+        )  # fmt: skip
+    return HookedTransformer(config, tokenizer=tokenizer())
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    """(family, model)."""
+    return request.param, build(request.param)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(100, 2000, (3, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_metric_objects_read_the_models_own_logits(family_model, tokens):
+    """A LogitDiff (selected logits: final norm, read columns, then the model's output transform)
+    patched from the model's own cache equals the logit difference of the model's own logits, and
+    equals the same plain function on full logits, for a head, a sweep and an unembedding-only pass."""
+    _, model = family_model
+    metric = LogitDiff(ANSWERS)
+    with torch.no_grad():
+        own = metric(model(tokens))
+    _, cache = model.run_with_cache(tokens)
+    last = model.cfg.n_layers - 1
+    for nodes in (Node("z", 0, head=0), Node("resid_post", last)):
+        selected = act_patch(model, tokens, nodes, metric, new_cache=cache)
+        plain = act_patch(model, tokens, nodes, lambda logits: metric(logits), new_cache=cache)
+        assert_close(selected, own)
+        assert_close(plain, own)
+    sweep = act_patch(model, tokens, IterNode("resid_post"), metric, new_cache=cache)["resid_post"]
+    assert_close(sweep.as_tensor(), own.expand(model.cfg.n_layers))
+
+
+def test_the_output_transform_matters_here(family_model, tokens):
+    """The family's transform changes these logits (else the test above could not fail)."""
+    family, model = family_model
+    with torch.no_grad():
+        logits = model(tokens)
+        _, cache = model.run_with_cache(tokens)
+        last = model.cfg.n_layers - 1
+        residual = cache[f"blocks.{last}.hook_resid_post"]
+        bare = model.unembed(model.ln_final(residual))
+    if family == "cohere":
+        pytest.skip("Cohere's logit_scale is folded into the unembedding's weights: the bare unembedding is exact")
+    assert (bare - logits).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("family", MIXTURES)
+def test_mixture_of_experts_has_no_neurons_to_patch(family):
+    """Every neuron node (sweep, single, restricted sweep, path sender and receiver, attribution)
+    is refused with the reason; the experts' whole output (`mlp_out`) patches, and from the
+    model's own cache changes nothing."""
+    model = build(family)
+    orig, new = make_inputs(model)
+    metric = LogitDiff(ANSWERS)
+    calls = [
+        lambda: act_patch(model, orig, IterNode("post"), metric, new_input=new),
+        lambda: act_patch(model, orig, Node("post", 0, neuron=3), metric, new_input=new),
+        lambda: act_patch(model, orig, IterNode("post", neurons=[0, 17]), metric, new_input=new),
+        lambda: act_patch(model, orig, IterNode("pre"), metric, new_input=new),
+        lambda: path_patch(model, orig, new, IterNode("post", layers=[0]), Node("resid_post", 1), metric),
+        lambda: path_patch(model, orig, new, IterNode("z", layers=[0]), Node("pre", 1, neuron=2), metric),
+        lambda: attr_patch(model, orig, IterNode("post"), metric, new_input=new),
+    ]
+    for call in calls:
+        with raises("is a mixture of experts .4 experts per layer.*Patch 'mlp_out'"):
+            call()
+    _, cache = model.run_with_cache(orig)
+    with torch.no_grad():
+        own = metric(model(orig))
+    unchanged = act_patch(model, orig, IterNode("mlp_out"), metric, new_cache=cache)["mlp_out"]
+    assert_close(unchanged.as_tensor(), own.expand(model.cfg.n_layers))
