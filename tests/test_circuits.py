@@ -32,9 +32,11 @@ from transformer_lens_patching import (
     EdgeGraph,
     EdgeScores,
     GraphNode,
+    IterNode,
     Node,
     act_patch,
     attr_edges,
+    attr_path_patch,
     confirm_edges,
     evaluate_circuit,
     exact_edge_scores,
@@ -581,3 +583,109 @@ def test_evaluation_in_float32_matches_float64(biased):
             torch.testing.assert_close(value.double(), wide, rtol=0, atol=1e-4)
         if not biased and ablation == "zero":
             assert torch.equal(one_thread[1], torch.zeros_like(one_thread[1])), one_thread[1]
+
+
+# --- blocks that compute attention and MLP in parallel ---
+
+
+def parallel_model(family: str = "gpt_neox"):
+    """A tiny random model whose blocks compute attention and MLP in parallel: GPT-NeoX (each
+    with its own norm; TransformerLens 2: a HookedTransformer with parallel_attn_mlp) or Phi
+    (one norm shared by both, TransformerLens 4)."""
+    torch.manual_seed(0)
+    if TL_MAJOR >= 4:
+        import warnings
+
+        import transformers
+        from transformer_lens.model_bridge import TransformerBridge
+
+        config_class, model_class = {"gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+                                     "phi": ("PhiConfig", "PhiForCausalLM")}[family]  # fmt: skip
+        config = getattr(transformers, config_class)(
+            num_hidden_layers=3, num_attention_heads=4, hidden_size=64, intermediate_size=128,
+            vocab_size=models.VOCAB, max_position_embeddings=64, initializer_range=0.1,
+        )  # fmt: skip
+        config.architectures = [model_class]
+        hf_model = getattr(transformers, model_class)(config).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bridge = TransformerBridge.boot_transformers(family, hf_model=hf_model, tokenizer=models.tokenizer(),
+                                                         device="cpu")  # fmt: skip
+            bridge.enable_compatibility_mode()
+        return bridge
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    config = HookedTransformerConfig(
+        n_layers=3, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=models.VOCAB, n_ctx=64, act_fn="gelu",
+        normalization_type="LN", positional_embedding_type="rotary", rotary_dim=8, parallel_attn_mlp=True,
+        initializer_range=0.1, seed=0,
+    )  # fmt: skip
+    return HookedTransformer(config, tokenizer=models.tokenizer())
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    return parallel_model()
+
+
+def test_parallel_blocks_have_no_edge_from_heads_to_their_own_mlp(parallel):
+    graph = EdgeGraph.of(parallel)
+    serial = EdgeGraph(graph.n_layers, graph.n_heads, graph.n_kv_heads, graph.has_mlps)
+    assert graph.parallel_attn_mlp and graph != serial
+    own_mlp = [edge for edge in serial if edge.sender.kind == "head" and edge.receiver.kind == "mlp"
+               and edge.sender.layer == edge.receiver.layer]  # fmt: skip
+    assert len(own_mlp) == graph.n_layers * graph.n_heads
+    assert set(graph.edges) == set(serial.edges) - set(own_mlp)
+    with raises("computes attention and MLP in parallel, so an MLP reads its layer's input"):
+        graph.index(own_mlp[0])
+    assert Circuit.from_json(Circuit.full(graph).to_json()) == Circuit.full(graph)
+
+
+def test_parallel_circuits_are_exact(parallel):
+    """The full circuit is the orig run; random circuits equal the naive reference (which
+    subtracts each removed edge of the graph at its receiver's input hook); removing one
+    head -> logits edge is path patching it with direct_includes_mlps=False."""
+    model = parallel
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric(per_prompt=True)
+    graph = EdgeGraph.of(model)
+    with torch.no_grad():
+        assert_close(evaluate_circuit(model, Circuit.full(graph), orig, metric, new_input=new), metric(model(orig)))
+    circuits = [random_circuit(graph, fraction, seed) for seed, fraction in enumerate((0.1, 0.5, 0.9))]
+    values = evaluate_circuit(model, circuits, orig, metric, new_input=new).as_tensor()
+    ablated = naive_ablated_outputs(model, full_cache(model, new))
+    for circuit, value in zip(circuits, values):
+        assert_close(value, metric(naive_circuit_logits(model, circuit, orig, ablated)))
+    last = model.cfg.n_layers - 1
+    edge = Edge(GraphNode("head", 1, head=2), GraphNode("logits"))
+    removed = evaluate_circuit(model, Circuit(graph, [e for e in graph if e != edge]), orig, metric, new_input=new)
+    path = path_patch(model, orig, new, Node("z", 1, head=2), Node("resid_post", last), metric,
+                      direct_includes_mlps=False)  # fmt: skip
+    assert_close(removed, path)
+    scores = attr_edges(model, orig, metric, new_input=new)
+    assert scores.graph == graph and scores.scores.shape[0] == len(graph)
+
+
+def test_parallel_blocks_refuse_what_they_do_not_have(parallel):
+    model = parallel
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric()
+    with raises("computes attention and MLP in parallel, both from the block's input, so there is no residual"):
+        act_patch(model, orig, Node("resid_mid", 0), metric, new_input=new)
+    with raises("path_patch with direct_includes_mlps=False adds each sender's write"):
+        path_patch(model, orig, new, IterNode("z", layers=[1]), Node("pre", 1, neuron=3), metric,
+                   direct_includes_mlps=False)  # fmt: skip
+    with raises("attr_path_patch adds each sender's write"):
+        attr_path_patch(model, orig, new, IterNode("z", layers=[1]), Node("pre", 1, neuron=3), metric)
+
+
+@pytest.mark.skipif(TL_MAJOR < 4, reason="Phi (one norm shared by attention and MLP) is booted on TransformerLens 4")
+def test_a_shared_norm_for_attention_and_mlp_is_refused_for_edges():
+    model = parallel_model("phi")
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric()
+    graph = EdgeGraph.of(model)
+    with raises("one shared normalisation"):
+        evaluate_circuit(model, Circuit.full(graph), orig, metric, new_input=new)
+    with raises("one shared normalisation"):
+        attr_edges(model, orig, metric, new_input=new)

@@ -220,7 +220,8 @@ class Circuit:
         `Circuit.from_json` reads it back."""
         return json.dumps({
             "graph": {"n_layers": self._graph.n_layers, "n_heads": self._graph.n_heads,
-                      "n_kv_heads": self._graph.n_kv_heads, "has_mlps": self._graph.has_mlps},
+                      "n_kv_heads": self._graph.n_kv_heads, "has_mlps": self._graph.has_mlps,
+                      **({"parallel_attn_mlp": True} if self._graph.parallel_attn_mlp else {})},
             "edges": [str(edge) for edge in self.edges],
             "positions": {str(edge): list(where) for edge, where in sorted(self._positions.items())},
         })  # fmt: skip

@@ -156,12 +156,14 @@ class Edge:
         return f"Edge({self})"
 
 
-def _reaches(sender: GraphNode, receiver: GraphNode) -> bool:
-    """Whether `sender` writes to the residual stream before `receiver` reads it."""
+def _reaches(sender: GraphNode, receiver: GraphNode, parallel: bool) -> bool:
+    """Whether `sender` writes to the residual stream before `receiver` reads it (in a parallel
+    block the MLP reads the layer's input, beside the heads, not after them)."""
     if sender.kind == "embed" or receiver.kind == "logits":
         return True
     if sender.kind == "head":
-        return receiver.layer > sender.layer or (receiver.kind == "mlp" and receiver.layer == sender.layer)
+        same_layer_mlp = receiver.kind == "mlp" and receiver.layer == sender.layer and not parallel
+        return receiver.layer > sender.layer or same_layer_mlp
     return receiver.layer > sender.layer
 
 
@@ -173,15 +175,22 @@ class EdgeGraph:
     `senders` and `receivers` list the nodes in that order; `index(edge)` is an edge's
     position, which is also its row in an `EdgeScores`' scores.
 
+    In a model whose blocks compute attention and MLP in parallel (GPT-NeoX/Pythia, GPT-J),
+    `parallel_attn_mlp` is True and an MLP reads its layer's input: there is no edge from a
+    layer's heads to its own MLP.
+
     >>> graph = EdgeGraph(n_layers=2, n_heads=2, n_kv_heads=2, has_mlps=True)
     >>> len(graph), str(graph.edges[0])
     (46, 'embed -> head 0.0 (q)')
+    >>> len(EdgeGraph(n_layers=2, n_heads=2, n_kv_heads=2, has_mlps=True, parallel_attn_mlp=True))
+    42
     """
 
     n_layers: int
     n_heads: int
     n_kv_heads: int
     has_mlps: bool
+    parallel_attn_mlp: bool = field(default=False, repr=False)
     senders: tuple[GraphNode, ...] = field(init=False, repr=False, compare=False)
     receivers: tuple[GraphNode, ...] = field(init=False, repr=False, compare=False)
     edges: tuple[Edge, ...] = field(init=False, repr=False, compare=False)
@@ -209,7 +218,8 @@ class EdgeGraph:
                 senders.append(GraphNode("mlp", layer))
                 receivers.append(GraphNode("mlp", layer))
         receivers.append(GraphNode("logits"))
-        edges = tuple(Edge(s, r) for s in senders for r in receivers if _reaches(s, r))
+        parallel = bool(self.parallel_attn_mlp)
+        edges = tuple(Edge(s, r) for s in senders for r in receivers if _reaches(s, r, parallel))
         object.__setattr__(self, "senders", tuple(senders))
         object.__setattr__(self, "receivers", tuple(receivers))
         object.__setattr__(self, "edges", edges)
@@ -227,7 +237,13 @@ class EdgeGraph:
         EdgeGraph(n_layers=12, n_heads=12, n_kv_heads=12, has_mlps=True)
         """
         shape = _tl.model_shape(model)
-        return cls(shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.has_mlps)
+        parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+        return cls(shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.has_mlps, parallel)
+
+    def __repr__(self) -> str:
+        parallel = ", parallel_attn_mlp=True" if self.parallel_attn_mlp else ""
+        return (f"EdgeGraph(n_layers={self.n_layers}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+                f"has_mlps={self.has_mlps}{parallel})")  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.edges)
@@ -254,6 +270,10 @@ class EdgeGraph:
             if node not in nodes:
                 return f"the graph has no node {node!r} (layers 0..{self.n_layers - 1}, {self.n_heads} heads, " \
                        f"{self.n_kv_heads} key/value heads{'' if self.has_mlps else ', no MLPs'})."  # fmt: skip
+        parallel = (self.parallel_attn_mlp and edge.sender.kind == "head" and edge.receiver.kind == "mlp"
+                    and edge.sender.layer == edge.receiver.layer)  # fmt: skip
+        if parallel:
+            return "this model computes attention and MLP in parallel, so an MLP reads its layer's input, not its heads."
         return "the sender writes after the receiver reads."
 
 

@@ -89,15 +89,22 @@ def _check_unit(node, component: Component, index: int, shape: ModelShape) -> in
     return index
 
 
-def check_neurons_exist(component: Component, shape: ModelShape, node) -> None:
-    """Refuse MLP neurons (`pre`, `post`) on a mixture-of-experts model, whose MLP hooks hold the
-    experts' mix, d_model wide, rather than one layer of neurons."""
+def check_component_exists(component: Component, shape: ModelShape, node) -> None:
+    """Refuse what a model's architecture does not have: MLP neurons (`pre`, `post`) in a
+    mixture of experts, whose MLP hooks hold the experts' mix, d_model wide; the residual stream
+    between attention and MLP (`resid_mid`) where the two run in parallel."""
     if component.unit == "neuron" and shape.n_experts:
         raise PatchingError(
             f"This model is a mixture of experts ({shape.n_experts} experts per layer): its "
             f"{component.hook_name(0).replace('blocks.0.', '')} hooks hold the experts' mix (d_model wide), not "
             f"MLP neurons, so {node!r} has no neurons to patch. Patch 'mlp_out' (each layer's whole expert "
             "output) instead."
+        )
+    if component.name == "resid_mid" and shape.parallel_attn_mlp:
+        raise PatchingError(
+            f"This model computes attention and MLP in parallel, both from the block's input, so there is no "
+            f"residual stream between them and {node!r} does not exist. Patch 'resid_pre' or 'resid_post', or "
+            "'attn_out' / 'mlp_out'."
         )
 
 
@@ -145,7 +152,7 @@ def resolve_node(node: Node, shape: ModelShape, batch: int, seq_len: int, device
         unit = _check_unit(node, component, unit, shape)
     if component.name in MLP_COMPONENTS and not shape.has_mlps:
         raise PatchingError(f"This model has no MLPs (attention-only), so {node!r} does not exist.")
-    check_neurons_exist(component, shape, node)
+    check_component_exists(component, shape, node)
     spec = node.seq_pos if seq_pos is None else seq_pos
     positions = resolve_positions(spec, batch, seq_len)
     resolved = Node(component.name, layer, head=node.head, neuron=node.neuron, seq_pos=node.seq_pos)
@@ -183,7 +190,7 @@ def resolve_sweep(node: IterNode, shape: ModelShape, tokens: torch.Tensor, seq_p
     batch, seq_len = tokens.shape
     sweeps = []
     for component in node.components:
-        check_neurons_exist(component, shape, node)
+        check_component_exists(component, shape, node)
         dims, coords = [], {}
         if node.seq_pos == "each":
             dims.append("seq_pos")

@@ -33,7 +33,7 @@ from ..errors import PatchingError
 from ..results import PatchResult
 from .activation import NOTHING_TO_PATCH_IN
 from .common import check_hooks_exist, describe_metric, resolve_metric
-from .edges import EMBEDDINGS, NO_HEAD_INPUTS
+from .edges import EMBEDDINGS, NO_HEAD_INPUTS, check_mlp_inputs
 
 
 @shared_by_ranks
@@ -132,11 +132,9 @@ def checked_graph(model, circuits: Sequence[Circuit]) -> EdgeGraph:
     for circuit in circuits:
         if circuit.graph != graph:
             raise PatchingError(f"A circuit is of {circuit.graph!r}, but this model's edge graph is {graph!r}.")
-    if getattr(model.cfg, "parallel_attn_mlp", False):
-        raise PatchingError("This model computes attention and MLP in parallel, so an MLP does not read its layer's "
-                            "heads; the edge graph assumes it does.")  # fmt: skip
     if not _tl.supports_split_qkv_input(model):
         raise PatchingError(NO_HEAD_INPUTS.format(what="Circuit evaluation edits every head's q/k/v input, which needs"))
+    check_mlp_inputs(model, graph, "Circuit evaluation")
     return graph
 
 
@@ -156,6 +154,7 @@ class Wiring:
         sender_row = {node: i for i, node in enumerate(graph.senders)}
         self.sender_slots: dict[str, slice] = {EMBEDDINGS: slice(0, 1)}
         self.head_layers: dict[str, int] = {}
+        self.mlp_inputs: set[str] = set()
         self.columns: dict[str, list[int]] = {}
         self.upstream: dict[str, int] = {}
         for layer in range(graph.n_layers):
@@ -172,7 +171,8 @@ class Wiring:
                 self.sender_slots[hook_name("mlp_out", layer)] = slice(mlp, mlp + 1)
                 self.columns[hook_name("mlp_in", layer)] = [receiver_column[next(
                     n for n in graph.receivers if n.kind == "mlp" and n.layer == layer)]]  # fmt: skip
-                self.upstream[hook_name("mlp_in", layer)] = mlp
+                self.upstream[hook_name("mlp_in", layer)] = heads[0] if graph.parallel_attn_mlp else mlp
+                self.mlp_inputs.add(hook_name("mlp_in", layer))
         final = hook_name("resid_post", graph.n_layers - 1)
         self.columns[final] = [len(graph.receivers) - 1]
         self.upstream[final] = len(graph.senders)
@@ -291,6 +291,9 @@ class _CircuitRows:
         """(batch, pos, d_model): the sum of every sender's ablated write so far, in float32 or wider."""
         self.unchanged: Tensor | None = None
         """(batch, pos, d_model): True where no sender's output has changed so far."""
+        self.before_heads: tuple[Tensor, Tensor] | None = None
+        """In a parallel block, `ablated_writes` and `unchanged` as they were before the layer's
+        heads wrote: what its MLP, which reads the layer's input, is built from."""
 
     def add_to(self, program: PatchProgram, row_start: int) -> None:
         for name, slots in self.wiring.sender_slots.items():
@@ -312,6 +315,8 @@ class _CircuitRows:
             w_o = self.w_o[self.wiring.head_layers[name]].to(change)
             per_head = torch.einsum("bphe,hed->hbpd", change, w_o).to(self.changes.device)
             self.changes[slots] = per_head
+            if self.ablated_writes is not None and self.wiring.graph.parallel_attn_mlp:
+                self.before_heads = (self.ablated_writes.clone(), self.unchanged.clone())
             if self.ablated_writes is not None:
                 wide = self.ablated_writes.dtype
                 write = torch.einsum("bphe,hed->bpd", ablated.to(wide), w_o.to(wide))
@@ -324,12 +329,15 @@ class _CircuitRows:
                 self.ablated_writes += ablated.to(self.ablated_writes)
                 self.unchanged &= change == 0
 
-    def _ablated_input(self, name: str) -> Tensor:
-        """(batch, pos, d_model): what the receiver hook `name` reads when every edge into it is
-        removed: the attention output biases of the layers before it plus every ablated write."""
+    def _ablated_input(self, name: str) -> tuple[Tensor, Tensor]:
+        """(batch, pos, d_model) twice: what the receiver hook `name` reads when every edge into
+        it is removed (the attention output biases of the layers before it plus every ablated
+        write before it), and where no sender before it changed."""
         layers = self.wiring.attention_layers_before(name)
-        biases = self.b_o[layers].to(self.ablated_writes).sum(0) if layers else 0.0
-        return self.ablated_writes + biases
+        mlp_beside_heads = self.wiring.graph.parallel_attn_mlp and name in self.wiring.mlp_inputs
+        writes, unchanged = self.before_heads if mlp_beside_heads else (self.ablated_writes, self.unchanged)
+        biases = self.b_o[layers].to(writes).sum(0) if layers else 0.0
+        return writes + biases, unchanged
 
     def _rebuild(self, name: str, receiver_input: Tensor) -> None:
         from_ablated, senders, weights = self.plans[name]
@@ -342,7 +350,7 @@ class _CircuitRows:
         if receiver_input.ndim == 3:
             terms = terms.squeeze(2)
         if from_ablated:
-            base, unchanged = self._ablated_input(name), self.unchanged
+            base, unchanged = self._ablated_input(name)
             if receiver_input.ndim == 4:
                 base, unchanged = base.unsqueeze(2), unchanged.unsqueeze(2)
             rebuilt = base.to(receiver_input.device) + terms

@@ -28,7 +28,14 @@ from .attribution import ESTIMATES, _check_choice, _checked_steps
 from .common import check_hooks_exist, resolve_metric
 from .edges import EMBEDDINGS, METHODS, NO_HEAD_INPUTS, difference, eap_gradients, position_mask
 from .gradients import GradientPass, NeuronRead
-from .path_rules import HEAD_INPUTS, WHOLE_HEAD_RECEIVERS, OutputWeights, check_specs, residual_write
+from .path_rules import (
+    HEAD_INPUTS,
+    WHOLE_HEAD_RECEIVERS,
+    OutputWeights,
+    check_parallel_receivers,
+    check_specs,
+    residual_write,
+)
 
 
 @shared_by_ranks
@@ -105,6 +112,7 @@ def attr_path_patch(
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, (), seq_pos)
     check_specs((), receiver_nodes, seq_pos)
+    check_parallel_receivers(shape, receiver_nodes, "attr_path_patch")
     if all(isinstance(spec, IterNode) and spec.seq_pos == "each" for spec in (sender_nodes, receiver_nodes)):
         raise PatchingError("Only one of sender_nodes and receiver_nodes may sweep seq_pos='each': direct paths "
                             "never cross positions, so every other cell would be zero.")  # fmt: skip

@@ -102,6 +102,7 @@ def attr_edges(
     graph = EdgeGraph.of(model)
     if not _tl.supports_split_qkv_input(model):
         raise PatchingError(NO_HEAD_INPUTS.format(what="attr_edges reads every head's q/k/v input, which needs"))
+    check_mlp_inputs(model, graph, "attr_edges")
     metric = resolve_metric(patching_metric, tokens)
     layers = range(graph.n_layers)
     heads = [hook_name("z", layer) for layer in layers]
@@ -194,6 +195,26 @@ NO_HEAD_INPUTS = (
     "{what} per-head input hooks (use_split_qkv_input), and this model has none. TransformerLens 4 bridges made "
     "by TransformerBridge.boot_native lack them: use TransformerBridge.boot_transformers."
 )
+
+
+def check_mlp_inputs(model, graph: EdgeGraph, what: str) -> None:
+    """Refuse a model whose blocks compute attention and MLP in parallel from one shared
+    normalisation (Phi): its MLPs have no input hook of their own that fires, so an edge into
+    an MLP can be neither edited nor scored. Parallel blocks with the MLP's own input hook
+    (GPT-NeoX/Pythia) pass: their graph simply has no edge from a layer's heads to its MLP."""
+    if not (graph.has_mlps and graph.parallel_attn_mlp):
+        return
+    name = hook_name("mlp_in", 0)
+    fired = set()
+    if name in _tl.hook_names(model):
+        with _tl.model_flags(model, _tl.flags_for([name])):
+            fired = _tl.hooks_that_fire(model, [name])
+    if name not in fired:
+        raise PatchingError(
+            f"{what} edits or scores the edges into each MLP at its own input (blocks.L.hook_mlp_in), but this model "
+            "computes attention and MLP in parallel from one shared normalisation (as Phi does), so no hook holds "
+            "an MLP's input apart from the heads'. Use act_patch or path_patch of 'mlp_out' and 'z' instead."
+        )
 
 
 def eap_gradients(gradient_pass: GradientPass, recorded: Sequence[str], differentiated: Sequence[str],

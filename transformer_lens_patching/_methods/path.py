@@ -42,6 +42,7 @@ from .path_rules import (
     PassOnePlan,
     PathPlan,
     can_fork,
+    check_parallel_receivers,
     check_specs,
     input_base_hook,
     paired_variants,
@@ -90,6 +91,8 @@ def plan_path_patch(
     tokens = _tl.to_tokens(model, orig_input)
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, receiver_nodes, seq_pos)
+    if not direct_includes_mlps:
+        check_parallel_receivers(shape, receiver_nodes, "path_patch with direct_includes_mlps=False")
     positions = normalize_seq_pos(seq_pos)
     senders = resolve_spec(sender_nodes, shape, tokens, "sender_nodes", positions)
     receivers = resolve_spec(receiver_nodes, shape, tokens, "receiver_nodes", positions)

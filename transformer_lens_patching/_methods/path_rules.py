@@ -76,6 +76,22 @@ def check_specs(senders, receivers, seq_pos) -> None:
                 raise PatchingError("IterNode(seq_pos='each') sweeps positions, so path_patch's seq_pos must be None.")
 
 
+def check_parallel_receivers(shape: ModelShape, receivers, what: str) -> None:
+    """Refuse receivers on the MLP side of a block (`pre`, `resid_mid`) where `what` adds each
+    sender's write to them itself, on a model whose blocks compute attention and MLP in parallel:
+    there the MLP reads the layer's input, beside the heads, not after them."""
+    if not shape.parallel_attn_mlp:
+        return
+    mlp_side = [name for name in _names(receivers) if name in ("pre", "resid_mid")]
+    if mlp_side:
+        raise PatchingError(
+            f"This model computes attention and MLP in parallel, so an MLP reads its layer's input beside the heads; "
+            f"{what} adds each sender's write to a receiver's input itself and cannot take {mlp_side[0]!r} receivers "
+            "here. Use path_patch with direct_includes_mlps=True (its forward passes follow the model), or the next "
+            "layer's receivers."
+        )
+
+
 def paired_variants(senders, receivers, sender_spec, receiver_spec) -> tuple[list[PathVariant], list[Sweep] | None]:
     """Pair senders with receivers: one variant per cell of whichever side is an IterNode."""
 

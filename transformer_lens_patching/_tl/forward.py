@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .devices import layer_device, moved, norm_device, output_device
+from .devices import layer_device, model_device, moved, norm_device, output_device
 from .version import TL_MAJOR
 
 
@@ -14,6 +14,17 @@ def hooks(model, fwd_hooks: list) -> Iterator[None]:
     """Add `fwd_hooks` for the duration of the block; remove exactly those afterwards."""
     with model.hooks(fwd_hooks=fwd_hooks, reset_hooks_end=True):
         yield
+
+
+def hooks_that_fire(model, names: list[str]) -> set[str]:
+    """Which of the hooks `names` fire in a forward pass (of one token, without gradients):
+    a bridge may list a hook that its architecture never calls."""
+    fired: set[str] = set()
+    record = [(name, lambda activation, hook, name=name: fired.add(name)) for name in names]
+    token = torch.zeros((1, 1), dtype=torch.long, device=model_device(model))
+    with torch.no_grad(), hooks(model, record):
+        model(token)
+    return fired
 
 
 def forward_logits(model, model_input: torch.Tensor, start_layer: int = 0) -> torch.Tensor:

@@ -27,6 +27,8 @@ class ModelShape:
     """The devices the model's parameters are on (several where its layers are spread)."""
     n_experts: int = 0
     """Experts per MLP layer of a mixture-of-experts model (0 for a dense model)."""
+    parallel_attn_mlp: bool = False
+    """Whether each block computes attention and MLP in parallel, both from the block's input."""
 
     def unit_count(self, unit: str) -> int:
         """How many heads, key/value heads or neurons a layer has."""
@@ -49,6 +51,7 @@ def model_shape(model) -> ModelShape:
         element_size=model_dtype(model).itemsize,
         devices=model_devices(model),
         n_experts=int(getattr(cfg, "num_experts", None) or 0),
+        parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
     )
 
 
