@@ -6,6 +6,10 @@
   give the model's own numbers.
 - Mixture-of-experts MLPs (Mixtral, Qwen2-MoE), whose MLP hooks hold the experts' mix, d_model
   wide: neuron nodes are refused, never patched as if that mix were neurons.
+- Post-norm blocks (Gemma-2, Gemma-3, OLMo-2) normalise each attention and MLP output before
+  adding it to the residual stream: the methods that take a sender's write to be linear in its
+  output (path patching, edges, circuits) refuse them; activation and attribution patching,
+  which let the model compute, stay exact.
 
 Tiny random models of each family, built offline from their `transformers` config
 (TransformerLens 4) or from a HookedTransformer config (TransformerLens 2); the soft cap is set
@@ -21,7 +25,19 @@ import torch
 
 from tests.helpers import assert_close, make_inputs, raises
 from tests.models import TL_MAJOR, VOCAB, tokenizer
-from transformer_lens_patching import IterNode, LogitDiff, Node, act_patch, attr_patch, path_patch
+from transformer_lens_patching import (
+    Circuit,
+    EdgeGraph,
+    IterNode,
+    LogitDiff,
+    Node,
+    act_patch,
+    attr_edges,
+    attr_patch,
+    attr_path_patch,
+    evaluate_circuit,
+    path_patch,
+)
 
 SOFT_CAP = 2.0
 ANSWERS = torch.tensor([[5, 6], [17, 3], [6, 5]])
@@ -37,8 +53,13 @@ MIXTURES_TL4 = {
                                                             "moe_intermediate_size": 32,
                                                             "shared_expert_intermediate_size": 32}),
 }  # fmt: skip
+POST_NORMS_TL4 = {
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"initializer_range": 0.5}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "initializer_range": 0.5}),
+}
 FAMILIES = list(FAMILIES_TL4) if TL_MAJOR >= 4 else ["soft-capped HookedTransformer"]
 MIXTURES = list(MIXTURES_TL4) if TL_MAJOR >= 4 else ["HookedTransformer with 4 experts"]
+POST_NORMED = ["gemma2", *POST_NORMS_TL4] if TL_MAJOR >= 4 else ["HookedTransformer with post-norms"]
 
 
 def build(family: str):
@@ -48,7 +69,7 @@ def build(family: str):
         import transformers
         from transformer_lens.model_bridge import TransformerBridge
 
-        config_class, model_class, extra = {**FAMILIES_TL4, **MIXTURES_TL4}[family]
+        config_class, model_class, extra = {**FAMILIES_TL4, **MIXTURES_TL4, **POST_NORMS_TL4}[family]
         config = getattr(transformers, config_class)(
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
             vocab_size=VOCAB, max_position_embeddings=64, **extra,
@@ -62,7 +83,13 @@ def build(family: str):
         return bridge
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    if family in MIXTURES:
+    if family in POST_NORMED:
+        config = HookedTransformerConfig(
+            n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128, d_vocab=VOCAB, n_ctx=64,
+            act_fn="gelu_pytorch_tanh", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
+            use_normalization_before_and_after=True, initializer_range=0.5, seed=0,
+        )  # fmt: skip
+    elif family in MIXTURES:
         config = HookedTransformerConfig(
             n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=32, d_vocab=VOCAB, n_ctx=64, act_fn="silu",
             normalization_type="RMS", gated_mlp=True, num_experts=4, experts_per_token=2, seed=0,
@@ -144,3 +171,30 @@ def test_mixture_of_experts_has_no_neurons_to_patch(family):
         own = metric(model(orig))
     unchanged = act_patch(model, orig, IterNode("mlp_out"), metric, new_cache=cache)["mlp_out"]
     assert_close(unchanged.as_tensor(), own.expand(model.cfg.n_layers))
+
+
+@pytest.mark.parametrize("family", POST_NORMED)
+def test_post_norm_blocks_are_refused_where_writes_are_taken_linear(family):
+    model = build(family)
+    orig, new = make_inputs(model)
+    metric = LogitDiff(ANSWERS)
+    last = model.cfg.n_layers - 1
+    graph = EdgeGraph.of(model)
+    calls = [
+        lambda: path_patch(model, orig, new, IterNode("z", layers=[last]), Node("resid_post", last), metric),
+        lambda: path_patch(model, orig, new, IterNode("z", layers=[0]), Node("q", last, head=0), metric,
+                           direct_includes_mlps=False),
+        lambda: attr_path_patch(model, orig, new, IterNode("z", layers=[0]), Node("resid_post", last), metric),
+        lambda: attr_edges(model, orig, metric, new_input=new),
+        lambda: evaluate_circuit(model, Circuit.full(graph), orig, metric, new_input=new),
+    ]  # fmt: skip
+    for call in calls:
+        with raises("normalises each attention and MLP output before adding it to the residual stream"):
+            call()
+    _, cache = model.run_with_cache(orig)
+    with torch.no_grad():
+        own = metric(model(orig))
+    heads = act_patch(model, orig, IterNode("z"), metric, new_cache=cache)["z"]
+    assert_close(heads.as_tensor(), own.expand(*heads.shape))
+    estimates = attr_patch(model, orig, IterNode("z"), metric, new_cache=cache)["z"]
+    assert_close(estimates.as_tensor(), own.expand(*estimates.shape))

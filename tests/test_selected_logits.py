@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import make_inputs
+from tests.helpers import assert_close_at_scale, make_inputs
 from tests.test_work import counted
 from transformer_lens_patching import IterNode, Node, PatchingError, act_patch, path_patch
 from transformer_lens_patching.metrics import LogitDiff, LogitsAt, TokenLogit, TokenProbability, denoising_metric
@@ -40,18 +40,16 @@ def metrics(model) -> dict:
 METRICS = ["logit diff per prompt", "normalised logit diff", "token probability", "logits at two positions"]
 
 
-def assert_close(actual, expected) -> None:
-    """Equal to 1e-5 of the values' scale: summing a row of W_U in another order (a
-    product over fewer columns) moves a logit of SmolLM2's size (tens) by a few 1e-5."""
+def assert_equal_results(actual, expected) -> None:
+    """Equal to 1e-5 of the values' scale, result by result: summing a row of W_U in another
+    order (a product over fewer columns) moves a logit of SmolLM2's size (tens) by a few 1e-5."""
     if isinstance(expected, dict):
         assert set(actual) == set(expected)
         for name in expected:
             assert actual[name].dims == expected[name].dims
-            assert_close(actual[name], expected[name])
+            assert_close_at_scale(actual[name], expected[name])
         return
-    actual, expected = torch.as_tensor(actual).float(), torch.as_tensor(expected).float()
-    scale = max(1.0, float(expected.abs().max()))
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+    assert_close_at_scale(actual, expected)
 
 
 def sweeps(model) -> dict:
@@ -71,8 +69,8 @@ def test_act_patch_with_selected_logits_equals_full_logits(model, sweep, name):
     orig, new = make_inputs(model)
     metric, nodes = metrics(model)[name], sweeps(model)[sweep]
     expected = act_patch(model, orig, nodes, plain(metric), new_input=new)
-    assert_close(act_patch(model, orig, nodes, metric, new_input=new), expected)
-    assert_close(act_patch(model, orig, nodes, metric, new_input=new, batch_size=1), expected)
+    assert_equal_results(act_patch(model, orig, nodes, metric, new_input=new), expected)
+    assert_equal_results(act_patch(model, orig, nodes, metric, new_input=new, batch_size=1), expected)
 
 
 PATHS = {
@@ -103,7 +101,7 @@ def test_path_patch_with_selected_logits_equals_full_logits(model, path, name):
         senders = IterNode(senders.names, seq_pos=senders.seq_pos, layers=[0, 14, model.cfg.n_layers - 2])
     args = (model, orig, new, senders, receivers(model, kind))
     expected = path_patch(*args, plain(metric), direct_includes_mlps=mlps)
-    assert_close(path_patch(*args, metric, direct_includes_mlps=mlps), expected)
+    assert_equal_results(path_patch(*args, metric, direct_includes_mlps=mlps), expected)
 
 
 def test_patches_after_every_read_position_score_the_unpatched_metric_without_running(small_model):
@@ -145,7 +143,7 @@ def test_read_positions_differ_per_prompt(small_model):
     orig, new = make_inputs(model)
     metric = LogitDiff(torch.tensor([[5, 6], [6, 5], [5, 7]]), torch.tensor([6, 1, 2]), per_prompt=True)
     node = IterNode("resid_pre", seq_pos="each", layers=[1])
-    assert_close(act_patch(model, orig, node, metric, new_input=new), act_patch(model, orig, node, plain(metric), new_input=new))
+    assert_equal_results(act_patch(model, orig, node, metric, new_input=new), act_patch(model, orig, node, plain(metric), new_input=new))
 
 
 class UnembeddingWatch:
@@ -240,5 +238,5 @@ def test_hooks_on_the_output_get_full_logits_as_before(small_model):
         expected = act_patch(model, orig, IterNode("z", layers=[1]), plain(metric), new_input=new)
     finally:
         model.reset_hooks()
-    assert_close(result, expected)
+    assert_equal_results(result, expected)
     assert set(shapes) == {orig.shape[1]}

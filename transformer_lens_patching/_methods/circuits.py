@@ -34,6 +34,7 @@ from ..results import PatchResult
 from .activation import NOTHING_TO_PATCH_IN
 from .common import check_hooks_exist, describe_metric, resolve_metric
 from .edges import EMBEDDINGS, NO_HEAD_INPUTS, check_mlp_inputs
+from .path_rules import check_linear_writes
 
 
 @shared_by_ranks
@@ -134,6 +135,7 @@ def checked_graph(model, circuits: Sequence[Circuit]) -> EdgeGraph:
             raise PatchingError(f"A circuit is of {circuit.graph!r}, but this model's edge graph is {graph!r}.")
     if not _tl.supports_split_qkv_input(model):
         raise PatchingError(NO_HEAD_INPUTS.format(what="Circuit evaluation edits every head's q/k/v input, which needs"))
+    check_linear_writes(model, "circuit evaluation")
     check_mlp_inputs(model, graph, "Circuit evaluation")
     return graph
 

@@ -32,6 +32,7 @@ from .path_rules import (
     HEAD_INPUTS,
     WHOLE_HEAD_RECEIVERS,
     OutputWeights,
+    check_linear_writes,
     check_parallel_receivers,
     check_specs,
     residual_write,
@@ -112,6 +113,7 @@ def attr_path_patch(
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, (), seq_pos)
     check_specs((), receiver_nodes, seq_pos)
+    check_linear_writes(model, "attr_path_patch")
     check_parallel_receivers(shape, receiver_nodes, "attr_path_patch")
     if all(isinstance(spec, IterNode) and spec.seq_pos == "each" for spec in (sender_nodes, receiver_nodes)):
         raise PatchingError("Only one of sender_nodes and receiver_nodes may sweep seq_pos='each': direct paths "

@@ -36,6 +36,7 @@ from .activation import NOTHING_TO_PATCH_IN
 from .attribution import _check_choice, _checked_steps
 from .common import check_hooks_exist, resolve_metric
 from .gradients import GradientPass, GradientRun, NeuronRead
+from .path_rules import check_linear_writes
 
 METHODS = ("atp", "ig")
 """The estimates edge attribution computes: EAP and EAP-IG."""
@@ -102,6 +103,7 @@ def attr_edges(
     graph = EdgeGraph.of(model)
     if not _tl.supports_split_qkv_input(model):
         raise PatchingError(NO_HEAD_INPUTS.format(what="attr_edges reads every head's q/k/v input, which needs"))
+    check_linear_writes(model, "attr_edges")
     check_mlp_inputs(model, graph, "attr_edges")
     metric = resolve_metric(patching_metric, tokens)
     layers = range(graph.n_layers)
@@ -211,8 +213,8 @@ def check_mlp_inputs(model, graph: EdgeGraph, what: str) -> None:
             fired = _tl.hooks_that_fire(model, [name])
     if name not in fired:
         raise PatchingError(
-            f"{what} edits or scores the edges into each MLP at its own input (blocks.L.hook_mlp_in), but this model "
-            "computes attention and MLP in parallel from one shared normalisation (as Phi does), so no hook holds "
+            f"{what} edits or scores the edges into each MLP at its own input ({name} and its like), but this "
+            "model computes attention and MLP in parallel from one shared normalisation (as Phi does), so no hook holds "
             "an MLP's input apart from the heads'. Use act_patch or path_patch of 'mlp_out' and 'z' instead."
         )
 

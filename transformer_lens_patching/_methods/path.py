@@ -42,6 +42,7 @@ from .path_rules import (
     PassOnePlan,
     PathPlan,
     can_fork,
+    check_linear_writes,
     check_parallel_receivers,
     check_specs,
     input_base_hook,
@@ -91,6 +92,7 @@ def plan_path_patch(
     tokens = _tl.to_tokens(model, orig_input)
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, receiver_nodes, seq_pos)
+    check_linear_writes(model, "path patching")
     if not direct_includes_mlps:
         check_parallel_receivers(shape, receiver_nodes, "path_patch with direct_includes_mlps=False")
     positions = normalize_seq_pos(seq_pos)

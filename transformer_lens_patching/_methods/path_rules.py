@@ -76,6 +76,20 @@ def check_specs(senders, receivers, seq_pos) -> None:
                 raise PatchingError("IterNode(seq_pos='each') sweeps positions, so path_patch's seq_pos must be None.")
 
 
+def check_linear_writes(model, what: str) -> None:
+    """Refuse a model that normalises each attention or MLP output before adding it to the
+    residual stream: there a sender's write is not its output times its output weights, which
+    `what` (path patching, edges, circuits) builds on."""
+    norms = _tl.post_norms(model)
+    if norms:
+        raise PatchingError(
+            f"This model normalises each attention and MLP output before adding it to the residual stream "
+            f"({', '.join(norms)}, as Gemma-2, Gemma-3 and OLMo-2 do), so a head's or MLP's write to the residual "
+            f"stream is not a linear function of its own output, which {what} builds on: refused rather than "
+            "computed wrong. act_patch and attr_patch are exact on this model."
+        )
+
+
 def check_parallel_receivers(shape: ModelShape, receivers, what: str) -> None:
     """Refuse receivers on the MLP side of a block (`pre`, `resid_mid`) where `what` adds each
     sender's write to them itself, on a model whose blocks compute attention and MLP in parallel:

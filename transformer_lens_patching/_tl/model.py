@@ -55,6 +55,13 @@ def model_shape(model) -> ModelShape:
     )
 
 
+def post_norms(model) -> tuple[str, ...]:
+    """The norms the model applies to each attention or MLP output before adding it to the
+    residual stream (Gemma-2 and Gemma-3's, OLMo-2's): "ln1_post", "ln2_post" or none."""
+    names = hook_names(model)
+    return tuple(norm for norm in ("ln1_post", "ln2_post") if any(n.startswith(f"blocks.0.{norm}.") for n in names))
+
+
 def hook_names(model) -> set[str]:
     """Every hook name the model accepts, aliases included."""
     return set(model.hook_dict)
