@@ -4,7 +4,8 @@ starts them (MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE set), each running
     python -m tests.distributed_failures CASE OUT
 
 Every rank joins the gloo group and makes the same calls; in CASE one rank fails partway (its
-metric raises, it is killed, it hangs, it is interrupted, or it passes other inputs). Each rank writes
+metric raises, it is killed, it hangs, it is interrupted, it passes other inputs, it raises while
+planning, or it fails early while the other rank has a long share). Each rank writes
 OUT/rank<r>.json as soon as its failing call has ended: the error it raised (type and message),
 the seconds from the call's start, and whether any hook was left on its model. Where the group
 survives, both ranks then make one more call, whose result must equal the one made before the
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from tests import models
 from tests.helpers import make_inputs, model_state
-from transformer_lens_patching import IterNode, LogitDiff, attr_patch, plan_act_patch, set_rank_timeout
+from transformer_lens_patching import IterNode, LogitDiff, act_patch, attr_patch, plan_act_patch, set_rank_timeout
 
 FAILING_RANK = 1
 STAYS_ALIVE = 3.0
@@ -34,13 +35,18 @@ RANK_TIMEOUT = 10.0
 """The rank timeout the workers set: a hung rank is given up on after this long."""
 
 
-class FailingMetric:
-    """A logit difference that, on `rank`, raises at its `at`-th call once armed (or kills or
-    interrupts its process there)."""
+SLOW = 1.0
+"""Seconds each metric call takes on the other rank in "early-failure-long-share": its share
+(16 blocks) would outlast the rank timeout were it not stopped."""
 
-    def __init__(self, rank: int, at: int, how: str = "raise"):
+
+class FailingMetric:
+    """A logit difference that, on `rank`, raises at its `at`-th call once armed (or kills,
+    hangs or interrupts its process there); with `slow`, the other ranks take SLOW seconds a call."""
+
+    def __init__(self, rank: int, at: int, how: str = "raise", slow: bool = False):
         self.metric = LogitDiff(torch.tensor([[5, 6], [17, 3], [6, 5]]))
-        self.rank, self.at, self.how, self.calls, self.armed = rank, at, how, 0, False
+        self.rank, self.at, self.how, self.slow, self.calls, self.armed = rank, at, how, slow, 0, False
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.armed and dist.get_rank() == self.rank:
@@ -54,29 +60,42 @@ class FailingMetric:
                     os.kill(os.getpid(), signal.SIGINT)
                     time.sleep(1.0)
                 raise RuntimeError(f"metric failed on purpose at call {self.at}")
-        time.sleep(0.05)
+        time.sleep(SLOW if self.armed and self.slow and dist.get_rank() != self.rank else 0.05)
         return self.metric(logits)
 
 
-def sweep(model, metric, orig, new):
-    """act_patch of every head's z, two variants a pass: several blocks, dealt out to the ranks."""
-    plan = plan_act_patch(model, orig, IterNode("z"), metric, new_input=new, batch_size=2)
+def sweep(model, metric, orig, new, nodes=None, batch_size=2):
+    """act_patch of every head's z (or `nodes`), two variants a pass: several blocks, dealt out to the ranks."""
+    plan = plan_act_patch(model, orig, nodes or IterNode("z"), metric, new_input=new, batch_size=batch_size)
     metric.armed = True
     return plan.compute()
 
 
+def failing_rank(case: str) -> int:
+    """The rank that fails in `case`."""
+    return 0 if case == "early-failure-long-share" else FAILING_RANK
+
+
 def failing_call(case: str, model, orig, new):
     """The call in which a rank fails, for `case`."""
+    failing = failing_rank(case)
     if case == "raise-gradient":
-        metric = FailingMetric(FAILING_RANK, at=1)
+        metric = FailingMetric(failing, at=1)
         metric.armed = True
         return attr_patch(model, orig, IterNode("z"), metric, new_input=new, max_memory=1)
     if case == "other-inputs":
-        other = new.flip(0) if dist.get_rank() == FAILING_RANK else new
-        return sweep(model, FailingMetric(FAILING_RANK, at=0), orig, other)
+        other = new.flip(0) if dist.get_rank() == failing else new
+        return sweep(model, FailingMetric(failing, at=0), orig, other)
+    if case == "raise-while-planning":
+        heads = [0, 1, 2, 99] if dist.get_rank() == failing else None
+        return act_patch(model, orig, IterNode("z", heads=heads), LogitDiff(torch.tensor([[5, 6]] * 3)),
+                         new_input=new)  # fmt: skip
+    if case == "early-failure-long-share":
+        nodes = IterNode(["z", "q", "k", "v"])
+        return sweep(model, FailingMetric(failing, at=1, slow=True), orig, new, nodes, batch_size=1)
     at = {"raise-first": 1, "raise-later": 3, "killed": 3, "hung": 3, "interrupted": 3}[case]
     how = {"killed": "kill", "hung": "hang", "interrupted": "interrupt"}.get(case, "raise")
-    return sweep(model, FailingMetric(FAILING_RANK, at=at, how=how), orig, new)
+    return sweep(model, FailingMetric(failing, at=at, how=how), orig, new)
 
 
 def main(case: str, out: str) -> None:
@@ -89,7 +108,7 @@ def main(case: str, out: str) -> None:
     before_state = model_state(model)
     good = sweep(model, FailingMetric(FAILING_RANK, at=0), orig, new)["z"].as_tensor()
     began = time.time()
-    report: dict = {"rank": rank}
+    report: dict = {"rank": rank, "failing_rank": failing_rank(case)}
     try:
         failing_call(case, model, orig, new)
         report["error"] = None
@@ -101,7 +120,7 @@ def main(case: str, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     if case in ("killed", "hung"):
         return
-    if rank == FAILING_RANK:
+    if rank == failing_rank(case):
         time.sleep(STAYS_ALIVE)
     again = sweep(model, FailingMetric(FAILING_RANK, at=0), orig, new)["z"].as_tensor()
     report["following_call_equal"] = bool(torch.equal(again, good))

@@ -25,6 +25,9 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parent.parent
 FAILING = distributed_failures.FAILING_RANK
+QUICK = 5.0
+"""Seconds within which a rank must end once another has failed early: well under the 10 s rank
+timeout and the 16 s that the other rank's share would take."""
 BOUND = 60.0
 """Seconds within which every rank must have ended its failing call (the rank timeout is 10 s)."""
 LINGER = 30.0
@@ -68,17 +71,19 @@ def two_ranks(case: str, out: Path) -> dict[int, dict]:
     return reports
 
 
-def assert_every_rank_told(reports: dict[int, dict], failure: str) -> None:
+def assert_every_rank_told(reports: dict[int, dict], failure: str, within: float = BOUND) -> None:
     """The failing rank raised its own error, with a note naming the failure; the other raised a
-    PatchingError naming the failing rank and its error; both within BOUND, leaving no hook."""
-    own, other = reports[FAILING], reports[1 - FAILING]
+    PatchingError naming the failing rank and its error; both within `within` seconds, leaving
+    no hook; the next call works."""
+    failing = reports[0]["failing_rank"]
+    own, other = reports[failing], reports[1 - failing]
     assert failure in own["error"]["type"] + ": " + own["error"]["message"], own
-    assert f"rank {FAILING}: {failure}" in own["error"]["notes"], own
+    assert f"rank {failing}: {failure}" in own["error"]["notes"], own
     assert other["error"]["type"] == "PatchingError", other
     assert "1 of 2 ranks failed in their share of" in other["error"]["message"], other
-    assert f"rank {FAILING}: {failure}" in other["error"]["message"], other
+    assert f"rank {failing}: {failure}" in other["error"]["message"], other
     for report in reports.values():
-        assert report["seconds"] < BOUND and not report["hooks_left"], report
+        assert report["seconds"] < within and not report["hooks_left"], report
         assert report["following_call_equal"] is True, report
 
 
@@ -92,6 +97,28 @@ def test_a_metric_raising_on_one_rank_stops_every_rank(case, tmp_path):
 def test_a_gradient_pass_failing_on_one_rank_stops_every_rank(tmp_path):
     reports = two_ranks("raise-gradient", tmp_path)
     assert_every_rank_told(reports, "RuntimeError: metric failed on purpose")
+
+
+def test_an_early_failure_stops_the_others_shares(tmp_path):
+    """Rank 0 fails at once while rank 1's share would take 16 s (longer than the 10 s rank
+    timeout): rank 1 stops at its next block, and neither rank mistakes the other for lost."""
+    reports = two_ranks("early-failure-long-share", tmp_path)
+    assert_every_rank_told(reports, "RuntimeError: metric failed on purpose", within=QUICK)
+    assert "was lost" not in reports[0]["error"]["notes"] + reports[1]["error"]["message"]
+
+
+def test_a_rank_raising_while_planning_stops_every_rank(tmp_path):
+    """A rank whose call fails before its plan exists (a head out of range on rank 1 only) meets
+    the others at another point: every rank says where each was and what failed."""
+    reports = two_ranks("raise-while-planning", tmp_path)
+    own, other = reports[FAILING], reports[1 - FAILING]
+    assert own["error"]["type"] == "PatchingError" and "out of range" in own["error"]["message"], own
+    assert "met at different points" in own["error"]["notes"], own
+    assert other["error"]["type"] == "PatchingError", other
+    assert "met at different points (rank 0 at the start of a plan; rank 1 at the end of act_patch" in other[
+        "error"]["message"] and "out of range" in other["error"]["message"], other  # fmt: skip
+    for report in reports.values():
+        assert report["seconds"] < BOUND and not report["hooks_left"] and report["following_call_equal"], report
 
 
 def test_an_interrupted_rank_stops_every_rank(tmp_path):

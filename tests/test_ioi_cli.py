@@ -287,6 +287,52 @@ def attention_only(tok, n_layers: int = 2):
     return HookedTransformer(HookedTransformerConfig(**config), tokenizer=tok).eval()
 
 
+def post_norm(tok):
+    """A random 2-layer model with post-norm blocks (Gemma-2's: each attention and MLP output
+    normalised before it joins the residual stream), with the whole SmolLM2 vocabulary."""
+    torch.manual_seed(0)
+    if models.TL_MAJOR >= 4:
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        config = Gemma2Config(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16,
+            intermediate_size=128, vocab_size=len(tok), max_position_embeddings=64,
+        )  # fmt: skip
+        config.architectures = ["Gemma2ForCausalLM"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bridge = TransformerBridge.boot_transformers("gemma2", hf_model=Gemma2ForCausalLM(config).eval(),
+                                                         tokenizer=tok, device="cpu")  # fmt: skip
+            bridge.enable_compatibility_mode()
+        return bridge
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    config = HookedTransformerConfig(
+        n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128, d_vocab=len(tok), n_ctx=64,
+        act_fn="gelu_pytorch_tanh", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
+        use_normalization_before_and_after=True, seed=0,
+    )  # fmt: skip
+    return HookedTransformer(config, tokenizer=tok).eval()
+
+
+def test_a_post_norm_model_skips_the_path_and_circuit_steps(tok):
+    """Path patching and circuits refuse post-norm blocks: the job plans neither, runs the
+    activation and neuron steps, and says in each skipped step why."""
+    model = post_norm(tok)
+    settings = IOISettings(n_prompts=3, top_neurons=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_ioi(model, settings, "post-norm", progress=False, log=lambda line: None)
+    for key in ("path_logits", "path_queries", "path_values", "circuit"):
+        assert result.step(key).results == {}, key
+    assert "normalises each attention and MLP output" in result.step("path_logits").description
+    assert result.step("path_queries").description == "Skipped: the previous step was skipped."
+    assert "normalises each attention and MLP output" in result.step("circuit").description
+    assert result.step("act_heads").results and result.step("attr_neurons").results
+    assert not [name for name, _ in plan_ioi(model, settings) if name.startswith(("path", "circuit"))]
+
+
 def test_the_circuit_step_evaluates_its_circuit_exactly(analysis, tiny_model):
     """The step's circuit is the smallest of the best curve that reaches the faithfulness asked
     for (or the most faithful one), and its faithfulness is that of an exact evaluation."""

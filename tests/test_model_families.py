@@ -102,6 +102,20 @@ def build(family: str):
     return HookedTransformer(config, tokenizer=tokenizer())
 
 
+def own_run(model, tokens, metric):
+    """The model's own cache of `tokens`, and its metric on them."""
+    _, cache = model.run_with_cache(tokens)
+    with torch.no_grad():
+        return cache, metric(model(tokens))
+
+
+def assert_each_refused(calls, message: str) -> None:
+    """Each call raises a PatchingError matching `message`."""
+    for call in calls:
+        with raises(message):
+            call()
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request):
     """(family, model)."""
@@ -119,9 +133,7 @@ def test_metric_objects_read_the_models_own_logits(family_model, tokens):
     equals the same plain function on full logits, for a head, a sweep and an unembedding-only pass."""
     _, model = family_model
     metric = LogitDiff(ANSWERS)
-    with torch.no_grad():
-        own = metric(model(tokens))
-    _, cache = model.run_with_cache(tokens)
+    cache, own = own_run(model, tokens, metric)
     last = model.cfg.n_layers - 1
     for nodes in (Node("z", 0, head=0), Node("resid_post", last)):
         selected = act_patch(model, tokens, nodes, metric, new_cache=cache)
@@ -163,12 +175,8 @@ def test_mixture_of_experts_has_no_neurons_to_patch(family):
         lambda: path_patch(model, orig, new, IterNode("z", layers=[0]), Node("pre", 1, neuron=2), metric),
         lambda: attr_patch(model, orig, IterNode("post"), metric, new_input=new),
     ]
-    for call in calls:
-        with raises("is a mixture of experts .4 experts per layer.*Patch 'mlp_out'"):
-            call()
-    _, cache = model.run_with_cache(orig)
-    with torch.no_grad():
-        own = metric(model(orig))
+    assert_each_refused(calls, "is a mixture of experts .4 experts per layer.*Patch 'mlp_out'")
+    cache, own = own_run(model, orig, metric)
     unchanged = act_patch(model, orig, IterNode("mlp_out"), metric, new_cache=cache)["mlp_out"]
     assert_close(unchanged.as_tensor(), own.expand(model.cfg.n_layers))
 
@@ -188,12 +196,8 @@ def test_post_norm_blocks_are_refused_where_writes_are_taken_linear(family):
         lambda: attr_edges(model, orig, metric, new_input=new),
         lambda: evaluate_circuit(model, Circuit.full(graph), orig, metric, new_input=new),
     ]  # fmt: skip
-    for call in calls:
-        with raises("normalises each attention and MLP output before adding it to the residual stream"):
-            call()
-    _, cache = model.run_with_cache(orig)
-    with torch.no_grad():
-        own = metric(model(orig))
+    assert_each_refused(calls, "normalises each attention and MLP output before adding it to the residual stream")
+    cache, own = own_run(model, orig, metric)
     heads = act_patch(model, orig, IterNode("z"), metric, new_cache=cache)["z"]
     assert_close(heads.as_tensor(), own.expand(*heads.shape))
     estimates = attr_patch(model, orig, IterNode("z"), metric, new_cache=cache)["z"]

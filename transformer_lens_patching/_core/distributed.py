@@ -20,7 +20,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -37,7 +37,10 @@ DEFAULT_RANK_TIMEOUT = 300.0
 """Seconds a rank waits at a meeting point for the others (5 minutes): work is dealt out in turn,
 so healthy ranks arrive within about one block of each other."""
 _settings = {"timeout": DEFAULT_RANK_TIMEOUT}
-_meeting_groups: dict[int, object] = {}
+_meetings = {"world": None, "groups": {}, "held": 0, "sharing": 0}
+"""The process group the meeting state belongs to, its gloo meeting groups by timeout, how many
+meetings this rank has held in it (the same count on every rank: they meet in step), and how
+deeply this rank is inside shares of work."""
 _ON_EVERY_RANK = "_tlp_raised_on_every_rank"
 """Set on an exception that every rank has raised together: the meetings above it are skipped."""
 
@@ -116,8 +119,8 @@ def gather(local: object, ranks: Ranks, device: torch.device | None = None) -> l
 
 
 def digest(*values: object) -> str:
-    """A digest of inputs every rank must share: tensors by shape, dtype and bytes, anything
-    else by its repr (an ActivationCache or dict of activations by its type only)."""
+    """A digest of the inputs every rank must share (token tensors, text, None): tensors by
+    shape, dtype and bytes, text and numbers by their repr, anything else by its type."""
     hashed = hashlib.sha256()
     for value in values:
         if isinstance(value, torch.Tensor):
@@ -162,26 +165,76 @@ def agreed(ranks: Ranks | None, what: str) -> Iterator[None]:
     """Within: this rank's share of `what`. On leaving, whether the share succeeded or raised,
     every rank tells every other its outcome; if any rank failed, the ranks that succeeded raise
     a PatchingError naming the failing ranks and their errors, and each failing rank re-raises
-    its own exception with that note added. Without ranks, nothing is exchanged."""
+    its own exception with that note added. A failing rank also announces its failure at once
+    (in the process group's store), so that the others stop their shares at their next block
+    (`stop_if_another_failed`) instead of finishing them. Without ranks, nothing is exchanged."""
     if ranks is None:
         yield
         return
+    _meetings["sharing"] += 1
     try:
         yield
+    except _StoppedForOthers:
+        failures = _failures(exchange(None, ranks, f"the end of {what}"), ranks, what)
+        raise _on_every_rank(PatchingError(_stopped_message(failures, ranks))) from None
     except BaseException as error:
         if not getattr(error, _ON_EVERY_RANK, False):
+            _announce(ranks, error)
             _add_note(error, _told_the_others(error, ranks, what))
             _on_every_rank(error)
         raise
+    finally:
+        _meetings["sharing"] -= 1
     failures = _failures(exchange(None, ranks, f"the end of {what}"), ranks, what)
     if failures:
-        raise _on_every_rank(PatchingError(
-            f"{failures} This rank (rank {ranks.rank}) stopped too. The failing rank's own traceback is in its log."
-        ))
+        raise _on_every_rank(PatchingError(_stopped_message(failures, ranks)))
+
+
+class _StoppedForOthers(Exception):
+    """Raised within a rank's share when another rank has announced that its share failed."""
+
+
+def stop_if_another_failed() -> None:
+    """Between two blocks of a rank's share: stop (raise) if another rank has announced that its
+    share failed since the ranks last met; the failure is then agreed on at the share's end."""
+    if not _meetings["sharing"] or current_ranks() is None:
+        return
+    store = _store()
+    try:
+        announced = store is not None and store.check([_announcement_key()])
+    except RuntimeError:
+        return  # the store is gone with its rank: the next meeting says so
+    if announced:
+        raise _StoppedForOthers()
+
+
+def _announce(ranks: Ranks, error: BaseException) -> None:
+    """Tell the other ranks, through the store, that this rank's share failed."""
+    store = _store()
+    if store is not None:
+        with suppress(RuntimeError):  # the store is gone with its rank: the meeting says so
+            store.set(_announcement_key(), f"rank {ranks.rank}: {_described(error)}")
+
+
+def _store():
+    """The default process group's key-value store (where torchrun's rendezvous keeps its keys),
+    or None where this torch has no such accessor."""
+    getter = getattr(dist.distributed_c10d, "_get_default_store", None)
+    return None if getter is None else getter()
+
+
+def _announcement_key() -> str:
+    _check_world()
+    return f"transformer_lens_patching/failed_before_meeting_{_meetings['held']}"
+
+
+def _stopped_message(failures: str, ranks: Ranks) -> str:
+    return f"{failures} This rank (rank {ranks.rank}) stopped too. The failing rank's own traceback is in its log."
 
 
 def _told_the_others(error: BaseException, ranks: Ranks, what: str) -> str:
-    """Tell the other ranks of this rank's `error`; the note that says what came of it."""
+    """Tell the other ranks of this rank's `error` at the end of `what`; the note that says what
+    came of it."""
     try:
         outcomes = exchange(_described(error), ranks, f"the end of {what}")
     except PatchingError as lost:
@@ -191,17 +244,29 @@ def _told_the_others(error: BaseException, ranks: Ranks, what: str) -> str:
 
 def exchange(mine: object, ranks: Ranks, where: str) -> list:
     """Every rank's `mine` (small and picklable), in rank order, within the rank timeout: a
-    monitored barrier first (which names the ranks that do not arrive), then the values.
-    `where` names the meeting point in the error when a rank is lost."""
+    monitored barrier first (which names a rank that does not arrive), then the values, on a
+    gloo group of its own whose operations all end within the timeout. `where` names the
+    meeting point: ranks that meet at different points raise a PatchingError saying where each
+    was, and a lost rank's error says where it was awaited."""
     timeout = _settings["timeout"]
     try:
         group = _meeting_group(timeout)
-        dist.monitored_barrier(group, timeout=timedelta(seconds=timeout), wait_all_ranks=True)
+        dist.monitored_barrier(group, timeout=timedelta(seconds=timeout))
         everyones: list = [None] * ranks.world_size
-        dist.all_gather_object(everyones, mine, group=group)
+        dist.all_gather_object(everyones, (where, mine), group=group)
     except RuntimeError as error:
         raise _on_every_rank(PatchingError(_lost_message(error, ranks, where, timeout))) from error
-    return everyones
+    _meetings["held"] += 1
+    places = [place for place, _ in everyones]
+    if len(set(places)) > 1:
+        seen = "; ".join(f"rank {rank} at {place}" + (f" ({value})" if isinstance(value, str) else "")
+                         for rank, (place, value) in enumerate(everyones))  # fmt: skip
+        raise _on_every_rank(PatchingError(
+            f"Under torch.distributed the ranks met at different points ({seen}): a rank raised before a meeting "
+            "the others reached, or the ranks made different calls. Every rank stopped; the failing rank's own "
+            "traceback is in its log."
+        ))
+    return [value for _, value in everyones]
 
 
 def _on_every_rank(error: BaseException) -> BaseException:
@@ -211,16 +276,19 @@ def _on_every_rank(error: BaseException) -> BaseException:
 
 
 def _meeting_group(timeout: float):
-    """A gloo group of every rank, for the meetings (monitored barriers are gloo's alone), made
-    once per default process group; the default group itself where it is gloo."""
-    default = dist.group.WORLD
-    if dist.get_backend(default) == "gloo":
-        return default
-    key = id(default)
-    if key not in _meeting_groups:
-        _meeting_groups.clear()
-        _meeting_groups[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-    return _meeting_groups[key]
+    """A gloo group of every rank for the meetings, made (by every rank at the same meeting) with
+    `timeout` for all of its operations, once per default process group and timeout."""
+    _check_world()
+    groups = _meetings["groups"]
+    if timeout not in groups:
+        groups[timeout] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    return groups[timeout]
+
+
+def _check_world() -> None:
+    """Start the meeting state afresh when the default process group is a new one."""
+    if _meetings["world"] is not dist.group.WORLD:
+        _meetings.update(world=dist.group.WORLD, groups={}, held=0)
 
 
 def _lost_message(error: RuntimeError, ranks: Ranks, where: str, timeout: float) -> str:

@@ -195,6 +195,7 @@ class PatchPlan:
         with torch.set_grad_enabled(grad), self._start(grad, len(self.cells) if progress else 0, label) as session:
             values: dict[int, object] = {}
             for block in self.blocks:
+                distributed.stop_if_another_failed()
                 values.update(session.run_block(block))
             return PlanOutputs(self.plan_id, values, session.metric_dims)
 

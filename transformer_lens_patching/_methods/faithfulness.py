@@ -9,7 +9,7 @@ fractions (MIB: 0.1% to 100%).
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,9 +126,9 @@ def faithfulness_curve(
     if not isinstance(scores, EdgeScores):
         raise PatchingError(f"faithfulness_curve needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}.")
     graph = scores.graph
-    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
         raise PatchingError(f"sizes must be a list of at least two circuit sizes in increasing order, got {sizes!r}.")
-    sizes = list(sizes)
+    sizes = [size.item() if hasattr(size, "item") else size for size in sizes]  # numpy or torch scalars too
     for size in sizes:
         edge_count(size, len(graph))
     fractions = tuple(size if isinstance(size, float) else size / len(graph) for size in sizes)

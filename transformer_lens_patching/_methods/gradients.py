@@ -109,11 +109,16 @@ class GradientPass:
                     return part
                 return GradientRun(part.value, part.dims, {}, {}, [], [reduce(slice(0, batch), part)])
             mine = range(len(chunks)) if ranks is None else ranks.mine(range(len(chunks)))
+
+            def my_logits() -> dict[int, Tensor]:
+                logits = {}
+                for i in mine:
+                    distributed.stop_if_another_failed()
+                    logits[i] = self._run(tokens[chunks[i]], plan.rows(chunks[i], recorded=False), chunks[i])[0]
+                return logits
+
             with torch.no_grad():
-                logits = self._everyones(ranks, lambda: {
-                    i: self._run(tokens[chunks[i]], plan.rows(chunks[i], recorded=False), chunks[i])[0] for i in mine
-                })
-                logits = torch.cat(logits)
+                logits = torch.cat(self._everyones(ranks, my_logits))
             with torch.enable_grad():
                 logits.requires_grad_(True)
                 value = _measured(calls, logits)
@@ -122,6 +127,7 @@ class GradientPass:
             def my_chunks() -> dict[int, object]:
                 parts = {}
                 for i in mine:
+                    distributed.stop_if_another_failed()
                     rows = chunks[i]
                     with torch.enable_grad():
                         chunk_logits, live = self._run(tokens[rows], plan.rows(rows), rows)

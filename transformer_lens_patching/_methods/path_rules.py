@@ -91,12 +91,13 @@ def check_linear_writes(model, what: str) -> None:
 
 
 def check_parallel_receivers(shape: ModelShape, receivers, what: str) -> None:
-    """Refuse receivers on the MLP side of a block (`pre`, `resid_mid`) where `what` adds each
-    sender's write to them itself, on a model whose blocks compute attention and MLP in parallel:
-    there the MLP reads the layer's input, beside the heads, not after them."""
+    """Refuse MLP neuron receivers (`pre`) where `what` adds each sender's write to them itself,
+    on a model whose blocks compute attention and MLP in parallel: there the MLP reads the
+    layer's input, beside the heads, not after them. (Such a model has no `resid_mid`: site
+    resolution refuses it.)"""
     if not shape.parallel_attn_mlp:
         return
-    mlp_side = [name for name in _names(receivers) if name in ("pre", "resid_mid")]
+    mlp_side = [name for name in _names(receivers) if name == "pre"]
     if mlp_side:
         raise PatchingError(
             f"This model computes attention and MLP in parallel, so an MLP reads its layer's input beside the heads; "

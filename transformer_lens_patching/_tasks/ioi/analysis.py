@@ -191,6 +191,13 @@ class _Plans:
         self.model, self.shape, self.dataset = model, _tl.model_shape(model), dataset
         self.clean, self.corrupted = dataset.toks, corrupted.toks
         self.options = {"batch_size": batch_size}
+        norms = _tl.post_norms(model)
+        self.no_paths = (
+            f"Skipped: this model normalises each attention and MLP output before adding it to the residual stream "
+            f"({', '.join(norms)}), so a head's direct path is not defined here; path patching refuses it."
+            if norms else None
+        )  # fmt: skip
+        """Why path patching cannot run on this model (post-norm blocks), or None."""
 
     def heads(self, metric) -> PatchPlan:
         """Every head's z, q, k, v and pattern, clean into corrupted."""
@@ -249,8 +256,9 @@ def _all_plans(plans: _Plans, metric, top_k: int, top_neurons: int, circuit_cand
     at their upper bound (the neuron and edge screens have no plan: see `SCREEN_PASSES`)."""
     steps = [("act_heads", plans.heads(metric))]
     steps += [(f"act_words at {word}", plan) for word, plan in plans.words(metric).items()]
-    steps.append(("path_logits", plans.into_logits(metric)))
-    if plans.shape.n_layers > 1:
+    if plans.no_paths is None:
+        steps.append(("path_logits", plans.into_logits(metric)))
+    if plans.no_paths is None and plans.shape.n_layers > 1:
         receivers = plans.upper_bound_receivers(top_k)
         for key, component in (("path_queries", "q"), ("path_values", "v")):
             plan = plans.into_heads(receivers, component, metric)
@@ -348,6 +356,9 @@ class _Experiment:
         shape = self.plans.shape
         label = self.header(f"path patching of {shape.n_layers * shape.n_heads} heads -> logits")
         began = time.perf_counter()
+        if self.plans.no_paths is not None:
+            self.record(Step("path_logits", "Path patching: every head -> logits", self.plans.no_paths, {}), began)
+            return []
         step = Step("path_logits", "Path patching: every head -> logits",
                     f"Each head's output, corrupted, reaching the final residual stream (resid_post "
                     f"{shape.n_layers - 1}) only directly (other heads frozen, MLPs recomputed), in the clean run. "
@@ -421,9 +432,9 @@ class _Experiment:
         self.header(f"edge attribution of {graph_size:,} edges, exact scores of the {settings.circuit_candidates} "
                     f"strongest, faithfulness curves of {len(circuit_step.METHODS)} rankings")  # fmt: skip
         began = time.perf_counter()
-        if not circuit_step.supported(self.plans.model):
-            self.record(Step("circuit", title, "Skipped: this model has no per-head q/k/v input hooks (a "
-                             "TransformerBridge from boot_native), which circuit evaluation edits.", {}), began)
+        why_not = circuit_step.why_not_supported(self.plans.model)
+        if why_not is not None:
+            self.record(Step("circuit", title, f"Skipped: {why_not}.", {}), began)
             return
         finding = circuit_step.find_circuit(self.plans.model, self.plans.clean, self.plans.corrupted, logit_diff,
                                             settings.circuit_candidates, settings.circuit_faithfulness,

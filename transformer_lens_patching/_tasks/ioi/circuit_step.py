@@ -56,8 +56,24 @@ class CircuitFinding:
 
 
 def supported(model) -> bool:
-    """Whether circuits can be evaluated on `model`: it has per-head q/k/v input hooks."""
-    return _tl.supports_split_qkv_input(model) and not getattr(model.cfg, "parallel_attn_mlp", False)
+    """Whether this step runs on `model` (see `why_not_supported`)."""
+    return why_not_supported(model) is None
+
+
+def why_not_supported(model) -> str | None:
+    """Why this step cannot run on `model`, or None: it needs per-head q/k/v input hooks, blocks
+    that are not parallel (the step is not yet checked on them) and senders whose writes are
+    linear in their outputs (no post-norm blocks)."""
+    if not _tl.supports_split_qkv_input(model):
+        return "this model has no per-head q/k/v input hooks (a TransformerBridge from boot_native), which circuit "\
+               "evaluation edits"  # fmt: skip
+    if getattr(model.cfg, "parallel_attn_mlp", False):
+        return "this model computes attention and MLP in parallel, where this step is not yet checked"
+    norms = _tl.post_norms(model)
+    if norms:
+        return f"this model normalises each attention and MLP output before adding it to the residual stream " \
+               f"({', '.join(norms)}), so its edges are not linear writes; circuit evaluation refuses it"  # fmt: skip
+    return None
 
 
 def describe(finding: CircuitFinding, graph_size: int) -> str:

@@ -70,9 +70,14 @@ def write_json(analysis: IOIAnalysis, out: str | Path) -> Path:
 
 
 def _new_file_mode() -> int:
-    """The mode `open(path, "w")` gives a new file: 0o666 less the process's umask."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    """The mode `open(path, "w")` gives a new file: 0o666 less the process's umask (read from
+    /proc where Linux has it, since setting the umask to read it races with other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
