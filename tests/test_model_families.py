@@ -202,3 +202,29 @@ def test_post_norm_blocks_are_refused_where_writes_are_taken_linear(family):
     assert_close(heads.as_tensor(), own.expand(*heads.shape))
     estimates = attr_patch(model, orig, IterNode("z"), metric, new_cache=cache)["z"]
     assert_close(estimates.as_tensor(), own.expand(*estimates.shape))
+
+
+@pytest.mark.skipif(TL_MAJOR < 4, reason="Bloom (ALiBi) is booted on TransformerLens 4")
+def test_alibi_blocks_are_run_from_the_first_layer():
+    """Bloom's blocks take ALiBi biases that a pass starting at a later layer does not give
+    them: every pass runs from the first layer, and patches in later layers are exact."""
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(n_layer=2, n_head=4, hidden_size=64, vocab_size=VOCAB)
+    config.architectures = ["BloomForCausalLM"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = TransformerBridge.boot_transformers("bloom", hf_model=transformers.BloomForCausalLM(config).eval(),
+                                                    tokenizer=tokenizer(), device="cpu")  # fmt: skip
+        model.enable_compatibility_mode()
+    orig, new = make_inputs(model)
+    metric = LogitDiff(ANSWERS)
+    cache, own = own_run(model, orig, metric)
+    for name in ("z", "resid_pre", "mlp_out"):
+        unchanged = act_patch(model, orig, IterNode(name), metric, new_cache=cache)[name]
+        assert_close(unchanged.as_tensor(), own.expand(*unchanged.shape))
+    heads = act_patch(model, orig, IterNode("z", layers=[1]), metric, new_input=new)["z"]
+    paths = path_patch(model, orig, new, IterNode("z", layers=[1]), Node("resid_post", 1), metric)["z"]
+    assert_close(paths.as_tensor(), heads.as_tensor())

@@ -88,13 +88,15 @@ def can_start_late(model) -> bool:
     """Whether a forward pass can start at a later layer without running the ones before.
 
     HookedTransformer can; of TransformerLens 4 bridges, those over a Hugging Face model
-    (`boot_transformers`) can, and native ones (`boot_native`) run every block.
+    (`boot_transformers`) can, except with ALiBi positions (Bloom, whose blocks cannot be
+    skipped one by one), and native ones (`boot_native`) run every block.
     """
     if TL_MAJOR < 4:
         return True
     from transformers import PreTrainedModel
 
-    return isinstance(model.original_model, PreTrainedModel)
+    alibi = getattr(model.cfg, "positional_embedding_type", None) == "alibi"
+    return isinstance(model.original_model, PreTrainedModel) and not alibi
 
 
 @contextmanager
