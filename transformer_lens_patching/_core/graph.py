@@ -237,8 +237,7 @@ class EdgeGraph:
         EdgeGraph(n_layers=12, n_heads=12, n_kv_heads=12, has_mlps=True)
         """
         shape = _tl.model_shape(model)
-        parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
-        return cls(shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.has_mlps, parallel)
+        return cls(shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.has_mlps, shape.parallel_attn_mlp)
 
     def __repr__(self) -> str:
         parallel = ", parallel_attn_mlp=True" if self.parallel_attn_mlp else ""
@@ -270,9 +269,7 @@ class EdgeGraph:
             if node not in nodes:
                 return f"the graph has no node {node!r} (layers 0..{self.n_layers - 1}, {self.n_heads} heads, " \
                        f"{self.n_kv_heads} key/value heads{'' if self.has_mlps else ', no MLPs'})."  # fmt: skip
-        parallel = (self.parallel_attn_mlp and edge.sender.kind == "head" and edge.receiver.kind == "mlp"
-                    and edge.sender.layer == edge.receiver.layer)  # fmt: skip
-        if parallel:
+        if self.parallel_attn_mlp and _reaches(edge.sender, edge.receiver, parallel=False):
             return "this model computes attention and MLP in parallel, so an MLP reads its layer's input, not its heads."
         return "the sender writes after the receiver reads."
 

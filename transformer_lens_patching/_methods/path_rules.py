@@ -76,17 +76,26 @@ def check_specs(senders, receivers, seq_pos) -> None:
                 raise PatchingError("IterNode(seq_pos='each') sweeps positions, so path_patch's seq_pos must be None.")
 
 
-def check_linear_writes(model, what: str) -> None:
-    """Refuse a model that normalises each attention or MLP output before adding it to the
-    residual stream: there a sender's write is not its output times its output weights, which
-    `what` (path patching, edges, circuits) builds on."""
+def nonlinear_writes(model) -> str | None:
+    """Why a sender's write to the residual stream is not linear in its own output on `model`
+    (it normalises each attention and MLP output before adding it), or None: the one sentence
+    that path patching, edges, circuits and the IOI job give when they refuse such a model."""
     norms = _tl.post_norms(model)
-    if norms:
-        raise PatchingError(
-            f"This model normalises each attention and MLP output before adding it to the residual stream "
+    if not norms:
+        return None
+    return (f"this model normalises each attention and MLP output before adding it to the residual stream "
             f"({', '.join(norms)}, as Gemma-2, Gemma-3 and OLMo-2 do), so a head's or MLP's write to the residual "
-            f"stream is not a linear function of its own output, which {what} builds on: refused rather than "
-            "computed wrong. act_patch and attr_patch are exact on this model."
+            "stream is not a linear function of its own output")  # fmt: skip
+
+
+def check_linear_writes(model, what: str) -> None:
+    """Refuse a model whose senders' writes are not linear in their outputs (`nonlinear_writes`),
+    which `what` (path patching, edges, circuits) builds on."""
+    reason = nonlinear_writes(model)
+    if reason is not None:
+        raise PatchingError(
+            f"{reason[0].upper()}{reason[1:]}, which {what} builds on: refused rather than computed wrong. "
+            "act_patch and attr_patch are exact on this model."
         )
 
 

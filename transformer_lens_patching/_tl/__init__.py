@@ -53,11 +53,10 @@ from .version import CACHE_CLASS, MODEL_CLASSES, TL_MAJOR, TL_VERSION, Activatio
 __all__ = [
     "CACHE_CLASS", "HALF_DTYPES", "MODEL_CLASSES", "TL_MAJOR", "TL_VERSION", "ActivationCache", "ModelShape",
     "active_dropout", "attention_replaced", "attention_scores_patchable", "b_o", "boot_hf_folder", "cache_items",
-    "can_start_late", "check_deterministic", "check_model", "check_placed", "final_norm", "flags_for",
-    "forward_logits", "hook_device", "hook_names", "hooks", "hooks_that_fire", "layer_device", "load_pretrained", "make_cache",
+    "can_start_late", "check_deterministic", "check_model", "check_placed", "final_norm", "flags_for", "forward_logits",
+    "hook_device", "hook_names", "hooks", "hooks_that_fire", "layer_device", "load_pretrained", "make_cache",
     "model_device", "model_devices", "model_dtype", "model_flags", "model_shape", "moved", "moved_all", "norm_device",
-    "post_norms",
-    "output_device", "output_hooked", "output_transform", "resid_mid_feeds_only_the_mlp", "run_with_cache",
-    "summing_dtype",
-    "supports_split_qkv_input", "to_tokens", "unembed", "unembed_columns", "w_o", "w_out",
+    "output_device", "output_hooked", "output_transform", "post_norms", "resid_mid_feeds_only_the_mlp",
+    "run_with_cache", "summing_dtype", "supports_split_qkv_input", "to_tokens", "unembed", "unembed_columns", "w_o",
+    "w_out",
 ]  # fmt: skip

@@ -28,6 +28,7 @@ from ..._methods.activation import plan_act_patch
 from ..._methods.attribution import attr_patch
 from ..._methods.confirmation import Confirmation, confirm
 from ..._methods.path import plan_path_patch
+from ..._methods.path_rules import nonlinear_writes
 from ...errors import PatchingError
 from ...metrics import LogitDiff, calibrate, denoising_metric, noising_metric
 from ...results import PatchResult
@@ -191,12 +192,8 @@ class _Plans:
         self.model, self.shape, self.dataset = model, _tl.model_shape(model), dataset
         self.clean, self.corrupted = dataset.toks, corrupted.toks
         self.options = {"batch_size": batch_size}
-        norms = _tl.post_norms(model)
-        self.no_paths = (
-            f"Skipped: this model normalises each attention and MLP output before adding it to the residual stream "
-            f"({', '.join(norms)}), so a head's direct path is not defined here; path patching refuses it."
-            if norms else None
-        )  # fmt: skip
+        reason = nonlinear_writes(model)
+        self.no_paths = None if reason is None else f"Skipped: {reason}; path patching refuses it."
         """Why path patching cannot run on this model (post-norm blocks), or None."""
 
     def heads(self, metric) -> PatchPlan:

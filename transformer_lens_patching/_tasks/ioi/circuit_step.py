@@ -20,6 +20,7 @@ from ..._methods.circuit_discovery import confirm_edges
 from ..._methods.circuits import plan_circuit_evaluation
 from ..._methods.edges import attr_edges
 from ..._methods.faithfulness import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve
+from ..._methods.path_rules import nonlinear_writes
 
 IG_STEPS = 5
 """The integrated-gradients points of the EAP-IG ranking."""
@@ -69,11 +70,8 @@ def why_not_supported(model) -> str | None:
                "evaluation edits"  # fmt: skip
     if getattr(model.cfg, "parallel_attn_mlp", False):
         return "this model computes attention and MLP in parallel, where this step is not yet checked"
-    norms = _tl.post_norms(model)
-    if norms:
-        return f"this model normalises each attention and MLP output before adding it to the residual stream " \
-               f"({', '.join(norms)}), so its edges are not linear writes; circuit evaluation refuses it"  # fmt: skip
-    return None
+    reason = nonlinear_writes(model)
+    return None if reason is None else f"{reason}; circuit evaluation refuses it"
 
 
 def describe(finding: CircuitFinding, graph_size: int) -> str:
