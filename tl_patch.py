@@ -79,7 +79,9 @@ def parser() -> argparse.ArgumentParser:
     positive = _at_least(1)
     ioi.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED} (embedded, offline; default), a TransformerLens "
                      "model name such as gpt2 (needs the hub or its cache), or a local Hugging Face folder")  # fmt: skip
-    ioi.add_argument("--n-prompts", type=positive, default=DEFAULTS["n_prompts"], help="IOI prompts (default %(default)s)")
+    ioi.add_argument("--n-prompts", type=positive, default=DEFAULTS["n_prompts"],
+                     help="IOI prompts; the circuit step scores edges on half and measures faithfulness on the other "
+                     "half (default %(default)s)")  # fmt: skip
     ioi.add_argument("--seed", type=_at_least(0), default=DEFAULTS["seed"], help="dataset seed (default %(default)s)")
     ioi.add_argument("--out", default="ioi-report", help="output folder, checked before anything runs; results.json "
                      "is written after every step, so an interrupted run keeps what it finished (default %(default)s)")  # fmt: skip

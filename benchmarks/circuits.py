@@ -209,7 +209,7 @@ def curve_rows(s: Setup, repeats: int, points: int) -> list[Row]:
            f"{_seconds(choosing)} of it. Against one `evaluate_circuit` call per circuit, each one forward pass, "
            f"given the new run's cache (computed once, not timed), the circuits chosen beforehand. Largest "
            f"difference of the two sides' {len(circuits)} metric values {curve_gap:.1e} of |full - empty| "
-           f"(CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}).")  # fmt: skip
+           f"(area under the curve {curve.area_under:.3f}, between it and 1 {curve.area_from_1:.3f}).")  # fmt: skip
     stacked_how = (f"one `evaluate_circuit` call on the list of the same {len(circuits)} circuits, given the same "
                    f"cache: only the stacking differs from the baseline. Largest difference from the curve's metric "
                    f"values {stacked_gap:.1e} of |full - empty|.")  # fmt: skip

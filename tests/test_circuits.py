@@ -42,6 +42,7 @@ from transformer_lens_patching import (
     exact_edge_scores,
     faithfulness_curve,
     mean_ablation_cache,
+    mib_faithfulness,
     path_patch,
     plan_circuit_evaluation,
 )
@@ -424,7 +425,7 @@ def test_evaluation_errors(small_model):
 # --- faithfulness ---
 
 
-def test_faithfulness_is_mibs(gpt2_model):
+def test_faithfulness_curve_is_the_definition(gpt2_model):
     model = gpt2_model
     orig, new = make_inputs(model, batch=BATCH)
     metric = logit_diff_metric(per_prompt=True)
@@ -446,13 +447,51 @@ def test_faithfulness_is_mibs(gpt2_model):
         areas += width * (expected[i] + expected[i + 1]) / 2
         gaps += width * (abs(1 - expected[i]) + abs(1 - expected[i + 1])) / 2
     assert curve.faithfulness == pytest.approx(expected, abs=1e-4)
-    assert curve.cpr == pytest.approx(areas, abs=1e-4) and curve.cmd == pytest.approx(gaps, abs=1e-4)
+    assert curve.area_under == pytest.approx(areas, abs=1e-4) and curve.area_from_1 == pytest.approx(gaps, abs=1e-4)
     assert curve.faithfulness[-1] == pytest.approx(1.0)
     frame = curve.to_frame()
-    assert list(frame.columns) == ["method", "fraction", "requested_edges", "edges", "metric", "faithfulness"]
-    assert list(frame["edges"]) == list(curve.edge_counts) and "CPR" in repr(curve)
+    assert list(frame.columns) == ["method", "ranking", "fraction", "requested_edges", "edges", "metric", "faithfulness"]
+    assert list(frame["edges"]) == list(curve.edge_counts) and "ranked by |score|: area under" in repr(curve)
     counts = faithfulness_curve(model, scores, orig, metric, new_input=new, sizes=[10, 100, len(graph)], prune=False)
     assert counts.edge_counts == (10, 100, len(graph)) and counts.fractions[0] == 10 / len(graph)
+
+
+def test_mib_faithfulness_is_computed_as_mib_computes_it(gpt2_model):
+    """As MIB's circuit track reads (evaluate_area_under_curve, then print_results): for each
+    fraction p, the top int(p * edges) edges by MIB's score, pruned, evaluated; faithfulness
+    (circuit - empty) / (clean - empty); trapezoids over the fractions. CPR is the area under the
+    curve of signed ranking (MIB's score, highest first: the negative of ours, since ours is the
+    change when the edge is removed), CMD the area between 1 and the curve of the |score| ranking."""
+    model = gpt2_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric(per_prompt=True)
+    scores = attr_edges(model, orig, metric, new_input=new)
+    graph, edges = scores.graph, list(scores.graph)
+    clean = float(metric(model(orig).detach()).mean())
+    empty = float(evaluate_circuit(model, Circuit.empty(graph), orig, metric, new_input=new).mean())
+    mib_scores = -scores.scores.float().mean(1)  # per prompt: the mean over prompts, as MIB's mean=True
+    areas = {}
+    for absolute in (False, True):
+        order = torch.argsort(mib_scores.abs() if absolute else mib_scores, descending=True, stable=True).tolist()
+        faithfulness = []
+        for fraction in MIB_FRACTIONS:
+            circuit = Circuit(graph, [edges[i] for i in order[: int(fraction * len(edges))]]).pruned()
+            value = float(evaluate_circuit(model, circuit, orig, metric, new_input=new).mean())
+            faithfulness.append((value - empty) / (clean - empty))
+        under = from_1 = 0.0
+        for i in range(len(MIB_FRACTIONS) - 1):
+            width = MIB_FRACTIONS[i + 1] - MIB_FRACTIONS[i]
+            under += width * (faithfulness[i] + faithfulness[i + 1]) / 2
+            from_1 += width * (abs(1 - faithfulness[i]) + abs(1 - faithfulness[i + 1])) / 2
+        areas[absolute] = (under, from_1, faithfulness)
+    mib = mib_faithfulness(model, scores, orig, metric, new_input=new)
+    assert mib.signed.faithfulness == pytest.approx(areas[False][2], abs=1e-4)
+    assert mib.absolute.faithfulness == pytest.approx(areas[True][2], abs=1e-4)
+    assert mib.cpr == pytest.approx(areas[False][0], abs=1e-4) and mib.cmd == pytest.approx(areas[True][1], abs=1e-4)
+    assert (mib.signed.absolute, mib.absolute.absolute) == (False, True)
+    assert mib.signed.circuits != mib.absolute.circuits, "the two rankings must differ here, or this test cannot fail"
+    assert mib.cpr != pytest.approx(mib.absolute.area_under, abs=1e-3), "CPR must come from the signed ranking"
+    assert list(mib.to_frame()["ranking"].unique()) == ["signed score", "|score|"] and "CPR" in repr(mib)
 
 
 def test_confirmed_scores_are_exact_for_the_candidates(gqa_model):

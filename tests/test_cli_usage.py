@@ -228,3 +228,16 @@ def test_the_embedded_models_conversion_is_explained_in_one_line(tmp_path):
     (converted_folder(tmp_path) / "model.safetensors").write_bytes(b"")
     assert loading_line(tmp_path).startswith("Loading SmolLM2-135M-Instruct (embedded; float32")
 
+
+
+@pytest.mark.skipif(models.TL_MAJOR >= 4, reason="TransformerLens 4 boots every architecture its bridge supports")
+def test_a_folder_of_another_architecture_is_refused_on_transformerlens_2(tmp_path, capsys):
+    """TransformerLens 2 converts a folder's weights as Llama's: a GPT-2 folder gets one line saying so."""
+    import transformers
+
+    tokenizer = models.tokenizer()
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    message = error_of(["ioi", "--model", str(tmp_path), "--dry-run"], capsys)
+    assert "holds a 'gpt2' checkpoint; on TransformerLens 2 a local folder can only be a Llama-architecture one" in message

@@ -34,12 +34,15 @@ def test_notebook_is_stored_without_outputs(path):
 @pytest.mark.skipif(bool(os.environ.get("TLP_FAST")), reason="TLP_FAST set: SmolLM2 skipped")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
 def test_notebook_runs(path, monkeypatch):
-    """On the embedded model; the TransformerLens-format demo defaults to GPT-2 small and reads
-    its model from TLP_DEMO_MODEL (the kernel inherits the environment)."""
+    """On each notebook's default model, the embedded SmolLM2. The TransformerLens-format demo reads
+    TLP_DEMO_MODEL (gpt2: GPT-2 small from the hub) and TLP_INSTALL_FROM (what to pip install) from
+    the environment, which the kernel inherits: both are removed, so it loads SmolLM2 and, with the
+    package importable here, installs nothing (tests/test_demo_install.py checks its installs)."""
     import nbformat
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("TLP_DEMO_MODEL", "smollm2")
+    monkeypatch.delenv("TLP_DEMO_MODEL", raising=False)
+    monkeypatch.delenv("TLP_INSTALL_FROM", raising=False)
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(DEMOS)}}

@@ -1,4 +1,4 @@
-"""Every Python block of README.md and docs/*.md runs as written, on the embedded model.
+"""Every Python block of README.md and docs/**/*.md runs as written, on the embedded model.
 
 The blocks of one page run in order in one namespace, as a reader would paste them. A
 block right after the line `<!-- not run: <why> -->` is not run (e.g. it needs the model
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.docs_pages import PAGES, ROOT
 from tests.models import TL_MAJOR
 
-ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^(<!-- not run: [^\n]*-->\n)?```python\n(.*?)^```", re.S | re.M)
 
 

@@ -30,10 +30,12 @@ from transformer_lens_patching import (
     LogitDiff,
     Node,
     act_patch,
+    attr_edges,
     attr_patch,
     evaluate_circuit,
     path_patch,
 )
+from transformer_lens_patching._tasks.ioi import circuit_step
 from transformer_lens_patching._tasks.ioi.analysis import WORDS
 from transformer_lens_patching._tasks.ioi.report import logit_diff_figure, step_figure
 from transformer_lens_patching.cli import main
@@ -126,9 +128,13 @@ def test_the_time_estimate_comes_from_the_plans(analysis, tiny_model):
     assert confirmation.n_cells == SETTINGS.top_neurons
     assert confirmation.layer_evaluations == SETTINGS.top_neurons * LAYERS, "every pass from the first layer"
     curves = plans["circuit, faithfulness curves"]
-    assert curves.n_cells == 3 * (len(MIB_FRACTIONS) + 2), "three rankings' curves, each with the full and empty circuit"
+    assert curves.n_cells == 3 * (2 * len(MIB_FRACTIONS) + 2), "three rankings, each two curves with full and empty"
     assert plans["circuit, exact scores of the candidates"].n_cells == SETTINGS.circuit_candidates + 1
-    edge_screen = 2 + 3 * (1 + 5)  # each method's corrupted run; EAP's and EAP-IG's 5 points' forward + backward
+    held_out, scoring = SETTINGS.n_prompts // 2, SETTINGS.n_prompts - SETTINGS.n_prompts // 2
+    assert curves.inputs[0].shape[0] == held_out
+    assert plans["circuit, exact scores of the candidates"].inputs[0].shape[0] == scoring
+    edge_screen = (2 + 3 * (1 + 5)) // 2  # each method's corrupted run; EAP's and EAP-IG's 5 points' forward + backward,
+    # on half the prompts
     work = sum(plan.layer_evaluations for plan in plans.values()) + (4 + edge_screen) * LAYERS
     assert f"({work:,} layer evaluations" in line
     assert analysis.estimated_seconds > 0
@@ -333,21 +339,42 @@ def test_a_post_norm_model_skips_the_path_and_circuit_steps(tok):
     assert not [name for name, _ in plan_ioi(model, settings) if name.startswith(("path", "circuit"))]
 
 
+def test_one_prompt_leaves_none_to_hold_out(tiny_model):
+    """The circuit step holds prompts out for faithfulness: with one prompt it is not planned, and says why."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not [name for name, _ in plan_ioi(tiny_model, IOISettings(n_prompts=1)) if name.startswith("circuit")]
+        assert [name for name, _ in plan_ioi(tiny_model, IOISettings(n_prompts=2)) if name.startswith("circuit")]
+    assert "at least 2 prompts" in circuit_step.why_not_supported(tiny_model, 1)
+
+
 def test_the_circuit_step_evaluates_its_circuit_exactly(analysis, tiny_model):
-    """The step's circuit is the smallest of the best curve that reaches the faithfulness asked
-    for (or the most faithful one), and its faithfulness is that of an exact evaluation."""
+    """Edges are scored on the even prompts and faithfulness measured on the odd ones (held
+    out); the step's circuit is the smallest of the best signed curve that reaches the
+    faithfulness asked for (or the most faithful one), and its faithfulness is that of an exact
+    evaluation on the held-out prompts."""
     finding = analysis.step("circuit").circuit
-    clean, corrupted = analysis.dataset.toks, analysis.corrupted.toks
-    metric = LogitDiff(analysis.dataset.answers, analysis.dataset.word_idx["end"])
+    assert finding.scored_on == (0, 2, 4) and finding.held_out == (1, 3)
+    held_out = list(finding.held_out)
+    clean, corrupted = analysis.dataset.toks[held_out], analysis.corrupted.toks[held_out]
+    metric = LogitDiff(analysis.dataset.answers[held_out], analysis.dataset.word_idx["end"][held_out])
     graph = EdgeGraph.of(tiny_model)
     full, empty, value = evaluate_circuit(tiny_model, [Circuit.full(graph), Circuit.empty(graph), finding.circuit], clean,
                                           metric, new_input=corrupted).as_tensor().tolist()  # fmt: skip
     assert finding.faithfulness == pytest.approx((value - empty) / (full - empty), abs=1e-4)
-    assert [curve.method for curve in finding.curves] == ["atp", "ig", "ig+exact"]
+    assert [mib.signed.method for mib in finding.curves] == ["atp", "ig", "ig+exact"]
+    assert finding.curves[0].signed.full == pytest.approx(full, abs=1e-4), "curves measured on the held-out prompts"
     best = finding.curves[finding.chosen]
-    assert best.cpr == max(curve.cpr for curve in finding.curves)
-    reaching = [c for c, f in zip(best.circuits, best.faithfulness) if f >= SETTINGS.circuit_faithfulness]
-    assert finding.circuit == (reaching[0] if reaching else best.circuits[best.faithfulness.index(max(best.faithfulness))])
+    assert best.cpr == max(mib.cpr for mib in finding.curves)
+    curve = best.signed
+    reaching = [c for c, f in zip(curve.circuits, curve.faithfulness) if f >= SETTINGS.circuit_faithfulness]
+    most_faithful = curve.circuits[curve.faithfulness.index(max(curve.faithfulness))]
+    assert finding.circuit == (reaching[0] if reaching else most_faithful)
+    scoring = list(finding.scored_on)
+    eap = attr_edges(tiny_model, analysis.dataset.toks[scoring],
+                     LogitDiff(analysis.dataset.answers[scoring], analysis.dataset.word_idx["end"][scoring]),
+                     new_input=analysis.corrupted.toks[scoring])  # fmt: skip
+    assert torch.allclose(eap.scores, finding.scores[0].scores, atol=1e-5), "edges scored on the scoring prompts"
     confirmed, ig = finding.scores[2], finding.scores[1]
     changed = [edge for edge in graph if not torch.equal(confirmed.score(edge), ig.score(edge).to(confirmed.scores))]
     assert len(changed) <= SETTINGS.circuit_candidates and set(changed) <= set(ig.top(SETTINGS.circuit_candidates))
@@ -412,8 +439,13 @@ def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model):
     finding = analysis.step("circuit").circuit
     saved = json.loads((report_folder / "results.json").read_text())["steps"][STEPS.index("circuit")]["circuit"]
     assert Circuit.from_json(json.dumps(saved["circuit"])) == finding.circuit
-    assert [c["faithfulness"] for c in saved["curves"]] == [pytest.approx(list(c.faithfulness)) for c in finding.curves]
-    assert [c["cpr"] for c in saved["curves"]] == [pytest.approx(c.cpr) for c in finding.curves]
+    assert [c["signed"]["faithfulness"] for c in saved["curves"]] == [pytest.approx(list(c.signed.faithfulness))
+                                                                      for c in finding.curves]  # fmt: skip
+    assert [c["absolute"]["faithfulness"] for c in saved["curves"]] == [pytest.approx(list(c.absolute.faithfulness))
+                                                                        for c in finding.curves]  # fmt: skip
+    assert [(c["cpr"], c["cmd"]) for c in saved["curves"]] == [(pytest.approx(c.cpr), pytest.approx(c.cmd))
+                                                               for c in finding.curves]  # fmt: skip
+    assert (saved["scored_on"], saved["held_out"]) == ([0, 2, 4], [1, 3])
     named = [(step.key, head) for step in analysis.steps if step.key.startswith("path_") for heads in step.top.values()
              for head in heads]  # fmt: skip
     kept = set(finding.circuit.heads)

@@ -14,6 +14,7 @@ from transformer_lens_patching import (
     EdgeScores,
     FaithfulnessCurve,
     GraphNode,
+    MIBFaithfulness,
     PatchingError,
     PatchResult,
 )
@@ -535,9 +536,9 @@ def test_circuit_graph_refuses_other_input():
 # --- faithfulness_curves ---
 
 
-def curve(method: str, fractions: tuple[float, ...], values: tuple[float, ...], full=2.0, empty=-2.0):
+def curve(method: str, fractions: tuple[float, ...], values: tuple[float, ...], full=2.0, empty=-2.0, absolute=True):
     circuits = tuple(Circuit(GRAPH, GRAPH.edges[: int(f * len(GRAPH))]) for f in fractions)
-    return FaithfulnessCurve(method, fractions, circuits, values, full, empty)
+    return FaithfulnessCurve(method, absolute, fractions, circuits, values, full, empty)
 
 
 def trapezoid(xs, ys) -> float:
@@ -551,9 +552,7 @@ def test_curve_points_are_fractions_and_faithfulness():
     faithfulness = [(v + 2.0) / 4.0 for v in (-1.0, 1.0, 2.0)]
     assert trace.x == (0.1, 0.5, 1.0) and list(trace.y) == faithfulness
     assert trace.mode == "lines+markers"
-    cpr = trapezoid([0.1, 0.5, 1.0], faithfulness)
-    cmd = trapezoid([0.1, 0.5, 1.0], [abs(1 - f) for f in faithfulness])
-    assert trace.name == f"atp: CPR {cpr:.3f}, CMD {cmd:.3f}"
+    assert trace.name == f"atp by |score|: area {trapezoid([0.1, 0.5, 1.0], faithfulness):.3f}"
     assert [list(point) for point in trace.customdata] == [[4, -1.0], [23, 1.0], [46, 2.0]]
     assert "kept" in trace.hovertemplate and "metric %{customdata[1]" in trace.hovertemplate
 
@@ -561,14 +560,23 @@ def test_curve_points_are_fractions_and_faithfulness():
 def test_one_line_per_curve_with_reference_lines_and_a_log_axis():
     curves = [curve("atp", (0.01, 0.1, 1.0), (0.0, 1.0, 2.0)), curve("ig", (0.01, 0.1, 1.0), (1.0, 1.5, 2.0))]
     fig = faithfulness_curves(curves)
-    assert [trace.name.split(":")[0] for trace in fig.data] == ["atp", "ig"]
-    assert all("CPR" in trace.name and "CMD" in trace.name for trace in fig.data)
+    assert [trace.name.split(":")[0] for trace in fig.data] == ["atp by |score|", "ig by |score|"]
     assert sorted((shape.y0, shape.y1, shape.line.dash) for shape in fig.layout.shapes) == [(0, 0, "dash"),
                                                                                             (1, 1, "dash")]  # fmt: skip
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.title.text == "faithfulness"
     assert faithfulness_curves(curves, log_x=False).layout.xaxis.type == "linear"
     assert fig.layout.title.text == "Faithfulness by circuit size"
     assert faithfulness_curves(curves, title="IOI").layout.title.text == "IOI"
+
+
+def test_mib_summaries_draw_both_curves_labelled_with_cpr_and_cmd():
+    signed = curve("atp", (0.1, 0.5, 1.0), (0.0, 1.0, 2.0), absolute=False)
+    absolute = curve("atp", (0.1, 0.5, 1.0), (-1.0, 0.0, 2.0))
+    fig = faithfulness_curves([MIBFaithfulness(signed, absolute)])
+    cpr = trapezoid([0.1, 0.5, 1.0], [0.5, 0.75, 1.0])
+    cmd = trapezoid([0.1, 0.5, 1.0], [1 - 0.25, 1 - 0.5, 0.0])
+    assert [trace.name for trace in fig.data] == [f"atp by signed score: CPR {cpr:.3f}", f"atp by |score|: CMD {cmd:.3f}"]
+    assert [list(trace.y) for trace in fig.data] == [[0.5, 0.75, 1.0], [0.25, 0.5, 1.0]]
 
 
 @pytest.mark.parametrize(

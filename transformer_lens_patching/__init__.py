@@ -39,7 +39,9 @@ from ._methods.edges import attr_edges as attr_edges
 from ._methods.edge_paths import attr_path_patch as attr_path_patch
 from ._methods.faithfulness import MIB_FRACTIONS as MIB_FRACTIONS
 from ._methods.faithfulness import FaithfulnessCurve as FaithfulnessCurve
+from ._methods.faithfulness import MIBFaithfulness as MIBFaithfulness
 from ._methods.faithfulness import faithfulness_curve as faithfulness_curve
+from ._methods.faithfulness import mib_faithfulness as mib_faithfulness
 from ._methods.path import path_patch as path_patch
 from ._methods.path import plan_path_patch as plan_path_patch
 from .errors import PatchingError as PatchingError
@@ -76,7 +78,7 @@ __all__ = [
     "attr_edges", "attr_path_patch", "GraphNode", "Edge", "EdgeGraph", "EdgeScores",
     # circuits
     "Circuit", "evaluate_circuit", "plan_circuit_evaluation", "faithfulness_curve", "FaithfulnessCurve",
-    "MIB_FRACTIONS", "exact_edge_scores", "confirm_edges",
+    "mib_faithfulness", "MIBFaithfulness", "MIB_FRACTIONS", "exact_edge_scores", "confirm_edges",
     "mean_ablation_cache", "zero_ablation_cache",
     # results and errors
     "PatchResult", "PatchingError",

@@ -1,7 +1,7 @@
 """Plotly figures of patching results, with axes, ticks and hover text taken from their dims.
 
 Each function takes a `PatchResult`, or the dict of them that `act_patch` and `path_patch`
-return for an `IterNode` (the last two: a `Circuit` or `FaithfulnessCurve`s), and returns a
+return for an `IterNode` (the last two: a `Circuit`, or faithfulness curves), and returns a
 `plotly.graph_objects.Figure`. Nothing is shown: call `fig.show()` or `fig.write_html(path)`.
 
 - `heatmap`: a 2-D result (layer on the y axis by default), one panel per entry of a dict
@@ -14,7 +14,8 @@ return for an `IterNode` (the last two: a `Circuit` or `FaithfulnessCurve`s), an
   diagonal where the two agree.
 - `circuit_graph`: a `Circuit`'s nodes by layer and its edges as lines, weighted and coloured
   by `EdgeScores` when given.
-- `faithfulness_curves`: `FaithfulnessCurve`s, faithfulness against the fraction of edges kept.
+- `faithfulness_curves`: `FaithfulnessCurve`s or `MIBFaithfulness` summaries, faithfulness against
+  the fraction of edges kept.
 
 `tokens=` labels the `seq_pos` dim ("0: <bos>", "1: When", ...). `percent=True` shows
 normalised metrics as percentages (0.25 as 25%) on colour bars, axes and hover text.
@@ -30,7 +31,7 @@ import torch
 from ._core.circuit import Circuit
 from ._core.graph import Edge, EdgeGraph, EdgeScores, GraphNode
 from ._methods.confirmation import Confirmation
-from ._methods.faithfulness import FaithfulnessCurve
+from ._methods.faithfulness import FaithfulnessCurve, MIBFaithfulness
 from .errors import PatchingError
 from .results import PatchResult
 
@@ -367,39 +368,39 @@ def circuit_graph(circuit: Circuit, scores: EdgeScores | None = None, *, title: 
 
 
 def faithfulness_curves(
-    curves: FaithfulnessCurve | Sequence[FaithfulnessCurve],
+    curves: FaithfulnessCurve | MIBFaithfulness | Sequence[FaithfulnessCurve | MIBFaithfulness],
     *,
     title: str | None = None,
     log_x: bool = True,
 ) -> go.Figure:
     """Faithfulness against the fraction of edges kept, one line per curve, with dashed lines
-    at 1 (the full model) and 0 (the empty circuit); each legend entry gives the curve's CPR
-    and CMD, and hovering a point its edges kept and metric value.
+    at 1 (the full model) and 0 (the empty circuit); hovering a point gives its edges kept and
+    metric value. A legend entry names the scores and their ranking, and gives the area under
+    a `FaithfulnessCurve`; an `MIBFaithfulness` draws its two curves, labelled with MIB's CPR
+    (signed ranking) and CMD (|score| ranking).
 
     Args:
-        curves: A `FaithfulnessCurve` (what `faithfulness_curve` returns), or a list of them.
+        curves: A `FaithfulnessCurve` (what `faithfulness_curve` returns), an `MIBFaithfulness`
+            (what `mib_faithfulness` returns), or a list of them.
         title: The figure title; by default "Faithfulness by circuit size".
         log_x: Put the fraction of edges on a log axis (MIB's sizes span 0.1% to 100%); a point
             at fraction 0 is then not drawn.
 
     Raises:
-        PatchingError: For anything but a FaithfulnessCurve or a non-empty list of them.
+        PatchingError: For anything else, or an empty list.
 
-    >>> curves = [faithfulness_curve(model, scores, clean, metric, new_input=corrupted)  # doctest: +SKIP
-    ...           for scores in (atp_scores, ig_scores)]
-    >>> fig = faithfulness_curves(curves)  # doctest: +SKIP
+    >>> fig = faithfulness_curves([mib_faithfulness(model, scores, clean, metric, new_input=corrupted)  # doctest: +SKIP
+    ...                            for scores in (atp_scores, ig_scores)])
     >>> [trace.name for trace in fig.data]  # doctest: +SKIP
-    ['atp: CPR 0.812, CMD 0.201', 'ig: CPR 0.845, CMD 0.172']
+    ['atp by signed score: CPR 0.812', 'atp by |score|: CMD 0.201', 'ig by signed score: CPR 0.845', ...]
     """
-    curves = _checked_curves(curves)
     fig = go.Figure()
-    for curve in curves:
+    for curve, name in _named_curves(curves):
         hover = ("%{x:~%} of the edges: %{customdata[0]} kept<br>metric %{customdata[1]:.4g}<br>"
                  f"faithfulness %{{y:.3f}}<extra>{curve.method}</extra>")  # fmt: skip
         fig.add_trace(go.Scatter(
             x=list(curve.fractions), y=list(curve.faithfulness), mode="lines+markers", hovertemplate=hover,
-            name=f"{curve.method}: CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}",
-            customdata=[[count, value] for count, value in zip(curve.edge_counts, curve.values)],
+            name=name, customdata=[[count, value] for count, value in zip(curve.edge_counts, curve.values)],
         ))  # fmt: skip
     for level, text in ((1, "full model"), (0, "empty circuit")):
         fig.add_hline(y=level, line={"dash": "dash", "color": "#888888", "width": 1}, annotation_text=text,
@@ -410,21 +411,29 @@ def faithfulness_curves(
     return fig
 
 
-def _checked_curves(curves) -> list[FaithfulnessCurve]:
-    """A list of the curves, refusing anything but a FaithfulnessCurve or a non-empty sequence of them."""
-    if isinstance(curves, FaithfulnessCurve):
-        return [curves]
+def _named_curves(curves) -> list[tuple[FaithfulnessCurve, str]]:
+    """Each curve to draw with its legend entry, refusing anything but curves, MIB summaries or a
+    non-empty sequence of them."""
+    drawable = (FaithfulnessCurve, MIBFaithfulness)
     listed = isinstance(curves, Sequence) and not isinstance(curves, str)
-    if listed and curves and all(isinstance(curve, FaithfulnessCurve) for curve in curves):
-        return list(curves)
-    if not listed:
+    items = [curves] if isinstance(curves, drawable) else list(curves) if listed else None
+    if items and all(isinstance(item, drawable) for item in items):
+        named = []
+        for item in items:
+            if isinstance(item, MIBFaithfulness):
+                named += [(item.signed, f"{item.signed.method} by signed score: CPR {item.cpr:.3f}"),
+                          (item.absolute, f"{item.absolute.method} by |score|: CMD {item.cmd:.3f}")]
+            else:
+                named.append((item, f"{item.method} by {item.ranking}: area {item.area_under:.3f}"))
+        return named
+    if items is None:
         got = type(curves).__name__
-    elif not curves:
+    elif not items:
         got = "an empty list"
     else:
-        got = f"a list holding {type(next(c for c in curves if not isinstance(c, FaithfulnessCurve))).__name__}"
-    raise PatchingError(f"faithfulness_curves needs a FaithfulnessCurve (what faithfulness_curve returns) or a list "
-                        f"of them, got {got}.")  # fmt: skip
+        got = f"a list holding {type(next(c for c in items if not isinstance(c, drawable))).__name__}"
+    raise PatchingError(f"faithfulness_curves needs a FaithfulnessCurve (what faithfulness_curve returns), an "
+                        f"MIBFaithfulness (what mib_faithfulness returns) or a list of them, got {got}.")  # fmt: skip
 
 
 def _circuit_scores(circuit: Circuit, scores: EdgeScores | None) -> dict[Edge, float]:

@@ -3,7 +3,7 @@
 `PatchingMixin` holds the methods TransformerLens models gain (`model.act_patch(...)`,
 `model.path_patch(...)`, `model.attr_patch(...)`, `model.confirm(...)`, `model.attr_edges(...)`,
 `model.attr_path_patch(...)`, `model.confirm_paths(...)`, `model.evaluate_circuit(...)`,
-`model.faithfulness_curve(...)`, `model.exact_edge_scores(...)`, `model.confirm_edges(...)`,
+`model.faithfulness_curve(...)`, `model.mib_faithfulness(...)`, `model.exact_edge_scores(...)`, `model.confirm_edges(...)`,
 `model.plan_act_patch(...)`, `model.plan_path_patch(...)`, `model.plan_circuit_evaluation(...)`);
 `CachePatchingMixin` those ActivationCache gains (`cache[Node(...)]`, `cache.zero_ablated()`,
 `cache.mean_ablated(groups)`). `install()` sets them on TransformerLens' classes.
@@ -33,7 +33,7 @@ from ._methods.circuits import evaluate_circuit, plan_circuit_evaluation
 from ._methods.confirmation import confirm
 from ._methods.edge_paths import attr_path_patch
 from ._methods.edges import attr_edges
-from ._methods.faithfulness import faithfulness_curve
+from ._methods.faithfulness import faithfulness_curve, mib_faithfulness
 from ._methods.path import path_patch, plan_path_patch
 from ._methods.path_confirmation import confirm_paths
 from .errors import PatchingError
@@ -72,6 +72,7 @@ class PatchingMixin:
     evaluate_circuit = _method_of(evaluate_circuit)
     plan_circuit_evaluation = _method_of(plan_circuit_evaluation)
     faithfulness_curve = _method_of(faithfulness_curve)
+    mib_faithfulness = _method_of(mib_faithfulness)
     exact_edge_scores = _method_of(exact_edge_scores)
     confirm_edges = _method_of(confirm_edges)
 

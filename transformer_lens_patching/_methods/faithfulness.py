@@ -1,11 +1,12 @@
-"""Faithfulness curves: how much of the model's behaviour circuits of growing size recover.
+"""Faithfulness curves, and the MIB benchmark's two summaries of them (CPR and CMD).
 
 As the Mechanistic Interpretability Benchmark (MIB, Mueller et al. 2025) defines it, a
 circuit's faithfulness is `(m(circuit) - m(empty)) / (m(full) - m(empty))`, `m` the metric
-averaged over prompts; the curve takes the strongest edges of some scores at each size
-(a fraction of the graph's edges), pruned of dangling edges. CPR is the area under the
-curve and CMD the area between the curve and 1, each by the trapezoidal rule over the
-fractions (MIB: 0.1% to 100%).
+averaged over prompts; a curve takes the strongest edges of some scores at each size (a
+fraction of the graph's edges), pruned of dangling edges. MIB summarises two curves of the
+same scores, each by the trapezoidal rule over its fractions (0.1% to 100%): CPR is the area
+under the curve of the edges ranked by signed score, CMD the area between 1 and the curve of
+the edges ranked by |score|.
 """
 
 import math
@@ -30,7 +31,8 @@ class FaithfulnessCurve:
     """Faithfulness at each circuit size, with the circuits and the metric values behind it.
 
     Attributes:
-        method: What ranked the edges (the scores' method, e.g. "atp", "ig", "exact").
+        method: What scored the edges (the scores' method, e.g. "atp", "ig", "exact").
+        absolute: How the edges were ranked: by |score| (True) or by most negative score.
         fractions: Each circuit's size as a fraction of the graph's edges (the curve's x).
         circuits: The circuit evaluated at each size (top edges, pruned if asked).
         values: The metric (mean over prompts) of each circuit.
@@ -39,6 +41,7 @@ class FaithfulnessCurve:
     """
 
     method: str
+    absolute: bool
     fractions: tuple[float, ...]
     circuits: tuple[Circuit, ...]
     values: tuple[float, ...]
@@ -56,23 +59,31 @@ class FaithfulnessCurve:
         return tuple(len(circuit) for circuit in self.circuits)
 
     @property
-    def cpr(self) -> float:
-        """Area under the faithfulness curve over the fractions (MIB's CPR: higher is better)."""
+    def ranking(self) -> str:
+        """How the edges were ranked, in words: "|score|" or "signed score"."""
+        return "|score|" if self.absolute else "signed score"
+
+    @property
+    def area_under(self) -> float:
+        """The area under the curve over the fractions, by the trapezoidal rule. MIB's CPR is
+        this area for the edges ranked by signed score (`mib_faithfulness`)."""
         return _trapezoid(self.fractions, self.faithfulness)
 
     @property
-    def cmd(self) -> float:
-        """Area between the curve and 1 over the fractions (MIB's CMD: lower is better)."""
+    def area_from_1(self) -> float:
+        """The area between the curve and 1 (`abs(1 - faithfulness)`) over the fractions. MIB's
+        CMD is this area for the edges ranked by |score| (`mib_faithfulness`)."""
         return _trapezoid(self.fractions, [abs(1.0 - f) for f in self.faithfulness])
 
     def to_frame(self):
-        """A pandas DataFrame, one row per size: `method`, `fraction`, `requested_edges`
+        """A pandas DataFrame, one row per size: `method`, `ranking`, `fraction`, `requested_edges`
         (the size in edges), `edges` (kept after pruning), `metric`, `faithfulness`."""
         import pandas as pd
 
         n_edges = len(self.circuits[0].graph)
         return pd.DataFrame({
             "method": [self.method] * len(self.fractions),
+            "ranking": [self.ranking] * len(self.fractions),
             "fraction": list(self.fractions),
             "requested_edges": [edge_count(f, n_edges) for f in self.fractions],
             "edges": list(self.edge_counts),
@@ -82,7 +93,41 @@ class FaithfulnessCurve:
 
     def __repr__(self) -> str:
         points = ", ".join(f"{f:g}: {v:.3f}" for f, v in zip(self.fractions, self.faithfulness))
-        return f"FaithfulnessCurve({self.method}: CPR {self.cpr:.4f}, CMD {self.cmd:.4f}; {points})"
+        return (f"FaithfulnessCurve({self.method}, ranked by {self.ranking}: area under {self.area_under:.4f}, "
+                f"area from 1 {self.area_from_1:.4f}; {points})")
+
+
+@dataclass(frozen=True)
+class MIBFaithfulness:
+    """MIB's two summaries of some edge scores, each from the curve MIB computes it on.
+
+    Attributes:
+        signed: The faithfulness curve of the edges ranked by signed score (most negative
+            first: the edges whose removal lowers the metric most), at `MIB_FRACTIONS`.
+        absolute: The curve of the edges ranked by |score|, at the same sizes.
+    """
+
+    signed: FaithfulnessCurve
+    absolute: FaithfulnessCurve
+
+    @property
+    def cpr(self) -> float:
+        """MIB's CPR: the area under the signed ranking's curve (higher is better)."""
+        return self.signed.area_under
+
+    @property
+    def cmd(self) -> float:
+        """MIB's CMD: the area between 1 and the |score| ranking's curve (lower is better)."""
+        return self.absolute.area_from_1
+
+    def to_frame(self):
+        """Both curves' `to_frame()` rows, the signed ranking's first."""
+        import pandas as pd
+
+        return pd.concat([self.signed.to_frame(), self.absolute.to_frame()], ignore_index=True)
+
+    def __repr__(self) -> str:
+        return f"MIBFaithfulness({self.signed.method}: CPR {self.cpr:.4f}, CMD {self.cmd:.4f})"
 
 
 @shared_by_ranks
@@ -103,14 +148,15 @@ def faithfulness_curve(
     """The faithfulness of the strongest edges of `scores` at each size, evaluated exactly.
 
     Each circuit is `Circuit.from_scores(scores, size, absolute=absolute, prune=prune)`; all
-    of them, the full and the empty circuit run stacked in one `evaluate_circuit` call.
+    of them, the full and the empty circuit run stacked in one `evaluate_circuit` call. For
+    MIB's CPR and CMD, which rank the edges in two ways, use `mib_faithfulness`.
 
     Args:
         scores: Edge scores of this model (`attr_edges`, `confirm_edges`, `exact_edge_scores`).
         sizes: Circuit sizes, increasing: fractions of the graph's edges (floats in (0, 1]) or
             edge counts (ints). The curve's x is the fraction either way.
         absolute: Rank edges by |score| (else by most negative score), as in
-            `Circuit.from_scores`. MIB's CPR ranks by signed score, its CMD by |score|.
+            `Circuit.from_scores`.
         prune: Drop the edges that no longer connect the embeddings to the logits.
         orig_input: As in `evaluate_circuit`.
         patching_metric: As in `evaluate_circuit`; a per-prompt metric is averaged over prompts.
@@ -121,26 +167,87 @@ def faithfulness_curve(
 
     >>> curve = faithfulness_curve(model, attr_edges(model, clean, metric, new_input=corrupted),  # doctest: +SKIP
     ...                            clean, metric, new_input=corrupted)
-    >>> curve.cpr, curve.cmd  # doctest: +SKIP
+    >>> curve.area_under, curve.area_from_1  # doctest: +SKIP
     """
+    sizes, fractions = _checked_sizes(scores, sizes)
+    return _curves(model, scores, [absolute], sizes, fractions, prune, orig_input, patching_metric,
+                   new_input=new_input, new_cache=new_cache, batch_size=batch_size, max_memory=max_memory)[0]
+
+
+@shared_by_ranks
+def mib_faithfulness(
+    model,
+    scores: EdgeScores,
+    orig_input: ModelInput,
+    patching_metric: Callable | str,
+    new_input: OtherModelInput | None = None,
+    new_cache=None,
+    *,
+    prune: bool = True,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+) -> MIBFaithfulness:
+    """MIB's CPR and CMD of `scores`, each on the ranking MIB computes it on, evaluated exactly.
+
+    As MIB's circuit track does: circuits of the strongest edges at `MIB_FRACTIONS` of the
+    graph, pruned; CPR is the area under the curve of the edges ranked by signed score, CMD the
+    area between 1 and the curve of the edges ranked by |score|. Both curves, the full and the
+    empty circuit run stacked in one `evaluate_circuit` call.
+
+    Signed means most negative first here: a score is the change of the metric when the edge
+    is removed, so the strongest edges are those whose removal lowers the metric most, as MIB's
+    signed ranking keeps the edges that raise its logit difference most. This assumes, as MIB
+    does, a metric that grows with the behaviour (a logit difference, not a loss). MIB scores
+    edges on one split of its prompts and measures faithfulness on held-out ones: pass the
+    held-out prompts here.
+
+    Args:
+        scores: Edge scores of this model (`attr_edges`, `confirm_edges`, `exact_edge_scores`).
+        prune: Drop the edges that no longer connect the embeddings to the logits (MIB does).
+
+    The other arguments are `faithfulness_curve`'s.
+
+    >>> mib = mib_faithfulness(model, attr_edges(model, clean, metric, new_input=corrupted),  # doctest: +SKIP
+    ...                        held_out_clean, held_out_metric, new_input=held_out_corrupted)
+    >>> mib.cpr, mib.cmd  # doctest: +SKIP
+    """
+    sizes, fractions = _checked_sizes(scores, MIB_FRACTIONS)
+    signed, absolute = _curves(model, scores, [False, True], sizes, fractions, prune, orig_input,
+                               patching_metric, new_input=new_input, new_cache=new_cache, batch_size=batch_size,
+                               max_memory=max_memory)  # fmt: skip
+    return MIBFaithfulness(signed, absolute)
+
+
+def _checked_sizes(scores, sizes) -> tuple[list[float | int], tuple[float, ...]]:
+    """The sizes as plain numbers, and the curve's x (each size as a fraction of the graph's
+    edges), refusing anything but edge scores and at least two increasing sizes."""
     if not isinstance(scores, EdgeScores):
-        raise PatchingError(f"faithfulness_curve needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}.")
-    graph = scores.graph
+        raise PatchingError(f"Faithfulness needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}.")
+    n_edges = len(scores.graph)
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
         raise PatchingError(f"sizes must be a list of at least two circuit sizes in increasing order, got {sizes!r}.")
     sizes = [size.item() if hasattr(size, "item") else size for size in sizes]  # numpy or torch scalars too
     for size in sizes:
-        edge_count(size, len(graph))
-    fractions = tuple(size if isinstance(size, float) else size / len(graph) for size in sizes)
+        edge_count(size, n_edges)
+    fractions = tuple(size if isinstance(size, float) else size / n_edges for size in sizes)
     if len(fractions) < 2 or any(later <= earlier for earlier, later in zip(fractions, fractions[1:])):
         raise PatchingError(
             f"sizes must be at least two circuit sizes in increasing order (the curve's x runs left to right), "
             f"got {sizes!r}."
         )
-    circuits = [Circuit.from_scores(scores, size, absolute=absolute, prune=prune) for size in sizes]
-    evaluated = evaluate_circuit(model, [*circuits, Circuit.full(graph), Circuit.empty(graph)], orig_input,
-                                 patching_metric, new_input, new_cache, batch_size=batch_size,
-                                 max_memory=max_memory)  # fmt: skip
+    return sizes, fractions
+
+
+def _curves(model, scores: EdgeScores, rankings: Sequence[bool], sizes, fractions: tuple[float, ...], prune: bool,
+            orig_input, patching_metric, **evaluation) -> tuple[FaithfulnessCurve, ...]:  # fmt: skip
+    """One curve per ranking (`absolute` or not) at `sizes`: every circuit of every curve, the full
+    and the empty circuit in one `evaluate_circuit` call."""
+    graph = scores.graph
+    circuits = [[Circuit.from_scores(scores, size, absolute=absolute, prune=prune) for size in sizes]
+                for absolute in rankings]  # fmt: skip
+    stacked = [circuit for curve in circuits for circuit in curve]
+    evaluated = evaluate_circuit(model, [*stacked, Circuit.full(graph), Circuit.empty(graph)], orig_input,
+                                 patching_metric, **evaluation)  # fmt: skip
     values = evaluated.as_tensor().float()
     values = values.reshape(values.shape[0], -1).mean(1).tolist()
     full, empty = values[-2], values[-1]
@@ -148,7 +255,11 @@ def faithfulness_curve(
         raise PatchingError(f"The full and the empty circuit give the same metric ({full:.6g}, to float rounding), "
                             "so faithfulness, a fraction of their difference, is undefined: the ablation changes "
                             "nothing.")  # fmt: skip
-    return FaithfulnessCurve(scores.method, fractions, tuple(circuits), tuple(values[:-2]), full, empty)
+    return tuple(
+        FaithfulnessCurve(scores.method, absolute, fractions, tuple(curve),
+                          tuple(values[i * len(sizes): (i + 1) * len(sizes)]), full, empty)
+        for i, (absolute, curve) in enumerate(zip(rankings, circuits))
+    )  # fmt: skip
 
 
 def _trapezoid(xs: Sequence[float], ys: Sequence[float]) -> float:

@@ -2,6 +2,7 @@
 
 import torch
 
+from ..errors import PatchingError
 from .version import TL_MAJOR
 
 if TL_MAJOR >= 4:
@@ -11,8 +12,9 @@ else:
 
 
 def boot_hf_folder(folder: str, tokenizer, device: str):
-    """A TransformerLens model of the Llama-architecture HF checkpoint in `folder`, with
-    HookedTransformer numerics (folded LayerNorm, centred weights)."""
+    """A TransformerLens model of the HF checkpoint in `folder`, with HookedTransformer numerics
+    (folded LayerNorm, centred weights): any architecture TransformerBridge supports on
+    TransformerLens 4, Llama-architecture checkpoints only on TransformerLens 2 (others refused)."""
     if TL_MAJOR >= 4:
         model = TransformerBridge.boot_transformers(str(folder), tokenizer=tokenizer, device=device)
         model.enable_compatibility_mode()
@@ -20,8 +22,16 @@ def boot_hf_folder(folder: str, tokenizer, device: str):
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    model_type = AutoConfig.from_pretrained(str(folder)).model_type
+    if model_type != "llama":
+        raise PatchingError(
+            f"{folder} holds a {model_type!r} checkpoint; on TransformerLens 2 a local folder can only be a "
+            "Llama-architecture one (its weights are converted as Llama's). Use TransformerLens 4, which boots "
+            "every architecture TransformerBridge supports from a folder, or HookedTransformer.from_pretrained with "
+            "the model's name."
+        )
     hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     cfg_dict = loading.convert_hf_model_config(str(folder))
     cfg_dict["rotary_base"] = hf_model.config.rope_theta

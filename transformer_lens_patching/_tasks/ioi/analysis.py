@@ -62,7 +62,8 @@ class IOISettings:
     """What `run_ioi` runs on.
 
     Args:
-        n_prompts: Number of IOI prompts.
+        n_prompts: Number of IOI prompts (the circuit step scores edges on half of them and measures
+            faithfulness on the other half).
         seed: Seed of the dataset.
         prompt_type: "mixed", "ABBA" or "BABA".
         prepend_bos: Start every prompt with BOS.
@@ -263,7 +264,7 @@ def _all_plans(plans: _Plans, metric, top_k: int, top_neurons: int, circuit_cand
     if _has_neurons(plans.shape):
         plan = plans.upper_bound_confirmation(metric, top_neurons)
         steps.append(("attr_neurons, exact patching of the strongest (at most: neurons in the first layer)", plan))
-    if circuit_step.supported(plans.model):
+    if circuit_step.supported(plans.model, plans.clean.shape[0]):
         steps += circuit_step.circuit_plans(plans.model, plans.clean, plans.corrupted, metric, circuit_candidates,
                                             plans.options["batch_size"])  # fmt: skip
     return steps
@@ -429,7 +430,7 @@ class _Experiment:
         self.header(f"edge attribution of {graph_size:,} edges, exact scores of the {settings.circuit_candidates} "
                     f"strongest, faithfulness curves of {len(circuit_step.METHODS)} rankings")  # fmt: skip
         began = time.perf_counter()
-        why_not = circuit_step.why_not_supported(self.plans.model)
+        why_not = circuit_step.why_not_supported(self.plans.model, self.plans.clean.shape[0])
         if why_not is not None:
             self.record(Step("circuit", title, f"Skipped: {why_not}.", {}), began)
             return
@@ -571,13 +572,13 @@ def _has_neurons(shape: _tl.ModelShape) -> bool:
     return shape.has_mlps and not shape.n_experts
 
 
-def screen_layer_evaluations(model) -> int:
+def screen_layer_evaluations(model, n_prompts: int) -> int:
     """The neuron and edge screens' work in layer evaluations (`SCREEN_PASSES` and
     `circuit_step.SCREEN_PASSES` passes of every layer); none for a step that is skipped
-    (the neuron step on a model without MLPs, the circuit step without per-head inputs)."""
+    (the neuron step on a model without MLPs, the circuit step where it cannot run)."""
     shape = _tl.model_shape(model)
     neurons = SCREEN_PASSES if _has_neurons(shape) else 0
-    edges = circuit_step.SCREEN_PASSES if circuit_step.supported(model) else 0
+    edges = circuit_step.SCREEN_PASSES if circuit_step.supported(model, n_prompts) else 0
     return (neurons + edges) * shape.n_layers
 
 
@@ -586,7 +587,7 @@ def _estimate(plans: _Plans, metric, settings: IOISettings, tokens: torch.Tensor
     times one layer's measured time (the later path steps and the neurons' exact patching at
     their upper bound); logged, and returned in seconds."""
     steps = _all_plans(plans, metric, settings.top_k, settings.top_neurons, settings.circuit_candidates)
-    work = sum(plan.layer_evaluations for _, plan in steps) + screen_layer_evaluations(plans.model)
+    work = sum(plan.layer_evaluations for _, plan in steps) + screen_layer_evaluations(plans.model, plans.clean.shape[0])
     stacked = max(plan.variants_per_pass for _, plan in steps)
     per_layer = _seconds_per_layer(plans.model, tokens, stacked)
     seconds = work * per_layer

@@ -1,11 +1,12 @@
 """The IOI analysis' circuit step: score every edge, evaluate circuits exactly, pick one.
 
-Every edge of the model's graph is scored by EAP and EAP-IG (`attr_edges`), and the
-EAP-IG ranking's strongest candidates are re-scored exactly (`confirm_edges`). Each
-ranking gives a faithfulness curve over MIB's circuit sizes, every circuit evaluated
-exactly on the clean prompts with every other edge resampled from the corrupted ones;
-the discovered circuit is the smallest of the best curve (highest CPR) that reaches the
-faithfulness asked for.
+As MIB does, the prompts are split: every edge of the model's graph is scored on half of
+them (`split`), by EAP and EAP-IG (`attr_edges`), and the EAP-IG ranking's strongest
+candidates are re-scored exactly (`confirm_edges`); faithfulness is measured on the other,
+held-out half. Each ranking gets MIB's CPR and CMD (`mib_faithfulness`: circuits at MIB's
+sizes, every one evaluated exactly on the held-out clean prompts with every other edge
+resampled from their corrupted twins); the discovered circuit is the smallest of the best
+ranking's (highest CPR) signed curve that reaches the faithfulness asked for.
 """
 
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ from ..._core.plan import PatchPlan
 from ..._methods.circuit_discovery import confirm_edges
 from ..._methods.circuits import plan_circuit_evaluation
 from ..._methods.edges import attr_edges
-from ..._methods.faithfulness import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve
+from ..._methods.faithfulness import MIB_FRACTIONS, MIBFaithfulness, mib_faithfulness
 from ..._methods.path_rules import nonlinear_writes
+from ...metrics import LogitDiff
 
 IG_STEPS = 5
 """The integrated-gradients points of the EAP-IG ranking."""
@@ -33,38 +35,46 @@ class CircuitFinding:
     """What the circuit step found.
 
     Attributes:
-        curves: One faithfulness curve per ranking of `METHODS`.
-        scores: The edge scores of each ranking.
+        curves: MIB's summaries (both curves, CPR and CMD) of each ranking of `METHODS`, on the
+            held-out prompts.
+        scores: The edge scores of each ranking, on the scoring prompts.
         chosen: The index (into `curves`) of the ranking the circuit comes from: the highest CPR.
-        circuit: The smallest circuit of that curve with at least `target` faithfulness (the
-            most faithful one if none reaches it).
-        faithfulness: The circuit's faithfulness.
+        circuit: The smallest circuit of that ranking's signed curve with at least `target`
+            faithfulness (the most faithful one if none reaches it).
+        faithfulness: The circuit's faithfulness, on the held-out prompts.
         target: The faithfulness asked for (`IOISettings.circuit_faithfulness`).
         candidates: How many of the EAP-IG ranking's strongest edges were scored exactly.
+        scored_on: The prompts (indices) that scored the edges.
+        held_out: The prompts (indices) that measured faithfulness.
     """
 
-    curves: tuple[FaithfulnessCurve, ...]
+    curves: tuple[MIBFaithfulness, ...]
     scores: tuple[EdgeScores, ...]
     chosen: int
     circuit: Circuit
     faithfulness: float
     target: float
     candidates: int
+    scored_on: tuple[int, ...]
+    held_out: tuple[int, ...]
 
     @property
     def method(self) -> str:
         return METHODS[self.chosen]
 
 
-def supported(model) -> bool:
-    """Whether this step runs on `model` (see `why_not_supported`)."""
-    return why_not_supported(model) is None
+def supported(model, n_prompts: int) -> bool:
+    """Whether this step runs on `model` with `n_prompts` prompts (see `why_not_supported`)."""
+    return why_not_supported(model, n_prompts) is None
 
 
-def why_not_supported(model) -> str | None:
-    """Why this step cannot run on `model`, or None: it needs per-head q/k/v input hooks, blocks
-    that are not parallel (the step is not yet checked on them) and senders whose writes are
-    linear in their outputs (no post-norm blocks)."""
+def why_not_supported(model, n_prompts: int) -> str | None:
+    """Why this step cannot run on `model` with `n_prompts` prompts, or None: it needs two
+    prompts or more (to hold some out), per-head q/k/v input hooks, blocks that are not
+    parallel (the step is not yet checked on them) and senders whose writes are linear in their
+    outputs (no post-norm blocks)."""
+    if n_prompts < 2:
+        return "it needs at least 2 prompts: half score the edges, the other half measure faithfulness"
     if not _tl.supports_split_qkv_input(model):
         return "this model has no per-head q/k/v input hooks (a TransformerBridge from boot_native), which circuit "\
                "evaluation edits"  # fmt: skip
@@ -74,16 +84,32 @@ def why_not_supported(model) -> str | None:
     return None if reason is None else f"{reason}; circuit evaluation refuses it"
 
 
+def split(n_prompts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The prompts that score the edges and the held-out prompts that measure faithfulness:
+    every other prompt (0, 2, 4, ... and 1, 3, 5, ...), so that templates drawn in turn fall
+    into both halves.
+
+    >>> split(5)
+    ((0, 2, 4), (1, 3))
+    """
+    return tuple(range(0, n_prompts, 2)), tuple(range(1, n_prompts, 2))
+
+
 def describe(finding: CircuitFinding, graph_size: int) -> str:
     """The step's description: what ran, and what it found."""
     curves = "; ".join(f"{method}: CPR {c.cpr:.3f}, CMD {c.cmd:.3f}" for method, c in zip(METHODS, finding.curves))
     return (
-        f"Every one of the model's {graph_size:,} edges scored by EAP and EAP-IG ({IG_STEPS} steps), clean prompts "
-        f"with each edge resampled from the corrupted ones; the EAP-IG ranking's {finding.candidates} strongest "
-        "edges then scored exactly (each removed alone). For each ranking, circuits of its strongest edges at "
-        f"MIB's sizes ({', '.join(f'{f:g}' for f in MIB_FRACTIONS)} of the edges, pruned of dangling edges) "
-        "evaluated exactly: the clean run with every edge outside the circuit resampled from the corrupted run. "
-        "Faithfulness: (circuit - empty) / (full - empty) of the mean logit difference. "
+        f"The prompts split in two, as MIB does: {len(finding.scored_on)} score the edges (prompts "
+        f"{_indices(finding.scored_on)}) and the other {len(finding.held_out)} measure faithfulness (prompts "
+        f"{_indices(finding.held_out)}). Every one of the model's {graph_size:,} edges scored by EAP and EAP-IG "
+        f"({IG_STEPS} steps), clean prompts with each edge resampled from the corrupted ones; the EAP-IG ranking's "
+        f"{finding.candidates} strongest edges then scored exactly (each removed alone). For each ranking, "
+        f"circuits of its strongest edges at MIB's sizes ({', '.join(f'{f:g}' for f in MIB_FRACTIONS)} of the "
+        "edges, pruned of dangling edges), ranked by signed score (the edges whose removal lowers the logit "
+        "difference most) and by |score|, evaluated exactly on the held-out prompts: the clean run with every "
+        "edge outside the circuit resampled from the corrupted run. Faithfulness: (circuit - empty) / "
+        "(full - empty) of the mean logit difference. MIB's CPR is the area under the signed ranking's curve "
+        "(higher is better), its CMD the area between 1 and the |score| ranking's curve (lower is better). "
         f"{curves}. Circuit: " + (
             f"the smallest of the best ranking ({finding.method}) with faithfulness at least {finding.target:.0%}"
             if finding.faithfulness >= finding.target else
@@ -93,41 +119,59 @@ def describe(finding: CircuitFinding, graph_size: int) -> str:
     )  # fmt: skip
 
 
-def find_circuit(model, clean: torch.Tensor, corrupted: torch.Tensor, metric, candidates: int, target: float,
-                 batch_size: int | None) -> CircuitFinding:  # fmt: skip
-    """Score, confirm, evaluate and pick, as the module says; `metric` is the raw logit difference."""
-    options = {"new_input": corrupted, "batch_size": batch_size}
-    eap = attr_edges(model, clean, metric, new_input=corrupted)
-    ig = attr_edges(model, clean, metric, new_input=corrupted, method="ig", steps=IG_STEPS)
-    confirmed = confirm_edges(model, ig, clean, metric, candidates=min(candidates, len(ig.graph)), **options)
+def find_circuit(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: LogitDiff, candidates: int,
+                 target: float, batch_size: int | None) -> CircuitFinding:  # fmt: skip
+    """Split, score, confirm, evaluate and pick, as the module says; `metric` is the raw logit
+    difference of all the prompts."""
+    scored_on, held_out = split(clean.shape[0])
+    clean_s, corrupted_s, metric_s = _prompts(clean, corrupted, metric, scored_on)
+    clean_h, corrupted_h, metric_h = _prompts(clean, corrupted, metric, held_out)
+    eap = attr_edges(model, clean_s, metric_s, new_input=corrupted_s)
+    ig = attr_edges(model, clean_s, metric_s, new_input=corrupted_s, method="ig", steps=IG_STEPS)
+    confirmed = confirm_edges(model, ig, clean_s, metric_s, new_input=corrupted_s,
+                              candidates=min(candidates, len(ig.graph)), batch_size=batch_size)  # fmt: skip
     scores = (eap, ig, confirmed)
-    curves = tuple(faithfulness_curve(model, s, clean, metric, **options) for s in scores)
+    curves = tuple(mib_faithfulness(model, s, clean_h, metric_h, new_input=corrupted_h, batch_size=batch_size)
+                   for s in scores)  # fmt: skip
     chosen = max(range(len(curves)), key=lambda i: curves[i].cpr)
-    curve = curves[chosen]
+    curve = curves[chosen].signed
     reaching = [i for i, f in enumerate(curve.faithfulness) if f >= target]
     index = reaching[0] if reaching else max(range(len(curve.fractions)), key=lambda i: curve.faithfulness[i])
     return CircuitFinding(curves, scores, chosen, curve.circuits[index], curve.faithfulness[index], target,
-                          min(candidates, len(ig.graph)))  # fmt: skip
+                          min(candidates, len(ig.graph)), scored_on, held_out)  # fmt: skip
 
 
-def circuit_plans(model, clean: torch.Tensor, corrupted: torch.Tensor, metric, candidates: int,
+def circuit_plans(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: LogitDiff, candidates: int,
                   batch_size: int | None) -> list[tuple[str, PatchPlan]]:  # fmt: skip
     """The step's exact evaluations as plans, for the time estimate: as many circuits as it
-    evaluates (their edges are known only once scored; the work does not depend on them)."""
+    evaluates, on the prompts it evaluates them on (their edges are known only once scored; the
+    work does not depend on them)."""
     graph = EdgeGraph.of(model)
     placeholder = Circuit.empty(graph)
+    scored_on, held_out = split(clean.shape[0])
     confirmations = min(candidates, len(graph)) + 1
-    curve = len(MIB_FRACTIONS) + 2
-    options = {"new_input": corrupted, "batch_size": batch_size}
-    return [
-        ("circuit, exact scores of the candidates",
-         plan_circuit_evaluation(model, [placeholder] * confirmations, clean, metric, **options)),
-        ("circuit, faithfulness curves", plan_circuit_evaluation(model, [placeholder] * (3 * curve), clean, metric,
-                                                                 **options)),
-    ]  # fmt: skip
+    curves = len(METHODS) * (2 * len(MIB_FRACTIONS) + 2)
+    plans = []
+    for label, indices, circuits in (("circuit, exact scores of the candidates", scored_on, confirmations),
+                                     ("circuit, faithfulness curves", held_out, curves)):  # fmt: skip
+        clean_part, corrupted_part, metric_part = _prompts(clean, corrupted, metric, indices)
+        plans.append((label, plan_circuit_evaluation(model, [placeholder] * circuits, clean_part, metric_part,
+                                                     new_input=corrupted_part, batch_size=batch_size)))  # fmt: skip
+    return plans
 
 
-SCREEN_PASSES = 2 + 3 * (1 + IG_STEPS)
-"""The edge scores' work in forward passes of the prompts, for the time estimate: the
+def _prompts(clean: torch.Tensor, corrupted: torch.Tensor, metric: LogitDiff, indices: tuple[int, ...]):
+    """The clean and corrupted prompts of `indices`, and the logit difference read on them."""
+    rows = torch.tensor(indices, dtype=torch.long)
+    positions = None if metric.positions is None else metric.positions[rows]
+    return clean[rows], corrupted[rows], LogitDiff(metric.answers[rows], positions)
+
+
+def _indices(indices: tuple[int, ...]) -> str:
+    return ", ".join(str(i) for i in indices)
+
+
+SCREEN_PASSES = (2 + 3 * (1 + IG_STEPS)) // 2
+"""The edge scores' work in forward passes of all the prompts, for the time estimate: the
 corrupted run for each method, and a forward and a backward pass (about two forwards) for
-EAP and for each of EAP-IG's points."""
+EAP and for each of EAP-IG's points, each on the scoring half of the prompts."""

@@ -270,12 +270,13 @@ def _circuit_section(finding: CircuitFinding, analysis: IOIAnalysis) -> str:
     """The curves and their areas, the circuit (figure and strongest edges), and which named heads it holds."""
     from ... import plots
 
-    sizes = finding.curves[0].fractions
+    sizes = finding.curves[0].signed.fractions
     header = "".join(f"<th>{f:g}</th>" for f in sizes)
     rows = "".join(
-        f"<tr><td>{html.escape(method)}</td><td>{curve.cpr:.3f}</td><td>{curve.cmd:.3f}</td>"
+        f"<tr><td>{html.escape(method)}</td><td>{html.escape(curve.ranking)}</td><td>{summary}</td>"
         + "".join(f"<td>{f:.3f}</td>" for f in curve.faithfulness) + "</tr>"
-        for method, curve in zip(METHODS, finding.curves)
+        for method, mib in zip(METHODS, finding.curves)
+        for curve, summary in ((mib.signed, f"CPR {mib.cpr:.3f}"), (mib.absolute, f"CMD {mib.cmd:.3f}"))
     )  # fmt: skip
     shown = _shown(finding)
     scores = finding.scores[finding.chosen]
@@ -290,14 +291,19 @@ def _circuit_section(finding: CircuitFinding, analysis: IOIAnalysis) -> str:
         f"<td>{'yes' if (head.layer, head.head) in kept else 'no'}</td></tr>"
         for role, head in named_heads(analysis)
     )
-    curves = plots.faithfulness_curves(list(finding.curves), title="Faithfulness of each ranking's circuits")
+    curves = plots.faithfulness_curves(list(finding.curves), title="Faithfulness of each ranking's circuits, on the held-out prompts")
     graph = plots.circuit_graph(shown, scores, title=f"The circuit's {len(shown)} strongest of {len(finding.circuit):,} "
                                 f"edges ({finding.method} scores)")  # fmt: skip
     return (
-        "<h3>Faithfulness</h3><table id=\"faithfulness\"><tr><th>ranking</th><th>CPR</th><th>CMD</th>"
-        f"{header}</tr>{rows}</table>" + _figure(curves, "faithfulness")
+        f"<h3>Faithfulness</h3><p>Edges scored on {len(finding.scored_on)} of the prompts; every faithfulness "
+        f"below is measured on the other {len(finding.held_out)}, held out, as MIB does. MIB's CPR is the area "
+        "under the curve of the edges ranked by signed score (higher is better), its CMD the area between 1 and "
+        "the curve of the edges ranked by |score| (lower is better); the columns are MIB's circuit sizes, as "
+        "fractions of the edges.</p><table id=\"faithfulness\"><tr><th>scores</th><th>edges ranked by</th>"
+        f"<th>MIB summary</th>{header}</tr>{rows}</table>" + _figure(curves, "faithfulness")
         + f"<h3>The circuit</h3><p>{len(finding.circuit):,} of {len(finding.circuit.graph):,} edges from the "
-        f"{html.escape(finding.method)} ranking, faithfulness <b>{finding.faithfulness:.3f}</b>; its "
+        f"{html.escape(finding.method)} ranking by signed score, faithfulness <b>{finding.faithfulness:.3f}</b> on "
+        "the held-out prompts; its "
         f"{len(shown)} strongest edges:</p>" + _figure(graph, "circuit-graph")
         + f"<table id=\"circuit-edges\"><tr><th>sender</th><th>receiver</th><th>score</th></tr>{edges}</table>"
         + "<h3>Heads named by path patching</h3><p>Whether each head the path-patching steps named writes into "
@@ -311,11 +317,12 @@ def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
     kept = set(finding.circuit.heads)
     return {
         "curves": [
-            {"ranking": method, "method": c.method, "fractions": list(c.fractions), "edges": list(c.edge_counts),
-             "metric": list(c.values), "faithfulness": list(c.faithfulness), "full": c.full, "empty": c.empty,
-             "cpr": c.cpr, "cmd": c.cmd}
-            for method, c in zip(METHODS, finding.curves)
+            {"ranking": method, "method": mib.signed.method, "cpr": mib.cpr, "cmd": mib.cmd,
+             "signed": _curve_json(mib.signed), "absolute": _curve_json(mib.absolute)}
+            for method, mib in zip(METHODS, finding.curves)
         ],
+        "scored_on": list(finding.scored_on),
+        "held_out": list(finding.held_out),
         "ranking": finding.method,
         "candidates": finding.candidates,
         "target": finding.target,
@@ -324,6 +331,12 @@ def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
         "named_heads": [{"role": role, "layer": head.layer, "head": head.head, "in_circuit": (head.layer, head.head) in kept}
                         for role, head in named_heads(analysis)],
     }  # fmt: skip
+
+
+def _curve_json(curve) -> dict:
+    """One faithfulness curve as plain JSON values."""
+    return {"fractions": list(curve.fractions), "edges": list(curve.edge_counts), "metric": list(curve.values),
+            "faithfulness": list(curve.faithfulness), "full": curve.full, "empty": curve.empty}  # fmt: skip
 
 
 def _number(value: float) -> str:
