@@ -450,7 +450,8 @@ def test_faithfulness_curve_is_the_definition(gpt2_model):
     assert curve.area_under == pytest.approx(areas, abs=1e-4) and curve.area_from_1 == pytest.approx(gaps, abs=1e-4)
     assert curve.faithfulness[-1] == pytest.approx(1.0)
     frame = curve.to_frame()
-    assert list(frame.columns) == ["method", "ranking", "fraction", "requested_edges", "edges", "metric", "faithfulness"]
+    columns = ["method", "ranking", "fraction", "requested_edges", "edges", "metric", "faithfulness"]
+    assert list(frame.columns) == columns
     assert list(frame["edges"]) == list(curve.edge_counts) and "ranked by |score|: area under" in repr(curve)
     counts = faithfulness_curve(model, scores, orig, metric, new_input=new, sizes=[10, 100, len(graph)], prune=False)
     assert counts.edge_counts == (10, 100, len(graph)) and counts.fractions[0] == 10 / len(graph)
@@ -492,6 +493,9 @@ def test_mib_faithfulness_is_computed_as_mib_computes_it(gpt2_model):
     assert mib.signed.circuits != mib.absolute.circuits, "the two rankings must differ here, or this test cannot fail"
     assert mib.cpr != pytest.approx(mib.absolute.area_under, abs=1e-3), "CPR must come from the signed ranking"
     assert list(mib.to_frame()["ranking"].unique()) == ["signed score", "|score|"] and "CPR" in repr(mib)
+    for removed in ("cpr", "cmd"):
+        with raises(f"FaithfulnessCurve.{removed} is gone.*mib_faithfulness"):
+            getattr(mib.absolute, removed)
 
 
 def test_confirmed_scores_are_exact_for_the_candidates(gqa_model):

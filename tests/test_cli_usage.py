@@ -240,4 +240,4 @@ def test_a_folder_of_another_architecture_is_refused_on_transformerlens_2(tmp_pa
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     message = error_of(["ioi", "--model", str(tmp_path), "--dry-run"], capsys)
-    assert "holds a 'gpt2' checkpoint; on TransformerLens 2 a local folder can only be a Llama-architecture one" in message
+    assert "holds a 'gpt2' checkpoint; on TransformerLens 2 a local folder can only be a Llama-architecture" in message

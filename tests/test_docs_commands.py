@@ -242,7 +242,8 @@ def run_help(arguments: tuple[str, ...]) -> None:
     for module in ("tl_patch", "transformer_lens_patching"):
         run = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True, text=True, cwd=ROOT,
                              timeout=120, check=False)  # fmt: skip
-        assert run.returncode == 0, f"python -m {module} {' '.join(arguments)} exited with {run.returncode}: {run.stderr}"
+        command = f"python -m {module} {' '.join(arguments)}"
+        assert run.returncode == 0, f"{command} exited with {run.returncode}: {run.stderr}"
         assert "--help" in run.stdout, run.stdout
 
 

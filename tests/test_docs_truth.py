@@ -282,11 +282,19 @@ def test_the_default_ig_steps_are_stated_as_the_code_has_them():
         assert stated.group(1) in (str(IG_STEPS), "`IG_STEPS`"), (
             f"{function.__name__}'s docstring says steps defaults to {stated.group(1)}; it is IG_STEPS = {IG_STEPS}"
         )
-    stated = re.compile(r"`steps`[^.;]*?\bdefault(?:s to)? (\d+)|\bdefault (\d+) (?:IG )?steps")
-    assert stated.search("the mean gradient at `steps` points (default 7)"), "the pattern finds no stated default"
-    wrong = [f"{passage}: {match.group()!r}" for passage in page_passages()
-             for match in stated.finditer(passage.text) if int(match.group(1) or match.group(2)) != IG_STEPS]
+    stated = re.compile(
+        r"`steps`[^.;]*?\bdefault(?:s to)? (\d+)|\bdefault (\d+) (?:IG )?steps|`steps=(\d+)` by default"
+        r"|\bdefault `steps=(\d+)`|integrated gradients; (\d+) by default"
+    )  # fmt: skip
+    for sentence in ("the mean gradient at `steps` points (default 7)", "EAP-IG with `steps=7` by default",
+                     "gradients; default `steps=7`)", "(integrated gradients; 7 by default)"):  # fmt: skip
+        assert stated.search(sentence), f"the pattern misses {sentence!r}"
+    found = [(passage, match) for passage in page_passages() for match in stated.finditer(passage.text)]
+    wrong = [f"{passage}: {match.group()!r}" for passage, match in found
+             if int(next(group for group in match.groups() if group)) != IG_STEPS]
     assert not wrong, f"IG_STEPS is {IG_STEPS}; pages say otherwise: {wrong}"
+    pages = {passage.where for passage, _ in found}
+    assert {"README.md", "docs/tasks/screen-and-confirm.md"} <= pages, f"statements found only on {sorted(pages)}"
 
 
 def test_the_ioi_circuit_steps_ig_steps_are_the_jobs():

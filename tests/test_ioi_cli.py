@@ -130,11 +130,13 @@ def test_the_time_estimate_comes_from_the_plans(analysis, tiny_model):
     curves = plans["circuit, faithfulness curves"]
     assert curves.n_cells == 3 * (2 * len(MIB_FRACTIONS) + 2), "three rankings, each two curves with full and empty"
     assert plans["circuit, exact scores of the candidates"].n_cells == SETTINGS.circuit_candidates + 1
-    held_out, scoring = SETTINGS.n_prompts // 2, SETTINGS.n_prompts - SETTINGS.n_prompts // 2
-    assert curves.inputs[0].shape[0] == held_out
-    assert plans["circuit, exact scores of the candidates"].inputs[0].shape[0] == scoring
-    edge_screen = (2 + 3 * (1 + 5)) // 2  # each method's corrupted run; EAP's and EAP-IG's 5 points' forward + backward,
-    # on half the prompts
+    choosing = plans["circuit, choosing on the scoring prompts"]
+    assert choosing.n_cells == 3 * (len(MIB_FRACTIONS) + 2), "three rankings' signed curves, with full and empty"
+    assert curves.inputs[0].shape[0] == 2 and choosing.inputs[0].shape[0] == 3, "5 prompts: 3 score, 2 held out"
+    assert plans["circuit, exact scores of the candidates"].inputs[0].shape[0] == 3
+    # Each method's corrupted run, EAP's and EAP-IG's 5 points' forward + backward: 20 passes of the 3 scoring
+    # prompts, 12 of all 5.
+    edge_screen = 12
     work = sum(plan.layer_evaluations for plan in plans.values()) + (4 + edge_screen) * LAYERS
     assert f"({work:,} layer evaluations" in line
     assert analysis.estimated_seconds > 0
@@ -349,10 +351,10 @@ def test_one_prompt_leaves_none_to_hold_out(tiny_model):
 
 
 def test_the_circuit_step_evaluates_its_circuit_exactly(analysis, tiny_model):
-    """Edges are scored on the even prompts and faithfulness measured on the odd ones (held
-    out); the step's circuit is the smallest of the best signed curve that reaches the
-    faithfulness asked for (or the most faithful one), and its faithfulness is that of an exact
-    evaluation on the held-out prompts."""
+    """Edges are scored, and the circuit chosen, on the even prompts; faithfulness is measured on
+    the odd ones (held out). The circuit is the smallest of the best signed curve on the scoring
+    prompts that reaches the faithfulness asked for there (or the most faithful one), and its
+    reported faithfulness is that of an exact evaluation on the held-out prompts."""
     finding = analysis.step("circuit").circuit
     assert finding.scored_on == (0, 2, 4) and finding.held_out == (1, 3)
     held_out = list(finding.held_out)
@@ -364,17 +366,19 @@ def test_the_circuit_step_evaluates_its_circuit_exactly(analysis, tiny_model):
     assert finding.faithfulness == pytest.approx((value - empty) / (full - empty), abs=1e-4)
     assert [mib.signed.method for mib in finding.curves] == ["atp", "ig", "ig+exact"]
     assert finding.curves[0].signed.full == pytest.approx(full, abs=1e-4), "curves measured on the held-out prompts"
-    best = finding.curves[finding.chosen]
-    assert best.cpr == max(mib.cpr for mib in finding.curves)
-    curve = best.signed
-    reaching = [c for c, f in zip(curve.circuits, curve.faithfulness) if f >= SETTINGS.circuit_faithfulness]
-    most_faithful = curve.circuits[curve.faithfulness.index(max(curve.faithfulness))]
-    assert finding.circuit == (reaching[0] if reaching else most_faithful)
     scoring = list(finding.scored_on)
-    eap = attr_edges(tiny_model, analysis.dataset.toks[scoring],
-                     LogitDiff(analysis.dataset.answers[scoring], analysis.dataset.word_idx["end"][scoring]),
-                     new_input=analysis.corrupted.toks[scoring])  # fmt: skip
+    clean_s, corrupted_s = analysis.dataset.toks[scoring], analysis.corrupted.toks[scoring]
+    metric_s = LogitDiff(analysis.dataset.answers[scoring], analysis.dataset.word_idx["end"][scoring])
+    eap = attr_edges(tiny_model, clean_s, metric_s, new_input=corrupted_s)
     assert torch.allclose(eap.scores, finding.scores[0].scores, atol=1e-5), "edges scored on the scoring prompts"
+    chooser = finding.selection[finding.chosen]
+    assert chooser.area_under == max(curve.area_under for curve in finding.selection)
+    own = float(metric_s(tiny_model(clean_s).detach()))
+    assert chooser.full == pytest.approx(own, abs=1e-4), "chosen on the scoring prompts"
+    reaching = [c for c, f in zip(chooser.circuits, chooser.faithfulness) if f >= SETTINGS.circuit_faithfulness]
+    most_faithful = chooser.circuits[chooser.faithfulness.index(max(chooser.faithfulness))]
+    assert finding.circuit == (reaching[0] if reaching else most_faithful)
+    assert finding.chosen_faithfulness == chooser.faithfulness[chooser.circuits.index(finding.circuit)]
     confirmed, ig = finding.scores[2], finding.scores[1]
     changed = [edge for edge in graph if not torch.equal(confirmed.score(edge), ig.score(edge).to(confirmed.scores))]
     assert len(changed) <= SETTINGS.circuit_candidates and set(changed) <= set(ig.top(SETTINGS.circuit_candidates))

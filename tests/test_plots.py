@@ -538,7 +538,7 @@ def test_circuit_graph_refuses_other_input():
 
 def curve(method: str, fractions: tuple[float, ...], values: tuple[float, ...], full=2.0, empty=-2.0, absolute=True):
     circuits = tuple(Circuit(GRAPH, GRAPH.edges[: int(f * len(GRAPH))]) for f in fractions)
-    return FaithfulnessCurve(method, absolute, fractions, circuits, values, full, empty)
+    return FaithfulnessCurve(method, fractions, circuits, values, full, empty, absolute)
 
 
 def trapezoid(xs, ys) -> float:
@@ -575,7 +575,8 @@ def test_mib_summaries_draw_both_curves_labelled_with_cpr_and_cmd():
     fig = faithfulness_curves([MIBFaithfulness(signed, absolute)])
     cpr = trapezoid([0.1, 0.5, 1.0], [0.5, 0.75, 1.0])
     cmd = trapezoid([0.1, 0.5, 1.0], [1 - 0.25, 1 - 0.5, 0.0])
-    assert [trace.name for trace in fig.data] == [f"atp by signed score: CPR {cpr:.3f}", f"atp by |score|: CMD {cmd:.3f}"]
+    names = [f"atp by signed score: CPR {cpr:.3f}", f"atp by |score|: CMD {cmd:.3f}"]
+    assert [trace.name for trace in fig.data] == names
     assert [list(trace.y) for trace in fig.data] == [[0.5, 0.75, 1.0], [0.25, 0.5, 1.0]]
 
 

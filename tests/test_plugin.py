@@ -47,7 +47,8 @@ def test_every_mixin_method_is_on_the_model_and_cache_classes():
     methods = [name for name in vars(PatchingMixin) if not name.startswith("_")]
     assert sorted(methods) == ["act_patch", "attr_edges", "attr_patch", "attr_path_patch", "confirm", "confirm_edges",
                                "confirm_paths", "evaluate_circuit", "exact_edge_scores", "faithfulness_curve",
-                               "mib_faithfulness", "path_patch", "plan_act_patch", "plan_circuit_evaluation", "plan_path_patch"]
+                               "mib_faithfulness", "path_patch", "plan_act_patch", "plan_circuit_evaluation",
+                               "plan_path_patch"]
     for model_class in MODEL_CLASSES:
         assert all(getattr(model_class, name) is getattr(PatchingMixin, name) for name in methods)
     cache_methods = [name for name in vars(CachePatchingMixin) if not name.startswith("_")]

@@ -3,7 +3,8 @@
 `PatchingMixin` holds the methods TransformerLens models gain (`model.act_patch(...)`,
 `model.path_patch(...)`, `model.attr_patch(...)`, `model.confirm(...)`, `model.attr_edges(...)`,
 `model.attr_path_patch(...)`, `model.confirm_paths(...)`, `model.evaluate_circuit(...)`,
-`model.faithfulness_curve(...)`, `model.mib_faithfulness(...)`, `model.exact_edge_scores(...)`, `model.confirm_edges(...)`,
+`model.faithfulness_curve(...)`, `model.mib_faithfulness(...)`, `model.exact_edge_scores(...)`,
+`model.confirm_edges(...)`,
 `model.plan_act_patch(...)`, `model.plan_path_patch(...)`, `model.plan_circuit_evaluation(...)`);
 `CachePatchingMixin` those ActivationCache gains (`cache[Node(...)]`, `cache.zero_ablated()`,
 `cache.mean_ablated(groups)`). `install()` sets them on TransformerLens' classes.

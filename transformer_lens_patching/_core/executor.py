@@ -116,7 +116,7 @@ class Executor:
             else:
                 logits = _tl.forward_logits(model, program.enter(first, entering), first)
         if read and first < n_layers:
-            logits = self.reader(program.stopped_with)
+            logits = self.reader.read(program.stopped_with, logits)
         release_freed_memory(tokens.device)
         if not measured:
             return [None] * count

@@ -123,6 +123,7 @@ class LogitReader:
         """(batch, k) positions read in each prompt, on the CPU."""
         self.n_columns = d_vocab if token_ids is None else len(token_ids)
         self.reads_whole_vocabulary = token_ids is None
+        self._token_ids = token_ids
         self._model = model
         self._copies: dict = {}
         on_device(self._copies, "positions", tokens.device, lambda: self.positions)
@@ -145,6 +146,21 @@ class LogitReader:
             dtype = normalised.dtype
             return _tl.output_transform(self._model, normalised @ self._weight.to(dtype) + self._bias.to(dtype)).float()
         return _tl.output_transform(self._model, normalised.float() @ self._weight + self._bias)
+
+    def read(self, stopped: Tensor | None, logits: Tensor | None) -> Tensor:
+        """The selected logits of a pass told to stop at the final residual stream: from where it
+        stopped (`stopped`), or, where that hook never fires (OpenAI GPT's bridge) and the pass ran
+        on to the logits, from its full `logits`."""
+        return self(stopped) if stopped is not None else self.from_logits(logits)
+
+    def from_logits(self, logits: Tensor) -> Tensor:
+        """The selected logits (rows, k, n_columns) of full logits (rows, pos, d_vocab) whose rows
+        are copies of the batch."""
+        copies = logits.shape[0] // self.positions.shape[0]
+        positions = on_device(self._copies, "positions", logits.device, lambda: self.positions).repeat(copies, 1)
+        rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
+        read = logits[rows, positions]
+        return (read if self._token_ids is None else read[..., self._token_ids.to(logits.device)]).float()
 
     def rows(self, rows: slice) -> "LogitReader":
         """This reader for the prompts `rows` of its batch (a chunk of them)."""

@@ -92,13 +92,21 @@ def _check_unit(node, component: Component, index: int, shape: ModelShape) -> in
 def check_component_exists(component: Component, shape: ModelShape, node) -> None:
     """Refuse what a model's architecture does not have: MLP neurons (`pre`, `post`) in a
     mixture of experts, whose MLP hooks hold the experts' mix, d_model wide; the residual stream
-    between attention and MLP (`resid_mid`) where the two run in parallel."""
+    between attention and MLP (`resid_mid`) where the two run in parallel; heads where attention
+    is multi-head latent attention, whose head activations TransformerLens does not split by head."""
     if component.unit == "neuron" and shape.n_experts:
         raise PatchingError(
             f"This model is a mixture of experts ({shape.n_experts} experts per layer): its "
             f"{component.hook_name(0).replace('blocks.0.', '')} hooks hold the experts' mix (d_model wide), not "
             f"MLP neurons, so {node!r} has no neurons to patch. Patch 'mlp_out' (each layer's whole expert "
             "output) instead."
+        )
+    if component.has_heads and shape.latent_attention:
+        raise PatchingError(
+            f"This model's attention is multi-head latent attention (DeepSeek's MLA): TransformerLens splits its "
+            f"attention activations by d_head ({shape.d_head}) rather than by head, so the slices of "
+            f"{component.hook_name(0).replace('blocks.0.', '')} are not its {shape.n_heads} heads and {node!r} would "
+            "patch part of a head or of two. Patch 'attn_out' (each layer's whole attention output) instead."
         )
     if component.name == "resid_mid" and shape.parallel_attn_mlp:
         raise PatchingError(

@@ -28,6 +28,7 @@ from .._core.components import hook_name
 from .._core.memory import variants_per_pass
 from .._core.program import PatchProgram, applied
 from .._core.sites import PatchSite
+from ..errors import PatchingError
 
 ROW_WISE = ("q", "q_input", "attn_scores")
 """Components whose patch at a query row changes only that row of the pattern."""
@@ -174,4 +175,8 @@ def _patterns_under(model, tokens: Tensor, layer: int, variants: list[_Variant],
             _tl.forward_logits(model, orig[hook_name("resid_pre", layer)].repeat(count, 1, 1), start)
         else:
             _tl.forward_logits(model, tokens.repeat(count, 1))
+    if program.stopped_with is None:
+        raise PatchingError(f"AtP*'s QK fix recomputes attention patterns, but {hook_name('pattern', layer)} never "
+                            "fired: this model does not compute them where TransformerLens hooks them. Use "
+                            "method='atp'.")  # fmt: skip
     return program.stopped_with

@@ -194,8 +194,10 @@ def difference(name: str, orig: dict, new: ActivationSource) -> Tensor:
 
 
 NO_HEAD_INPUTS = (
-    "{what} per-head input hooks (use_split_qkv_input), and this model has none. TransformerLens 4 bridges made "
-    "by TransformerBridge.boot_native lack them: use TransformerBridge.boot_transformers."
+    "{what} per-head input hooks (use_split_qkv_input), and this model has none: its TransformerLens adapter "
+    "does not give each head its own q/k/v input (bridges made by TransformerBridge.boot_native never do; "
+    "boot_transformers gives them for the architectures that support it). act_patch, path_patch and attr_patch "
+    "work without them."
 )
 
 

@@ -32,21 +32,21 @@ class FaithfulnessCurve:
 
     Attributes:
         method: What scored the edges (the scores' method, e.g. "atp", "ig", "exact").
-        absolute: How the edges were ranked: by |score| (True) or by most negative score.
         fractions: Each circuit's size as a fraction of the graph's edges (the curve's x).
         circuits: The circuit evaluated at each size (top edges, pruned if asked).
         values: The metric (mean over prompts) of each circuit.
         full: The metric with every edge kept (the orig run).
         empty: The metric with every edge ablated.
+        absolute: How the edges were ranked: by |score| (True) or by most negative score.
     """
 
     method: str
-    absolute: bool
     fractions: tuple[float, ...]
     circuits: tuple[Circuit, ...]
     values: tuple[float, ...]
     full: float
     empty: float
+    absolute: bool = True
 
     @property
     def faithfulness(self) -> tuple[float, ...]:
@@ -75,6 +75,16 @@ class FaithfulnessCurve:
         CMD is this area for the edges ranked by |score| (`mib_faithfulness`)."""
         return _trapezoid(self.fractions, [abs(1.0 - f) for f in self.faithfulness])
 
+    @property
+    def cpr(self):
+        """Not a curve's: MIB's CPR is the area under the signed ranking's curve (`mib_faithfulness`)."""
+        raise PatchingError(_NOT_A_CURVES.format(name="CPR", area="area_under", ranking="signed score", what="cpr"))
+
+    @property
+    def cmd(self):
+        """Not a curve's: MIB's CMD is the area from 1 of the |score| ranking's curve (`mib_faithfulness`)."""
+        raise PatchingError(_NOT_A_CURVES.format(name="CMD", area="area_from_1", ranking="|score|", what="cmd"))
+
     def to_frame(self):
         """A pandas DataFrame, one row per size: `method`, `ranking`, `fraction`, `requested_edges`
         (the size in edges), `edges` (kept after pruning), `metric`, `faithfulness`."""
@@ -95,6 +105,13 @@ class FaithfulnessCurve:
         points = ", ".join(f"{f:g}: {v:.3f}" for f, v in zip(self.fractions, self.faithfulness))
         return (f"FaithfulnessCurve({self.method}, ranked by {self.ranking}: area under {self.area_under:.4f}, "
                 f"area from 1 {self.area_from_1:.4f}; {points})")
+
+
+_NOT_A_CURVES = (
+    "FaithfulnessCurve.{what} is gone: MIB's {name} is computed on the curve of the edges ranked by {ranking}, "
+    "so it is not any curve's. Use mib_faithfulness(model, scores, ...).{what}, which evaluates MIB's two curves, "
+    "or this curve's own area, curve.{area}."
+)
 
 
 @dataclass(frozen=True)
@@ -169,7 +186,7 @@ def faithfulness_curve(
     ...                            clean, metric, new_input=corrupted)
     >>> curve.area_under, curve.area_from_1  # doctest: +SKIP
     """
-    sizes, fractions = _checked_sizes(scores, sizes)
+    sizes, fractions = _checked_sizes(scores, sizes, "faithfulness_curve")
     return _curves(model, scores, [absolute], sizes, fractions, prune, orig_input, patching_metric,
                    new_input=new_input, new_cache=new_cache, batch_size=batch_size, max_memory=max_memory)[0]
 
@@ -211,18 +228,18 @@ def mib_faithfulness(
     ...                        held_out_clean, held_out_metric, new_input=held_out_corrupted)
     >>> mib.cpr, mib.cmd  # doctest: +SKIP
     """
-    sizes, fractions = _checked_sizes(scores, MIB_FRACTIONS)
+    sizes, fractions = _checked_sizes(scores, MIB_FRACTIONS, "mib_faithfulness")
     signed, absolute = _curves(model, scores, [False, True], sizes, fractions, prune, orig_input,
                                patching_metric, new_input=new_input, new_cache=new_cache, batch_size=batch_size,
                                max_memory=max_memory)  # fmt: skip
     return MIBFaithfulness(signed, absolute)
 
 
-def _checked_sizes(scores, sizes) -> tuple[list[float | int], tuple[float, ...]]:
+def _checked_sizes(scores, sizes, caller: str) -> tuple[list[float | int], tuple[float, ...]]:
     """The sizes as plain numbers, and the curve's x (each size as a fraction of the graph's
     edges), refusing anything but edge scores and at least two increasing sizes."""
     if not isinstance(scores, EdgeScores):
-        raise PatchingError(f"Faithfulness needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}.")
+        raise PatchingError(f"{caller} needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}.")
     n_edges = len(scores.graph)
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
         raise PatchingError(f"sizes must be a list of at least two circuit sizes in increasing order, got {sizes!r}.")
@@ -256,8 +273,8 @@ def _curves(model, scores: EdgeScores, rankings: Sequence[bool], sizes, fraction
                             "so faithfulness, a fraction of their difference, is undefined: the ablation changes "
                             "nothing.")  # fmt: skip
     return tuple(
-        FaithfulnessCurve(scores.method, absolute, fractions, tuple(curve),
-                          tuple(values[i * len(sizes): (i + 1) * len(sizes)]), full, empty)
+        FaithfulnessCurve(scores.method, fractions, tuple(curve), tuple(values[i * len(sizes): (i + 1) * len(sizes)]),
+                          full, empty, absolute)
         for i, (absolute, curve) in enumerate(zip(rankings, circuits))
     )  # fmt: skip
 

@@ -172,10 +172,11 @@ class GradientPass:
                 program.differentiate(name, live.leaves)
         if self._reader is not None:
             program.stop_at(self._final_residual)
+        logits = None  # stays None where the pass stops at the final residual stream
         with applied(self.model, program):
             logits = _tl.forward_logits(self.model, tokens)
         if self._reader is not None:
-            logits = self._reader.rows(rows)(program.stopped_with)
+            logits = self._reader.rows(rows).read(program.stopped_with, logits)
         release_freed_memory(tokens.device)
         return logits, live
 

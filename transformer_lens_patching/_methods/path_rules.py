@@ -79,7 +79,12 @@ def check_specs(senders, receivers, seq_pos) -> None:
 def nonlinear_writes(model) -> str | None:
     """Why a sender's write to the residual stream is not linear in its own output on `model`
     (it normalises each attention and MLP output before adding it), or None: the one sentence
-    that path patching, edges, circuits and the IOI job give when they refuse such a model."""
+    that path patching, edges, circuits and the IOI job give when they refuse such a model. Also
+    multi-head latent attention, whose head outputs TransformerLens does not give head by head."""
+    if _tl.model_shape(model).latent_attention:
+        return ("this model's attention is multi-head latent attention (DeepSeek's MLA), whose head outputs "
+                "TransformerLens does not split by head, so a head's write to the residual stream cannot be read "
+                "from them")  # fmt: skip
     norms = _tl.post_norms(model)
     if not norms:
         return None
@@ -95,7 +100,8 @@ def check_linear_writes(model, what: str) -> None:
     if reason is not None:
         raise PatchingError(
             f"{reason[0].upper()}{reason[1:]}, which {what} builds on: refused rather than computed wrong. "
-            "act_patch and attr_patch are exact on this model."
+            "act_patch and attr_patch are exact on this model"
+            + (" for every node but heads." if _tl.model_shape(model).latent_attention else ".")
         )
 
 

@@ -29,6 +29,9 @@ class ModelShape:
     """Experts per MLP layer of a mixture-of-experts model (0 for a dense model)."""
     parallel_attn_mlp: bool = False
     """Whether each block computes attention and MLP in parallel, both from the block's input."""
+    latent_attention: bool = False
+    """Whether attention is multi-head latent attention (DeepSeek's MLA), whose per-head
+    activations TransformerLens splits by `d_head` rather than by head: their slices are not heads."""
 
     def unit_count(self, unit: str) -> int:
         """How many heads, key/value heads or neurons a layer has."""
@@ -52,7 +55,13 @@ def model_shape(model) -> ModelShape:
         devices=model_devices(model),
         n_experts=int(getattr(cfg, "num_experts", None) or 0),
         parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
+        latent_attention=getattr(_hf_config(model), "kv_lora_rank", None) is not None,
     )
+
+
+def _hf_config(model):
+    """The Hugging Face config of a bridge's model, or None (a HookedTransformer has none)."""
+    return getattr(getattr(model, "original_model", None), "config", None)
 
 
 def post_norms(model) -> tuple[str, ...]:

@@ -573,13 +573,15 @@ def _has_neurons(shape: _tl.ModelShape) -> bool:
 
 
 def screen_layer_evaluations(model, n_prompts: int) -> int:
-    """The neuron and edge screens' work in layer evaluations (`SCREEN_PASSES` and
-    `circuit_step.SCREEN_PASSES` passes of every layer); none for a step that is skipped
-    (the neuron step on a model without MLPs, the circuit step where it cannot run)."""
+    """The neuron and edge screens' work in layer evaluations of all `n_prompts` prompts
+    (`SCREEN_PASSES` passes of every layer, and `circuit_step.SCREEN_PASSES` of the edges'
+    scoring prompts); none for a step that is skipped (the neuron step on a model without MLPs,
+    the circuit step where it cannot run)."""
     shape = _tl.model_shape(model)
     neurons = SCREEN_PASSES if _has_neurons(shape) else 0
-    edges = circuit_step.SCREEN_PASSES if circuit_step.supported(model, n_prompts) else 0
-    return (neurons + edges) * shape.n_layers
+    scoring = len(circuit_step.split(n_prompts)[0])
+    edges = circuit_step.SCREEN_PASSES * scoring / n_prompts if circuit_step.supported(model, n_prompts) else 0
+    return round((neurons + edges) * shape.n_layers)
 
 
 def _estimate(plans: _Plans, metric, settings: IOISettings, tokens: torch.Tensor, log: Callable) -> float:
@@ -587,7 +589,8 @@ def _estimate(plans: _Plans, metric, settings: IOISettings, tokens: torch.Tensor
     times one layer's measured time (the later path steps and the neurons' exact patching at
     their upper bound); logged, and returned in seconds."""
     steps = _all_plans(plans, metric, settings.top_k, settings.top_neurons, settings.circuit_candidates)
-    work = sum(plan.layer_evaluations for _, plan in steps) + screen_layer_evaluations(plans.model, plans.clean.shape[0])
+    screens = screen_layer_evaluations(plans.model, plans.clean.shape[0])
+    work = sum(plan.layer_evaluations for _, plan in steps) + screens
     stacked = max(plan.variants_per_pass for _, plan in steps)
     per_layer = _seconds_per_layer(plans.model, tokens, stacked)
     seconds = work * per_layer

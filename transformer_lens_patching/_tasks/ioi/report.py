@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..._core.circuit import Circuit
 from ..._methods.confirmation import Confirmation
+from ..._methods.faithfulness import FaithfulnessCurve
 from .analysis import IOIAnalysis, Step
 from .circuit_step import METHODS, CircuitFinding
 
@@ -291,19 +292,21 @@ def _circuit_section(finding: CircuitFinding, analysis: IOIAnalysis) -> str:
         f"<td>{'yes' if (head.layer, head.head) in kept else 'no'}</td></tr>"
         for role, head in named_heads(analysis)
     )
-    curves = plots.faithfulness_curves(list(finding.curves), title="Faithfulness of each ranking's circuits, on the held-out prompts")
+    curves = plots.faithfulness_curves(list(finding.curves),
+                                       title="Faithfulness of each ranking's circuits, on the held-out prompts")
     graph = plots.circuit_graph(shown, scores, title=f"The circuit's {len(shown)} strongest of {len(finding.circuit):,} "
                                 f"edges ({finding.method} scores)")  # fmt: skip
     return (
         f"<h3>Faithfulness</h3><p>Edges scored on {len(finding.scored_on)} of the prompts; every faithfulness "
-        f"below is measured on the other {len(finding.held_out)}, held out, as MIB does. MIB's CPR is the area "
-        "under the curve of the edges ranked by signed score (higher is better), its CMD the area between 1 and "
+        f"in this table and figure is measured on the other {len(finding.held_out)}, held out, as MIB does. MIB's "
+        "CPR is the area under the curve of the edges ranked by signed score (higher is better), its CMD the area between 1 and "
         "the curve of the edges ranked by |score| (lower is better); the columns are MIB's circuit sizes, as "
         "fractions of the edges.</p><table id=\"faithfulness\"><tr><th>scores</th><th>edges ranked by</th>"
         f"<th>MIB summary</th>{header}</tr>{rows}</table>" + _figure(curves, "faithfulness")
         + f"<h3>The circuit</h3><p>{len(finding.circuit):,} of {len(finding.circuit.graph):,} edges from the "
-        f"{html.escape(finding.method)} ranking by signed score, faithfulness <b>{finding.faithfulness:.3f}</b> on "
-        "the held-out prompts; its "
+        f"{html.escape(finding.method)} ranking by signed score, chosen on the scoring prompts (faithfulness "
+        f"{finding.chosen_faithfulness:.3f} there); faithfulness <b>{finding.faithfulness:.3f}</b> on the held-out "
+        "prompts; its "
         f"{len(shown)} strongest edges:</p>" + _figure(graph, "circuit-graph")
         + f"<table id=\"circuit-edges\"><tr><th>sender</th><th>receiver</th><th>score</th></tr>{edges}</table>"
         + "<h3>Heads named by path patching</h3><p>Whether each head the path-patching steps named writes into "
@@ -327,13 +330,15 @@ def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
         "candidates": finding.candidates,
         "target": finding.target,
         "faithfulness": finding.faithfulness,
+        "chosen_faithfulness": finding.chosen_faithfulness,
+        "selection": [_curve_json(curve) for curve in finding.selection],
         "circuit": json.loads(finding.circuit.to_json()),
         "named_heads": [{"role": role, "layer": head.layer, "head": head.head, "in_circuit": (head.layer, head.head) in kept}
                         for role, head in named_heads(analysis)],
     }  # fmt: skip
 
 
-def _curve_json(curve) -> dict:
+def _curve_json(curve: FaithfulnessCurve) -> dict:
     """One faithfulness curve as plain JSON values."""
     return {"fractions": list(curve.fractions), "edges": list(curve.edge_counts), "metric": list(curve.values),
             "faithfulness": list(curve.faithfulness), "full": curve.full, "empty": curve.empty}  # fmt: skip
