@@ -138,9 +138,10 @@ def test_cli_dry_run_prints_the_plans_and_runs_nothing(monkeypatch, capsys, tmp_
     out = capsys.readouterr().out
     assert status == 0 and calls == [] and not (tmp_path / "report").exists()
     for step in ("act_heads", "act_words at S2", "path_logits", "path_queries", "path_values", "attr_neurons",
-                 "circuit, exact scores of the candidates", "circuit, faithfulness curves"):
+                 "circuit, exact scores of the candidates", "circuit, choosing on the scoring prompts",
+                 "circuit, faithfulness curves"):
         assert f"\n{step}" in out, step
-    assert out.count("forward passes in") == 13
+    assert out.count("forward passes in") == 14
 
 
 # Dropout
