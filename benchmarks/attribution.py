@@ -44,8 +44,13 @@ SHAPES = {
 SECTIONS = ("heads", "neurons", "edges", "transformer_lens", "memory")
 HEAD_COMPONENTS = ["z", "q", "k", "v", "pattern"]
 IG_STEPS = 5
-MEMORY_KEYS = ("run_with_cache", "attr_patch heads", "attr_patch neurons", "attr_edges EAP",
-               f"attr_edges EAP-IG {IG_STEPS}")  # fmt: skip
+MEMORY_KEYS = (
+    "run_with_cache",
+    "attr_patch heads",
+    "attr_patch neurons",
+    "attr_edges EAP",
+    f"attr_edges EAP-IG {IG_STEPS}",
+)
 BOUNDS = {"heads": 30.0, "neurons": 3000.0, "transformer_lens": 3.0}
 """The least speed-ups the issue asks for, on the GPT-2-small shape."""
 
@@ -148,8 +153,16 @@ def head_rows(s: Setup, repeats: int) -> list[Row]:
     cells = len(HEAD_COMPONENTS) * cfg.n_layers * cfg.n_heads
     ours = timed(lambda: attr_patch(s.model, s.orig, heads, s.metric, new_cache=s.new_cache), repeats)
     exact = timed(lambda: act_patch(s.model, s.orig, heads, s.metric, new_cache=s.new_cache), repeats)
-    return [Row(f"attr_patch vs act_patch, heads ({', '.join(HEAD_COMPONENTS)}; {cells} cells)", ours, exact, "s",
-                BOUNDS["heads"], "act_patch measured in full, same new_cache and LogitDiff object.")]  # fmt: skip
+    return [
+        Row(
+            f"attr_patch vs act_patch, heads ({', '.join(HEAD_COMPONENTS)}; {cells} cells)",
+            ours,
+            exact,
+            "s",
+            BOUNDS["heads"],
+            "act_patch measured in full, same new_cache and LogitDiff object.",
+        )
+    ]
 
 
 def neuron_rows(s: Setup, repeats: int, per_layer: int) -> list[Row]:
@@ -162,11 +175,18 @@ def neuron_rows(s: Setup, repeats: int, per_layer: int) -> list[Row]:
     )
     exact = measured * cfg.d_mlp / per_layer
     cells = cfg.n_layers * cfg.d_mlp
-    return [Row(f"attr_patch vs act_patch, neurons ({cfg.n_layers} x {cfg.d_mlp} = {cells} cells)", ours, exact, "s",
-                BOUNDS["neurons"],
-                f"act_patch measured on {per_layer} evenly spaced neurons of every layer "
-                f"({per_layer * cfg.n_layers} cells, {_seconds(measured)}), times {cfg.d_mlp} / {per_layer}: every "
-                "neuron of a layer costs the same, and the sample covers every layer equally.")]  # fmt: skip
+    return [
+        Row(
+            f"attr_patch vs act_patch, neurons ({cfg.n_layers} x {cfg.d_mlp} = {cells} cells)",
+            ours,
+            exact,
+            "s",
+            BOUNDS["neurons"],
+            f"act_patch measured on {per_layer} evenly spaced neurons of every layer "
+            f"({per_layer * cfg.n_layers} cells, {_seconds(measured)}), times {cfg.d_mlp} / {per_layer}: every "
+            "neuron of a layer costs the same, and the sample covers every layer equally.",
+        )
+    ]
 
 
 def _receiver_group(receiver) -> tuple[str, int]:
@@ -199,10 +219,19 @@ def edge_rows(s: Setup, repeats: int, layers: list[int]) -> list[Row]:
         senders = IterNode(["z", "mlp_out"], layers=None if kind == "logits" else [layer - 1])
         count = (n_layers if kind == "logits" else 1) * (n_heads + 1)
         seconds = timed(
-            lambda: path_patch(model, s.orig, s.new, senders, _exact_receiver(model, group), s.metric,
-                               orig_cache=s.orig_cache, new_cache=s.new_cache, direct_includes_mlps=False),
+            lambda: path_patch(
+                model,
+                s.orig,
+                s.new,
+                senders,
+                _exact_receiver(model, group),
+                s.metric,
+                orig_cache=s.orig_cache,
+                new_cache=s.new_cache,
+                direct_includes_mlps=False,
+            ),
             repeats,
-        )  # fmt: skip
+        )
         return seconds / count
 
     measured = {("logits", -1): seconds_per_edge(("logits", -1))}
@@ -210,15 +239,18 @@ def edge_rows(s: Setup, repeats: int, layers: list[int]) -> list[Row]:
         measured.update({(kind, layer): seconds_per_edge((kind, layer)) for layer in layers})
     exact = sum(count * _interpolated(measured, group) for group, count in edges.items())
     edges_measured = n_layers * (n_heads + 1) + 4 * len(layers) * (n_heads + 1)
-    how = (f"path_patch(direct_includes_mlps=False), given both caches (computed once, not timed), on the edges "
-           f"into head 0's q, k and v input and into the MLP (`pre`) of layers {', '.join(map(str, layers))} from the "
-           f"heads and MLP of the layer before, and into the logits from every head and MLP ({edges_measured} edges); "
-           f"each receiver group's seconds per edge (at other layers: linear in the layer between the measured ones, "
-           f"the nearest one's outside them) times its edges in the graph ({len(graph)} edges, the embedding's "
-           f"included).")  # fmt: skip
+    how = (
+        f"path_patch(direct_includes_mlps=False), given both caches (computed once, not timed), on the edges "
+        f"into head 0's q, k and v input and into the MLP (`pre`) of layers {', '.join(map(str, layers))} from the "
+        f"heads and MLP of the layer before, and into the logits from every head and MLP ({edges_measured} edges); "
+        f"each receiver group's seconds per edge (at other layers: linear in the layer between the measured ones, "
+        f"the nearest one's outside them) times its edges in the graph ({len(graph)} edges, the embedding's "
+        f"included)."
+    )
     return [
-        Row(f"attr_edges EAP vs path_patch residual-only, whole graph ({len(graph)} edges)", eap, exact, "s", None,
-            how),
+        Row(
+            f"attr_edges EAP vs path_patch residual-only, whole graph ({len(graph)} edges)", eap, exact, "s", None, how
+        ),
         Row(f"attr_edges EAP-IG ({IG_STEPS} steps) vs the same", ig, exact, "s", None, "as the row above."),
     ]
 
@@ -264,18 +296,30 @@ def transformer_lens_rows(s: Setup, repeats: int) -> list[Row]:
     edge_gap = _edge_disagreement(attr_edges(model, s.orig, s.metric, new_input=s.new), theirs("edge"))
     ours_edge_s = timed(lambda: attr_edges(model, s.orig, s.metric, new_input=s.new), repeats)
     theirs_edge_s = timed(lambda: theirs("edge"), repeats)
-    common = ("both from the tokens (each runs the new input itself); TransformerLens scores one prompt pair at a "
-              "time and averages; ours with the LogitDiff object, theirs with the same logit difference of one "
-              "prompt")  # fmt: skip
+    common = (
+        "both from the tokens (each runs the new input itself); TransformerLens scores one prompt pair at a "
+        "time and averages; ours with the LogitDiff object, theirs with the same logit difference of one "
+        "prompt"
+    )
     return [
-        Row("attr_patch vs TransformerLens `attribution_patch`, nodes (embed, heads' z, MLPs; every position)",
-            ours_node_s, theirs_node_s, "s", BOUNDS["transformer_lens"],
-            f"{common}; largest difference {node_gap:.1e} of their largest score."),
-        Row("attr_edges EAP vs TransformerLens `attribution_patch`, edges",
-            ours_edge_s, theirs_edge_s, "s", BOUNDS["transformer_lens"],
+        Row(
+            "attr_patch vs TransformerLens `attribution_patch`, nodes (embed, heads' z, MLPs; every position)",
+            ours_node_s,
+            theirs_node_s,
+            "s",
+            BOUNDS["transformer_lens"],
+            f"{common}; largest difference {node_gap:.1e} of their largest score.",
+        ),
+        Row(
+            "attr_edges EAP vs TransformerLens `attribution_patch`, edges",
+            ours_edge_s,
+            theirs_edge_s,
+            "s",
+            BOUNDS["transformer_lens"],
             f"{common}; theirs per position, summed over positions to compare; largest difference {edge_gap:.1e} "
-            "of their largest score."),
-    ]  # fmt: skip
+            "of their largest score.",
+        ),
+    ]
 
 
 def _relative_gap(pairs: list[tuple[float, float]]) -> float:
@@ -326,8 +370,9 @@ def measure_memory(s: Setup, key: str) -> int:
     model = s.model
     calls = {
         "run_with_cache": lambda: _no_grad(lambda: model.run_with_cache(s.orig)),
-        "attr_patch heads": lambda: attr_patch(model, s.orig, IterNode(HEAD_COMPONENTS), s.metric,
-                                               new_cache=s.new_cache),
+        "attr_patch heads": lambda: attr_patch(
+            model, s.orig, IterNode(HEAD_COMPONENTS), s.metric, new_cache=s.new_cache
+        ),
         "attr_patch neurons": lambda: attr_patch(model, s.orig, IterNode("post"), s.metric, new_cache=s.new_cache),
         "attr_edges EAP": lambda: _attr_edges(s, "atp", None),
         f"attr_edges EAP-IG {IG_STEPS}": lambda: _attr_edges(s, "ig", IG_STEPS),
@@ -375,10 +420,14 @@ def memory_rows(shape: str, in_process: Setup | None) -> list[Row]:
     rwc, budget = peaks.pop("run_with_cache"), DEFAULT_MAX_MEMORY["cpu"]
     limit = 1.5 * rwc + budget
     where = "this process" if in_process is not None else "a fresh subprocess each"
-    how = (f"VmHWM above VmRSS at its reset, {where}; limit 1.5 x one run_with_cache of the batch "
-           f"({rwc / 2**20:.0f} MiB) + the budget ({budget / 2**20:.0f} MiB).")  # fmt: skip
-    return [Row(f"peak memory, {key}", peak, limit, "MiB", 1.0, how if index == 0 else "as the row above.")
-            for index, (key, peak) in enumerate(peaks.items())]  # fmt: skip
+    how = (
+        f"VmHWM above VmRSS at its reset, {where}; limit 1.5 x one run_with_cache of the batch "
+        f"({rwc / 2**20:.0f} MiB) + the budget ({budget / 2**20:.0f} MiB)."
+    )
+    return [
+        Row(f"peak memory, {key}", peak, limit, "MiB", 1.0, how if index == 0 else "as the row above.")
+        for index, (key, peak) in enumerate(peaks.items())
+    ]
 
 
 def main(argv=None) -> int:
@@ -386,11 +435,17 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small shapes, one repeat, memory in-process: a smoke test")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--neurons", type=int, default=16, help="neurons of each layer act_patch is measured on")
-    parser.add_argument("--edge-layers", type=lambda text: [int(x) for x in text.split(",")],
-                        help="receiver layers where exact path patching is measured (>= 1; default: 1, the middle "
-                             "and the last)")  # fmt: skip
-    parser.add_argument("--sections", type=lambda text: text.split(","), default=list(SECTIONS),
-                        help=f"comma-separated, from: {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--edge-layers",
+        type=lambda text: [int(x) for x in text.split(",")],
+        help="receiver layers where exact path patching is measured (>= 1; default: 1, the middle and the last)",
+    )
+    parser.add_argument(
+        "--sections",
+        type=lambda text: text.split(","),
+        default=list(SECTIONS),
+        help=f"comma-separated, from: {', '.join(SECTIONS)}",
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--memory-of", choices=MEMORY_KEYS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -405,11 +460,16 @@ def main(argv=None) -> int:
     repeats = 1 if args.tiny else args.repeats
     s = build(shape)
     cfg = s.model.cfg
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {repeats}; "
-          f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, "
-          f"batch {s.orig.shape[0]} x {s.orig.shape[1]}")  # fmt: skip
-    layers = sorted({min(layer, cfg.n_layers - 1) for layer in args.edge_layers}) if args.edge_layers else \
-        sorted({1, cfg.n_layers // 2, cfg.n_layers - 1})  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {repeats}; "
+        f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, "
+        f"batch {s.orig.shape[0]} x {s.orig.shape[1]}"
+    )
+    layers = (
+        sorted({min(layer, cfg.n_layers - 1) for layer in args.edge_layers})
+        if args.edge_layers
+        else sorted({1, cfg.n_layers // 2, cfg.n_layers - 1})
+    )
     sections = {
         "heads": lambda: head_rows(s, repeats),
         "neurons": lambda: neuron_rows(s, repeats, min(args.neurons, cfg.d_mlp)),

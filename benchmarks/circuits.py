@@ -160,9 +160,15 @@ def edge_rows(s: Setup, repeats: int) -> list[Row]:
         s.scores = attr_edges(s.model, s.orig, s.metric, new_input=s.new)
 
     seconds = timed(score, repeats)
-    return [Row(f"attr_edges EAP, the whole edge graph ({len(graph)} edges)", seconds, None,
-                f"`len(EdgeGraph.of(model))` = {len(graph)} edges; attr_edges from the tokens (it runs the new input "
-                "itself), LogitDiff object.")]  # fmt: skip
+    return [
+        Row(
+            f"attr_edges EAP, the whole edge graph ({len(graph)} edges)",
+            seconds,
+            None,
+            f"`len(EdgeGraph.of(model))` = {len(graph)} edges; attr_edges from the tokens (it runs the new input "
+            "itself), LogitDiff object.",
+        )
+    ]
 
 
 def _gap(ours: list[float], theirs: list[float], full: float, empty: float) -> float:
@@ -201,24 +207,38 @@ def curve_rows(s: Setup, repeats: int, points: int) -> list[Row]:
     passes = len(plan.passes)
     passes_text = f"{passes} forward pass{'' if passes == 1 else 'es'}"
     counts = curve.edge_counts
-    how = (f"faithfulness_curve from the tokens at {points} sizes geometric from 0.1% to 100% of the edges, "
-           f"pruned ({min(counts)} to {max(counts)} edges kept), plus the full and the empty circuit: "
-           f"{len(circuits)} circuits x {s.orig.shape[0]} prompts stacked in {passes_text} "
-           f"(`len(plan_circuit_evaluation(...).passes)`, at most {plan.variants_per_pass} circuits a pass) and one "
-           f"run of the new input; choosing and pruning the {points} circuits (`Circuit.from_scores`) takes "
-           f"{_seconds(choosing)} of it. Against one `evaluate_circuit` call per circuit, each one forward pass, "
-           f"given the new run's cache (computed once, not timed), the circuits chosen beforehand. Largest "
-           f"difference of the two sides' {len(circuits)} metric values {curve_gap:.1e} of |full - empty| "
-           f"(area under the curve {curve.area_under:.3f}, between it and 1 {curve.area_from_1:.3f}).")  # fmt: skip
-    stacked_how = (f"one `evaluate_circuit` call on the list of the same {len(circuits)} circuits, given the same "
-                   f"cache: only the stacking differs from the baseline. Largest difference from the curve's metric "
-                   f"values {stacked_gap:.1e} of |full - empty|.")  # fmt: skip
+    how = (
+        f"faithfulness_curve from the tokens at {points} sizes geometric from 0.1% to 100% of the edges, "
+        f"pruned ({min(counts)} to {max(counts)} edges kept), plus the full and the empty circuit: "
+        f"{len(circuits)} circuits x {s.orig.shape[0]} prompts stacked in {passes_text} "
+        f"(`len(plan_circuit_evaluation(...).passes)`, at most {plan.variants_per_pass} circuits a pass) and one "
+        f"run of the new input; choosing and pruning the {points} circuits (`Circuit.from_scores`) takes "
+        f"{_seconds(choosing)} of it. Against one `evaluate_circuit` call per circuit, each one forward pass, "
+        f"given the new run's cache (computed once, not timed), the circuits chosen beforehand. Largest "
+        f"difference of the two sides' {len(circuits)} metric values {curve_gap:.1e} of |full - empty| "
+        f"(area under the curve {curve.area_under:.3f}, between it and 1 {curve.area_from_1:.3f})."
+    )
+    stacked_how = (
+        f"one `evaluate_circuit` call on the list of the same {len(circuits)} circuits, given the same "
+        f"cache: only the stacking differs from the baseline. Largest difference from the curve's metric "
+        f"values {stacked_gap:.1e} of |full - empty|."
+    )
     return [
-        Row(f"faithfulness_curve, {points} sizes + full + empty ({passes_text}) vs one evaluate_circuit per circuit",
-            curve_seconds, baseline, how, curve_gap),
-        Row(f"evaluate_circuit of the same {len(circuits)} circuits stacked vs one at a time", stacked_seconds,
-            baseline, stacked_how, stacked_gap),
-    ]  # fmt: skip
+        Row(
+            f"faithfulness_curve, {points} sizes + full + empty ({passes_text}) vs one evaluate_circuit per circuit",
+            curve_seconds,
+            baseline,
+            how,
+            curve_gap,
+        ),
+        Row(
+            f"evaluate_circuit of the same {len(circuits)} circuits stacked vs one at a time",
+            stacked_seconds,
+            baseline,
+            stacked_how,
+            stacked_gap,
+        ),
+    ]
 
 
 def _new_cache(s: Setup):
@@ -254,29 +274,41 @@ class AutoCircuitComparison:
         theirs.set_use_attn_result(True)
         theirs.set_use_split_qkv_input(True)
         theirs.set_use_hook_mlp_in(True)
-        self.patchable = patchable_model(theirs, factorized=True, slice_output="last_seq", separate_qkv=True,
-                                         device=torch.device("cpu"))  # fmt: skip
+        self.patchable = patchable_model(
+            theirs, factorized=True, slice_output="last_seq", separate_qkv=True, device=torch.device("cpu")
+        )
         self.orig, self.new, self.metric = inputs(shape)
         batch = self.orig.shape[0]
-        dataset = PromptDataset(self.orig, self.new, [torch.tensor([ANSWERS[0]])] * batch,
-                                [torch.tensor([ANSWERS[1]])] * batch)  # fmt: skip
+        dataset = PromptDataset(
+            self.orig, self.new, [torch.tensor([ANSWERS[0]])] * batch, [torch.tensor([ANSWERS[1]])] * batch
+        )
         self.loader = PromptDataLoader(dataset, seq_len=None, diverge_idx=0, batch_size=batch)
         self.points = points
         self.scores = attr_edges(self.model, self.orig, self.metric, new_input=self.new)
 
     def ours(self):
-        return faithfulness_curve(self.model, self.scores, self.orig, self.metric, new_input=self.new,
-                                  sizes=sizes(self.points))  # fmt: skip
+        return faithfulness_curve(
+            self.model, self.scores, self.orig, self.metric, new_input=self.new, sizes=sizes(self.points)
+        )
 
     def theirs(self, counts: list[int], prune_scores) -> dict[int, float]:
         """auto-circuit's metric (mean logit difference) of its circuit of each edge count."""
         from auto_circuit import prune
         from auto_circuit.types import AblationType, PatchType
 
-        outputs = prune.run_circuits(self.patchable, self.loader, counts, prune_scores, patch_type=PatchType.TREE_PATCH,
-                               ablation_type=AblationType.RESAMPLE)  # fmt: skip
-        return {count: float(_logit_difference(logits)) for count, by_batch in outputs.items()
-                for logits in by_batch.values()}  # fmt: skip
+        outputs = prune.run_circuits(
+            self.patchable,
+            self.loader,
+            counts,
+            prune_scores,
+            patch_type=PatchType.TREE_PATCH,
+            ablation_type=AblationType.RESAMPLE,
+        )
+        return {
+            count: float(_logit_difference(logits))
+            for count, by_batch in outputs.items()
+            for logits in by_batch.values()
+        }
 
     def prune_scores(self, circuits: list[Circuit]):
         """auto-circuit scores whose top n edges are each circuit of n edges: the circuits are nested
@@ -315,18 +347,25 @@ class AutoCircuitComparison:
         ours = timed(self.ours, repeats)
         theirs = timed(lambda: self.theirs(counts, prune_scores), repeats)
         version = importlib.metadata.version("auto-circuit")
-        how = (f"auto-circuit {version} (TransformerLens {importlib.metadata.version('transformer-lens')}): "
-               "`run_circuits(patchable_model(..., factorized=True, separate_qkv=True), ..., "
-               "patch_type=TREE_PATCH, ablation_type=RESAMPLE)` on a copy of the same random HookedTransformer "
-               f"({len(self.patchable.edges)} edges), given scores whose top n edges are each of this library's "
-               f"{len(counts)} circuits, its progress bars off; it runs the new input once, then one forward pass "
-               "per circuit. Ours: faithfulness_curve as in the row above, on the HookedTransformer. Largest "
-               f"difference of the two sides' metric values {difference:.1e}: {difference / largest:.1e} of the "
-               f"largest |value| ({largest:.3g}), {gap:.1e} of |full - empty| ({abs(curve.full - curve.empty):.3g}). "
-               "The two implementations sum the edges' contributions in different orders, so they agree to float32 "
-               "rounding of the values, which is what the row checks.")  # fmt: skip
-        return Row(f"faithfulness_curve vs auto-circuit `run_circuits`, the same {len(counts)} circuits", ours,
-                   theirs, how, difference / largest)  # fmt: skip
+        how = (
+            f"auto-circuit {version} (TransformerLens {importlib.metadata.version('transformer-lens')}): "
+            "`run_circuits(patchable_model(..., factorized=True, separate_qkv=True), ..., "
+            "patch_type=TREE_PATCH, ablation_type=RESAMPLE)` on a copy of the same random HookedTransformer "
+            f"({len(self.patchable.edges)} edges), given scores whose top n edges are each of this library's "
+            f"{len(counts)} circuits, its progress bars off; it runs the new input once, then one forward pass "
+            "per circuit. Ours: faithfulness_curve as in the row above, on the HookedTransformer. Largest "
+            f"difference of the two sides' metric values {difference:.1e}: {difference / largest:.1e} of the "
+            f"largest |value| ({largest:.3g}), {gap:.1e} of |full - empty| ({abs(curve.full - curve.empty):.3g}). "
+            "The two implementations sum the edges' contributions in different orders, so they agree to float32 "
+            "rounding of the values, which is what the row checks."
+        )
+        return Row(
+            f"faithfulness_curve vs auto-circuit `run_circuits`, the same {len(counts)} circuits",
+            ours,
+            theirs,
+            how,
+            difference / largest,
+        )
 
 
 def _hooked_config(shape: str):
@@ -334,10 +373,19 @@ def _hooked_config(shape: str):
     from transformer_lens import HookedTransformerConfig
 
     size = SHAPES[shape]
-    return HookedTransformerConfig(n_layers=size["n_layer"], n_heads=size["n_head"], d_model=size["n_embd"],
-                                   d_head=size["n_embd"] // size["n_head"], d_mlp=4 * size["n_embd"], n_ctx=1024,
-                                   d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=0,
-                                   device="cpu")  # fmt: skip
+    return HookedTransformerConfig(
+        n_layers=size["n_layer"],
+        n_heads=size["n_head"],
+        d_model=size["n_embd"],
+        d_head=size["n_embd"] // size["n_head"],
+        d_mlp=4 * size["n_embd"],
+        n_ctx=1024,
+        d_vocab=50257,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=0,
+        device="cpu",
+    )
 
 
 def _auto_circuit_name(node, receiver: bool = False) -> str:
@@ -361,8 +409,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small shapes, one repeat: a smoke test")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--points", type=int, default=POINTS, help="circuit sizes on the curve")
-    parser.add_argument("--sections", type=lambda text: text.split(","), default=list(SECTIONS),
-                        help=f"comma-separated, from: {', '.join(SECTIONS)}")  # fmt: skip
+    parser.add_argument(
+        "--sections",
+        type=lambda text: text.split(","),
+        default=list(SECTIONS),
+        help=f"comma-separated, from: {', '.join(SECTIONS)}",
+    )
     args = parser.parse_args(argv)
     if not set(args.sections) <= set(SECTIONS):
         parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
@@ -371,9 +423,11 @@ def main(argv=None) -> int:
     shape = "tiny" if args.tiny else "gpt2"
     repeats = 1 if args.tiny else args.repeats
     size = SHAPES[shape]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; TransformerLens "
-          f"{importlib.metadata.version('transformer-lens')}; median of {repeats}; {size['n_layer']} layers, "
-          f"{size['n_head']} heads, d_model {size['n_embd']}, batch {size['batch']} x {size['seq_len']}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; TransformerLens "
+        f"{importlib.metadata.version('transformer-lens')}; median of {repeats}; {size['n_layer']} layers, "
+        f"{size['n_head']} heads, d_model {size['n_embd']}, batch {size['batch']} x {size['seq_len']}"
+    )
     setup = build(shape) if {"edges", "curve"} & set(args.sections) else None
     sections = {
         "edges": lambda: edge_rows(setup, repeats),

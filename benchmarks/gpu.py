@@ -105,14 +105,28 @@ def hf_model(shape: Shape, device: torch.device):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     if shape.family == "gpt2":
-        config = GPT2Config(vocab_size=shape.vocab, n_positions=1024, n_layer=shape.n_layers, n_head=shape.n_heads,
-                            n_embd=shape.d_model, n_inner=shape.d_mlp)  # fmt: skip
+        config = GPT2Config(
+            vocab_size=shape.vocab,
+            n_positions=1024,
+            n_layer=shape.n_layers,
+            n_head=shape.n_heads,
+            n_embd=shape.d_model,
+            n_inner=shape.d_mlp,
+        )
         model_class = GPT2LMHeadModel
     else:
-        config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.d_model, intermediate_size=shape.d_mlp,
-                             num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
-                             num_key_value_heads=shape.n_kv_heads, max_position_embeddings=2048, rope_theta=500000.0,
-                             rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip
+        config = LlamaConfig(
+            vocab_size=shape.vocab,
+            hidden_size=shape.d_model,
+            intermediate_size=shape.d_mlp,
+            num_hidden_layers=shape.n_layers,
+            num_attention_heads=shape.n_heads,
+            num_key_value_heads=shape.n_kv_heads,
+            max_position_embeddings=2048,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        )
         model_class = LlamaForCausalLM
     with default_dtype(shape.dtype), device:
         return model_class(config).eval()
@@ -128,8 +142,9 @@ def bridge(shape: Shape, device: torch.device):
     from transformer_lens_patching._embedded import hf_folder
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_folder()))
-    model = TransformerBridge.boot_transformers(shape.family, hf_model=hf_model(shape, device), tokenizer=tokenizer,
-                                                device=str(device), dtype=shape.dtype)  # fmt: skip
+    model = TransformerBridge.boot_transformers(
+        shape.family, hf_model=hf_model(shape, device), tokenizer=tokenizer, device=str(device), dtype=shape.dtype
+    )
     model.enable_compatibility_mode(no_processing=shape.family == "llama")
     return model
 
@@ -140,12 +155,23 @@ def hooked_transformer(shape: Shape, device: torch.device):
 
     llama = shape.family == "llama"
     config = HookedTransformerConfig(
-        n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads, d_head=shape.d_model // shape.n_heads,
-        d_mlp=shape.d_mlp, d_vocab=shape.vocab, n_ctx=1024, act_fn="silu" if llama else "gelu_new",
-        normalization_type="RMS" if llama else "LN", positional_embedding_type="rotary" if llama else "standard",
-        gated_mlp=llama, n_key_value_heads=shape.n_kv_heads if llama else None, rotary_base=500000 if llama else 10000,
-        dtype=shape.dtype, device=str(device), seed=0,
-    )  # fmt: skip
+        n_layers=shape.n_layers,
+        d_model=shape.d_model,
+        n_heads=shape.n_heads,
+        d_head=shape.d_model // shape.n_heads,
+        d_mlp=shape.d_mlp,
+        d_vocab=shape.vocab,
+        n_ctx=1024,
+        act_fn="silu" if llama else "gelu_new",
+        normalization_type="RMS" if llama else "LN",
+        positional_embedding_type="rotary" if llama else "standard",
+        gated_mlp=llama,
+        n_key_value_heads=shape.n_kv_heads if llama else None,
+        rotary_base=500000 if llama else 10000,
+        dtype=shape.dtype,
+        device=str(device),
+        seed=0,
+    )
     with device:
         return HookedTransformer(config).eval()
 
@@ -239,8 +265,9 @@ class Timing:
     """The values of the last run, flattened, float64 on the CPU."""
 
 
-def timed(run: Callable[[], torch.Tensor], repeats: int, device: torch.device,
-          warm_up: Callable[[], object] | None = None) -> Timing:  # fmt: skip
+def timed(
+    run: Callable[[], torch.Tensor], repeats: int, device: torch.device, warm_up: Callable[[], object] | None = None
+) -> Timing:
     """The median seconds of `run` over `repeats` runs, after one warm-up run (`warm_up`, or `run`
     itself); the peak memory over the runs, and the last run's values."""
     with torch.no_grad():
@@ -306,11 +333,15 @@ def z_case(model, data: Inputs, new_cache, metric, baseline_metric, budget: dict
         return helper(model, data.orig, new_cache, baseline_metric, index_axis_names=None, index_df=frame)
 
     return Case(
-        "z", 'act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos',
-        lambda: act_patch(model, data.orig, IterNode("z"), metric, new_cache=new_cache, **budget)["z"].permute_dims(
-            "layer", "head").as_tensor(),
+        "z",
+        'act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos',
+        lambda: (
+            act_patch(model, data.orig, IterNode("z"), metric, new_cache=new_cache, **budget)["z"]
+            .permute_dims("layer", "head")
+            .as_tensor()
+        ),
         Baseline(n_layers * n_heads, theirs),
-    )  # fmt: skip
+    )
 
 
 BLOCK = ("resid_pre", "attn_out", "mlp_out")
@@ -326,8 +357,9 @@ def block_case(model, data: Inputs, new_cache, metric, baseline_metric, budget: 
     per_component = n_layers * SEQ_LEN
 
     def ours() -> torch.Tensor:
-        results = act_patch(model, data.orig, IterNode(list(BLOCK), seq_pos="each"), metric, new_cache=new_cache,
-                            **budget)  # fmt: skip
+        results = act_patch(
+            model, data.orig, IterNode(list(BLOCK), seq_pos="each"), metric, new_cache=new_cache, **budget
+        )
         return torch.stack([results[name].permute_dims("layer", "seq_pos").as_tensor() for name in BLOCK])
 
     def theirs(cells: list[int]) -> torch.Tensor:
@@ -338,15 +370,17 @@ def block_case(model, data: Inputs, new_cache, metric, baseline_metric, budget: 
             mine = [cell - component * per_component for cell in cells if cell // per_component == component]
             if mine:
                 frame = index_frame(mine, (n_layers, SEQ_LEN), ("layer", "pos"))
-                values.append(helper(model, data.orig, new_cache, baseline_metric, index_axis_names=None,
-                                     index_df=frame))  # fmt: skip
+                values.append(
+                    helper(model, data.orig, new_cache, baseline_metric, index_axis_names=None, index_df=frame)
+                )
         return torch.cat(values)
 
     return Case(
         "block",
         'act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_every',
-        ours, Baseline(len(BLOCK) * per_component, theirs),
-    )  # fmt: skip
+        ours,
+        Baseline(len(BLOCK) * per_component, theirs),
+    )
 
 
 def two_pass_path_patch(model, orig, orig_cache, new_cache, senders, metric, freeze_mlps: bool) -> torch.Tensor:
@@ -359,8 +393,13 @@ def two_pass_path_patch(model, orig, orig_cache, new_cache, senders, metric, fre
     values = []
     for layer, head in senders:
         recorded = {}
-        model.run_with_hooks(orig, fwd_hooks=[*_frozen_hooks(model, orig_cache, new_cache, layer, head, freeze_mlps),
-                                              (final, partial(_record, into=recorded))])  # fmt: skip
+        model.run_with_hooks(
+            orig,
+            fwd_hooks=[
+                *_frozen_hooks(model, orig_cache, new_cache, layer, head, freeze_mlps),
+                (final, partial(_record, into=recorded)),
+            ],
+        )
         logits = model.run_with_hooks(orig, fwd_hooks=[(final, partial(_replace, value=recorded["resid"]))])
         values.append(metric(logits))
     return torch.stack(values)
@@ -403,21 +442,39 @@ def path_case(model, data: Inputs, caches, metric, baseline_metric, budget: dict
     senders = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
 
     def ours() -> torch.Tensor:
-        result = path_patch(model, data.orig, None, IterNode("z"), receiver, metric, orig_cache=orig_cache,
-                            new_cache=new_cache, direct_includes_mlps=direct_includes_mlps, **budget)  # fmt: skip
+        result = path_patch(
+            model,
+            data.orig,
+            None,
+            IterNode("z"),
+            receiver,
+            metric,
+            orig_cache=orig_cache,
+            new_cache=new_cache,
+            direct_includes_mlps=direct_includes_mlps,
+            **budget,
+        )
         return result["z"].permute_dims("layer", "head").as_tensor()
 
     def theirs(cells: list[int]) -> torch.Tensor:
-        return two_pass_path_patch(model, data.orig, orig_cache, new_cache, [senders[cell] for cell in cells],
-                                   baseline_metric, freeze_mlps=not direct_includes_mlps)  # fmt: skip
+        return two_pass_path_patch(
+            model,
+            data.orig,
+            orig_cache,
+            new_cache,
+            [senders[cell] for cell in cells],
+            baseline_metric,
+            freeze_mlps=not direct_includes_mlps,
+        )
 
     frozen = "MLPs recomputed" if direct_includes_mlps else "MLPs frozen"
     return Case(
         "path-mlps" if direct_includes_mlps else "path-direct",
         f'path_patch IterNode("z") -> resid_post {n_layers - 1}, direct_includes_mlps={direct_includes_mlps}, '
         f"vs two passes per sender ({frozen})",
-        ours, Baseline(len(senders), theirs),
-    )  # fmt: skip
+        ours,
+        Baseline(len(senders), theirs),
+    )
 
 
 @dataclass
@@ -458,8 +515,9 @@ def _less(timing: Timing, held: int) -> Timing:
     return replace(timing, allocated=timing.allocated - held, reserved=timing.reserved - held)
 
 
-def measure(case: Case, shape: Shape, repeats: int, device: torch.device, cap: int | None, tiny: bool,
-            held: int = 0) -> Row:  # fmt: skip
+def measure(
+    case: Case, shape: Shape, repeats: int, device: torch.device, cap: int | None, tiny: bool, held: int = 0
+) -> Row:
     """Time both sides of `case`; the baseline on `sample(n_cells, cap)` cells, its time scaled to all;
     `held` bytes (see `h100_ballast`) taken off the peaks."""
     cells = sample(case.baseline.n_cells, cap)
@@ -470,16 +528,30 @@ def measure(case: Case, shape: Shape, repeats: int, device: torch.device, cap: i
     difference = (ours.values[cells] - theirs).abs().max()
     gap = float(difference / theirs.abs().max().clamp_min(1e-30))
     spread_gap = float(difference / (theirs.max() - theirs.min()).clamp_min(1e-30))
-    row = Row(case.name, ours, baseline, baseline.seconds * case.baseline.n_cells / len(cells), len(cells),
-              case.baseline.n_cells, gap, spread_gap, TOLERANCE[shape.dtype], "-", None)  # fmt: skip
+    row = Row(
+        case.name,
+        ours,
+        baseline,
+        baseline.seconds * case.baseline.n_cells / len(cells),
+        len(cells),
+        case.baseline.n_cells,
+        gap,
+        spread_gap,
+        TOLERANCE[shape.dtype],
+        "-",
+        None,
+    )
     if case.key != "z":
         return row
     if tiny or device.type != "cuda":
         return replace(row, target="not checked (tiny)" if tiny else "not checked (no GPU)")
     if shape.family == "gpt2":
         return replace(row, target=f"{row.ratio:.1f}x >= {GPT2_TARGET:.0f}x", target_met=row.ratio >= GPT2_TARGET)
-    return replace(row, target=f"peak reserved {_gib(ours.reserved)} <= {_gib(H100_BYTES)}, one H100",
-                   target_met=ours.reserved <= H100_BYTES)  # fmt: skip
+    return replace(
+        row,
+        target=f"peak reserved {_gib(ours.reserved)} <= {_gib(H100_BYTES)}, one H100",
+        target_met=ours.reserved <= H100_BYTES,
+    )
 
 
 def cases(model, data: Inputs, keys: Sequence[str], args) -> list[Callable[[], Case]]:
@@ -519,8 +591,10 @@ baseline's values (largest - smallest), for information."""
 
 def print_table(title: str, rows: list[Row]) -> None:
     """The rows of one model in Markdown."""
-    print(f"\n{title}\n\n| row | ours | baseline | ratio (baseline / ours) | peak memory, ours / baseline "
-          "| target met? | values agree |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        f"\n{title}\n\n| row | ours | baseline | ratio (baseline / ours) | peak memory, ours / baseline "
+        "| target met? | values agree |\n|---|---|---|---|---|---|---|"
+    )
     for row in rows:
         baseline = _seconds(row.baseline_seconds)
         if row.cells_run < row.n_cells:
@@ -528,8 +602,10 @@ def print_table(title: str, rows: list[Row]) -> None:
         met = row.target if row.target_met is None else f"{'yes' if row.target_met else '**no**'} ({row.target})"
         agree = f"yes ({row.gap:.1e} <= {row.tolerance:.0e}" if row.agrees else f"**no** ({row.gap:.1e}"
         agree += f"; {row.spread_gap:.1e} of the spread)"
-        print(f"| {row.name} | {_seconds(row.ours.seconds)} | {baseline} | **{row.ratio:,.1f}x** | "
-              f"{_gib(row.ours.allocated)} / {_gib(row.baseline.allocated)} | {met} | {agree} |")  # fmt: skip
+        print(
+            f"| {row.name} | {_seconds(row.ours.seconds)} | {baseline} | **{row.ratio:,.1f}x** | "
+            f"{_gib(row.ours.allocated)} / {_gib(row.baseline.allocated)} | {met} | {agree} |"
+        )
 
 
 def device_text(device: torch.device) -> str:
@@ -560,15 +636,18 @@ def run_shape(key: str, shape: Shape, rows: Sequence[str], args, device: torch.d
     built = time.perf_counter() - start
     cap = shape.baseline_cells if args.baseline_cells is None else args.baseline_cells
     cfg = model.cfg
-    title = (f"## {shape.label} ({type(model).__name__}): {cfg.n_layers} layers, {cfg.n_heads} heads "
-             f"({shape.n_kv_heads} key/value), d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, vocabulary {cfg.d_vocab}, "
-             f"{str(shape.dtype).removeprefix('torch.')}, {shape.prompts} prompts x {SEQ_LEN} tokens; metric a "
-             f"{'LogitDiff object' if args.metric == 'object' else 'plain function'} for ours, its memory budget "
-             f"{'the default' if args.max_memory_gib is None else f'{args.max_memory_gib:g} GiB'}; built in "
-             f"{built:.0f} s")  # fmt: skip
+    title = (
+        f"## {shape.label} ({type(model).__name__}): {cfg.n_layers} layers, {cfg.n_heads} heads "
+        f"({shape.n_kv_heads} key/value), d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, vocabulary {cfg.d_vocab}, "
+        f"{str(shape.dtype).removeprefix('torch.')}, {shape.prompts} prompts x {SEQ_LEN} tokens; metric a "
+        f"{'LogitDiff object' if args.metric == 'object' else 'plain function'} for ours, its memory budget "
+        f"{'the default' if args.max_memory_gib is None else f'{args.max_memory_gib:g} GiB'}; built in "
+        f"{built:.0f} s"
+    )
     if held:
-        title += (f"; {_gib(held)} held unused throughout, so that the GPU has an H100's memory "
-                  "(subtracted from the peaks)")  # fmt: skip
+        title += (
+            f"; {_gib(held)} held unused throughout, so that the GPU has an H100's memory (subtracted from the peaks)"
+        )
     measured = []
     for make in cases(model, data, rows, args):
         case = make()
@@ -597,14 +676,26 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, one repeat: a smoke test")
     parser.add_argument("--device", help="cuda or cpu (default: cuda, or cpu with --tiny)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", type=lambda text: text.split(","), default=list(SHAPES),
-                        help=f"comma-separated, from: {', '.join(SHAPES)}")  # fmt: skip
+    parser.add_argument(
+        "--models",
+        type=lambda text: text.split(","),
+        default=list(SHAPES),
+        help=f"comma-separated, from: {', '.join(SHAPES)}",
+    )
     parser.add_argument("--rows", type=rows_arg, default=list(ROWS), help=f"GPT-2 rows, from: {', '.join(ROWS)}")
     parser.add_argument("--llama-rows", type=rows_arg, help="rows on the 8B shape (default: z; every row with --tiny)")
-    parser.add_argument("--baseline-cells", type=int, help="run at most this many cells of each baseline and "
-                        "extrapolate (default: every cell on GPT-2, 64 on the 8B shape)")  # fmt: skip
-    parser.add_argument("--metric", choices=("object", "function"), default="object",
-                        help="ours: a LogitDiff object (reads two logits) or a function (reads all)")  # fmt: skip
+    parser.add_argument(
+        "--baseline-cells",
+        type=int,
+        help="run at most this many cells of each baseline and "
+        "extrapolate (default: every cell on GPT-2, 64 on the 8B shape)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=("object", "function"),
+        default="object",
+        help="ours: a LogitDiff object (reads two logits) or a function (reads all)",
+    )
     parser.add_argument("--max-memory-gib", type=float, help="our calls' max_memory (default: the library's)")
     args = parser.parse_args(argv)
     if not set(args.models) <= set(SHAPES):
@@ -621,8 +712,10 @@ def main(argv=None) -> int:
         args.llama_rows = list(ROWS) if args.tiny else ["z"]
     shapes = TINY if args.tiny else SHAPES
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("transformer-lens", "transformers"))
-    print(f"device {device_text(device)}; torch {torch.__version__}, {versions}; "
-          f"median of {args.repeats} after a warm-up run")  # fmt: skip
+    print(
+        f"device {device_text(device)}; torch {torch.__version__}, {versions}; "
+        f"median of {args.repeats} after a warm-up run"
+    )
     rows = []
     for key in args.models:
         rows += run_shape(key, shapes[key], args.rows if key == "gpt2" else args.llama_rows, args, device)

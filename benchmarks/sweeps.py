@@ -65,9 +65,14 @@ class LayerCounter:
 
     def __enter__(self):
         for layer in range(self.model.cfg.n_layers):
-            for name, kind in ((f"blocks.{layer}.attn.hook_pattern", "attention"), (f"blocks.{layer}.mlp.hook_post", "mlp")):
+            for name, kind in (
+                (f"blocks.{layer}.attn.hook_pattern", "attention"),
+                (f"blocks.{layer}.mlp.hook_post", "mlp"),
+            ):
                 hook_point = self.model.hook_dict[name]
-                self.handles.append(hook_point.register_forward_hook(lambda m, i, out, kind=kind: self._count(kind, out)))
+                self.handles.append(
+                    hook_point.register_forward_hook(lambda m, i, out, kind=kind: self._count(kind, out))
+                )
         return self
 
     def _count(self, kind: str, output) -> None:
@@ -151,7 +156,9 @@ def prior_art_path_patch(model, orig, new, senders, receivers, metric):
                 out[:, :, head] = new_cache[f"blocks.{layer}.attn.hook_z"][:, :, head]
             return out
 
-        hooks = [(f"blocks.{i}.attn.hook_z", lambda act, hook, i=i: freeze(act, hook, i)) for i in range(model.cfg.n_layers)]
+        hooks = [
+            (f"blocks.{i}.attn.hook_z", lambda act, hook, i=i: freeze(act, hook, i)) for i in range(model.cfg.n_layers)
+        ]
         hooks += [(name, lambda act, hook, name=name: recorded.setdefault(name, act.clone())) for name, _ in receivers]
         with torch.no_grad():
             model.run_with_hooks(orig, fwd_hooks=hooks)
@@ -161,7 +168,9 @@ def prior_art_path_patch(model, orig, new, senders, receivers, metric):
             out[index] = recorded[name][index]
             return out
 
-        patches = [(name, lambda act, hook, name=name, index=index: patch(act, hook, name, index)) for name, index in receivers]
+        patches = [
+            (name, lambda act, hook, name=name, index=index: patch(act, hook, name, index)) for name, index in receivers
+        ]
         with torch.no_grad():
             results.append(metric(model.run_with_hooks(orig, fwd_hooks=patches)))
     return torch.stack(results)
@@ -189,7 +198,9 @@ def prior_art_direct_path_patch(model, orig, new, senders, receiver_layer, recei
                 return out
 
             with torch.no_grad():
-                results.append(metric(model.run_with_hooks(orig, fwd_hooks=[(f"blocks.{receiver_layer}.hook_q_input", add)])))
+                results.append(
+                    metric(model.run_with_hooks(orig, fwd_hooks=[(f"blocks.{receiver_layer}.hook_q_input", add)]))
+                )
     finally:
         model.set_use_split_qkv_input(False)
     return torch.stack(results)
@@ -199,6 +210,7 @@ def one_forward_per_neuron(model, orig, new_cache, layer, neurons, metric):
     name = f"blocks.{layer}.mlp.hook_post"
     results = []
     for neuron in neurons:
+
         def patch(act, hook, neuron=neuron):
             out = act.clone()
             out[..., neuron] = new_cache[name][..., neuron]
@@ -257,7 +269,9 @@ def act_minimum(model, cell_layers: list[int], unembed: float = 1) -> Work:
     return sum((layers_from(model, layer, unembed) for layer in cell_layers), full_runs(model, 1, unembed))
 
 
-def path_minimum(model, sender_layers: list[int], receiver_layer: int | None, mlps_direct: bool, unembed: float = 1) -> Work:
+def path_minimum(
+    model, sender_layers: list[int], receiver_layer: int | None, mlps_direct: bool, unembed: float = 1
+) -> Work:
     """Path patching each sender, with the orig and new runs cached first. Pass 1 needs only
     the MLPs between the sender and the receiver (every head is frozen), pass 2 the layers
     from the receiver on (only the unembedding for the final residual stream); without
@@ -275,13 +289,17 @@ def path_minimum(model, sender_layers: list[int], receiver_layer: int | None, ml
 def report(sweep: "Sweep", ours: Measured, selected: Measured, baseline: Measured, model, rwc: int) -> None:
     budget = DEFAULT_MAX_MEMORY["cpu"]
     print(sweep.name)
-    for label, measured, minimum in (("ours", ours, sweep.minimum), ("ours, LogitDiff object", selected, sweep.selected_minimum)):
+    for label, measured, minimum in (
+        ("ours", ours, sweep.minimum),
+        ("ours, LogitDiff object", selected, sweep.selected_minimum),
+    ):
         bound = sweep.baseline_work.macs(model) / minimum.macs(model)
         print(
             f"  {label:22s} {measured.seconds:7.2f} s   baseline {baseline.seconds:7.2f} s   speed-up "
             f"{baseline.seconds / measured.seconds:5.2f}x   (arithmetic bound {bound:.2f}x)\n"
             f"    attention / MLP layer evaluations {measured.attention:.0f} / {measured.mlp:.0f} "
-            f"(minimum {minimum.attention:.0f} / {minimum.mlp:.0f}); peak memory above start {measured.memory / 2**20:.0f} MiB"
+            f"(minimum {minimum.attention:.0f} / {minimum.mlp:.0f}); "
+            f"peak memory above start {measured.memory / 2**20:.0f} MiB"
         )
     print(
         f"  baseline: attention / MLP layer evaluations {baseline.attention:.0f} / {baseline.mlp:.0f}; peak memory "
@@ -326,47 +344,63 @@ def sweeps_of(model, orig, new, new_cache, metric, n_neurons: int) -> list[Sweep
         return act_minimum(model, cell_layers), act_minimum(model, cell_layers, read)
 
     def path(receiver, direct):
-        return path_minimum(model, head_layers, receiver, direct), path_minimum(model, head_layers, receiver, direct, read)
+        return path_minimum(model, head_layers, receiver, direct), path_minimum(
+            model, head_layers, receiver, direct, read
+        )
 
     q_sweeps = [
         Sweep(
             "path-q",
-            f'path_patch IterNode("z") -> q of {len(heads)} layer-{receiver_layer} heads, direct_includes_mlps={direct}',
-            lambda used, direct=direct: path_patch(model, orig, new, IterNode("z"), receivers, used, direct_includes_mlps=direct),
-            (lambda: prior_art_path_patch(model, orig, new, senders, receiver_hooks, metric)) if direct
+            f'path_patch IterNode("z") -> q of {len(heads)} '
+            f"layer-{receiver_layer} heads, direct_includes_mlps={direct}",
+            lambda used, direct=direct: path_patch(
+                model, orig, new, IterNode("z"), receivers, used, direct_includes_mlps=direct
+            ),
+            (lambda: prior_art_path_patch(model, orig, new, senders, receiver_hooks, metric))
+            if direct
             else (lambda: prior_art_direct_path_patch(model, orig, new, senders, receiver_layer, heads, metric)),
             full_runs(model, 2 + (2 if direct else 1) * len(senders)),
             *path(receiver_layer, direct),
         )
         for direct in (True, False)
-    ]  # fmt: skip
+    ]
     return [
         Sweep(
-            "z", 'act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos',
+            "z",
+            'act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos',
             lambda used: act_patch(model, orig, IterNode("z"), used, new_cache=new_cache),
             lambda: patching.get_act_patch_attn_head_out_all_pos(model, orig, new_cache, metric),
-            full_runs(model, len(head_layers)), *act(head_layers),
+            full_runs(model, len(head_layers)),
+            *act(head_layers),
         ),
         Sweep(
-            "block", 'act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_every',
+            "block",
+            'act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_every',
             lambda used: act_patch(model, orig, block_every, used, new_cache=new_cache),
             lambda: patching.get_act_patch_block_every(model, orig, new_cache, metric),
-            full_runs(model, len(block_layers)), *act(block_layers),
+            full_runs(model, len(block_layers)),
+            *act(block_layers),
         ),
         Sweep(
-            "path-logits", f'path_patch IterNode("z") -> resid_post {last}, MLPs direct, vs two full passes per sender',
+            "path-logits",
+            f'path_patch IterNode("z") -> resid_post {last}, MLPs direct, vs two full passes per sender',
             lambda used: path_patch(model, orig, new, IterNode("z"), Node("resid_post", last), used),
             lambda: prior_art_path_patch(model, orig, new, senders, final, metric),
-            full_runs(model, 2 + 2 * len(senders)), *path(None, True),
+            full_runs(model, 2 + 2 * len(senders)),
+            *path(None, True),
         ),
         *q_sweeps,
         Sweep(
-            "neurons", f'act_patch IterNode("post", layers=[{layer}]) on {len(neurons)} neurons vs one forward per neuron',
-            lambda used: act_patch(model, orig, IterNode("post", layers=[layer], neurons=neurons), used, new_cache=new_cache),
+            "neurons",
+            f'act_patch IterNode("post", layers=[{layer}]) on {len(neurons)} neurons vs one forward per neuron',
+            lambda used: act_patch(
+                model, orig, IterNode("post", layers=[layer], neurons=neurons), used, new_cache=new_cache
+            ),
             lambda: one_forward_per_neuron(model, orig, new_cache, layer, neurons, metric),
-            full_runs(model, len(neurons)), *act([layer] * len(neurons)),
+            full_runs(model, len(neurons)),
+            *act([layer] * len(neurons)),
         ),
-    ]  # fmt: skip
+    ]
 
 
 def run(model, label: str, repeats: int, n_neurons: int, keys: set[str], memory_only: bool) -> None:
@@ -384,8 +418,10 @@ def run(model, label: str, repeats: int, n_neurons: int, keys: set[str], memory_
 
     metric_object = LogitDiff(torch.tensor([[5, 6]] * BATCH))
     cfg = model.cfg
-    print(f"\n== {label}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, batch {BATCH} x {SEQ_LEN}; "
-          f"one run_with_cache: {rwc.increase / 2**20:.0f} MiB ==")  # fmt: skip
+    print(
+        f"\n== {label}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, batch {BATCH} x {SEQ_LEN}; "
+        f"one run_with_cache: {rwc.increase / 2**20:.0f} MiB =="
+    )
     limit = 1.5 * rwc.increase + DEFAULT_MAX_MEMORY["cpu"]
     for sweep in sweeps_of(model, orig, new, new_cache, metric, n_neurons):
         if sweep.key not in keys:
@@ -394,8 +430,10 @@ def run(model, label: str, repeats: int, n_neurons: int, keys: set[str], memory_
             for form, used in (("function", metric), ("LogitDiff object", metric_object)):
                 with torch.no_grad(), PeakMemory() as peak:
                     sweep.ours(used)
-                print(f"{sweep.name}, metric a {form}\n  peak memory above start: {peak.increase / 2**20:.0f} MiB "
-                      f"(limit {limit / 2**20:.0f} MiB)")  # fmt: skip
+                print(
+                    f"{sweep.name}, metric a {form}\n  peak memory above start: {peak.increase / 2**20:.0f} MiB "
+                    f"(limit {limit / 2**20:.0f} MiB)"
+                )
         else:
             ours = timed(lambda: sweep.ours(metric), repeats, model)
             selected = timed(lambda: sweep.ours(metric_object), repeats, model)
@@ -415,9 +453,12 @@ def memory_at_batch(model, batch: int) -> None:
         with PeakMemory() as sweep:
             act_patch(model, orig, IterNode("z", layers=layers), lambda logits: logits[:, -1, 5].mean(), new_input=new)
     limit = 1.5 * rwc.increase + DEFAULT_MAX_MEMORY["cpu"]
-    print(f"\n== memory at batch {batch} x {SEQ_LEN}, act_patch IterNode(\"z\", layers={layers}), default settings ==\n"
-          f"  peak above start: sweep {sweep.increase / 2**20:.0f} MiB, one run_with_cache {rwc.increase / 2**20:.0f} MiB, "
-          f"limit {limit / 2**20:.0f} MiB")  # fmt: skip
+    print(
+        f'\n== memory at batch {batch} x {SEQ_LEN}, act_patch IterNode("z", layers={layers}), default settings ==\n'
+        f"  peak above start: sweep {sweep.increase / 2**20:.0f} "
+        f"MiB, one run_with_cache {rwc.increase / 2**20:.0f} MiB, "
+        f"limit {limit / 2**20:.0f} MiB"
+    )
 
 
 def main(argv=None) -> None:

@@ -58,8 +58,10 @@ def layer_weights(params, config, layer: int, d_model: int) -> dict:
     w_o = np.zeros((heads * d_head, d_model)) if linear is None else np.asarray(linear["w"])
     out[f"{layer}.W_O"] = w_o.reshape(heads, d_head, d_model)
     out[f"{layer}.b_O"] = np.zeros(d_model) if linear is None else np.asarray(linear["b"])
-    for name, weight, bias, shape in (("linear_1", "W_in", "b_in", (d_model, config.mlp_hidden_size)),
-                                      ("linear_2", "W_out", "b_out", (config.mlp_hidden_size, d_model))):  # fmt: skip
+    for name, weight, bias, shape in (
+        ("linear_1", "W_in", "b_in", (d_model, config.mlp_hidden_size)),
+        ("linear_2", "W_out", "b_out", (config.mlp_hidden_size, d_model)),
+    ):
         part = params.get(f"{prefix}/mlp/{name}")
         out[f"{layer}.{weight}"] = np.zeros(shape) if part is None else np.asarray(part["w"])
         out[f"{layer}.{bias}"] = np.zeros(shape[1]) if part is None else np.asarray(part["b"])
@@ -78,8 +80,9 @@ def run_all(model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token ids, residual streams and output ids of every full-length input, in one batch."""
     import jax.numpy as jnp
 
-    ids = np.array([model.input_encoder.encode([BOS, *values])
-                    for values in itertools.product(VOCAB, repeat=MAX_SEQ_LEN)])  # fmt: skip
+    ids = np.array(
+        [model.input_encoder.encode([BOS, *values]) for values in itertools.product(VOCAB, repeat=MAX_SEQ_LEN)]
+    )
     result = model.forward(model.params, jnp.array(ids))
     stream = [result.transformer_output.input_embeddings, *result.transformer_output.residuals]
     outputs = np.array(result.unembedded_output)
@@ -113,13 +116,19 @@ def main(path: str) -> None:
         "W_E": np.asarray(params["token_embed"]["embeddings"]),
         "W_pos": np.asarray(params["pos_embed"]["embeddings"]),
         "W_U": unembedding(labels, program.label, output_encoding),
-        "n_layers": config.num_layers, "n_heads": config.num_heads, "d_head": config.key_size,
-        "d_mlp": config.mlp_hidden_size, "d_model": d_model,
+        "n_layers": config.num_layers,
+        "n_heads": config.num_heads,
+        "d_head": config.key_size,
+        "d_mlp": config.mlp_hidden_size,
+        "d_model": d_model,
         "residual_labels": np.array(labels),
-        "input_names": np.array([str(k) for k in input_encoding]), "input_ids": np.array(list(input_encoding.values())),
-        "output_values": np.array(list(output_encoding)), "output_ids": np.array(list(output_encoding.values())),
-        "bos_id": input_encoding[BOS], "output_label": program.label,
-    }  # fmt: skip
+        "input_names": np.array([str(k) for k in input_encoding]),
+        "input_ids": np.array(list(input_encoding.values())),
+        "output_values": np.array(list(output_encoding)),
+        "output_ids": np.array(list(output_encoding.values())),
+        "bos_id": input_encoding[BOS],
+        "output_label": program.label,
+    }
     for layer in range(config.num_layers):
         arrays |= layer_weights(params, config, layer, d_model)
     compiled = time.time()

@@ -89,10 +89,20 @@ def induction_state_dict() -> dict[str, Tensor]:
 def _config_kwargs() -> dict:
     """Config fields that HookedTransformerConfig and TransformerBridgeConfig both accept."""
     return dict(
-        d_model=D_MODEL, d_head=D_HEAD, n_heads=N_HEADS, n_layers=N_LAYERS, n_ctx=N_CTX, d_vocab=D_VOCAB,
-        attn_only=True, normalization_type=None, positional_embedding_type="standard",
-        attention_dir="causal", act_fn="relu", default_prepend_bos=False, seed=0,
-    )  # fmt: skip
+        d_model=D_MODEL,
+        d_head=D_HEAD,
+        n_heads=N_HEADS,
+        n_layers=N_LAYERS,
+        n_ctx=N_CTX,
+        d_vocab=D_VOCAB,
+        attn_only=True,
+        normalization_type=None,
+        positional_embedding_type="standard",
+        attention_dir="causal",
+        act_fn="relu",
+        default_prepend_bos=False,
+        seed=0,
+    )
 
 
 def _tl_major() -> int:
@@ -116,7 +126,9 @@ def _build_hooked_transformer():
     missing, unexpected = model.load_state_dict(induction_state_dict(), strict=False)
     leftover = [key for key in missing if not key.endswith((".mask", ".IGNORE"))]
     if leftover or unexpected:
-        raise RuntimeError(f"Induction weights do not fit HookedTransformer: missing {leftover}, unexpected {unexpected}.")
+        raise RuntimeError(
+            f"Induction weights do not fit HookedTransformer: missing {leftover}, unexpected {unexpected}."
+        )
     return model
 
 

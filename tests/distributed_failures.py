@@ -88,8 +88,7 @@ def failing_call(case: str, model, orig, new):
         return sweep(model, FailingMetric(failing, at=0), orig, other)
     if case == "raise-while-planning":
         heads = [0, 1, 2, 99] if dist.get_rank() == failing else None
-        return act_patch(model, orig, IterNode("z", heads=heads), LogitDiff(torch.tensor([[5, 6]] * 3)),
-                         new_input=new)  # fmt: skip
+        return act_patch(model, orig, IterNode("z", heads=heads), LogitDiff(torch.tensor([[5, 6]] * 3)), new_input=new)
     if case == "early-failure-long-share":
         nodes = IterNode(["z", "q", "k", "v"])
         return sweep(model, FailingMetric(failing, at=1, slow=True), orig, new, nodes, batch_size=1)

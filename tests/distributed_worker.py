@@ -47,15 +47,19 @@ def calls(model) -> dict:
         **made,
         "act_patch z": lambda: act_patch(model, orig, IterNode("z"), metric, new_input=new),
         "evaluate_circuit": lambda: evaluate_circuit(model, circuits, orig, metric, new_input=new, batch_size=1),
-        "faithfulness_curve": lambda: faithfulness_curve(
-            model, attr_edges(model, orig, metric, new_input=new), orig, metric, new_input=new, sizes=[0.1, 0.5]
-        ).values,
-        "attr_patch chunked": lambda: attr_patch(model, orig, IterNode(["z", "mlp_out"]), metric, new_input=new,
-                                                 max_memory=ONE_PROMPT_A_CHUNK),
-        "attr_edges ig chunked": lambda: attr_edges(model, orig, metric, new_input=new, method="ig", steps=2,
-                                                    max_memory=ONE_PROMPT_A_CHUNK),
+        "faithfulness_curve": lambda: (
+            faithfulness_curve(
+                model, attr_edges(model, orig, metric, new_input=new), orig, metric, new_input=new, sizes=[0.1, 0.5]
+            ).values
+        ),
+        "attr_patch chunked": lambda: attr_patch(
+            model, orig, IterNode(["z", "mlp_out"]), metric, new_input=new, max_memory=ONE_PROMPT_A_CHUNK
+        ),
+        "attr_edges ig chunked": lambda: attr_edges(
+            model, orig, metric, new_input=new, method="ig", steps=2, max_memory=ONE_PROMPT_A_CHUNK
+        ),
         "attr_patch": lambda: attr_patch(model, orig, IterNode("z"), metric, new_input=new),
-    }  # fmt: skip
+    }
 
 
 def plain(result) -> object:
@@ -88,11 +92,13 @@ def passes_per_rank() -> dict[str, int]:
     orig, new = make_inputs(model)
     graph, metric = EdgeGraph.of(model), answers(model)
     counted = {
-        "circuits": lambda: evaluate_circuit(model, [Circuit.full(graph)] * 4, orig, metric, new_input=new,
-                                             batch_size=1),
-        "attribution": lambda: attr_patch(model, orig, IterNode("z"), metric, new_input=new,
-                                          max_memory=ONE_PROMPT_A_CHUNK),
-    }  # fmt: skip
+        "circuits": lambda: evaluate_circuit(
+            model, [Circuit.full(graph)] * 4, orig, metric, new_input=new, batch_size=1
+        ),
+        "attribution": lambda: attr_patch(
+            model, orig, IterNode("z"), metric, new_input=new, max_memory=ONE_PROMPT_A_CHUNK
+        ),
+    }
     passes = {}
     for name, call in counted.items():
         seen = []

@@ -16,15 +16,25 @@ from transformer_lens_patching import Node
 
 HEAD_COMPONENTS = {"q", "k", "v", "z", "result", "q_input", "k_input", "v_input", "pattern", "attn_scores"}
 HOOK = {
-    "embed": "hook_embed", "pos_embed": "hook_pos_embed",
-    "resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.hook_resid_mid",
-    "resid_post": "blocks.{}.hook_resid_post", "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out", "q": "blocks.{}.attn.hook_q", "k": "blocks.{}.attn.hook_k",
-    "v": "blocks.{}.attn.hook_v", "z": "blocks.{}.attn.hook_z", "pattern": "blocks.{}.attn.hook_pattern",
-    "attn_scores": "blocks.{}.attn.hook_attn_scores", "q_input": "blocks.{}.hook_q_input",
-    "k_input": "blocks.{}.hook_k_input", "v_input": "blocks.{}.hook_v_input",
-    "pre": "blocks.{}.mlp.hook_pre", "post": "blocks.{}.mlp.hook_post",
-}  # fmt: skip
+    "embed": "hook_embed",
+    "pos_embed": "hook_pos_embed",
+    "resid_pre": "blocks.{}.hook_resid_pre",
+    "resid_mid": "blocks.{}.hook_resid_mid",
+    "resid_post": "blocks.{}.hook_resid_post",
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "q": "blocks.{}.attn.hook_q",
+    "k": "blocks.{}.attn.hook_k",
+    "v": "blocks.{}.attn.hook_v",
+    "z": "blocks.{}.attn.hook_z",
+    "pattern": "blocks.{}.attn.hook_pattern",
+    "attn_scores": "blocks.{}.attn.hook_attn_scores",
+    "q_input": "blocks.{}.hook_q_input",
+    "k_input": "blocks.{}.hook_k_input",
+    "v_input": "blocks.{}.hook_v_input",
+    "pre": "blocks.{}.mlp.hook_pre",
+    "post": "blocks.{}.mlp.hook_post",
+}
 
 
 def hook_of(name: str, layer: int | None) -> str:
@@ -120,7 +130,14 @@ def _naive_act_patch(model, orig, nodes, metric, new_cache):
         positions = positions_per_prompt(node.seq_pos, orig.shape[0], seq_len)
         name = hook_of(node.name, layer_of(model, node))
         src = new_cache if new_cache == 0 else new_cache[name]
-        patches.append((name, lambda act, src=src, node=node, unit=unit, positions=positions: assign(act, src, node.name, unit, positions)))
+        patches.append(
+            (
+                name,
+                lambda act, src=src, node=node, unit=unit, positions=positions: assign(
+                    act, src, node.name, unit, positions
+                ),
+            )
+        )
     return metric(run_with_patches(model, orig, patches))
 
 
@@ -129,7 +146,9 @@ def _kv(model, head: int) -> int:
     return head // (model.cfg.n_heads // n_kv)
 
 
-def naive_path_patch(model, orig, new, senders: list[Node], receivers: list[Node], metric, seq_pos=None, mlps_direct=True):
+def naive_path_patch(
+    model, orig, new, senders: list[Node], receivers: list[Node], metric, seq_pos=None, mlps_direct=True
+):
     """The two-pass algorithm, literally.
 
     Pass 1: run orig with every head's z replaced by its orig value (and, when MLPs are not
@@ -163,8 +182,11 @@ def _naive_path_patch(model, orig, new, senders, receivers, metric, positions, g
         if receiver.name == "pattern":
             to_record |= {hook_of("pattern", layer)} if gqa else {hook_of("q", layer), hook_of("k", layer)}
         elif receiver.name == "z":
-            to_record |= {hook_of("pattern", layer), hook_of("v", layer)} if gqa else {
-                hook_of("q", layer), hook_of("k", layer), hook_of("v", layer)}
+            to_record |= (
+                {hook_of("pattern", layer), hook_of("v", layer)}
+                if gqa
+                else {hook_of("q", layer), hook_of("k", layer), hook_of("v", layer)}
+            )
         else:
             to_record.add(hook_of(receiver.name, layer))
     for name in sorted(to_record):

@@ -43,14 +43,20 @@ def node_cases(model, batch: int) -> dict[str, list[Node]]:
         "k_input kv head": [Node("k_input", 2, head=n_kv - 1)],
         "v_input all": [Node("v_input", 1)],
         "embed": [Node("embed")],
-        "list patched together": [Node("z", 0, head=1), Node("mlp_out", 1, seq_pos=-1), Node("resid_pre", 3, seq_pos=2)],
+        "list patched together": [
+            Node("z", 0, head=1),
+            Node("mlp_out", 1, seq_pos=-1),
+            Node("resid_pre", 3, seq_pos=2),
+        ],
     }
     if model.cfg.positional_embedding_type == "standard":
         cases["pos_embed"] = [Node("pos_embed", seq_pos=2)]
     return cases
 
 
-_SHAPE_ONLY = SimpleNamespace(cfg=SimpleNamespace(n_layers=4, n_heads=4, n_key_value_heads=4, positional_embedding_type="standard"))
+_SHAPE_ONLY = SimpleNamespace(
+    cfg=SimpleNamespace(n_layers=4, n_heads=4, n_key_value_heads=4, positional_embedding_type="standard")
+)
 CASE_NAMES = list(node_cases(_SHAPE_ONLY, 3))
 
 
@@ -97,14 +103,17 @@ def test_iter_node_matches_naive_per_cell(small_model, sweep):
             cell = dict(zip(result.dims, (result.coords[d][i] for d, i in zip(result.dims, index))))
             unit = next((cell[d] for d in ("head", "kv_head", "neuron") if d in cell), None)
             node = Node(
-                name, cell.get("layer"),
+                name,
+                cell.get("layer"),
                 head=unit if "neuron" not in cell else None,
                 neuron=unit if "neuron" in cell else None,
                 seq_pos=cell.get("seq_pos", None if iter_node.seq_pos == "each" else iter_node.seq_pos),
             )
             expected[index] = naive_act_patch(model, orig, [node], metric, new_cache)
         assert_close(result, expected)
-        assert (result.as_tensor() - unpatched).abs().max() > 1e-3, "no patch had an effect: the test would not notice a wrong engine"
+        assert (result.as_tensor() - unpatched).abs().max() > 1e-3, (
+            "no patch had an effect: the test would not notice a wrong engine"
+        )
 
 
 def test_smollm2_sweeps_match_naive(smollm2_model):
@@ -118,11 +127,15 @@ def test_smollm2_sweeps_match_naive(smollm2_model):
             for j, head in enumerate(result.coords[result.dims[1]]):
                 expected = naive_act_patch(model, orig, [Node(name, layer, head=head)], metric, new_cache)
                 assert_close(result[i, j], expected)
-    resid = act_patch(model, orig, IterNode("resid_pre", seq_pos="each", layers=[0, 29]), metric, new_input=new)["resid_pre"]
+    resid = act_patch(model, orig, IterNode("resid_pre", seq_pos="each", layers=[0, 29]), metric, new_input=new)[
+        "resid_pre"
+    ]
     assert resid.dims == ("seq_pos", "layer")
     for pos in range(orig.shape[1]):
         for i, layer in enumerate((0, 29)):
-            assert_close(resid[pos, i], naive_act_patch(model, orig, [Node("resid_pre", layer, seq_pos=pos)], metric, new_cache))
+            assert_close(
+                resid[pos, i], naive_act_patch(model, orig, [Node("resid_pre", layer, seq_pos=pos)], metric, new_cache)
+            )
 
 
 def test_mean_ablation_matches_naive(model):
@@ -145,9 +158,12 @@ def test_loss_metrics(small_model):
     model = small_model
     orig, new = make_inputs(model)
     node = Node("resid_pre", 1)
-    logits_metric = lambda logits: torch.nn.functional.cross_entropy(  # noqa: E731
-        logits[:, :-1].reshape(-1, logits.shape[-1]), orig[:, 1:].reshape(-1), reduction="none"
-    ).reshape(orig.shape[0], -1)
+
+    def logits_metric(logits):
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), orig[:, 1:].reshape(-1), reduction="none"
+        ).reshape(orig.shape[0], -1)
+
     expected = naive_act_patch(model, orig, [node], logits_metric, full_cache(model, new))
     assert_close(act_patch(model, orig, node, "loss_per_token", new_input=new), expected)
     assert_close(act_patch(model, orig, node, "loss", new_input=new), expected.mean())
@@ -165,8 +181,10 @@ def test_apply_metric_to_cache(small_model):
         for head in range(model.cfg.n_heads):
             captured = {}
             with torch.no_grad():
-                hooks = [(f"blocks.{layer}.attn.hook_z", lambda act, hook, h=head: _patched(act, new_cache, layer, h)),
-                         ("blocks.2.attn.hook_pattern", lambda act, hook: captured.setdefault("p", act.clone()))]
+                hooks = [
+                    (f"blocks.{layer}.attn.hook_z", lambda act, hook, h=head: _patched(act, new_cache, layer, h)),
+                    ("blocks.2.attn.hook_pattern", lambda act, hook: captured.setdefault("p", act.clone())),
+                ]
                 model.run_with_hooks(orig, fwd_hooks=hooks)
             assert_close(result[layer, head], captured["p"][:, 0, -1, 0])
     assert result.dims == ("layer", "head", "batch")

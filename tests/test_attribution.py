@@ -30,11 +30,20 @@ BATCH = 3
 def nodes_of(model) -> list[Node]:
     """One node of each kind (kv heads on the grouped-query model); resid_mid is checked apart."""
     return [
-        Node("z", 1, head=2), Node("q", 2, head=1, seq_pos=-1), Node("k", 1, head=0), Node("v", 0, head=1, seq_pos=[1, 2, 3]),
-        Node("pattern", 2, head=0, seq_pos=-1), Node("attn_out", 1), Node("mlp_out", 0, seq_pos=2),
-        Node("resid_pre", 2, seq_pos=[[1, 4]] * BATCH), Node("resid_post", 1), Node("post", 1, neuron=7),
-        Node("pre", 0, neuron=3, seq_pos=-1), Node("embed"), Node("q_input", 1, head=3),
-    ]  # fmt: skip
+        Node("z", 1, head=2),
+        Node("q", 2, head=1, seq_pos=-1),
+        Node("k", 1, head=0),
+        Node("v", 0, head=1, seq_pos=[1, 2, 3]),
+        Node("pattern", 2, head=0, seq_pos=-1),
+        Node("attn_out", 1),
+        Node("mlp_out", 0, seq_pos=2),
+        Node("resid_pre", 2, seq_pos=[[1, 4]] * BATCH),
+        Node("resid_post", 1),
+        Node("post", 1, neuron=7),
+        Node("pre", 0, neuron=3, seq_pos=-1),
+        Node("embed"),
+        Node("q_input", 1, head=3),
+    ]
 
 
 def naive_atp(model, orig, node: Node, metric, new_activation, per_prompt: bool):
@@ -53,8 +62,13 @@ def naive_atp(model, orig, node: Node, metric, new_activation, per_prompt: bool)
         patched = orig_activation.clone()
         unit = node.head if node.head is not None else node.neuron
         positions = positions_per_prompt(node.seq_pos, orig.shape[0], orig.shape[1])
-        assign(patched, new_activation if isinstance(new_activation, (int, float)) else new_activation[name],
-               node.name, unit, positions)  # fmt: skip
+        assign(
+            patched,
+            new_activation if isinstance(new_activation, (int, float)) else new_activation[name],
+            node.name,
+            unit,
+            positions,
+        )
         difference = patched - orig_activation
         if not per_prompt:
             (gradient,) = torch.autograd.grad(value, leaf["a"])
@@ -74,7 +88,10 @@ def test_each_node_kind_matches_the_naive_gradient(small_model, per_prompt):
     with split_qkv_input(model, True):
         new_cache = full_cache(model, new)
     for node in nodes_of(model):
-        assert_close(attr_patch(model, orig, node, metric, new_input=new), naive_atp(model, orig, node, metric, new_cache, per_prompt))
+        assert_close(
+            attr_patch(model, orig, node, metric, new_input=new),
+            naive_atp(model, orig, node, metric, new_cache, per_prompt),
+        )
 
 
 def test_zero_and_mean_ablation_estimates(small_model):
@@ -85,8 +102,13 @@ def test_zero_and_mean_ablation_estimates(small_model):
     means = mean_ablation_cache(cache)
     mean_values = {name: means[name] for name in means.keys()}  # noqa: SIM118 (an ActivationCache)
     for node in (Node("z", 2, head=3), Node("post", 0, neuron=5, seq_pos=-1), Node("resid_pre", 1)):
-        assert_close(attr_patch(model, orig, node, metric, new_cache="zero"), naive_atp(model, orig, node, metric, 0, False))
-        assert_close(attr_patch(model, orig, node, metric, new_cache=means), naive_atp(model, orig, node, metric, mean_values, False))
+        assert_close(
+            attr_patch(model, orig, node, metric, new_cache="zero"), naive_atp(model, orig, node, metric, 0, False)
+        )
+        assert_close(
+            attr_patch(model, orig, node, metric, new_cache=means),
+            naive_atp(model, orig, node, metric, mean_values, False),
+        )
 
 
 def test_a_list_of_nodes_is_patched_together(gpt2_model):
@@ -98,7 +120,10 @@ def test_a_list_of_nodes_is_patched_together(gpt2_model):
     separate = sum(float(attr_patch(model, orig, node, metric, new_input=new, estimate="delta")) for node in nodes)
     assert_close(attr_patch(model, orig, nodes, metric, new_input=new), base + separate)
     overlapping = [Node("z", 1, head=2), Node("z", 1, head=2, seq_pos=-1)]
-    assert_close(attr_patch(model, orig, overlapping, metric, new_input=new), attr_patch(model, orig, overlapping[0], metric, new_input=new))
+    assert_close(
+        attr_patch(model, orig, overlapping, metric, new_input=new),
+        attr_patch(model, orig, overlapping[0], metric, new_input=new),
+    )
 
 
 def test_a_sweep_has_act_patchs_dims_and_its_cells_estimates(small_model):
@@ -108,13 +133,24 @@ def test_a_sweep_has_act_patchs_dims_and_its_cells_estimates(small_model):
     sweep = IterNode(["z", "k", "post"], layers=[0, 2], heads=[0, 1], neurons=[3, 8])
     estimates = attr_patch(model, orig, sweep, metric, new_input=new)
     exact = act_patch(model, orig, sweep, metric, new_input=new)
-    assert {name: (r.dims, r.coords) for name, r in estimates.items()} == {name: (r.dims, r.coords) for name, r in exact.items()}
+    assert {name: (r.dims, r.coords) for name, r in estimates.items()} == {
+        name: (r.dims, r.coords) for name, r in exact.items()
+    }
     unit = "kv_head" if "kv_head" in estimates["k"].dims else "head"
-    assert_close(estimates["k"].sel(layer=2, **{unit: 1}), attr_patch(model, orig, Node("k", 2, head=1), metric, new_input=new))
-    assert_close(estimates["post"].sel(layer=0, neuron=8), attr_patch(model, orig, Node("post", 0, neuron=8), metric, new_input=new))
-    each = attr_patch(model, orig, IterNode("resid_pre", seq_pos="each", layers=[1]), metric, new_input=new)["resid_pre"]
+    assert_close(
+        estimates["k"].sel(layer=2, **{unit: 1}), attr_patch(model, orig, Node("k", 2, head=1), metric, new_input=new)
+    )
+    assert_close(
+        estimates["post"].sel(layer=0, neuron=8),
+        attr_patch(model, orig, Node("post", 0, neuron=8), metric, new_input=new),
+    )
+    each = attr_patch(model, orig, IterNode("resid_pre", seq_pos="each", layers=[1]), metric, new_input=new)[
+        "resid_pre"
+    ]
     assert each.dims == ("seq_pos", "layer", "batch")
-    assert_close(each.sel(seq_pos=4, layer=1), attr_patch(model, orig, Node("resid_pre", 1, seq_pos=4), metric, new_input=new))
+    assert_close(
+        each.sel(seq_pos=4, layer=1), attr_patch(model, orig, Node("resid_pre", 1, seq_pos=4), metric, new_input=new)
+    )
 
 
 @pytest.mark.parametrize("method", ["atp", "ig"])
@@ -158,7 +194,9 @@ def test_an_identical_new_input_changes_nothing(small_model):
     metric = logit_diff_metric(per_prompt=True)
     with torch.no_grad():
         unpatched = metric(model(orig))
-    for name, result in attr_patch(model, orig, IterNode(["z", "pattern", "resid_mid", "post"]), metric, new_input=orig).items():
+    for name, result in attr_patch(
+        model, orig, IterNode(["z", "pattern", "resid_mid", "post"]), metric, new_input=orig
+    ).items():
         values = result.as_tensor()
         assert torch.equal(values, unpatched.expand_as(values)), name
     zero = attr_patch(model, orig, IterNode("z"), metric, new_input=orig, estimate="delta")["z"].as_tensor()
@@ -170,7 +208,6 @@ def induction():
     model = circuits.build_induction_model()
     clean = circuits.repeated_tokens(4, 5)
     return model, clean, circuits.reverse_first_half(clean)
-
 
 
 @pytest.mark.parametrize("component", ["z", "v", "pattern", "attn_out", "resid_post"])
@@ -198,7 +235,8 @@ def test_not_exact_through_the_softmax(induction):
 @pytest.mark.parametrize("name", ["resid_mid", "z"])
 def test_the_gradient_is_the_limit_of_exact_patching(small_model, name):
     """AtP's change is the derivative of exact patching along new - orig: here the central
-    difference of act_patch a step eps toward new and away from it; for resid_mid this also checks the change reaches the residual stream on TransformerLens 4."""
+    difference of act_patch a step eps toward new and away from it; for resid_mid this also checks
+    the change reaches the residual stream on TransformerLens 4."""
     model = small_model
     orig, new = make_inputs(model, batch=BATCH)
     metric = logit_diff_metric()
@@ -236,7 +274,8 @@ def test_integrated_gradients_are_complete_on_a_cut(gpt2_model):
     orig, new = make_inputs(model, batch=BATCH)
     metric = logit_diff_metric()
     change = float(act_patch(model, orig, Node("resid_pre", 3), metric, new_input=new)) - float(
-        act_patch(model, orig, Node("resid_pre", 3), metric, new_input=orig))
+        act_patch(model, orig, Node("resid_pre", 3), metric, new_input=orig)
+    )
     sweep = IterNode("resid_pre", layers=[3], seq_pos="each")
     errors = {}
     for steps in (1, 4, 32):
@@ -253,7 +292,9 @@ def test_integrated_gradients_are_exact_where_linear(induction, component):
     model, clean, corrupted = induction
     sweep = IterNode(component, layers=[model.cfg.n_layers - 1])
     exact = act_patch(model, corrupted, sweep, linear_metric, new_input=clean)[component].as_tensor()
-    ig = attr_patch(model, corrupted, sweep, linear_metric, new_input=clean, method="ig", steps=3)[component].as_tensor()
+    ig = attr_patch(model, corrupted, sweep, linear_metric, new_input=clean, method="ig", steps=3)[
+        component
+    ].as_tensor()
     torch.testing.assert_close(ig, exact, rtol=1e-5, atol=1e-4)
 
 
@@ -297,8 +338,10 @@ def spearman_and_top10(estimate: torch.Tensor, exact: torch.Tensor) -> tuple[flo
     return float(torch.corrcoef(ranks)[0, 1]), len(strongest[0] & strongest[1])
 
 
-@pytest.mark.skipif(bool(os.environ.get("TLP_FAST")) or TL_MAJOR >= 4,
-                    reason="SmolLM2 agreement runs once, on TransformerLens 2 (and not with TLP_FAST)")  # fmt: skip
+@pytest.mark.skipif(
+    bool(os.environ.get("TLP_FAST")) or TL_MAJOR >= 4,
+    reason="SmolLM2 agreement runs once, on TransformerLens 2 (and not with TLP_FAST)",
+)
 def test_agreement_with_exact_patching_on_smollm2(smollm2_model):
     """SmolLM2's IOI example prompts, denoising: every head's z by AtP, and every key/value
     head's k by AtP and AtP*. Measured when written: z Spearman 0.937, 9 of the 10 strongest
@@ -310,8 +353,10 @@ def test_agreement_with_exact_patching_on_smollm2(smollm2_model):
     estimate = attr_patch(model, corrupted, IterNode("z"), restored, new_input=clean)["z"]
     spearman, shared = spearman_and_top10(estimate.as_tensor().flatten(), exact["z"].as_tensor().flatten())
     assert spearman >= 0.9 and shared >= 8
-    plain, star = (attr_patch(model, corrupted, IterNode("k"), restored, new_input=clean, method=method)["k"]
-                   for method in ("atp", "atp*"))  # fmt: skip
+    plain, star = (
+        attr_patch(model, corrupted, IterNode("k"), restored, new_input=clean, method=method)["k"]
+        for method in ("atp", "atp*")
+    )
     spearman_plain, _ = spearman_and_top10(plain.as_tensor().flatten(), exact["k"].as_tensor().flatten())
     spearman_star, shared_star = spearman_and_top10(star.as_tensor().flatten(), exact["k"].as_tensor().flatten())
     assert spearman_star >= 0.98 and shared_star >= 8

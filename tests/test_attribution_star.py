@@ -28,10 +28,21 @@ def one_layer_attention_model():
     softmax is the only non-linearity between a query or key and the logits."""
     torch.manual_seed(0)
     config = dict(
-        d_model=32, d_head=8, n_heads=4, n_key_value_heads=2, n_layers=1, n_ctx=16, d_vocab=50, attn_only=True,
-        normalization_type=None, positional_embedding_type="standard", attention_dir="causal", act_fn="relu",
-        default_prepend_bos=False, seed=0,
-    )  # fmt: skip
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=2,
+        n_layers=1,
+        n_ctx=16,
+        d_vocab=50,
+        attn_only=True,
+        normalization_type=None,
+        positional_embedding_type="standard",
+        attention_dir="causal",
+        act_fn="relu",
+        default_prepend_bos=False,
+        seed=0,
+    )
     if TL_MAJOR >= 4:
         from transformer_lens.config import TransformerBridgeConfig
         from transformer_lens.model_bridge import TransformerBridge
@@ -45,7 +56,6 @@ def one_layer_attention_model():
         for parameter in model.parameters():
             parameter.mul_(4.0)
     return model.eval()
-
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +91,11 @@ def test_exact_where_the_softmax_is_the_only_nonlinearity(one_layer, seq_pos):
 def test_exact_for_queries_and_keys_patched_together(one_layer):
     """A query and the key/value head it reads, patched as one cell: one joint pattern."""
     model, orig, new = one_layer
-    nodes = [Node("q", 0, head=3, seq_pos=[[4, 6]] * BATCH), Node("k", 0, head=1, seq_pos=[[2, 3]] * BATCH), Node("q", 0, head=0)]
+    nodes = [
+        Node("q", 0, head=3, seq_pos=[[4, 6]] * BATCH),
+        Node("k", 0, head=1, seq_pos=[[2, 3]] * BATCH),
+        Node("q", 0, head=0),
+    ]
     exact = act_patch(model, orig, nodes, linear_metric, new_input=new)
     estimate = attr_patch(model, orig, nodes, linear_metric, new_input=new, method="atp*")
     torch.testing.assert_close(torch.as_tensor(estimate), torch.as_tensor(exact), rtol=1e-5, atol=1e-4)
@@ -111,7 +125,11 @@ def naive_atp_star(model, orig, nodes: list[Node], metric, new_cache, per_prompt
         return hook
 
     with split_qkv_input(model, any(n.name.endswith("_input") for n in nodes)), torch.enable_grad():
-        detached = [] if dropped is None else [(hook_of(c, dropped), lambda act, hook: act.detach()) for c in ("attn_out", "mlp_out")]
+        detached = (
+            []
+            if dropped is None
+            else [(hook_of(c, dropped), lambda act, hook: act.detach()) for c in ("attn_out", "mlp_out")]
+        )
         value = metric(model.run_with_hooks(orig, fwd_hooks=[(name, make_leaf(name)) for name in names] + detached))
         rows = [value[b] for b in range(batch)] if per_prompt else [value]
         gradients = []
@@ -125,8 +143,14 @@ def naive_atp_star(model, orig, nodes: list[Node], metric, new_cache, per_prompt
             for node in (n for n in qk if layer_of(model, n) == layer):
                 name = hook_of(node.name, layer)
                 unit = node.head
-                patches.append((name, lambda act, node=node, name=name, unit=unit: assign(
-                    act, new_cache[name], node.name, unit, positions_per_prompt(node.seq_pos, batch, seq_len))))
+                patches.append(
+                    (
+                        name,
+                        lambda act, node=node, name=name, unit=unit: assign(
+                            act, new_cache[name], node.name, unit, positions_per_prompt(node.seq_pos, batch, seq_len)
+                        ),
+                    )
+                )
             pattern = hook_of("pattern", layer)
             patches.append((pattern, lambda act, pattern=pattern: recorded.__setitem__(pattern, act.clone())))
             run_with_patches(model, orig, patches)
@@ -134,8 +158,13 @@ def naive_atp_star(model, orig, nodes: list[Node], metric, new_cache, per_prompt
         for node in rest:
             name = hook_of(node.name, layer_of(model, node))
             patched = acts[name].clone()
-            assign(patched, new_cache[name], node.name, node.head if node.head is not None else node.neuron,
-                   positions_per_prompt(node.seq_pos, batch, seq_len))  # fmt: skip
+            assign(
+                patched,
+                new_cache[name],
+                node.name,
+                node.head if node.head is not None else node.neuron,
+                positions_per_prompt(node.seq_pos, batch, seq_len),
+            )
             moved[name] = patched - acts[name]
     estimates = []
     for b, row in enumerate(rows):
@@ -171,8 +200,13 @@ def test_a_mixed_list_matches_the_naive_reference(small_model):
     model = small_model
     orig, new = make_inputs(model, batch=BATCH)
     metric = logit_diff_metric()
-    nodes = [Node("q", 2, head=1, seq_pos=-1), Node("k", 2, head=0), Node("k", 1, head=1, seq_pos=[[2, 3]] * BATCH),
-             Node("z", 2, head=1), Node("post", 0, neuron=5)]  # fmt: skip
+    nodes = [
+        Node("q", 2, head=1, seq_pos=-1),
+        Node("k", 2, head=0),
+        Node("k", 1, head=1, seq_pos=[[2, 3]] * BATCH),
+        Node("z", 2, head=1),
+        Node("post", 0, neuron=5),
+    ]
     estimate = attr_patch(model, orig, nodes, metric, new_input=new, method="atp*")
     assert_close(estimate, naive_atp_star(model, orig, nodes, metric, full_cache(model, new), per_prompt=False))
 
@@ -231,7 +265,7 @@ def test_grad_drop_matches_the_naive_reference(small_model, per_prompt):
         per_layer = [
             (naive_atp_star(model, orig, [node], metric, new_cache, per_prompt, dropped=layer) - unpatched).abs()
             for layer in range(n_layers)
-        ]  # fmt: skip
+        ]
         assert_close(got, sum(per_layer) / (n_layers - 1))
         assert (torch.as_tensor(got) >= 0).all()
 

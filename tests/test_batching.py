@@ -24,8 +24,15 @@ def act_sweeps(model) -> dict[str, IterNode]:
     return sweeps
 
 
-SWEEP_NAMES = ["heads", "head inputs", "residual by position", "outputs by position", "neurons",
-               "heads at a position per prompt", "embeddings"]  # fmt: skip
+SWEEP_NAMES = [
+    "heads",
+    "head inputs",
+    "residual by position",
+    "outputs by position",
+    "neurons",
+    "heads at a position per prompt",
+    "embeddings",
+]
 
 
 @pytest.mark.parametrize("sweep", SWEEP_NAMES)
@@ -35,8 +42,10 @@ def test_act_patch_stacked_equals_one_at_a_time(small_model, sweep):
     metric = logit_diff_metric(per_prompt=True)
     iter_node = act_sweeps(model)[sweep]
     one = act_patch(model, orig, iter_node, metric, new_input=new, batch_size=1)
-    for stacked in (act_patch(model, orig, iter_node, metric, new_input=new),
-                    act_patch(model, orig, iter_node, metric, new_input=new, batch_size=5)):  # fmt: skip
+    for stacked in (
+        act_patch(model, orig, iter_node, metric, new_input=new),
+        act_patch(model, orig, iter_node, metric, new_input=new, batch_size=5),
+    ):
         assert set(stacked) == set(one)
         for name in one:
             assert stacked[name].dims == one[name].dims
@@ -72,8 +81,10 @@ def test_path_patch_stacked_equals_one_at_a_time(small_model, receivers, direct_
     senders = IterNode(["z", "post"], layers=[0, 1, 2], neurons=[0, 3])
     kwargs = dict(direct_includes_mlps=direct_includes_mlps)
     one = path_patch(model, orig, new, senders, nodes, metric, batch_size=1, **kwargs)
-    for stacked in (path_patch(model, orig, new, senders, nodes, metric, **kwargs),
-                    path_patch(model, orig, new, senders, nodes, metric, batch_size=3, **kwargs)):  # fmt: skip
+    for stacked in (
+        path_patch(model, orig, new, senders, nodes, metric, **kwargs),
+        path_patch(model, orig, new, senders, nodes, metric, batch_size=3, **kwargs),
+    ):
         for name in one:
             assert_close(stacked[name], one[name])
 

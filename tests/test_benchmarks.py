@@ -28,9 +28,15 @@ def test_attribution_benchmark_tiny(capsys):
     benchmark, lines = tiny_run("attribution", capsys)
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| comparison")]
     names = [row.split(" | ")[0] for row in rows]
-    expected = ["| attr_patch vs act_patch, heads", "| attr_patch vs act_patch, neurons", "| attr_edges EAP vs",
-                "| attr_edges EAP-IG", "| attr_patch vs TransformerLens", "| attr_edges EAP vs TransformerLens",
-                *[f"| peak memory, {key}" for key in benchmark.MEMORY_KEYS[1:]]]  # fmt: skip
+    expected = [
+        "| attr_patch vs act_patch, heads",
+        "| attr_patch vs act_patch, neurons",
+        "| attr_edges EAP vs",
+        "| attr_edges EAP-IG",
+        "| attr_patch vs TransformerLens",
+        "| attr_edges EAP vs TransformerLens",
+        *[f"| peak memory, {key}" for key in benchmark.MEMORY_KEYS[1:]],
+    ]
     assert len(names) == len(expected) and all(name.startswith(start) for name, start in zip(names, expected)), names
     for row in rows:
         cells = row.strip("|").split(" | ")
@@ -71,10 +77,12 @@ def test_gpu_benchmark_tiny(capsys):
     assert lines[0].startswith("device CPU") and "transformer-lens" in lines[0], lines[0]
     titles = [line for line in lines if line.startswith("## ")]
     assert len(titles) == 2 and ", float32, 8 prompts" in titles[0] and ", bfloat16, 16 prompts" in titles[1], titles
-    expected = ['| act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos | ',
-                '| act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_',
-                '| path_patch IterNode("z") -> resid_post 1, direct_includes_mlps=True, vs two passes per sender ',
-                '| path_patch IterNode("z") -> resid_post 1, direct_includes_mlps=False, vs two passes per sender ']
+    expected = [
+        '| act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos | ',
+        '| act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_',
+        '| path_patch IterNode("z") -> resid_post 1, direct_includes_mlps=True, vs two passes per sender ',
+        '| path_patch IterNode("z") -> resid_post 1, direct_includes_mlps=False, vs two passes per sender ',
+    ]
     assert len(rows) == 2 * len(expected), rows
     assert all(row.startswith(start) for row, start in zip(rows, expected * 2)), rows
     tiny = benchmark.TINY["llama8b"]

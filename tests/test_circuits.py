@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests import circuits as induction_model
+from tests import models
 from tests.helpers import (
     assert_close,
     input_hook,
@@ -22,7 +23,6 @@ from tests.helpers import (
     receiver_node,
     sender_node,
 )
-from tests import models
 from tests.models import TL_MAJOR
 from tests.reference import full_cache
 from transformer_lens_patching import (
@@ -99,7 +99,9 @@ def naive_circuit_logits(model, circuit: Circuit, orig, ablated: dict):
                     for position in range(seq_len):
                         if not kept_at(edge, position):
                             gone = ablated[edge.sender]
-                            change = live[edge.sender][:, position] - (gone if isinstance(gone, float) else gone[:, position])
+                            change = live[edge.sender][:, position] - (
+                                gone if isinstance(gone, float) else gone[:, position]
+                            )
                             if unit is None:
                                 out[:, position] -= change
                             else:
@@ -173,7 +175,10 @@ def edges_of_every_kind(model, graph: EdgeGraph) -> list[Edge]:
         Edge(GraphNode("mlp", 0), GraphNode("head", last, head=1, input="q")),
     ]
     if not kv:  # the gated MLP's `pre` is only its gate, so path_patch has no receiver for its whole input
-        edges += [Edge(GraphNode("head", 2, head=3), GraphNode("mlp", 2)), Edge(GraphNode("embed"), GraphNode("mlp", 0))]
+        edges += [
+            Edge(GraphNode("head", 2, head=3), GraphNode("mlp", 2)),
+            Edge(GraphNode("embed"), GraphNode("mlp", 0)),
+        ]
     return edges
 
 
@@ -187,8 +192,15 @@ def test_removing_one_edge_is_path_patching_it(small_model):
     values = evaluate_circuit(model, circuits, orig, metric, new_input=new)
     assert values.dims == ("circuit", "batch")
     for edge, value in zip(edges, values.as_tensor()):
-        expected = path_patch(model, orig, new, sender_node(graph, edge.sender), receiver_node(graph, edge.receiver),
-                              metric, direct_includes_mlps=False)  # fmt: skip
+        expected = path_patch(
+            model,
+            orig,
+            new,
+            sender_node(graph, edge.sender),
+            receiver_node(graph, edge.receiver),
+            metric,
+            direct_includes_mlps=False,
+        )
         assert_close(value, expected)
     exact = exact_edge_scores(model, orig, metric, new_input=new, edges=edges)
     assert exact.method == "exact" and exact.per_prompt
@@ -211,8 +223,10 @@ def test_removing_every_edge_into_a_receiver_is_patching_its_input(small_model):
     ]
     for receiver, node in cases:
         circuit = Circuit(graph, [edge for edge in graph if edge.receiver != receiver])
-        assert_close(evaluate_circuit(model, circuit, orig, metric, new_input=new),
-                     act_patch(model, orig, node, metric, new_input=new))  # fmt: skip
+        assert_close(
+            evaluate_circuit(model, circuit, orig, metric, new_input=new),
+            act_patch(model, orig, node, metric, new_input=new),
+        )
 
 
 @pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
@@ -221,14 +235,18 @@ def test_equal_to_the_naive_reference(small_model, ablation):
     orig, new = make_inputs(model, batch=BATCH)
     metric = logit_diff_metric(per_prompt=True)
     graph = EdgeGraph.of(model)
-    circuits = [random_circuit(graph, fraction, seed, positions=seed % 2 == 1)
-                for seed, fraction in enumerate((0.02, 0.3, 0.9))]  # fmt: skip
+    circuits = [
+        random_circuit(graph, fraction, seed, positions=seed % 2 == 1) for seed, fraction in enumerate((0.02, 0.3, 0.9))
+    ]
     if ablation == "resample":
         source, ablated = {"new_input": new}, naive_ablated_outputs(model, full_cache(model, new))
     elif ablation == "mean":
         _, new_cache = model.run_with_cache(new)
         cache = mean_ablation_cache(new_cache)
-        source, ablated = {"new_cache": cache}, naive_ablated_outputs(model, {name: cache[name] for name in cache.keys()})
+        source, ablated = (
+            {"new_cache": cache},
+            naive_ablated_outputs(model, {name: cache[name] for name in cache.keys()}),
+        )
     else:
         source, ablated = {"new_cache": "zero"}, naive_ablated_outputs(model, None)
     values = evaluate_circuit(model, circuits, orig, metric, **source).as_tensor()
@@ -297,11 +315,15 @@ def test_circuits_compare_hash_print_and_round_trip():
     a = Edge(head(0, 1), head(1, 0, "k"))
     b = Edge(GraphNode("embed"), head(0, 1, "q"))
     circuit = Circuit(graph, [a, b], {a: [-1, 2, 2]})
-    assert circuit == Circuit(graph, [b, a], {a: (2, -1)}) and hash(circuit) == hash(Circuit(graph, {a, b}, {a: [2, -1]}))
+    assert circuit == Circuit(graph, [b, a], {a: (2, -1)}) and hash(circuit) == hash(
+        Circuit(graph, {a, b}, {a: [2, -1]})
+    )
     assert circuit != Circuit(graph, [a, b]) and len({circuit, Circuit(graph, [a, b])}) == 2
     assert circuit.edges == [b, a] and list(circuit) == [b, a] and a in circuit and len(circuit) == 2
     assert circuit.positions == {a: (-1, 2)} and circuit.heads == [(0, 1)]
-    assert repr(circuit) == f"Circuit(2 of {len(graph)} edges: embed -> head 0.1 (q), head 0.1 -> head 1.0 (k) at [-1, 2])"
+    assert (
+        repr(circuit) == f"Circuit(2 of {len(graph)} edges: embed -> head 0.1 (q), head 0.1 -> head 1.0 (k) at [-1, 2])"
+    )
     assert Circuit.from_json(circuit.to_json()) == circuit
     assert json.loads(circuit.to_json())["edges"] == ["embed -> head 0.1 (q)", "head 0.1 -> head 1.0 (k)"]
     frame = circuit.to_frame()
@@ -328,16 +350,20 @@ def test_kept_mask():
 
 def test_pruning_keeps_only_edges_from_the_embeddings_to_the_logits():
     graph = small_graph()
-    chain = [Edge(GraphNode("embed"), head(0, 0, "v")), Edge(head(0, 0), GraphNode("mlp", 0)),
-             Edge(GraphNode("mlp", 0), GraphNode("logits"))]  # fmt: skip
+    chain = [
+        Edge(GraphNode("embed"), head(0, 0, "v")),
+        Edge(head(0, 0), GraphNode("mlp", 0)),
+        Edge(GraphNode("mlp", 0), GraphNode("logits")),
+    ]
     dangling_out = Edge(head(0, 1), head(1, 1, "q"))  # head 0.1 has no input, head 1.1 no output
     dead_end = Edge(GraphNode("embed"), head(1, 0, "q"))  # head 1.0 writes nowhere
     circuit = Circuit(graph, [*chain, dangling_out, dead_end])
     assert circuit.pruned() == Circuit(graph, chain)
     fed = Edge(GraphNode("embed"), head(0, 1, "k"))
     to_logits = Edge(head(1, 1), GraphNode("logits"))
-    assert Circuit(graph, [*chain, dangling_out, fed, to_logits]).pruned() == Circuit(graph, [*chain, dangling_out, fed,
-                                                                                              to_logits])  # fmt: skip
+    assert Circuit(graph, [*chain, dangling_out, fed, to_logits]).pruned() == Circuit(
+        graph, [*chain, dangling_out, fed, to_logits]
+    )
     assert Circuit(graph, [dangling_out]).pruned() == Circuit.empty(graph)
 
 
@@ -355,7 +381,9 @@ def test_circuits_from_scores():
     values = torch.linspace(-1, 1, len(graph))
     values[3] = float("nan")
     scores = EdgeScores(graph, values, "atp", 0.0)
-    assert Circuit.from_scores(scores, 2, prune=False).edges == sorted([graph[0], graph[len(graph) - 1]], key=graph.index)
+    assert Circuit.from_scores(scores, 2, prune=False).edges == sorted(
+        [graph[0], graph[len(graph) - 1]], key=graph.index
+    )
     assert Circuit.from_scores(scores, 1, absolute=False, prune=False).edges == [graph[0]]
     assert len(Circuit.from_scores(scores, 0.5, prune=False)) == len(graph) // 2
     assert graph[3] not in Circuit.from_scores(scores, len(graph) - 1, prune=False)
@@ -374,7 +402,10 @@ def json_with(graph, **fields) -> str:
     [
         (lambda g, e: Circuit("graph", []), "needs the model's EdgeGraph"),
         (lambda g, e: Circuit(g, [Edge(GraphNode("embed"), head(5, 0, "q"))]), "is not an edge of"),
-        (lambda g, e: Circuit(g, [e], {Edge(GraphNode("embed"), GraphNode("logits")): [1]}), "not one of the circuit's"),
+        (
+            lambda g, e: Circuit(g, [e], {Edge(GraphNode("embed"), GraphNode("logits")): [1]}),
+            "not one of the circuit's",
+        ),
         (lambda g, e: Circuit(g, [e], {e: []}), "non-empty collection of ints"),
         (lambda g, e: Circuit(g, [e], {e: [1.5]}), "non-empty collection of ints"),
         (lambda g, e: Circuit(g, [e], {e: [9]}).kept_mask(4), "at position 9, but the prompts have 4 tokens"),
@@ -385,13 +416,17 @@ def json_with(graph, **fields) -> str:
         (lambda g, e: Circuit.from_mask(g, torch.ones(3, dtype=torch.bool)), "bool tensor of shape"),
         (lambda g, e: Circuit.from_mask("graph", torch.ones(3, dtype=torch.bool)), "needs the model's EdgeGraph"),
         (lambda g, e: Circuit.from_json("{}"), "not the JSON of Circuit.to_json"),
-        (lambda g, e: Circuit.from_json(Circuit(g, [e]).to_json().replace("head 0.1 (q)", "head 0.9 (q)")),
-         "edges its graph does not have"),
+        (
+            lambda g, e: Circuit.from_json(Circuit(g, [e]).to_json().replace("head 0.1 (q)", "head 0.9 (q)")),
+            "edges its graph does not have",
+        ),
         (lambda g, e: Circuit.from_json(json_with(g, edges=None)), "its edges are None"),
         (lambda g, e: Circuit.from_json(json_with(g, edges=5)), "its edges are 5"),
         (lambda g, e: Circuit.from_json(json_with(g, positions=[])), r"its positions are \[\]"),
-        (lambda g, e: Circuit.from_json(json_with(g, positions={"embed -> logits": 3})),
-         "the positions of 'embed -> logits' are 3"),
+        (
+            lambda g, e: Circuit.from_json(json_with(g, positions={"embed -> logits": 3})),
+            "the positions of 'embed -> logits' are 3",
+        ),
     ],
 )
 def test_circuit_errors(call, message):
@@ -511,8 +546,15 @@ def test_confirmed_scores_are_exact_for_the_candidates(gqa_model):
         expected = exact.score(edge) if edge in chosen else estimate.score(edge)
         assert_close(confirmed.score(edge), expected)
     for edge in [edge for edge in chosen if edge.receiver.kind != "mlp"][:3]:  # a gated MLP has no whole-input node
-        pair = path_patch(model, orig, new, sender_node(estimate.graph, edge.sender),
-                          receiver_node(estimate.graph, edge.receiver), metric, direct_includes_mlps=False)  # fmt: skip
+        pair = path_patch(
+            model,
+            orig,
+            new,
+            sender_node(estimate.graph, edge.sender),
+            receiver_node(estimate.graph, edge.receiver),
+            metric,
+            direct_includes_mlps=False,
+        )
         assert_close(confirmed.score(edge), pair - metric(model(orig)).detach())
 
 
@@ -534,7 +576,9 @@ TRUE_EDGES = [
 ]
 
 
-@pytest.mark.skipif(TL_MAJOR >= 4, reason="TransformerLens 4 builds the induction model with boot_native: no per-head inputs")
+@pytest.mark.skipif(
+    TL_MAJOR >= 4, reason="TransformerLens 4 builds the induction model with boot_native: no per-head inputs"
+)
 def test_the_induction_circuit_is_recovered_exactly(induction):
     """Every edge outside the true circuit scores 0: decoy heads write where nothing reads,
     the previous-token head's position-only query and key do not change, nor does the
@@ -548,8 +592,9 @@ def test_the_induction_circuit_is_recovered_exactly(induction):
     others = torch.tensor([graph.index(edge) for edge in graph if edge not in true])
     assert exact.scores[others].abs().max() < 1e-4
     assert (exact.scores[[graph.index(edge) for edge in TRUE_EDGES]].abs() > 1.0).all()
-    curve = faithfulness_curve(model, exact, clean, induction_logit_metric(clean), new_input=corrupted,
-                               sizes=[1, len(TRUE_EDGES), len(graph)])  # fmt: skip
+    curve = faithfulness_curve(
+        model, exact, clean, induction_logit_metric(clean), new_input=corrupted, sizes=[1, len(TRUE_EDGES), len(graph)]
+    )
     assert curve.faithfulness[1:] == pytest.approx((1.0, 1.0), abs=1e-5) and curve.faithfulness[0] < 0.5
     assert curve.circuits[1] == true
 
@@ -642,27 +687,46 @@ def parallel_model(family: str = "gpt_neox"):
         import transformers
         from transformer_lens.model_bridge import TransformerBridge
 
-        config_class, model_class = {"gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
-                                     "phi": ("PhiConfig", "PhiForCausalLM")}[family]  # fmt: skip
+        config_class, model_class = {
+            "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+            "phi": ("PhiConfig", "PhiForCausalLM"),
+        }[family]
         config = getattr(transformers, config_class)(
-            num_hidden_layers=3, num_attention_heads=4, hidden_size=64, intermediate_size=128,
-            vocab_size=models.VOCAB, max_position_embeddings=64, initializer_range=0.1,
-        )  # fmt: skip
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            hidden_size=64,
+            intermediate_size=128,
+            vocab_size=models.VOCAB,
+            max_position_embeddings=64,
+            initializer_range=0.1,
+        )
         config.architectures = [model_class]
         hf_model = getattr(transformers, model_class)(config).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bridge = TransformerBridge.boot_transformers(family, hf_model=hf_model, tokenizer=models.tokenizer(),
-                                                         device="cpu")  # fmt: skip
+            bridge = TransformerBridge.boot_transformers(
+                family, hf_model=hf_model, tokenizer=models.tokenizer(), device="cpu"
+            )
             bridge.enable_compatibility_mode()
         return bridge
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     config = HookedTransformerConfig(
-        n_layers=3, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=models.VOCAB, n_ctx=64, act_fn="gelu",
-        normalization_type="LN", positional_embedding_type="rotary", rotary_dim=8, parallel_attn_mlp=True,
-        initializer_range=0.1, seed=0,
-    )  # fmt: skip
+        n_layers=3,
+        d_model=64,
+        n_heads=4,
+        d_head=16,
+        d_mlp=128,
+        d_vocab=models.VOCAB,
+        n_ctx=64,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        parallel_attn_mlp=True,
+        initializer_range=0.1,
+        seed=0,
+    )
     return HookedTransformer(config, tokenizer=models.tokenizer())
 
 
@@ -675,8 +739,11 @@ def test_parallel_blocks_have_no_edge_from_heads_to_their_own_mlp(parallel):
     graph = EdgeGraph.of(parallel)
     serial = EdgeGraph(graph.n_layers, graph.n_heads, graph.n_kv_heads, graph.has_mlps)
     assert graph.parallel_attn_mlp and graph != serial
-    own_mlp = [edge for edge in serial if edge.sender.kind == "head" and edge.receiver.kind == "mlp"
-               and edge.sender.layer == edge.receiver.layer]  # fmt: skip
+    own_mlp = [
+        edge
+        for edge in serial
+        if edge.sender.kind == "head" and edge.receiver.kind == "mlp" and edge.sender.layer == edge.receiver.layer
+    ]
     assert len(own_mlp) == graph.n_layers * graph.n_heads
     assert set(graph.edges) == set(serial.edges) - set(own_mlp)
     with raises("computes attention and MLP in parallel, so an MLP reads its layer's input"):
@@ -702,8 +769,9 @@ def test_parallel_circuits_are_exact(parallel):
     last = model.cfg.n_layers - 1
     edge = Edge(GraphNode("head", 1, head=2), GraphNode("logits"))
     removed = evaluate_circuit(model, Circuit(graph, [e for e in graph if e != edge]), orig, metric, new_input=new)
-    path = path_patch(model, orig, new, Node("z", 1, head=2), Node("resid_post", last), metric,
-                      direct_includes_mlps=False)  # fmt: skip
+    path = path_patch(
+        model, orig, new, Node("z", 1, head=2), Node("resid_post", last), metric, direct_includes_mlps=False
+    )
     assert_close(removed, path)
     scores = attr_edges(model, orig, metric, new_input=new)
     assert scores.graph == graph and scores.scores.shape[0] == len(graph)
@@ -716,8 +784,9 @@ def test_parallel_blocks_refuse_what_they_do_not_have(parallel):
     with raises("computes attention and MLP in parallel, both from the block's input, so there is no residual"):
         act_patch(model, orig, Node("resid_mid", 0), metric, new_input=new)
     with raises("path_patch with direct_includes_mlps=False adds each sender's write"):
-        path_patch(model, orig, new, IterNode("z", layers=[1]), Node("pre", 1, neuron=3), metric,
-                   direct_includes_mlps=False)  # fmt: skip
+        path_patch(
+            model, orig, new, IterNode("z", layers=[1]), Node("pre", 1, neuron=3), metric, direct_includes_mlps=False
+        )
     with raises("attr_path_patch adds each sender's write"):
         attr_path_patch(model, orig, new, IterNode("z", layers=[1]), Node("pre", 1, neuron=3), metric)
 

@@ -29,7 +29,9 @@ def imported_after(argv: list[str]) -> tuple[int, str, list[str]]:
         "try:\n    status = tl_patch.main(sys.argv[1:])\nexcept SystemExit as exit:\n    status = exit.code\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\nsys.exit(status)\n"
     )
-    run = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120, check=False
+    )
     return run.returncode, run.stderr, run.stdout.strip().splitlines()[-1]
 
 
@@ -141,7 +143,9 @@ def test_the_command_lines_defaults_are_the_settings_defaults():
     assert cli.settings_of(args) == IOISettings()
     assert set(tl_patch.DEFAULTS) == {f.name for f in fields(IOISettings)} - {"prepend_bos", "batch_size"}
     assert cli.settings_of(tl_patch.parse_arguments(["ioi", "--dry-run", "--top-neurons", "5"])).top_neurons == 5
-    circuit = cli.settings_of(tl_patch.parse_arguments(["ioi", "--circuit-candidates", "7", "--circuit-faithfulness", "0.6"]))
+    circuit = cli.settings_of(
+        tl_patch.parse_arguments(["ioi", "--circuit-candidates", "7", "--circuit-faithfulness", "0.6"])
+    )
     assert (circuit.circuit_candidates, circuit.circuit_faithfulness) == (7, 0.6)
 
 
@@ -212,7 +216,9 @@ def test_an_interrupted_run_keeps_what_it_finished(small_model, tmp_path, monkey
 def test_results_are_saved_after_every_step(small_model, tmp_path, monkeypatch):
     saved = []
     write_json = cli.write_json
-    monkeypatch.setattr(cli, "write_json", lambda analysis, out: saved.append(len(analysis.steps)) or write_json(analysis, out))
+    monkeypatch.setattr(
+        cli, "write_json", lambda analysis, out: saved.append(len(analysis.steps)) or write_json(analysis, out)
+    )
     assert run_cli(monkeypatch, small_model, tmp_path) == 0
     assert saved == [0, 1, 2, 3, 4, 5, 6, 7]
     assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
@@ -227,7 +233,6 @@ def test_the_embedded_models_conversion_is_explained_in_one_line(tmp_path):
     converted_folder(tmp_path).mkdir(parents=True)
     (converted_folder(tmp_path) / "model.safetensors").write_bytes(b"")
     assert loading_line(tmp_path).startswith("Loading SmolLM2-135M-Instruct (embedded; float32")
-
 
 
 @pytest.mark.skipif(models.TL_MAJOR >= 4, reason="TransformerLens 4 boots every architecture its bridge supports")

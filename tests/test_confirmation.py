@@ -39,8 +39,13 @@ def every_cell(estimates: dict[str, PatchResult], per_prompt: bool):
         def walk(selection, remaining):
             if not remaining:
                 value = result.sel(**selection)
-                cells.append((name, dict(selection), float(torch.as_tensor(value).double().mean()) if per_prompt
-                              else float(value)))  # fmt: skip
+                cells.append(
+                    (
+                        name,
+                        dict(selection),
+                        float(torch.as_tensor(value).double().mean()) if per_prompt else float(value),
+                    )
+                )
                 return
             for coordinate in result.coords[remaining[0]]:
                 walk({**selection, remaining[0]: coordinate}, remaining[1:])
@@ -53,8 +58,13 @@ def node_of(component: str, coords: dict[str, int]) -> Node:
     """The Node that patches one cell of a sweep."""
     coords = dict(coords)
     head = coords.pop("head", coords.pop("kv_head", None))
-    return Node(component, coords.pop("layer", None), head=head, neuron=coords.pop("neuron", None),
-                seq_pos=coords.pop("seq_pos", None))  # fmt: skip
+    return Node(
+        component,
+        coords.pop("layer", None),
+        head=head,
+        neuron=coords.pop("neuron", None),
+        seq_pos=coords.pop("seq_pos", None),
+    )
 
 
 def unpatched_metric(model, orig, metric) -> float:
@@ -156,7 +166,9 @@ def literal_overlap(estimated: list[float], exact: list[float], n: int) -> int:
 
 
 def hand_made(estimated: list[float], exact: list[float]) -> Confirmation:
-    cells = tuple(ConfirmedCell("z", {"layer": i, "head": 0}, e, x, e, x) for i, (e, x) in enumerate(zip(estimated, exact)))
+    cells = tuple(
+        ConfirmedCell("z", {"layer": i, "head": 0}, e, x, e, x) for i, (e, x) in enumerate(zip(estimated, exact))
+    )
     return Confirmation(cells, unpatched=0.0, screened=100)
 
 
@@ -174,8 +186,9 @@ def test_rank_statistics_against_a_literal_computation(gpt2_model):
     orig, new = make_inputs(model, batch=BATCH)
     metric = logit_diff_metric()
     sweep = IterNode(["z", "post"], layers=[2])
-    measured = confirm(model, attr_patch(model, orig, sweep, metric, new_input=new), orig, sweep, metric,
-                       new_input=new, top_k=9)  # fmt: skip
+    measured = confirm(
+        model, attr_patch(model, orig, sweep, metric, new_input=new), orig, sweep, metric, new_input=new, top_k=9
+    )
     estimated, exact = [c.estimated_change for c in measured.cells], [c.exact_change for c in measured.cells]
     assert measured.spearman == pytest.approx(literal_spearman(estimated, exact), abs=1e-9)
     assert measured.top_k_overlap == literal_overlap(estimated, exact, 5)
@@ -185,13 +198,20 @@ def test_a_frame_and_a_readable_summary(gpt2_model):
     pytest.importorskip("pandas")
     checked = hand_made([0.9, -0.7], [0.8, -0.4])
     frame = checked.to_frame()
-    assert list(frame.columns) == ["component", "layer", "head", "estimate", "exact", "estimated_change", "exact_change"]
+    assert list(frame.columns) == [
+        "component",
+        "layer",
+        "head",
+        "estimate",
+        "exact",
+        "estimated_change",
+        "exact_change",
+    ]
     assert frame["layer"].tolist() == [0, 1] and frame["exact"].tolist() == [0.8, -0.4]
     text = repr(checked)
     assert text.startswith("Confirmation: the 2 of 100 cells with the largest estimated change")
     assert "Spearman 1.000; top-1 overlap 1 of 1" in text and "z layer=1, head=0" in text
     assert "top-1 overlap 0 of 1" in repr(hand_made([0.9, -0.7], [0.4, -0.8])), "the exact strongest is the second"
-
 
 
 def test_where_the_estimate_is_exact_so_is_the_ranking():
@@ -249,8 +269,9 @@ def test_the_plugin_method(gpt2_model):
     sweep = IterNode("z", layers=[3])
     estimates = attr_patch(model, orig, sweep, metric, new_input=new)
     through_model = model.confirm(estimates, orig, sweep, metric, new_input=new, top_k=3)
-    assert [c.exact for c in through_model.cells] == [c.exact for c in confirm(model, estimates, orig, sweep, metric,
-                                                                               new_input=new, top_k=3).cells]  # fmt: skip
+    assert [c.exact for c in through_model.cells] == [
+        c.exact for c in confirm(model, estimates, orig, sweep, metric, new_input=new, top_k=3).cells
+    ]
 
 
 @pytest.mark.parametrize("swept", ["senders", "receivers"])

@@ -95,12 +95,16 @@ def venv(tmp_path) -> Path:
     folder = tmp_path / "venv"
     subprocess.run(
         [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(folder)],
-        check=True, timeout=TIMEOUT_S,
+        check=True,
+        timeout=TIMEOUT_S,
     )
     python = folder / "bin" / "python"
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True, timeout=TIMEOUT_S,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
     ).stdout.strip()
     ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     (Path(purelib) / "_test_environment.pth").write_text("".join(f"{path}\n" for path in ours))

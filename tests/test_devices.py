@@ -63,20 +63,30 @@ def _engines(model, orig, cache: dict) -> dict:
     graph = EdgeGraph.of(model)
     return {
         "act_patch": lambda: plan_act_patch(model, orig, IterNode("z"), metric, new_cache=cache),
-        "path_patch new_cache": lambda: plan_path_patch(model, orig, orig, IterNode("z"), Node("resid_post", last),
-                                                        metric, new_cache=cache),
-        "path_patch orig_cache": lambda: plan_path_patch(model, orig, orig, IterNode("z"), Node("resid_post", last),
-                                                         metric, orig_cache=cache),
+        "path_patch new_cache": lambda: plan_path_patch(
+            model, orig, orig, IterNode("z"), Node("resid_post", last), metric, new_cache=cache
+        ),
+        "path_patch orig_cache": lambda: plan_path_patch(
+            model, orig, orig, IterNode("z"), Node("resid_post", last), metric, orig_cache=cache
+        ),
         "attr_patch": lambda: attr_patch(model, orig, IterNode("z"), metric, new_cache=cache),
         "attr_edges": lambda: attr_edges(model, orig, metric, new_cache=cache),
-        "attr_path_patch": lambda: attr_path_patch(model, orig, None, IterNode("z"), Node("resid_post", last), metric,
-                                                   new_cache=cache),
+        "attr_path_patch": lambda: attr_path_patch(
+            model, orig, None, IterNode("z"), Node("resid_post", last), metric, new_cache=cache
+        ),
         "evaluate_circuit": lambda: evaluate_circuit(model, Circuit.empty(graph), orig, metric, new_cache=cache),
-    }  # fmt: skip
+    }
 
 
-ENGINES = ["act_patch", "path_patch new_cache", "path_patch orig_cache", "attr_patch", "attr_edges",
-           "attr_path_patch", "evaluate_circuit"]  # fmt: skip
+ENGINES = [
+    "act_patch",
+    "path_patch new_cache",
+    "path_patch orig_cache",
+    "attr_patch",
+    "attr_edges",
+    "attr_path_patch",
+    "evaluate_circuit",
+]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -107,8 +117,9 @@ def test_a_cache_in_another_float_dtype_is_cast_to_the_models(small):
         cache = {name: cast(t) for name, t in tensors.items()}
         orig_cache = {name: cast(t) for name, t in orig_tensors.items()}
         swept = act_patch(small, orig, IterNode(["z", "resid_pre"]), metric, new_cache=cache)
-        paths = path_patch(small, orig, None, IterNode("z"), Node("resid_post", last), metric, orig_cache=orig_cache,
-                           new_cache=cache)  # fmt: skip
+        paths = path_patch(
+            small, orig, None, IterNode("z"), Node("resid_post", last), metric, orig_cache=orig_cache, new_cache=cache
+        )
         return [swept["z"], swept["resid_pre"], paths["z"]]
 
     for as_float64, as_is in zip(results(torch.Tensor.double), results(lambda t: t)):
@@ -154,8 +165,18 @@ def test_model_shape_reads_the_element_size_and_devices(small, tok):
 
 
 def _shape(element_size: int = 4, devices=()) -> ModelShape:
-    return ModelShape(n_layers=12, n_heads=12, n_kv_heads=12, d_model=768, d_head=64, d_mlp=3072, d_vocab=50257,
-                      has_mlps=True, element_size=element_size, devices=devices)  # fmt: skip
+    return ModelShape(
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=12,
+        d_model=768,
+        d_head=64,
+        d_mlp=3072,
+        d_vocab=50257,
+        has_mlps=True,
+        element_size=element_size,
+        devices=devices,
+    )
 
 
 def test_the_default_budget_on_cuda_is_a_fraction_of_the_free_memory(monkeypatch):
@@ -211,14 +232,22 @@ def _every_engine(model, orig, new, cache: dict) -> dict:
         "act_patch": act_patch(model, orig, IterNode(["z", "resid_pre", "mlp_out"]), metric, new_cache=cache),
         "act_patch input": act_patch(model, orig, IterNode("z"), metric, new_input=new),
         "path_patch two passes": path_patch(model, orig, new, IterNode("z"), Node("resid_post", last), metric),
-        "path_patch one pass": path_patch(model, orig, None, IterNode("z"), Node("q", last, head=0), metric,
-                                          new_cache=cache, direct_includes_mlps=False),
+        "path_patch one pass": path_patch(
+            model,
+            orig,
+            None,
+            IterNode("z"),
+            Node("q", last, head=0),
+            metric,
+            new_cache=cache,
+            direct_includes_mlps=False,
+        ),
         "attr_patch": attr_patch(model, orig, IterNode(["z", "k"]), metric, new_cache=cache, method="atp*"),
         "attr_patch ig": attr_patch(model, orig, IterNode("z"), metric, new_cache=cache, method="ig", steps=2),
         "attr_edges": attr_edges(model, orig, metric, new_cache=cache),
         "attr_path_patch": attr_path_patch(model, orig, new, IterNode("z"), Node("resid_post", last), metric),
         "evaluate_circuit": evaluate_circuit(model, circuits, orig, metric, new_cache=cache),
-    }  # fmt: skip
+    }
 
 
 def _assert_same(actual: dict, expected: dict, relative: float = 1e-4) -> None:
@@ -262,13 +291,26 @@ def test_no_engine_waits_for_the_gpu_once_per_cell(tok):
     def counts(neurons: int) -> list[int]:
         sweep = IterNode("post", layers=[last - 1], neurons=list(range(neurons)))
         act = plan_act_patch(model, orig, sweep, metric, new_cache=cache, batch_size=10_000)
-        path = plan_path_patch(model, orig, None, sweep, Node("resid_post", last), metric, new_cache=cache,
-                               direct_includes_mlps=False, batch_size=10_000)  # fmt: skip
-        circuits = [Circuit.from_scores(attr_edges(model, orig, metric, new_cache=cache), n + 1)
-                    for n in range(neurons // 4)]  # fmt: skip
-        runs = [act.run, path.run, lambda: evaluate_circuit(model, circuits, orig, metric, new_cache=cache,
-                                                            batch_size=10_000),
-                lambda: attr_patch(model, orig, sweep, metric, new_cache=cache)]  # fmt: skip
+        path = plan_path_patch(
+            model,
+            orig,
+            None,
+            sweep,
+            Node("resid_post", last),
+            metric,
+            new_cache=cache,
+            direct_includes_mlps=False,
+            batch_size=10_000,
+        )
+        circuits = [
+            Circuit.from_scores(attr_edges(model, orig, metric, new_cache=cache), n + 1) for n in range(neurons // 4)
+        ]
+        runs = [
+            act.run,
+            path.run,
+            lambda: evaluate_circuit(model, circuits, orig, metric, new_cache=cache, batch_size=10_000),
+            lambda: attr_patch(model, orig, sweep, metric, new_cache=cache),
+        ]
         for run in runs:
             run()  # warm up: first calls may allocate
         return [_synchronisations(run) for run in runs]
@@ -298,19 +340,34 @@ def _split_bridge(kind: str, tok):
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = GPT2Config(n_layer=4, n_head=4, n_embd=64, vocab_size=models.VOCAB, n_positions=64,
-                            initializer_range=0.1)  # fmt: skip
+        config = GPT2Config(
+            n_layer=4, n_head=4, n_embd=64, vocab_size=models.VOCAB, n_positions=64, initializer_range=0.1
+        )
         hf = GPT2LMHeadModel(config).eval()
         models._randomize_biases(hf, 1)
-        device_map = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.drop": 0, "transformer.ln_f": 1,
-                      "lm_head": 0} | {f"transformer.h.{i}": int(i >= 2) for i in range(4)}  # fmt: skip
+        device_map = {
+            "transformer.wte": 0,
+            "transformer.wpe": 0,
+            "transformer.drop": 0,
+            "transformer.ln_f": 1,
+            "lm_head": 0,
+        } | {f"transformer.h.{i}": int(i >= 2) for i in range(4)}
     else:
-        config = LlamaConfig(num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, hidden_size=48,
-                             intermediate_size=96, vocab_size=models.VOCAB, max_position_embeddings=64,
-                             tie_word_embeddings=False, initializer_range=0.1)  # fmt: skip
+        config = LlamaConfig(
+            num_hidden_layers=4,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            hidden_size=48,
+            intermediate_size=96,
+            vocab_size=models.VOCAB,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            initializer_range=0.1,
+        )
         hf = LlamaForCausalLM(config).eval()
         device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1} | {
-            f"model.layers.{i}": int(i >= 2) for i in range(4)}  # fmt: skip
+            f"model.layers.{i}": int(i >= 2) for i in range(4)
+        }
     bridge = TransformerBridge.boot_transformers(
         kind if kind == "gpt2" else "llama", hf_model=dispatch_model(hf, device_map=device_map), tokenizer=tok
     )

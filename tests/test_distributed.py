@@ -129,14 +129,32 @@ chunks (one in one process), so these agree to float rounding; every other step 
 
 @pytest.mark.skipif(TL_MAJOR < 4, reason="the tl-patch run under torchrun is checked once, on TransformerLens 4")
 def test_tl_patch_ioi_under_torchrun_writes_one_report(tmp_path, model_folder):
-    options = ["ioi", "--model", str(model_folder), "--n-prompts", "4", "--top-k", "2", "--top-neurons", "4",
-               "--circuit-candidates", "5", "--quiet"]  # fmt: skip
+    options = [
+        "ioi",
+        "--model",
+        str(model_folder),
+        "--n-prompts",
+        "4",
+        "--top-k",
+        "2",
+        "--top-neurons",
+        "4",
+        "--circuit-candidates",
+        "5",
+        "--quiet",
+    ]
     shared = torchrun("-m", "transformer_lens_patching", *options, "--out", str(tmp_path / "two"))
     assert shared.stdout.count("Wrote ") == 1 and "; 2 processes" in shared.stdout, shared.stdout
     assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["report.html", "results.csv", "results.json"]
-    alone = subprocess.run([sys.executable, "-m", "transformer_lens_patching", *options, "--out", str(tmp_path / "one")],
-                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
-                           capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+    alone = subprocess.run(
+        [sys.executable, "-m", "transformer_lens_patching", *options, "--out", str(tmp_path / "one")],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert alone.returncode == 0, alone.stderr[-3000:]
     two, one = findings(tmp_path / "two"), findings(tmp_path / "one")
     assert two.keys() == one.keys()

@@ -45,9 +45,17 @@ def two_ranks(case: str, out: Path) -> dict[int, dict]:
     port = str(free_port())
     processes = []
     for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(rank)}  # fmt: skip
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+        }
         command = [sys.executable, "-m", "tests.distributed_failures", case, str(out)]
         processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     began = time.time()
@@ -115,8 +123,11 @@ def test_a_rank_raising_while_planning_stops_every_rank(tmp_path):
     assert own["error"]["type"] == "PatchingError" and "out of range" in own["error"]["message"], own
     assert "met at different points" in own["error"]["notes"], own
     assert other["error"]["type"] == "PatchingError", other
-    assert "met at different points (rank 0 at the start of a plan; rank 1 at the end of act_patch" in other[
-        "error"]["message"] and "out of range" in other["error"]["message"], other  # fmt: skip
+    assert (
+        "met at different points (rank 0 at the start of a plan; rank 1 at the end of act_patch"
+        in other["error"]["message"]
+        and "out of range" in other["error"]["message"]
+    ), other
     for report in reports.values():
         assert report["seconds"] < BOUND and not report["hooks_left"] and report["following_call_equal"], report
 
@@ -132,7 +143,9 @@ def test_ranks_with_other_inputs_are_told_on_every_rank(tmp_path):
     reports = two_ranks("other-inputs", tmp_path)
     for report in reports.values():
         assert report["error"]["type"] == "PatchingError", report
-        assert "every rank must make the same call, but rank 1 of 2 built a different plan" in report["error"]["message"]
+        assert (
+            "every rank must make the same call, but rank 1 of 2 built a different plan" in report["error"]["message"]
+        )
         assert report["seconds"] < BOUND and not report["hooks_left"] and report["following_call_equal"], report
 
 

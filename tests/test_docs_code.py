@@ -25,9 +25,7 @@ def python_blocks(page: Path) -> list[tuple[int, str]]:
     """(line, code) of each block of `page` that runs."""
     text = page.read_text()
     return [
-        (text[: match.start()].count("\n") + 1, match.group(2))
-        for match in BLOCK.finditer(text)
-        if not match.group(1)
+        (text[: match.start()].count("\n") + 1, match.group(2)) for match in BLOCK.finditer(text) if not match.group(1)
     ]
 
 

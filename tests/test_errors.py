@@ -274,7 +274,9 @@ def test_new_input_of_another_batch(small_model):
 def test_new_cache_missing_hook_suggests_closest(small_model):
     orig, new = make_inputs(small_model)
     _, cache = small_model.run_with_cache(new, names_filter=lambda name: name in ("blocks.1.attn.hook_q", "hook_embed"))
-    with raises(r"new_cache has no activation 'blocks\.1\.attn\.hook_z'.*Closest cached name: 'blocks\.1\.attn\.hook_q'"):
+    with raises(
+        r"new_cache has no activation 'blocks\.1\.attn\.hook_z'.*Closest cached name: 'blocks\.1\.attn\.hook_q'"
+    ):
         act_patch(small_model, orig, Node("z", 1, head=0), logit_diff_metric(), new_cache=cache)
 
 
@@ -532,8 +534,12 @@ def test_path_patch_orig_cache_zero_string(small_model):
 def test_path_patch_new_cache_missing_hook(small_model):
     orig, new = make_inputs(small_model)
     _, cache = small_model.run_with_cache(new, names_filter=lambda name: name == "blocks.0.attn.hook_q")
-    with raises(r"new_cache has no activation 'blocks\.0\.attn\.hook_z'.*Closest cached name: 'blocks\.0\.attn\.hook_q'"):
-        path_patch(small_model, orig, None, Node("z", 0, head=0), Node("resid_post", 1), logit_diff_metric(), new_cache=cache)
+    with raises(
+        r"new_cache has no activation 'blocks\.0\.attn\.hook_z'.*Closest cached name: 'blocks\.0\.attn\.hook_q'"
+    ):
+        path_patch(
+            small_model, orig, None, Node("z", 0, head=0), Node("resid_post", 1), logit_diff_metric(), new_cache=cache
+        )
 
 
 def test_path_patch_caches_wrong_sequence_length(small_model):
@@ -541,8 +547,15 @@ def test_path_patch_caches_wrong_sequence_length(small_model):
     _, short_new = small_model.run_with_cache(new[:, :5])
     _, short_orig = small_model.run_with_cache(orig[:, :5])
     with raises(r"new_cache.*\b5\b.*\b7\b"):
-        path_patch(small_model, orig, None, Node("z", 1, head=0), Node("resid_post", 2), logit_diff_metric(),
-                   new_cache=short_new)
+        path_patch(
+            small_model,
+            orig,
+            None,
+            Node("z", 1, head=0),
+            Node("resid_post", 2),
+            logit_diff_metric(),
+            new_cache=short_new,
+        )
     with raises(r"orig_cache.*\b5\b.*\b7\b"):
         ppatch(small_model, Node("z", 1, head=0), Node("resid_post", 2), orig_cache=short_orig)
 

@@ -22,6 +22,7 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("TLP_HUB") != "1", reason="needs GPT-2 small from the model hub (set TLP_HUB=1)"),
 ]
 
+
 @pytest.fixture(scope="module")
 def gpt2():
     if TL_MAJOR >= 4:
@@ -33,8 +34,12 @@ def gpt2():
     from transformer_lens import HookedTransformer
 
     return HookedTransformer.from_pretrained(
-        "gpt2-small", center_unembed=True, center_writing_weights=True, fold_ln=True,
-        refactor_factored_attn_matrices=True, device="cpu",
+        "gpt2-small",
+        center_unembed=True,
+        center_writing_weights=True,
+        fold_ln=True,
+        refactor_factored_attn_matrices=True,
+        device="cpu",
     )
 
 
@@ -64,8 +69,15 @@ def test_denoising_activation_patching(gpt2, ioi):
 
     results = act_patch(gpt2, corrupted, IterNode(["z", "v", "pattern"]), metric, new_input=clean)
     z, v, pattern = results["z"], results["v"], results["pattern"]
-    for (layer, head), value in {(5, 5): 0.343, (8, 6): 0.319, (8, 10): 0.278, (9, 9): 0.264, (10, 7): -0.480,
-                                 (11, 10): -0.278, (3, 0): 0.116}.items():
+    for (layer, head), value in {
+        (5, 5): 0.343,
+        (8, 6): 0.319,
+        (8, 10): 0.278,
+        (9, 9): 0.264,
+        (10, 7): -0.480,
+        (11, 10): -0.278,
+        (3, 0): 0.116,
+    }.items():
         assert abs(z.sel(layer=layer, head=head).item() - value) < 0.005, (layer, head)
     for (layer, head), value in {(8, 6): 0.317, (8, 10): 0.273, (7, 9): 0.208, (7, 3): 0.133}.items():
         assert abs(v.sel(layer=layer, head=head).item() - value) < 0.005, (layer, head)

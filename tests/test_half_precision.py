@@ -96,10 +96,19 @@ def engine_results(model, scores: EdgeScores) -> dict:
 
 
 ENGINES = [
-    "act_patch", "act_patch, plain metric", "path_patch, two passes", "path_patch, one pass", "attr_patch atp",
-    "attr_patch ig", "attr_patch atp*", "attr_edges", "attr_edges ig", "attr_path_patch", "evaluate_circuit",
+    "act_patch",
+    "act_patch, plain metric",
+    "path_patch, two passes",
+    "path_patch, one pass",
+    "attr_patch atp",
+    "attr_patch ig",
+    "attr_patch atp*",
+    "attr_edges",
+    "attr_edges ig",
+    "attr_path_patch",
+    "evaluate_circuit",
     "faithfulness_curve",
-]  # fmt: skip
+]
 
 
 def flat(result) -> torch.Tensor:
@@ -177,18 +186,34 @@ def _unpatched(model, tokens, metric) -> torch.Tensor:
 def test_patching_from_an_identical_cache_changes_nothing_exactly(built, name, dtype):
     model = built(name, dtype)
     orig, _ = make_inputs(model)
-    plain = lambda logits: logits[:, -1, 5] - logits[:, -1, 6]
+
+    def plain(logits):
+        return logits[:, -1, 5] - logits[:, -1, 6]
+
     expected = _unpatched(model, orig, plain)
     _, cache = model.run_with_cache(orig)
     last = model.cfg.n_layers - 1
-    swept = act_patch(model, orig, IterNode(["z", "resid_pre", "resid_mid", "mlp_out", "pattern"]), plain,
-                      new_cache=cache)  # fmt: skip
+    swept = act_patch(
+        model, orig, IterNode(["z", "resid_pre", "resid_mid", "mlp_out", "pattern"]), plain, new_cache=cache
+    )
     for result in swept.values():
         assert torch.equal(result.as_tensor(), expected.expand_as(result.as_tensor()))
-    for direct, receiver in ((True, Node("resid_post", last)), (True, Node("v", last, head=0)),
-                             (False, Node("resid_post", last))):  # fmt: skip
-        result = path_patch(model, orig, None, IterNode("z"), receiver, plain, orig_cache=cache, new_cache=cache,
-                            direct_includes_mlps=direct)["z"].as_tensor()  # fmt: skip
+    for direct, receiver in (
+        (True, Node("resid_post", last)),
+        (True, Node("v", last, head=0)),
+        (False, Node("resid_post", last)),
+    ):
+        result = path_patch(
+            model,
+            orig,
+            None,
+            IterNode("z"),
+            receiver,
+            plain,
+            orig_cache=cache,
+            new_cache=cache,
+            direct_includes_mlps=direct,
+        )["z"].as_tensor()
         assert torch.equal(result, expected.expand_as(result)), (direct, receiver)
     for metric in (LogitDiff(ANSWERS, per_prompt=True), TokenProbability(ANSWERS[:, 0], per_prompt=True, log=True)):
         unpatched, _ = calibrate(model, metric, orig, orig)
@@ -205,7 +230,10 @@ def test_identical_edges_change_nothing_exactly(built, name):
     run differs by about 1e-3): the identical cache is recorded with those hooks on, as they see it."""
     model = built(name, torch.bfloat16)
     orig, _ = make_inputs(model)
-    plain = lambda logits: logits[:, -1, 5] - logits[:, -1, 6]
+
+    def plain(logits):
+        return logits[:, -1, 5] - logits[:, -1, 6]
+
     model.set_use_split_qkv_input(True)
     model.set_use_hook_mlp_in(True)
     try:

@@ -113,7 +113,9 @@ def test_user_hook_kept_and_applied_iter_node(small_model):
     with user_hook(model, KNOCKOUT_HOOK, knockout(calls)):
         with_hook = act_patch(model, orig, sweep, metric, new_input=new)["resid_pre"]
         cache = full_cache(model, new)
-        expected = [naive_act_patch(model, orig, [Node("resid_pre", layer, seq_pos=-1)], metric, cache) for layer in (2, 3)]
+        expected = [
+            naive_act_patch(model, orig, [Node("resid_pre", layer, seq_pos=-1)], metric, cache) for layer in (2, 3)
+        ]
         assert sum(hook_counts(model).values()) == 1
     assert_close(with_hook, torch.stack(expected))
     assert (with_hook - without).abs().max() > 1e-4
@@ -155,8 +157,16 @@ def test_keyboard_interrupt_mid_sweep_restores_model(small_model):
     seen: list = []
     metric = raising_metric(model, 2, KeyboardInterrupt(), seen)
     with pytest.raises(KeyboardInterrupt):
-        path_patch(model, orig, new, IterNode("z", layers=[0, 1]), Node("q", 2, head=1), metric,
-                   direct_includes_mlps=False, batch_size=1)
+        path_patch(
+            model,
+            orig,
+            new,
+            IterNode("z", layers=[0, 1]),
+            Node("q", 2, head=1),
+            metric,
+            direct_includes_mlps=False,
+            batch_size=1,
+        )
     assert len(seen) == 3 and all(seen)
     assert model.cfg.use_split_qkv_input is False
     assert hook_counts(model) == {}
@@ -177,8 +187,16 @@ def test_interrupt_inside_forward_pass_removes_our_hooks(small_model):
     name = "blocks.3.hook_resid_post"
     with user_hook(model, name, interrupt_on_third_call):
         with pytest.raises(KeyboardInterrupt):
-            path_patch(model, orig, new, IterNode("z", layers=[0, 1]), Node("q", 3, head=1), logit_diff_metric(),
-                       direct_includes_mlps=False, batch_size=1)
+            path_patch(
+                model,
+                orig,
+                new,
+                IterNode("z", layers=[0, 1]),
+                Node("q", 3, head=1),
+                logit_diff_metric(),
+                direct_includes_mlps=False,
+                batch_size=1,
+            )
         assert sum(hook_counts(model).values()) == 1
         assert model.cfg.use_split_qkv_input is False
     assert calls[-1] is True
@@ -249,7 +267,9 @@ def test_new_cache_not_written_act_patch(small_model):
     before = clone_all(new_cache)
     metric = logit_diff_metric()
     act_patch(model, orig, IterNode(["z", "resid_pre"], layers=[0, 1]), metric, new_cache=new_cache)
-    act_patch(model, orig, [Node("resid_pre", 1, seq_pos=[1, 2, 3]), Node("post", 0, neuron=3)], metric, new_cache=new_cache)
+    act_patch(
+        model, orig, [Node("resid_pre", 1, seq_pos=[1, 2, 3]), Node("post", 0, neuron=3)], metric, new_cache=new_cache
+    )
     assert_unchanged(new_cache, before)
 
 
@@ -272,8 +292,17 @@ def test_caches_not_written_path_patch(small_model, mlps_direct):
     _, orig_cache = model.run_with_cache(orig)
     _, new_cache = model.run_with_cache(new)
     orig_before, new_before = clone_all(orig_cache), clone_all(new_cache)
-    path_patch(model, orig, new, IterNode("z", layers=[0], heads=[0, 1]), [Node("resid_mid", 2), Node("q", 2, head=0)],
-               logit_diff_metric(), orig_cache=orig_cache, new_cache=new_cache, direct_includes_mlps=mlps_direct)
+    path_patch(
+        model,
+        orig,
+        new,
+        IterNode("z", layers=[0], heads=[0, 1]),
+        [Node("resid_mid", 2), Node("q", 2, head=0)],
+        logit_diff_metric(),
+        orig_cache=orig_cache,
+        new_cache=new_cache,
+        direct_includes_mlps=mlps_direct,
+    )
     assert_unchanged(orig_cache, orig_before)
     assert_unchanged(new_cache, new_before)
 
@@ -289,8 +318,14 @@ def test_results_carry_no_grad(small_model):
     single = act_patch(model, orig, Node("z", 1, head=0), metric, new_input=new)
     sweep = act_patch(model, orig, IterNode("z", layers=[1]), metric, new_input=new)["z"]
     path = path_patch(model, orig, new, Node("z", 0), Node("q", 1, head=0), metric)
-    on_cache = act_patch(model, orig, Node("resid_pre", 1), lambda cache: cache["blocks.2.hook_resid_pre"].norm(),
-                         new_input=new, apply_metric_to_cache=True)
+    on_cache = act_patch(
+        model,
+        orig,
+        Node("resid_pre", 1),
+        lambda cache: cache["blocks.2.hook_resid_pre"].norm(),
+        new_input=new,
+        apply_metric_to_cache=True,
+    )
     for result in (single, sweep, path, on_cache):
         assert result.grad_fn is None and not result.requires_grad
     assert all(p.grad is None for p in model.parameters())
@@ -338,10 +373,25 @@ def test_nodes_unchanged_after_sweeps(small_model):
     metric = logit_diff_metric()
     act_patch(model, orig, nodes, metric, new_input=new)
     act_patch(model, orig, sweep, metric, new_input=new)
-    path_patch(model, orig, new, [Node("z", 0, head=1), Node("mlp_out", 0)], [Node("q", -1, head=0), Node("resid_mid", 1)],
-               metric, seq_pos=positions, direct_includes_mlps=False)
-    path_patch(model, orig, new, IterNode("z", layers=[0], heads=[0, 1]), Node("resid_post", -1), metric,
-               direct_includes_mlps=False)
+    path_patch(
+        model,
+        orig,
+        new,
+        [Node("z", 0, head=1), Node("mlp_out", 0)],
+        [Node("q", -1, head=0), Node("resid_mid", 1)],
+        metric,
+        seq_pos=positions,
+        direct_includes_mlps=False,
+    )
+    path_patch(
+        model,
+        orig,
+        new,
+        IterNode("z", layers=[0], heads=[0, 1]),
+        Node("resid_post", -1),
+        metric,
+        direct_includes_mlps=False,
+    )
     assert nodes == saved_nodes and sweep == saved_sweep
     assert [repr(node) for node in nodes] + [repr(sweep)] == saved_reprs
     assert torch.equal(positions, torch.tensor([-1, 2, 3]))

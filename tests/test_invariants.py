@@ -23,8 +23,9 @@ def test_identical_new_input_changes_nothing(model):
     for result in results.values():
         assert_close(result, unpatched.expand_as(result))
     for direct in (True, False):
-        result = path_patch(model, orig, orig, IterNode("z", layers=layers), Node("resid_post", -1), metric,
-                            direct_includes_mlps=direct)["z"]
+        result = path_patch(
+            model, orig, orig, IterNode("z", layers=layers), Node("resid_post", -1), metric, direct_includes_mlps=direct
+        )["z"]
         assert_close(result, unpatched.expand_as(result))
 
 
@@ -42,17 +43,23 @@ def test_iter_node_equals_looping_single_nodes(small_model):
     model = small_model
     orig, new = make_inputs(model)
     metric = logit_diff_metric()
-    sweep = act_patch(model, orig, IterNode(["v", "post"], layers=[1], heads=[0, 1], neurons=[2, 9]), metric, new_input=new)
+    sweep = act_patch(
+        model, orig, IterNode(["v", "post"], layers=[1], heads=[0, 1], neurons=[2, 9]), metric, new_input=new
+    )
     for i, head in enumerate((0, 1)):
         assert_close(sweep["v"][0, i], act_patch(model, orig, Node("v", 1, head=head), metric, new_input=new))
     for i, neuron in enumerate((2, 9)):
         assert_close(sweep["post"][0, i], act_patch(model, orig, Node("post", 1, neuron=neuron), metric, new_input=new))
     receiver = Node("k", 3, head=0)
     for direct in (True, False):
-        sweep = path_patch(model, orig, new, IterNode("z", layers=[0, 2]), receiver, metric, direct_includes_mlps=direct)["z"]
+        sweep = path_patch(
+            model, orig, new, IterNode("z", layers=[0, 2]), receiver, metric, direct_includes_mlps=direct
+        )["z"]
         for i, layer in enumerate((0, 2)):
             for head in range(model.cfg.n_heads):
-                single = path_patch(model, orig, new, Node("z", layer, head=head), receiver, metric, direct_includes_mlps=direct)
+                single = path_patch(
+                    model, orig, new, Node("z", layer, head=head), receiver, metric, direct_includes_mlps=direct
+                )
                 assert_close(sweep[i, head], single)
 
 
@@ -78,8 +85,9 @@ def test_sender_after_receiver_has_no_effect(model):
     unpatched = metric_of(model, orig, metric)
     for direct in (True, False):
         for receiver in (Node("q", 1, head=0), Node("resid_mid", 1), Node("pre", 1)):
-            result = path_patch(model, orig, new, [Node("z", 2), Node("mlp_out", 1)], receiver, metric,
-                                direct_includes_mlps=direct)
+            result = path_patch(
+                model, orig, new, [Node("z", 2), Node("mlp_out", 1)], receiver, metric, direct_includes_mlps=direct
+            )
             assert_close(result, unpatched)
 
 
@@ -106,8 +114,12 @@ def test_batched_equals_one_at_a_time(small_model):
     for name in one:
         assert_close(many[name], one[name])
     for direct in (True, False):
-        one = path_patch(model, orig, new, IterNode("z"), Node("v", 3, head=0), metric, batch_size=1, direct_includes_mlps=direct)
-        many = path_patch(model, orig, new, IterNode("z"), Node("v", 3, head=0), metric, batch_size=5, direct_includes_mlps=direct)
+        one = path_patch(
+            model, orig, new, IterNode("z"), Node("v", 3, head=0), metric, batch_size=1, direct_includes_mlps=direct
+        )
+        many = path_patch(
+            model, orig, new, IterNode("z"), Node("v", 3, head=0), metric, batch_size=5, direct_includes_mlps=direct
+        )
         assert_close(many["z"], one["z"])
 
 

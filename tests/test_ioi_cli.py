@@ -26,7 +26,6 @@ from transformer_lens_patching import (
     MIB_FRACTIONS,
     Circuit,
     EdgeGraph,
-    IterNode,
     LogitDiff,
     Node,
     act_patch,
@@ -84,7 +83,11 @@ def test_logit_diffs_are_read_at_each_prompts_end(analysis, tiny_model):
 
 def figures(analysis) -> int:
     """The report's figures: the logit differences, then each step that ran (the circuit step: its curves and graph)."""
-    return 1 + sum(bool(step.results) for step in analysis.steps) + 2 * sum(step.circuit is not None for step in analysis.steps)
+    return (
+        1
+        + sum(bool(step.results) for step in analysis.steps)
+        + 2 * sum(step.circuit is not None for step in analysis.steps)
+    )
 
 
 def test_steps_and_result_dims(analysis, tiny_model):
@@ -106,10 +109,15 @@ def test_each_step_is_announced_and_its_bars_are_labelled(analysis, tiny_model):
     assert headers[1] == f"step 2/8: activation patching of z, q, k, v, pattern for {LAYERS * 4} heads"
     assert headers[3] == f"step 4/8: path patching of {LAYERS * 4} heads -> logits"
     d_mlp = tiny_model.cfg.d_mlp
-    assert headers[6] == f"step 7/8: attribution patching of {LAYERS * d_mlp} MLP neurons, then activation patching of the 6 strongest"
+    assert (
+        headers[6] == f"step 7/8: attribution patching of {LAYERS * d_mlp} MLP neurons, "
+        "then activation patching of the 6 strongest"
+    )
     edges = len(EdgeGraph.of(tiny_model))
-    assert headers[7] == (f"step 8/8: edge attribution of {edges:,} edges, exact scores of the 5 strongest, faithfulness "
-                          "curves of 3 rankings")  # fmt: skip
+    assert headers[7] == (
+        f"step 8/8: edge attribution of {edges:,} edges, exact scores of the 5 strongest, faithfulness "
+        "curves of 3 rankings"
+    )
     ran = [number for number, step in enumerate(analysis.steps, start=2) if step.results]
     labels = [f"step {n}/8" for n in ran if n != 3] + [f"step 3/8 at {word}" for word in WORDS]
     for label in labels:
@@ -147,8 +155,13 @@ def test_a_model_of_one_layer_skips_the_steps_back_from_the_name_movers(tok):
     lines = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = run_ioi(models.gpt2_like(n_layers=1, tok=tok, vocab=len(tok)), IOISettings(n_prompts=3), "one layer",
-                         progress=False, log=lines.append)  # fmt: skip
+        result = run_ioi(
+            models.gpt2_like(n_layers=1, tok=tok, vocab=len(tok)),
+            IOISettings(n_prompts=3),
+            "one layer",
+            progress=False,
+            log=lines.append,
+        )
     for key in ("path_queries", "path_values"):
         step = result.step(key)
         assert step.results == {} and step.description.startswith("Skipped")
@@ -156,13 +169,18 @@ def test_a_model_of_one_layer_skips_the_steps_back_from_the_name_movers(tok):
 
 
 def cells(result):
-    return [((layer, head), float(result.sel(layer=layer, head=head))) for layer in result.coords["layer"]
-            for head in result.coords["head"]]  # fmt: skip
+    return [
+        ((layer, head), float(result.sel(layer=layer, head=head)))
+        for layer in result.coords["layer"]
+        for head in result.coords["head"]
+    ]
 
 
 def test_top_heads_are_the_extreme_cells(analysis):
-    assert set(analysis.step("act_heads").top) == {"restoring heads (z: raise the logit diff)",
-                                                   "opposing heads (z: lower it)"}, "both signs"  # fmt: skip
+    assert set(analysis.step("act_heads").top) == {
+        "restoring heads (z: raise the logit diff)",
+        "opposing heads (z: lower it)",
+    }, "both signs"
     for step in (step for step in analysis.steps if step.results):
         for role, heads in step.top.items():
             sign = 1 if "raise" in role or "restoring" in role else -1
@@ -231,17 +249,37 @@ def test_step_results_equal_direct_calls(analysis, tiny_model):
     def mean_ld(logits):
         return logit_diffs(logits, ds).mean()
 
-    restored = act_patch(tiny_model, corrupted.toks, Node("v", 1, head=2),
-                         lambda logits: (mean_ld(logits) - corrupted_mean) / (clean_mean - corrupted_mean),
-                         new_input=ds.toks)  # fmt: skip
-    assert float(restored) == pytest.approx(float(analysis.step("act_heads").results["v"].sel(layer=1, head=2)), abs=1e-5)
-    s2 = act_patch(tiny_model, corrupted.toks, Node("mlp_out", 2, seq_pos=ds.word_idx["S2"]),
-                   lambda logits: (mean_ld(logits) - corrupted_mean) / (clean_mean - corrupted_mean),
-                   new_input=ds.toks)  # fmt: skip
-    assert float(s2) == pytest.approx(float(analysis.step("act_words").results["mlp_out"].sel(seq_pos="S2", layer=2)), abs=1e-5)
-    damage = path_patch(tiny_model, ds.toks, corrupted.toks, Node("z", 1, head=3), Node("resid_post", tiny_model.cfg.n_layers - 1),
-                        lambda logits: (mean_ld(logits) - clean_mean) / (clean_mean - corrupted_mean))  # fmt: skip
-    assert float(damage) == pytest.approx(float(analysis.step("path_logits").results["z"].sel(layer=1, head=3)), abs=1e-5)
+    restored = act_patch(
+        tiny_model,
+        corrupted.toks,
+        Node("v", 1, head=2),
+        lambda logits: (mean_ld(logits) - corrupted_mean) / (clean_mean - corrupted_mean),
+        new_input=ds.toks,
+    )
+    assert float(restored) == pytest.approx(
+        float(analysis.step("act_heads").results["v"].sel(layer=1, head=2)), abs=1e-5
+    )
+    s2 = act_patch(
+        tiny_model,
+        corrupted.toks,
+        Node("mlp_out", 2, seq_pos=ds.word_idx["S2"]),
+        lambda logits: (mean_ld(logits) - corrupted_mean) / (clean_mean - corrupted_mean),
+        new_input=ds.toks,
+    )
+    assert float(s2) == pytest.approx(
+        float(analysis.step("act_words").results["mlp_out"].sel(seq_pos="S2", layer=2)), abs=1e-5
+    )
+    damage = path_patch(
+        tiny_model,
+        ds.toks,
+        corrupted.toks,
+        Node("z", 1, head=3),
+        Node("resid_post", tiny_model.cfg.n_layers - 1),
+        lambda logits: (mean_ld(logits) - clean_mean) / (clean_mean - corrupted_mean),
+    )
+    assert float(damage) == pytest.approx(
+        float(analysis.step("path_logits").results["z"].sel(layer=1, head=3)), abs=1e-5
+    )
 
 
 def restored_fraction(analysis):
@@ -269,22 +307,41 @@ def test_the_neuron_step_screens_every_neuron_and_patches_the_strongest_exactly(
     assert estimates.dims == ("layer", "neuron") and tuple(estimates.shape) == (LAYERS, tiny_model.cfg.d_mlp)
     alone = attr_patch(tiny_model, corrupted.toks, Node("post", 7, neuron=11), metric, new_input=ds.toks)
     assert float(estimates.sel(layer=7, neuron=11)) == pytest.approx(float(alone), abs=1e-5)
-    cells = [((layer, neuron), float(estimates.sel(layer=layer, neuron=neuron)))
-             for layer in range(LAYERS) for neuron in range(tiny_model.cfg.d_mlp)]  # fmt: skip
+    cells = [
+        ((layer, neuron), float(estimates.sel(layer=layer, neuron=neuron)))
+        for layer in range(LAYERS)
+        for neuron in range(tiny_model.cfg.d_mlp)
+    ]
     strongest = [cell for cell, _ in sorted(cells, key=lambda cell: -abs(cell[1]))[: SETTINGS.top_neurons]]
     confirmed = step.confirmation.cells
     assert [(cell.coords["layer"], cell.coords["neuron"]) for cell in confirmed] == strongest
     for cell in confirmed[:3]:
-        exact = act_patch(tiny_model, corrupted.toks, Node("post", cell.coords["layer"], neuron=cell.coords["neuron"]),
-                          metric, new_input=ds.toks)  # fmt: skip
+        exact = act_patch(
+            tiny_model,
+            corrupted.toks,
+            Node("post", cell.coords["layer"], neuron=cell.coords["neuron"]),
+            metric,
+            new_input=ds.toks,
+        )
         assert cell.exact == pytest.approx(float(exact), rel=1e-4, abs=1e-5), "float32 noise over clean - corrupted"
     assert step.confirmation.unpatched == pytest.approx(0.0, abs=1e-5), "the corrupted run restores nothing"
 
 
 def attention_only(tok, n_layers: int = 2):
     """A random attention-only model (no MLPs) with the whole SmolLM2 vocabulary."""
-    config = dict(n_layers=n_layers, d_model=64, n_heads=4, d_head=16, d_vocab=len(tok), n_ctx=64, attn_only=True,
-                  normalization_type="LN", positional_embedding_type="standard", act_fn="gelu_new", seed=0)  # fmt: skip
+    config = dict(
+        n_layers=n_layers,
+        d_model=64,
+        n_heads=4,
+        d_head=16,
+        d_vocab=len(tok),
+        n_ctx=64,
+        attn_only=True,
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        act_fn="gelu_new",
+        seed=0,
+    )
     if models.TL_MAJOR >= 4:
         from transformer_lens.config import TransformerBridgeConfig
         from transformer_lens.model_bridge import TransformerBridge
@@ -304,23 +361,41 @@ def post_norm(tok):
         from transformers import Gemma2Config, Gemma2ForCausalLM
 
         config = Gemma2Config(
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16,
-            intermediate_size=128, vocab_size=len(tok), max_position_embeddings=64,
-        )  # fmt: skip
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=64,
+            head_dim=16,
+            intermediate_size=128,
+            vocab_size=len(tok),
+            max_position_embeddings=64,
+        )
         config.architectures = ["Gemma2ForCausalLM"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bridge = TransformerBridge.boot_transformers("gemma2", hf_model=Gemma2ForCausalLM(config).eval(),
-                                                         tokenizer=tok, device="cpu")  # fmt: skip
+            bridge = TransformerBridge.boot_transformers(
+                "gemma2", hf_model=Gemma2ForCausalLM(config).eval(), tokenizer=tok, device="cpu"
+            )
             bridge.enable_compatibility_mode()
         return bridge
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     config = HookedTransformerConfig(
-        n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128, d_vocab=len(tok), n_ctx=64,
-        act_fn="gelu_pytorch_tanh", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
-        use_normalization_before_and_after=True, seed=0,
-    )  # fmt: skip
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_head=16,
+        d_mlp=128,
+        d_vocab=len(tok),
+        n_ctx=64,
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        use_normalization_before_and_after=True,
+        seed=0,
+    )
     return HookedTransformer(config, tokenizer=tok).eval()
 
 
@@ -361,8 +436,13 @@ def test_the_circuit_step_evaluates_its_circuit_exactly(analysis, tiny_model):
     clean, corrupted = analysis.dataset.toks[held_out], analysis.corrupted.toks[held_out]
     metric = LogitDiff(analysis.dataset.answers[held_out], analysis.dataset.word_idx["end"][held_out])
     graph = EdgeGraph.of(tiny_model)
-    full, empty, value = evaluate_circuit(tiny_model, [Circuit.full(graph), Circuit.empty(graph), finding.circuit], clean,
-                                          metric, new_input=corrupted).as_tensor().tolist()  # fmt: skip
+    full, empty, value = (
+        evaluate_circuit(
+            tiny_model, [Circuit.full(graph), Circuit.empty(graph), finding.circuit], clean, metric, new_input=corrupted
+        )
+        .as_tensor()
+        .tolist()
+    )
     assert finding.faithfulness == pytest.approx((value - empty) / (full - empty), abs=1e-4)
     assert [mib.signed.method for mib in finding.curves] == ["atp", "ig", "ig+exact"]
     assert finding.curves[0].signed.full == pytest.approx(full, abs=1e-4), "curves measured on the held-out prompts"
@@ -395,7 +475,9 @@ def test_a_model_without_mlps_skips_the_neuron_step(tok):
     step = result.step("attr_neurons")
     assert step.results == {} and step.confirmation is None
     assert step.description == "Skipped: this model has no MLP neurons to patch (it is attention-only)."
-    assert "step 7/8: attribution patching of MLP neurons" in lines and any(line.endswith(step.description) for line in lines)
+    assert "step 7/8: attribution patching of MLP neurons" in lines and any(
+        line.endswith(step.description) for line in lines
+    )
     assert sorted(result.step("act_words").results) == ["attn_out", "resid_pre"]
     assert not [name for name, _ in plan_ioi(model, IOISettings(n_prompts=3)) if name.startswith("attr_neurons")]
 
@@ -443,22 +525,32 @@ def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model):
     finding = analysis.step("circuit").circuit
     saved = json.loads((report_folder / "results.json").read_text())["steps"][STEPS.index("circuit")]["circuit"]
     assert Circuit.from_json(json.dumps(saved["circuit"])) == finding.circuit
-    assert [c["signed"]["faithfulness"] for c in saved["curves"]] == [pytest.approx(list(c.signed.faithfulness))
-                                                                      for c in finding.curves]  # fmt: skip
-    assert [c["absolute"]["faithfulness"] for c in saved["curves"]] == [pytest.approx(list(c.absolute.faithfulness))
-                                                                        for c in finding.curves]  # fmt: skip
-    assert [(c["cpr"], c["cmd"]) for c in saved["curves"]] == [(pytest.approx(c.cpr), pytest.approx(c.cmd))
-                                                               for c in finding.curves]  # fmt: skip
+    assert [c["signed"]["faithfulness"] for c in saved["curves"]] == [
+        pytest.approx(list(c.signed.faithfulness)) for c in finding.curves
+    ]
+    assert [c["absolute"]["faithfulness"] for c in saved["curves"]] == [
+        pytest.approx(list(c.absolute.faithfulness)) for c in finding.curves
+    ]
+    assert [(c["cpr"], c["cmd"]) for c in saved["curves"]] == [
+        (pytest.approx(c.cpr), pytest.approx(c.cmd)) for c in finding.curves
+    ]
     assert (saved["scored_on"], saved["held_out"]) == ([0, 2, 4], [1, 3])
-    named = [(step.key, head) for step in analysis.steps if step.key.startswith("path_") for heads in step.top.values()
-             for head in heads]  # fmt: skip
+    named = [
+        (step.key, head)
+        for step in analysis.steps
+        if step.key.startswith("path_")
+        for heads in step.top.values()
+        for head in heads
+    ]
     kept = set(finding.circuit.heads)
     assert [h["in_circuit"] for h in saved["named_heads"]] == [(h.layer, h.head) in kept for _, h in named]
     page = (report_folder / "report.html").read_text()
     table = page.split('id="circuit-edges"')[1].split("</table>")[0]
     assert table.count("<tr><td>") == min(40, len(finding.circuit))
     heads = page.split('id="named-heads"')[1].split("</table>")[0]
-    assert heads.count("<tr><td>") == len(named) and heads.count("<td>yes</td>") == sum(h["in_circuit"] for h in saved["named_heads"])
+    assert heads.count("<tr><td>") == len(named) and heads.count("<td>yes</td>") == sum(
+        h["in_circuit"] for h in saved["named_heads"]
+    )
 
 
 def test_report_html_is_self_contained(analysis, report_folder):
@@ -473,8 +565,11 @@ def test_report_names_versions_threshold_and_answers(analysis, report_folder):
 
     page = (report_folder / "report.html").read_text()
     data = json.loads((report_folder / "results.json").read_text())
-    expected = {"transformer_lens": importlib.metadata.version("transformer_lens"), "torch": torch.__version__,
-                "transformer_lens_patching": importlib.metadata.version("transformer_lens_patching")}  # fmt: skip
+    expected = {
+        "transformer_lens": importlib.metadata.version("transformer_lens"),
+        "torch": torch.__version__,
+        "transformer_lens_patching": importlib.metadata.version("transformer_lens_patching"),
+    }
     assert {name: data["versions"][name] for name in expected} == expected
     versions = page.split('id="versions"')[1].split("</table>")[0]
     assert all(f"<td>{version}</td>" in versions for version in expected.values())
@@ -493,8 +588,10 @@ def test_per_prompt_figure_pairs_clean_and_corrupted(analysis):
     figure = logit_diff_figure(analysis)
     traces = {trace.name: trace for trace in figure.data if trace.name}
     rows = [f"prompt {i}" for i in range(analysis.dataset.N)]
-    for name, values, prompts in (("clean", analysis.clean_logit_diff, analysis.dataset),
-                                  ("corrupted", analysis.corrupted_logit_diff, analysis.corrupted)):  # fmt: skip
+    for name, values, prompts in (
+        ("clean", analysis.clean_logit_diff, analysis.dataset),
+        ("corrupted", analysis.corrupted_logit_diff, analysis.corrupted),
+    ):
         assert list(traces[name].y) == rows
         assert list(traces[name].x) == pytest.approx(values.tolist())
         assert list(traces[name].customdata) == prompts.sentences, "each point shows its own prompt on hover"
@@ -531,10 +628,22 @@ def test_report_renders_in_headless_chromium(analysis, report_folder):
             pytest.fail("chromium is not installed; .ci/run installs Debian's chromium")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     run = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-         "--virtual-time-budget=20000", "--dump-dom", (report_folder / "report.html").as_uri()],
-        capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            (report_folder / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     rendered = re.findall(r'class="[^"]*js-plotly-plot[^"]*"', run.stdout)
     assert len(rendered) == figures(analysis), "every figure is drawn by plotly.js"
@@ -558,6 +667,11 @@ def test_cli_explains_an_unloadable_model(capsys, tmp_path):
 
 
 def test_module_entry_point_prints_help():
-    run = subprocess.run([sys.executable, "-m", "transformer_lens_patching", "ioi", "--help"], capture_output=True,
-                         text=True, timeout=120, check=False)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "transformer_lens_patching", "ioi", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 0 and "--n-prompts" in run.stdout and "--out" in run.stdout

@@ -269,8 +269,12 @@ def test_xyz_flip_gives_the_reference_names():
     flipped = ds.flipped("ABB->XYZ, BAB->XYZ")
     first_clause = [slot_names(clean, new.text)[:3] for clean, new in zip(ds.prompts[:5], flipped.prompts[:5])]
     assert [names[:2] for names in first_clause] == [
-        ("Alan", "Sullivan"), ("Marcus", "Max"), ("Jay", "Jason"), ("Joshua", "Jack"), ("Alice", "Mark")
-    ]  # fmt: skip
+        ("Alan", "Sullivan"),
+        ("Marcus", "Max"),
+        ("Jay", "Jason"),
+        ("Joshua", "Jack"),
+        ("Alice", "Mark"),
+    ]
     assert [names[2] for names in first_clause] == ["Adam", "Jeremy", "Jacob", "Grant", "Carter"]
 
 
@@ -692,7 +696,9 @@ def test_tokenizer_may_be_the_third_argument_as_in_the_prior_art(tok):
     positional = quiet_dataset("mixed", 6, tok, seed=3)
     assert positional.sentences == quiet_dataset("mixed", N=6, tokenizer=tok, seed=3).sentences
     assert positional.io_tokenIDs == positional.io_token_ids.tolist() and isinstance(positional.s_tokenIDs, list)
-    assert positional.copy().sentences == positional.sentences and positional.copy().toks.device == positional.toks.device
+    assert (
+        positional.copy().sentences == positional.sentences and positional.copy().toks.device == positional.toks.device
+    )
 
 
 def test_prior_art_prompt_dicts_and_tuple_flips_get_clear_errors(tok):

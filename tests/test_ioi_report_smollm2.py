@@ -77,8 +77,14 @@ def test_residual_stream_recovery_profile_at_s2(report):
 def test_report_has_every_step_with_a_figure(report):
     out, data = report
     assert [step["key"] for step in data["steps"]] == [
-        "act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons", "circuit",
-    ]  # fmt: skip
+        "act_heads",
+        "act_words",
+        "path_logits",
+        "path_queries",
+        "path_values",
+        "attr_neurons",
+        "circuit",
+    ]
     assert all(step["results"] for step in data["steps"][:-1]), "no step was skipped on SmolLM2"
     assert "circuit" in data["steps"][-1], "the circuit step ran"
     page = (out / "report.html").read_text()
@@ -96,7 +102,10 @@ def test_every_neuron_is_screened_and_the_strongest_patched_exactly(report):
     assert len(step["results"]["post"]["values"]) == 30 and len(step["results"]["post"]["values"][0]) == 1536
     confirmation = step["confirmation"]
     assert confirmation["screened"] == 30 * 1536 and len(confirmation["cells"]) == 20
-    assert confirmation["spearman"] is not None and 0 <= confirmation["top_k_overlap"] <= confirmation["overlap_size"] == 10
+    assert (
+        confirmation["spearman"] is not None
+        and 0 <= confirmation["top_k_overlap"] <= confirmation["overlap_size"] == 10
+    )
     table = (out / "report.html").read_text().split('id="confirmed-neurons"')[1].split("</table>")[0]
     assert table.count("<tr><td>") == 20
 
@@ -116,7 +125,6 @@ def test_heads_of_both_signs_are_listed(report):
     assert all(h["value"] > 0 for h in top["restoring heads (z: raise the logit diff)"])
     opposing = top["opposing heads (z: lower it)"]
     assert opposing and all(h["value"] <= -0.05 for h in opposing)
-
 
 
 CIRCUIT_FLOORS = {

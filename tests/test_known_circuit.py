@@ -122,8 +122,15 @@ def test_corruption_changes_every_answer(orig, new):
 @pytest.mark.parametrize("direct_includes_mlps", MODES)
 def test_heads_to_logits(induction, orig, new, direct_includes_mlps):
     """Only the induction head writes the logits directly."""
-    result = path_patch(induction, orig, new, IterNode("z"), Node("resid_post", 1), answer_logit(orig),
-                        direct_includes_mlps=direct_includes_mlps)  # fmt: skip
+    result = path_patch(
+        induction,
+        orig,
+        new,
+        IterNode("z"),
+        Node("resid_post", 1),
+        answer_logit(orig),
+        direct_includes_mlps=direct_includes_mlps,
+    )
     expected = expected_cells({(1, 0): answer_logit(orig)(clean_logits(new))})
     assert_result(result["z"], expected)
 
@@ -131,8 +138,15 @@ def test_heads_to_logits(induction, orig, new, direct_includes_mlps):
 @pytest.mark.parametrize("direct_includes_mlps", MODES)
 def test_heads_to_induction_key(induction, orig, new, direct_includes_mlps):
     """Only the previous-token head feeds the induction head's key."""
-    result = path_patch(induction, orig, new, IterNode("z"), Node("k", 1, head=0), answer_logit(orig),
-                        direct_includes_mlps=direct_includes_mlps)  # fmt: skip
+    result = path_patch(
+        induction,
+        orig,
+        new,
+        IterNode("z"),
+        Node("k", 1, head=0),
+        answer_logit(orig),
+        direct_includes_mlps=direct_includes_mlps,
+    )
     expected = expected_cells({(0, 0): answer_logit(orig)(with_new_prev(orig, new))})
     assert_result(result["z"], expected)
 
@@ -144,16 +158,30 @@ def test_heads_to_induction_query_and_value(induction, orig, new, receiver, dire
     _, orig_cache = induction.run_with_cache(orig)
     _, new_cache = induction.run_with_cache(new)
     assert not torch.equal(orig_cache["blocks.0.attn.hook_z"], new_cache["blocks.0.attn.hook_z"])
-    result = path_patch(induction, orig, new, IterNode("z"), Node(receiver, 1, head=0), answer_logit(orig),
-                        direct_includes_mlps=direct_includes_mlps)  # fmt: skip
+    result = path_patch(
+        induction,
+        orig,
+        new,
+        IterNode("z"),
+        Node(receiver, 1, head=0),
+        answer_logit(orig),
+        direct_includes_mlps=direct_includes_mlps,
+    )
     assert_result(result["z"], expected_cells({}))
 
 
 @pytest.mark.parametrize("direct_includes_mlps", MODES)
 def test_previous_token_head_to_each_receiver(induction, orig, new, direct_includes_mlps):
     """Of all q, k, v receivers, L0H0 reaches only L1H0's key (for the logits)."""
-    result = path_patch(induction, orig, new, Node("z", 0, head=0), IterNode(["q", "k", "v"]), answer_logit(orig),
-                        direct_includes_mlps=direct_includes_mlps)  # fmt: skip
+    result = path_patch(
+        induction,
+        orig,
+        new,
+        Node("z", 0, head=0),
+        IterNode(["q", "k", "v"]),
+        answer_logit(orig),
+        direct_includes_mlps=direct_includes_mlps,
+    )
     assert set(result) == {"q", "k", "v"}
     assert_result(result["q"], expected_cells({}))
     assert_result(result["k"], expected_cells({(1, 0): answer_logit(orig)(with_new_prev(orig, new))}))
@@ -163,8 +191,15 @@ def test_previous_token_head_to_each_receiver(induction, orig, new, direct_inclu
 @pytest.mark.parametrize("direct_includes_mlps", MODES)
 def test_embedding_to_each_receiver(induction, orig, new, direct_includes_mlps):
     """The embeddings reach L0H0's value (then L1H0's key, through it) and L1H0's value directly."""
-    result = path_patch(induction, orig, new, Node("resid_pre", 0), IterNode(["q", "k", "v"]), answer_logit(orig),
-                        direct_includes_mlps=direct_includes_mlps)  # fmt: skip
+    result = path_patch(
+        induction,
+        orig,
+        new,
+        Node("resid_pre", 0),
+        IterNode(["q", "k", "v"]),
+        answer_logit(orig),
+        direct_includes_mlps=direct_includes_mlps,
+    )
     metric = answer_logit(orig)
     new_values = induction_logits(orig, previous_tokens(orig), new)
     assert_result(result["q"], expected_cells({}))
@@ -181,8 +216,16 @@ def test_decoy_key_receives_the_path(induction, orig, new, direct_includes_mlps)
         pattern = cache["blocks.1.attn.hook_pattern"][:, 1].detach().cpu()[:, REPEATED]
         return pattern.gather(-1, answer_positions.expand(pattern.shape[0], -1).unsqueeze(-1)).mean() - 1
 
-    result = path_patch(induction, orig, new, Node("z", 0, head=0), IterNode("k"), decoy_attention,
-                        apply_metric_to_cache=True, direct_includes_mlps=direct_includes_mlps)  # fmt: skip
+    result = path_patch(
+        induction,
+        orig,
+        new,
+        Node("z", 0, head=0),
+        IterNode("k"),
+        decoy_attention,
+        apply_metric_to_cache=True,
+        direct_includes_mlps=direct_includes_mlps,
+    )
     patched = induction_pattern(orig, previous_tokens(new))[:, REPEATED]
     expected = patched.gather(-1, answer_positions.expand(BATCH, -1).unsqueeze(-1)).mean() - 1
     assert expected == -1
@@ -195,8 +238,16 @@ def test_one_position(induction, orig, new, direct_includes_mlps):
     position = 2
     prev = previous_tokens(orig).clone()
     prev[:, position] = previous_tokens(new)[:, position]
-    result = path_patch(induction, orig, new, IterNode("z"), Node("k", 1, head=0), answer_logit(orig),
-                        seq_pos=position, direct_includes_mlps=direct_includes_mlps)  # fmt: skip
+    result = path_patch(
+        induction,
+        orig,
+        new,
+        IterNode("z"),
+        Node("k", 1, head=0),
+        answer_logit(orig),
+        seq_pos=position,
+        direct_includes_mlps=direct_includes_mlps,
+    )
     expected = answer_logit(orig)(induction_logits(orig, prev, orig))
     assert -ALPHA < expected < -ALPHA / 10
     assert_result(result["z"], expected_cells({(0, 0): expected}))
@@ -207,8 +258,15 @@ def test_per_prompt(induction, orig, new, direct_includes_mlps):
     """Only odd prompts are corrupted: the batch dim keeps each prompt's own value."""
     corrupted = torch.arange(BATCH) % 2 == 1
     mixed = torch.where(corrupted[:, None], new, orig)
-    result = path_patch(induction, orig, mixed, IterNode("z"), Node("resid_post", 1), answer_logit(orig, per_prompt=True),
-                        direct_includes_mlps=direct_includes_mlps)  # fmt: skip
+    result = path_patch(
+        induction,
+        orig,
+        mixed,
+        IterNode("z"),
+        Node("resid_post", 1),
+        answer_logit(orig, per_prompt=True),
+        direct_includes_mlps=direct_includes_mlps,
+    )
     expected = torch.zeros(N_LAYERS, N_HEADS, BATCH)
     expected[1, 0] = answer_logit(orig, per_prompt=True)(clean_logits(mixed))
     assert (expected[1, 0][corrupted] == -ALPHA).all() and (expected[1, 0][~corrupted] == 0).all()

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import transformer_lens_patching as tlp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,8 +74,10 @@ def test_transformer_lens_is_imported_only_in_tl():
     importing = []
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
-                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            modules = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else ([alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
             )
             if any(m == "transformer_lens" or m.startswith("transformer_lens.") for m in modules):
                 if part_of(path) != "_tl":
@@ -152,8 +156,9 @@ def test_the_core_works_without_plotly():
         "    print(error)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     value, message = done.stdout.strip().splitlines()[-2:]
     float(value)
@@ -177,3 +182,22 @@ def test_the_readme_says_how_to_cite_and_what_to_do_when_stuck():
     citing = readme.split("## Citing")[1]
     assert "@software{transformer_lens_patching" in citing and "Indirect Object Identification" in citing
     assert "random weights" in readme.split("## Speed")[1].split("\n## ")[0], "the speed claim says what was measured"
+
+
+LINTED = ["transformer_lens_patching", "tests", "benchmarks", "scripts", "demos", "tl_patch.py"]
+
+
+def _ruff(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ruff", *args, *LINTED], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_the_code_is_formatted_and_lint_clean():
+    """`ruff format` leaves every file as it is and `ruff check` (pyproject.toml's rules) finds nothing;
+    ruff is installed with the documentation tools, in the TransformerLens 4 environment only."""
+    pytest.importorskip("ruff", reason="ruff is installed in the TransformerLens 4 environment only")
+    formatted = _ruff("format", "--check")
+    assert formatted.returncode == 0, formatted.stdout + formatted.stderr
+    linted = _ruff("check")
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    sources = [ROOT / "tl_patch.py", *(path for part in LINTED[:-2] for path in (ROOT / part).rglob("*.py"))]
+    assert not [path for path in sources if "# fmt: skip" in path.read_text()]

@@ -42,17 +42,27 @@ from transformer_lens_patching import (
 SOFT_CAP = 2.0
 ANSWERS = torch.tensor([[5, 6], [17, 3], [6, 5]])
 FAMILIES_TL4 = {
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "final_logit_softcapping": SOFT_CAP,
-                                                     "initializer_range": 0.5}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 16, "final_logit_softcapping": SOFT_CAP, "initializer_range": 0.5},
+    ),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0, "initializer_range": 0.5}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25, "initializer_range": 0.5}),
-}  # fmt: skip
+}
 MIXTURES_TL4 = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
-                                                            "moe_intermediate_size": 32,
-                                                            "shared_expert_intermediate_size": 32}),
-}  # fmt: skip
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+        },
+    ),
+}
 POST_NORMS_TL4 = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"initializer_range": 0.5}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "initializer_range": 0.5}),
@@ -71,9 +81,15 @@ def build(family: str):
 
         config_class, model_class, extra = {**FAMILIES_TL4, **MIXTURES_TL4, **POST_NORMS_TL4}[family]
         config = getattr(transformers, config_class)(
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
-            vocab_size=VOCAB, max_position_embeddings=64, **extra,
-        )  # fmt: skip
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=64,
+            intermediate_size=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            **extra,
+        )
         config.architectures = [model_class]
         hf_model = getattr(transformers, model_class)(config).eval()
         with warnings.catch_warnings():
@@ -85,20 +101,53 @@ def build(family: str):
 
     if family in POST_NORMED:
         config = HookedTransformerConfig(
-            n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128, d_vocab=VOCAB, n_ctx=64,
-            act_fn="gelu_pytorch_tanh", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
-            use_normalization_before_and_after=True, initializer_range=0.5, seed=0,
-        )  # fmt: skip
+            n_layers=2,
+            d_model=64,
+            n_heads=4,
+            n_key_value_heads=2,
+            d_head=16,
+            d_mlp=128,
+            d_vocab=VOCAB,
+            n_ctx=64,
+            act_fn="gelu_pytorch_tanh",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            gated_mlp=True,
+            use_normalization_before_and_after=True,
+            initializer_range=0.5,
+            seed=0,
+        )
     elif family in MIXTURES:
         config = HookedTransformerConfig(
-            n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=32, d_vocab=VOCAB, n_ctx=64, act_fn="silu",
-            normalization_type="RMS", gated_mlp=True, num_experts=4, experts_per_token=2, seed=0,
-        )  # fmt: skip
+            n_layers=2,
+            d_model=64,
+            n_heads=4,
+            d_head=16,
+            d_mlp=32,
+            d_vocab=VOCAB,
+            n_ctx=64,
+            act_fn="silu",
+            normalization_type="RMS",
+            gated_mlp=True,
+            num_experts=4,
+            experts_per_token=2,
+            seed=0,
+        )
     else:
         config = HookedTransformerConfig(
-            n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=VOCAB, n_ctx=64, act_fn="gelu_new",
-            normalization_type="LN", initializer_range=0.5, output_logits_soft_cap=SOFT_CAP, seed=0,
-        )  # fmt: skip
+            n_layers=2,
+            d_model=64,
+            n_heads=4,
+            d_head=16,
+            d_mlp=128,
+            d_vocab=VOCAB,
+            n_ctx=64,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            initializer_range=0.5,
+            output_logits_soft_cap=SOFT_CAP,
+            seed=0,
+        )
     return HookedTransformer(config, tokenizer=tokenizer())
 
 
@@ -190,12 +239,13 @@ def test_post_norm_blocks_are_refused_where_writes_are_taken_linear(family):
     graph = EdgeGraph.of(model)
     calls = [
         lambda: path_patch(model, orig, new, IterNode("z", layers=[last]), Node("resid_post", last), metric),
-        lambda: path_patch(model, orig, new, IterNode("z", layers=[0]), Node("q", last, head=0), metric,
-                           direct_includes_mlps=False),
+        lambda: path_patch(
+            model, orig, new, IterNode("z", layers=[0]), Node("q", last, head=0), metric, direct_includes_mlps=False
+        ),
         lambda: attr_path_patch(model, orig, new, IterNode("z", layers=[0]), Node("resid_post", last), metric),
         lambda: attr_edges(model, orig, metric, new_input=new),
         lambda: evaluate_circuit(model, Circuit.full(graph), orig, metric, new_input=new),
-    ]  # fmt: skip
+    ]
     assert_each_refused(calls, "normalises each attention and MLP output before adding it to the residual stream")
     cache, own = own_run(model, orig, metric)
     heads = act_patch(model, orig, IterNode("z"), metric, new_cache=cache)["z"]
@@ -216,8 +266,9 @@ def test_alibi_blocks_are_run_from_the_first_layer():
     config.architectures = ["BloomForCausalLM"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = TransformerBridge.boot_transformers("bloom", hf_model=transformers.BloomForCausalLM(config).eval(),
-                                                    tokenizer=tokenizer(), device="cpu")  # fmt: skip
+        model = TransformerBridge.boot_transformers(
+            "bloom", hf_model=transformers.BloomForCausalLM(config).eval(), tokenizer=tokenizer(), device="cpu"
+        )
         model.enable_compatibility_mode()
     orig, new = make_inputs(model)
     metric = LogitDiff(ANSWERS)

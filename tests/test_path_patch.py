@@ -50,8 +50,14 @@ def check(model, senders, receivers, direct_includes_mlps, seq_pos=None, per_pro
     metric = logit_diff_metric(per_prompt)
     expected = naive_path_patch(model, orig, new, senders, receivers, metric, seq_pos, mlps_direct=direct_includes_mlps)
     actual = path_patch(
-        model, orig, new, senders[0] if len(senders) == 1 else senders, receivers[0] if len(receivers) == 1 else receivers,
-        metric, seq_pos=seq_pos, direct_includes_mlps=direct_includes_mlps,
+        model,
+        orig,
+        new,
+        senders[0] if len(senders) == 1 else senders,
+        receivers[0] if len(receivers) == 1 else receivers,
+        metric,
+        seq_pos=seq_pos,
+        direct_includes_mlps=direct_includes_mlps,
     )
     assert_close_at_scale(actual, expected)
     return actual
@@ -66,7 +72,9 @@ def test_every_receiver_matches_naive(model, receiver, mode):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("sender", list(SENDERS))
 def test_every_sender_matches_naive(model, sender, mode):
-    check(model, SENDERS[sender](model), [Node("q", 2, head=1), Node("resid_post", model.cfg.n_layers - 1)], MODES[mode])
+    check(
+        model, SENDERS[sender](model), [Node("q", 2, head=1), Node("resid_post", model.cfg.n_layers - 1)], MODES[mode]
+    )
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -87,8 +95,12 @@ def _cell_nodes(result, name):
     for index in itertools.product(*[range(n) for n in result.shape[:-1]]):
         cell = {d: result.coords[d][i] for d, i in zip(result.dims, index)}
         unit = next((cell[d] for d in ("head", "kv_head", "neuron") if d in cell), None)
-        node = Node(name, cell.get("layer"), head=unit if "neuron" not in cell else None,
-                    neuron=unit if "neuron" in cell else None)
+        node = Node(
+            name,
+            cell.get("layer"),
+            head=unit if "neuron" not in cell else None,
+            neuron=unit if "neuron" in cell else None,
+        )
         yield index, node, cell.get("seq_pos")
 
 
@@ -103,7 +115,9 @@ def test_iter_senders_match_naive(small_model, mode):
     unpatched = metric(model(orig)).detach()
     assert (result.as_tensor() - unpatched).abs().max() > 1e-3
     for index, node, _ in _cell_nodes(result, "z"):
-        assert_close_at_scale(result[index], naive_path_patch(model, orig, new, [node], [receiver], metric, mlps_direct=MODES[mode]))
+        assert_close_at_scale(
+            result[index], naive_path_patch(model, orig, new, [node], [receiver], metric, mlps_direct=MODES[mode])
+        )
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -112,8 +126,15 @@ def test_iter_receivers_match_naive(small_model, mode):
     orig, new = make_inputs(model)
     metric = logit_diff_metric(per_prompt=True)
     senders = [Node("z", 0), Node("mlp_out", 0)]
-    results = path_patch(model, orig, new, senders, IterNode(["q", "k", "v", "pattern"], layers=[1, 2]), metric,
-                         direct_includes_mlps=MODES[mode])
+    results = path_patch(
+        model,
+        orig,
+        new,
+        senders,
+        IterNode(["q", "k", "v", "pattern"], layers=[1, 2]),
+        metric,
+        direct_includes_mlps=MODES[mode],
+    )
     for name, result in results.items():
         for index, node, _ in _cell_nodes(result, name):
             expected = naive_path_patch(model, orig, new, senders, [node], metric, mlps_direct=MODES[mode])
@@ -134,7 +155,9 @@ def test_each_position_matches_naive(small_model, side):
     assert result.dims == ("seq_pos", "layer", "batch")
     for index, node, pos in _cell_nodes(result, iterated.names[0]):
         senders, receivers = ([node], [fixed]) if side == "senders" else ([fixed], [node])
-        assert_close_at_scale(result[index], naive_path_patch(model, orig, new, senders, receivers, metric, seq_pos=pos))
+        assert_close_at_scale(
+            result[index], naive_path_patch(model, orig, new, senders, receivers, metric, seq_pos=pos)
+        )
 
 
 def test_smollm2_heads_to_logits_match_naive(smollm2_model):
@@ -143,10 +166,18 @@ def test_smollm2_heads_to_logits_match_naive(smollm2_model):
     metric = logit_diff_metric()
     receiver = Node("resid_post", 29)
     for direct in (True, False):
-        result = path_patch(model, orig, new, IterNode("z", layers=[27, 29], heads=[0, 8]), receiver, metric,
-                            direct_includes_mlps=direct)["z"]
+        result = path_patch(
+            model,
+            orig,
+            new,
+            IterNode("z", layers=[27, 29], heads=[0, 8]),
+            receiver,
+            metric,
+            direct_includes_mlps=direct,
+        )["z"]
         for i, layer in enumerate((27, 29)):
             for j, head in enumerate((0, 8)):
-                expected = naive_path_patch(model, orig, new, [Node("z", layer, head=head)], [receiver], metric,
-                                            mlps_direct=direct)
+                expected = naive_path_patch(
+                    model, orig, new, [Node("z", layer, head=head)], [receiver], metric, mlps_direct=direct
+                )
                 assert_close_at_scale(result[i, j], expected)

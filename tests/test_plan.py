@@ -41,19 +41,30 @@ def plans(model) -> dict[str, PatchPlan]:
     ld = answers(model)
     ends = [0, 1, last]
     return {
-        "act sweep": plan_act_patch(model, orig, IterNode(["z", "resid_pre"], seq_pos="each", layers=ends), ld,
-                                    new_input=new),
-        "act nodes": plan_act_patch(model, orig, [Node("z", 1, head=0), Node("mlp_out", 2)], logit_diff_metric(),
-                                    new_input=new),
-        "act plain metric": plan_act_patch(model, orig, IterNode("v", layers=ends), logit_diff_metric(per_prompt=True),
-                                           new_input=new),
+        "act sweep": plan_act_patch(
+            model, orig, IterNode(["z", "resid_pre"], seq_pos="each", layers=ends), ld, new_input=new
+        ),
+        "act nodes": plan_act_patch(
+            model, orig, [Node("z", 1, head=0), Node("mlp_out", 2)], logit_diff_metric(), new_input=new
+        ),
+        "act plain metric": plan_act_patch(
+            model, orig, IterNode("v", layers=ends), logit_diff_metric(per_prompt=True), new_input=new
+        ),
         "path two passes": plan_path_patch(model, orig, new, IterNode("z", layers=ends), Node("resid_post", last), ld),
         "path to queries": plan_path_patch(model, orig, new, IterNode("z", layers=ends), [Node("q", last, head=1)], ld),
-        "path one pass": plan_path_patch(model, orig, new, IterNode("z", seq_pos="each", layers=ends),
-                                         Node("v", last, head=0), ld, direct_includes_mlps=False),
-        "path receivers": plan_path_patch(model, orig, new, Node("z", 0, head=1),
-                                          IterNode(["q", "k", "pre"], layers=ends), ld),
-    }  # fmt: skip
+        "path one pass": plan_path_patch(
+            model,
+            orig,
+            new,
+            IterNode("z", seq_pos="each", layers=ends),
+            Node("v", last, head=0),
+            ld,
+            direct_includes_mlps=False,
+        ),
+        "path receivers": plan_path_patch(
+            model, orig, new, Node("z", 0, head=1), IterNode(["q", "k", "pre"], layers=ends), ld
+        ),
+    }
 
 
 def equal(a, b) -> bool:

@@ -378,8 +378,12 @@ def edge_styles(fig: go.Figure) -> dict[str, list]:
     (hover,) = [t for t in fig.data if t.name == "edges"]
     styles: dict[str, list] = {}
     for text, x, y in zip(hover.hovertext, hover.x, hover.y):
-        drawn = [t for t in line_traces(fig) for a, b in segments(t)
-                 if abs((a[0] + b[0]) / 2 - x) < 1e-9 and abs((a[1] + b[1]) / 2 - y) < 1e-9]  # fmt: skip
+        drawn = [
+            t
+            for t in line_traces(fig)
+            for a, b in segments(t)
+            if abs((a[0] + b[0]) / 2 - x) < 1e-9 and abs((a[1] + b[1]) / 2 - y) < 1e-9
+        ]
         assert len(drawn) == 1, text
         styles.setdefault(text.split("<br>")[0], []).append(drawn[0])
     return styles
@@ -395,12 +399,22 @@ def scored(graph: EdgeGraph, values: dict[Edge, float], extra_dim: int | None = 
 
 
 def test_circuit_graph_draws_the_joined_nodes_placed_by_layer():
-    edges = [Edge(EMBED, head(0, 1, "q")), Edge(head(0, 1), GraphNode("mlp", 0)),
-             Edge(GraphNode("mlp", 0), head(1, 0, "v")), Edge(head(1, 0), LOGITS), Edge(EMBED, LOGITS)]  # fmt: skip
+    edges = [
+        Edge(EMBED, head(0, 1, "q")),
+        Edge(head(0, 1), GraphNode("mlp", 0)),
+        Edge(GraphNode("mlp", 0), head(1, 0, "v")),
+        Edge(head(1, 0), LOGITS),
+        Edge(EMBED, LOGITS),
+    ]
     fig = circuit_graph(Circuit(GRAPH, edges))
     # embeddings left of layer 0, logits right of the last layer, heads by index, the MLP above them
-    assert nodes_of(fig) == {"embed": (-1, -1), "head 0.1": (0, 1), "mlp 0": (0.5, 2), "head 1.0": (1, 0),
-                             "logits": (2, -1)}  # fmt: skip
+    assert nodes_of(fig) == {
+        "embed": (-1, -1),
+        "head 0.1": (0, 1),
+        "mlp 0": (0.5, 2),
+        "head 1.0": (1, 0),
+        "logits": (2, -1),
+    }
     assert fig.layout.xaxis.ticktext == ("embed", "0", "1", "logits")
     assert fig.layout.xaxis.tickvals == (-1, 0, 1, 2)
 
@@ -447,8 +461,12 @@ def test_grouped_query_edges_end_at_every_query_head_sharing_the_key_value_head(
 
 
 def test_line_widths_grow_with_abs_score_and_colours_follow_the_sign():
-    values = {Edge(head(1, 0), LOGITS): 4.0, Edge(head(0, 1), LOGITS): -2.0, Edge(EMBED, head(1, 0, "q")): 1.0,
-              Edge(head(0, 0), GraphNode("mlp", 1)): -0.4}  # fmt: skip
+    values = {
+        Edge(head(1, 0), LOGITS): 4.0,
+        Edge(head(0, 1), LOGITS): -2.0,
+        Edge(EMBED, head(1, 0, "q")): 1.0,
+        Edge(head(0, 0), GraphNode("mlp", 1)): -0.4,
+    }
     scores = scored(GRAPH, values)
     styles = edge_styles(circuit_graph(Circuit(GRAPH, values), scores))
     widths = [styles[str(edge)][0].line.width for edge in sorted(values, key=lambda e: -abs(values[e]))]
@@ -561,8 +579,10 @@ def test_one_line_per_curve_with_reference_lines_and_a_log_axis():
     curves = [curve("atp", (0.01, 0.1, 1.0), (0.0, 1.0, 2.0)), curve("ig", (0.01, 0.1, 1.0), (1.0, 1.5, 2.0))]
     fig = faithfulness_curves(curves)
     assert [trace.name.split(":")[0] for trace in fig.data] == ["atp by |score|", "ig by |score|"]
-    assert sorted((shape.y0, shape.y1, shape.line.dash) for shape in fig.layout.shapes) == [(0, 0, "dash"),
-                                                                                            (1, 1, "dash")]  # fmt: skip
+    assert sorted((shape.y0, shape.y1, shape.line.dash) for shape in fig.layout.shapes) == [
+        (0, 0, "dash"),
+        (1, 1, "dash"),
+    ]
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.title.text == "faithfulness"
     assert faithfulness_curves(curves, log_x=False).layout.xaxis.type == "linear"
     assert fig.layout.title.text == "Faithfulness by circuit size"
@@ -599,8 +619,9 @@ def test_faithfulness_curves_refuses_other_input(bad, match):
 def test_circuit_figures_save(tmp_path):
     values = {Edge(head(1, 0), LOGITS): 0.25, Edge(EMBED, head(1, 1, "k", kv=True)): -1.5}
     grouped = Circuit(GROUPED, values)
-    for index, fig in enumerate([circuit_graph(grouped, scored(GROUPED, values)),
-                                 faithfulness_curves(curve("atp", (0.1, 1.0), (0.0, 2.0)))]):  # fmt: skip
+    for index, fig in enumerate(
+        [circuit_graph(grouped, scored(GROUPED, values)), faithfulness_curves(curve("atp", (0.1, 1.0), (0.0, 2.0)))]
+    ):
         path = tmp_path / f"figure{index}.html"
         fig.write_html(path, include_plotlyjs=False)
         assert path.stat().st_size > 0

@@ -45,10 +45,23 @@ def test_import_adds_model_methods(small_model):
 
 def test_every_mixin_method_is_on_the_model_and_cache_classes():
     methods = [name for name in vars(PatchingMixin) if not name.startswith("_")]
-    assert sorted(methods) == ["act_patch", "attr_edges", "attr_patch", "attr_path_patch", "confirm", "confirm_edges",
-                               "confirm_paths", "evaluate_circuit", "exact_edge_scores", "faithfulness_curve",
-                               "mib_faithfulness", "path_patch", "plan_act_patch", "plan_circuit_evaluation",
-                               "plan_path_patch"]
+    assert sorted(methods) == [
+        "act_patch",
+        "attr_edges",
+        "attr_patch",
+        "attr_path_patch",
+        "confirm",
+        "confirm_edges",
+        "confirm_paths",
+        "evaluate_circuit",
+        "exact_edge_scores",
+        "faithfulness_curve",
+        "mib_faithfulness",
+        "path_patch",
+        "plan_act_patch",
+        "plan_circuit_evaluation",
+        "plan_path_patch",
+    ]
     for model_class in MODEL_CLASSES:
         assert all(getattr(model_class, name) is getattr(PatchingMixin, name) for name in methods)
     cache_methods = [name for name in vars(CachePatchingMixin) if not name.startswith("_")]
@@ -72,7 +85,9 @@ def test_act_patch_method_matches_function(small_model):
     orig, new = make_inputs(model)
     metric = logit_diff_metric(per_prompt=True)
     node = Node("resid_mid", 1, seq_pos=[1, 2, 3])
-    assert torch.equal(model.act_patch(orig, node, metric, new_input=new), act_patch(model, orig, node, metric, new_input=new))
+    assert torch.equal(
+        model.act_patch(orig, node, metric, new_input=new), act_patch(model, orig, node, metric, new_input=new)
+    )
     sweep = IterNode("z", layers=[0, 1])
     by_method = model.act_patch(orig, sweep, metric, new_cache="zero")["z"]
     by_function = act_patch(model, orig, sweep, metric, new_cache="zero")["z"]
@@ -223,8 +238,10 @@ def test_zero_ablated_cache(small_model):
     expected = naive_act_patch(model, orig, [node], metric, 0)
     assert_close(act_patch(model, orig, node, metric, new_cache=zeros), expected)
     receiver = Node("resid_post", 2)
-    assert_close(path_patch(model, orig, None, node, receiver, metric, new_cache=zeros, direct_includes_mlps=False),
-                 path_patch(model, orig, None, node, receiver, metric, new_cache="zero", direct_includes_mlps=False))
+    assert_close(
+        path_patch(model, orig, None, node, receiver, metric, new_cache=zeros, direct_includes_mlps=False),
+        path_patch(model, orig, None, node, receiver, metric, new_cache="zero", direct_includes_mlps=False),
+    )
 
 
 def test_mean_ablated_cache_by_group(small_model):
@@ -253,5 +270,7 @@ def test_mean_ablated_cache_over_batch(small_model):
     assert_close(means["blocks.2.hook_resid_pre"], resid.mean(0, keepdim=True).expand_as(resid))
     node = Node("resid_pre", 2, seq_pos=-1)
     metric = logit_diff_metric()
-    expected = naive_act_patch(model, orig, [node], metric, {"blocks.2.hook_resid_pre": means["blocks.2.hook_resid_pre"]})
+    expected = naive_act_patch(
+        model, orig, [node], metric, {"blocks.2.hook_resid_pre": means["blocks.2.hook_resid_pre"]}
+    )
     assert_close(act_patch(model, orig, node, metric, new_cache=means), expected)

@@ -186,27 +186,31 @@ def top_heads(result: PatchResult, k: int) -> list[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def heads(nb):
     """Activation patching example 1: head outputs, corrupted -> clean; and what verbose=True printed."""
-    return printed(lambda: act_patch(
-        model=nb.model,
-        orig_input=nb.flipped_tokens,
-        new_cache=nb.clean_cache,
-        patching_nodes=IterNode("z", layers=LATE),  # the notebook: IterNode("z"), every head of every layer
-        patching_metric=nb.ioi_metric_denoising,
-        verbose=True,
-    ))  # fmt: skip
+    return printed(
+        lambda: act_patch(
+            model=nb.model,
+            orig_input=nb.flipped_tokens,
+            new_cache=nb.clean_cache,
+            patching_nodes=IterNode("z", layers=LATE),  # the notebook: IterNode("z"), every head of every layer
+            patching_metric=nb.ioi_metric_denoising,
+            verbose=True,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def by_position(nb):
     """Activation patching example 2: the residual stream and MLP outputs at each position."""
-    return printed(lambda: act_patch(
-        model=nb.model,
-        orig_input=nb.flipped_tokens,
-        new_cache=nb.clean_cache,
-        patching_nodes=IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each", layers=[29]),
-        patching_metric=nb.ioi_metric_denoising,
-        verbose=True,
-    ))  # fmt: skip
+    return printed(
+        lambda: act_patch(
+            model=nb.model,
+            orig_input=nb.flipped_tokens,
+            new_cache=nb.clean_cache,
+            patching_nodes=IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each", layers=[29]),
+            patching_metric=nb.ioi_metric_denoising,
+            verbose=True,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -358,13 +362,23 @@ def test_act_patch_several_components(nb, heads, capsys):
 
     # A k or v head is a key/value head: Node("k", 29, head=kv) is kv head `kv`, read by 3 query heads.
     kv = int(results["k"][0].abs().argmax())
-    single = act_patch(model=model, orig_input=nb.flipped_tokens, new_cache=nb.clean_cache,
-                       patching_nodes=Node("k", 29, head=kv), patching_metric=nb.ioi_metric_denoising)  # fmt: skip
+    single = act_patch(
+        model=model,
+        orig_input=nb.flipped_tokens,
+        new_cache=nb.clean_cache,
+        patching_nodes=Node("k", 29, head=kv),
+        patching_metric=nb.ioi_metric_denoising,
+    )
     assert_close(single, results["k"].sel(layer=29, kv_head=kv))
     assert_close(single, results["k"].sel(layer=29, head=kv))  # head= names kv_head where there is no head dim
     with pytest.raises(PatchingError, match="out of range"):  # kv heads are 0, 1, 2
-        act_patch(model=model, orig_input=nb.flipped_tokens, new_cache=nb.clean_cache,
-                  patching_nodes=Node("k", 29, head=3), patching_metric=nb.ioi_metric_denoising)  # fmt: skip
+        act_patch(
+            model=model,
+            orig_input=nb.flipped_tokens,
+            new_cache=nb.clean_cache,
+            patching_nodes=Node("k", 29, head=3),
+            patching_metric=nb.ioi_metric_denoising,
+        )
 
 
 def test_stacking_all_five_components_without_gqa(tok):
@@ -416,10 +430,17 @@ def test_per_prompt_positions_of_an_iternode():
     def cache_metric(cache):
         return cache[last_resid][:, -1, 0].mean().item()
 
-    results = act_patch(model=model, orig_input=flipped_tokens, new_cache=clean_cache, patching_nodes=nodes,
-                        patching_metric=metric)  # fmt: skip
-    on_cache = act_patch(model=model, orig_input=flipped_tokens, new_cache=clean_cache, patching_nodes=nodes,
-                         patching_metric=cache_metric, apply_metric_to_cache=True)  # fmt: skip
+    results = act_patch(
+        model=model, orig_input=flipped_tokens, new_cache=clean_cache, patching_nodes=nodes, patching_metric=metric
+    )
+    on_cache = act_patch(
+        model=model,
+        orig_input=flipped_tokens,
+        new_cache=clean_cache,
+        patching_nodes=nodes,
+        patching_metric=cache_metric,
+        apply_metric_to_cache=True,
+    )
     rows = t.arange(3)[:, None]
     for layer in range(2):
         name = utils.get_act_name("resid_pre", layer)
@@ -500,8 +521,13 @@ def test_path_patch_head_to_final_residual_stream(nb, to_logits):
     # A layer-29 head reaches the logits directly and through MLP 29 only: its path effect (MLPs
     # included) is its total effect, which activation patching measures.
     last = int(results["z"].sel(layer=29).abs().argmax())
-    total = act_patch(model=model, orig_input=ioi_dataset.toks, new_input=abc_dataset.toks,
-                      patching_nodes=Node("z", 29, head=last), patching_metric=ioi_metric_noising)  # fmt: skip
+    total = act_patch(
+        model=model,
+        orig_input=ioi_dataset.toks,
+        new_input=abc_dataset.toks,
+        patching_nodes=Node("z", 29, head=last),
+        patching_metric=ioi_metric_noising,
+    )
     assert_close(total, results["z"].sel(layer=29, head=last))
 
     # The name movers together (the notebook printed "Performance is worse than zero!" for GPT-2).
@@ -630,9 +656,13 @@ def test_metrics_returning_tensors_over_an_iternode(nb, heads):
         patched_logit_diff = nb.logits_to_ave_logit_diff(logits, nb.answer_tokens)
         return (patched_logit_diff - flipped_logit_diff) / (clean_logit_diff - flipped_logit_diff)
 
-    results = act_patch(model=model, orig_input=flipped_tokens, new_cache=clean_cache,
-                        patching_nodes=IterNode("z", layers=LATE, heads=[0, 4]),
-                        patching_metric=ioi_metric_denoising_tensor)  # fmt: skip
+    results = act_patch(
+        model=model,
+        orig_input=flipped_tokens,
+        new_cache=clean_cache,
+        patching_nodes=IterNode("z", layers=LATE, heads=[0, 4]),
+        patching_metric=ioi_metric_denoising_tensor,
+    )
     z = results["z"]
     assert isinstance(z, PatchResult) and z.dims == ("layer", "head") and z.shape == (2, 2)
     assert z.coords == {"layer": (28, 29), "head": (0, 4)}
@@ -646,15 +676,24 @@ def test_metrics_returning_tensors_over_an_iternode(nb, heads):
     def per_prompt_logit_diff(logits):
         return nb.logits_to_ave_logit_diff(logits, nb.answer_tokens, per_prompt=True)
 
-    results = act_patch(model=model, orig_input=flipped_tokens, new_cache=clean_cache,
-                        patching_nodes=IterNode("z", layers=[29], heads=[4]),
-                        patching_metric=per_prompt_logit_diff)  # fmt: skip
+    results = act_patch(
+        model=model,
+        orig_input=flipped_tokens,
+        new_cache=clean_cache,
+        patching_nodes=IterNode("z", layers=[29], heads=[4]),
+        patching_metric=per_prompt_logit_diff,
+    )
     z = results["z"]
     assert z.dims == ("layer", "head", "batch") and z.shape == (1, 1, 8)
     normalised = (z.mean(-1) - flipped_logit_diff) / (clean_logit_diff - flipped_logit_diff)
     assert_close(normalised, float_results[1:, 4:5])
-    single = act_patch(model=model, orig_input=flipped_tokens, new_cache=clean_cache,
-                       patching_nodes=Node("z", 29, head=4), patching_metric=per_prompt_logit_diff)  # fmt: skip
+    single = act_patch(
+        model=model,
+        orig_input=flipped_tokens,
+        new_cache=clean_cache,
+        patching_nodes=Node("z", 29, head=4),
+        patching_metric=per_prompt_logit_diff,
+    )
     assert type(single) is Tensor and single.shape == (8,)
     assert_close(single, z.sel(layer=29, head=4))
 
@@ -663,9 +702,13 @@ def test_metrics_returning_tensors_over_an_iternode(nb, heads):
         final = logits[:, -1].gather(-1, nb.answer_tokens)
         return final[:, 0], final[:, 1]
 
-    results = act_patch(model=model, orig_input=flipped_tokens, new_cache=clean_cache,
-                        patching_nodes=IterNode("z", layers=[29], heads=[4]),
-                        patching_metric=io_and_s_logits)  # fmt: skip
+    results = act_patch(
+        model=model,
+        orig_input=flipped_tokens,
+        new_cache=clean_cache,
+        patching_nodes=IterNode("z", layers=[29], heads=[4]),
+        patching_metric=io_and_s_logits,
+    )
     z = results["z"]
     assert z.dims == ("layer", "head", "output", "batch") and z.shape == (1, 1, 2, 8)
     io_logits, s_logits = z.sel(layer=29, head=4)  # the prior art: results["z"][0] was this tuple
@@ -699,10 +742,20 @@ def test_metrics_of_the_patched_cache(nb, to_logits):
     # names_filter_for_cache_metric, direct_includes_mlps, verbose.
     metric = functools.partial(get_io_attn_change_for_nmh, ioi_dataset=ioi_dataset, ioi_cache=ioi_cache)
     result_patched, result_clean = path_patch(
-        model, ioi_dataset.toks, abc_dataset.toks, Node("z", sender[0], head=sender[1]),
-        Node("q", mover_layer, head=mover_head), metric, None, None, None, True,
-        lambda name: name == pattern_name, True, False,
-    )  # fmt: skip
+        model,
+        ioi_dataset.toks,
+        abc_dataset.toks,
+        Node("z", sender[0], head=sender[1]),
+        Node("q", mover_layer, head=mover_head),
+        metric,
+        None,
+        None,
+        None,
+        True,
+        lambda name: name == pattern_name,
+        True,
+        False,
+    )
     assert result_patched.shape == result_clean.shape == (N,)
     pattern = ioi_cache["pattern", mover_layer][:, mover_head]
     clean = pattern[range(N), ioi_dataset.word_idx["end"], ioi_dataset.word_idx["IO"]]
@@ -735,17 +788,32 @@ def test_zero_ablation(nb):
     model = nb.model
     # Zeroing the residual stream entering the last layer zeroes everything after it (RMSNorm, no
     # biases), so every logit is 0: the logit difference is 0, halfway between flipped and clean.
-    results = act_patch(model=model, orig_input=nb.clean_tokens, patching_nodes=IterNode("resid_pre", layers=[29]),
-                        patching_metric=nb.ioi_metric_denoising, new_cache="zero")  # fmt: skip
+    results = act_patch(
+        model=model,
+        orig_input=nb.clean_tokens,
+        patching_nodes=IterNode("resid_pre", layers=[29]),
+        patching_metric=nb.ioi_metric_denoising,
+        new_cache="zero",
+    )
     assert results["resid_pre"].dims == ("layer",)
     assert_close(results["resid_pre"], [0.5])
 
     # A layer-29 head zeroed on its direct paths (MLP 29 included) is the head zeroed.
     head = 4
-    path = path_patch(model, orig_input=nb.clean_tokens, sender_nodes=Node("z", 29, head=head),
-                      receiver_nodes=Node("resid_post", 29), patching_metric=nb.ioi_metric_denoising,
-                      new_cache="zero")  # fmt: skip
-    act = act_patch(model=model, orig_input=nb.clean_tokens, patching_nodes=Node("z", 29, head=head),
-                    patching_metric=nb.ioi_metric_denoising, new_cache="zero")  # fmt: skip
+    path = path_patch(
+        model,
+        orig_input=nb.clean_tokens,
+        sender_nodes=Node("z", 29, head=head),
+        receiver_nodes=Node("resid_post", 29),
+        patching_metric=nb.ioi_metric_denoising,
+        new_cache="zero",
+    )
+    act = act_patch(
+        model=model,
+        orig_input=nb.clean_tokens,
+        patching_nodes=Node("z", 29, head=head),
+        patching_metric=nb.ioi_metric_denoising,
+        new_cache="zero",
+    )
     assert type(path) is float and type(act) is float
     assert_close(path, act)

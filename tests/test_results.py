@@ -131,7 +131,9 @@ def test_resid_pre_each_position_is_seq_pos_layer(small_model):
     orig, new = make_inputs(model)
     metric = logit_diff_metric()
     layers = [0, 2, 3]
-    result = act_patch(model, orig, IterNode("resid_pre", seq_pos="each", layers=layers), metric, new_input=new)["resid_pre"]
+    result = act_patch(model, orig, IterNode("resid_pre", seq_pos="each", layers=layers), metric, new_input=new)[
+        "resid_pre"
+    ]
     assert result.dims == ("seq_pos", "layer") and result.shape == (orig.shape[1], len(layers))
     assert result.coords == {"seq_pos": tuple(range(orig.shape[1])), "layer": tuple(layers)}
     cache = full_cache(model, new)
@@ -143,7 +145,9 @@ def test_resid_pre_each_position_is_seq_pos_layer(small_model):
 
 def test_resid_pre_full_each_position_sweep_shape(gqa_model):
     orig, new = make_inputs(gqa_model)
-    result = act_patch(gqa_model, orig, IterNode("resid_pre", seq_pos="each"), logit_diff_metric(), new_input=new)["resid_pre"]
+    result = act_patch(gqa_model, orig, IterNode("resid_pre", seq_pos="each"), logit_diff_metric(), new_input=new)[
+        "resid_pre"
+    ]
     assert result.dims == ("seq_pos", "layer") and result.shape == (orig.shape[1], gqa_model.cfg.n_layers)
 
 
@@ -164,7 +168,10 @@ def test_k_sweep_on_gqa_is_layer_kv_head(gqa_model):
     results = act_patch(gqa_model, orig, IterNode(["q", "k"]), metric, new_input=new)
     n_kv = gqa_model.cfg.n_key_value_heads
     assert results["k"].dims == ("layer", "kv_head") and results["k"].shape == (gqa_model.cfg.n_layers, n_kv)
-    assert results["q"].dims == ("layer", "head") and results["q"].shape == (gqa_model.cfg.n_layers, gqa_model.cfg.n_heads)
+    assert results["q"].dims == ("layer", "head") and results["q"].shape == (
+        gqa_model.cfg.n_layers,
+        gqa_model.cfg.n_heads,
+    )
     expected = naive_act_patch(gqa_model, orig, [Node("k", 2, head=n_kv - 1)], metric, full_cache(gqa_model, new))
     assert_close(results["k"].sel(layer=2, kv_head=n_kv - 1), expected)
 
@@ -200,7 +207,9 @@ def test_restricted_sweep_coords_and_sel(gpt2_model):
     assert_close(result.sel(layer=2, head=3), naive_act_patch(gpt2_model, orig, [Node("z", 2, head=3)], metric, cache))
     assert_close(result.sel(layer=5, head=1), naive_act_patch(gpt2_model, orig, [Node("z", 5, head=1)], metric, cache))
     frame = result.to_dataframe()
-    assert frame.loc[(frame["layer"] == 5) & (frame["head"] == 3), "value"].item() == pytest.approx(float(single), abs=1e-5)
+    assert frame.loc[(frame["layer"] == 5) & (frame["head"] == 3), "value"].item() == pytest.approx(
+        float(single), abs=1e-5
+    )
 
 
 def test_multi_component_sweep_keys(small_model):
@@ -215,10 +224,19 @@ def test_path_patch_sweep_dims(small_model):
     model = small_model
     orig, new = make_inputs(model)
     metric = logit_diff_metric()
-    senders = path_patch(model, orig, new, IterNode("z", layers=[0, 1], heads=[0, 2]), Node("resid_post", 2), metric)["z"]
+    senders = path_patch(model, orig, new, IterNode("z", layers=[0, 1], heads=[0, 2]), Node("resid_post", 2), metric)[
+        "z"
+    ]
     assert senders.dims == ("layer", "head") and senders.coords == {"layer": (0, 1), "head": (0, 2)}
-    receivers = path_patch(model, orig, new, Node("z", 0), IterNode("resid_pre", seq_pos="each", layers=[1]), metric,
-                           direct_includes_mlps=False)
+    receivers = path_patch(
+        model,
+        orig,
+        new,
+        Node("z", 0),
+        IterNode("resid_pre", seq_pos="each", layers=[1]),
+        metric,
+        direct_includes_mlps=False,
+    )
     assert receivers["resid_pre"].dims == ("seq_pos", "layer") and receivers["resid_pre"].shape == (orig.shape[1], 1)
 
 

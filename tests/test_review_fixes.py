@@ -137,9 +137,17 @@ def test_cli_dry_run_prints_the_plans_and_runs_nothing(monkeypatch, capsys, tmp_
         status = cli_module.main(["ioi", "--dry-run", "--n-prompts", "3", "--out", str(tmp_path / "report")])
     out = capsys.readouterr().out
     assert status == 0 and calls == [] and not (tmp_path / "report").exists()
-    for step in ("act_heads", "act_words at S2", "path_logits", "path_queries", "path_values", "attr_neurons",
-                 "circuit, exact scores of the candidates", "circuit, choosing on the scoring prompts",
-                 "circuit, faithfulness curves"):
+    for step in (
+        "act_heads",
+        "act_words at S2",
+        "path_logits",
+        "path_queries",
+        "path_values",
+        "attr_neurons",
+        "circuit, exact scores of the candidates",
+        "circuit, choosing on the scoring prompts",
+        "circuit, faithfulness curves",
+    ):
         assert f"\n{step}" in out, step
     assert out.count("forward passes in") == 14
 
@@ -177,8 +185,9 @@ def test_training_mode_without_dropout_patches_as_eval_mode(gpt2_model):
     expected = act_patch(model, orig, IterNode("z", layers=[0]), logit_diff_metric(), new_input=new)["z"]
     model.train()
     try:
-        assert torch.equal(act_patch(model, orig, IterNode("z", layers=[0]), logit_diff_metric(), new_input=new)["z"],
-                           expected)  # fmt: skip
+        assert torch.equal(
+            act_patch(model, orig, IterNode("z", layers=[0]), logit_diff_metric(), new_input=new)["z"], expected
+        )
     finally:
         model.eval()
 

@@ -143,7 +143,9 @@ def test_read_positions_differ_per_prompt(small_model):
     orig, new = make_inputs(model)
     metric = LogitDiff(torch.tensor([[5, 6], [6, 5], [5, 7]]), torch.tensor([6, 1, 2]), per_prompt=True)
     node = IterNode("resid_pre", seq_pos="each", layers=[1])
-    assert_equal_results(act_patch(model, orig, node, metric, new_input=new), act_patch(model, orig, node, plain(metric), new_input=new))
+    assert_equal_results(
+        act_patch(model, orig, node, metric, new_input=new), act_patch(model, orig, node, plain(metric), new_input=new)
+    )
 
 
 class UnembeddingWatch:
@@ -154,8 +156,12 @@ class UnembeddingWatch:
 
     def __enter__(self):
         self.handles = [
-            self.model.ln_final.register_forward_pre_hook(lambda m, args: self.norm_inputs.append(tuple(args[0].shape))),
-            self.model.unembed.register_forward_hook(lambda m, i, o: setattr(self, "unembeddings", self.unembeddings + 1)),
+            self.model.ln_final.register_forward_pre_hook(
+                lambda m, args: self.norm_inputs.append(tuple(args[0].shape))
+            ),
+            self.model.unembed.register_forward_hook(
+                lambda m, i, o: setattr(self, "unembeddings", self.unembeddings + 1)
+            ),
         ]
         return self
 

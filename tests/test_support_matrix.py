@@ -61,41 +61,107 @@ ANSWERS = torch.tensor([[5, 6], [17, 3], [6, 5]])
 ORIG = torch.randint(100, 2000, (3, 7), generator=torch.Generator().manual_seed(0))
 NEW = torch.randint(100, 2000, (3, 7), generator=torch.Generator().manual_seed(1))
 
-_SHAPE = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128, vocab_size=VOCAB,
-              max_position_embeddings=64, initializer_range=0.5)  # fmt: skip
+_SHAPE = dict(
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    hidden_size=64,
+    intermediate_size=128,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    initializer_range=0.5,
+)
 _GQA = dict(_SHAPE, num_key_value_heads=2)
 _MOE = dict(num_experts=4, num_experts_per_tok=2)
 # family: (name in the table, config class, model class, config kwargs)
 FAMILIES = {
-    "gpt2": ("GPT-2", "GPT2Config", "GPT2LMHeadModel",
-             dict(n_layer=2, n_head=4, n_embd=64, n_inner=128, vocab_size=VOCAB, n_positions=64,
-                  initializer_range=0.5)),
-    "gptj": ("GPT-J", "GPTJConfig", "GPTJForCausalLM",
-             dict(n_layer=2, n_head=4, n_embd=64, n_inner=128, rotary_dim=8, vocab_size=VOCAB, n_positions=64,
-                  initializer_range=0.5)),
-    "gpt_neo": ("GPT-Neo", "GPTNeoConfig", "GPTNeoForCausalLM",
-                dict(num_layers=2, attention_types=[[["global", "local"], 1]], num_heads=4, hidden_size=64,
-                     intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64, window_size=4,
-                     initializer_range=0.5)),
+    "gpt2": (
+        "GPT-2",
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_layer=2, n_head=4, n_embd=64, n_inner=128, vocab_size=VOCAB, n_positions=64, initializer_range=0.5),
+    ),
+    "gptj": (
+        "GPT-J",
+        "GPTJConfig",
+        "GPTJForCausalLM",
+        dict(
+            n_layer=2,
+            n_head=4,
+            n_embd=64,
+            n_inner=128,
+            rotary_dim=8,
+            vocab_size=VOCAB,
+            n_positions=64,
+            initializer_range=0.5,
+        ),
+    ),
+    "gpt_neo": (
+        "GPT-Neo",
+        "GPTNeoConfig",
+        "GPTNeoForCausalLM",
+        dict(
+            num_layers=2,
+            attention_types=[[["global", "local"], 1]],
+            num_heads=4,
+            hidden_size=64,
+            intermediate_size=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            window_size=4,
+            initializer_range=0.5,
+        ),
+    ),
     "gpt_neox": ("GPT-NeoX", "GPTNeoXConfig", "GPTNeoXForCausalLM", dict(_SHAPE)),
-    "opt": ("OPT", "OPTConfig", "OPTForCausalLM",
-            dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
-                 vocab_size=VOCAB, max_position_embeddings=64, init_std=0.5, pad_token_id=1)),
-    "bloom": ("Bloom", "BloomConfig", "BloomForCausalLM",
-              dict(n_layer=2, n_head=4, hidden_size=64, vocab_size=VOCAB, initializer_range=0.5)),
-    "falcon": ("Falcon", "FalconConfig", "FalconForCausalLM",
-               dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, vocab_size=VOCAB,
-                    initializer_range=0.5)),
+    "opt": (
+        "OPT",
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_size=64,
+            ffn_dim=128,
+            word_embed_proj_dim=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            init_std=0.5,
+            pad_token_id=1,
+        ),
+    ),
+    "bloom": (
+        "Bloom",
+        "BloomConfig",
+        "BloomForCausalLM",
+        dict(n_layer=2, n_head=4, hidden_size=64, vocab_size=VOCAB, initializer_range=0.5),
+    ),
+    "falcon": (
+        "Falcon",
+        "FalconConfig",
+        "FalconForCausalLM",
+        dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, vocab_size=VOCAB, initializer_range=0.5),
+    ),
     "llama": ("Llama", "LlamaConfig", "LlamaForCausalLM", dict(_GQA)),
     "mistral": ("Mistral", "MistralConfig", "MistralForCausalLM", dict(_GQA)),
-    "mixtral": ("Mixtral", "MixtralConfig", "MixtralForCausalLM",
-                dict(_GQA, num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral": (
+        "Mixtral",
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
+    ),
     "qwen2": ("Qwen2", "Qwen2Config", "Qwen2ForCausalLM", dict(_GQA)),
-    "qwen2_moe": ("Qwen2-MoE", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  dict(_GQA, **_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    "qwen2_moe": (
+        "Qwen2-MoE",
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(_GQA, **_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    ),
     "qwen3": ("Qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(_GQA, head_dim=16)),
-    "qwen3_moe": ("Qwen3-MoE", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(_GQA, **_MOE, head_dim=16, moe_intermediate_size=32)),
+    "qwen3_moe": (
+        "Qwen3-MoE",
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(_GQA, **_MOE, head_dim=16, moe_intermediate_size=32),
+    ),
     "gemma": ("Gemma", "GemmaConfig", "GemmaForCausalLM", dict(_GQA, head_dim=16)),
     "gemma2": ("Gemma-2", "Gemma2Config", "Gemma2ForCausalLM", dict(_GQA, head_dim=16, final_logit_softcapping=2.0)),
     "gemma3_text": ("Gemma-3 (text)", "Gemma3TextConfig", "Gemma3ForCausalLM", dict(_GQA, head_dim=16)),
@@ -110,58 +176,160 @@ FAMILIES = {
     "granite": ("Granite", "GraniteConfig", "GraniteForCausalLM", dict(_GQA, logits_scaling=4.0)),
     "smollm3": ("SmolLM3", "SmolLM3Config", "SmolLM3ForCausalLM", dict(_GQA, pad_token_id=0)),
     # more families TransformerLens 4.3 has an adapter for
-    "gpt_bigcode": ("GPT-BigCode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM",
-                    dict(n_layer=2, n_head=4, n_embd=64, n_inner=128, vocab_size=VOCAB, n_positions=64,
-                         initializer_range=0.5)),
-    "codegen": ("CodeGen", "CodeGenConfig", "CodeGenForCausalLM",
-                dict(n_layer=2, n_head=4, n_embd=64, n_inner=128, rotary_dim=8, vocab_size=VOCAB, n_positions=64,
-                     n_ctx=64, initializer_range=0.5)),
-    "mpt": ("MPT", "MptConfig", "MptForCausalLM",
-            dict(n_layers=2, n_heads=4, d_model=64, expansion_ratio=2, vocab_size=VOCAB, max_seq_len=64,
-                 initializer_range=0.5)),
-    "xglm": ("XGLM", "XGLMConfig", "XGLMForCausalLM",
-             dict(num_layers=2, attention_heads=4, d_model=64, ffn_dim=128, vocab_size=VOCAB,
-                  max_position_embeddings=64, init_std=0.5)),
-    "openai_gpt": ("OpenAI GPT", "OpenAIGPTConfig", "OpenAIGPTLMHeadModel",
-                   dict(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=64, initializer_range=0.5)),
+    "gpt_bigcode": (
+        "GPT-BigCode",
+        "GPTBigCodeConfig",
+        "GPTBigCodeForCausalLM",
+        dict(n_layer=2, n_head=4, n_embd=64, n_inner=128, vocab_size=VOCAB, n_positions=64, initializer_range=0.5),
+    ),
+    "codegen": (
+        "CodeGen",
+        "CodeGenConfig",
+        "CodeGenForCausalLM",
+        dict(
+            n_layer=2,
+            n_head=4,
+            n_embd=64,
+            n_inner=128,
+            rotary_dim=8,
+            vocab_size=VOCAB,
+            n_positions=64,
+            n_ctx=64,
+            initializer_range=0.5,
+        ),
+    ),
+    "mpt": (
+        "MPT",
+        "MptConfig",
+        "MptForCausalLM",
+        dict(
+            n_layers=2,
+            n_heads=4,
+            d_model=64,
+            expansion_ratio=2,
+            vocab_size=VOCAB,
+            max_seq_len=64,
+            initializer_range=0.5,
+        ),
+    ),
+    "xglm": (
+        "XGLM",
+        "XGLMConfig",
+        "XGLMForCausalLM",
+        dict(
+            num_layers=2,
+            attention_heads=4,
+            d_model=64,
+            ffn_dim=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            init_std=0.5,
+        ),
+    ),
+    "openai_gpt": (
+        "OpenAI GPT",
+        "OpenAIGPTConfig",
+        "OpenAIGPTLMHeadModel",
+        dict(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=64, initializer_range=0.5),
+    ),
     "nemotron": ("Nemotron", "NemotronConfig", "NemotronForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
     "olmo3": ("OLMo-3", "Olmo3Config", "Olmo3ForCausalLM", dict(_GQA, pad_token_id=0)),
-    "granitemoe": ("GraniteMoE", "GraniteMoeConfig", "GraniteMoeForCausalLM",
-                   dict(_GQA, num_local_experts=4, num_experts_per_tok=2)),
-    "gpt_oss": ("GPT-OSS", "GptOssConfig", "GptOssForCausalLM",
-                dict(_GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+    "granitemoe": (
+        "GraniteMoE",
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "gpt_oss": (
+        "GPT-OSS",
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(_GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0),
+    ),
     "glm": ("GLM", "GlmConfig", "GlmForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
     "glm4": ("GLM-4", "Glm4Config", "Glm4ForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
-    "glm4_moe": ("GLM-4-MoE", "Glm4MoeConfig", "Glm4MoeForCausalLM",
-                 dict(_GQA, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      first_k_dense_replace=1, pad_token_id=0)),
+    "glm4_moe": (
+        "GLM-4-MoE",
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            _GQA,
+            head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            pad_token_id=0,
+        ),
+    ),
     "exaone4": ("EXAONE 4", "Exaone4Config", "Exaone4ForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
     "apertus": ("Apertus", "ApertusConfig", "ApertusForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
     "arcee": ("Arcee", "ArceeConfig", "ArceeForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
     "seed_oss": ("Seed-OSS", "SeedOssConfig", "SeedOssForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
-    "hunyuan_v1_dense": ("HunYuan (dense)", "HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM",
-                         dict(_GQA, head_dim=16, pad_token_id=0)),
+    "hunyuan_v1_dense": (
+        "HunYuan (dense)",
+        "HunYuanDenseV1Config",
+        "HunYuanDenseV1ForCausalLM",
+        dict(_GQA, head_dim=16, pad_token_id=0),
+    ),
     "ernie4_5": ("ERNIE 4.5", "Ernie4_5Config", "Ernie4_5ForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
-    "ernie4_5_moe": ("ERNIE 4.5 MoE", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
-                     dict(_GQA, head_dim=16, moe_num_experts=4, moe_k=2, moe_intermediate_size=32, pad_token_id=0)),
-    "jetmoe": ("JetMoE", "JetMoeConfig", "JetMoeForCausalLM",
-               dict(_GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+    "ernie4_5_moe": (
+        "ERNIE 4.5 MoE",
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        dict(_GQA, head_dim=16, moe_num_experts=4, moe_k=2, moe_intermediate_size=32, pad_token_id=0),
+    ),
+    "jetmoe": (
+        "JetMoE",
+        "JetMoeConfig",
+        "JetMoeForCausalLM",
+        dict(_GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0),
+    ),
     "bitnet": ("BitNet", "BitNetConfig", "BitNetForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
-    "flex_olmo": ("FlexOlmo", "FlexOlmoConfig", "FlexOlmoForCausalLM",
-                  dict(_GQA, **_MOE, head_dim=16, moe_intermediate_size=32, pad_token_id=0)),
+    "flex_olmo": (
+        "FlexOlmo",
+        "FlexOlmoConfig",
+        "FlexOlmoForCausalLM",
+        dict(_GQA, **_MOE, head_dim=16, moe_intermediate_size=32, pad_token_id=0),
+    ),
     "jais2": ("Jais 2", "Jais2Config", "Jais2ForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
     "nanochat": ("NanoChat", "NanoChatConfig", "NanoChatForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
-    "minimax_m2": ("MiniMax-M2", "MiniMaxM2Config", "MiniMaxM2ForCausalLM",
-                   dict(_GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
-    "deepseek_v2": ("DeepSeek-V2", "DeepseekV2Config", "DeepseekV2ForCausalLM",
-                    dict(_GQA, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                         first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
-                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, pad_token_id=0)),
-    "phimoe": ("PhiMoE", "PhimoeConfig", "PhimoeForCausalLM",
-               dict(_GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+    "minimax_m2": (
+        "MiniMax-M2",
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        dict(_GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0),
+    ),
+    "deepseek_v2": (
+        "DeepSeek-V2",
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            _GQA,
+            head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            pad_token_id=0,
+        ),
+    ),
+    "phimoe": (
+        "PhiMoE",
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        dict(_GQA, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0),
+    ),
     "ministral3": ("Ministral 3", "Ministral3Config", "Ministral3ForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
     "vaultgemma": ("VaultGemma", "VaultGemmaConfig", "VaultGemmaForCausalLM", dict(_GQA, head_dim=16, pad_token_id=0)),
-}  # fmt: skip
+}
 # The architecture name TransformerLens knows, where it is not the model class's name.
 ARCHITECTURES = {"phimoe": "PhiMoEForCausalLM"}
 
@@ -245,8 +413,10 @@ def act_heads(ctx) -> None:
         return hook
 
     with torch.no_grad():
-        expected = [plain_logit_diff(model.run_with_hooks(ctx.orig, fwd_hooks=[(name, replace(head))]))
-                    for head in range(model.cfg.n_heads)]  # fmt: skip
+        expected = [
+            plain_logit_diff(model.run_with_hooks(ctx.orig, fwd_hooks=[(name, replace(head))]))
+            for head in range(model.cfg.n_heads)
+        ]
     assert_close_at_scale(patched.as_tensor().reshape(-1), torch.stack(expected))
 
 
@@ -304,8 +474,15 @@ def path_residual_only(ctx) -> None:
     """Path patching head (L-1, 0) to the logits through the residual stream only
     (`direct_includes_mlps=False`) equals the orig run with that head's write to the final
     residual stream replaced by its write in the new run."""
-    patched = path_patch(ctx.model, ctx.orig, ctx.new, Node("z", ctx.last, head=0), Node("resid_post", ctx.last),
-                         ctx.metric, direct_includes_mlps=False)  # fmt: skip
+    patched = path_patch(
+        ctx.model,
+        ctx.orig,
+        ctx.new,
+        Node("z", ctx.last, head=0),
+        Node("resid_post", ctx.last),
+        ctx.metric,
+        direct_includes_mlps=False,
+    )
     assert_close_at_scale(patched, write_replaced(ctx, ctx.last, 0))
 
 
@@ -317,8 +494,10 @@ def circuits(ctx) -> None:
     graph = EdgeGraph.of(model)
     removed = Edge(GraphNode("head", ctx.last, head=0), GraphNode("logits"))
     kept = Circuit(graph, [edge for edge in graph if edge != removed])
-    full, empty, without = (evaluate_circuit(model, circuit, ctx.orig, ctx.metric, new_input=ctx.new)
-                            for circuit in (Circuit.full(graph), Circuit.empty(graph), kept))  # fmt: skip
+    full, empty, without = (
+        evaluate_circuit(model, circuit, ctx.orig, ctx.metric, new_input=ctx.new)
+        for circuit in (Circuit.full(graph), Circuit.empty(graph), kept)
+    )
     assert_close_at_scale(full, ctx.own)
     assert_close_at_scale(empty, ctx.own_new)
     assert_close_at_scale(without, write_replaced(ctx, ctx.last, 0))
@@ -359,8 +538,9 @@ def faithfulness(ctx) -> None:
     empty one the new run, and its last point (every edge) has faithfulness 1."""
     graph = EdgeGraph.of(ctx.model)
     scores = torch.randn(len(graph), generator=torch.Generator().manual_seed(2))
-    mib = mib_faithfulness(ctx.model, EdgeScores(graph, scores, "random", float(ctx.own)), ctx.orig, ctx.metric,
-                           new_input=ctx.new)  # fmt: skip
+    mib = mib_faithfulness(
+        ctx.model, EdgeScores(graph, scores, "random", float(ctx.own)), ctx.orig, ctx.metric, new_input=ctx.new
+    )
     for curve in (mib.signed, mib.absolute):
         assert_close_at_scale(curve.full, ctx.own)
         assert_close_at_scale(curve.empty, ctx.own_new)
@@ -455,8 +635,13 @@ def render() -> str:
     lines += ["", "Refusals:", ""]
     lines += [f"{n}. {escaped(note)}" for n, note in enumerate(notes, 1)] or ["None."]
     if bugs:
-        lines += ["", "Bugs: a wrong number or an internal error, in these cells (`tests/test_support_matrix.py` "
-                      "fails, with the exception, until they are fixed):", "", *bugs]  # fmt: skip
+        lines += [
+            "",
+            "Bugs: a wrong number or an internal error, in these cells (`tests/test_support_matrix.py` "
+            "fails, with the exception, until they are fixed):",
+            "",
+            *bugs,
+        ]
     if unbooted:
         lines += ["", "Families that TransformerLens 4.3 does not boot or run, built from their config:", "", *unbooted]
     return "\n".join(lines) + "\n"
@@ -474,8 +659,9 @@ def test_the_page_is_up_to_date():
     if os.environ.get("TLP_WRITE_MODELS_DOC"):
         DOC.write_text(expected)
         return
-    diff = "".join(difflib.unified_diff(text.splitlines(True), expected.splitlines(True), "docs/models.md",
-                                        "generated"))  # fmt: skip
+    diff = "".join(
+        difflib.unified_diff(text.splitlines(True), expected.splitlines(True), "docs/models.md", "generated")
+    )
     assert not diff, (
         "docs/models.md is not the support matrix the library gives now; run "
         f"`TLP_WRITE_MODELS_DOC=1 pytest tests/test_support_matrix.py` to rewrite it.\n{diff}"

@@ -23,10 +23,14 @@ def setup(gpt2_model):
 
 @pytest.mark.parametrize(
     "component, helper",
-    [("z", "get_act_patch_attn_head_out_all_pos"), ("q", "get_act_patch_attn_head_q_all_pos"),
-     ("k", "get_act_patch_attn_head_k_all_pos"), ("v", "get_act_patch_attn_head_v_all_pos"),
-     ("pattern", "get_act_patch_attn_head_pattern_all_pos")],
-)  # fmt: skip
+    [
+        ("z", "get_act_patch_attn_head_out_all_pos"),
+        ("q", "get_act_patch_attn_head_q_all_pos"),
+        ("k", "get_act_patch_attn_head_k_all_pos"),
+        ("v", "get_act_patch_attn_head_v_all_pos"),
+        ("pattern", "get_act_patch_attn_head_pattern_all_pos"),
+    ],
+)
 def test_heads_all_positions(setup, component, helper):
     from transformer_lens import patching
 
@@ -83,8 +87,9 @@ def _tl_attribution(model, orig, new, metric, granularity: str):
 
 def test_attr_patch_equals_tl_node_attribution(setup):
     model, orig, new, _, metric = setup
-    ours = attr_patch(model, orig, IterNode(["embed", "z", "mlp_out"], seq_pos="each"), metric, new_input=new,
-                      estimate="delta")  # fmt: skip
+    ours = attr_patch(
+        model, orig, IterNode(["embed", "z", "mlp_out"], seq_pos="each"), metric, new_input=new, estimate="delta"
+    )
     assert ours["z"].dims == ("seq_pos", "layer", "head") and ours["mlp_out"].dims == ("seq_pos", "layer")
     theirs = {name: torch.full(ours[name].shape, float("nan")) for name in ours}
     for node, score in _tl_attribution(model, orig, new, metric, "node").node_scores.items():

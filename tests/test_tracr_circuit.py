@@ -24,7 +24,8 @@ Ground truth, from the weights and tracr's labels of the residual stream's direc
 Each true edge's effect is also predicted from the program itself (`program_delta`: the sort
 computed with the edge's intermediate taken from the corrupted input), independently of any
 model run. Scores count as zero below FLOAT_NOISE (1e-3): true edges' exact and IG scores are
-at least 1, and decoys' are 0, so no processor's rounding decides a test. Runs on TransformerLens 2 only, and needs the tracr environment (TLP_TRACR_PYTHON).
+at least 1, and decoys' are 0, so no processor's rounding decides a test. Runs on TransformerLens 2
+only, and needs the tracr environment (TLP_TRACR_PYTHON).
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ from transformer_lens_patching import (
 )
 
 if TL_MAJOR >= 4:
-    pytest.skip("TransformerLens 4 has no HookedTransformer, and boot_native bridges have no per-head input hooks, "
-                "which circuit evaluation needs: the tracr circuit test runs on TransformerLens 2.",
-                allow_module_level=True)  # fmt: skip
+    pytest.skip(
+        "TransformerLens 4 has no HookedTransformer, and boot_native bridges have no per-head input hooks, "
+        "which circuit evaluation needs: the tracr circuit test runs on TransformerLens 2.",
+        allow_module_level=True,
+    )
 
 SELECTOR_WIDTH_HELPER = "_selector_width_attn_output"
 """The suffix of the direction in which tracr's selector width writes 1 / (width + 1)."""
@@ -83,8 +86,10 @@ EXPECTED_TRUE = {
 def tracr():
     python = tracr_model.tracr_python()
     if python is None:
-        pytest.skip("No tracr environment: set TLP_TRACR_PYTHON to the python of a venv with requirements/tracr.txt "
-                    "(tracr and jax are kept out of the package's own environments).")  # fmt: skip
+        pytest.skip(
+            "No tracr environment: set TLP_TRACR_PYTHON to the python of a venv with requirements/tracr.txt "
+            "(tracr and jax are kept out of the package's own environments)."
+        )
     began = time.time()
     path = tracr_model.compiled_npz(python)
     print(f"tracr npz ready in {time.time() - began:.1f}s: {path}")
@@ -217,8 +222,11 @@ def test_converted_model_reproduces_tracr(tracr):
     with torch.no_grad():
         logits, cache = tracr.model.run_with_cache(tokens)
     stages = [cache["blocks.0.hook_resid_pre"]]
-    stages += [cache[f"blocks.{layer}.hook_resid_{part}"] for layer in range(tracr.model.cfg.n_layers)
-               for part in ("mid", "post")]  # fmt: skip
+    stages += [
+        cache[f"blocks.{layer}.hook_resid_{part}"]
+        for layer in range(tracr.model.cfg.n_layers)
+        for part in ("mid", "post")
+    ]
     np.testing.assert_allclose(torch.stack(stages, 1).numpy(), arrays["residuals"], atol=1e-5)
     predicted = logits.argmax(-1)[:, 1:].numpy()
     np.testing.assert_array_equal(predicted, arrays["outputs"][:, 1:])
@@ -299,8 +307,9 @@ def test_attribution_atp_is_exact_only_on_linear_paths(tracr, inputs):
     clean, corrupted = inputs
     model, graph = tracr.model, EdgeGraph.of(tracr.model)
     _, true = ground_truth(tracr)
-    scores = attr_edges(model, clean, correct_logits_metric(answer_ids(tracr, CLEAN)), new_input=corrupted,
-                        method="atp")  # fmt: skip
+    scores = attr_edges(
+        model, clean, correct_logits_metric(answer_ids(tracr, CLEAN)), new_input=corrupted, method="atp"
+    )
     assert max(abs(float(scores.score(edge))) for edge in graph if edge not in true) < FLOAT_NOISE
     deltas = program_deltas()
     for name, edge in EXPECTED_TRUE.items():
@@ -316,8 +325,7 @@ def test_attribution_ig_recovers_the_circuit(tracr, inputs):
     clean, corrupted = inputs
     model, graph = tracr.model, EdgeGraph.of(tracr.model)
     _, true = ground_truth(tracr)
-    scores = attr_edges(model, clean, correct_logits_metric(answer_ids(tracr, CLEAN)), new_input=corrupted,
-                        method="ig")  # fmt: skip
+    scores = attr_edges(model, clean, correct_logits_metric(answer_ids(tracr, CLEAN)), new_input=corrupted, method="ig")
     assert {edge for edge in graph if abs(float(scores.score(edge))) > FLOAT_NOISE} == true
     assert max(abs(float(scores.score(edge))) for edge in graph if edge not in true) < FLOAT_NOISE
     assert all(float(scores.score(edge)) < -0.5 for edge in true)

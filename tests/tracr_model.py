@@ -93,8 +93,14 @@ def compiled_npz(python: str) -> Path:
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
-    done = subprocess.run([python, str(SCRIPT), str(partial)], check=False, capture_output=True,
-                          text=True, timeout=COMPILE_TIMEOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    done = subprocess.run(
+        [python, str(SCRIPT), str(partial)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=COMPILE_TIMEOUT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     if done.returncode:
         raise RuntimeError(f"{SCRIPT.name} failed with {python} (exit {done.returncode}):\n{done.stderr[-4000:]}")
     print(done.stdout.strip(), file=sys.stderr)
@@ -114,15 +120,30 @@ def hooked_transformer(arrays: dict):
 
     n_layers = int(arrays["n_layers"])
     config = HookedTransformerConfig(
-        n_layers=n_layers, d_model=int(arrays["d_model"]), n_heads=int(arrays["n_heads"]),
-        d_head=int(arrays["d_head"]), d_mlp=int(arrays["d_mlp"]), d_vocab=arrays["W_E"].shape[0],
-        d_vocab_out=arrays["W_U"].shape[1], n_ctx=arrays["W_pos"].shape[0], act_fn="relu",
-        normalization_type=None, attention_dir="bidirectional", positional_embedding_type="standard",
-        default_prepend_bos=False, dtype=torch.float32, device="cpu", seed=0,
-    )  # fmt: skip
+        n_layers=n_layers,
+        d_model=int(arrays["d_model"]),
+        n_heads=int(arrays["n_heads"]),
+        d_head=int(arrays["d_head"]),
+        d_mlp=int(arrays["d_mlp"]),
+        d_vocab=arrays["W_E"].shape[0],
+        d_vocab_out=arrays["W_U"].shape[1],
+        n_ctx=arrays["W_pos"].shape[0],
+        act_fn="relu",
+        normalization_type=None,
+        attention_dir="bidirectional",
+        positional_embedding_type="standard",
+        default_prepend_bos=False,
+        dtype=torch.float32,
+        device="cpu",
+        seed=0,
+    )
     model = HookedTransformer(config)
-    state = {"embed.W_E": arrays["W_E"], "pos_embed.W_pos": arrays["W_pos"], "unembed.W_U": arrays["W_U"],
-             "unembed.b_U": np.zeros(arrays["W_U"].shape[1])}  # fmt: skip
+    state = {
+        "embed.W_E": arrays["W_E"],
+        "pos_embed.W_pos": arrays["W_pos"],
+        "unembed.W_U": arrays["W_U"],
+        "unembed.b_U": np.zeros(arrays["W_U"].shape[1]),
+    }
     for layer in range(n_layers):
         state |= {f"blocks.{layer}.attn.{key}": arrays[f"{layer}.{key}"] for key in BLOCK_KEYS}
         state |= {f"blocks.{layer}.mlp.{key}": arrays[f"{layer}.{key}"] for key in MLP_KEYS}
@@ -130,6 +151,7 @@ def hooked_transformer(arrays: dict):
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     leftover = [key for key in missing if not key.endswith((".mask", ".IGNORE"))]
     if leftover or unexpected:
-        raise RuntimeError(f"The tracr weights do not fit HookedTransformer: missing {leftover}, "
-                           f"unexpected {unexpected}.")  # fmt: skip
+        raise RuntimeError(
+            f"The tracr weights do not fit HookedTransformer: missing {leftover}, unexpected {unexpected}."
+        )
     return model.eval()

@@ -34,9 +34,8 @@ from ._methods.circuits import plan_circuit_evaluation as plan_circuit_evaluatio
 from ._methods.confirmation import Confirmation as Confirmation
 from ._methods.confirmation import ConfirmedCell as ConfirmedCell
 from ._methods.confirmation import confirm as confirm
-from ._methods.path_confirmation import confirm_paths as confirm_paths
-from ._methods.edges import attr_edges as attr_edges
 from ._methods.edge_paths import attr_path_patch as attr_path_patch
+from ._methods.edges import attr_edges as attr_edges
 from ._methods.faithfulness import MIB_FRACTIONS as MIB_FRACTIONS
 from ._methods.faithfulness import FaithfulnessCurve as FaithfulnessCurve
 from ._methods.faithfulness import MIBFaithfulness as MIBFaithfulness
@@ -44,6 +43,7 @@ from ._methods.faithfulness import faithfulness_curve as faithfulness_curve
 from ._methods.faithfulness import mib_faithfulness as mib_faithfulness
 from ._methods.path import path_patch as path_patch
 from ._methods.path import plan_path_patch as plan_path_patch
+from ._methods.path_confirmation import confirm_paths as confirm_paths
 from .errors import PatchingError as PatchingError
 from .ioi import IOIDataset as IOIDataset
 from .ioi import IOISettings as IOISettings
@@ -69,29 +69,76 @@ from .results import PatchResult as PatchResult
 
 __all__ = [
     # what to patch
-    "Node", "IterNode", "SeqPos",
+    "Node",
+    "IterNode",
+    "SeqPos",
     # patching
-    "act_patch", "path_patch", "attr_patch", "plan_act_patch", "plan_path_patch", "PatchPlan", "PlanOutputs", "Pass",
-    "Block", "set_rank_timeout",
-    "confirm", "confirm_paths", "Confirmation", "ConfirmedCell",
+    "act_patch",
+    "path_patch",
+    "attr_patch",
+    "plan_act_patch",
+    "plan_path_patch",
+    "PatchPlan",
+    "PlanOutputs",
+    "Pass",
+    "Block",
+    "set_rank_timeout",
+    "confirm",
+    "confirm_paths",
+    "Confirmation",
+    "ConfirmedCell",
     # edge attribution and the edge graph
-    "attr_edges", "attr_path_patch", "GraphNode", "Edge", "EdgeGraph", "EdgeScores",
+    "attr_edges",
+    "attr_path_patch",
+    "GraphNode",
+    "Edge",
+    "EdgeGraph",
+    "EdgeScores",
     # circuits
-    "Circuit", "evaluate_circuit", "plan_circuit_evaluation", "faithfulness_curve", "FaithfulnessCurve",
-    "mib_faithfulness", "MIBFaithfulness", "MIB_FRACTIONS", "exact_edge_scores", "confirm_edges",
-    "mean_ablation_cache", "zero_ablation_cache",
+    "Circuit",
+    "evaluate_circuit",
+    "plan_circuit_evaluation",
+    "faithfulness_curve",
+    "FaithfulnessCurve",
+    "mib_faithfulness",
+    "MIBFaithfulness",
+    "MIB_FRACTIONS",
+    "exact_edge_scores",
+    "confirm_edges",
+    "mean_ablation_cache",
+    "zero_ablation_cache",
     # results and errors
-    "PatchResult", "PatchingError",
+    "PatchResult",
+    "PatchingError",
     # metrics
-    "LogitDiff", "TokenLogit", "TokenProbability", "LogitsAt", "LogitSelection", "SelectionMetric",
-    "NormalisedMetric", "logit_diff", "lm_loss", "calibrate", "denoising_metric", "noising_metric",
+    "LogitDiff",
+    "TokenLogit",
+    "TokenProbability",
+    "LogitsAt",
+    "LogitSelection",
+    "SelectionMetric",
+    "NormalisedMetric",
+    "logit_diff",
+    "lm_loss",
+    "calibrate",
+    "denoising_metric",
+    "noising_metric",
     # the TransformerLens plugin
-    "PatchingMixin", "CachePatchingMixin", "install", "load_plugins",
+    "PatchingMixin",
+    "CachePatchingMixin",
+    "install",
+    "load_plugins",
     # the IOI task and the embedded model
-    "IOIDataset", "IOISettings", "example_prompts", "run_ioi", "write_report", "load_smollm2",
+    "IOIDataset",
+    "IOISettings",
+    "example_prompts",
+    "run_ioi",
+    "write_report",
+    "load_smollm2",
     # public submodules
-    "ioi", "plots",
-]  # fmt: skip
+    "ioi",
+    "plots",
+]
 
 install()
 

@@ -79,11 +79,18 @@ def _load_failure(name: str, error: Exception) -> str:
 def settings_of(args: argparse.Namespace) -> IOISettings:
     """The analysis settings the arguments give."""
     return IOISettings(
-        n_prompts=args.n_prompts, seed=args.seed, prompt_type=args.prompt_type, prepend_bos=args.prepend_bos,
-        corruption=args.corruption, top_k=args.top_k, min_effect=args.min_effect, batch_size=args.batch_size,
-        top_neurons=args.top_neurons, circuit_candidates=args.circuit_candidates,
+        n_prompts=args.n_prompts,
+        seed=args.seed,
+        prompt_type=args.prompt_type,
+        prepend_bos=args.prepend_bos,
+        corruption=args.corruption,
+        top_k=args.top_k,
+        min_effect=args.min_effect,
+        batch_size=args.batch_size,
+        top_neurons=args.top_neurons,
+        circuit_candidates=args.circuit_candidates,
         circuit_faithfulness=args.circuit_faithfulness,
-    )  # fmt: skip
+    )
 
 
 @contextlib.contextmanager
@@ -149,15 +156,23 @@ def _analyse(model, settings: IOISettings, args: argparse.Namespace, began: floa
         write_json(analysis, folder)
 
     try:
-        analysis = run_ioi(model, settings, model_name=args.model, progress=not args.quiet,
-                           model_source=model_source(args.model), on_step=save)  # fmt: skip
+        analysis = run_ioi(
+            model,
+            settings,
+            model_name=args.model,
+            progress=not args.quiet,
+            model_source=model_source(args.model),
+            on_step=save,
+        )
     except BaseException:
         _keep_what_finished(finished, folder)
         raise
     paths = write_report(analysis, folder)
-    print(f"Wrote {paths['html']}, {paths['json']} and {paths['csv']} in {time.perf_counter() - began:.0f} s; "
-          f"the patching steps took {sum(step.seconds for step in analysis.steps):.0f} s "
-          f"(estimated {analysis.estimated_seconds:.0f} s).")  # fmt: skip
+    print(
+        f"Wrote {paths['html']}, {paths['json']} and {paths['csv']} in {time.perf_counter() - began:.0f} s; "
+        f"the patching steps took {sum(step.seconds for step in analysis.steps):.0f} s "
+        f"(estimated {analysis.estimated_seconds:.0f} s)."
+    )
     return 0
 
 
@@ -170,8 +185,14 @@ def _keep_what_finished(finished: list[IOIAnalysis], folder: Path) -> None:
     try:
         paths = write_report(analysis, folder)
     except (OSError, KeyboardInterrupt) as error:
-        print(f"tl-patch: stopped, and the report of the steps finished could not be written ({error!r}); "
-              f"{folder / JSON} holds them.", file=sys.stderr)  # fmt: skip
+        print(
+            f"tl-patch: stopped, and the report of the steps finished could not be written ({error!r}); "
+            f"{folder / JSON} holds them.",
+            file=sys.stderr,
+        )
         return
-    print(f"tl-patch: stopped before {', '.join(analysis.missing_steps)}; the steps finished are in "
-          f"{paths['html']} and {paths['json']}.", file=sys.stderr)  # fmt: skip
+    print(
+        f"tl-patch: stopped before {', '.join(analysis.missing_steps)}; the steps finished are in "
+        f"{paths['html']} and {paths['json']}.",
+        file=sys.stderr,
+    )

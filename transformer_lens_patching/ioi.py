@@ -31,7 +31,25 @@ from ._tasks.ioi.words import OBJECTS as OBJECTS
 from ._tasks.ioi.words import PLACES as PLACES
 
 __all__ = [
-    "ABBA_TEMPLATES", "ABC_TEMPLATES", "BABA_TEMPLATES", "BAC_TEMPLATES", "FLIPS", "NAMES", "OBJECTS", "PLACES",
-    "STEP_KEYS", "IOIAnalysis", "IOIDataset", "IOIPrompt", "IOISettings", "Step", "TopHead", "example_prompts",
-    "plan_ioi", "run_ioi", "top_heads", "write_json", "write_report",
-]  # fmt: skip
+    "ABBA_TEMPLATES",
+    "ABC_TEMPLATES",
+    "BABA_TEMPLATES",
+    "BAC_TEMPLATES",
+    "FLIPS",
+    "NAMES",
+    "OBJECTS",
+    "PLACES",
+    "STEP_KEYS",
+    "IOIAnalysis",
+    "IOIDataset",
+    "IOIPrompt",
+    "IOISettings",
+    "Step",
+    "TopHead",
+    "example_prompts",
+    "plan_ioi",
+    "run_ioi",
+    "top_heads",
+    "write_json",
+    "write_report",
+]

@@ -97,7 +97,8 @@ def _one_position_per_prompt(positions, batch: int | None) -> Tensor | None:
     positions = torch.as_tensor(positions)
     if positions.ndim != 1 or (batch is not None and positions.shape[0] != batch):
         raise PatchingError(
-            f"positions must hold one position per prompt: expected shape ({batch if batch is not None else 'batch'},), "
+            "positions must hold one position per prompt: expected "
+            f"shape ({batch if batch is not None else 'batch'},), "
             f"got {tuple(positions.shape)}."
         )
     return positions
@@ -152,7 +153,9 @@ class LogitDiff(SelectionMetric):
 def _per_prompt_tokens(tokens, what: str) -> Tensor:
     tokens = torch.as_tensor(tokens)
     if tokens.ndim > 1:
-        raise PatchingError(f"{what} must be one token id, or one per prompt (batch,); got shape {tuple(tokens.shape)}.")
+        raise PatchingError(
+            f"{what} must be one token id, or one per prompt (batch,); got shape {tuple(tokens.shape)}."
+        )
     distinct_token_ids(tokens, what)
     return tokens.long()
 
@@ -185,8 +188,12 @@ class TokenLogit(SelectionMetric):
         if self.selection.batch is not None:
             _check_rows(selected, self.selection.batch)
         rows = selected.shape[0]
-        columns = on_device(self._copies, ("columns", rows), selected.device,
-                            lambda: self.selection.columns(self.tokens.expand(rows)).unsqueeze(1))  # fmt: skip
+        columns = on_device(
+            self._copies,
+            ("columns", rows),
+            selected.device,
+            lambda: self.selection.columns(self.tokens.expand(rows)).unsqueeze(1),
+        )
         return selected[:, 0].gather(1, columns).squeeze(1)
 
     def measure_selected(self, selected: Tensor) -> Tensor:
@@ -342,11 +349,22 @@ def calibrate(model, base: Metric, clean_input: Tokens, corrupted_input: Tokens)
     >>> metric = denoising_metric(LogitDiff(answers), clean, corrupted)  # doctest: +SKIP
     """
     with torch.no_grad():
-        return tuple(as_tensor(measured_run(model, base, _tl.to_tokens(model, tokens)))
-                     for tokens in (clean_input, corrupted_input))  # fmt: skip
+        return tuple(
+            as_tensor(measured_run(model, base, _tl.to_tokens(model, tokens)))
+            for tokens in (clean_input, corrupted_input)
+        )
 
 
 __all__ = [
-    "LogitDiff", "LogitsAt", "NormalisedMetric", "SelectionMetric", "TokenLogit", "TokenProbability", "calibrate",
-    "denoising_metric", "lm_loss", "logit_diff", "noising_metric",
-]  # fmt: skip
+    "LogitDiff",
+    "LogitsAt",
+    "NormalisedMetric",
+    "SelectionMetric",
+    "TokenLogit",
+    "TokenProbability",
+    "calibrate",
+    "denoising_metric",
+    "lm_loss",
+    "logit_diff",
+    "noising_metric",
+]

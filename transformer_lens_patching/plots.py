@@ -66,8 +66,12 @@ MAX_WIDTH = 8.0
 """The width in pixels of a circuit graph's strongest edges."""
 SIGN_COLOURS = {"positive": "#2166ac", "negative": "#b2182b", "unscored": "#bbbbbb"}
 """Edge colours by the sign of the score, as the heatmaps' RdBu scale (positive blue)."""
-NODE_STYLE = {"embed": ("diamond", "#444444"), "logits": ("diamond", "#444444"), "head": ("circle", "#4d9221"),
-              "mlp": ("square", "#e08214")}  # fmt: skip
+NODE_STYLE = {
+    "embed": ("diamond", "#444444"),
+    "logits": ("diamond", "#444444"),
+    "head": ("circle", "#4d9221"),
+    "mlp": ("square", "#e08214"),
+}
 """Marker symbol and colour of a circuit graph's nodes, by kind."""
 
 
@@ -139,8 +143,9 @@ def heatmap(
         row, col = index // cols + 1, index % cols + 1
         fig.add_trace(trace, row=row, col=col)
         fig.update_xaxes(title_text=x_dim, type="category", row=row, col=col, **_every_tick(x_dim, x_labels))
-        fig.update_yaxes(title_text=y_dim, type="category", autorange="reversed", row=row, col=col,
-                         **_every_tick(y_dim, y_labels))  # fmt: skip
+        fig.update_yaxes(
+            title_text=y_dim, type="category", autorange="reversed", row=row, col=col, **_every_tick(y_dim, y_labels)
+        )
     for index in range(len(panels), rows * cols):  # the empty cells of the last row
         fig.update_xaxes(visible=False, row=rows, col=index % cols + 1)
         fig.update_yaxes(visible=False, row=rows, col=index % cols + 1)
@@ -278,7 +283,9 @@ def estimate_vs_exact(
     'Estimated and exact change of 3 of 10 cells: Spearman 1.00, top-2 overlap 2 of 2'
     """
     if not isinstance(confirmation, Confirmation):
-        raise PatchingError(f"estimate_vs_exact needs what confirm returns (a Confirmation), got {type(confirmation).__name__}.")
+        raise PatchingError(
+            f"estimate_vs_exact needs what confirm returns (a Confirmation), got {type(confirmation).__name__}."
+        )
     cells = confirmation.cells
     labels = [cell.label for cell in cells] if labels is None else list(labels)
     if len(labels) != len(cells):
@@ -287,16 +294,33 @@ def estimate_vs_exact(
     number = _number_format(percent)
     fig = go.Figure()
     low, high = min([0.0, *estimated, *exact]), max([0.0, *estimated, *exact])
-    fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", line={"color": "#bbb", "dash": "dash"},
-                             name="estimate = exact", hoverinfo="skip"))  # fmt: skip
-    fig.add_trace(go.Scatter(
-        x=estimated, y=exact, mode="markers", text=labels, name="confirmed", marker={"size": 9, "color": "#2166ac"},
-        hovertemplate=f"%{{text}}<br>estimated {value_label}=%{{x:{number}}}<br>exact {value_label}=%{{y:{number}}}"
-                      "<extra></extra>",
-    ))  # fmt: skip
-    default = (f"Estimated and exact {value_label} of {len(cells)} of {confirmation.screened} cells: Spearman "
-               f"{confirmation.spearman:.2f}, top-{confirmation.overlap_size} overlap {confirmation.top_k_overlap} of "
-               f"{confirmation.overlap_size}")  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=[low, high],
+            y=[low, high],
+            mode="lines",
+            line={"color": "#bbb", "dash": "dash"},
+            name="estimate = exact",
+            hoverinfo="skip",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=estimated,
+            y=exact,
+            mode="markers",
+            text=labels,
+            name="confirmed",
+            marker={"size": 9, "color": "#2166ac"},
+            hovertemplate=f"%{{text}}<br>estimated {value_label}=%{{x:{number}}}<br>exact {value_label}=%{{y:{number}}}"
+            "<extra></extra>",
+        )
+    )
+    default = (
+        f"Estimated and exact {value_label} of {len(cells)} of {confirmation.screened} cells: Spearman "
+        f"{confirmation.spearman:.2f}, top-{confirmation.overlap_size} overlap {confirmation.top_k_overlap} of "
+        f"{confirmation.overlap_size}"
+    )
     axis = {"tickformat": "~%"} if percent else {}
     fig.update_layout(title=title or default, showlegend=False, height=480)
     fig.update_xaxes(title_text=f"estimated {value_label}", zeroline=True, **axis)
@@ -350,11 +374,18 @@ def circuit_graph(circuit: Circuit, scores: EdgeScores | None = None, *, title: 
     values = _circuit_scores(circuit, scores)
     lines = [line for edge in circuit.edges for line in _edge_lines(edge, graph)]
     fig = go.Figure(_edge_traces(lines, values))
-    fig.add_trace(go.Scatter(
-        x=[(start[0] + end[0]) / 2 for _, start, end in lines], y=[(start[1] + end[1]) / 2 for _, start, end in lines],
-        hovertext=[_edge_text(edge, graph, circuit, values) for edge, _, _ in lines], mode="markers", name="edges",
-        marker={"size": 10, "color": "rgba(0,0,0,0)"}, hovertemplate="%{hovertext}<extra></extra>", showlegend=False,
-    ))  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=[(start[0] + end[0]) / 2 for _, start, end in lines],
+            y=[(start[1] + end[1]) / 2 for _, start, end in lines],
+            hovertext=[_edge_text(edge, graph, circuit, values) for edge, _, _ in lines],
+            mode="markers",
+            name="edges",
+            marker={"size": 10, "color": "rgba(0,0,0,0)"},
+            hovertemplate="%{hovertext}<extra></extra>",
+            showlegend=False,
+        )
+    )
     fig.add_trace(_node_trace(circuit, values))
     _circuit_axes(fig, graph)
     method = "" if scores is None else f" ({scores.method} scores)"
@@ -396,15 +427,27 @@ def faithfulness_curves(
     """
     fig = go.Figure()
     for curve, name in _named_curves(curves):
-        hover = ("%{x:~%} of the edges: %{customdata[0]} kept<br>metric %{customdata[1]:.4g}<br>"
-                 f"faithfulness %{{y:.3f}}<extra>{curve.method}</extra>")  # fmt: skip
-        fig.add_trace(go.Scatter(
-            x=list(curve.fractions), y=list(curve.faithfulness), mode="lines+markers", hovertemplate=hover,
-            name=name, customdata=[[count, value] for count, value in zip(curve.edge_counts, curve.values)],
-        ))  # fmt: skip
+        hover = (
+            "%{x:~%} of the edges: %{customdata[0]} kept<br>metric %{customdata[1]:.4g}<br>"
+            f"faithfulness %{{y:.3f}}<extra>{curve.method}</extra>"
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=list(curve.fractions),
+                y=list(curve.faithfulness),
+                mode="lines+markers",
+                hovertemplate=hover,
+                name=name,
+                customdata=[[count, value] for count, value in zip(curve.edge_counts, curve.values)],
+            )
+        )
     for level, text in ((1, "full model"), (0, "empty circuit")):
-        fig.add_hline(y=level, line={"dash": "dash", "color": "#888888", "width": 1}, annotation_text=text,
-                      annotation_position="bottom right")  # fmt: skip
+        fig.add_hline(
+            y=level,
+            line={"dash": "dash", "color": "#888888", "width": 1},
+            annotation_text=text,
+            annotation_position="bottom right",
+        )
     fig.update_layout(title=title or "Faithfulness by circuit size", height=480)
     fig.update_xaxes(title_text="fraction of edges kept", type="log" if log_x else "linear", tickformat="~%")
     fig.update_yaxes(title_text="faithfulness")
@@ -421,8 +464,10 @@ def _named_curves(curves) -> list[tuple[FaithfulnessCurve, str]]:
         named = []
         for item in items:
             if isinstance(item, MIBFaithfulness):
-                named += [(item.signed, f"{item.signed.method} by signed score: CPR {item.cpr:.3f}"),
-                          (item.absolute, f"{item.absolute.method} by |score|: CMD {item.cmd:.3f}")]
+                named += [
+                    (item.signed, f"{item.signed.method} by signed score: CPR {item.cpr:.3f}"),
+                    (item.absolute, f"{item.absolute.method} by |score|: CMD {item.cmd:.3f}"),
+                ]
             else:
                 named.append((item, f"{item.method} by {item.ranking}: area {item.area_under:.3f}"))
         return named
@@ -432,8 +477,10 @@ def _named_curves(curves) -> list[tuple[FaithfulnessCurve, str]]:
         got = "an empty list"
     else:
         got = f"a list holding {type(next(c for c in items if not isinstance(c, drawable))).__name__}"
-    raise PatchingError(f"faithfulness_curves needs a FaithfulnessCurve (what faithfulness_curve returns), an "
-                        f"MIBFaithfulness (what mib_faithfulness returns) or a list of them, got {got}.")  # fmt: skip
+    raise PatchingError(
+        f"faithfulness_curves needs a FaithfulnessCurve (what faithfulness_curve returns), an "
+        f"MIBFaithfulness (what mib_faithfulness returns) or a list of them, got {got}."
+    )
 
 
 def _circuit_scores(circuit: Circuit, scores: EdgeScores | None) -> dict[Edge, float]:
@@ -441,11 +488,14 @@ def _circuit_scores(circuit: Circuit, scores: EdgeScores | None) -> dict[Edge, f
     if scores is None:
         return {}
     if not isinstance(scores, EdgeScores):
-        raise PatchingError(f"circuit_graph's scores must be EdgeScores (e.g. from attr_edges), got "
-                            f"{type(scores).__name__}.")  # fmt: skip
+        raise PatchingError(
+            f"circuit_graph's scores must be EdgeScores (e.g. from attr_edges), got {type(scores).__name__}."
+        )
     if scores.graph != circuit.graph:
-        raise PatchingError(f"The scores are of {scores.graph!r}, the circuit of {circuit.graph!r}: pass scores of the "
-                            "circuit's own model.")  # fmt: skip
+        raise PatchingError(
+            f"The scores are of {scores.graph!r}, the circuit of {circuit.graph!r}: pass scores of the "
+            "circuit's own model."
+        )
     values = scores.scores.float()
     values = values.mean(1) if values.ndim == 2 else values
     return {edge: float(values[circuit.graph.index(edge)]) for edge in circuit.edges}
@@ -461,12 +511,19 @@ def _edge_traces(lines: list[tuple], values: dict[Edge, float]) -> list[go.Scatt
     traces, named = [], set()
     for (sign, into, width), segments in sorted(groups.items(), key=lambda item: item[0][2]):
         name = f"{sign} → {into}" if sign else f"→ {into}"
-        traces.append(go.Scatter(
-            x=[x for start, end in segments for x in (start[0], end[0], None)],
-            y=[y for start, end in segments for y in (start[1], end[1], None)],
-            mode="lines", name=name, legendgroup=name, showlegend=name not in named, hoverinfo="skip", opacity=0.75,
-            line={"color": SIGN_COLOURS.get(sign, "#777777"), "width": width, "dash": EDGE_DASH[into]},
-        ))  # fmt: skip
+        traces.append(
+            go.Scatter(
+                x=[x for start, end in segments for x in (start[0], end[0], None)],
+                y=[y for start, end in segments for y in (start[1], end[1], None)],
+                mode="lines",
+                name=name,
+                legendgroup=name,
+                showlegend=name not in named,
+                hoverinfo="skip",
+                opacity=0.75,
+                line={"color": SIGN_COLOURS.get(sign, "#777777"), "width": width, "dash": EDGE_DASH[into]},
+            )
+        )
         named.add(name)
     return traces
 
@@ -541,24 +598,44 @@ def _node_trace(circuit: Circuit, values: dict[Edge, float]) -> go.Scatter:
         texts.append(f"{node}<br>{', '.join(counts)}")
     positions = [_node_position(node, circuit.graph) for node in nodes]
     return go.Scatter(
-        x=[x for x, _ in positions], y=[y for _, y in positions], mode="markers+text", name="nodes",
-        text=[f"{n.layer}.{n.head}" if n.kind == "head" else str(n) for n in nodes], textposition="top center",
-        hovertext=texts, hovertemplate="%{hovertext}<extra></extra>", showlegend=False,
-        marker={"size": 16, "symbol": [NODE_STYLE[n.kind][0] for n in nodes],
-                "color": [NODE_STYLE[n.kind][1] for n in nodes], "line": {"width": 1, "color": "white"}},
-    )  # fmt: skip
+        x=[x for x, _ in positions],
+        y=[y for _, y in positions],
+        mode="markers+text",
+        name="nodes",
+        text=[f"{n.layer}.{n.head}" if n.kind == "head" else str(n) for n in nodes],
+        textposition="top center",
+        hovertext=texts,
+        hovertemplate="%{hovertext}<extra></extra>",
+        showlegend=False,
+        marker={
+            "size": 16,
+            "symbol": [NODE_STYLE[n.kind][0] for n in nodes],
+            "color": [NODE_STYLE[n.kind][1] for n in nodes],
+            "line": {"width": 1, "color": "white"},
+        },
+    )
 
 
 def _circuit_axes(fig: go.Figure, graph: EdgeGraph) -> None:
     """Layer ticks on x (embed, 0, 1, ..., logits), head and MLP rows on y."""
     layers = list(range(graph.n_layers))
-    fig.update_xaxes(title_text="layer", tickmode="array", tickvals=[-1, *layers, graph.n_layers],
-                     ticktext=["embed", *map(str, layers), "logits"], range=[-1.5, graph.n_layers + 0.5],
-                     zeroline=False)  # fmt: skip
+    fig.update_xaxes(
+        title_text="layer",
+        tickmode="array",
+        tickvals=[-1, *layers, graph.n_layers],
+        ticktext=["embed", *map(str, layers), "logits"],
+        range=[-1.5, graph.n_layers + 0.5],
+        zeroline=False,
+    )
     rows = list(range(graph.n_heads)) + ([graph.n_heads] if graph.has_mlps else [])
-    fig.update_yaxes(title_text="head", tickmode="array", tickvals=rows, zeroline=False,
-                     ticktext=[f"head {row}" if row < graph.n_heads else "mlp" for row in rows],
-                     range=[-1.6, graph.n_heads + 0.6])  # fmt: skip
+    fig.update_yaxes(
+        title_text="head",
+        tickmode="array",
+        tickvals=rows,
+        zeroline=False,
+        ticktext=[f"head {row}" if row < graph.n_heads else "mlp" for row in rows],
+        range=[-1.6, graph.n_heads + 0.6],
+    )
 
 
 def _checked(results, function: str) -> dict[str, PatchResult]:

@@ -44,12 +44,12 @@ class PatchResult(torch.Tensor):
         result = torch.Tensor._make_subclass(cls, values, False)
         coords = dict(coords or {})
         result.dims = tuple(dims)
-        result.coords = {
-            dim: tuple(coords.get(dim, range(size))) for dim, size in zip(result.dims, values.shape)
-        }
+        result.coords = {dim: tuple(coords.get(dim, range(size))) for dim, size in zip(result.dims, values.shape)}
         for dim, size in zip(result.dims, values.shape):
             if len(result.coords[dim]) != size:
-                raise PatchingError(f"PatchResult coords[{dim!r}] has {len(result.coords[dim])} entries for a dim of size {size}.")
+                raise PatchingError(
+                    f"PatchResult coords[{dim!r}] has {len(result.coords[dim])} entries for a dim of size {size}."
+                )
         return result
 
     @classmethod

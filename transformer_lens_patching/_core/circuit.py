@@ -55,8 +55,10 @@ class Circuit:
             raise PatchingError(f"A Circuit needs the model's EdgeGraph, got {type(graph).__name__}.")
         if not isinstance(kept, torch.Tensor) or kept.dtype != torch.bool or tuple(kept.shape) != (len(graph),):
             shape = tuple(kept.shape) if isinstance(kept, torch.Tensor) else type(kept).__name__
-            raise PatchingError(f"A circuit's mask must be a bool tensor of shape ({len(graph)},), one entry per edge "
-                                f"of the graph; got {shape}.")  # fmt: skip
+            raise PatchingError(
+                f"A circuit's mask must be a bool tensor of shape ({len(graph)},), one entry per edge "
+                f"of the graph; got {shape}."
+            )
         circuit = cls.__new__(cls)
         circuit._graph, circuit._kept, circuit._positions = graph, kept.detach().cpu().clone(), {}
         return circuit
@@ -83,8 +85,9 @@ class Circuit:
         return cls.from_mask(graph, torch.zeros(len(graph), dtype=torch.bool))
 
     @classmethod
-    def from_scores(cls, scores: EdgeScores, size: int | float, *, absolute: bool = True,
-                    prune: bool = True) -> "Circuit":  # fmt: skip
+    def from_scores(
+        cls, scores: EdgeScores, size: int | float, *, absolute: bool = True, prune: bool = True
+    ) -> "Circuit":
         """The `size` strongest edges of `scores` (an int: that many edges; a float in (0, 1]:
         that fraction of the graph's edges, rounded down as MIB does), then, with `prune`,
         without the edges that no longer connect the embeddings to the logits.
@@ -96,7 +99,9 @@ class Circuit:
         >>> Circuit.from_scores(scores, 0.01)  # doctest: +SKIP
         """
         if not isinstance(scores, EdgeScores):
-            raise PatchingError(f"Circuit.from_scores needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}.")
+            raise PatchingError(
+                f"Circuit.from_scores needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}."
+            )
         kept = torch.zeros(len(scores.graph), dtype=torch.bool)
         kept[ranked_indices(scores, absolute)[: edge_count(size, len(scores.graph))]] = True
         circuit = cls.from_mask(scores.graph, kept)
@@ -147,8 +152,9 @@ class Circuit:
     def __eq__(self, other) -> bool:
         if not isinstance(other, Circuit):
             return NotImplemented
-        return (self._graph == other._graph and torch.equal(self._kept, other._kept)
-                and self._positions == other._positions)  # fmt: skip
+        return (
+            self._graph == other._graph and torch.equal(self._kept, other._kept) and self._positions == other._positions
+        )
 
     def __hash__(self) -> int:
         return hash((self._graph, self._kept.numpy().tobytes(), frozenset(self._positions.items())))
@@ -193,8 +199,9 @@ class Circuit:
         for edge, where in self._positions.items():
             for position in where:
                 if not -seq_len <= position < seq_len:
-                    raise PatchingError(f"The circuit keeps {edge} at position {position}, but the prompts have "
-                                        f"{seq_len} tokens.")  # fmt: skip
+                    raise PatchingError(
+                        f"The circuit keeps {edge} at position {position}, but the prompts have {seq_len} tokens."
+                    )
             index = graph.index(edge)
             row, column = int(graph.edge_senders[index]), int(graph.edge_receivers[index])
             mask[:, row, column] = False
@@ -218,13 +225,19 @@ class Circuit:
     def to_json(self) -> str:
         """The circuit as JSON text (the graph's sizes, the edges' names and their positions);
         `Circuit.from_json` reads it back."""
-        return json.dumps({
-            "graph": {"n_layers": self._graph.n_layers, "n_heads": self._graph.n_heads,
-                      "n_kv_heads": self._graph.n_kv_heads, "has_mlps": self._graph.has_mlps,
-                      **({"parallel_attn_mlp": True} if self._graph.parallel_attn_mlp else {})},
-            "edges": [str(edge) for edge in self.edges],
-            "positions": {str(edge): list(where) for edge, where in sorted(self._positions.items())},
-        })  # fmt: skip
+        return json.dumps(
+            {
+                "graph": {
+                    "n_layers": self._graph.n_layers,
+                    "n_heads": self._graph.n_heads,
+                    "n_kv_heads": self._graph.n_kv_heads,
+                    "has_mlps": self._graph.has_mlps,
+                    **({"parallel_attn_mlp": True} if self._graph.parallel_attn_mlp else {}),
+                },
+                "edges": [str(edge) for edge in self.edges],
+                "positions": {str(edge): list(where) for edge, where in sorted(self._positions.items())},
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "Circuit":
@@ -248,8 +261,9 @@ class Circuit:
 
     def __repr__(self) -> str:
         first = [self._graph.edges[i] for i in self._kept.nonzero().flatten()[:4].tolist()]
-        shown = ", ".join(str(edge) + (f" at {list(self._positions[edge])}" if edge in self._positions else "")
-                          for edge in first)  # fmt: skip
+        shown = ", ".join(
+            str(edge) + (f" at {list(self._positions[edge])}" if edge in self._positions else "") for edge in first
+        )
         more = f", ... ({len(self) - 4} more)" if len(self) > 4 else ""
         return f"Circuit({len(self)} of {len(self._graph)} edges" + (f": {shown}{more})" if first else ")")
 
@@ -257,8 +271,10 @@ class Circuit:
 def _check_json_structure(names: object, positions: object) -> None:
     """Raise a PatchingError unless `edges` is a list of edge names and `positions` maps edge
     names to lists of positions, as `Circuit.to_json` writes them."""
-    expected = ('Circuit JSON holds "edges", a list of edge names, and "positions", an object from edge '
-                'names to lists of positions (e.g. {"embed -> logits": [3, 4]})')  # fmt: skip
+    expected = (
+        'Circuit JSON holds "edges", a list of edge names, and "positions", an object from edge '
+        'names to lists of positions (e.g. {"embed -> logits": [3, 4]})'
+    )
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise PatchingError(f"{expected}; its edges are {names!r}.")
     if not isinstance(positions, dict):
@@ -277,7 +293,9 @@ def _writers(receiver: GraphNode, graph: EdgeGraph) -> list[GraphNode]:
     if not receiver.kv_head:
         return [GraphNode("head", receiver.layer, head=receiver.head)]
     group = graph.n_heads // graph.n_kv_heads
-    return [GraphNode("head", receiver.layer, head=h) for h in range(receiver.head * group, (receiver.head + 1) * group)]
+    return [
+        GraphNode("head", receiver.layer, head=h) for h in range(receiver.head * group, (receiver.head + 1) * group)
+    ]
 
 
 def _readers(sender: GraphNode, graph: EdgeGraph) -> list[GraphNode]:
@@ -296,8 +314,9 @@ def _readers(sender: GraphNode, graph: EdgeGraph) -> list[GraphNode]:
 def edge_count(size: int | float, n_edges: int) -> int:
     """How many edges a circuit size means: an int is a count, a float a fraction of `n_edges`."""
     if isinstance(size, bool) or not isinstance(size, (int, float)):
-        raise PatchingError(f"A circuit size must be an edge count (int) or a fraction of the edges (float), got "
-                            f"{size!r}.")  # fmt: skip
+        raise PatchingError(
+            f"A circuit size must be an edge count (int) or a fraction of the edges (float), got {size!r}."
+        )
     if isinstance(size, float):
         if not 0.0 <= size <= 1.0 or math.isnan(size):
             raise PatchingError(f"A circuit size given as a fraction must be in [0, 1], got {size}.")
@@ -305,4 +324,3 @@ def edge_count(size: int | float, n_edges: int) -> int:
     if not 0 <= size <= n_edges:
         raise PatchingError(f"A circuit size must be between 0 and the graph's {n_edges} edges, got {size}.")
     return size
-

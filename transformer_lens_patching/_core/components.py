@@ -108,10 +108,21 @@ MLP_COMPONENTS = ("mlp_in", "pre", "post", "mlp_out")
 SENDERS = ("z", "attn_out", "post", "mlp_out", "resid_pre", "resid_mid", "resid_post")
 """Components path patching accepts as senders."""
 RECEIVERS = (
-    "q", "k", "v", "q_input", "k_input", "v_input", "pattern", "z",
-    "resid_pre", "resid_mid", "resid_post", "pre",
-)  # fmt: skip
+    "q",
+    "k",
+    "v",
+    "q_input",
+    "k_input",
+    "v_input",
+    "pattern",
+    "z",
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "pre",
+)
 """Components path patching accepts as receivers."""
+
 
 def hook_name(component: str, layer: int | None = None) -> str:
     """The full hook name of a component at a layer.

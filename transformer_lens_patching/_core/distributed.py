@@ -140,11 +140,13 @@ def check_same(what: str, fingerprint: object, ranks: Ranks) -> None:
     fingerprints = exchange(fingerprint, ranks, f"the start of a {what}")
     differing = [rank for rank, theirs in enumerate(fingerprints) if theirs != fingerprints[0]]
     if differing:
-        raise _on_every_rank(PatchingError(
-            f"Under torch.distributed every rank must make the same call, but rank {differing[0]} of "
-            f"{ranks.world_size} built a different {what} than rank 0 (e.g. other inputs, nodes or settings). "
-            "Give every rank the same arguments, or shard by hand with plan.shard(index, count)."
-        ))
+        raise _on_every_rank(
+            PatchingError(
+                f"Under torch.distributed every rank must make the same call, but rank {differing[0]} of "
+                f"{ranks.world_size} built a different {what} than rank 0 (e.g. other inputs, nodes or settings). "
+                "Give every rank the same arguments, or shard by hand with plan.shard(index, count)."
+            )
+        )
 
 
 def shared_by_ranks(function: Callable[..., T]) -> Callable[..., T]:
@@ -259,13 +261,17 @@ def exchange(mine: object, ranks: Ranks, where: str) -> list:
     _meetings["held"] += 1
     places = [place for place, _ in everyones]
     if len(set(places)) > 1:
-        seen = "; ".join(f"rank {rank} at {place}" + (f" ({value})" if isinstance(value, str) else "")
-                         for rank, (place, value) in enumerate(everyones))  # fmt: skip
-        raise _on_every_rank(PatchingError(
-            f"Under torch.distributed the ranks met at different points ({seen}): a rank raised before a meeting "
-            "the others reached, or the ranks made different calls. Every rank stopped; the failing rank's own "
-            "traceback is in its log."
-        ))
+        seen = "; ".join(
+            f"rank {rank} at {place}" + (f" ({value})" if isinstance(value, str) else "")
+            for rank, (place, value) in enumerate(everyones)
+        )
+        raise _on_every_rank(
+            PatchingError(
+                f"Under torch.distributed the ranks met at different points ({seen}): a rank raised before a meeting "
+                "the others reached, or the ranks made different calls. Every rank stopped; the failing rank's own "
+                "traceback is in its log."
+            )
+        )
     return [value for _, value in everyones]
 
 

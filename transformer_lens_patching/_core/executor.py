@@ -86,8 +86,15 @@ class Executor:
         self._n_layers = self.model.cfg.n_layers
         self._final_residual = residual_hooks(self._n_layers)[-1]
 
-    def run(self, pass_: Pass, add_steps: AddSteps, *, measured: bool = True, stop_when_recorded: bool = False,
-            replaced_attention: frozenset[int] = frozenset()) -> list:  # fmt: skip
+    def run(
+        self,
+        pass_: Pass,
+        add_steps: AddSteps,
+        *,
+        measured: bool = True,
+        stop_when_recorded: bool = False,
+        replaced_attention: frozenset[int] = frozenset(),
+    ) -> list:
         """Run the variants of `pass_` stacked along the batch and return the metric of each
         (Nones when not `measured`: the pass only records)."""
         model, tokens, n_layers = self.model, self.tokens, self._n_layers

@@ -77,11 +77,15 @@ class GraphNode:
             need = "a head (an int >= 0)" if self.kind == "head" else "no head"
             raise PatchingError(f"A GraphNode of kind {self.kind!r} takes {need}; got head={self.head!r}.")
         if self.input is not None and (self.kind != "head" or self.input not in INPUTS):
-            raise PatchingError(f"Only head receivers have an input, one of 'q', 'k', 'v'; got input={self.input!r} "
-                                f"for kind {self.kind!r}.")  # fmt: skip
+            raise PatchingError(
+                f"Only head receivers have an input, one of 'q', 'k', 'v'; got input={self.input!r} "
+                f"for kind {self.kind!r}."
+            )
         if self.kv_head is not False and (self.kv_head is not True or self.input not in ("k", "v")):
-            raise PatchingError(f"kv_head=True is for the 'k' and 'v' inputs of a head; got kv_head={self.kv_head!r} "
-                                f"with input={self.input!r}.")  # fmt: skip
+            raise PatchingError(
+                f"kv_head=True is for the 'k' and 'v' inputs of a head; got kv_head={self.kv_head!r} "
+                f"with input={self.input!r}."
+            )
 
     @property
     def is_sender(self) -> bool:
@@ -211,8 +215,11 @@ class EdgeGraph:
         senders, receivers = [GraphNode("embed")], []
         for layer in range(self.n_layers):
             receivers += [GraphNode("head", layer, head=h, input="q") for h in range(self.n_heads)]
-            receivers += [GraphNode("head", layer, head=h, input=part, kv_head=grouped)
-                          for part in ("k", "v") for h in range(self.n_kv_heads)]  # fmt: skip
+            receivers += [
+                GraphNode("head", layer, head=h, input=part, kv_head=grouped)
+                for part in ("k", "v")
+                for h in range(self.n_kv_heads)
+            ]
             senders += [GraphNode("head", layer, head=h) for h in range(self.n_heads)]
             if self.has_mlps:
                 senders.append(GraphNode("mlp", layer))
@@ -241,8 +248,10 @@ class EdgeGraph:
 
     def __repr__(self) -> str:
         parallel = ", parallel_attn_mlp=True" if self.parallel_attn_mlp else ""
-        return (f"EdgeGraph(n_layers={self.n_layers}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
-                f"has_mlps={self.has_mlps}{parallel})")  # fmt: skip
+        return (
+            f"EdgeGraph(n_layers={self.n_layers}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+            f"has_mlps={self.has_mlps}{parallel})"
+        )
 
     def __len__(self) -> int:
         return len(self.edges)
@@ -267,10 +276,14 @@ class EdgeGraph:
             return f"expected an Edge, got {type(edge).__name__}."
         for node, nodes in ((edge.sender, self.senders), (edge.receiver, self.receivers)):
             if node not in nodes:
-                return f"the graph has no node {node!r} (layers 0..{self.n_layers - 1}, {self.n_heads} heads, " \
-                       f"{self.n_kv_heads} key/value heads{'' if self.has_mlps else ', no MLPs'})."  # fmt: skip
+                return (
+                    f"the graph has no node {node!r} (layers 0..{self.n_layers - 1}, {self.n_heads} heads, "
+                    f"{self.n_kv_heads} key/value heads{'' if self.has_mlps else ', no MLPs'})."
+                )
         if self.parallel_attn_mlp and _reaches(edge.sender, edge.receiver, parallel=False):
-            return "this model computes attention and MLP in parallel, so an MLP reads its layer's input, not its heads."
+            return (
+                "this model computes attention and MLP in parallel, so an MLP reads its layer's input, not its heads."
+            )
         return "the sender writes after the receiver reads."
 
 
@@ -302,8 +315,10 @@ class EdgeScores:
         scores = self.scores
         if not isinstance(scores, torch.Tensor) or scores.ndim not in (1, 2) or scores.shape[0] != len(self.graph):
             shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise PatchingError(f"EdgeScores' scores must be a tensor of shape ({len(self.graph)},) or "
-                                f"({len(self.graph)}, batch), one row per edge; got {shape}.")  # fmt: skip
+            raise PatchingError(
+                f"EdgeScores' scores must be a tensor of shape ({len(self.graph)},) or "
+                f"({len(self.graph)}, batch), one row per edge; got {shape}."
+            )
         object.__setattr__(self, "scores", scores.detach())
 
     @property
@@ -357,16 +372,22 @@ class EdgeScores:
         edges' names and their scores, in the graph's order. `EdgeScores.from_json` reads it
         back exactly."""
         unpatched = self.unpatched.tolist() if isinstance(self.unpatched, torch.Tensor) else self.unpatched
-        return json.dumps({
-            "graph": {"n_layers": self.graph.n_layers, "n_heads": self.graph.n_heads,
-                      "n_kv_heads": self.graph.n_kv_heads, "has_mlps": self.graph.has_mlps},
-            "method": self.method,
-            "unpatched": unpatched,
-            "unpatched_dtype": _dtype_name(self.unpatched) if isinstance(self.unpatched, torch.Tensor) else None,
-            "dtype": _dtype_name(self.scores),
-            "edges": [str(edge) for edge in self.graph.edges],
-            "scores": self.scores.cpu().tolist(),
-        })  # fmt: skip
+        return json.dumps(
+            {
+                "graph": {
+                    "n_layers": self.graph.n_layers,
+                    "n_heads": self.graph.n_heads,
+                    "n_kv_heads": self.graph.n_kv_heads,
+                    "has_mlps": self.graph.has_mlps,
+                },
+                "method": self.method,
+                "unpatched": unpatched,
+                "unpatched_dtype": _dtype_name(self.unpatched) if isinstance(self.unpatched, torch.Tensor) else None,
+                "dtype": _dtype_name(self.scores),
+                "edges": [str(edge) for edge in self.graph.edges],
+                "scores": self.scores.cpu().tolist(),
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "EdgeScores":
@@ -386,8 +407,10 @@ class EdgeScores:
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise PatchingError(f"This is not the JSON of EdgeScores.to_json(): {error!r}.") from None
         if names != [str(edge) for edge in graph.edges]:
-            raise PatchingError("The JSON's edges are not those of its graph, in its order: it was not written by "
-                                "EdgeScores.to_json(), or was changed since.")  # fmt: skip
+            raise PatchingError(
+                "The JSON's edges are not those of its graph, in its order: it was not written by "
+                "EdgeScores.to_json(), or was changed since."
+            )
         return cls(graph, scores, method, unpatched)
 
     def __repr__(self) -> str:
@@ -397,8 +420,10 @@ class EdgeScores:
         if isinstance(unpatched, torch.Tensor):
             unpatched = unpatched.float().mean().item() if unpatched.ndim else unpatched.item()
         strongest = ", ".join(f"{edge} {float(self._mean(edge)):+.4g}" for edge in self.top(3))
-        return (f"EdgeScores({self.method}: {shape} of a {graph.n_layers}-layer model; unpatched metric "
-                f"{unpatched:.4g}{' (mean)' if self.per_prompt else ''}; strongest: {strongest})")  # fmt: skip
+        return (
+            f"EdgeScores({self.method}: {shape} of a {graph.n_layers}-layer model; unpatched metric "
+            f"{unpatched:.4g}{' (mean)' if self.per_prompt else ''}; strongest: {strongest})"
+        )
 
     def _mean(self, edge: Edge) -> torch.Tensor:
         score = self.score(edge)

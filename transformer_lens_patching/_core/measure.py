@@ -82,7 +82,7 @@ class MetricCalls:
     def _dims_of(self, value, metric_input) -> tuple[str, ...]:
         tensor = as_tensor(value).detach()
         leading = (OUTPUT,) if isinstance(value, (tuple, list)) else ()
-        own = tensor.shape[len(leading):]
+        own = tensor.shape[len(leading) :]
         candidates = [axis for axis, size in enumerate(own) if size == self._batch]
         per_prompt = self._per_prompt_axis(tensor, len(leading), candidates, metric_input) if candidates else None
         names = [BATCH if axis == per_prompt else f"metric_{axis}" for axis in range(len(own))]

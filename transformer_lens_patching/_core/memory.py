@@ -98,8 +98,9 @@ def variants_per_pass(
     return max(1, min(n_variants, fitting))
 
 
-def prompts_per_gradient_pass(tokens: torch.Tensor, shape: ModelShape, max_memory: int | None,
-                              split_inputs: bool = False) -> int:  # fmt: skip
+def prompts_per_gradient_pass(
+    tokens: torch.Tensor, shape: ModelShape, max_memory: int | None, split_inputs: bool = False
+) -> int:
     """How many prompts one forward and backward pass of attribution patching may run.
 
     The backward pass needs what the forward pass saved: per token and layer, about

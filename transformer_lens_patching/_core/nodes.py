@@ -2,14 +2,14 @@
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
 from ..errors import PatchingError
 from .components import COMPONENTS, Component, lookup
 
-SeqPos = Union[None, int, tuple[int, ...], tuple[tuple[int, ...], ...]]
+SeqPos = None | int | tuple[int, ...] | tuple[tuple[int, ...], ...]
 """A normalised position spec: all positions, one position for every prompt, one per
 prompt (shape `(batch,)`), or several per prompt (shape `(batch, k)`)."""
 
@@ -29,9 +29,13 @@ def normalize_seq_pos(seq_pos) -> SeqPos:
     if isinstance(seq_pos, int):
         return seq_pos
     try:
-        tensor = torch.as_tensor(seq_pos).detach().cpu() if not isinstance(seq_pos, torch.Tensor) else seq_pos.detach().cpu()
+        tensor = (
+            torch.as_tensor(seq_pos).detach().cpu() if not isinstance(seq_pos, torch.Tensor) else seq_pos.detach().cpu()
+        )
     except (TypeError, ValueError, RuntimeError) as error:
-        raise PatchingError(f"seq_pos must be None, an int, or a 1-D or 2-D integer sequence; got {seq_pos!r}.") from error
+        raise PatchingError(
+            f"seq_pos must be None, an int, or a 1-D or 2-D integer sequence; got {seq_pos!r}."
+        ) from error
     if tensor.numel() == 0:
         tensor = tensor.long()
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.is_complex():
@@ -94,8 +98,9 @@ class Node:
     neuron: int | None = None
     seq_pos: SeqPos = None
 
-    def __init__(self, node_name: str, layer: int | None = None, head: int | None = None,
-                 neuron: int | None = None, seq_pos=None):  # fmt: skip
+    def __init__(
+        self, node_name: str, layer: int | None = None, head: int | None = None, neuron: int | None = None, seq_pos=None
+    ):
         component, name_layer = lookup(node_name)
         _check_index(layer, "layer")
         _check_index(head, "head")
@@ -187,7 +192,7 @@ class IterNode:
     """
 
     names: tuple[str, ...]
-    seq_pos: Union[SeqPos, Literal["each"]] = None
+    seq_pos: SeqPos | Literal["each"] = None
     layers: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
     neurons: tuple[int, ...] | None = None

@@ -212,7 +212,8 @@ class PatchPlan:
         failing ranks and their errors, each failing rank its own error with that note; a rank
         that never arrives makes the others fail within the rank timeout (`set_rank_timeout`).
 
-        >>> result = plan_act_patch(model, corrupted, IterNode("z"), metric, new_input=clean).compute()  # doctest: +SKIP
+        >>> plan = plan_act_patch(model, corrupted, IterNode("z"), metric, new_input=clean)  # doctest: +SKIP
+        >>> result = plan.compute()  # doctest: +SKIP
         """
         ranks = distributed.current_ranks()
         if ranks is None or self.shard_of is not None:
@@ -257,22 +258,32 @@ class PatchPlan:
         lines = [f"{self.method} plan" + (f", shard {self.shard_of[0]} of {self.shard_of[1]}" if self.shard_of else "")]
         lines += [f"  {label:<10}{text}" for label, text in self.description]
         if self.layout is not None:
-            own = "" if self.metric_dims == () else (
-                ", plus the metric's own dims" if self.metric_dims is None else ", ".join(("", *self.metric_dims))
+            own = (
+                ""
+                if self.metric_dims == ()
+                else (
+                    ", plus the metric's own dims" if self.metric_dims is None else ", ".join(("", *self.metric_dims))
+                )
             )
             sizes = [(s.name, ", ".join(f"{d}={len(s.coords[d])}" for d in s.dims)) for s in self.layout]
             shapes = "; ".join(f"{name}: ({dims}{own})" for name, dims in sizes)
             lines.append(f"  {'result':<10}{shapes}")
         unpatched = len(self.unpatched_cells)
         measured = len(self.cells)
-        lines.append(f"  {'variants':<10}{measured - unpatched} patched" + (
-            f", {unpatched} scoring the unpatched run (nothing they patch can change what the metric reads)"
-            if unpatched else ""
-        ))
+        lines.append(
+            f"  {'variants':<10}{measured - unpatched} patched"
+            + (
+                f", {unpatched} scoring the unpatched run (nothing they patch can change what the metric reads)"
+                if unpatched
+                else ""
+            )
+        )
         passes = self.passes
-        lines.append(f"  {'passes':<10}{len(passes)} forward passes in {len(self.blocks)} blocks, "
-                     f"at most {self.variants_per_pass} variants stacked per pass, "
-                     f"{self.layer_evaluations} layer evaluations in all")  # fmt: skip
+        lines.append(
+            f"  {'passes':<10}{len(passes)} forward passes in {len(self.blocks)} blocks, "
+            f"at most {self.variants_per_pass} variants stacked per pass, "
+            f"{self.layer_evaluations} layer evaluations in all"
+        )
         lines += [f"  {'':<10}{line}" for line in _pass_table(passes)]
         return "\n".join(lines)
 
@@ -287,8 +298,14 @@ def unpatched_block(cells: Sequence[int], n_layers: int) -> Block:
     return Block(tuple(cells), (Pass("unpatched", (0,), n_layers, n_layers),))
 
 
-def stacked_passes(stage: Stage, variants: Sequence[int], start_layers: Sequence[int], chunk: int,
-                   stop_layer: Callable[[int], int], start_late: bool) -> list[Pass]:  # fmt: skip
+def stacked_passes(
+    stage: Stage,
+    variants: Sequence[int],
+    start_layers: Sequence[int],
+    chunk: int,
+    stop_layer: Callable[[int], int],
+    start_late: bool,
+) -> list[Pass]:
     """Passes over `variants`, whose first layers are `start_layers`: variants that start at the
     same layer (all at layer 0 unless passes can `start_late`), at most `chunk` per pass, in
     order of their start layer. `stop_layer(start)` is where a pass that starts there stops."""
@@ -327,8 +344,9 @@ def _pass_table(passes: Sequence[Pass]) -> Iterator[str]:
         yield f"{stage:<10}{count:>11} x {size_text:>5} variants: {layers}"
 
 
-def assembled_sweeps(layout: Sequence[Sweep], outputs: list | torch.Tensor, metric_dims: tuple[str, ...]
-                     ) -> dict[str, PatchResult]:  # fmt: skip
+def assembled_sweeps(
+    layout: Sequence[Sweep], outputs: list | torch.Tensor, metric_dims: tuple[str, ...]
+) -> dict[str, PatchResult]:
     """One PatchResult per sweep from the cells' metric values (in cell order; or stacked along
     the first axis of one tensor), moved to the CPU in one transfer per sweep."""
     if isinstance(outputs, torch.Tensor):
@@ -350,13 +368,16 @@ def assembled_sweeps(layout: Sequence[Sweep], outputs: list | torch.Tensor, metr
     return results
 
 
-def _assembled_stacked(layout: Sequence[Sweep], stacked: torch.Tensor, metric_dims: tuple[str, ...]) -> dict[str, PatchResult]:
+def _assembled_stacked(
+    layout: Sequence[Sweep], stacked: torch.Tensor, metric_dims: tuple[str, ...]
+) -> dict[str, PatchResult]:
     """`assembled_sweeps` of values already stacked: (cells, *metric dims)."""
     results, start = {}, 0
     for sweep in layout:
         count = len(sweep.sites)
         cells = stacked[start : start + count].cpu()
         start += count
-        results[sweep.name] = PatchResult(cells.reshape(*sweep.shape, *cells.shape[1:]), sweep.dims + metric_dims,
-                                          sweep.coords)  # fmt: skip
+        results[sweep.name] = PatchResult(
+            cells.reshape(*sweep.shape, *cells.shape[1:]), sweep.dims + metric_dims, sweep.coords
+        )
     return results

@@ -57,8 +57,9 @@ class PatchProgram:
     abandoned (StopForward) as soon as every `record` step has run.
     """
 
-    def __init__(self, batch: int, carries: dict[str, str] | None = None, start_layer: int = 0,
-                 stop_when_recorded: bool = False):  # fmt: skip
+    def __init__(
+        self, batch: int, carries: dict[str, str] | None = None, start_layer: int = 0, stop_when_recorded: bool = False
+    ):
         self.batch = batch
         self.start_layer = start_layer
         self._steps: dict[str, list[Step]] = {}

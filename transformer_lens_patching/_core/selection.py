@@ -90,7 +90,9 @@ def distinct_token_ids(token_ids, what: str) -> Tensor:
     """The distinct ids in `token_ids`, in increasing order, checked to be non-negative ints."""
     ids = torch.as_tensor(token_ids)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.numel() == 0:
-        raise PatchingError(f"{what} must hold at least one integer token id; got {ids.dtype} of shape {tuple(ids.shape)}.")
+        raise PatchingError(
+            f"{what} must hold at least one integer token id; got {ids.dtype} of shape {tuple(ids.shape)}."
+        )
     if (ids < 0).any():
         raise PatchingError(f"{what} contains the negative token id {ids[ids < 0][0].item()}.")
     return torch.unique(ids.long())

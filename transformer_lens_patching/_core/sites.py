@@ -63,15 +63,19 @@ class PatchSite:
 
 
 def _context(node, shape: ModelShape) -> str:
-    return f" (in {node!r}; the model has {shape.n_layers} layers, {shape.n_heads} heads" + (
-        f", {shape.n_kv_heads} key/value heads" if shape.n_kv_heads != shape.n_heads else ""
-    ) + f", d_mlp {shape.d_mlp})"
+    return (
+        f" (in {node!r}; the model has {shape.n_layers} layers, {shape.n_heads} heads"
+        + (f", {shape.n_kv_heads} key/value heads" if shape.n_kv_heads != shape.n_heads else "")
+        + f", d_mlp {shape.d_mlp})"
+    )
 
 
 def resolve_layer(node, layer: int, shape: ModelShape) -> int:
     """Check `layer` against the model and make it non-negative."""
     if not -shape.n_layers <= layer < shape.n_layers:
-        raise PatchingError(f"Layer {layer} is out of range: expected 0 <= layer < {shape.n_layers}{_context(node, shape)}.")
+        raise PatchingError(
+            f"Layer {layer} is out of range: expected 0 <= layer < {shape.n_layers}{_context(node, shape)}."
+        )
     return layer % shape.n_layers
 
 
@@ -146,8 +150,9 @@ def resolve_positions(seq_pos: SeqPos, batch: int, seq_len: int, what: str = "se
     return (positions % seq_len).contiguous()
 
 
-def resolve_node(node: Node, shape: ModelShape, batch: int, seq_len: int, device: torch.device,
-                 seq_pos: SeqPos = None) -> PatchSite:  # fmt: skip
+def resolve_node(
+    node: Node, shape: ModelShape, batch: int, seq_len: int, device: torch.device, seq_pos: SeqPos = None
+) -> PatchSite:
     """Check `node` against the model and an input of `batch` prompts of `seq_len` tokens on
     `device`, and return its PatchSite.
 
@@ -184,12 +189,16 @@ class Sweep:
         return tuple(len(self.coords[dim]) for dim in self.dims)
 
 
-def _restrict(values: tuple[int, ...] | None, count: int, what: str, node: IterNode, shape: ModelShape) -> tuple[int, ...]:
+def _restrict(
+    values: tuple[int, ...] | None, count: int, what: str, node: IterNode, shape: ModelShape
+) -> tuple[int, ...]:
     if values is None:
         return tuple(range(count))
     for value in values:
         if not 0 <= value < count:
-            raise PatchingError(f"{what} contains {value}, out of range: expected 0 <= value < {count}{_context(node, shape)}.")
+            raise PatchingError(
+                f"{what} contains {value}, out of range: expected 0 <= value < {count}{_context(node, shape)}."
+            )
     return values
 
 
@@ -208,14 +217,18 @@ def resolve_sweep(node: IterNode, shape: ModelShape, tokens: torch.Tensor, seq_p
             coords["layer"] = _restrict(node.layers, shape.n_layers, "layers", node, shape)
         if component.unit is not None:
             count = shape.unit_count(component.unit)
-            dim = "kv_head" if component.unit == "kv_head" and shape.n_kv_heads != shape.n_heads else (
-                "head" if component.has_heads else "neuron"
+            dim = (
+                "kv_head"
+                if component.unit == "kv_head" and shape.n_kv_heads != shape.n_heads
+                else ("head" if component.has_heads else "neuron")
             )
             restriction = node.neurons if component.unit == "neuron" else node.heads
             dims.append(dim)
             coords[dim] = _restrict(restriction, count, f"{dim}s", node, shape)
         if component.name in MLP_COMPONENTS and not shape.has_mlps:
-            raise PatchingError(f"This model has no MLPs (attention-only), so IterNode({component.name!r}) has nothing to sweep.")
+            raise PatchingError(
+                f"This model has no MLPs (attention-only), so IterNode({component.name!r}) has nothing to sweep."
+            )
         cells = []
         resolved_positions: dict = {}
         for values in itertools.product(*(coords[dim] for dim in dims)):
@@ -227,14 +240,21 @@ def resolve_sweep(node: IterNode, shape: ModelShape, tokens: torch.Tensor, seq_p
                 positions = resolve_positions(spec, batch, seq_len)
                 resolved_positions[spec] = (positions, None if positions is None else positions.to(tokens.device))
             layer = cell.get("layer")
-            resolved = Node._valid(component.name, layer, unit if component.has_heads else None,
-                                   unit if component.unit == "neuron" else None, None)  # fmt: skip
+            resolved = Node._valid(
+                component.name,
+                layer,
+                unit if component.has_heads else None,
+                unit if component.unit == "neuron" else None,
+                None,
+            )
             cells.append([PatchSite(resolved, component.hook_name(layer), unit, *resolved_positions[spec])])
         sweeps.append(Sweep(component.name, tuple(dims), coords, cells))
     return sweeps
 
 
-def resolve_spec(spec, shape: ModelShape, tokens: torch.Tensor, what: str, seq_pos: SeqPos = None) -> list[PatchSite] | list[Sweep]:
+def resolve_spec(
+    spec, shape: ModelShape, tokens: torch.Tensor, what: str, seq_pos: SeqPos = None
+) -> list[PatchSite] | list[Sweep]:
     """Resolve a Node, a list of Nodes (sites patched together) or an IterNode (sweeps)."""
     if isinstance(spec, IterNode):
         return resolve_sweep(spec, shape, tokens, seq_pos)

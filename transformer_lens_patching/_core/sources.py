@@ -164,8 +164,17 @@ SourceFactory = Callable[[], ActivationSource]
 """Makes a source when a plan runs (running the model if the source is another input)."""
 
 
-def planned_source(model, model_input, cache, hook_names: Iterable[str], tokens: torch.Tensor, what: str,
-                   missing: str, zero_allowed: bool = True, extra: Iterable[str] = ()) -> tuple[SourceFactory, str]:  # fmt: skip
+def planned_source(
+    model,
+    model_input,
+    cache,
+    hook_names: Iterable[str],
+    tokens: torch.Tensor,
+    what: str,
+    missing: str,
+    zero_allowed: bool = True,
+    extra: Iterable[str] = (),
+) -> tuple[SourceFactory, str]:
     """Check a source of patch values now, and return what makes it later, with a description.
 
     The source is `cache` (an ActivationCache or dict; "zero" for zeros where

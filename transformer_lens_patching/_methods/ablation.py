@@ -38,7 +38,9 @@ def _partition_rows(groups: list, batch: int) -> list[torch.Tensor]:
     counts = torch.bincount(seen, minlength=batch)
     if (counts != 1).any():
         missing, repeated = (counts == 0).nonzero().flatten().tolist(), (counts > 1).nonzero().flatten().tolist()
-        problem = f"prompts {missing[:5]} are in no group" if missing else f"prompts {repeated[:5]} are in several groups"
+        problem = (
+            f"prompts {missing[:5]} are in no group" if missing else f"prompts {repeated[:5]} are in several groups"
+        )
         raise PatchingError(f"groups as lists of prompt indices must put every prompt in exactly one group: {problem}.")
     return rows
 

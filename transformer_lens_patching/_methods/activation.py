@@ -57,8 +57,19 @@ def plan_act_patch(
     patched = patch_cells(model, tokens, patching_nodes)
     what = f"{patching_nodes!r}" if patched.is_sweep else ", ".join(repr(site.node) for site in patched.resolved)
     layout = tuple(patched.resolved) if patched.is_sweep else None
-    return plan_cells(model, tokens, patched.cells, layout, what, patching_metric, new_input, new_cache,
-                      apply_metric_to_cache, batch_size=batch_size, max_memory=max_memory)  # fmt: skip
+    return plan_cells(
+        model,
+        tokens,
+        patched.cells,
+        layout,
+        what,
+        patching_metric,
+        new_input,
+        new_cache,
+        apply_metric_to_cache,
+        batch_size=batch_size,
+        max_memory=max_memory,
+    )
 
 
 def plan_cells(
@@ -94,8 +105,9 @@ def plan_cells(
     is_live = set(live)
     unpatched = [i for i in range(len(cells)) if i not in is_live]
     logits_per_prompt = None if reader is None else reader.floats_per_prompt
-    chunk = variants_per_pass(len(live), tokens, shape, batch_size, max_memory, apply_metric_to_cache,
-                              logits_per_prompt)  # fmt: skip
+    chunk = variants_per_pass(
+        len(live), tokens, shape, batch_size, max_memory, apply_metric_to_cache, logits_per_prompt
+    )
     start_late = _tl.can_start_late(model) and not apply_metric_to_cache
     start_layers = [min(entry_layer(site.hook_name) for site in cells[i]) for i in live]
     passes = stacked_passes("patch", live, start_layers, chunk, lambda start: shape.n_layers, start_late)
@@ -109,8 +121,16 @@ def plan_cells(
         ("metric", describe_metric(metric, reader, apply_metric_to_cache)),
     )
     run = _ActPatchRun(model, tokens, cells, metric, reader, source, names, apply_metric_to_cache)
-    return PatchPlan("act_patch", description, len(cells), layout, declared_dims(metric), tuple(blocks), run.start,
-                     inputs=(tokens, new_input))
+    return PatchPlan(
+        "act_patch",
+        description,
+        len(cells),
+        layout,
+        declared_dims(metric),
+        tuple(blocks),
+        run.start,
+        inputs=(tokens, new_input),
+    )
 
 
 class _ActPatchRun:
@@ -128,8 +148,16 @@ class _ActPatchRun:
         _tl.check_deterministic(self.model)
         with _tl.model_flags(self.model, self.flags), progress_bar(progress, label) as bar:
             calls = metric_calls(self.metric, self.tokens.shape[0], self.reader, self.apply_metric_to_cache, self.model)
-            executor = Executor(self.model, self.tokens, OrigResiduals(self.model, self.tokens), calls, self.reader,
-                                self.apply_metric_to_cache, full_graph=grad, progress=bar)  # fmt: skip
+            executor = Executor(
+                self.model,
+                self.tokens,
+                OrigResiduals(self.model, self.tokens),
+                calls,
+                self.reader,
+                self.apply_metric_to_cache,
+                full_graph=grad,
+                progress=bar,
+            )
             yield _ActPatchSession(self, executor)
 
 
@@ -208,9 +236,16 @@ def act_patch(
     ('layer', 'head')
     """
     plan = plan_act_patch(
-        model, orig_input, patching_nodes, patching_metric, new_input, new_cache, apply_metric_to_cache,
-        batch_size=batch_size, max_memory=max_memory,
-    )  # fmt: skip
+        model,
+        orig_input,
+        patching_nodes,
+        patching_metric,
+        new_input,
+        new_cache,
+        apply_metric_to_cache,
+        batch_size=batch_size,
+        max_memory=max_memory,
+    )
     result = plan.compute(progress=verbose)
     if verbose:
         print_shapes(result)

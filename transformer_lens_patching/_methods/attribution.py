@@ -139,8 +139,9 @@ def attr_patch(
         new = source()
         run = gradient_pass(differentiated, recorded)
         orig_value, dims, orig, gradients = run.value, run.dims, run.activations, run.gradients
-        differences = {name: _difference(new.tensor_like(name, orig[name]).to(orig[name]), orig[name])
-                       for name in linear}  # fmt: skip
+        differences = {
+            name: _difference(new.tensor_like(name, orig[name]).to(orig[name]), orig[name]) for name in linear
+        }
         if steps > 1:
             gradients = _integrated(gradient_pass, orig, differences, gradients, steps)
         layers = range(model.cfg.n_layers)
@@ -149,10 +150,20 @@ def attr_patch(
             gradient_sets = [_dropped(gradient_pass, differentiated, layer) for layer in layers]
         per_row_sets = [_linear_changes(linear_cells, differences, g, tokens) for g in gradient_sets]
         if qk_parts:
-            fixed_sets = qk_changes(model, tokens, qk_parts, lambda name: new.tensor_like(name, orig[name]), orig,
-                                    gradient_sets, batch_size=batch_size, max_memory=max_memory)  # fmt: skip
-            per_row_sets = [[change + fixed.get(cell, 0) for cell, change in enumerate(per_row)]
-                            for per_row, fixed in zip(per_row_sets, fixed_sets)]  # fmt: skip
+            fixed_sets = qk_changes(
+                model,
+                tokens,
+                qk_parts,
+                lambda name: new.tensor_like(name, orig[name]),
+                orig,
+                gradient_sets,
+                batch_size=batch_size,
+                max_memory=max_memory,
+            )
+            per_row_sets = [
+                [change + fixed.get(cell, 0) for cell, change in enumerate(per_row)]
+                for per_row, fixed in zip(per_row_sets, fixed_sets)
+            ]
     change_sets = [torch.stack(per_row) for per_row in per_row_sets]
     if dims != ("batch",):
         change_sets = [changes.sum(1) for changes in change_sets]
@@ -234,8 +245,9 @@ def _difference(new: Tensor, orig: Tensor) -> Tensor:
     return torch.where(new == orig, torch.zeros_like(orig), new - orig)
 
 
-def _linear_changes(cells: list[list[PatchSite]], differences: dict[str, Tensor], gradients: dict[str, Tensor],
-                    tokens: Tensor) -> list[Tensor]:  # fmt: skip
+def _linear_changes(
+    cells: list[list[PatchSite]], differences: dict[str, Tensor], gradients: dict[str, Tensor], tokens: Tensor
+) -> list[Tensor]:
     """Each cell's first-order change, per prompt: (new - orig) . gradient over its sites, the
     products summed in float32 (or wider) whatever the model's dtype, on the input device.
 
@@ -244,14 +256,18 @@ def _linear_changes(cells: list[list[PatchSite]], differences: dict[str, Tensor]
     gathered for all such cells of that hook at once.
     """
     batch = tokens.shape[0]
-    weighted = {name: difference.to(_tl.summing_dtype(difference.dtype)) * gradients[name]
-                for name, difference in differences.items()}  # fmt: skip
+    weighted = {
+        name: difference.to(_tl.summing_dtype(difference.dtype)) * gradients[name]
+        for name, difference in differences.items()
+    }
     changes: list[Tensor | None] = [None] * len(cells)
     single: dict[tuple[str, int | None], list[int]] = {}
     for index, cell in enumerate(cells):
         if len(cell) == 1:
             site = cell[0]
-            single.setdefault((site.hook_name, None if site.positions is None else site.positions.shape[1]), []).append(index)
+            single.setdefault((site.hook_name, None if site.positions is None else site.positions.shape[1]), []).append(
+                index
+            )
         else:
             changes[index] = _cell_change(cell, weighted, batch, tokens.device)
     for (name, width), members in single.items():

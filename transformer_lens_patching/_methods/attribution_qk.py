@@ -98,9 +98,17 @@ def _touch(sites: list[PatchSite], shapes: dict[str, torch.Size], n_heads: int, 
     return touch
 
 
-def qk_changes(model, tokens: Tensor, qk_parts: list[tuple[int, list[PatchSite]]], new_value: Callable[[str], Tensor],
-               orig: dict[str, Tensor], gradient_sets: list[dict[str, Tensor]], *, batch_size: int | None,
-               max_memory: int | None) -> list[dict[int, Tensor]]:  # fmt: skip
+def qk_changes(
+    model,
+    tokens: Tensor,
+    qk_parts: list[tuple[int, list[PatchSite]]],
+    new_value: Callable[[str], Tensor],
+    orig: dict[str, Tensor],
+    gradient_sets: list[dict[str, Tensor]],
+    *,
+    batch_size: int | None,
+    max_memory: int | None,
+) -> list[dict[int, Tensor]]:
     """The QK-fixed change of the metric, per prompt, of each cell's query/key sites, for each
     set of gradients (GradDrop has one per layer; the patterns are computed once).
 
@@ -158,8 +166,14 @@ def _read_apart(rows: Tensor, variant: _Variant, found: dict[int, Tensor]) -> No
         found[cell] = found.get(cell, 0) + change
 
 
-def _patterns_under(model, tokens: Tensor, layer: int, variants: list[_Variant], new_value: Callable[[str], Tensor],
-                    orig: dict[str, Tensor]) -> Tensor:  # fmt: skip
+def _patterns_under(
+    model,
+    tokens: Tensor,
+    layer: int,
+    variants: list[_Variant],
+    new_value: Callable[[str], Tensor],
+    orig: dict[str, Tensor],
+) -> Tensor:
     """The pattern at `layer` of each variant, stacked along the batch: one pass that starts
     at `layer` where the model allows it and stops at that layer's pattern."""
     batch, count = tokens.shape[0], len(variants)
@@ -176,7 +190,9 @@ def _patterns_under(model, tokens: Tensor, layer: int, variants: list[_Variant],
         else:
             _tl.forward_logits(model, tokens.repeat(count, 1))
     if program.stopped_with is None:
-        raise PatchingError(f"AtP*'s QK fix recomputes attention patterns, but {hook_name('pattern', layer)} never "
-                            "fired: this model does not compute them where TransformerLens hooks them. Use "
-                            "method='atp'.")  # fmt: skip
+        raise PatchingError(
+            f"AtP*'s QK fix recomputes attention patterns, but {hook_name('pattern', layer)} never "
+            "fired: this model does not compute them where TransformerLens hooks them. Use "
+            "method='atp'."
+        )
     return program.stopped_with

@@ -50,12 +50,15 @@ def exact_edge_scores(
         kept[graph.index(edge)] = False
         circuits.append(Circuit.from_mask(graph, kept))
     circuits.append(Circuit.full(graph))
-    values = evaluate_circuit(model, circuits, orig_input, patching_metric, new_input, new_cache,
-                              batch_size=batch_size, max_memory=max_memory).as_tensor()  # fmt: skip
+    values = evaluate_circuit(
+        model, circuits, orig_input, patching_metric, new_input, new_cache, batch_size=batch_size, max_memory=max_memory
+    ).as_tensor()
     unpatched = values[-1]
     if values.ndim > 2:
-        raise PatchingError(f"Edge scores need a metric that returns one number, or one per prompt; this one returns "
-                            f"shape {tuple(values.shape[1:])}.")  # fmt: skip
+        raise PatchingError(
+            f"Edge scores need a metric that returns one number, or one per prompt; this one returns "
+            f"shape {tuple(values.shape[1:])}."
+        )
     scores = torch.full((len(graph), *values.shape[1:]), float("nan"), dtype=values.dtype)
     scores[[graph.index(edge) for edge in chosen]] = values[:-1] - unpatched
     return EdgeScores(graph, scores, "exact", unpatched if unpatched.ndim else float(unpatched))
@@ -88,14 +91,24 @@ def confirm_edges(
     if scores.graph != EdgeGraph.of(model):
         raise PatchingError(f"These scores are of {scores.graph!r}, not of this model's edge graph.")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= len(scores.graph):
-        raise PatchingError(f"candidates must be an int from 1 to the graph's {len(scores.graph)} edges, "
-                            f"got {candidates!r}.")  # fmt: skip
+        raise PatchingError(
+            f"candidates must be an int from 1 to the graph's {len(scores.graph)} edges, got {candidates!r}."
+        )
     chosen = scores.top(candidates, absolute)
-    exact = exact_edge_scores(model, orig_input, patching_metric, new_input, new_cache, edges=chosen,
-                              batch_size=batch_size, max_memory=max_memory)  # fmt: skip
+    exact = exact_edge_scores(
+        model,
+        orig_input,
+        patching_metric,
+        new_input,
+        new_cache,
+        edges=chosen,
+        batch_size=batch_size,
+        max_memory=max_memory,
+    )
     if exact.scores.shape[1:] != scores.scores.shape[1:]:
-        raise PatchingError("The scores and this metric differ in being per prompt: pass the metric the scores were "
-                            "estimated with.")  # fmt: skip
+        raise PatchingError(
+            "The scores and this metric differ in being per prompt: pass the metric the scores were estimated with."
+        )
     rows = torch.tensor([scores.graph.index(edge) for edge in chosen])
     merged = scores.scores.clone().to(exact.scores.dtype)
     merged[rows] = exact.scores[rows]

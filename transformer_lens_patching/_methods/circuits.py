@@ -81,13 +81,23 @@ def evaluate_circuit(
     >>> circuit = Circuit.from_scores(attr_edges(model, clean, metric, new_input=corrupted), 200)  # doctest: +SKIP
     >>> evaluate_circuit(model, circuit, clean, metric, new_input=corrupted)  # doctest: +SKIP
     """
-    plan = plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_input, new_cache,
-                                   batch_size=batch_size, max_memory=max_memory)  # fmt: skip
+    plan = plan_circuit_evaluation(
+        model, circuits, orig_input, patching_metric, new_input, new_cache, batch_size=batch_size, max_memory=max_memory
+    )
     return plan.compute()
 
 
-def plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_input=None, new_cache=None, *,
-                            batch_size: int | None = None, max_memory: int | None = None) -> PatchPlan:  # fmt: skip
+def plan_circuit_evaluation(
+    model,
+    circuits,
+    orig_input,
+    patching_metric,
+    new_input=None,
+    new_cache=None,
+    *,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+) -> PatchPlan:
     """The plan of an `evaluate_circuit` call, every argument checked and nothing run."""
     check_chunk_args(batch_size, max_memory)
     _tl.check_model(model)
@@ -101,12 +111,19 @@ def plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_in
     check_hooks_exist(model, wiring.sender_hooks + wiring.receiver_hooks)
     metric = resolve_metric(patching_metric, tokens)
     reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache=False)
-    source, source_text = planned_source(model, new_input, new_cache, wiring.sender_hooks, tokens, "new_cache",
-                                         NOTHING_TO_PATCH_IN)  # fmt: skip
+    source, source_text = planned_source(
+        model, new_input, new_cache, wiring.sender_hooks, tokens, "new_cache", NOTHING_TO_PATCH_IN
+    )
     kept_per_token = len(graph.senders) * shape.d_model + 3 * (shape.n_heads + 2 * shape.n_kv_heads) * shape.d_model
-    chunk = variants_per_pass(len(circuits), tokens, shape, batch_size, max_memory,
-                              logits_per_prompt=None if reader is None else reader.floats_per_prompt,
-                              extra_floats_per_token=kept_per_token)  # fmt: skip
+    chunk = variants_per_pass(
+        len(circuits),
+        tokens,
+        shape,
+        batch_size,
+        max_memory,
+        logits_per_prompt=None if reader is None else reader.floats_per_prompt,
+        extra_floats_per_token=kept_per_token,
+    )
     passes = stacked_passes("patch", range(len(circuits)), [0] * len(circuits), chunk, lambda _: shape.n_layers, False)
     blocks = tuple(Block(p.variants, (p,)) for p in passes)
     sizes = sorted({len(c) for c in circuits})
@@ -117,24 +134,40 @@ def plan_circuit_evaluation(model, circuits, orig_input, patching_metric, new_in
         ("into", f"orig_input: {tokens.shape[0]} prompts x {tokens.shape[1]} tokens"),
         ("metric", describe_metric(metric, reader, False)),
     )
-    layout = None if single else (Sweep("circuit", ("circuit",), {"circuit": tuple(range(len(circuits)))},
-                                        [[] for _ in circuits]),)  # fmt: skip
+    layout = (
+        None
+        if single
+        else (Sweep("circuit", ("circuit",), {"circuit": tuple(range(len(circuits)))}, [[] for _ in circuits]),)
+    )
     edited = {name for circuit in circuits for name in wiring.edited_hooks(~circuit.kept_mask(tokens.shape[1]))}
     run = _CircuitRun(model, tokens, circuits, wiring, metric, reader, source, _tl.flags_for(edited))
-    return PatchPlan("evaluate_circuit", description, len(circuits), layout, declared_dims(metric), blocks, run.start,
-                     inputs=(tokens, new_input), one_sweep=True)
+    return PatchPlan(
+        "evaluate_circuit",
+        description,
+        len(circuits),
+        layout,
+        declared_dims(metric),
+        blocks,
+        run.start,
+        inputs=(tokens, new_input),
+        one_sweep=True,
+    )
 
 
 def checked_graph(model, circuits: Sequence[Circuit]) -> EdgeGraph:
     """The model's edge graph, checked to be every circuit's, on a model with per-head inputs."""
     if not circuits or not all(isinstance(c, Circuit) for c in circuits):
-        raise PatchingError("evaluate_circuit needs a Circuit or a non-empty list of Circuits (see Circuit.from_scores).")
+        raise PatchingError(
+            "evaluate_circuit needs a Circuit or a non-empty list of Circuits (see Circuit.from_scores)."
+        )
     graph = EdgeGraph.of(model)
     for circuit in circuits:
         if circuit.graph != graph:
             raise PatchingError(f"A circuit is of {circuit.graph!r}, but this model's edge graph is {graph!r}.")
     if not _tl.supports_split_qkv_input(model):
-        raise PatchingError(NO_HEAD_INPUTS.format(what="Circuit evaluation edits every head's q/k/v input, which needs"))
+        raise PatchingError(
+            NO_HEAD_INPUTS.format(what="Circuit evaluation edits every head's q/k/v input, which needs")
+        )
     check_linear_writes(model, "circuit evaluation")
     check_mlp_inputs(model, graph, "Circuit evaluation")
     return graph
@@ -165,14 +198,18 @@ class Wiring:
             self.head_layers[hook_name("z", layer)] = layer
             for part in ("q", "k", "v"):
                 name = hook_name(f"{part}_input", layer)
-                self.columns[name] = [receiver_column[node] for node in graph.receivers
-                                      if node.kind == "head" and node.layer == layer and node.input == part]  # fmt: skip
+                self.columns[name] = [
+                    receiver_column[node]
+                    for node in graph.receivers
+                    if node.kind == "head" and node.layer == layer and node.input == part
+                ]
                 self.upstream[name] = heads[0]
             if graph.has_mlps:
                 mlp = sender_row[next(n for n in graph.senders if n.kind == "mlp" and n.layer == layer)]
                 self.sender_slots[hook_name("mlp_out", layer)] = slice(mlp, mlp + 1)
-                self.columns[hook_name("mlp_in", layer)] = [receiver_column[next(
-                    n for n in graph.receivers if n.kind == "mlp" and n.layer == layer)]]  # fmt: skip
+                self.columns[hook_name("mlp_in", layer)] = [
+                    receiver_column[next(n for n in graph.receivers if n.kind == "mlp" and n.layer == layer)]
+                ]
                 self.upstream[hook_name("mlp_in", layer)] = heads[0] if graph.parallel_attn_mlp else mlp
                 self.mlp_inputs.add(hook_name("mlp_in", layer))
         final = hook_name("resid_post", graph.n_layers - 1)
@@ -201,8 +238,17 @@ class Wiring:
 class _CircuitRun:
     """What running an evaluate_circuit plan needs: the circuits, the wiring, the ablated values."""
 
-    def __init__(self, model, tokens: Tensor, circuits: list[Circuit], wiring: Wiring, metric, reader,
-                 source: SourceFactory, flags: set[str]):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokens: Tensor,
+        circuits: list[Circuit],
+        wiring: Wiring,
+        metric,
+        reader,
+        source: SourceFactory,
+        flags: set[str],
+    ):
         self.model, self.tokens, self.circuits, self.wiring = model, tokens, circuits, wiring
         self.metric, self.reader, self.source = metric, reader, source
         self.flags = flags
@@ -215,8 +261,15 @@ class _CircuitRun:
         _tl.check_deterministic(self.model)
         with _tl.model_flags(self.model, self.flags), progress_bar(progress, label) as bar:
             calls = metric_calls(self.metric, self.tokens.shape[0], self.reader, False, self.model)
-            executor = Executor(self.model, self.tokens, OrigResiduals(self.model, self.tokens), calls, self.reader,
-                                full_graph=True, progress=bar)  # fmt: skip
+            executor = Executor(
+                self.model,
+                self.tokens,
+                OrigResiduals(self.model, self.tokens),
+                calls,
+                self.reader,
+                full_graph=True,
+                progress=bar,
+            )
             yield _CircuitSession(self, executor)
 
 
@@ -283,8 +336,10 @@ class _CircuitRows:
         for _, senders, _ in plans.values():
             self.needed[senders] = True
         self.needs_ablated = any(from_ablated for from_ablated, _, _ in plans.values())
-        self.plans = {name: (from_ablated, _tl.moved(senders, w_o.device), _tl.moved(weights, w_o.device, w_o.dtype))
-                      for name, (from_ablated, senders, weights) in plans.items()}  # fmt: skip
+        self.plans = {
+            name: (from_ablated, _tl.moved(senders, w_o.device), _tl.moved(weights, w_o.device, w_o.dtype))
+            for name, (from_ablated, senders, weights) in plans.items()
+        }
         """Each edited receiver hook's senders and weights, on the device of the changes (W_O's)."""
         self.changes: Tensor | None = None
         """(senders, batch, pos, d_model): the kept senders' changes, one contiguous row each, on

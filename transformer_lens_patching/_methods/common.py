@@ -1,4 +1,5 @@
-"""What the patching methods share: their cells, their metric, checking their hooks exist, printing their results' shapes."""
+"""What the patching methods share: their cells, their metric, checking their hooks exist,
+printing their results' shapes."""
 
 import types
 from dataclasses import dataclass
@@ -74,7 +75,9 @@ def resolve_metric(metric, tokens: Tensor) -> Metric:
             return lm_loss(tokens, per_token=True)
         raise PatchingError(f"Unknown metric {metric!r}: expected a callable, 'loss' or 'loss_per_token'.")
     if not callable(metric):
-        raise PatchingError(f"patching_metric must be a callable, 'loss' or 'loss_per_token'; got {type(metric).__name__}.")
+        raise PatchingError(
+            f"patching_metric must be a callable, 'loss' or 'loss_per_token'; got {type(metric).__name__}."
+        )
     return metric
 
 

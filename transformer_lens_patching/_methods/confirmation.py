@@ -108,7 +108,9 @@ class Confirmation:
         >>> checked.overlap(5)  # 5: the estimate's five strongest are exact patching's five  # doctest: +SKIP
         """
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(self.cells):
-            raise PatchingError(f"overlap(n) needs a whole number 1 <= n <= {len(self.cells)} (the cells confirmed), got {n!r}.")
+            raise PatchingError(
+                f"overlap(n) needs a whole number 1 <= n <= {len(self.cells)} (the cells confirmed), got {n!r}."
+            )
         exact = torch.tensor([abs(cell.exact_change) for cell in self.cells])
         exact_top = set(exact.argsort(descending=True, stable=True)[:n].tolist())
         return len(exact_top & set(range(n)))
@@ -123,10 +125,16 @@ class Confirmation:
             raise PatchingError("to_frame needs pandas: pip install pandas.") from error
         dims = list(dict.fromkeys(dim for cell in self.cells for dim in cell.coords))
         rows = [
-            {"component": cell.component, **{dim: cell.coords.get(dim) for dim in dims}, "estimate": cell.estimate,
-             "exact": cell.exact, "estimated_change": cell.estimated_change, "exact_change": cell.exact_change}
+            {
+                "component": cell.component,
+                **{dim: cell.coords.get(dim) for dim in dims},
+                "estimate": cell.estimate,
+                "exact": cell.exact,
+                "estimated_change": cell.estimated_change,
+                "exact_change": cell.exact_change,
+            }
             for cell in self.cells
-        ]  # fmt: skip
+        ]
         columns = ["component", *dims, "estimate", "exact", "estimated_change", "exact_change"]
         frame = pd.DataFrame(rows, columns=columns)
         return frame.astype({dim: "Int64" for dim in dims})
@@ -141,8 +149,10 @@ class Confirmation:
             f"top-{self.overlap_size} overlap {self.top_k_overlap} of {self.overlap_size}",
             f"  {'cell':<{width}}  {'estimated change':>16}  {'exact change':>12}",
         ]
-        lines += [f"  {cell.label:<{width}}  {cell.estimated_change:>+16.4g}  {cell.exact_change:>+12.4g}"
-                  for cell in self.cells]  # fmt: skip
+        lines += [
+            f"  {cell.label:<{width}}  {cell.estimated_change:>+16.4g}  {cell.exact_change:>+12.4g}"
+            for cell in self.cells
+        ]
         return "\n".join(lines)
 
 
@@ -199,7 +209,9 @@ def confirm(
             a metric that returns more than one number per prompt, and a `top_k` below 1.
 
     >>> estimates = attr_patch(model, corrupted, IterNode("post"), metric, new_input=clean)  # doctest: +SKIP
-    >>> checked = confirm(model, estimates, corrupted, IterNode("post"), metric, new_input=clean, top_k=20)  # doctest: +SKIP
+    >>> checked = confirm(  # doctest: +SKIP
+    ...     model, estimates, corrupted, IterNode("post"), metric, new_input=clean, top_k=20
+    ... )
     >>> print(checked)  # doctest: +SKIP
     """
     _check_arguments(patching_nodes, top_k, estimate)
@@ -214,18 +226,32 @@ def confirm(
     per_prompt, unpatched_mean, changes, chosen = ranking.per_prompt, ranking.unpatched, ranking.changes, ranking.chosen
     layout = (Sweep(CONFIRMED, ("cell",), {"cell": tuple(range(len(chosen)))}, [patched.cells[i] for i in chosen]),)
     what = f"the {len(chosen)} cells of {patching_nodes!r} with the largest estimated change"
-    plan = plan_cells(model, tokens, layout[0].sites, layout, what, metric, new_input, new_cache,
-                      batch_size=batch_size, max_memory=max_memory)  # fmt: skip
+    plan = plan_cells(
+        model,
+        tokens,
+        layout[0].sites,
+        layout,
+        what,
+        metric,
+        new_input,
+        new_cache,
+        batch_size=batch_size,
+        max_memory=max_memory,
+    )
     exact = plan.compute(progress=progress)[CONFIRMED].as_tensor().double()
     exact = exact.mean(-1) if per_prompt else exact
     places = list(_cell_places(sweeps))
     cells = tuple(
         ConfirmedCell(
-            places[index][0], places[index][1], float(changes[index]) + unpatched_mean, float(value),
-            float(changes[index]), float(value) - unpatched_mean,
+            places[index][0],
+            places[index][1],
+            float(changes[index]) + unpatched_mean,
+            float(value),
+            float(changes[index]),
+            float(value) - unpatched_mean,
         )
         for index, value in zip(chosen, exact)
-    )  # fmt: skip
+    )
     return Confirmation(cells, unpatched_mean, len(changes), per_prompt)
 
 
@@ -280,7 +306,8 @@ def _check_components(estimates, sweeps: list[Sweep]) -> None:
     """`estimates` must be a dict with exactly the components the sweep patches."""
     if not isinstance(estimates, Mapping):
         raise PatchingError(
-            f"estimates must be the dict of PatchResults attr_patch returns for an IterNode; got {type(estimates).__name__}."
+            "estimates must be the dict of PatchResults attr_patch returns for an IterNode; "
+            f"got {type(estimates).__name__}."
         )
     expected = [sweep.name for sweep in sweeps]
     if sorted(estimates) != sorted(expected):
@@ -294,8 +321,9 @@ def _estimates_of(result, sweep: Sweep, metric_dims: tuple[str, ...], batch: int
     """The estimates of `sweep`'s cells, in the order of its sites (means over prompts for a
     per-prompt metric), checked against its dims and coordinates."""
     if not isinstance(result, PatchResult):
-        raise PatchingError(f"estimates[{sweep.name!r}] must be a PatchResult (as attr_patch returns), got "
-                            f"{type(result).__name__}.")  # fmt: skip
+        raise PatchingError(
+            f"estimates[{sweep.name!r}] must be a PatchResult (as attr_patch returns), got {type(result).__name__}."
+        )
     dims = sweep.dims + metric_dims
     coords = {dim: tuple(values) for dim, values in sweep.coords.items()}
     if metric_dims:

@@ -116,8 +116,10 @@ def attr_path_patch(
     check_linear_writes(model, "attr_path_patch")
     check_parallel_receivers(shape, receiver_nodes, "attr_path_patch")
     if all(isinstance(spec, IterNode) and spec.seq_pos == "each" for spec in (sender_nodes, receiver_nodes)):
-        raise PatchingError("Only one of sender_nodes and receiver_nodes may sweep seq_pos='each': direct paths "
-                            "never cross positions, so every other cell would be zero.")  # fmt: skip
+        raise PatchingError(
+            "Only one of sender_nodes and receiver_nodes may sweep seq_pos='each': direct paths "
+            "never cross positions, so every other cell would be zero."
+        )
     positions = normalize_seq_pos(seq_pos)
     senders = resolve_spec(sender_nodes, shape, tokens, "sender_nodes", positions)
     receivers = resolve_spec(receiver_nodes, shape, tokens, "receiver_nodes", positions)
@@ -133,20 +135,25 @@ def attr_path_patch(
     all_hooks = set(sender_hooks) | set(differentiated) | neuron_hooks
     check_hooks_exist(model, all_hooks)
     needed = set(sender_hooks) | ({EMBEDDINGS} if steps > 1 else set())
-    source, _ = planned_source(model, new_input, new_cache, needed, tokens, "new_cache",
-                               "attr_path_patch needs new_input or new_cache.")  # fmt: skip
+    source, _ = planned_source(
+        model, new_input, new_cache, needed, tokens, "new_cache", "attr_path_patch needs new_input or new_cache."
+    )
     with _tl.model_flags(model, _tl.flags_for(all_hooks)), torch.no_grad():
         new = source()
         through = [NeuronRead(read.layer, _neuron_mask(read, tokens.shape, shape.d_mlp)) for read in neuron_reads]
         stopped = [(read.hook, _slice_mask(read, tokens.shape, shape)) for read in frozen]
         split = "use_split_qkv_input" in _tl.flags_for(all_hooks)
         gradient_pass = GradientPass(model, tokens, metric, split_inputs=split, new_input=new_input)
-        run = eap_gradients(gradient_pass, sender_hooks, differentiated, new, steps, stopped=stopped,
-                            neuron_reads=through)  # fmt: skip
+        run = eap_gradients(
+            gradient_pass, sender_hooks, differentiated, new, steps, stopped=stopped, neuron_reads=through
+        )
         neuron_gradients = dict(zip(map(id, neuron_reads), run.through_neurons))
         weights = OutputWeights(model)
-        writes = _Terms.of(sender_cells, lambda site: [residual_write(site, difference(site.hook_name, run.activations, new), weights)],
-                           lambda site: [2 * site.layer + site.component.write_offset])  # fmt: skip
+        writes = _Terms.of(
+            sender_cells,
+            lambda site: [residual_write(site, difference(site.hook_name, run.activations, new), weights)],
+            lambda site: [2 * site.layer + site.component.write_offset],
+        )
         gradients = [[_read_gradient(read, run.gradients, neuron_gradients) for read in cell] for cell in reads]
         points = [[read.point for read in cell] for cell in reads]
         read_terms = _Terms.from_lists(gradients, points, writes.tensors.device)
@@ -194,11 +201,21 @@ def _reads(cell: list[PatchSite]) -> list[_Read]:
         else:
             hooks = [(site.hook_name, "neuron" if name == "pre" else "residual")]
         for hook, kind in hooks:
-            entry = found.setdefault(hook, {"kind": kind, "layer": layer, "point": point, "units": set(),
-                                            "positions": site.device_positions})  # fmt: skip
+            entry = found.setdefault(
+                hook, {"kind": kind, "layer": layer, "point": point, "units": set(), "positions": site.device_positions}
+            )
             entry["units"] = None if site.unit is None or entry["units"] is None else entry["units"] | {site.unit}
-    return [_Read(hook, e["kind"], e["layer"], e["point"], None if e["units"] is None else frozenset(e["units"]),
-                  e["positions"]) for hook, e in found.items()]  # fmt: skip
+    return [
+        _Read(
+            hook,
+            e["kind"],
+            e["layer"],
+            e["point"],
+            None if e["units"] is None else frozenset(e["units"]),
+            e["positions"],
+        )
+        for hook, e in found.items()
+    ]
 
 
 def _frozen_reads(model, sender_spec, receiver_spec, reads: list[list[_Read]]) -> list[_Read]:
@@ -273,8 +290,10 @@ class _Terms:
 
     @classmethod
     def of(cls, cells: list[list[PatchSite]], tensors_of, points_of) -> "_Terms":
-        return cls.from_lists([[t for site in cell for t in tensors_of(site)] for cell in cells],
-                              [[p for site in cell for p in points_of(site)] for cell in cells])  # fmt: skip
+        return cls.from_lists(
+            [[t for site in cell for t in tensors_of(site)] for cell in cells],
+            [[p for site in cell for p in points_of(site)] for cell in cells],
+        )
 
     @classmethod
     def from_lists(cls, tensors: list[list[Tensor]], points: list[list[int]], device=None) -> "_Terms":
@@ -323,8 +342,9 @@ def _results(sweeps: list[Sweep], values: Tensor, metric_dims: tuple) -> dict[st
     for sweep in sweeps:
         cells = values[start : start + len(sweep.sites)]
         start += len(sweep.sites)
-        results[sweep.name] = PatchResult(cells.reshape(*sweep.shape, *cells.shape[1:]), sweep.dims + metric_dims,
-                                          sweep.coords)  # fmt: skip
+        results[sweep.name] = PatchResult(
+            cells.reshape(*sweep.shape, *cells.shape[1:]), sweep.dims + metric_dims, sweep.coords
+        )
     return results
 
 

@@ -109,8 +109,11 @@ def attr_edges(
     layers = range(graph.n_layers)
     heads = [hook_name("z", layer) for layer in layers]
     mlps = [hook_name("mlp_out", layer) for layer in layers] if graph.has_mlps else []
-    receivers = [hook_name(part, layer) for layer in layers
-                 for part in ("q_input", "k_input", "v_input") + (("mlp_in",) if graph.has_mlps else ())]  # fmt: skip
+    receivers = [
+        hook_name(part, layer)
+        for layer in layers
+        for part in ("q_input", "k_input", "v_input") + (("mlp_in",) if graph.has_mlps else ())
+    ]
     receivers.append(hook_name("resid_post", graph.n_layers - 1))
     senders = [EMBEDDINGS, *heads, *mlps]
     check_hooks_exist(model, senders + receivers)
@@ -129,8 +132,14 @@ def attr_edges(
     return EdgeScores(graph, scores.cpu(), method, run.value.cpu() if run.value.ndim else float(run.value))
 
 
-def _scored_pairs(gradient_pass: GradientPass, graph: EdgeGraph, senders: list[str], receivers: list[str],
-                  new: ActivationSource, steps: int) -> tuple[GradientRun, Tensor]:  # fmt: skip
+def _scored_pairs(
+    gradient_pass: GradientPass,
+    graph: EdgeGraph,
+    senders: list[str],
+    receivers: list[str],
+    new: ActivationSource,
+    steps: int,
+) -> tuple[GradientRun, Tensor]:
     """The orig run's gradient pass and (batch, sender, receiver) scores of every node pair,
     reduced chunk by chunk of prompts so that no receiver gradient outlives its chunk; for
     EAP-IG averaged over the interpolated passes (a score is linear in the gradient). The
@@ -140,8 +149,9 @@ def _scored_pairs(gradient_pass: GradientPass, graph: EdgeGraph, senders: list[s
 
     def scored(rows: slice, part: GradientRun) -> Tensor:
         if rows.start not in outputs:
-            outputs[rows.start] = _flattened(_graph_sender_outputs(gradient_pass.model, graph, part.activations,
-                                                                   new.rows(rows)))  # fmt: skip
+            outputs[rows.start] = _flattened(
+                _graph_sender_outputs(gradient_pass.model, graph, part.activations, new.rows(rows))
+            )
         device = outputs[rows.start].device
         parts = [_with_unit_axis(part.gradients[name]).to(device) for name in receivers]
         gradients = _flattened(torch.cat(parts, dim=2))
@@ -216,14 +226,22 @@ def check_mlp_inputs(model, graph: EdgeGraph, what: str) -> None:
     if name not in fired:
         raise PatchingError(
             f"{what} edits or scores the edges into each MLP at its own input ({name} and its like), but this "
-            "model computes attention and MLP in parallel from one shared normalisation (as Phi does), so no hook holds "
+            "model computes attention and MLP in parallel from one "
+            "shared normalisation (as Phi does), so no hook holds "
             "an MLP's input apart from the heads'. Use act_patch or path_patch of 'mlp_out' and 'z' instead."
         )
 
 
-def eap_gradients(gradient_pass: GradientPass, recorded: Sequence[str], differentiated: Sequence[str],
-                  new: ActivationSource, steps: int, *, stopped: Sequence[tuple[str, Tensor]] = (),
-                  neuron_reads: Sequence[NeuronRead] = ()) -> GradientRun:  # fmt: skip
+def eap_gradients(
+    gradient_pass: GradientPass,
+    recorded: Sequence[str],
+    differentiated: Sequence[str],
+    new: ActivationSource,
+    steps: int,
+    *,
+    stopped: Sequence[tuple[str, Tensor]] = (),
+    neuron_reads: Sequence[NeuronRead] = (),
+) -> GradientRun:
     """The orig run's gradients; for EAP-IG (`steps` > 1) averaged with those of `steps - 1`
     more passes whose embeddings are interpolated toward the new run's (points and sums in
     float32 whatever the model's dtype)."""
@@ -241,8 +259,13 @@ def eap_gradients(gradient_pass: GradientPass, recorded: Sequence[str], differen
             gradients[name] += point.gradients[name]
         for total, gradient in zip(neurons, point.through_neurons):
             total += gradient
-    return GradientRun(first.value, first.dims, first.activations, {name: g / steps for name, g in gradients.items()},
-                       [g / steps for g in neurons])  # fmt: skip
+    return GradientRun(
+        first.value,
+        first.dims,
+        first.activations,
+        {name: g / steps for name, g in gradients.items()},
+        [g / steps for g in neurons],
+    )
 
 
 def position_mask(positions: Tensor | None, batch: int, seq_len: int, device, dtype) -> Tensor:

@@ -91,20 +91,24 @@ class FaithfulnessCurve:
         import pandas as pd
 
         n_edges = len(self.circuits[0].graph)
-        return pd.DataFrame({
-            "method": [self.method] * len(self.fractions),
-            "ranking": [self.ranking] * len(self.fractions),
-            "fraction": list(self.fractions),
-            "requested_edges": [edge_count(f, n_edges) for f in self.fractions],
-            "edges": list(self.edge_counts),
-            "metric": list(self.values),
-            "faithfulness": list(self.faithfulness),
-        })  # fmt: skip
+        return pd.DataFrame(
+            {
+                "method": [self.method] * len(self.fractions),
+                "ranking": [self.ranking] * len(self.fractions),
+                "fraction": list(self.fractions),
+                "requested_edges": [edge_count(f, n_edges) for f in self.fractions],
+                "edges": list(self.edge_counts),
+                "metric": list(self.values),
+                "faithfulness": list(self.faithfulness),
+            }
+        )
 
     def __repr__(self) -> str:
         points = ", ".join(f"{f:g}: {v:.3f}" for f, v in zip(self.fractions, self.faithfulness))
-        return (f"FaithfulnessCurve({self.method}, ranked by {self.ranking}: area under {self.area_under:.4f}, "
-                f"area from 1 {self.area_from_1:.4f}; {points})")
+        return (
+            f"FaithfulnessCurve({self.method}, ranked by {self.ranking}: area under {self.area_under:.4f}, "
+            f"area from 1 {self.area_from_1:.4f}; {points})"
+        )
 
 
 _NOT_A_CURVES = (
@@ -187,8 +191,20 @@ def faithfulness_curve(
     >>> curve.area_under, curve.area_from_1  # doctest: +SKIP
     """
     sizes, fractions = _checked_sizes(scores, sizes, "faithfulness_curve")
-    return _curves(model, scores, [absolute], sizes, fractions, prune, orig_input, patching_metric,
-                   new_input=new_input, new_cache=new_cache, batch_size=batch_size, max_memory=max_memory)[0]
+    return _curves(
+        model,
+        scores,
+        [absolute],
+        sizes,
+        fractions,
+        prune,
+        orig_input,
+        patching_metric,
+        new_input=new_input,
+        new_cache=new_cache,
+        batch_size=batch_size,
+        max_memory=max_memory,
+    )[0]
 
 
 @shared_by_ranks
@@ -229,9 +245,20 @@ def mib_faithfulness(
     >>> mib.cpr, mib.cmd  # doctest: +SKIP
     """
     sizes, fractions = _checked_sizes(scores, MIB_FRACTIONS, "mib_faithfulness")
-    signed, absolute = _curves(model, scores, [False, True], sizes, fractions, prune, orig_input,
-                               patching_metric, new_input=new_input, new_cache=new_cache, batch_size=batch_size,
-                               max_memory=max_memory)  # fmt: skip
+    signed, absolute = _curves(
+        model,
+        scores,
+        [False, True],
+        sizes,
+        fractions,
+        prune,
+        orig_input,
+        patching_metric,
+        new_input=new_input,
+        new_cache=new_cache,
+        batch_size=batch_size,
+        max_memory=max_memory,
+    )
     return MIBFaithfulness(signed, absolute)
 
 
@@ -255,29 +282,51 @@ def _checked_sizes(scores, sizes, caller: str) -> tuple[list[float | int], tuple
     return sizes, fractions
 
 
-def _curves(model, scores: EdgeScores, rankings: Sequence[bool], sizes, fractions: tuple[float, ...], prune: bool,
-            orig_input, patching_metric, **evaluation) -> tuple[FaithfulnessCurve, ...]:  # fmt: skip
+def _curves(
+    model,
+    scores: EdgeScores,
+    rankings: Sequence[bool],
+    sizes,
+    fractions: tuple[float, ...],
+    prune: bool,
+    orig_input,
+    patching_metric,
+    **evaluation,
+) -> tuple[FaithfulnessCurve, ...]:
     """One curve per ranking (`absolute` or not) at `sizes`: every circuit of every curve, the full
     and the empty circuit in one `evaluate_circuit` call."""
     graph = scores.graph
-    circuits = [[Circuit.from_scores(scores, size, absolute=absolute, prune=prune) for size in sizes]
-                for absolute in rankings]  # fmt: skip
+    circuits = [
+        [Circuit.from_scores(scores, size, absolute=absolute, prune=prune) for size in sizes] for absolute in rankings
+    ]
     stacked = [circuit for curve in circuits for circuit in curve]
-    evaluated = evaluate_circuit(model, [*stacked, Circuit.full(graph), Circuit.empty(graph)], orig_input,
-                                 patching_metric, **evaluation)  # fmt: skip
+    evaluated = evaluate_circuit(
+        model, [*stacked, Circuit.full(graph), Circuit.empty(graph)], orig_input, patching_metric, **evaluation
+    )
     values = evaluated.as_tensor().float()
     values = values.reshape(values.shape[0], -1).mean(1).tolist()
     full, empty = values[-2], values[-1]
     if math.isclose(full, empty, rel_tol=1e-5, abs_tol=1e-6):
-        raise PatchingError(f"The full and the empty circuit give the same metric ({full:.6g}, to float rounding), "
-                            "so faithfulness, a fraction of their difference, is undefined: the ablation changes "
-                            "nothing.")  # fmt: skip
+        raise PatchingError(
+            f"The full and the empty circuit give the same metric ({full:.6g}, to float rounding), "
+            "so faithfulness, a fraction of their difference, is undefined: the ablation changes "
+            "nothing."
+        )
     return tuple(
-        FaithfulnessCurve(scores.method, fractions, tuple(curve), tuple(values[i * len(sizes): (i + 1) * len(sizes)]),
-                          full, empty, absolute)
+        FaithfulnessCurve(
+            scores.method,
+            fractions,
+            tuple(curve),
+            tuple(values[i * len(sizes) : (i + 1) * len(sizes)]),
+            full,
+            empty,
+            absolute,
+        )
         for i, (absolute, curve) in enumerate(zip(rankings, circuits))
-    )  # fmt: skip
+    )
 
 
 def _trapezoid(xs: Sequence[float], ys: Sequence[float]) -> float:
-    return float(torch.trapezoid(torch.tensor(list(ys), dtype=torch.float64), torch.tensor(list(xs), dtype=torch.float64)))
+    return float(
+        torch.trapezoid(torch.tensor(list(ys), dtype=torch.float64), torch.tensor(list(xs), dtype=torch.float64))
+    )

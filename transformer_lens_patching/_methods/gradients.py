@@ -64,8 +64,15 @@ class GradientPass:
     process running those chunks (`max_memory` small enough to make them).
     """
 
-    def __init__(self, model, tokens: Tensor, metric, max_memory: int | None = None, split_inputs: bool = False,
-                 new_input: object = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokens: Tensor,
+        metric,
+        max_memory: int | None = None,
+        split_inputs: bool = False,
+        new_input: object = None,
+    ):
         if torch.is_inference_mode_enabled():
             raise PatchingError(
                 "Attribution takes gradients, but it was called under torch.inference_mode(), where no tensor "
@@ -78,10 +85,16 @@ class GradientPass:
         self._reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache=False)
         self._final_residual = residual_hooks(shape.n_layers)[-1]
 
-    def __call__(self, differentiated: Sequence[str], recorded: Sequence[str] = (), *,
-                 fills: dict[str, Tensor] | None = None, stopped: Sequence[tuple[str, Tensor | None]] = (),
-                 neuron_reads: Sequence[NeuronRead] = (),
-                 reduce: Callable[[slice, GradientRun], object] | None = None) -> GradientRun:  # fmt: skip
+    def __call__(
+        self,
+        differentiated: Sequence[str],
+        recorded: Sequence[str] = (),
+        *,
+        fills: dict[str, Tensor] | None = None,
+        stopped: Sequence[tuple[str, Tensor | None]] = (),
+        neuron_reads: Sequence[NeuronRead] = (),
+        reduce: Callable[[slice, GradientRun], object] | None = None,
+    ) -> GradientRun:
         """One gradient of the metric (for a per-prompt metric, each prompt's own: prompts do
         not interact) at each `differentiated` hook, with the activations of `fills` set to the
         given values (one batch each) and no gradient flowing back through the `stopped`
@@ -215,15 +228,25 @@ class _Live:
         plan = self.plan
         pre_hooks = [hook_name("pre", read.layer) for read in plan.neuron_reads]
         names = list(dict.fromkeys([*plan.differentiated, *pre_hooks]))
-        grads = torch.autograd.grad(outputs, [self.leaves[name] for name in names], grad_outputs=grad_outputs,
-                                    allow_unused=True, retain_graph=bool(plan.neuron_reads))  # fmt: skip
+        grads = torch.autograd.grad(
+            outputs,
+            [self.leaves[name] for name in names],
+            grad_outputs=grad_outputs,
+            allow_unused=True,
+            retain_graph=bool(plan.neuron_reads),
+        )
         found = {name: torch.zeros_like(self.leaves[name]) if g is None else g for name, g in zip(names, grads)}
         neurons = []
         for i, read in enumerate(plan.neuron_reads):
             pre, mlp_in = hook_name("pre", read.layer), hook_name("mlp_in", read.layer)
             masked = found[pre] * read.mask.to(found[pre])
-            (through,) = torch.autograd.grad(self.activations[pre], self.leaves[mlp_in], grad_outputs=masked,
-                                             retain_graph=i + 1 < len(plan.neuron_reads), allow_unused=True)  # fmt: skip
+            (through,) = torch.autograd.grad(
+                self.activations[pre],
+                self.leaves[mlp_in],
+                grad_outputs=masked,
+                retain_graph=i + 1 < len(plan.neuron_reads),
+                allow_unused=True,
+            )
             neurons.append(torch.zeros_like(self.leaves[mlp_in]) if through is None else through)
         kept = [*plan.differentiated, *plan.recorded]
         activations = {name: tensor.detach() for name, tensor in self.activations.items() if name in kept}

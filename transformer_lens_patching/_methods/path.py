@@ -120,18 +120,34 @@ def plan_path_patch(
     all_hooks = {s.hook_name for v in variants for s in v.senders} | orig_hooks | forked_hooks
     all_hooks |= {r.hook_name for v in variants for r in v.receivers}
     check_hooks_exist(model, all_hooks)
-    new, new_text = planned_source(model, new_input, new_cache, sender_hooks, tokens, "new_cache",
-                                   "path_patch needs new_input or new_cache.")  # fmt: skip
-    orig, _ = planned_source(model, orig_input, orig_cache, orig_hooks, tokens, "orig_cache",
-                             "path_patch needs orig_input or orig_cache.", zero_allowed=False,
-                             extra=residual_hooks(shape.n_layers))  # fmt: skip
+    new, new_text = planned_source(
+        model, new_input, new_cache, sender_hooks, tokens, "new_cache", "path_patch needs new_input or new_cache."
+    )
+    orig, _ = planned_source(
+        model,
+        orig_input,
+        orig_cache,
+        orig_hooks,
+        tokens,
+        "orig_cache",
+        "path_patch needs orig_input or orig_cache.",
+        zero_allowed=False,
+        extra=residual_hooks(shape.n_layers),
+    )
     plan = PathPlan(reaching, fork, pass_one, _tl.flags_for(all_hooks))
 
     def chunk(n_variants: int, measured: bool) -> int:
         """Variants per pass; passes that only record compute no logits."""
         logits_per_prompt = None if reader is None else reader.floats_per_prompt
-        return variants_per_pass(n_variants, tokens, shape, batch_size, max_memory, apply_metric_to_cache and measured,
-                                 logits_per_prompt if measured else 0)  # fmt: skip
+        return variants_per_pass(
+            n_variants,
+            tokens,
+            shape,
+            batch_size,
+            max_memory,
+            apply_metric_to_cache and measured,
+            logits_per_prompt if measured else 0,
+        )
 
     def start_late(measured: bool) -> bool:
         return _tl.can_start_late(model) and not (apply_metric_to_cache and measured)
@@ -146,8 +162,14 @@ def plan_path_patch(
     unpatched = [cell for cell, v in enumerate(reaching) if v is None]
     if unpatched:
         blocks.append(unpatched_block(unpatched, shape.n_layers))
-    algorithm = "one pass: each receiver's input is orig plus the senders' new - orig" if fork else (
-        "two passes (pass 1 freezes every head" + (" and MLP" if freeze_mlps else "") + " and records the receivers)"
+    algorithm = (
+        "one pass: each receiver's input is orig plus the senders' new - orig"
+        if fork
+        else (
+            "two passes (pass 1 freezes every head"
+            + (" and MLP" if freeze_mlps else "")
+            + " and records the receivers)"
+        )
     )
     description = (
         ("senders", _described(sender_nodes, senders)),
@@ -158,11 +180,20 @@ def plan_path_patch(
         ("algorithm", algorithm),
         ("metric", describe_metric(metric, reader, apply_metric_to_cache)),
     )
-    run = PathPatchRun(model, tokens, plan, metric, reader, new, orig, apply_metric_to_cache,
-                       names_filter_for_cache_metric)  # fmt: skip
+    run = PathPatchRun(
+        model, tokens, plan, metric, reader, new, orig, apply_metric_to_cache, names_filter_for_cache_metric
+    )
     layout = tuple(sweeps) if sweeps is not None else None
-    return PatchPlan("path_patch", description, len(variants), layout, declared_dims(metric), tuple(blocks), run.start,
-                     inputs=(tokens, new_input))
+    return PatchPlan(
+        "path_patch",
+        description,
+        len(variants),
+        layout,
+        declared_dims(metric),
+        tuple(blocks),
+        run.start,
+        inputs=(tokens, new_input),
+    )
 
 
 def _described(spec, resolved) -> str:
@@ -227,10 +258,21 @@ def path_patch(
     ...                      Node("resid_post", model.cfg.n_layers - 1), metric)  # doctest: +SKIP
     """
     plan = plan_path_patch(
-        model, orig_input, new_input, sender_nodes, receiver_nodes, patching_metric, orig_cache, new_cache, seq_pos,
-        apply_metric_to_cache, names_filter_for_cache_metric, direct_includes_mlps,
-        batch_size=batch_size, max_memory=max_memory,
-    )  # fmt: skip
+        model,
+        orig_input,
+        new_input,
+        sender_nodes,
+        receiver_nodes,
+        patching_metric,
+        orig_cache,
+        new_cache,
+        seq_pos,
+        apply_metric_to_cache,
+        names_filter_for_cache_metric,
+        direct_includes_mlps,
+        batch_size=batch_size,
+        max_memory=max_memory,
+    )
     result = plan.compute(progress=verbose)
     if verbose:
         print_shapes(result)

@@ -75,8 +75,11 @@ def confirm_paths(
         PatchingError: Unless exactly one side is an IterNode, for estimates that are not that
             sweep's, a `top_k` below 1, and anything `path_patch` refuses.
 
-    >>> estimates = attr_path_patch(model, corrupted, clean, IterNode("z"), Node("resid_post", 11), metric)  # doctest: +SKIP
-    >>> checked = confirm_paths(model, estimates, corrupted, clean, IterNode("z"), Node("resid_post", 11), metric)  # doctest: +SKIP
+    >>> receiver = Node("resid_post", 11)
+    >>> estimates = attr_path_patch(model, corrupted, clean, IterNode("z"), receiver, metric)  # doctest: +SKIP
+    >>> checked = confirm_paths(  # doctest: +SKIP
+    ...     model, estimates, corrupted, clean, IterNode("z"), receiver, metric
+    ... )
     >>> checked.spearman  # doctest: +SKIP
     """
     sweeping = [spec for spec in (sender_nodes, receiver_nodes) if isinstance(spec, IterNode)]
@@ -99,9 +102,19 @@ def confirm_paths(
         coords = [places[index][1] for index in chosen if places[index][0] == name]
         grid = _grid(swept, name, coords)
         senders, receivers = (grid, receiver_nodes) if swept is sender_nodes else (sender_nodes, grid)
-        exact[name] = path_patch(model, orig_input, new_input, senders, receivers, patching_metric, new_cache=new_cache,
-                                 seq_pos=seq_pos, direct_includes_mlps=False, batch_size=batch_size,
-                                 max_memory=max_memory)[name]  # fmt: skip
+        exact[name] = path_patch(
+            model,
+            orig_input,
+            new_input,
+            senders,
+            receivers,
+            patching_metric,
+            new_cache=new_cache,
+            seq_pos=seq_pos,
+            direct_includes_mlps=False,
+            batch_size=batch_size,
+            max_memory=max_memory,
+        )[name]
     cells = []
     for index in chosen:
         name, coords = places[index]

@@ -24,9 +24,16 @@ from .._core.sites import PatchSite, Sweep
 from .._tl import ModelShape
 from ..errors import PatchingError
 
-HEAD_INPUTS = {"q": ("q_input",), "k": ("k_input",), "v": ("v_input",), "q_input": ("q_input",),
-               "k_input": ("k_input",), "v_input": ("v_input",), "pattern": ("q_input", "k_input"),
-               "z": ("q_input", "k_input", "v_input")}  # fmt: skip
+HEAD_INPUTS = {
+    "q": ("q_input",),
+    "k": ("k_input",),
+    "v": ("v_input",),
+    "q_input": ("q_input",),
+    "k_input": ("k_input",),
+    "v_input": ("v_input",),
+    "pattern": ("q_input", "k_input"),
+    "z": ("q_input", "k_input", "v_input"),
+}
 """Which per-head input hooks carry each head receiver's input."""
 
 WHOLE_HEAD_RECEIVERS = ("z", "pattern")
@@ -58,7 +65,9 @@ def check_specs(senders, receivers, seq_pos) -> None:
     for spec, what, allowed in ((senders, "sender", SENDERS), (receivers, "receiver", RECEIVERS)):
         for name in _names(spec):
             if name not in allowed:
-                raise PatchingError(f"{name!r} cannot be a {what} in path patching. Valid {what}s: {', '.join(allowed)}.")
+                raise PatchingError(
+                    f"{name!r} cannot be a {what} in path patching. Valid {what}s: {', '.join(allowed)}."
+                )
         nodes = [spec] if isinstance(spec, Node) else spec if isinstance(spec, (list, tuple)) else []
         for node in nodes:
             if isinstance(node, Node) and node.seq_pos is not None:
@@ -82,15 +91,19 @@ def nonlinear_writes(model) -> str | None:
     that path patching, edges, circuits and the IOI job give when they refuse such a model. Also
     multi-head latent attention, whose head outputs TransformerLens does not give head by head."""
     if _tl.model_shape(model).latent_attention:
-        return ("this model's attention is multi-head latent attention (DeepSeek's MLA), whose head outputs "
-                "TransformerLens does not split by head, so a head's write to the residual stream cannot be read "
-                "from them")  # fmt: skip
+        return (
+            "this model's attention is multi-head latent attention (DeepSeek's MLA), whose head outputs "
+            "TransformerLens does not split by head, so a head's write to the residual stream cannot be read "
+            "from them"
+        )
     norms = _tl.post_norms(model)
     if not norms:
         return None
-    return (f"this model normalises each attention and MLP output before adding it to the residual stream "
-            f"({', '.join(norms)}, as Gemma-2, Gemma-3 and OLMo-2 do), so a head's or MLP's write to the residual "
-            "stream is not a linear function of its own output")  # fmt: skip
+    return (
+        f"this model normalises each attention and MLP output before adding it to the residual stream "
+        f"({', '.join(norms)}, as Gemma-2, Gemma-3 and OLMo-2 do), so a head's or MLP's write to the residual "
+        "stream is not a linear function of its own output"
+    )
 
 
 def check_linear_writes(model, what: str) -> None:
@@ -164,7 +177,9 @@ class PassOnePlan:
     is the orig one plus the senders' contributions."""
 
 
-def pass_one_plan(shape: ModelShape, receivers: list[PatchSite], freeze_mlps: bool, skip_attention: bool) -> PassOnePlan:
+def pass_one_plan(
+    shape: ModelShape, receivers: list[PatchSite], freeze_mlps: bool, skip_attention: bool
+) -> PassOnePlan:
     """Freeze only what lies before the last point a receiver reads; skip the attention of
     every layer without an attention receiver when `skip_attention`."""
     last_read = max(2 * r.layer + r.component.read_offset for r in receivers)
@@ -227,16 +242,23 @@ class PathPlan:
     """The model flags the hooks need (e.g. `use_split_qkv_input`)."""
 
 
-def two_pass_blocks(plan: PathPlan, live: list[int], chunk: Callable[[int, bool], int],
-                    start_late: Callable[[bool], bool], n_layers: int) -> list[Block]:  # fmt: skip
+def two_pass_blocks(
+    plan: PathPlan,
+    live: list[int],
+    chunk: Callable[[int, bool], int],
+    start_late: Callable[[bool], bool],
+    n_layers: int,
+) -> list[Block]:
     """Blocks of the two-pass algorithm: cells that share their senders share one recording
     variant; each block records a chunk of such groups, then patches their cells in.
     `chunk(n, measured)` and `start_late(measured)` size and place the passes."""
     variants = plan.variants
     groups: dict[tuple, list[int]] = {}
     for cell in live:
-        key = tuple((s.hook_name, s.unit, None if s.positions is None else tuple(s.positions.flatten().tolist()))
-                    for s in variants[cell].senders)  # fmt: skip
+        key = tuple(
+            (s.hook_name, s.unit, None if s.positions is None else tuple(s.positions.flatten().tolist()))
+            for s in variants[cell].senders
+        )
         groups.setdefault(key, []).append(cell)
     members = list(groups.values())
     block_size = chunk(len(members), False)
@@ -244,8 +266,9 @@ def two_pass_blocks(plan: PathPlan, live: list[int], chunk: Callable[[int, bool]
     for start in range(0, len(members), block_size):
         block = members[start : start + block_size]
         starts = [min(entry_layer(s.hook_name) for s in variants[cells[0]].senders) for cells in block]
-        recording = stacked_passes("record", range(len(block)), starts, chunk(len(block), False), lambda s: n_layers,
-                                   start_late(False))  # fmt: skip
+        recording = stacked_passes(
+            "record", range(len(block)), starts, chunk(len(block), False), lambda s: n_layers, start_late(False)
+        )
         receivers_of = [[r for cell in cells for r in variants[cell].receivers] for cells in block]
         recording = [
             replace(p, stop_layer=recorded_until([r for group in p.variants for r in receivers_of[group]]))

@@ -29,8 +29,18 @@ from .path_rules import (
 class PathPatchRun:
     """What running a path_patch plan needs, besides its blocks."""
 
-    def __init__(self, model, tokens, plan: PathPlan, metric, reader, new: SourceFactory, orig: SourceFactory,
-                 apply_metric_to_cache: bool, cache_names_filter):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokens,
+        plan: PathPlan,
+        metric,
+        reader,
+        new: SourceFactory,
+        orig: SourceFactory,
+        apply_metric_to_cache: bool,
+        cache_names_filter,
+    ):
         self.model, self.tokens, self.plan = model, tokens, plan
         self.shape = _tl.model_shape(model)
         self.metric, self.reader, self.new, self.orig = metric, reader, new, orig
@@ -69,9 +79,16 @@ class PathPatchSession:
         run = self._run
         residuals = OrigResiduals(run.model, run.tokens, self._orig.tensors)
         return Executor(
-            run.model, run.tokens, residuals, self._calls, run.reader, run.apply_metric_to_cache,
-            full_graph=self._grad, progress=self._progress, cache_names_filter=run.cache_names_filter,
-        )  # fmt: skip
+            run.model,
+            run.tokens,
+            residuals,
+            self._calls,
+            run.reader,
+            run.apply_metric_to_cache,
+            full_graph=self._grad,
+            progress=self._progress,
+            cache_names_filter=run.cache_names_filter,
+        )
 
     @functools.cached_property
     def _weights(self) -> OutputWeights:
@@ -145,8 +162,9 @@ class PathPatchSession:
         outputs: dict[int, object] = {}
         for pass_ in block.passes:
             if pass_.stage == "record":
-                self._executor.run(pass_, pass_one, measured=False, stop_when_recorded=True,
-                                   replaced_attention=plan.replaced_attention)  # fmt: skip
+                self._executor.run(
+                    pass_, pass_one, measured=False, stop_when_recorded=True, replaced_attention=plan.replaced_attention
+                )
             else:
                 outputs.update(zip(pass_.variants, self._executor.run(pass_, pass_two)))
         return outputs

@@ -8,8 +8,12 @@ from transformer_lens import ActivationCache
 from ..errors import PatchingError
 
 
-def run_with_cache(model, tokens: torch.Tensor, names: Mapping | set | list | None = None,
-                   names_filter: Callable[[str], bool] | None = None):  # fmt: skip
+def run_with_cache(
+    model,
+    tokens: torch.Tensor,
+    names: Mapping | set | list | None = None,
+    names_filter: Callable[[str], bool] | None = None,
+):
     """Return (logits, ActivationCache), caching only `names`, or the names `names_filter`
     accepts, when given."""
     if names is not None:

@@ -15,6 +15,7 @@ from ..errors import PatchingError
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 """The half-precision dtypes: metric values and attribution sums are computed in float32 on such models."""
 
+
 def summing_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums that decide a result run in: float32, or `dtype` if it is wider (float64).
 

@@ -92,9 +92,13 @@ def to_tokens(model, model_input) -> torch.Tensor:
     if tokens.ndim == 1:
         tokens = tokens.unsqueeze(0)
     if tokens.ndim != 2 or tokens.dtype.is_floating_point:
-        raise PatchingError(f"Token input must be an int tensor of shape (batch, pos), got {tuple(tokens.shape)} {tokens.dtype}.")
+        raise PatchingError(
+            f"Token input must be an int tensor of shape (batch, pos), got {tuple(tokens.shape)} {tokens.dtype}."
+        )
     if 0 in tokens.shape:
-        raise PatchingError(f"Token input has shape {tuple(tokens.shape)}: expected at least one prompt of at least one token.")
+        raise PatchingError(
+            f"Token input has shape {tuple(tokens.shape)}: expected at least one prompt of at least one token."
+        )
     if tokens.is_meta:
         raise PatchingError("The token input is on the meta device: it has a shape but no token ids. Pass real tokens.")
     return moved(tokens, model_device(model))

@@ -28,7 +28,5 @@ def check_model(model) -> None:
     every parameter on a real device (see `check_placed`)."""
     if not isinstance(model, MODEL_CLASSES):
         expected = " or ".join(cls.__name__ for cls in MODEL_CLASSES)
-        raise PatchingError(
-            f"Expected a TransformerLens {TL_VERSION} model ({expected}), got {type(model).__name__}."
-        )
+        raise PatchingError(f"Expected a TransformerLens {TL_VERSION} model ({expected}), got {type(model).__name__}.")
     check_placed(model)

@@ -199,8 +199,9 @@ class _Plans:
 
     def heads(self, metric) -> PatchPlan:
         """Every head's z, q, k, v and pattern, clean into corrupted."""
-        return plan_act_patch(self.model, self.corrupted, IterNode(HEAD_COMPONENTS), metric, new_input=self.clean,
-                              **self.options)  # fmt: skip
+        return plan_act_patch(
+            self.model, self.corrupted, IterNode(HEAD_COMPONENTS), metric, new_input=self.clean, **self.options
+        )
 
     @property
     def word_components(self) -> list[str]:
@@ -210,10 +211,16 @@ class _Plans:
     def words(self, metric) -> dict[str, PatchPlan]:
         """The residual stream, attention and MLP outputs at each word of `WORDS`, clean into corrupted."""
         return {
-            word: plan_act_patch(self.model, self.corrupted, IterNode(self.word_components,
-                                 seq_pos=self.dataset.word_idx[word]), metric, new_input=self.clean, **self.options)
+            word: plan_act_patch(
+                self.model,
+                self.corrupted,
+                IterNode(self.word_components, seq_pos=self.dataset.word_idx[word]),
+                metric,
+                new_input=self.clean,
+                **self.options,
+            )
             for word in WORDS
-        }  # fmt: skip
+        }
 
     def neuron_estimates(self, metric) -> dict[str, PatchResult]:
         """Every MLP neuron, clean into corrupted, estimated by attribution patching (AtP)."""
@@ -221,15 +228,30 @@ class _Plans:
 
     def confirmed_neurons(self, estimates: dict[str, PatchResult], metric, top_k: int, progress) -> Confirmation:
         """The `top_k` neurons of `estimates` with the largest estimated effect, patched exactly."""
-        return confirm(self.model, estimates, self.corrupted, IterNode(NEURONS), metric, new_input=self.clean,
-                       top_k=top_k, progress=progress, **self.options)  # fmt: skip
+        return confirm(
+            self.model,
+            estimates,
+            self.corrupted,
+            IterNode(NEURONS),
+            metric,
+            new_input=self.clean,
+            top_k=top_k,
+            progress=progress,
+            **self.options,
+        )
 
     def upper_bound_confirmation(self, metric, top_k: int) -> PatchPlan:
         """`top_k` neurons in the first layer (at most all of its neurons): the confirmation's
         most work, as each of its passes starts at the first layer it patches."""
         neurons = list(range(min(top_k, self.shape.d_mlp)))
-        return plan_act_patch(self.model, self.corrupted, IterNode(NEURONS, layers=[0], neurons=neurons), metric,
-                              new_input=self.clean, **self.options)  # fmt: skip
+        return plan_act_patch(
+            self.model,
+            self.corrupted,
+            IterNode(NEURONS, layers=[0], neurons=neurons),
+            metric,
+            new_input=self.clean,
+            **self.options,
+        )
 
     def into_logits(self, metric) -> PatchPlan:
         """Every head -> the final residual stream, corrupted into clean."""
@@ -248,8 +270,9 @@ class _Plans:
         return [TopHead(last, head, 0.0) for head in range(min(top_k, self.shape.n_heads))]
 
 
-def _all_plans(plans: _Plans, metric, top_k: int, top_neurons: int, circuit_candidates: int
-               ) -> list[tuple[str, PatchPlan]]:  # fmt: skip
+def _all_plans(
+    plans: _Plans, metric, top_k: int, top_neurons: int, circuit_candidates: int
+) -> list[tuple[str, PatchPlan]]:
     """(step, plan) of every patching call, the later path steps and the neurons' confirmation
     at their upper bound (the neuron and edge screens have no plan: see `SCREEN_PASSES`)."""
     steps = [("act_heads", plans.heads(metric))]
@@ -265,8 +288,9 @@ def _all_plans(plans: _Plans, metric, top_k: int, top_neurons: int, circuit_cand
         plan = plans.upper_bound_confirmation(metric, top_neurons)
         steps.append(("attr_neurons, exact patching of the strongest (at most: neurons in the first layer)", plan))
     if circuit_step.supported(plans.model, plans.clean.shape[0]):
-        steps += circuit_step.circuit_plans(plans.model, plans.clean, plans.corrupted, metric, circuit_candidates,
-                                            plans.options["batch_size"])  # fmt: skip
+        steps += circuit_step.circuit_plans(
+            plans.model, plans.clean, plans.corrupted, metric, circuit_candidates, plans.options["batch_size"]
+        )
     return steps
 
 
@@ -288,8 +312,9 @@ def _heads_list(heads: list[TopHead]) -> str:
 class _Experiment:
     """The plans, the metrics and the analysis so far; each step runs, is recorded and reported."""
 
-    def __init__(self, plans: _Plans, analysis: IOIAnalysis, restored, damaged, progress: bool, log, on_step,
-                 began: float):  # fmt: skip
+    def __init__(
+        self, plans: _Plans, analysis: IOIAnalysis, restored, damaged, progress: bool, log, on_step, began: float
+    ):
         self.plans, self.analysis = plans, analysis
         self.restored, self.damaged = restored, damaged
         self.progress, self.log, self.on_step = progress, log, on_step
@@ -325,30 +350,41 @@ class _Experiment:
 
     def heads(self) -> None:
         shape = self.plans.shape
-        label = self.header(f"activation patching of {', '.join(HEAD_COMPONENTS)} for {shape.n_layers * shape.n_heads} "
-                            "heads")  # fmt: skip
+        label = self.header(
+            f"activation patching of {', '.join(HEAD_COMPONENTS)} for {shape.n_layers * shape.n_heads} heads"
+        )
         began = time.perf_counter()
-        step = Step("act_heads", "Activation patching: every head",
-                    "Each head's output (z), query, key, value and attention pattern, at all positions, patched from "
-                    "the clean run into the corrupted run. Values: fraction of the clean logit difference restored.",
-                    self.run(self.plans.heads(self.restored), label))  # fmt: skip
+        step = Step(
+            "act_heads",
+            "Activation patching: every head",
+            "Each head's output (z), query, key, value and attention pattern, at all positions, patched from "
+            "the clean run into the corrupted run. Values: fraction of the clean logit difference restored.",
+            self.run(self.plans.heads(self.restored), label),
+        )
         step.top["restoring heads (z: raise the logit diff)"] = self.top(step.results["z"], +1)
         step.top["opposing heads (z: lower it)"] = self.top(step.results["z"], -1)
         self.record(step, began)
 
     def words(self) -> None:
-        label = self.header(f"activation patching of {', '.join(self.plans.word_components)} at {len(WORDS)} words "
-                            f"({', '.join(WORDS)}) x {self.plans.shape.n_layers} layers")  # fmt: skip
+        label = self.header(
+            f"activation patching of {', '.join(self.plans.word_components)} at {len(WORDS)} words "
+            f"({', '.join(WORDS)}) x {self.plans.shape.n_layers} layers"
+        )
         began = time.perf_counter()
-        per_word = {word: self.run(plan, f"{label} at {word}") for word, plan in self.plans.words(self.restored).items()}
+        per_word = {
+            word: self.run(plan, f"{label} at {word}") for word, plan in self.plans.words(self.restored).items()
+        }
         self.record(
-            Step("act_words", "Activation patching: residual stream, attention and MLP outputs by word",
-                 "The residual stream entering each layer, and each layer's attention and MLP output, patched at "
-                 "one word of every prompt (S1, the token after it, IO, the punctuation ending the first clause, "
-                 "S2 and the end), clean into corrupted. Values: fraction of the clean logit difference restored.",
-                 _by_word(per_word)),
+            Step(
+                "act_words",
+                "Activation patching: residual stream, attention and MLP outputs by word",
+                "The residual stream entering each layer, and each layer's attention and MLP output, patched at "
+                "one word of every prompt (S1, the token after it, IO, the punctuation ending the first clause, "
+                "S2 and the end), clean into corrupted. Values: fraction of the clean logit difference restored.",
+                _by_word(per_word),
+            ),
             began,
-        )  # fmt: skip
+        )
 
     def into_logits(self) -> list[TopHead]:
         shape = self.plans.shape
@@ -357,11 +393,15 @@ class _Experiment:
         if self.plans.no_paths is not None:
             self.record(Step("path_logits", "Path patching: every head -> logits", self.plans.no_paths, {}), began)
             return []
-        step = Step("path_logits", "Path patching: every head -> logits",
-                    f"Each head's output, corrupted, reaching the final residual stream (resid_post "
-                    f"{shape.n_layers - 1}) only directly (other heads frozen, MLPs recomputed), in the clean run. "
-                    "Values: change of the logit difference as a fraction of clean - corrupted (0: no effect, "
-                    "-100%: as corrupted).", self.run(self.plans.into_logits(self.damaged), label))  # fmt: skip
+        step = Step(
+            "path_logits",
+            "Path patching: every head -> logits",
+            f"Each head's output, corrupted, reaching the final residual stream (resid_post "
+            f"{shape.n_layers - 1}) only directly (other heads frozen, MLPs recomputed), in the clean run. "
+            "Values: change of the logit difference as a fraction of clean - corrupted (0: no effect, "
+            "-100%: as corrupted).",
+            self.run(self.plans.into_logits(self.damaged), label),
+        )
         movers = step.top["name movers (lower the logit diff)"] = self.top(step.results["z"], -1)
         step.top["negative name movers (raise it)"] = self.top(step.results["z"], +1)
         self.record(step, began)
@@ -372,8 +412,12 @@ class _Experiment:
         if not self.analysis.steps[-1].results:
             return "Skipped: the previous step was skipped."
         if not receivers:
-            return f"Skipped: the previous step found no head with an effect of at least {self.settings.min_effect:.0%}."
-        return f"Skipped: no head found by the previous step ({_heads_list(receivers)}) has earlier heads to receive from."
+            return (
+                f"Skipped: the previous step found no head with an effect of at least {self.settings.min_effect:.0%}."
+            )
+        return (
+            f"Skipped: no head found by the previous step ({_heads_list(receivers)}) has earlier heads to receive from."
+        )
 
     def into_heads(self, receivers: list[TopHead], component: str, key: str, what: str, found: str) -> list[TopHead]:
         """Path patching from every earlier head into `component` of the `receivers`; returns
@@ -381,19 +425,23 @@ class _Experiment:
         heads)."""
         title = f"Path patching: every earlier head -> {what}"
         reachable = [head for head in receivers if head.layer > 0]
-        label = self.header(f"path patching of every earlier head -> {what}" + (
-            f" ({_heads_list(reachable)})" if reachable else ""))  # fmt: skip
+        label = self.header(
+            f"path patching of every earlier head -> {what}" + (f" ({_heads_list(reachable)})" if reachable else "")
+        )
         began = time.perf_counter()
         if not reachable:
             self.record(Step(key, title, self._skip_reason(receivers), {}), began)
             return []
         grouped = component in ("k", "v") and self.plans.shape.n_kv_heads != self.plans.shape.n_heads
         note = " (on this grouped-query model, the key/value head each receiver shares)" if grouped else ""
-        step = Step(key, title,
-                    f"Each earlier head's output, corrupted, reaching the {component} of heads "
-                    f"{_heads_list(reachable)}{note} only directly, in the clean run. Values: change of the logit "
-                    "difference as a fraction of clean - corrupted.",
-                    self.run(self.plans.into_heads(reachable, component, self.damaged), label))  # fmt: skip
+        step = Step(
+            key,
+            title,
+            f"Each earlier head's output, corrupted, reaching the {component} of heads "
+            f"{_heads_list(reachable)}{note} only directly, in the clean run. Values: change of the logit "
+            "difference as a fraction of clean - corrupted.",
+            self.run(self.plans.into_heads(reachable, component, self.damaged), label),
+        )
         step.top[found] = self.top(step.results["z"], -1)
         self.record(step, began)
         return step.top[found]
@@ -402,15 +450,22 @@ class _Experiment:
         """Attribution patching of every MLP neuron, then exact patching of the strongest."""
         shape, top_k = self.plans.shape, self.settings.top_neurons
         title = "Attribution patching: every MLP neuron, the strongest patched exactly"
-        label = self.header(f"attribution patching of {shape.n_layers * shape.d_mlp} MLP neurons, then activation "
-                            f"patching of the {top_k} strongest" if _has_neurons(shape) else "attribution patching "
-                            "of MLP neurons")  # fmt: skip
+        label = self.header(
+            f"attribution patching of {shape.n_layers * shape.d_mlp} MLP neurons, then activation "
+            f"patching of the {top_k} strongest"
+            if _has_neurons(shape)
+            else "attribution patching of MLP neurons"
+        )
         began = time.perf_counter()
         if not _has_neurons(shape):
-            why = ("it is a mixture of experts, whose MLP hooks hold the experts' mix" if shape.n_experts
-                   else "it is attention-only")  # fmt: skip
-            self.record(Step("attr_neurons", title, f"Skipped: this model has no MLP neurons to patch ({why}).", {}),
-                        began)  # fmt: skip
+            why = (
+                "it is a mixture of experts, whose MLP hooks hold the experts' mix"
+                if shape.n_experts
+                else "it is attention-only"
+            )
+            self.record(
+                Step("attr_neurons", title, f"Skipped: this model has no MLP neurons to patch ({why}).", {}), began
+            )
             return
         estimates = self.plans.neuron_estimates(self.restored)
         confirmation = self.plans.confirmed_neurons(estimates, self.restored, top_k, label if self.progress else False)
@@ -427,16 +482,24 @@ class _Experiment:
         """Every edge scored, circuits of growing size evaluated exactly, one picked."""
         settings, graph_size = self.settings, len(circuit_step.EdgeGraph.of(self.plans.model))
         title = "Circuit: every edge scored, circuits evaluated exactly"
-        self.header(f"edge attribution of {graph_size:,} edges, exact scores of the {settings.circuit_candidates} "
-                    f"strongest, faithfulness curves of {len(circuit_step.METHODS)} rankings")  # fmt: skip
+        self.header(
+            f"edge attribution of {graph_size:,} edges, exact scores of the {settings.circuit_candidates} "
+            f"strongest, faithfulness curves of {len(circuit_step.METHODS)} rankings"
+        )
         began = time.perf_counter()
         why_not = circuit_step.why_not_supported(self.plans.model, self.plans.clean.shape[0])
         if why_not is not None:
             self.record(Step("circuit", title, f"Skipped: {why_not}.", {}), began)
             return
-        finding = circuit_step.find_circuit(self.plans.model, self.plans.clean, self.plans.corrupted, logit_diff,
-                                            settings.circuit_candidates, settings.circuit_faithfulness,
-                                            self.plans.options["batch_size"])  # fmt: skip
+        finding = circuit_step.find_circuit(
+            self.plans.model,
+            self.plans.clean,
+            self.plans.corrupted,
+            logit_diff,
+            settings.circuit_candidates,
+            settings.circuit_faithfulness,
+            self.plans.options["batch_size"],
+        )
         description = circuit_step.describe(finding, graph_size)
         self.record(Step("circuit", title, description, {}, circuit=finding), began)
 
@@ -445,16 +508,22 @@ def _confirmation_line(confirmation: Confirmation) -> str:
     """'strongest exactly: L3 N1234 (+4.0%), ...; Spearman 0.85 between estimate and exact, top-10 overlap 8 of 10'."""
     strongest = sorted(confirmation.cells, key=lambda cell: -abs(cell.exact_change))[:3]
     cells = ", ".join(f"L{c.coords['layer']} N{c.coords['neuron']} ({c.exact_change:+.1%})" for c in strongest)
-    return (f"strongest exactly: {cells}; Spearman {confirmation.spearman:.2f} between estimate and exact, "
-            f"top-{confirmation.overlap_size} overlap {confirmation.top_k_overlap} of {confirmation.overlap_size}")
+    return (
+        f"strongest exactly: {cells}; Spearman {confirmation.spearman:.2f} between estimate and exact, "
+        f"top-{confirmation.overlap_size} overlap {confirmation.top_k_overlap} of {confirmation.overlap_size}"
+    )
 
 
 def _datasets(model, settings: IOISettings) -> tuple[IOIDataset, IOIDataset]:
     """The clean IOI prompts and their corrupted copies."""
     dataset = IOIDataset(
-        settings.prompt_type, settings.n_prompts, tokenizer=model, seed=settings.seed,
-        prepend_bos=settings.prepend_bos, device=_tl.model_device(model),
-    )  # fmt: skip
+        settings.prompt_type,
+        settings.n_prompts,
+        tokenizer=model,
+        seed=settings.seed,
+        prepend_bos=settings.prepend_bos,
+        device=_tl.model_device(model),
+    )
     return dataset, dataset.flipped(settings.corruption)
 
 
@@ -472,8 +541,13 @@ def plan_ioi(model, settings: IOISettings = IOISettings()) -> list[tuple[str, Pa
     """
     dataset, corrupted = _datasets(model, settings)
     metric = LogitDiff(dataset.answers, dataset.word_idx["end"])
-    return _all_plans(_Plans(model, dataset, corrupted, settings.batch_size), metric, settings.top_k, settings.top_neurons,
-                      settings.circuit_candidates)  # fmt: skip
+    return _all_plans(
+        _Plans(model, dataset, corrupted, settings.batch_size),
+        metric,
+        settings.top_k,
+        settings.top_neurons,
+        settings.circuit_candidates,
+    )
 
 
 def versions() -> dict[str, str]:
@@ -482,8 +556,12 @@ def versions() -> dict[str, str]:
         library = importlib.metadata.version("transformer_lens_patching")
     except importlib.metadata.PackageNotFoundError:
         library = "not installed"
-    return {"transformer_lens_patching": library, "transformer_lens": _tl.TL_VERSION, "torch": torch.__version__,
-            "python": platform.python_version()}  # fmt: skip
+    return {
+        "transformer_lens_patching": library,
+        "transformer_lens": _tl.TL_VERSION,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 class _EndOfLayers(Exception):
@@ -545,15 +623,29 @@ def run_ioi(
     clean_ld, corrupted_ld = calibrate(model, per_prompt, dataset.toks, corrupted.toks)
     log(f"  Logit difference (IO - S at the end): clean {clean_ld.mean():.3f}, corrupted {corrupted_ld.mean():.3f}")
     plans = _Plans(model, dataset, corrupted, settings.batch_size)
-    analysis = IOIAnalysis(settings, model_name, dataset, corrupted, clean_ld.cpu(), corrupted_ld.cpu(), [], 0.0,
-                           model_source=model_source, versions=versions())  # fmt: skip
+    analysis = IOIAnalysis(
+        settings,
+        model_name,
+        dataset,
+        corrupted,
+        clean_ld.cpu(),
+        corrupted_ld.cpu(),
+        [],
+        0.0,
+        model_source=model_source,
+        versions=versions(),
+    )
     analysis.estimated_seconds = _estimate(plans, logit_diff, settings, dataset.toks, log)
     experiment = _Experiment(
-        plans, analysis,
+        plans,
+        analysis,
         restored=denoising_metric(logit_diff, clean_ld.mean(), corrupted_ld.mean()),
         damaged=noising_metric(logit_diff, clean_ld.mean(), corrupted_ld.mean()),
-        progress=progress, log=log, on_step=on_step, began=start,
-    )  # fmt: skip
+        progress=progress,
+        log=log,
+        on_step=on_step,
+        began=start,
+    )
     if on_step is not None:
         on_step(analysis)
     experiment.heads()
@@ -594,9 +686,12 @@ def _estimate(plans: _Plans, metric, settings: IOISettings, tokens: torch.Tensor
     stacked = max(plan.variants_per_pass for _, plan in steps)
     per_layer = _seconds_per_layer(plans.model, tokens, stacked)
     seconds = work * per_layer
-    log(f"  Estimated time of the patching, steps 2-{STEP_COUNT}: about {_duration(seconds)} ({work:,} layer evaluations, "
+    log(
+        f"  Estimated time of the patching, steps 2-{STEP_COUNT}: "
+        f"about {_duration(seconds)} ({work:,} layer evaluations, "
         f"{per_layer * 1000:.2f} ms each as measured with {stacked} variants stacked; the path steps back from the "
-        "name movers and the neurons' exact patching at their largest)")  # fmt: skip
+        "name movers and the neurons' exact patching at their largest)"
+    )
     return seconds
 
 

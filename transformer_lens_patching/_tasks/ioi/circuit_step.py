@@ -89,8 +89,10 @@ def why_not_supported(model, n_prompts: int) -> str | None:
     if n_prompts < 2:
         return "it needs at least 2 prompts: half score the edges, the other half measure faithfulness"
     if not _tl.supports_split_qkv_input(model):
-        return "this model has no per-head q/k/v input hooks (a TransformerBridge from boot_native), which circuit "\
-               "evaluation edits"  # fmt: skip
+        return (
+            "this model has no per-head q/k/v input hooks (a TransformerBridge from boot_native), which circuit "
+            "evaluation edits"
+        )
     if getattr(model.cfg, "parallel_attn_mlp", False):
         return "this model computes attention and MLP in parallel, where this step is not yet checked"
     reason = nonlinear_writes(model)
@@ -126,16 +128,25 @@ def describe(finding: CircuitFinding, graph_size: int) -> str:
         f"{curves}. Circuit, chosen on the scoring prompts alone (the same curves evaluated there, signed ranking): "
         + (
             f"the smallest of the best ranking ({finding.method}) with faithfulness at least {finding.target:.0%}"
-            if finding.chosen_faithfulness >= finding.target else
-            f"no circuit of the best ranking ({finding.method}) reaches faithfulness {finding.target:.0%}; its most "
+            if finding.chosen_faithfulness >= finding.target
+            else f"no circuit of the best ranking ({finding.method}) "
+            f"reaches faithfulness {finding.target:.0%}; its most "
             "faithful one"
-        ) + f": {len(finding.circuit):,} edges, faithfulness {finding.chosen_faithfulness:.3f} on the scoring prompts "
+        )
+        + f": {len(finding.circuit):,} edges, faithfulness {finding.chosen_faithfulness:.3f} on the scoring prompts "
         f"and {finding.faithfulness:.3f} on the held-out ones."
-    )  # fmt: skip
+    )
 
 
-def find_circuit(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: LogitDiff, candidates: int,
-                 target: float, batch_size: int | None) -> CircuitFinding:  # fmt: skip
+def find_circuit(
+    model,
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    metric: LogitDiff,
+    candidates: int,
+    target: float,
+    batch_size: int | None,
+) -> CircuitFinding:
     """Split, score, confirm, evaluate and pick, as the module says; `metric` is the raw logit
     difference of all the prompts."""
     scored_on, held_out = split(clean.shape[0])
@@ -143,24 +154,45 @@ def find_circuit(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Lo
     clean_h, corrupted_h, metric_h = _prompts(clean, corrupted, metric, held_out)
     eap = attr_edges(model, clean_s, metric_s, new_input=corrupted_s)
     ig = attr_edges(model, clean_s, metric_s, new_input=corrupted_s, method="ig", steps=IG_STEPS)
-    confirmed = confirm_edges(model, ig, clean_s, metric_s, new_input=corrupted_s,
-                              candidates=min(candidates, len(ig.graph)), batch_size=batch_size)  # fmt: skip
+    confirmed = confirm_edges(
+        model,
+        ig,
+        clean_s,
+        metric_s,
+        new_input=corrupted_s,
+        candidates=min(candidates, len(ig.graph)),
+        batch_size=batch_size,
+    )
     scores = (eap, ig, confirmed)
-    selection = tuple(faithfulness_curve(model, s, clean_s, metric_s, new_input=corrupted_s, absolute=False,
-                                         batch_size=batch_size) for s in scores)  # fmt: skip
-    curves = tuple(mib_faithfulness(model, s, clean_h, metric_h, new_input=corrupted_h, batch_size=batch_size)
-                   for s in scores)  # fmt: skip
+    selection = tuple(
+        faithfulness_curve(model, s, clean_s, metric_s, new_input=corrupted_s, absolute=False, batch_size=batch_size)
+        for s in scores
+    )
+    curves = tuple(
+        mib_faithfulness(model, s, clean_h, metric_h, new_input=corrupted_h, batch_size=batch_size) for s in scores
+    )
     chosen = max(range(len(selection)), key=lambda i: selection[i].area_under)
     chooser = selection[chosen]
     reaching = [i for i, f in enumerate(chooser.faithfulness) if f >= target]
     index = reaching[0] if reaching else max(range(len(chooser.fractions)), key=lambda i: chooser.faithfulness[i])
-    return CircuitFinding(curves, scores, selection, chosen, chooser.circuits[index],
-                          curves[chosen].signed.faithfulness[index], chooser.faithfulness[index], target,
-                          min(candidates, len(ig.graph)), scored_on, held_out)  # fmt: skip
+    return CircuitFinding(
+        curves,
+        scores,
+        selection,
+        chosen,
+        chooser.circuits[index],
+        curves[chosen].signed.faithfulness[index],
+        chooser.faithfulness[index],
+        target,
+        min(candidates, len(ig.graph)),
+        scored_on,
+        held_out,
+    )
 
 
-def circuit_plans(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: LogitDiff, candidates: int,
-                  batch_size: int | None) -> list[tuple[str, PatchPlan]]:  # fmt: skip
+def circuit_plans(
+    model, clean: torch.Tensor, corrupted: torch.Tensor, metric: LogitDiff, candidates: int, batch_size: int | None
+) -> list[tuple[str, PatchPlan]]:
     """The step's exact evaluations as plans, for the time estimate: as many circuits as it
     evaluates, on the prompts it evaluates them on (their edges are known only once scored; the
     work does not depend on them)."""
@@ -171,12 +203,25 @@ def circuit_plans(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: L
     selection = len(METHODS) * (len(MIB_FRACTIONS) + 2)
     curves = len(METHODS) * (2 * len(MIB_FRACTIONS) + 2)
     plans = []
-    for label, indices, circuits in (("circuit, exact scores of the candidates", scored_on, confirmations),
-                                     ("circuit, choosing on the scoring prompts", scored_on, selection),
-                                     ("circuit, faithfulness curves", held_out, curves)):  # fmt: skip
+    for label, indices, circuits in (
+        ("circuit, exact scores of the candidates", scored_on, confirmations),
+        ("circuit, choosing on the scoring prompts", scored_on, selection),
+        ("circuit, faithfulness curves", held_out, curves),
+    ):
         clean_part, corrupted_part, metric_part = _prompts(clean, corrupted, metric, indices)
-        plans.append((label, plan_circuit_evaluation(model, [placeholder] * circuits, clean_part, metric_part,
-                                                     new_input=corrupted_part, batch_size=batch_size)))  # fmt: skip
+        plans.append(
+            (
+                label,
+                plan_circuit_evaluation(
+                    model,
+                    [placeholder] * circuits,
+                    clean_part,
+                    metric_part,
+                    new_input=corrupted_part,
+                    batch_size=batch_size,
+                ),
+            )
+        )
     return plans
 
 

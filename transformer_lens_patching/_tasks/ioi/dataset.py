@@ -57,7 +57,9 @@ def _templates(prompt_type, nb_templates: int | None, rng: random.Random) -> tup
             raise PatchingError(f"prompt_type must be one of {PROMPT_TYPES} or a non-empty list of template strings.")
         return templates, any("[C]" in t for t in templates)
     if prompt_type not in PROMPT_TYPES:
-        raise PatchingError(f"Unknown prompt_type {prompt_type!r}: expected one of {PROMPT_TYPES} or a list of templates.")
+        raise PatchingError(
+            f"Unknown prompt_type {prompt_type!r}: expected one of {PROMPT_TYPES} or a list of templates."
+        )
     count = nb_templates or len(ioi_words.BABA_TEMPLATES)
     half = count // 2
     chosen = {
@@ -98,7 +100,17 @@ def _draw_prompts(templates, names, n, symmetric, three_names, rng) -> list[IOIP
                 text = text.replace("[C]", c)
             index = templates.index(template)
             prompts.append(
-                IOIPrompt(text, first, second, template, index, place, obj, _pattern(template, three_names), c if three_names else None)
+                IOIPrompt(
+                    text,
+                    first,
+                    second,
+                    template,
+                    index,
+                    place,
+                    obj,
+                    _pattern(template, three_names),
+                    c if three_names else None,
+                )
             )
     return prompts
 
@@ -206,7 +218,9 @@ class IOIDataset:
     def _name_token(self, name: str) -> int:
         ids = self.tokenizer.encode(" " + name, add_special_tokens=False)
         if len(ids) != 1:
-            raise PatchingError(f"The name {name!r} is {len(ids)} tokens for this tokenizer; IOI names must be one token.")
+            raise PatchingError(
+                f"The name {name!r} is {len(ids)} tokens for this tokenizer; IOI names must be one token."
+            )
         return ids[0]
 
     def _tokens(self, text: str) -> list[int]:
@@ -222,7 +236,9 @@ class IOIDataset:
         punctuation = {
             token for mark in (",", ".") for token in self.tokenizer.encode(mark, add_special_tokens=False)[:1]
         }
-        for prompt, tokens, io, s in zip(self.prompts, token_lists, self.io_token_ids.tolist(), self.s_token_ids.tolist()):
+        for prompt, tokens, io, s in zip(
+            self.prompts, token_lists, self.io_token_ids.tolist(), self.s_token_ids.tolist()
+        ):
             body = tokens[:-1]
             if tokens[-1] != io or io not in body or s not in body:
                 raise PatchingError(
@@ -256,10 +272,17 @@ class IOIDataset:
     def ioi_prompts(self) -> list[dict]:
         """Each prompt as the prior art's dict: text, IO, S, TEMPLATE_IDX, [PLACE], [OBJECT] (and C)."""
         return [
-            {"text": p.text, "IO": p.io, "S": p.s, "TEMPLATE_IDX": p.template_index, "[PLACE]": p.place,
-             "[OBJECT]": p.object, **({"C": p.c} if p.c is not None else {})}
+            {
+                "text": p.text,
+                "IO": p.io,
+                "S": p.s,
+                "TEMPLATE_IDX": p.template_index,
+                "[PLACE]": p.place,
+                "[OBJECT]": p.object,
+                **({"C": p.c} if p.c is not None else {}),
+            }
             for p in self.prompts
-        ]  # fmt: skip
+        ]
 
     def copy(self) -> "IOIDataset":
         """A copy with the same prompts, word positions and device."""
@@ -296,9 +319,15 @@ class IOIDataset:
 
     def _with_prompts(self, prompts: Sequence[IOIPrompt], word_idx=None) -> "IOIDataset":
         return IOIDataset(
-            self.prompt_type, len(prompts), tokenizer=self.tokenizer, seed=self.seed, prepend_bos=self.prepend_bos,
-            prompts=prompts, word_idx=word_idx, device=self.toks.device,
-        )  # fmt: skip
+            self.prompt_type,
+            len(prompts),
+            tokenizer=self.tokenizer,
+            seed=self.seed,
+            prepend_bos=self.prepend_bos,
+            prompts=prompts,
+            word_idx=word_idx,
+            device=self.toks.device,
+        )
 
     def flipped(self, flip: str) -> "IOIDataset":
         """A corrupted copy: the names of each prompt rewritten by `flip`, e.g. "ABB->XYZ, BAB->XYZ".
@@ -365,7 +394,9 @@ def _parse_flip(flip: str) -> dict[str, tuple[str, str]]:
     return rules
 
 
-def _flip_prompt(prompt: IOIPrompt, old: str, new: str, names: Sequence[str], rng: numpy.random.RandomState) -> IOIPrompt:
+def _flip_prompt(
+    prompt: IOIPrompt, old: str, new: str, names: Sequence[str], rng: numpy.random.RandomState
+) -> IOIPrompt:
     """`prompt` with its three name slots rewritten from order `old` to order `new`."""
     letter_names = {"A": prompt.io, "B": prompt.s}
     others = [name for name in names if name not in (prompt.io, prompt.s)]

@@ -62,8 +62,9 @@ def write_json(analysis: IOIAnalysis, out: str | Path) -> Path:
     """
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{JSON}.", suffix=".partial", delete=False,
-                                     encoding="utf-8") as partial:  # fmt: skip
+    with tempfile.NamedTemporaryFile(
+        "w", dir=folder, prefix=f".{JSON}.", suffix=".partial", delete=False, encoding="utf-8"
+    ) as partial:
         json.dump(as_json(analysis), partial, indent=1)
     os.chmod(partial.name, _new_file_mode())
     Path(partial.name).replace(folder / JSON)
@@ -104,17 +105,30 @@ def logit_diff_figure(analysis: IOIAnalysis) -> "go.Figure":
     fig = go.Figure()
     joins_x = [value for pair in zip(corrupted, clean, itertools.repeat(None)) for value in pair]
     joins_y = [row for row in rows for _ in range(3)]
-    fig.add_trace(go.Scatter(x=joins_x, y=joins_y, mode="lines", line={"color": "#bbb"}, hoverinfo="skip",
-                             showlegend=False))  # fmt: skip
-    for name, values, prompts, colour in (("clean", clean, analysis.dataset, "#2166ac"),
-                                          ("corrupted", corrupted, analysis.corrupted, "#b2182b")):  # fmt: skip
+    fig.add_trace(
+        go.Scatter(x=joins_x, y=joins_y, mode="lines", line={"color": "#bbb"}, hoverinfo="skip", showlegend=False)
+    )
+    for name, values, prompts, colour in (
+        ("clean", clean, analysis.dataset, "#2166ac"),
+        ("corrupted", corrupted, analysis.corrupted, "#b2182b"),
+    ):
         texts = [html.escape(sentence) for sentence in prompts.sentences]
-        fig.add_trace(go.Scatter(
-            x=values, y=rows, mode="markers", name=name, marker={"color": colour, "size": 9}, customdata=texts,
-            hovertemplate=f"%{{y}}, {name}: %{{x:.3f}}<br>%{{customdata}}<extra></extra>",
-        ))  # fmt: skip
-    fig.update_layout(title="Logit difference (IO - S) per prompt, clean and corrupted",
-                      height=160 + 22 * len(rows), legend={"orientation": "h", "y": -0.15})  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=values,
+                y=rows,
+                mode="markers",
+                name=name,
+                marker={"color": colour, "size": 9},
+                customdata=texts,
+                hovertemplate=f"%{{y}}, {name}: %{{x:.3f}}<br>%{{customdata}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title="Logit difference (IO - S) per prompt, clean and corrupted",
+        height=160 + 22 * len(rows),
+        legend={"orientation": "h", "y": -0.15},
+    )
     fig.update_xaxes(title_text="logit diff", zeroline=True)
     fig.update_yaxes(type="category", autorange="reversed")
     return fig
@@ -186,7 +200,7 @@ def _summary(analysis: IOIAnalysis) -> str:
         f"<h2>Heads found</h2><p>At most {top_k} heads per role, each with an effect of at least {threshold:.0%} "
         "of the clean - corrupted logit difference in size (--min-effect); only those are carried into the next "
         f"step.</p><ul>{found}</ul><h2>Settings</h2><table>{rows}</table>"
-        f"<h2>Versions</h2><table id=\"versions\">{versions}</table>"
+        f'<h2>Versions</h2><table id="versions">{versions}</table>'
     )
 
 
@@ -242,14 +256,17 @@ def _confirmation_section(confirmation: Confirmation, analysis: IOIAnalysis) -> 
         z = heads.results["z"]
         strongest = int(z.as_tensor().abs().argmax())
         layer, head = z.coords["layer"][strongest // z.shape[1]], z.coords["head"][strongest % z.shape[1]]
-        scale = (f" For scale, the strongest head's output (z, exact) restores {float(z.sel(layer=layer, head=head)):+.1%}"
-                 f" (head {layer}.{head}).")  # fmt: skip
+        scale = (
+            f" For scale, the strongest head's output (z, exact) restores {float(z.sel(layer=layer, head=head)):+.1%}"
+            f" (head {layer}.{head})."
+        )
     return (
         f"<p>The {len(confirmation.cells)} of {confirmation.screened} neurons with the largest estimated effect, "
         "each patched exactly. Rank correlation (Spearman) of estimated and exact effect over them: "
-        f"<b>{_number(confirmation.spearman)}</b>; of the estimate's {n} strongest, <b>{confirmation.top_k_overlap}</b> "
+        f"<b>{_number(confirmation.spearman)}</b>; of the estimate's "
+        f"{n} strongest, <b>{confirmation.top_k_overlap}</b> "
         f"are among the {n} strongest exactly.{scale}</p>"
-        "<table id=\"confirmed-neurons\"><tr><th>layer</th><th>neuron</th><th>estimated effect</th>"
+        '<table id="confirmed-neurons"><tr><th>layer</th><th>neuron</th><th>estimated effect</th>'
         f"<th>exact effect</th></tr>{rows}</table>"
     )
 
@@ -263,8 +280,13 @@ def _shown(finding: CircuitFinding) -> Circuit:
 
 def named_heads(analysis: IOIAnalysis) -> list[tuple[str, object]]:
     """(role, head) of every head the path-patching steps named."""
-    return [(role, head) for step in analysis.steps if step.key in PATH_STEPS for role, heads in step.top.items()
-            for head in heads]  # fmt: skip
+    return [
+        (role, head)
+        for step in analysis.steps
+        if step.key in PATH_STEPS
+        for role, heads in step.top.items()
+        for head in heads
+    ]
 
 
 def _circuit_section(finding: CircuitFinding, analysis: IOIAnalysis) -> str:
@@ -275,10 +297,11 @@ def _circuit_section(finding: CircuitFinding, analysis: IOIAnalysis) -> str:
     header = "".join(f"<th>{f:g}</th>" for f in sizes)
     rows = "".join(
         f"<tr><td>{html.escape(method)}</td><td>{html.escape(curve.ranking)}</td><td>{summary}</td>"
-        + "".join(f"<td>{f:.3f}</td>" for f in curve.faithfulness) + "</tr>"
+        + "".join(f"<td>{f:.3f}</td>" for f in curve.faithfulness)
+        + "</tr>"
         for method, mib in zip(METHODS, finding.curves)
         for curve, summary in ((mib.signed, f"CPR {mib.cpr:.3f}"), (mib.absolute, f"CMD {mib.cmd:.3f}"))
-    )  # fmt: skip
+    )
     shown = _shown(finding)
     scores = finding.scores[finding.chosen]
     edges = "".join(
@@ -292,27 +315,34 @@ def _circuit_section(finding: CircuitFinding, analysis: IOIAnalysis) -> str:
         f"<td>{'yes' if (head.layer, head.head) in kept else 'no'}</td></tr>"
         for role, head in named_heads(analysis)
     )
-    curves = plots.faithfulness_curves(list(finding.curves),
-                                       title="Faithfulness of each ranking's circuits, on the held-out prompts")
-    graph = plots.circuit_graph(shown, scores, title=f"The circuit's {len(shown)} strongest of {len(finding.circuit):,} "
-                                f"edges ({finding.method} scores)")  # fmt: skip
+    curves = plots.faithfulness_curves(
+        list(finding.curves), title="Faithfulness of each ranking's circuits, on the held-out prompts"
+    )
+    graph = plots.circuit_graph(
+        shown,
+        scores,
+        title=f"The circuit's {len(shown)} strongest of {len(finding.circuit):,} edges ({finding.method} scores)",
+    )
     return (
         f"<h3>Faithfulness</h3><p>Edges scored on {len(finding.scored_on)} of the prompts; every faithfulness "
         f"in this table and figure is measured on the other {len(finding.held_out)}, held out, as MIB does. MIB's "
-        "CPR is the area under the curve of the edges ranked by signed score (higher is better), its CMD the area between 1 and "
+        "CPR is the area under the curve of the edges ranked by signed "
+        "score (higher is better), its CMD the area between 1 and "
         "the curve of the edges ranked by |score| (lower is better); the columns are MIB's circuit sizes, as "
-        "fractions of the edges.</p><table id=\"faithfulness\"><tr><th>scores</th><th>edges ranked by</th>"
-        f"<th>MIB summary</th>{header}</tr>{rows}</table>" + _figure(curves, "faithfulness")
+        'fractions of the edges.</p><table id="faithfulness"><tr><th>scores</th><th>edges ranked by</th>'
+        f"<th>MIB summary</th>{header}</tr>{rows}</table>"
+        + _figure(curves, "faithfulness")
         + f"<h3>The circuit</h3><p>{len(finding.circuit):,} of {len(finding.circuit.graph):,} edges from the "
         f"{html.escape(finding.method)} ranking by signed score, chosen on the scoring prompts (faithfulness "
         f"{finding.chosen_faithfulness:.3f} there); faithfulness <b>{finding.faithfulness:.3f}</b> on the held-out "
         "prompts; its "
-        f"{len(shown)} strongest edges:</p>" + _figure(graph, "circuit-graph")
-        + f"<table id=\"circuit-edges\"><tr><th>sender</th><th>receiver</th><th>score</th></tr>{edges}</table>"
+        f"{len(shown)} strongest edges:</p>"
+        + _figure(graph, "circuit-graph")
+        + f'<table id="circuit-edges"><tr><th>sender</th><th>receiver</th><th>score</th></tr>{edges}</table>'
         + "<h3>Heads named by path patching</h3><p>Whether each head the path-patching steps named writes into "
         "the circuit (its output is the sender of an edge in it).</p>"
-        + f"<table id=\"named-heads\"><tr><th>role</th><th>head</th><th>in the circuit</th></tr>{heads}</table>"
-    )  # fmt: skip
+        + f'<table id="named-heads"><tr><th>role</th><th>head</th><th>in the circuit</th></tr>{heads}</table>'
+    )
 
 
 def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
@@ -320,8 +350,14 @@ def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
     kept = set(finding.circuit.heads)
     return {
         "curves": [
-            {"ranking": method, "method": mib.signed.method, "cpr": mib.cpr, "cmd": mib.cmd,
-             "signed": _curve_json(mib.signed), "absolute": _curve_json(mib.absolute)}
+            {
+                "ranking": method,
+                "method": mib.signed.method,
+                "cpr": mib.cpr,
+                "cmd": mib.cmd,
+                "signed": _curve_json(mib.signed),
+                "absolute": _curve_json(mib.absolute),
+            }
             for method, mib in zip(METHODS, finding.curves)
         ],
         "scored_on": list(finding.scored_on),
@@ -333,15 +369,23 @@ def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
         "chosen_faithfulness": finding.chosen_faithfulness,
         "selection": [_curve_json(curve) for curve in finding.selection],
         "circuit": json.loads(finding.circuit.to_json()),
-        "named_heads": [{"role": role, "layer": head.layer, "head": head.head, "in_circuit": (head.layer, head.head) in kept}
-                        for role, head in named_heads(analysis)],
-    }  # fmt: skip
+        "named_heads": [
+            {"role": role, "layer": head.layer, "head": head.head, "in_circuit": (head.layer, head.head) in kept}
+            for role, head in named_heads(analysis)
+        ],
+    }
 
 
 def _curve_json(curve: FaithfulnessCurve) -> dict:
     """One faithfulness curve as plain JSON values."""
-    return {"fractions": list(curve.fractions), "edges": list(curve.edge_counts), "metric": list(curve.values),
-            "faithfulness": list(curve.faithfulness), "full": curve.full, "empty": curve.empty}  # fmt: skip
+    return {
+        "fractions": list(curve.fractions),
+        "edges": list(curve.edge_counts),
+        "metric": list(curve.values),
+        "faithfulness": list(curve.faithfulness),
+        "full": curve.full,
+        "empty": curve.empty,
+    }
 
 
 def _number(value: float) -> str:
@@ -357,10 +401,16 @@ def _confirmation_json(confirmation: Confirmation) -> dict:
         "overlap_size": confirmation.overlap_size,
         "top_k_overlap": confirmation.top_k_overlap,
         "cells": [
-            {"component": c.component, "coords": c.coords, "estimate": c.estimate, "exact": c.exact,
-             "estimated_change": c.estimated_change, "exact_change": c.exact_change}
+            {
+                "component": c.component,
+                "coords": c.coords,
+                "estimate": c.estimate,
+                "exact": c.exact,
+                "estimated_change": c.estimated_change,
+                "exact_change": c.exact_change,
+            }
             for c in confirmation.cells
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -379,7 +429,9 @@ def as_json(analysis: IOIAnalysis) -> dict:
         "corrupted_logit_diff": _values(analysis.corrupted_logit_diff),
         "prompts": [
             {"clean": clean, "corrupted": corrupted, "io": p.io, "s": p.s}
-            for clean, corrupted, p in zip(analysis.dataset.sentences, analysis.corrupted.sentences, analysis.dataset.prompts)
+            for clean, corrupted, p in zip(
+                analysis.dataset.sentences, analysis.corrupted.sentences, analysis.dataset.prompts
+            )
         ],
         "steps": [
             {
@@ -389,7 +441,11 @@ def as_json(analysis: IOIAnalysis) -> dict:
                 "seconds": step.seconds,
                 "top": {name: [vars(head) for head in heads] for name, heads in step.top.items()},
                 "results": {
-                    name: {"dims": list(r.dims), "coords": {d: list(c) for d, c in r.coords.items()}, "values": r.tolist()}
+                    name: {
+                        "dims": list(r.dims),
+                        "coords": {d: list(c) for d, c in r.coords.items()},
+                        "values": r.tolist(),
+                    }
                     for name, r in step.results.items()
                 },
                 **({"confirmation": _confirmation_json(step.confirmation)} if step.confirmation is not None else {}),
