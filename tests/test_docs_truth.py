@@ -296,9 +296,9 @@ def test_the_default_rank_timeout_is_the_codes():
 
 def test_the_default_ig_steps_are_stated_as_the_code_has_them():
     from transformer_lens_patching import attr_edges, attr_patch, attr_path_patch
-    from transformer_lens_patching._methods.attribution import IG_STEPS, _checked_steps
+    from transformer_lens_patching._methods.common import IG_STEPS, checked_steps
 
-    assert _checked_steps("ig", None) == IG_STEPS
+    assert checked_steps("ig", None) == IG_STEPS
     for function in (attr_patch, attr_edges, attr_path_patch):
         assert inspect.signature(function).parameters["steps"].default is None, function.__name__
         stated = re.search(r"steps: .*?\(default ([^)]*)\)", function.__doc__, re.S)

@@ -29,8 +29,8 @@ from ._methods.activation import plan_act_patch as plan_act_patch
 from ._methods.attribution import attr_patch as attr_patch
 from ._methods.circuit_discovery import confirm_edges as confirm_edges
 from ._methods.circuit_discovery import exact_edge_scores as exact_edge_scores
-from ._methods.circuits import evaluate_circuit as evaluate_circuit
-from ._methods.circuits import plan_circuit_evaluation as plan_circuit_evaluation
+from ._methods.circuit_evaluation import evaluate_circuit as evaluate_circuit
+from ._methods.circuit_evaluation import plan_circuit_evaluation as plan_circuit_evaluation
 from ._methods.confirmation import Confirmation as Confirmation
 from ._methods.confirmation import ConfirmedCell as ConfirmedCell
 from ._methods.confirmation import confirm as confirm

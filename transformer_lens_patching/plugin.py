@@ -30,7 +30,7 @@ from ._methods.ablation import mean_ablation_cache, zero_ablation_cache
 from ._methods.activation import act_patch, plan_act_patch
 from ._methods.attribution import attr_patch
 from ._methods.circuit_discovery import confirm_edges, exact_edge_scores
-from ._methods.circuits import evaluate_circuit, plan_circuit_evaluation
+from ._methods.circuit_evaluation import evaluate_circuit, plan_circuit_evaluation
 from ._methods.confirmation import confirm
 from ._methods.edge_paths import attr_path_patch
 from ._methods.edges import attr_edges

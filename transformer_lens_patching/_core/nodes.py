@@ -57,7 +57,7 @@ def _check_index(value, what: str) -> None:
         raise PatchingError(f"{what} must be an int or None, got {value!r}.")
 
 
-def _check_unit(component: Component, head, neuron) -> None:
+def _check_unit_allowed(component: Component, head, neuron) -> None:
     if head is not None and not component.has_heads:
         with_heads = [c.name for c in COMPONENTS.values() if c.has_heads]
         raise PatchingError(
@@ -113,7 +113,7 @@ class Node:
             raise PatchingError(f"Component {component.name!r} needs a layer, e.g. Node({component.name!r}, 0).")
         if not component.layered and layer is not None:
             raise PatchingError(f"Component {component.name!r} is not per layer, so layer={layer} is not allowed.")
-        _check_unit(component, head, neuron)
+        _check_unit_allowed(component, head, neuron)
         object.__setattr__(self, "name", component.name)
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "head", head)

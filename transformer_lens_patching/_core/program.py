@@ -18,7 +18,7 @@ from ..errors import PatchingError
 from .components import hook_name, lookup
 from .sites import PatchSite
 
-Step = Callable[[torch.Tensor], None]
+HookStep = Callable[[torch.Tensor], None]
 
 
 def entry_layer(name: str) -> int:
@@ -62,7 +62,7 @@ class PatchProgram:
     ):
         self.batch = batch
         self.start_layer = start_layer
-        self._steps: dict[str, list[Step]] = {}
+        self._steps: dict[str, list[HookStep]] = {}
         self._checked: set[str] = set()
         self._fired: set[str] = set()
         self._carries = carries or {}
@@ -75,7 +75,7 @@ class PatchProgram:
         self.stopped_with: torch.Tensor | None = None
         """The activation at the `stop_at` hook, once the pass reached it."""
 
-    def _add(self, hook_name: str, step: Step, checked: bool = True) -> None:
+    def _add(self, hook_name: str, step: HookStep, checked: bool = True) -> None:
         self._steps.setdefault(hook_name, []).append(step)
         if checked:
             self._checked.add(hook_name)
@@ -181,7 +181,7 @@ class PatchProgram:
         names += [self._carries[n] for n in self._steps if n in self._carries and self._carries[n] not in self._steps]
         return [(name, self._hook_fn(name, self._steps.get(name, []))) for name in names]
 
-    def _hook_fn(self, name: str, steps: list[Step]) -> Callable:
+    def _hook_fn(self, name: str, steps: list[HookStep]) -> Callable:
         carry_to = self._carries.get(name)
 
         def hook_fn(activation: torch.Tensor, hook=None) -> torch.Tensor:

@@ -79,7 +79,7 @@ def resolve_layer(node, layer: int, shape: ModelShape) -> int:
     return layer % shape.n_layers
 
 
-def _check_unit(node, component: Component, index: int, shape: ModelShape) -> int:
+def _checked_unit_index(node, component: Component, index: int, shape: ModelShape) -> int:
     count = shape.unit_count(component.unit)
     word = {"head": "head", "kv_head": "key/value head", "neuron": "neuron"}[component.unit]
     if not 0 <= index < count:
@@ -162,7 +162,7 @@ def resolve_node(
     layer = None if node.layer is None else resolve_layer(node, node.layer, shape)
     unit = node.head if node.head is not None else node.neuron
     if unit is not None:
-        unit = _check_unit(node, component, unit, shape)
+        unit = _checked_unit_index(node, component, unit, shape)
     if component.name in MLP_COMPONENTS and not shape.has_mlps:
         raise PatchingError(f"This model has no MLPs (attention-only), so {node!r} does not exist.")
     check_component_exists(component, shape, node)

@@ -22,12 +22,7 @@ from .._core.sites import PatchSite, Sweep
 from .._core.sources import SourceFactory, planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..results import PatchResult
-from .common import describe_metric, patch_cells, print_shapes, resolve_metric
-
-NOTHING_TO_PATCH_IN = (
-    "Nothing to patch in: pass new_input (resample ablation), new_cache (an ActivationCache, "
-    "e.g. from mean_ablation_cache) or new_cache='zero' (zero ablation)."
-)
+from .common import NOTHING_TO_PATCH_IN, describe_metric, patch_cells, print_shapes, resolve_metric
 
 
 def plan_act_patch(

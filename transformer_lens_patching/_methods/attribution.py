@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import _tl
 from .._core.components import hook_name, lookup
 from .._core.distributed import shared_by_ranks
+from .._core.gradients import GradientPass
 from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode, Node
 from .._core.plan import assembled_sweeps
@@ -23,17 +24,11 @@ from .._core.sites import PatchSite
 from .._core.sources import planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
-from .activation import NOTHING_TO_PATCH_IN
 from .attribution_qk import is_qk, qk_changes
-from .common import patch_cells, resolve_metric
-from .gradients import GradientPass
+from .common import ESTIMATES, NOTHING_TO_PATCH_IN, check_choice, checked_steps, patch_cells, resolve_metric
 
-METHODS = ("atp", "atp*", "ig")
+ATTR_METHODS = ("atp", "atp*", "ig")
 """The estimates `attr_patch` computes."""
-IG_STEPS = 10
-"""The points of the integrated gradients' sum when `steps` is not given."""
-ESTIMATES = ("value", "delta")
-"""What `attr_patch` returns: the estimated patched metric, or only its change."""
 
 
 @shared_by_ranks
@@ -115,9 +110,9 @@ def attr_patch(
     >>> estimates["post"].dims  # doctest: +SKIP
     ('layer', 'neuron')
     """
-    _check_choice(method, METHODS, "method")
-    _check_choice(estimate, ESTIMATES, "estimate")
-    steps = _checked_steps(method, steps)
+    check_choice(method, ATTR_METHODS, "method")
+    check_choice(estimate, ESTIMATES, "estimate")
+    steps = checked_steps(method, steps)
     _check_grad_drop(grad_drop, method, estimate)
     check_chunk_args(batch_size, max_memory)
     _tl.check_model(model)
@@ -177,11 +172,6 @@ def attr_patch(
     return assembled_sweeps(patched.resolved, values, dims)
 
 
-def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
-    if value not in choices:
-        raise PatchingError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
-
-
 def _check_grad_drop(grad_drop: bool, method: str, estimate: str) -> None:
     if not isinstance(grad_drop, bool):
         raise PatchingError(f"grad_drop must be True or False, got {grad_drop!r}.")
@@ -192,20 +182,6 @@ def _check_grad_drop(grad_drop: bool, method: str, estimate: str) -> None:
             "grad_drop gives a magnitude per cell (a sum of absolute values over the layers), not a patched metric: "
             "use estimate='delta' with it."
         )
-
-
-def _checked_steps(method: str, steps: int | None) -> int:
-    """The points of the integrated gradients' sum: 1 for the other methods."""
-    if method != "ig":
-        if steps is not None:
-            raise PatchingError(
-                f"steps is for method='ig' (integrated gradients); method={method!r} takes none, got {steps!r}."
-            )
-        return 1
-    steps = IG_STEPS if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise PatchingError(f"steps must be a whole number of at least 1, got {steps!r}.")
-    return steps
 
 
 def _qk_parts(cells: list[list[PatchSite]]) -> list[tuple[int, list[PatchSite]]]:

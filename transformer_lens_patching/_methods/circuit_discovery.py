@@ -16,7 +16,7 @@ from .._core.distributed import shared_by_ranks
 from .._core.graph import Edge, EdgeGraph, EdgeScores
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
-from .circuits import evaluate_circuit
+from .circuit_evaluation import evaluate_circuit
 
 
 @shared_by_ranks

@@ -1,6 +1,7 @@
 """What the patching methods share: their cells, their metric, checking their hooks exist,
 printing their results' shapes."""
 
+import itertools
 import types
 from dataclasses import dataclass
 
@@ -13,6 +14,15 @@ from .._core.sites import PatchSite, Sweep, resolve_spec
 from ..errors import PatchingError
 from ..metrics import Metric, lm_loss
 from ..results import PatchResult
+
+NOTHING_TO_PATCH_IN = (
+    "Nothing to patch in: pass new_input (resample ablation), new_cache (an ActivationCache, "
+    "e.g. from mean_ablation_cache) or new_cache='zero' (zero ablation)."
+)
+IG_STEPS = 10
+"""The points of the integrated gradients' sum when `steps` is not given."""
+ESTIMATES = ("value", "delta")
+"""What `attr_patch` returns and `confirm` ranks: the estimated patched metric, or only its change."""
 
 
 @dataclass(frozen=True)
@@ -92,3 +102,43 @@ def describe_metric(metric, reader: LogitReader | None, apply_metric_to_cache: b
     positions = reader.positions.shape[1]
     tokens = "the whole vocabulary" if reader.reads_whole_vocabulary else f"{reader.n_columns} logits"
     return f"{name}: reads {tokens} at {positions} position{'s' if positions > 1 else ''} per prompt"
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    """Refuse an argument `what` whose `value` is not one of `choices`."""
+    if value not in choices:
+        raise PatchingError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def checked_steps(method: str, steps: int | None) -> int:
+    """The points of the integrated gradients' sum: 1 for the other methods."""
+    if method != "ig":
+        if steps is not None:
+            raise PatchingError(
+                f"steps is for method='ig' (integrated gradients); method={method!r} takes none, got {steps!r}."
+            )
+        return 1
+    steps = IG_STEPS if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PatchingError(f"steps must be a whole number of at least 1, got {steps!r}.")
+    return steps
+
+
+def check_ranking_arguments(patching_nodes, top_k, estimate: str) -> None:
+    """What `confirm` and `confirm_paths` rank: an IterNode's cells, the top `top_k`, estimates of `estimate`."""
+    if not isinstance(patching_nodes, IterNode):
+        raise PatchingError(
+            f"confirm ranks the cells of a sweep, so patching_nodes must be the IterNode the estimates were computed "
+            f"for; got {patching_nodes!r}. For one Node or a list of Nodes, call act_patch."
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise PatchingError(f"top_k must be a whole number of at least 1 (the cells to patch exactly), got {top_k!r}.")
+    if estimate not in ESTIMATES:
+        raise PatchingError(f"estimate must be one of {', '.join(map(repr, ESTIMATES))}; got {estimate!r}.")
+
+
+def cell_places(sweeps: list[Sweep]):
+    """(component, coordinates) of every cell, in the order of the sweeps' sites."""
+    for sweep in sweeps:
+        for values in itertools.product(*(sweep.coords[dim] for dim in sweep.dims)):
+            yield sweep.name, dict(zip(sweep.dims, values))

@@ -7,7 +7,6 @@ together and stacked into passes as a sweep's cells are. The result puts both nu
 each cell side by side, with how well the estimate ranks them.
 """
 
-import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,10 +24,8 @@ from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from ..results import PatchResult
 from .activation import plan_cells
-from .common import patch_cells, resolve_metric
+from .common import cell_places, check_ranking_arguments, patch_cells, resolve_metric
 
-ESTIMATES = ("value", "delta")
-"""What the estimates given to `confirm` hold: `attr_patch`'s `estimate` argument."""
 CONFIRMED = "confirmed"
 """The name of the one sweep of a confirmation's plan: the chosen cells, in rank order."""
 
@@ -214,7 +211,7 @@ def confirm(
     ... )
     >>> print(checked)  # doctest: +SKIP
     """
-    _check_arguments(patching_nodes, top_k, estimate)
+    check_ranking_arguments(patching_nodes, top_k, estimate)
     _tl.check_model(model)
     _tl.check_deterministic(model)
     check_chunk_args(batch_size, max_memory)
@@ -240,7 +237,7 @@ def confirm(
     )
     exact = plan.compute(progress=progress)[CONFIRMED].as_tensor().double()
     exact = exact.mean(-1) if per_prompt else exact
-    places = list(_cell_places(sweeps))
+    places = list(cell_places(sweeps))
     cells = tuple(
         ConfirmedCell(
             places[index][0],
@@ -275,18 +272,6 @@ def rank_estimates(model, tokens: Tensor, metric, estimates, sweeps: list[Sweep]
     changes = flat - unpatched_mean if estimate == "value" else flat
     chosen = changes.abs().argsort(descending=True, stable=True)[: min(top_k, len(flat))].tolist()
     return Ranking(metric_dims == (BATCH,), unpatched_mean, changes, chosen)
-
-
-def _check_arguments(patching_nodes, top_k, estimate: str) -> None:
-    if not isinstance(patching_nodes, IterNode):
-        raise PatchingError(
-            f"confirm ranks the cells of a sweep, so patching_nodes must be the IterNode the estimates were computed "
-            f"for; got {patching_nodes!r}. For one Node or a list of Nodes, call act_patch."
-        )
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise PatchingError(f"top_k must be a whole number of at least 1 (the cells to patch exactly), got {top_k!r}.")
-    if estimate not in ESTIMATES:
-        raise PatchingError(f"estimate must be one of {', '.join(map(repr, ESTIMATES))}; got {estimate!r}.")
 
 
 def _unpatched(model, tokens: Tensor, metric) -> tuple[Tensor, tuple[str, ...]]:
@@ -337,13 +322,6 @@ def _estimates_of(result, sweep: Sweep, metric_dims: tuple[str, ...], batch: int
         )
     values = result.as_tensor().detach().cpu().double().reshape(len(sweep.sites), -1)
     return values.mean(1) if metric_dims else values[:, 0]
-
-
-def _cell_places(sweeps: list[Sweep]):
-    """(component, coordinates) of every cell, in the order of the sweeps' sites."""
-    for sweep in sweeps:
-        for values in itertools.product(*(sweep.coords[dim] for dim in sweep.dims)):
-            yield sweep.name, dict(zip(sweep.dims, values))
 
 
 def _short(coords: dict[str, tuple]) -> str:

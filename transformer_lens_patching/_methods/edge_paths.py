@@ -17,17 +17,17 @@ from torch import Tensor
 from .. import _tl
 from .._core.components import COMPONENTS, hook_name, lookup
 from .._core.distributed import shared_by_ranks
+from .._core.gradients import GradientPass, NeuronRead
 from .._core.nodes import IterNode, Node, normalize_seq_pos
 from .._core.program import resid_mid_carries
 from .._core.sites import PatchSite, Sweep, resolve_spec
 from .._core.sources import planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
+from .._core.wiring import EMBEDDINGS, NO_HEAD_INPUTS
 from ..errors import PatchingError
 from ..results import PatchResult
-from .attribution import ESTIMATES, _check_choice, _checked_steps
-from .common import check_hooks_exist, resolve_metric
-from .edges import EMBEDDINGS, METHODS, NO_HEAD_INPUTS, difference, eap_gradients, position_mask
-from .gradients import GradientPass, NeuronRead
+from .common import ESTIMATES, check_choice, check_hooks_exist, checked_steps, resolve_metric
+from .edges import EDGE_METHODS, difference, eap_gradients, position_mask
 from .path_rules import (
     HEAD_INPUTS,
     WHOLE_HEAD_RECEIVERS,
@@ -101,9 +101,9 @@ def attr_path_patch(
     ...                    direct_includes_mlps=False)  # doctest: +SKIP
     >>> (est["z"] - exact["z"]).abs().max()  # doctest: +SKIP
     """
-    _check_choice(method, METHODS, "method")
-    _check_choice(estimate, ESTIMATES, "estimate")
-    steps = _checked_steps(method, steps)
+    check_choice(method, EDGE_METHODS, "method")
+    check_choice(estimate, ESTIMATES, "estimate")
+    steps = checked_steps(method, steps)
     _tl.check_model(model)
     _tl.check_deterministic(model)
     for spec, what in ((sender_nodes, "sender_nodes"), (receiver_nodes, "receiver_nodes")):

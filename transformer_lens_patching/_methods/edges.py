@@ -27,21 +27,18 @@ from torch import Tensor
 from .. import _tl
 from .._core.components import hook_name
 from .._core.distributed import shared_by_ranks
+from .._core.gradients import GradientPass, GradientRun, NeuronRead
 from .._core.graph import EdgeGraph, EdgeScores
 from .._core.memory import check_chunk_args
 from .._core.sources import ActivationSource, planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
+from .._core.wiring import EMBEDDINGS, NO_HEAD_INPUTS, Wiring, check_mlp_inputs, head_writes
 from ..errors import PatchingError
-from .activation import NOTHING_TO_PATCH_IN
-from .attribution import _check_choice, _checked_steps
-from .common import check_hooks_exist, resolve_metric
-from .gradients import GradientPass, GradientRun, NeuronRead
+from .common import NOTHING_TO_PATCH_IN, check_choice, check_hooks_exist, checked_steps, resolve_metric
 from .path_rules import check_linear_writes
 
-METHODS = ("atp", "ig")
+EDGE_METHODS = ("atp", "ig")
 """The estimates edge attribution computes: EAP and EAP-IG."""
-EMBEDDINGS = hook_name("resid_pre", 0)
-"""The residual stream entering layer 0: the embeddings' output, and where EAP-IG interpolates."""
 
 
 @shared_by_ranks
@@ -94,8 +91,8 @@ def attr_edges(
     >>> scores = attr_edges(model, corrupted, metric, new_input=clean)  # doctest: +SKIP
     >>> [str(edge) for edge in scores.top(3)]  # doctest: +SKIP
     """
-    _check_choice(method, METHODS, "method")
-    steps = _checked_steps(method, steps)
+    check_choice(method, EDGE_METHODS, "method")
+    steps = checked_steps(method, steps)
     check_chunk_args(None, max_memory)
     _tl.check_model(model)
     _tl.check_deterministic(model)
@@ -106,16 +103,8 @@ def attr_edges(
     check_linear_writes(model, "attr_edges")
     check_mlp_inputs(model, graph, "attr_edges")
     metric = resolve_metric(patching_metric, tokens)
-    layers = range(graph.n_layers)
-    heads = [hook_name("z", layer) for layer in layers]
-    mlps = [hook_name("mlp_out", layer) for layer in layers] if graph.has_mlps else []
-    receivers = [
-        hook_name(part, layer)
-        for layer in layers
-        for part in ("q_input", "k_input", "v_input") + (("mlp_in",) if graph.has_mlps else ())
-    ]
-    receivers.append(hook_name("resid_post", graph.n_layers - 1))
-    senders = [EMBEDDINGS, *heads, *mlps]
+    wiring = Wiring(graph)
+    senders, receivers = wiring.sender_hooks, wiring.receiver_hooks
     check_hooks_exist(model, senders + receivers)
     source, _ = planned_source(model, new_input, new_cache, senders, tokens, "new_cache", NOTHING_TO_PATCH_IN)
     with _tl.model_flags(model, _tl.flags_for(receivers)), torch.no_grad():
@@ -191,7 +180,7 @@ def _graph_sender_outputs(model, graph: EdgeGraph, orig: dict, new: ActivationSo
     parts = [difference(EMBEDDINGS, orig, new).unsqueeze(2)]
     for layer in range(graph.n_layers):
         z = difference(hook_name("z", layer), orig, new)
-        parts.append(torch.einsum("bphe,hed->bphd", z, w_o[layer].to(z)))
+        parts.append(head_writes(z, w_o[layer]))
         if graph.has_mlps:
             parts.append(difference(hook_name("mlp_out", layer), orig, new).unsqueeze(2))
     return torch.cat([part.to(parts[0].device) for part in parts], dim=2)
@@ -201,35 +190,6 @@ def difference(name: str, orig: dict, new: ActivationSource) -> Tensor:
     """The new run's activation at hook `name` minus the orig run's."""
     before = orig[name]
     return new.tensor_like(name, before).to(before) - before
-
-
-NO_HEAD_INPUTS = (
-    "{what} per-head input hooks (use_split_qkv_input), and this model has none: its TransformerLens adapter "
-    "does not give each head its own q/k/v input (bridges made by TransformerBridge.boot_native never do; "
-    "boot_transformers gives them for the architectures that support it). act_patch, path_patch and attr_patch "
-    "work without them."
-)
-
-
-def check_mlp_inputs(model, graph: EdgeGraph, what: str) -> None:
-    """Refuse a model whose blocks compute attention and MLP in parallel from one shared
-    normalisation (Phi): its MLPs have no input hook of their own that fires, so an edge into
-    an MLP can be neither edited nor scored. Parallel blocks with the MLP's own input hook
-    (GPT-NeoX/Pythia) pass: their graph simply has no edge from a layer's heads to its MLP."""
-    if not (graph.has_mlps and graph.parallel_attn_mlp):
-        return
-    name = hook_name("mlp_in", 0)
-    fired = set()
-    if name in _tl.hook_names(model):
-        with _tl.model_flags(model, _tl.flags_for([name])):
-            fired = _tl.hooks_that_fire(model, [name])
-    if name not in fired:
-        raise PatchingError(
-            f"{what} edits or scores the edges into each MLP at its own input ({name} and its like), but this "
-            "model computes attention and MLP in parallel from one "
-            "shared normalisation (as Phi does), so no hook holds "
-            "an MLP's input apart from the heads'. Use act_patch or path_patch of 'mlp_out' and 'z' instead."
-        )
 
 
 def eap_gradients(

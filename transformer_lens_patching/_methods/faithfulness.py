@@ -20,7 +20,7 @@ from .._core.distributed import shared_by_ranks
 from .._core.graph import EdgeScores
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
-from .circuits import evaluate_circuit
+from .circuit_evaluation import evaluate_circuit
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """The circuit sizes of MIB's curves: fractions of the graph's edges."""

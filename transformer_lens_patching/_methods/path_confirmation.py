@@ -19,8 +19,8 @@ from .._core.sites import Sweep, resolve_spec
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from ..results import PatchResult
-from .common import resolve_metric
-from .confirmation import Confirmation, ConfirmedCell, _cell_places, _check_arguments, rank_estimates
+from .common import cell_places, check_ranking_arguments, resolve_metric
+from .confirmation import Confirmation, ConfirmedCell, rank_estimates
 from .path import path_patch
 
 UNIT_DIMS = {"head": "heads", "kv_head": "heads", "neuron": "neurons"}
@@ -89,14 +89,14 @@ def confirm_paths(
             f"IterNode (got {len(sweeping)})."
         )
     (swept,) = sweeping
-    _check_arguments(swept, top_k, estimate)
+    check_ranking_arguments(swept, top_k, estimate)
     _tl.check_model(model)
     tokens = _tl.to_tokens(model, orig_input)
     what = "sender_nodes" if swept is sender_nodes else "receiver_nodes"
     sweeps: list[Sweep] = resolve_spec(swept, _tl.model_shape(model), tokens, what, normalize_seq_pos(seq_pos))
     ranking = rank_estimates(model, tokens, resolve_metric(patching_metric, tokens), estimates, sweeps, estimate, top_k)
     per_prompt, unpatched_mean, changes, chosen = ranking.per_prompt, ranking.unpatched, ranking.changes, ranking.chosen
-    places = list(_cell_places(sweeps))
+    places = list(cell_places(sweeps))
     exact = {}
     for name in dict.fromkeys(places[index][0] for index in chosen):
         coords = [places[index][1] for index in chosen if places[index][0] == name]

@@ -21,6 +21,7 @@ from .._core.plan import Block, stacked_passes
 from .._core.program import entry_layer
 from .._core.selection import LogitReader
 from .._core.sites import PatchSite, Sweep
+from .._core.wiring import head_writes
 from .._tl import ModelShape
 from ..errors import PatchingError
 
@@ -315,8 +316,7 @@ def residual_write(site: PatchSite, difference: Tensor, weights: OutputWeights) 
     the site's positions. A head's or neuron's change goes through its rows of W_O or W_out."""
     units = slice(None) if site.unit is None else slice(site.unit, site.unit + 1)
     if site.component.name == "z":
-        w_o = weights.w_o[site.layer, units].to(difference)
-        difference = torch.einsum("bphd,hdm->bpm", difference[:, :, units], w_o)
+        difference = head_writes(difference[:, :, units], weights.w_o[site.layer, units]).sum(2)
     elif site.component.name == "post":
         difference = difference[..., units] @ weights.w_out[site.layer, units].to(difference)
     if site.positions is None:

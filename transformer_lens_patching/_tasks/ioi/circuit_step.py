@@ -20,7 +20,7 @@ from ..._core.circuit import Circuit
 from ..._core.graph import EdgeGraph, EdgeScores
 from ..._core.plan import PatchPlan
 from ..._methods.circuit_discovery import confirm_edges
-from ..._methods.circuits import plan_circuit_evaluation
+from ..._methods.circuit_evaluation import plan_circuit_evaluation
 from ..._methods.edges import attr_edges
 from ..._methods.faithfulness import (
     MIB_FRACTIONS,

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 
 from .. import _tl
-from .._core import distributed
-from .._core.components import hook_name, residual_hooks
-from .._core.executor import logit_reader
-from .._core.measure import MetricCalls, as_tensor
-from .._core.memory import prompts_per_gradient_pass, release_freed_memory
-from .._core.program import PatchProgram, applied, resid_mid_carries
 from ..errors import PatchingError
+from . import distributed
+from .components import hook_name, residual_hooks
+from .executor import logit_reader
+from .measure import MetricCalls, as_tensor
+from .memory import prompts_per_gradient_pass, release_freed_memory
+from .program import PatchProgram, applied, resid_mid_carries
 
 
 @dataclass(frozen=True)

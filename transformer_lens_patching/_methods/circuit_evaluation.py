@@ -18,7 +18,6 @@ from torch import Tensor
 
 from .. import _tl
 from .._core.circuit import Circuit
-from .._core.components import hook_name
 from .._core.distributed import shared_by_ranks
 from .._core.executor import Executor, OrigResiduals, logit_reader, metric_calls, progress_bar
 from .._core.graph import EdgeGraph
@@ -29,11 +28,10 @@ from .._core.program import PatchProgram
 from .._core.sites import Sweep
 from .._core.sources import ActivationSource, SourceFactory, planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
+from .._core.wiring import NO_HEAD_INPUTS, Wiring, check_mlp_inputs, head_writes
 from ..errors import PatchingError
 from ..results import PatchResult
-from .activation import NOTHING_TO_PATCH_IN
-from .common import check_hooks_exist, describe_metric, resolve_metric
-from .edges import EMBEDDINGS, NO_HEAD_INPUTS, check_mlp_inputs
+from .common import NOTHING_TO_PATCH_IN, check_hooks_exist, describe_metric, resolve_metric
 from .path_rules import check_linear_writes
 
 
@@ -173,68 +171,6 @@ def checked_graph(model, circuits: Sequence[Circuit]) -> EdgeGraph:
     return graph
 
 
-class Wiring:
-    """Where each node of the edge graph is read and written in a forward pass.
-
-    Senders: the embeddings at `blocks.0.hook_resid_pre`, the heads of layer L at their
-    `hook_z` (times W_O), MLP L at its `hook_mlp_out`. Receivers: the heads' q/k/v input
-    hooks, `hook_mlp_in`, and the final residual stream. `columns[hook]` lists each hook's
-    receivers as columns of the graph's (sender, receiver) mask, and `upstream[hook]` how
-    many senders (in graph order) write before it reads.
-    """
-
-    def __init__(self, graph: EdgeGraph):
-        self.graph = graph
-        receiver_column = {node: i for i, node in enumerate(graph.receivers)}
-        sender_row = {node: i for i, node in enumerate(graph.senders)}
-        self.sender_slots: dict[str, slice] = {EMBEDDINGS: slice(0, 1)}
-        self.head_layers: dict[str, int] = {}
-        self.mlp_inputs: set[str] = set()
-        self.columns: dict[str, list[int]] = {}
-        self.upstream: dict[str, int] = {}
-        for layer in range(graph.n_layers):
-            heads = [sender_row[node] for node in graph.senders if node.kind == "head" and node.layer == layer]
-            self.sender_slots[hook_name("z", layer)] = slice(heads[0], heads[-1] + 1)
-            self.head_layers[hook_name("z", layer)] = layer
-            for part in ("q", "k", "v"):
-                name = hook_name(f"{part}_input", layer)
-                self.columns[name] = [
-                    receiver_column[node]
-                    for node in graph.receivers
-                    if node.kind == "head" and node.layer == layer and node.input == part
-                ]
-                self.upstream[name] = heads[0]
-            if graph.has_mlps:
-                mlp = sender_row[next(n for n in graph.senders if n.kind == "mlp" and n.layer == layer)]
-                self.sender_slots[hook_name("mlp_out", layer)] = slice(mlp, mlp + 1)
-                self.columns[hook_name("mlp_in", layer)] = [
-                    receiver_column[next(n for n in graph.receivers if n.kind == "mlp" and n.layer == layer)]
-                ]
-                self.upstream[hook_name("mlp_in", layer)] = heads[0] if graph.parallel_attn_mlp else mlp
-                self.mlp_inputs.add(hook_name("mlp_in", layer))
-        final = hook_name("resid_post", graph.n_layers - 1)
-        self.columns[final] = [len(graph.receivers) - 1]
-        self.upstream[final] = len(graph.senders)
-
-    def attention_layers_before(self, receiver_hook: str) -> list[int]:
-        """The layers whose heads all write before `receiver_hook` reads: their attention output
-        biases are part of its input whatever the circuit."""
-        upstream = self.upstream[receiver_hook]
-        return [layer for name, layer in self.head_layers.items() if self.sender_slots[name].stop <= upstream]
-
-    def edited_hooks(self, removed: Tensor) -> list[str]:
-        """The receiver hooks whose input loses a term under the `removed` mask."""
-        return [name for name, columns in self.columns.items() if removed[:, : self.upstream[name], columns].any()]
-
-    @property
-    def sender_hooks(self) -> list[str]:
-        return list(self.sender_slots)
-
-    @property
-    def receiver_hooks(self) -> list[str]:
-        return list(self.columns)
-
-
 class _CircuitRun:
     """What running an evaluate_circuit plan needs: the circuits, the wiring, the ablated values."""
 
@@ -370,13 +306,13 @@ class _CircuitRows:
                 self.unchanged = torch.ones(shape, dtype=torch.bool, device=device)
         if change.ndim == 4:
             w_o = self.w_o[self.wiring.head_layers[name]].to(change)
-            per_head = torch.einsum("bphe,hed->hbpd", change, w_o).to(self.changes.device)
+            per_head = head_writes(change, w_o).permute(2, 0, 1, 3).to(self.changes.device)
             self.changes[slots] = per_head
             if self.ablated_writes is not None and self.wiring.graph.parallel_attn_mlp:
                 self.before_heads = (self.ablated_writes.clone(), self.unchanged.clone())
             if self.ablated_writes is not None:
                 wide = self.ablated_writes.dtype
-                write = torch.einsum("bphe,hed->bpd", ablated.to(wide), w_o.to(wide))
+                write = head_writes(ablated.to(wide), w_o).sum(2)
                 self.ablated_writes += write.to(self.ablated_writes.device)
                 self.unchanged &= (per_head == 0).all(0)
         else:
