@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements/tl4.txt requirements/docs.txt setup.cfg
 $(VENV_TL2)/.installed: requirements/tl2.txt setup.cfg
 	$(STAGE) "set up $(VENV_TL2) (TransformerLens 2)" scripts/setup-env.sh $(VENV_TL2) requirements/tl2.txt
 
-# tracr (and jax) compile the RASP program of tests/test_tracr_circuit.py; they live in their own
+# tracr (and jax) compile the RASP program of tests/oracles/test_tracr_circuit.py; they live in their own
 # environment, never in the package's.
 $(VENV_TRACR)/.installed: requirements/tracr.txt
 	$(STAGE) "set up $(VENV_TRACR) (tracr)" sh -c 'python3 -m venv $(VENV_TRACR) && \

@@ -16,134 +16,72 @@ default memory budget.
 """
 
 import argparse
-import ctypes
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
+from _harness import (
+    CPU,
+    SHAPES,
+    Columns,
+    Row,
+    Setup,
+    amount,
+    comma_separated,
+    machine,
+    mib,
+    parse,
+    parser,
+    print_table,
+    run_sections,
+    seconds,
+    setup,
+    speed_up,
+    timed,
+)
 
-from transformer_lens_patching import IterNode, LogitDiff, Node, act_patch, attr_patch, path_patch
-from transformer_lens_patching._core.memory import DEFAULT_MAX_MEMORY
+from transformer_lens_patching import IterNode, Node, act_patch, attr_patch, path_patch
+from transformer_lens_patching._core.memory import DEFAULT_MAX_MEMORY, release_freed_memory
 
-SHAPES = {
-    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "batch": 8, "seq_len": 15},
-    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "batch": 2, "seq_len": 6},
-}
-"""The GPT-2-small shape (12 layers, 12 heads, d_model 768, d_mlp 3072) and the smoke test's."""
 SECTIONS = ("heads", "neurons", "edges", "transformer_lens", "memory")
 HEAD_COMPONENTS = ["z", "q", "k", "v", "pattern"]
-IG_STEPS = 5
+EDGE_IG_STEPS = 5
 MEMORY_KEYS = (
     "run_with_cache",
     "attr_patch heads",
     "attr_patch neurons",
     "attr_edges EAP",
-    f"attr_edges EAP-IG {IG_STEPS}",
+    f"attr_edges EAP-IG {EDGE_IG_STEPS}",
 )
 BOUNDS = {"heads": 30.0, "neurons": 3000.0, "transformer_lens": 3.0}
 """The least speed-ups the issue asks for, on the GPT-2-small shape."""
 
 
-@dataclass
-class Setup:
-    """A model, its inputs, the caches of both runs and the metric, as every measurement sees them."""
+def columns(checked: bool) -> Columns:
+    """The table's columns; with `checked` False (small shapes, which the bounds are not for) no row
+    passes or fails."""
 
-    model: object
-    orig: torch.Tensor
-    new: torch.Tensor
-    orig_cache: object
-    new_cache: object
-    metric: LogitDiff
+    def bound(row: Row) -> str:
+        if row.unit != "s":
+            return f"<= {row.bound:g}"
+        return "none set" if row.bound is None else f">= {row.bound:g}x"
 
-
-def build(shape: str) -> Setup:
-    """A random GPT-2-shaped TransformerBridge (vocabulary 50257) and 8 (or 2) prompt pairs of
-    15 (or 6) tokens, orig and new; the metric a logit difference at the last position."""
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from transformer_lens_patching._embedded import hf_folder
-
-    size = dict(SHAPES[shape])
-    batch, seq_len = size.pop("batch"), size.pop("seq_len")
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **size)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder()))
-    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device="cpu")
-    model.enable_compatibility_mode()
-    generator = torch.Generator().manual_seed(0)
-    orig = torch.randint(100, 20000, (batch, seq_len), generator=generator)
-    new = torch.randint(100, 20000, (batch, seq_len), generator=generator)
-    with torch.no_grad():
-        _, orig_cache = model.run_with_cache(orig)
-        _, new_cache = model.run_with_cache(new)
-    return Setup(model, orig, new, orig_cache, new_cache, LogitDiff(torch.tensor([[5, 6]] * batch)))
-
-
-def timed(function: Callable, repeats: int) -> float:
-    """The median wall time of `function` over `repeats` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-@dataclass
-class Row:
-    """One line of the table: a speed-up (baseline / ours) or a peak memory (ours / limit)."""
-
-    name: str
-    ours: float
-    baseline: float
-    unit: str
-    bound: float | None
-    how: str
-
-    @property
-    def ratio(self) -> float:
-        return self.baseline / self.ours if self.unit == "s" else self.ours / self.baseline
-
-    @property
-    def passed(self) -> bool | None:
-        if self.bound is None:
-            return None
-        return self.ratio >= self.bound if self.unit == "s" else self.ratio <= self.bound
-
-
-def _seconds(value: float) -> str:
-    return f"{value:.3g} s" if value < 1000 else f"{value:,.0f} s"
-
-
-def print_table(rows: list[Row], checked: bool) -> None:
-    """The table in Markdown, then how each row was measured; with `checked` False (small shapes,
-    which the bounds are not for) no row passes or fails."""
-    print("\n| comparison | ours | baseline | ratio | bound | result |\n|---|---|---|---|---|---|")
-    for row in rows:
-        if row.unit == "s":
-            ours, baseline, ratio = _seconds(row.ours), _seconds(row.baseline), f"**{row.ratio:,.1f}x**"
-            bound = "none set" if row.bound is None else f">= {row.bound:g}x"
-        else:
-            ours, baseline = f"{row.ours / 2**20:.0f} MiB", f"{row.baseline / 2**20:.0f} MiB (limit)"
-            ratio = f"{row.ratio:.2f}"
-            bound = f"<= {row.bound:g}"
-        result = {None: "-", True: "pass", False: "**fail**"}[row.passed] if checked else "not checked"
-        print(f"| {row.name} | {ours} | {baseline} | {ratio} | {bound} | {result} |")
-    print()
-    for index, row in enumerate(rows, 1):
-        print(f"{index}. {row.name}: {row.how}")
+    return {
+        "comparison": lambda row: row.name,
+        "ours": lambda row: amount(row.ours, row.unit),
+        "baseline": lambda row: seconds(row.baseline) if row.unit == "s" else f"{mib(row.baseline)} (limit)",
+        "ratio": lambda row: speed_up(row.ratio) if row.unit == "s" else f"{row.ratio:.2f}",
+        "bound": bound,
+        "result": lambda row: {None: "-", True: "pass", False: "**fail**"}[row.passed] if checked else "not checked",
+    }
 
 
 def head_rows(s: Setup, repeats: int) -> list[Row]:
@@ -156,11 +94,10 @@ def head_rows(s: Setup, repeats: int) -> list[Row]:
     return [
         Row(
             f"attr_patch vs act_patch, heads ({', '.join(HEAD_COMPONENTS)}; {cells} cells)",
-            ours,
-            exact,
-            "s",
-            BOUNDS["heads"],
-            "act_patch measured in full, same new_cache and LogitDiff object.",
+            ours.seconds,
+            exact.seconds,
+            how="act_patch measured in full, same new_cache and LogitDiff object.",
+            bound=BOUNDS["heads"],
         )
     ]
 
@@ -172,19 +109,17 @@ def neuron_rows(s: Setup, repeats: int, per_layer: int) -> list[Row]:
     ours = timed(lambda: attr_patch(s.model, s.orig, IterNode("post"), s.metric, new_cache=s.new_cache), repeats)
     measured = timed(
         lambda: act_patch(s.model, s.orig, IterNode("post", neurons=sampled), s.metric, new_cache=s.new_cache), repeats
-    )
-    exact = measured * cfg.d_mlp / per_layer
+    ).seconds
     cells = cfg.n_layers * cfg.d_mlp
     return [
         Row(
             f"attr_patch vs act_patch, neurons ({cfg.n_layers} x {cfg.d_mlp} = {cells} cells)",
-            ours,
-            exact,
-            "s",
-            BOUNDS["neurons"],
-            f"act_patch measured on {per_layer} evenly spaced neurons of every layer "
-            f"({per_layer * cfg.n_layers} cells, {_seconds(measured)}), times {cfg.d_mlp} / {per_layer}: every "
+            ours.seconds,
+            measured * cfg.d_mlp / per_layer,
+            how=f"act_patch measured on {per_layer} evenly spaced neurons of every layer "
+            f"({per_layer * cfg.n_layers} cells, {seconds(measured)}), times {cfg.d_mlp} / {per_layer}: every "
             "neuron of a layer costs the same, and the sample covers every layer equally.",
+            bound=BOUNDS["neurons"],
         )
     ]
 
@@ -210,7 +145,9 @@ def edge_rows(s: Setup, repeats: int, layers: list[int]) -> list[Row]:
 
     model, n_layers, n_heads = s.model, s.model.cfg.n_layers, s.model.cfg.n_heads
     eap = timed(lambda: attr_edges(model, s.orig, s.metric, new_cache=s.new_cache, method="atp"), repeats)
-    ig = timed(lambda: attr_edges(model, s.orig, s.metric, new_cache=s.new_cache, method="ig", steps=IG_STEPS), repeats)
+    ig = timed(
+        lambda: attr_edges(model, s.orig, s.metric, new_cache=s.new_cache, method="ig", steps=EDGE_IG_STEPS), repeats
+    )
     graph = attr_edges(model, s.orig, s.metric, new_cache=s.new_cache).graph
     edges = Counter(_receiver_group(edge.receiver) for edge in graph)
 
@@ -218,7 +155,7 @@ def edge_rows(s: Setup, repeats: int, layers: list[int]) -> list[Row]:
         kind, layer = group
         senders = IterNode(["z", "mlp_out"], layers=None if kind == "logits" else [layer - 1])
         count = (n_layers if kind == "logits" else 1) * (n_heads + 1)
-        seconds = timed(
+        timing = timed(
             lambda: path_patch(
                 model,
                 s.orig,
@@ -232,7 +169,7 @@ def edge_rows(s: Setup, repeats: int, layers: list[int]) -> list[Row]:
             ),
             repeats,
         )
-        return seconds / count
+        return timing.seconds / count
 
     measured = {("logits", -1): seconds_per_edge(("logits", -1))}
     for kind in ("q", "k", "v", "mlp"):
@@ -249,9 +186,9 @@ def edge_rows(s: Setup, repeats: int, layers: list[int]) -> list[Row]:
     )
     return [
         Row(
-            f"attr_edges EAP vs path_patch residual-only, whole graph ({len(graph)} edges)", eap, exact, "s", None, how
+            f"attr_edges EAP vs path_patch residual-only, whole graph ({len(graph)} edges)", eap.seconds, exact, how=how
         ),
-        Row(f"attr_edges EAP-IG ({IG_STEPS} steps) vs the same", ig, exact, "s", None, "as the row above."),
+        Row(f"attr_edges EAP-IG ({EDGE_IG_STEPS} steps) vs the same", ig.seconds, exact, how="as the row above."),
     ]
 
 
@@ -291,11 +228,11 @@ def transformer_lens_rows(s: Setup, repeats: int) -> list[Row]:
         return tl.attribution_patch(model, s.new, s.orig, _single_prompt_metric, tl.EdgeAttributionConfig(granularity))
 
     node_gap = _node_disagreement(ours_nodes(), theirs("node"))
-    ours_node_s = timed(ours_nodes, repeats)
-    theirs_node_s = timed(lambda: theirs("node"), repeats)
+    ours_node_s = timed(ours_nodes, repeats).seconds
+    theirs_node_s = timed(lambda: theirs("node"), repeats).seconds
     edge_gap = _edge_disagreement(attr_edges(model, s.orig, s.metric, new_input=s.new), theirs("edge"))
-    ours_edge_s = timed(lambda: attr_edges(model, s.orig, s.metric, new_input=s.new), repeats)
-    theirs_edge_s = timed(lambda: theirs("edge"), repeats)
+    ours_edge_s = timed(lambda: attr_edges(model, s.orig, s.metric, new_input=s.new), repeats).seconds
+    theirs_edge_s = timed(lambda: theirs("edge"), repeats).seconds
     common = (
         "both from the tokens (each runs the new input itself); TransformerLens scores one prompt pair at a "
         "time and averages; ours with the LogitDiff object, theirs with the same logit difference of one "
@@ -306,18 +243,18 @@ def transformer_lens_rows(s: Setup, repeats: int) -> list[Row]:
             "attr_patch vs TransformerLens `attribution_patch`, nodes (embed, heads' z, MLPs; every position)",
             ours_node_s,
             theirs_node_s,
-            "s",
-            BOUNDS["transformer_lens"],
-            f"{common}; largest difference {node_gap:.1e} of their largest score.",
+            how=f"{common}; largest difference {node_gap:.1e} of their largest score.",
+            bound=BOUNDS["transformer_lens"],
+            gap=node_gap,
         ),
         Row(
             "attr_edges EAP vs TransformerLens `attribution_patch`, edges",
             ours_edge_s,
             theirs_edge_s,
-            "s",
-            BOUNDS["transformer_lens"],
-            f"{common}; theirs per position, summed over positions to compare; largest difference {edge_gap:.1e} "
-            "of their largest score.",
+            how=f"{common}; theirs per position, summed over positions to compare; largest difference "
+            f"{edge_gap:.1e} of their largest score.",
+            bound=BOUNDS["transformer_lens"],
+            gap=edge_gap,
         ),
     ]
 
@@ -375,10 +312,10 @@ def measure_memory(s: Setup, key: str) -> int:
         ),
         "attr_patch neurons": lambda: attr_patch(model, s.orig, IterNode("post"), s.metric, new_cache=s.new_cache),
         "attr_edges EAP": lambda: _attr_edges(s, "atp", None),
-        f"attr_edges EAP-IG {IG_STEPS}": lambda: _attr_edges(s, "ig", IG_STEPS),
+        f"attr_edges EAP-IG {EDGE_IG_STEPS}": lambda: _attr_edges(s, "ig", EDGE_IG_STEPS),
     }
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_memory(CPU)
     start = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
@@ -425,45 +362,41 @@ def memory_rows(shape: str, in_process: Setup | None) -> list[Row]:
         f"({rwc / 2**20:.0f} MiB) + the budget ({budget / 2**20:.0f} MiB)."
     )
     return [
-        Row(f"peak memory, {key}", peak, limit, "MiB", 1.0, how if index == 0 else "as the row above.")
+        Row(f"peak memory, {key}", peak, limit, unit="B", how=how if index == 0 else "as the row above.", bound=1.0)
         for index, (key, peak) in enumerate(peaks.items())
     ]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="small shapes, one repeat, memory in-process: a smoke test")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--neurons", type=int, default=16, help="neurons of each layer act_patch is measured on")
-    parser.add_argument(
+def parse_args(argv=None) -> argparse.Namespace:
+    benchmark = parser(__doc__, "small shapes, one repeat, memory in-process: a smoke test")
+    benchmark.add_argument("--neurons", type=int, default=16, help="neurons of each layer act_patch is measured on")
+    benchmark.add_argument(
         "--edge-layers",
         type=lambda text: [int(x) for x in text.split(",")],
         help="receiver layers where exact path patching is measured (>= 1; default: 1, the middle and the last)",
     )
-    parser.add_argument(
+    benchmark.add_argument(
         "--sections",
-        type=lambda text: text.split(","),
+        type=comma_separated(SECTIONS),
         default=list(SECTIONS),
         help=f"comma-separated, from: {', '.join(SECTIONS)}",
     )
-    parser.add_argument("--shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
-    parser.add_argument("--memory-of", choices=MEMORY_KEYS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if not set(args.sections) <= set(SECTIONS):
-        parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
+    benchmark.add_argument("--shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
+    benchmark.add_argument("--memory-of", choices=MEMORY_KEYS, help=argparse.SUPPRESS)
+    args = parse(benchmark, argv)
     if args.edge_layers and min(args.edge_layers) < 1:
-        parser.error("--edge-layers: layers from 1 on (edges into layer 0 come from the embeddings only)")
-    shape = args.shape or ("tiny" if args.tiny else "gpt2")
-    if args.memory_of:
-        print(json.dumps({"peak": measure_memory(build(shape), args.memory_of)}))
-        return 0
-    repeats = 1 if args.tiny else args.repeats
-    s = build(shape)
+        benchmark.error("--edge-layers: layers from 1 on (edges into layer 0 come from the embeddings only)")
+    args.shape = args.shape or ("tiny" if args.tiny else "gpt2")
+    return args
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    """The rows of `args.sections`, on `args.shape`."""
+    s = setup(SHAPES[args.shape], caches=True)
     cfg = s.model.cfg
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {repeats}; "
-        f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, "
-        f"batch {s.orig.shape[0]} x {s.orig.shape[1]}"
+        f"{machine()}; median of {args.repeats}; {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, "
+        f"d_mlp {cfg.d_mlp}, batch {s.orig.shape[0]} x {s.orig.shape[1]}"
     )
     layers = (
         sorted({min(layer, cfg.n_layers - 1) for layer in args.edge_layers})
@@ -471,18 +404,22 @@ def main(argv=None) -> int:
         else sorted({1, cfg.n_layers // 2, cfg.n_layers - 1})
     )
     sections = {
-        "heads": lambda: head_rows(s, repeats),
-        "neurons": lambda: neuron_rows(s, repeats, min(args.neurons, cfg.d_mlp)),
-        "edges": lambda: edge_rows(s, repeats, layers),
-        "transformer_lens": lambda: transformer_lens_rows(s, repeats),
-        "memory": lambda: memory_rows(shape, s if args.tiny else None),
+        "heads": lambda: head_rows(s, args.repeats),
+        "neurons": lambda: neuron_rows(s, args.repeats, min(args.neurons, cfg.d_mlp)),
+        "edges": lambda: edge_rows(s, args.repeats, layers),
+        "transformer_lens": lambda: transformer_lens_rows(s, args.repeats),
+        "memory": lambda: memory_rows(args.shape, s if args.tiny else None),
     }
-    rows = []
-    for name in args.sections:
-        start = time.perf_counter()
-        rows += sections[name]()
-        print(f"  {name}: measured in {time.perf_counter() - start:.0f} s", flush=True)
-    print_table(rows, checked=not args.tiny)
+    return run_sections(sections, args.sections)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.memory_of:
+        print(json.dumps({"peak": measure_memory(setup(SHAPES[args.shape], caches=True), args.memory_of)}))
+        return 0
+    rows = run(args)
+    print_table(rows, columns(checked=not args.tiny))
     return 0 if args.tiny or all(row.passed is not False for row in rows) else 1
 
 

@@ -18,87 +18,53 @@ import functools
 import importlib.metadata
 import itertools
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
+from _harness import (
+    ANSWERS,
+    SHAPES,
+    Row,
+    Setup,
+    comma_separated,
+    hooked_transformer,
+    logit_diff,
+    machine,
+    parse,
+    parser,
+    print_table,
+    prompt_pairs,
+    run_sections,
+    seconds,
+    setup,
+    speed_up,
+    timed,
+)
 
 from transformer_lens_patching import (
     Circuit,
     EdgeGraph,
-    LogitDiff,
     attr_edges,
     evaluate_circuit,
     faithfulness_curve,
     plan_circuit_evaluation,
 )
 
-SHAPES = {
-    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "batch": 8, "seq_len": 15},
-    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "batch": 2, "seq_len": 6},
-}
-"""The GPT-2-small shape (12 layers, 12 heads, d_model 768, d_mlp 3072) and the smoke test's."""
 SECTIONS = ("edges", "curve", "auto_circuit")
 POINTS = 50
 TOLERANCE = 1e-4
 """The largest difference between two evaluations of the same circuits, as a fraction of |full - empty|
 (against auto-circuit, another implementation, a fraction of the largest |value|)."""
-ANSWERS = (5, 6)
-"""The two tokens whose logit difference at the last position is the metric."""
-
-
-@dataclass
-class Setup:
-    """A model, its inputs and the metric, as every measurement sees them; the EAP scores once computed."""
-
-    model: object
-    orig: torch.Tensor
-    new: torch.Tensor
-    metric: LogitDiff
-    scores: object = field(default=None)
-
-    def edge_scores(self):
-        """attr_edges (EAP) of the whole graph, computed on first use."""
-        if self.scores is None:
-            self.scores = attr_edges(self.model, self.orig, self.metric, new_input=self.new)
-        return self.scores
-
-
-def inputs(shape: str) -> tuple[torch.Tensor, torch.Tensor, LogitDiff]:
-    """8 (or 2) prompt pairs of 15 (or 6) random tokens, orig and new, and the logit-difference metric."""
-    batch, seq_len = SHAPES[shape]["batch"], SHAPES[shape]["seq_len"]
-    generator = torch.Generator().manual_seed(0)
-    orig = torch.randint(100, 20000, (batch, seq_len), generator=generator)
-    new = torch.randint(100, 20000, (batch, seq_len), generator=generator)
-    return orig, new, LogitDiff(torch.tensor([ANSWERS] * batch))
-
-
-def build(shape: str) -> Setup:
-    """A random GPT-2-shaped TransformerBridge (vocabulary 50257) and its inputs; under TransformerLens
-    2.x, which has no TransformerBridge, a random HookedTransformer of the same shape."""
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:
-        from transformer_lens import HookedTransformer
-
-        return Setup(HookedTransformer(_hooked_config(shape)).eval(), *inputs(shape))
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from transformer_lens_patching._embedded import hf_folder
-
-    size = {key: value for key, value in SHAPES[shape].items() if key.startswith("n_")}
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **size)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder()))
-    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device="cpu")
-    model.enable_compatibility_mode()
-    return Setup(model, *inputs(shape))
+COLUMNS = {
+    "measurement": lambda row: row.name,
+    "ours": lambda row: seconds(row.ours),
+    "baseline": lambda row: seconds(row.baseline),
+    "ratio (baseline / ours)": lambda row: speed_up(row.ratio),
+    "values agree": lambda row: "-" if row.gap is None else ("yes" if row.agrees else "**no**") + f" ({row.gap:.1e})",
+}
 
 
 def sizes(points: int) -> list[float]:
@@ -106,67 +72,17 @@ def sizes(points: int) -> list[float]:
     return [0.001 ** (1 - index / (points - 1)) for index in range(points)]
 
 
-def timed(function: Callable, repeats: int) -> float:
-    """The median wall time of `function` over `repeats` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-@dataclass
-class Row:
-    """One line of the table: a time (ours), optionally against a baseline's, and how both agree."""
-
-    name: str
-    ours: float | None
-    baseline: float | None
-    how: str
-    gap: float | None = None
-    """The largest difference of the two sides' metric values, over |full - empty|."""
-
-    @property
-    def ratio(self) -> float | None:
-        return None if self.ours is None or self.baseline is None else self.baseline / self.ours
-
-    @property
-    def passed(self) -> bool:
-        return self.gap is None or self.gap <= TOLERANCE
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g} s" if value < 1000 else f"{value:,.0f} s"
-
-
-def print_table(rows: list[Row]) -> None:
-    """The table in Markdown, then how each row was measured."""
-    print("\n| measurement | ours | baseline | ratio (baseline / ours) | values agree |\n|---|---|---|---|---|")
-    for row in rows:
-        ratio = "-" if row.ratio is None else f"**{row.ratio:,.1f}x**"
-        agree = "-" if row.gap is None else ("yes" if row.passed else "**no**") + f" ({row.gap:.1e})"
-        print(f"| {row.name} | {_seconds(row.ours)} | {_seconds(row.baseline)} | {ratio} | {agree} |")
-    print()
-    for index, row in enumerate(rows, 1):
-        print(f"{index}. {row.name}: {row.how}")
-
-
 def edge_rows(s: Setup, repeats: int) -> list[Row]:
     """The size of the model's edge graph and the time attr_edges (EAP) takes to score all of it."""
     graph = EdgeGraph.of(s.model)
-
-    def score():
-        s.scores = attr_edges(s.model, s.orig, s.metric, new_input=s.new)
-
-    seconds = timed(score, repeats)
+    timing = timed(lambda: attr_edges(s.model, s.orig, s.metric, new_input=s.new), repeats)
     return [
         Row(
             f"attr_edges EAP, the whole edge graph ({len(graph)} edges)",
-            seconds,
+            timing.seconds,
             None,
-            f"`len(EdgeGraph.of(model))` = {len(graph)} edges; attr_edges from the tokens (it runs the new input "
-            "itself), LogitDiff object.",
+            how=f"`len(EdgeGraph.of(model))` = {len(graph)} edges; attr_edges from the tokens (it runs the new "
+            "input itself), LogitDiff object.",
         )
     ]
 
@@ -179,9 +95,12 @@ def _gap(ours: list[float], theirs: list[float], full: float, empty: float) -> f
 
 def curve_rows(s: Setup, repeats: int, points: int) -> list[Row]:
     """faithfulness_curve at `points` sizes against one evaluate_circuit call per circuit, and the
-    same circuits evaluated stacked in one evaluate_circuit call, given the same cache."""
-    model, scores = s.model, s.edge_scores()
-    new_cache = _new_cache(s)
+    same circuits evaluated stacked in one evaluate_circuit call, given the same cache; the circuits
+    chosen by attr_edges (EAP) scores."""
+    model = s.model
+    scores = attr_edges(model, s.orig, s.metric, new_input=s.new)
+    with torch.no_grad():
+        new_cache = model.run_with_cache(s.new)[1]
 
     def curve_call():
         return faithfulness_curve(model, scores, s.orig, s.metric, new_input=s.new, sizes=sizes(points))
@@ -199,10 +118,10 @@ def curve_rows(s: Setup, repeats: int, points: int) -> list[Row]:
     values = [*curve.values, curve.full, curve.empty]
     curve_gap = _gap(values, one_at_a_time(), curve.full, curve.empty)
     stacked_gap = _gap(values, stacked(), curve.full, curve.empty)
-    curve_seconds = timed(curve_call, repeats)
-    choosing = timed(lambda: [Circuit.from_scores(scores, size) for size in sizes(points)], repeats)
-    stacked_seconds = timed(stacked, repeats)
-    baseline = timed(one_at_a_time, repeats)
+    curve_seconds = timed(curve_call, repeats).seconds
+    choosing = timed(lambda: [Circuit.from_scores(scores, size) for size in sizes(points)], repeats).seconds
+    stacked_seconds = timed(stacked, repeats).seconds
+    baseline = timed(one_at_a_time, repeats).seconds
     plan = plan_circuit_evaluation(model, circuits, s.orig, s.metric, new_input=s.new)
     passes = len(plan.passes)
     passes_text = f"{passes} forward pass{'' if passes == 1 else 'es'}"
@@ -213,7 +132,7 @@ def curve_rows(s: Setup, repeats: int, points: int) -> list[Row]:
         f"{len(circuits)} circuits x {s.orig.shape[0]} prompts stacked in {passes_text} "
         f"(`len(plan_circuit_evaluation(...).passes)`, at most {plan.variants_per_pass} circuits a pass) and one "
         f"run of the new input; choosing and pruning the {points} circuits (`Circuit.from_scores`) takes "
-        f"{_seconds(choosing)} of it. Against one `evaluate_circuit` call per circuit, each one forward pass, "
+        f"{seconds(choosing)} of it. Against one `evaluate_circuit` call per circuit, each one forward pass, "
         f"given the new run's cache (computed once, not timed), the circuits chosen beforehand. Largest "
         f"difference of the two sides' {len(circuits)} metric values {curve_gap:.1e} of |full - empty| "
         f"(area under the curve {curve.area_under:.3f}, between it and 1 {curve.area_from_1:.3f})."
@@ -228,22 +147,19 @@ def curve_rows(s: Setup, repeats: int, points: int) -> list[Row]:
             f"faithfulness_curve, {points} sizes + full + empty ({passes_text}) vs one evaluate_circuit per circuit",
             curve_seconds,
             baseline,
-            how,
-            curve_gap,
+            how=how,
+            gap=curve_gap,
+            tolerance=TOLERANCE,
         ),
         Row(
             f"evaluate_circuit of the same {len(circuits)} circuits stacked vs one at a time",
             stacked_seconds,
             baseline,
-            stacked_how,
-            stacked_gap,
+            how=stacked_how,
+            gap=stacked_gap,
+            tolerance=TOLERANCE,
         ),
     ]
-
-
-def _new_cache(s: Setup):
-    with torch.no_grad():
-        return s.model.run_with_cache(s.new)[1]
 
 
 def auto_circuit_rows(shape: str, repeats: int, points: int) -> list[Row]:
@@ -253,7 +169,7 @@ def auto_circuit_rows(shape: str, repeats: int, points: int) -> list[Row]:
         import auto_circuit  # noqa: F401
         from transformer_lens import HookedTransformer  # noqa: F401
     except ImportError as error:
-        return [Row("auto-circuit: not installed", None, None, f"`import auto_circuit` failed: {error}")]
+        return [Row("auto-circuit: not installed", None, None, how=f"`import auto_circuit` failed: {error}")]
     return [AutoCircuitComparison(shape, points).row(repeats)]
 
 
@@ -265,11 +181,10 @@ class AutoCircuitComparison:
         from auto_circuit import prune
         from auto_circuit.data import PromptDataLoader, PromptDataset
         from auto_circuit.utils.graph_utils import patchable_model
-        from transformer_lens import HookedTransformer
 
         prune.tqdm = functools.partial(prune.tqdm, disable=True)
-        self.model = HookedTransformer(_hooked_config(shape)).eval()
-        theirs = HookedTransformer(_hooked_config(shape)).eval()
+        self.model = hooked_transformer(SHAPES[shape])
+        theirs = hooked_transformer(SHAPES[shape])
         theirs.load_state_dict(self.model.state_dict())
         theirs.set_use_attn_result(True)
         theirs.set_use_split_qkv_input(True)
@@ -277,8 +192,9 @@ class AutoCircuitComparison:
         self.patchable = patchable_model(
             theirs, factorized=True, slice_output="last_seq", separate_qkv=True, device=torch.device("cpu")
         )
-        self.orig, self.new, self.metric = inputs(shape)
-        batch = self.orig.shape[0]
+        batch = SHAPES[shape].batch
+        self.orig, self.new = prompt_pairs(batch, SHAPES[shape].seq_len)
+        self.metric = logit_diff(batch)
         dataset = PromptDataset(
             self.orig, self.new, [torch.tensor([ANSWERS[0]])] * batch, [torch.tensor([ANSWERS[1]])] * batch
         )
@@ -344,8 +260,8 @@ class AutoCircuitComparison:
         gap = _gap(ours_values, theirs_values, curve.full, curve.empty)
         largest = max(abs(value) for value in ours_values)
         difference = gap * abs(curve.full - curve.empty)
-        ours = timed(self.ours, repeats)
-        theirs = timed(lambda: self.theirs(counts, prune_scores), repeats)
+        ours = timed(self.ours, repeats).seconds
+        theirs = timed(lambda: self.theirs(counts, prune_scores), repeats).seconds
         version = importlib.metadata.version("auto-circuit")
         how = (
             f"auto-circuit {version} (TransformerLens {importlib.metadata.version('transformer-lens')}): "
@@ -363,29 +279,10 @@ class AutoCircuitComparison:
             f"faithfulness_curve vs auto-circuit `run_circuits`, the same {len(counts)} circuits",
             ours,
             theirs,
-            how,
-            difference / largest,
+            how=how,
+            gap=difference / largest,
+            tolerance=TOLERANCE,
         )
-
-
-def _hooked_config(shape: str):
-    """The HookedTransformer configuration of a GPT-2-shaped model; weights random (seed 0)."""
-    from transformer_lens import HookedTransformerConfig
-
-    size = SHAPES[shape]
-    return HookedTransformerConfig(
-        n_layers=size["n_layer"],
-        n_heads=size["n_head"],
-        d_model=size["n_embd"],
-        d_head=size["n_embd"] // size["n_head"],
-        d_mlp=4 * size["n_embd"],
-        n_ctx=1024,
-        d_vocab=50257,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        seed=0,
-        device="cpu",
-    )
 
 
 def _auto_circuit_name(node, receiver: bool = False) -> str:
@@ -404,43 +301,42 @@ def _logit_difference(logits: torch.Tensor) -> torch.Tensor:
     return (logits[:, ANSWERS[0]] - logits[:, ANSWERS[1]]).mean()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="small shapes, one repeat: a smoke test")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--points", type=int, default=POINTS, help="circuit sizes on the curve")
-    parser.add_argument(
+def parse_args(argv=None) -> argparse.Namespace:
+    benchmark = parser(__doc__, "small shapes, one repeat: a smoke test")
+    benchmark.add_argument("--points", type=int, default=POINTS, help="circuit sizes on the curve")
+    benchmark.add_argument(
         "--sections",
-        type=lambda text: text.split(","),
+        type=comma_separated(SECTIONS),
         default=list(SECTIONS),
         help=f"comma-separated, from: {', '.join(SECTIONS)}",
     )
-    args = parser.parse_args(argv)
-    if not set(args.sections) <= set(SECTIONS):
-        parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
+    args = parse(benchmark, argv)
     if args.points < 2:
-        parser.error("--points: a curve needs at least 2 sizes")
+        benchmark.error("--points: a curve needs at least 2 sizes")
+    return args
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    """The rows of `args.sections`, on the GPT-2-small shape (with `--tiny`, the tiny one)."""
     shape = "tiny" if args.tiny else "gpt2"
-    repeats = 1 if args.tiny else args.repeats
     size = SHAPES[shape]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; TransformerLens "
-        f"{importlib.metadata.version('transformer-lens')}; median of {repeats}; {size['n_layer']} layers, "
-        f"{size['n_head']} heads, d_model {size['n_embd']}, batch {size['batch']} x {size['seq_len']}"
+        f"{machine()}; TransformerLens {importlib.metadata.version('transformer-lens')}; median of {args.repeats}; "
+        f"{size.n_layers} layers, {size.n_heads} heads, d_model {size.d_model}, batch {size.batch} x {size.seq_len}"
     )
-    setup = build(shape) if {"edges", "curve"} & set(args.sections) else None
+    s = setup(size) if {"edges", "curve"} & set(args.sections) else None
     sections = {
-        "edges": lambda: edge_rows(setup, repeats),
-        "curve": lambda: curve_rows(setup, repeats, args.points),
-        "auto_circuit": lambda: auto_circuit_rows(shape, repeats, args.points),
+        "edges": lambda: edge_rows(s, args.repeats),
+        "curve": lambda: curve_rows(s, args.repeats, args.points),
+        "auto_circuit": lambda: auto_circuit_rows(shape, args.repeats, args.points),
     }
-    rows = []
-    for name in args.sections:
-        start = time.perf_counter()
-        rows += sections[name]()
-        print(f"  {name}: measured in {time.perf_counter() - start:.0f} s", flush=True)
-    print_table(rows)
-    return 0 if all(row.passed for row in rows) else 1
+    return run_sections(sections, args.sections)
+
+
+def main(argv=None) -> int:
+    rows = run(parse_args(argv))
+    print_table(rows, COLUMNS)
+    return 0 if all(row.agrees is not False for row in rows) else 1
 
 
 if __name__ == "__main__":

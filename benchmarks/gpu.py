@@ -24,28 +24,38 @@ tolerance of the model's dtype (`TOLERANCE`).
 """
 
 import argparse
-import contextlib
 import gc
 import importlib.metadata
 import os
-import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
+from _harness import (
+    SHAPES,
+    Row,
+    Shape,
+    build,
+    comma_separated,
+    gib,
+    parse,
+    parser,
+    print_table,
+    seconds,
+    speed_up,
+    timed,
+)
 
 from transformer_lens_patching import IterNode, LogitDiff, Node, act_patch, path_patch
 
-TL_MAJOR = int(importlib.metadata.version("transformer-lens").split(".")[0])
-N_PROMPTS, SEQ_LEN = 64, 15
+N_PROMPTS = 64
 CHANGED = (2, 4, 10)
 """The positions where the new prompts differ from the orig ones (the names of an IOI prompt)."""
 ROWS = ("z", "block", "path-mlps", "path-direct")
@@ -63,122 +73,30 @@ GPT2_TARGET = 10.0
 
 
 @dataclass(frozen=True)
-class Shape:
+class Setting:
     label: str
-    family: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_model: int
-    d_mlp: int
-    vocab: int
-    dtype: torch.dtype
-    prompts: int
+    shape: Shape
     baseline_cells: int | None
     """At most this many cells of each baseline run (timed and extrapolated); None: every cell."""
 
 
-SHAPES = {
-    "gpt2": Shape("GPT-2-small shape", "gpt2", 12, 12, 12, 768, 3072, 50257, torch.float32, 8, None),
-    "llama8b": Shape("Llama-3.1-8B shape", "llama", 32, 32, 8, 4096, 14336, 128256, torch.bfloat16, N_PROMPTS, 64),
+def llama(n_layers: int, n_heads: int, n_kv_heads: int, d_model: int, d_mlp: int, vocab: int, prompts: int) -> Shape:
+    """A Llama-family shape with grouped-query attention, in bfloat16."""
+    return Shape(
+        n_layers, n_heads, d_model, d_mlp, vocab, prompts, family="llama", n_kv_heads=n_kv_heads, dtype=torch.bfloat16
+    )
+
+
+MODELS = {
+    "gpt2": Setting("GPT-2-small shape", SHAPES["gpt2"], None),
+    "llama8b": Setting("Llama-3.1-8B shape", llama(32, 32, 8, 4096, 14336, 128256, N_PROMPTS), 64),
 }
 TINY = {
-    "gpt2": Shape("GPT-2 shape, tiny", "gpt2", 2, 2, 2, 32, 128, 1000, torch.float32, 8, None),
-    "llama8b": Shape("Llama shape, tiny", "llama", 2, 4, 2, 32, 64, 1000, torch.bfloat16, 16, 4),
+    "gpt2": Setting("GPT-2 shape, tiny", Shape(2, 2, 32, 128, vocab=1000), None),
+    "llama8b": Setting("Llama shape, tiny", llama(2, 4, 2, 32, 64, 1000, 16), 4),
 }
 """`--tiny`: the same code on shapes that run in seconds on one CPU core (every baseline of the
 Llama shape sampled, as on the 8B one)."""
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def hf_model(shape: Shape, device: torch.device):
-    """A random Hugging Face model of `shape`, created on `device` in its dtype (no host copy)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    if shape.family == "gpt2":
-        config = GPT2Config(
-            vocab_size=shape.vocab,
-            n_positions=1024,
-            n_layer=shape.n_layers,
-            n_head=shape.n_heads,
-            n_embd=shape.d_model,
-            n_inner=shape.d_mlp,
-        )
-        model_class = GPT2LMHeadModel
-    else:
-        config = LlamaConfig(
-            vocab_size=shape.vocab,
-            hidden_size=shape.d_model,
-            intermediate_size=shape.d_mlp,
-            num_hidden_layers=shape.n_layers,
-            num_attention_heads=shape.n_heads,
-            num_key_value_heads=shape.n_kv_heads,
-            max_position_embeddings=2048,
-            rope_theta=500000.0,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-        )
-        model_class = LlamaForCausalLM
-    with default_dtype(shape.dtype), device:
-        return model_class(config).eval()
-
-
-def bridge(shape: Shape, device: torch.device):
-    """A TransformerBridge of a random model of `shape`. GPT-2 gets HookedTransformer numerics
-    (`enable_compatibility_mode()`); the Llama shape only the hook names, without weight
-    processing (random weights have nothing to fold, and folding copies every weight)."""
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer
-
-    from transformer_lens_patching._embedded import hf_folder
-
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder()))
-    model = TransformerBridge.boot_transformers(
-        shape.family, hf_model=hf_model(shape, device), tokenizer=tokenizer, device=str(device), dtype=shape.dtype
-    )
-    model.enable_compatibility_mode(no_processing=shape.family == "llama")
-    return model
-
-
-def hooked_transformer(shape: Shape, device: torch.device):
-    """A random HookedTransformer of `shape` (TransformerLens 2), created on `device`."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    llama = shape.family == "llama"
-    config = HookedTransformerConfig(
-        n_layers=shape.n_layers,
-        d_model=shape.d_model,
-        n_heads=shape.n_heads,
-        d_head=shape.d_model // shape.n_heads,
-        d_mlp=shape.d_mlp,
-        d_vocab=shape.vocab,
-        n_ctx=1024,
-        act_fn="silu" if llama else "gelu_new",
-        normalization_type="RMS" if llama else "LN",
-        positional_embedding_type="rotary" if llama else "standard",
-        gated_mlp=llama,
-        n_key_value_heads=shape.n_kv_heads if llama else None,
-        rotary_base=500000 if llama else 10000,
-        dtype=shape.dtype,
-        device=str(device),
-        seed=0,
-    )
-    with device:
-        return HookedTransformer(config).eval()
-
-
-def build(shape: Shape, device: torch.device):
-    torch.manual_seed(0)
-    return bridge(shape, device) if TL_MAJOR >= 4 else hooked_transformer(shape, device)
 
 
 @dataclass
@@ -190,12 +108,12 @@ class Inputs:
 
 
 def inputs(shape: Shape, device: torch.device) -> Inputs:
-    """`shape.prompts` prompt pairs of random tokens, differing at `CHANGED`."""
+    """`shape.batch` prompt pairs of random tokens, differing at `CHANGED`."""
     generator = torch.Generator().manual_seed(0)
     span = shape.vocab - 100
-    orig = torch.randint(100, shape.vocab, (shape.prompts, SEQ_LEN), generator=generator)
+    orig = torch.randint(100, shape.vocab, (shape.batch, shape.seq_len), generator=generator)
     new = orig.clone()
-    shift = torch.randint(1, span, (shape.prompts, len(CHANGED)), generator=generator)
+    shift = torch.randint(1, span, (shape.batch, len(CHANGED)), generator=generator)
     new[:, CHANGED] = 100 + (orig[:, CHANGED] - 100 + shift) % span
     answers = torch.stack([orig[:, CHANGED[0]], new[:, CHANGED[0]]], dim=1)
     return Inputs(orig.to(device), new.to(device), answers)
@@ -213,51 +131,8 @@ def logit_diff_function(answers: torch.Tensor) -> Callable:
     return metric
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """The peak memory of the code inside: on CUDA the allocator's peak of allocated and of reserved
-    bytes (reset at entry), on the CPU the resident size sampled every millisecond (both peaks)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.allocated = self.reserved = 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.allocated = _rss()
-            self._running = True
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self.allocated = max(self.allocated, _rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.allocated = torch.cuda.max_memory_allocated(self.device)
-            self.reserved = torch.cuda.max_memory_reserved(self.device)
-        else:
-            self._running = False
-            self._thread.join()
-            self.reserved = self.allocated = max(self.allocated, _rss())
-
-
 @dataclass
-class Timing:
+class Measured:
     seconds: float
     allocated: int
     reserved: int
@@ -265,25 +140,15 @@ class Timing:
     """The values of the last run, flattened, float64 on the CPU."""
 
 
-def timed(
-    run: Callable[[], torch.Tensor], repeats: int, device: torch.device, warm_up: Callable[[], object] | None = None
-) -> Timing:
-    """The median seconds of `run` over `repeats` runs, after one warm-up run (`warm_up`, or `run`
-    itself); the peak memory over the runs, and the last run's values."""
-    with torch.no_grad():
-        (warm_up or run)()
-        synchronize(device)
-        times, allocated, reserved = [], 0, 0
-        for _ in range(repeats):
-            with PeakMemory(device) as peak:
-                synchronize(device)
-                start = time.perf_counter()
-                values = run()
-                synchronize(device)
-                times.append(time.perf_counter() - start)
-            allocated, reserved = max(allocated, peak.allocated), max(reserved, peak.reserved)
-    values = torch.as_tensor(values).detach().to("cpu", torch.float64).flatten()
-    return Timing(statistics.median(times), allocated, reserved, values)
+def measured(
+    run: Callable[[], torch.Tensor], repeats: int, device: torch.device, warm_up: Callable[[], object]
+) -> Measured:
+    """The median seconds of `run` over `repeats` runs, without gradients, after one `warm_up` run;
+    the peak memory over the runs, and the last run's values."""
+    timing = timed(run, repeats, device=device, warm_up=warm_up, memory=True, release=False, grad=False)
+    values = torch.as_tensor(timing.result).detach().to("cpu", torch.float64).flatten()
+    allocated = max(peak.peak for peak in timing.peaks)
+    return Measured(timing.seconds, allocated, max(peak.reserved for peak in timing.peaks), values)
 
 
 def sample(n_cells: int, cap: int | None) -> list[int]:
@@ -352,9 +217,9 @@ def block_case(model, data: Inputs, new_cache, metric, baseline_metric, budget: 
     layer, position)."""
     from transformer_lens import patching
 
-    n_layers = model.cfg.n_layers
+    n_layers, seq_len = model.cfg.n_layers, data.orig.shape[1]
     helpers = (patching.get_act_patch_resid_pre, patching.get_act_patch_attn_out, patching.get_act_patch_mlp_out)
-    per_component = n_layers * SEQ_LEN
+    per_component = n_layers * seq_len
 
     def ours() -> torch.Tensor:
         results = act_patch(
@@ -369,7 +234,7 @@ def block_case(model, data: Inputs, new_cache, metric, baseline_metric, budget: 
         for component, helper in enumerate(helpers):
             mine = [cell - component * per_component for cell in cells if cell // per_component == component]
             if mine:
-                frame = index_frame(mine, (n_layers, SEQ_LEN), ("layer", "pos"))
+                frame = index_frame(mine, (n_layers, seq_len), ("layer", "pos"))
                 values.append(
                     helper(model, data.orig, new_cache, baseline_metric, index_axis_names=None, index_df=frame)
                 )
@@ -477,80 +342,53 @@ def path_case(model, data: Inputs, caches, metric, baseline_metric, budget: dict
     )
 
 
-@dataclass
-class Row:
-    name: str
-    ours: Timing
-    baseline: Timing
-    baseline_seconds: float
-    """The baseline's seconds for every cell: measured, or extrapolated from `cells_run`."""
-    cells_run: int
-    n_cells: int
-    gap: float
-    """The largest |ours - baseline| over the baseline's largest |value|."""
-    spread_gap: float
-    """The same over the spread of the baseline's values (largest - smallest): what patching compares."""
-    tolerance: float
-    target: str
-    target_met: bool | None
-
-    @property
-    def ratio(self) -> float:
-        return self.baseline_seconds / self.ours.seconds
-
-    @property
-    def agrees(self) -> bool:
-        return self.gap <= self.tolerance
-
-
-def _gib(value: int) -> str:
-    return f"{value / 2**30:.2f} GiB"
-
-
-def _seconds(value: float) -> str:
-    return f"{value:.3g} s" if value < 1000 else f"{value:,.0f} s"
-
-
-def _less(timing: Timing, held: int) -> Timing:
+def _less(timing: Measured, held: int) -> Measured:
     return replace(timing, allocated=timing.allocated - held, reserved=timing.reserved - held)
 
 
-def measure(
-    case: Case, shape: Shape, repeats: int, device: torch.device, cap: int | None, tiny: bool, held: int = 0
-) -> Row:
+def _target(case: Case, shape: Shape, ratio: float, reserved: int, tiny: bool, device: torch.device):
+    """What the row is to reach, and whether it did (None: nothing to reach, or not checked here)."""
+    if case.key != "z":
+        return "-", None
+    if tiny or device.type != "cuda":
+        return "not checked (tiny)" if tiny else "not checked (no GPU)", None
+    if shape.family == "gpt2":
+        return f"{ratio:.1f}x >= {GPT2_TARGET:.0f}x", ratio >= GPT2_TARGET
+    return f"peak reserved {gib(reserved)} <= {gib(H100_BYTES)}, one H100", reserved <= H100_BYTES
+
+
+def measure(case: Case, shape: Shape, args, cap: int | None, title: str, held: int = 0) -> Row:
     """Time both sides of `case`; the baseline on `sample(n_cells, cap)` cells, its time scaled to all;
-    `held` bytes (see `h100_ballast`) taken off the peaks."""
+    `held` bytes (see `h100_ballast`) taken off the peaks. The row's details: the baseline's seconds
+    as run (`measured_seconds`) on `cells_run` of `n_cells` cells, `peak_memory` (ours, baseline),
+    `spread_gap` (the largest difference over the spread of the baseline's values, largest - smallest:
+    what patching compares), and the `target` and whether it was met (`target_met`)."""
     cells = sample(case.baseline.n_cells, cap)
-    ours = _less(timed(case.ours, repeats, device), held)
-    baseline = timed(lambda: case.baseline.run(cells), repeats, device, warm_up=lambda: case.baseline.run(cells[:1]))
+    ours = _less(measured(case.ours, args.repeats, args.device, warm_up=case.ours), held)
+    baseline = measured(
+        lambda: case.baseline.run(cells), args.repeats, args.device, warm_up=lambda: case.baseline.run(cells[:1])
+    )
     baseline = _less(baseline, held)
     theirs = baseline.values
     difference = (ours.values[cells] - theirs).abs().max()
-    gap = float(difference / theirs.abs().max().clamp_min(1e-30))
-    spread_gap = float(difference / (theirs.max() - theirs.min()).clamp_min(1e-30))
-    row = Row(
+    baseline_seconds = baseline.seconds * case.baseline.n_cells / len(cells)
+    target, met = _target(case, shape, baseline_seconds / ours.seconds, ours.reserved, args.tiny, args.device)
+    return Row(
         case.name,
-        ours,
-        baseline,
-        baseline.seconds * case.baseline.n_cells / len(cells),
-        len(cells),
-        case.baseline.n_cells,
-        gap,
-        spread_gap,
-        TOLERANCE[shape.dtype],
-        "-",
-        None,
-    )
-    if case.key != "z":
-        return row
-    if tiny or device.type != "cuda":
-        return replace(row, target="not checked (tiny)" if tiny else "not checked (no GPU)")
-    if shape.family == "gpt2":
-        return replace(row, target=f"{row.ratio:.1f}x >= {GPT2_TARGET:.0f}x", target_met=row.ratio >= GPT2_TARGET)
-    return replace(
-        row,
-        target=f"peak reserved {_gib(ours.reserved)} <= {_gib(H100_BYTES)}, one H100",
-        target_met=ours.reserved <= H100_BYTES,
+        ours.seconds,
+        baseline_seconds,
+        gap=float(difference / theirs.abs().max().clamp_min(1e-30)),
+        tolerance=TOLERANCE[shape.dtype],
+        group=title,
+        details={
+            "measured_seconds": baseline.seconds,
+            "cells_run": len(cells),
+            "n_cells": case.baseline.n_cells,
+            "peak_memory": (ours.allocated, baseline.allocated),
+            "spread_gap": float(difference / (theirs.max() - theirs.min()).clamp_min(1e-30)),
+            "target": target,
+            "target_met": met,
+        },
     )
 
 
@@ -589,30 +427,41 @@ the cells the baseline ran, against the dtype's tolerance; then the same over th
 baseline's values (largest - smallest), for information."""
 
 
-def print_table(title: str, rows: list[Row]) -> None:
-    """The rows of one model in Markdown."""
-    print(
-        f"\n{title}\n\n| row | ours | baseline | ratio (baseline / ours) | peak memory, ours / baseline "
-        "| target met? | values agree |\n|---|---|---|---|---|---|---|"
-    )
-    for row in rows:
-        baseline = _seconds(row.baseline_seconds)
-        if row.cells_run < row.n_cells:
-            baseline += f" (extrapolated from {row.cells_run} of {row.n_cells} cells, {_seconds(row.baseline.seconds)})"
-        met = row.target if row.target_met is None else f"{'yes' if row.target_met else '**no**'} ({row.target})"
-        agree = f"yes ({row.gap:.1e} <= {row.tolerance:.0e}" if row.agrees else f"**no** ({row.gap:.1e}"
-        agree += f"; {row.spread_gap:.1e} of the spread)"
-        print(
-            f"| {row.name} | {_seconds(row.ours.seconds)} | {baseline} | **{row.ratio:,.1f}x** | "
-            f"{_gib(row.ours.allocated)} / {_gib(row.baseline.allocated)} | {met} | {agree} |"
-        )
+def _baseline(row: Row) -> str:
+    run, cells = row.details["cells_run"], row.details["n_cells"]
+    if run == cells:
+        return seconds(row.baseline)
+    measured_seconds = seconds(row.details["measured_seconds"])
+    return f"{seconds(row.baseline)} (extrapolated from {run} of {cells} cells, {measured_seconds})"
+
+
+def _target_met(row: Row) -> str:
+    target, met = row.details["target"], row.details["target_met"]
+    return target if met is None else f"{'yes' if met else '**no**'} ({target})"
+
+
+def _agree(row: Row) -> str:
+    text = f"yes ({row.gap:.1e} <= {row.tolerance:.0e}" if row.agrees else f"**no** ({row.gap:.1e}"
+    return text + f"; {row.details['spread_gap']:.1e} of the spread)"
+
+
+COLUMNS = {
+    "row": lambda row: row.name,
+    "ours": lambda row: seconds(row.ours),
+    "baseline": _baseline,
+    "ratio (baseline / ours)": lambda row: speed_up(row.ratio),
+    "peak memory, ours / baseline": lambda row: " / ".join(map(gib, row.details["peak_memory"])),
+    "target met?": _target_met,
+    "values agree": _agree,
+}
+"""One table per model (the rows' group)."""
 
 
 def device_text(device: torch.device) -> str:
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         tf32 = "on" if torch.backends.cuda.matmul.allow_tf32 else "off"
-        return f"{properties.name} ({_gib(properties.total_memory)}), CUDA {torch.version.cuda}, TF32 matmuls {tf32}"
+        return f"{properties.name} ({gib(properties.total_memory)}), CUDA {torch.version.cuda}, TF32 matmuls {tf32}"
     return f"CPU ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
 
 
@@ -626,99 +475,98 @@ def h100_ballast(shape: Shape, device: torch.device) -> torch.Tensor | None:
     return torch.empty(extra, dtype=torch.uint8, device=device) if extra > 0 else None
 
 
-def run_shape(key: str, shape: Shape, rows: Sequence[str], args, device: torch.device) -> list[Row]:
-    """Build the model of `shape` on `device` and measure `rows` on it; print its table."""
+def model_rows(key: str, setting: Setting, rows: Sequence[str], args) -> list[Row]:
+    """Build the model of `setting` on `args.device` and measure `rows` on it, grouped under its title."""
+    shape, device = setting.shape, args.device
     start = time.perf_counter()
     ballast = None if args.tiny else h100_ballast(shape, device)
     held = 0 if ballast is None else ballast.numel()
     model = build(shape, device)
     data = inputs(shape, device)
     built = time.perf_counter() - start
-    cap = shape.baseline_cells if args.baseline_cells is None else args.baseline_cells
+    cap = setting.baseline_cells if args.baseline_cells is None else args.baseline_cells
     cfg = model.cfg
     title = (
-        f"## {shape.label} ({type(model).__name__}): {cfg.n_layers} layers, {cfg.n_heads} heads "
-        f"({shape.n_kv_heads} key/value), d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, vocabulary {cfg.d_vocab}, "
-        f"{str(shape.dtype).removeprefix('torch.')}, {shape.prompts} prompts x {SEQ_LEN} tokens; metric a "
-        f"{'LogitDiff object' if args.metric == 'object' else 'plain function'} for ours, its memory budget "
-        f"{'the default' if args.max_memory_gib is None else f'{args.max_memory_gib:g} GiB'}; built in "
+        f"## {setting.label} ({type(model).__name__}): {cfg.n_layers} layers, {cfg.n_heads} heads "
+        f"({shape.n_kv_heads or shape.n_heads} key/value), d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, vocabulary "
+        f"{cfg.d_vocab}, {str(shape.dtype).removeprefix('torch.')}, {shape.batch} prompts x {shape.seq_len} tokens; "
+        f"metric a {'LogitDiff object' if args.metric == 'object' else 'plain function'} for ours, its memory "
+        f"budget {'the default' if args.max_memory_gib is None else f'{args.max_memory_gib:g} GiB'}; built in "
         f"{built:.0f} s"
     )
     if held:
         title += (
-            f"; {_gib(held)} held unused throughout, so that the GPU has an H100's memory (subtracted from the peaks)"
+            f"; {gib(held)} held unused throughout, so that the GPU has an H100's memory (subtracted from the peaks)"
         )
-    measured = []
+    measured_rows = []
     for make in cases(model, data, rows, args):
         case = make()
         began = time.perf_counter()
-        measured.append(measure(case, shape, args.repeats, device, cap, args.tiny, held))
+        measured_rows.append(measure(case, shape, args, cap, title, held))
         print(f"  {key} {case.key}: measured in {time.perf_counter() - began:.0f} s", flush=True)
         del case
-    print_table(title, measured)
     del model, ballast
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return measured
+    return measured_rows
 
 
-def rows_arg(text: str) -> list[str]:
-    keys = text.split(",")
-    unknown = set(keys) - set(ROWS)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
-    return keys
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, one repeat: a smoke test")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda, or cpu with --tiny)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
+def parse_args(argv=None) -> argparse.Namespace:
+    benchmark = parser(__doc__, "tiny shapes on the CPU, one repeat: a smoke test")
+    benchmark.add_argument("--device", help="cuda or cpu (default: cuda, or cpu with --tiny)")
+    benchmark.add_argument(
         "--models",
-        type=lambda text: text.split(","),
-        default=list(SHAPES),
-        help=f"comma-separated, from: {', '.join(SHAPES)}",
+        type=comma_separated(list(MODELS)),
+        default=list(MODELS),
+        help=f"comma-separated, from: {', '.join(MODELS)}",
     )
-    parser.add_argument("--rows", type=rows_arg, default=list(ROWS), help=f"GPT-2 rows, from: {', '.join(ROWS)}")
-    parser.add_argument("--llama-rows", type=rows_arg, help="rows on the 8B shape (default: z; every row with --tiny)")
-    parser.add_argument(
+    rows = comma_separated(ROWS)
+    benchmark.add_argument("--rows", type=rows, default=list(ROWS), help=f"GPT-2 rows, from: {', '.join(ROWS)}")
+    benchmark.add_argument("--llama-rows", type=rows, help="rows on the 8B shape (default: z; every row with --tiny)")
+    benchmark.add_argument(
         "--baseline-cells",
         type=int,
         help="run at most this many cells of each baseline and "
         "extrapolate (default: every cell on GPT-2, 64 on the 8B shape)",
     )
-    parser.add_argument(
+    benchmark.add_argument(
         "--metric",
         choices=("object", "function"),
         default="object",
         help="ours: a LogitDiff object (reads two logits) or a function (reads all)",
     )
-    parser.add_argument("--max-memory-gib", type=float, help="our calls' max_memory (default: the library's)")
-    args = parser.parse_args(argv)
-    if not set(args.models) <= set(SHAPES):
-        parser.error(f"--models: choose from {', '.join(SHAPES)}")
+    benchmark.add_argument("--max-memory-gib", type=float, help="our calls' max_memory (default: the library's)")
+    args = parse(benchmark, argv)
     if args.baseline_cells is not None and args.baseline_cells < 1:
-        parser.error("--baseline-cells: at least 1")
-    device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("No CUDA device: run with --tiny (tiny shapes on the CPU), or --device cpu for the full shapes.")
-        return 2
-    if args.tiny:
-        args.repeats = 1
+        benchmark.error("--baseline-cells: at least 1")
+    args.device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if args.llama_rows is None:
         args.llama_rows = list(ROWS) if args.tiny else ["z"]
-    shapes = TINY if args.tiny else SHAPES
+    return args
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    """The rows of each of `args.models` (with `--tiny`, of its tiny shape) on `args.device`."""
+    settings = TINY if args.tiny else MODELS
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("transformer-lens", "transformers"))
     print(
-        f"device {device_text(device)}; torch {torch.__version__}, {versions}; "
+        f"device {device_text(args.device)}; torch {torch.__version__}, {versions}; "
         f"median of {args.repeats} after a warm-up run"
     )
     rows = []
     for key in args.models:
-        rows += run_shape(key, shapes[key], args.rows if key == "gpt2" else args.llama_rows, args, device)
+        rows += model_rows(key, settings[key], args.rows if key == "gpt2" else args.llama_rows, args)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        print("No CUDA device: run with --tiny (tiny shapes on the CPU), or --device cpu for the full shapes.")
+        return 2
+    rows = run(args)
+    print_table(rows, COLUMNS)
     print(f"\n{NOTES}")
     return 0 if all(row.agrees for row in rows) else 1
 

@@ -3,7 +3,7 @@ prior art's one-or-two-full-passes-per-node algorithm, measured in one process.
 
     python benchmarks/sweeps.py                  # GPT-2-small shape (random weights) and SmolLM2-135M
     python benchmarks/sweeps.py --models gpt2    # GPT-2-small shape only
-    python benchmarks/sweeps.py --quick          # one repeat, small model: checks that it runs
+    python benchmarks/sweeps.py --tiny           # one repeat, small model: checks that it runs
 
 For each sweep it prints the median wall time of each method over the repeats and their
 ratio next to the arithmetic bound (the multiply-adds of the baseline over the minimum the
@@ -16,40 +16,43 @@ baseline is timed once, as it computes full logits either way.
 """
 
 import argparse
-import ctypes
-import gc
 import os
-import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
-import torch  # noqa: E402
+import torch
+from _harness import (
+    ANSWERS,
+    SHAPES,
+    PeakMemory,
+    Row,
+    Shape,
+    build,
+    comma_separated,
+    logit_diff,
+    machine,
+    mib,
+    parse,
+    parser,
+    print_table,
+    prompt_pairs,
+    seconds,
+    timed,
+)
 
-from transformer_lens_patching import IterNode, Node, act_patch, path_patch  # noqa: E402
-from transformer_lens_patching._core.memory import DEFAULT_MAX_MEMORY  # noqa: E402
-from transformer_lens_patching.metrics import LogitDiff  # noqa: E402
+from transformer_lens_patching import IterNode, Node, act_patch, path_patch
+from transformer_lens_patching._core.memory import DEFAULT_MAX_MEMORY
 
 BATCH, SEQ_LEN = 8, 15
 SWEEPS = ("z", "block", "path-logits", "path-q", "neurons")
-
-
-def gpt2_small_shape(tokenizer, quick: bool):
-    """A random GPT-2-small-shaped TransformerBridge (12 layers, 12 heads, d_model 768)."""
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    size = dict(n_layer=4, n_head=4, n_embd=128) if quick else dict(n_layer=12, n_head=12, n_embd=768)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **size)).eval()
-    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device="cpu")
-    model.enable_compatibility_mode()
-    return model
+MODELS = ("gpt2", "smollm2")
+TINY = Shape(4, 4, 128, 512)
+"""`--tiny`'s model, in place of the GPT-2-small shape."""
 
 
 class LayerCounter:
@@ -83,43 +86,6 @@ class LayerCounter:
             handle.remove()
 
 
-class PeakMemory:
-    """Peak resident memory, above the level at entry, sampled every millisecond. Memory
-    the allocator kept from earlier work is handed back first, so that it is not reused
-    unseen."""
-
-    def __enter__(self):
-        gc.collect()
-        _LIBC.malloc_trim(0)
-        self.base = self.peak = _rss()
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._running = False
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def increase(self) -> int:
-        return self.peak - self.base
-
-
-_LIBC = ctypes.CDLL("libc.so.6")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @dataclass
 class Measured:
     seconds: float
@@ -128,16 +94,17 @@ class Measured:
     memory: int
 
 
-def timed(function: Callable, repeats: int, model) -> Measured:
-    """Median seconds over `repeats` runs; evaluations and peak memory of the last run."""
-    times = []
-    for _ in range(repeats):
-        with LayerCounter(model) as counter, PeakMemory() as memory:
-            start = time.perf_counter()
-            with torch.no_grad():
-                function()
-            times.append(time.perf_counter() - start)
-    return Measured(statistics.median(times), counter.attention, counter.mlp, memory.increase)
+def measured(function: Callable, repeats: int, model) -> Measured:
+    """Median seconds over `repeats` runs without gradients; evaluations and peak memory above start
+    of the last run."""
+
+    def counted():
+        with LayerCounter(model) as counter:
+            function()
+        return counter
+
+    timing = timed(counted, repeats, memory=True, grad=False)
+    return Measured(timing.seconds, timing.result.attention, timing.result.mlp, timing.peaks[-1].increase)
 
 
 def prior_art_path_patch(model, orig, new, senders, receivers, metric):
@@ -286,28 +253,6 @@ def path_minimum(
     return work
 
 
-def report(sweep: "Sweep", ours: Measured, selected: Measured, baseline: Measured, model, rwc: int) -> None:
-    budget = DEFAULT_MAX_MEMORY["cpu"]
-    print(sweep.name)
-    for label, measured, minimum in (
-        ("ours", ours, sweep.minimum),
-        ("ours, LogitDiff object", selected, sweep.selected_minimum),
-    ):
-        bound = sweep.baseline_work.macs(model) / minimum.macs(model)
-        print(
-            f"  {label:22s} {measured.seconds:7.2f} s   baseline {baseline.seconds:7.2f} s   speed-up "
-            f"{baseline.seconds / measured.seconds:5.2f}x   (arithmetic bound {bound:.2f}x)\n"
-            f"    attention / MLP layer evaluations {measured.attention:.0f} / {measured.mlp:.0f} "
-            f"(minimum {minimum.attention:.0f} / {minimum.mlp:.0f}); "
-            f"peak memory above start {measured.memory / 2**20:.0f} MiB"
-        )
-    print(
-        f"  baseline: attention / MLP layer evaluations {baseline.attention:.0f} / {baseline.mlp:.0f}; peak memory "
-        f"{baseline.memory / 2**20:.0f} MiB; memory limit 1.5 x run_with_cache ({rwc / 2**20:.0f} MiB) + budget "
-        f"({budget / 2**20:.0f} MiB) = {(1.5 * rwc + budget) / 2**20:.0f} MiB"
-    )
-
-
 @dataclass
 class Sweep:
     key: str
@@ -403,90 +348,159 @@ def sweeps_of(model, orig, new, new_cache, metric, n_neurons: int) -> list[Sweep
     ]
 
 
-def run(model, label: str, repeats: int, n_neurons: int, keys: set[str], memory_only: bool) -> None:
-    """Time (or with `memory_only`, only measure the peak memory of) each sweep in `keys`."""
-    generator = torch.Generator().manual_seed(0)
-    orig = torch.randint(100, 20000, (BATCH, SEQ_LEN), generator=generator)
-    new = torch.randint(100, 20000, (BATCH, SEQ_LEN), generator=generator)
+def sweep_rows(sweep: Sweep, ours: Measured, selected: Measured, baseline: Measured, model, title: str) -> list[Row]:
+    """Ours with the metric as a plain function and as a LogitDiff object, each against the baseline."""
+    return [
+        Row(
+            sweep.name,
+            measured.seconds,
+            baseline.seconds,
+            group=title,
+            details={
+                "metric": form,
+                "bound": sweep.baseline_work.macs(model) / minimum.macs(model),
+                "evaluations": (measured.attention, measured.mlp),
+                "minimum": (minimum.attention, minimum.mlp),
+                "baseline_evaluations": (baseline.attention, baseline.mlp),
+                "peak_memory": (measured.memory, baseline.memory),
+            },
+        )
+        for form, measured, minimum in (
+            ("plain function", ours, sweep.minimum),
+            ("LogitDiff object", selected, sweep.selected_minimum),
+        )
+    ]
+
+
+def model_rows(model, label: str, args: argparse.Namespace) -> list[Row]:
+    """Time (or with `--memory-only`, only measure the peak memory of) each of `args.sweeps` on `model`."""
+    orig, new = prompt_pairs(BATCH, SEQ_LEN)
     with torch.no_grad():
         _, new_cache = model.run_with_cache(new)
         with PeakMemory() as rwc:
             model.run_with_cache(orig)
 
     def metric(logits):
-        return (logits[:, -1, 5] - logits[:, -1, 6]).mean()
+        return (logits[:, -1, ANSWERS[0]] - logits[:, -1, ANSWERS[1]]).mean()
 
-    metric_object = LogitDiff(torch.tensor([[5, 6]] * BATCH))
+    metric_object = logit_diff(BATCH)
     cfg = model.cfg
-    print(
-        f"\n== {label}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, batch {BATCH} x {SEQ_LEN}; "
-        f"one run_with_cache: {rwc.increase / 2**20:.0f} MiB =="
+    budget = DEFAULT_MAX_MEMORY["cpu"]
+    limit = 1.5 * rwc.increase + budget
+    title = (
+        f"## {label}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, batch {BATCH} x {SEQ_LEN}; "
+        f"one run_with_cache: {mib(rwc.increase)}; memory limit 1.5 x that + budget ({mib(budget)}) = {mib(limit)}"
     )
-    limit = 1.5 * rwc.increase + DEFAULT_MAX_MEMORY["cpu"]
-    for sweep in sweeps_of(model, orig, new, new_cache, metric, n_neurons):
-        if sweep.key not in keys:
+    rows = []
+    for sweep in sweeps_of(model, orig, new, new_cache, metric, args.neurons):
+        if sweep.key not in args.sweeps:
             continue
-        if memory_only:
-            for form, used in (("function", metric), ("LogitDiff object", metric_object)):
+        start = time.perf_counter()
+        if args.memory_only:
+            for form, used in (("plain function", metric), ("LogitDiff object", metric_object)):
                 with torch.no_grad(), PeakMemory() as peak:
                     sweep.ours(used)
-                print(
-                    f"{sweep.name}, metric a {form}\n  peak memory above start: {peak.increase / 2**20:.0f} MiB "
-                    f"(limit {limit / 2**20:.0f} MiB)"
-                )
+                details = {"metric": form, "run_with_cache": rwc.increase}
+                rows.append(Row(sweep.name, peak.increase, limit, unit="B", group=title, details=details))
         else:
-            ours = timed(lambda: sweep.ours(metric), repeats, model)
-            selected = timed(lambda: sweep.ours(metric_object), repeats, model)
-            baseline = timed(sweep.baseline, repeats, model)
-            report(sweep, ours, selected, baseline, model, rwc.increase)
+            ours = measured(lambda: sweep.ours(metric), args.repeats, model)
+            selected = measured(lambda: sweep.ours(metric_object), args.repeats, model)
+            baseline = measured(sweep.baseline, args.repeats, model)
+            rows += sweep_rows(sweep, ours, selected, baseline, model, title)
+        print(f"  {label} {sweep.key}: measured in {time.perf_counter() - start:.0f} s", flush=True)
+    return rows
 
 
-def memory_at_batch(model, batch: int) -> None:
+def memory_at_batch(model, batch: int) -> Row:
     """Peak memory of a sweep at a large batch with default settings, against one run_with_cache."""
-    generator = torch.Generator().manual_seed(1)
-    orig = torch.randint(100, 20000, (batch, SEQ_LEN), generator=generator)
-    new = torch.randint(100, 20000, (batch, SEQ_LEN), generator=generator)
+    orig, new = prompt_pairs(batch, SEQ_LEN, seed=1)
     layers = [0, model.cfg.n_layers - 1]
     with torch.no_grad():
         with PeakMemory() as rwc:
             model.run_with_cache(orig)
         with PeakMemory() as sweep:
             act_patch(model, orig, IterNode("z", layers=layers), lambda logits: logits[:, -1, 5].mean(), new_input=new)
-    limit = 1.5 * rwc.increase + DEFAULT_MAX_MEMORY["cpu"]
-    print(
-        f'\n== memory at batch {batch} x {SEQ_LEN}, act_patch IterNode("z", layers={layers}), default settings ==\n'
-        f"  peak above start: sweep {sweep.increase / 2**20:.0f} "
-        f"MiB, one run_with_cache {rwc.increase / 2**20:.0f} MiB, "
-        f"limit {limit / 2**20:.0f} MiB"
+    return Row(
+        f'act_patch IterNode("z", layers={layers})',
+        sweep.increase,
+        1.5 * rwc.increase + DEFAULT_MAX_MEMORY["cpu"],
+        unit="B",
+        group=f"## memory at batch {batch} x {SEQ_LEN}, default settings",
+        details={"metric": "plain function", "run_with_cache": rwc.increase},
     )
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one repeat on a small model: a smoke test")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", default="gpt2,smollm2", help="comma-separated: gpt2 (GPT-2-small shape), smollm2")
-    parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, from: {', '.join(SWEEPS)}")
-    parser.add_argument("--memory-only", action="store_true", help="only the peak memory of this library's sweeps")
-    parser.add_argument("--neurons", type=int, default=256, help="neurons in the neuron sweep (3072: all of GPT-2's)")
-    args = parser.parse_args(argv)
-    from transformers import AutoTokenizer
+def _evaluations(row: Row) -> str:
+    (attention, mlp), (least_attention, least_mlp) = row.details["evaluations"], row.details["minimum"]
+    return f"{attention:.0f} / {mlp:.0f} ({least_attention:.0f} / {least_mlp:.0f})"
 
+
+def _baseline_evaluations(row: Row) -> str:
+    attention, mlp = row.details["baseline_evaluations"]
+    return f"{attention:.0f} / {mlp:.0f}"
+
+
+TIME_COLUMNS = {
+    "sweep": lambda row: row.name,
+    "metric": lambda row: row.details["metric"],
+    "ours": lambda row: seconds(row.ours),
+    "baseline": lambda row: seconds(row.baseline),
+    "speed-up": lambda row: f"**{row.ratio:.2f}x**",
+    "arithmetic bound": lambda row: f"{row.details['bound']:.2f}x",
+    "attention / MLP layer evaluations (minimum)": _evaluations,
+    "baseline's evaluations": _baseline_evaluations,
+    "peak memory above start, ours / baseline": lambda row: " / ".join(map(mib, row.details["peak_memory"])),
+}
+MEMORY_COLUMNS = {
+    "sweep": lambda row: row.name,
+    "metric": lambda row: row.details["metric"],
+    "peak memory above start": lambda row: mib(row.ours),
+    "one run_with_cache": lambda row: mib(row.details["run_with_cache"]),
+    "limit": lambda row: mib(row.baseline),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    benchmark = parser(__doc__, "one repeat on a small model, GPT-2 shape only: a smoke test")
+    benchmark.add_argument(
+        "--models",
+        type=comma_separated(MODELS),
+        default=list(MODELS),
+        help="comma-separated: gpt2 (GPT-2-small shape), smollm2",
+    )
+    benchmark.add_argument(
+        "--sweeps",
+        type=comma_separated(SWEEPS),
+        default=list(SWEEPS),
+        help=f"comma-separated, from: {', '.join(SWEEPS)}",
+    )
+    benchmark.add_argument("--memory-only", action="store_true", help="only the peak memory of this library's sweeps")
+    benchmark.add_argument("--neurons", type=int, default=256, help="neurons in the neuron sweep (3072: all GPT-2's)")
+    return parse(benchmark, argv)
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    """The rows of `args.sweeps` on each of `args.models` (with `--tiny`, a small GPT-2 shape only)."""
     from transformer_lens_patching import load_smollm2
-    from transformer_lens_patching._embedded import hf_folder
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    repeats = 1 if args.quick else args.repeats
-    models = args.models.split(",")
-    sweeps = set(args.sweeps.split(","))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {repeats}")
-    if "gpt2" in models:
-        model = gpt2_small_shape(AutoTokenizer.from_pretrained(str(hf_folder())), args.quick)
-        run(model, "GPT-2-small shape, random weights", repeats, args.neurons, sweeps, args.memory_only)
-        memory_at_batch(model, 64)
-    if "smollm2" in models and not args.quick:
-        run(load_smollm2(), "SmolLM2-135M", repeats, args.neurons, sweeps, args.memory_only)
+    print(f"{machine()}; median of {args.repeats}")
+    rows = []
+    if "gpt2" in args.models:
+        model = build(TINY if args.tiny else SHAPES["gpt2"])
+        rows += model_rows(model, "GPT-2-small shape, random weights", args)
+        rows.append(memory_at_batch(model, 64))
+    if "smollm2" in args.models and not args.tiny:
+        rows += model_rows(load_smollm2(), "SmolLM2-135M", args)
+    return rows
+
+
+def main(argv=None) -> int:
+    rows = run(parse_args(argv))
+    print_table([row for row in rows if row.unit == "s"], TIME_COLUMNS)
+    print_table([row for row in rows if row.unit == "B"], MEMORY_COLUMNS)
+    return 0
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
     sys.exit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Debian's chromium for the report's browser test (tests/test_ioi_cli.py), when it
+# Install Debian's chromium for the report's browser test (tests/tasks/test_ioi_cli.py), when it
 # is missing and this user can install packages; otherwise say why that test will skip.
 set -euo pipefail
 if command -v chromium >/dev/null 2>&1; then

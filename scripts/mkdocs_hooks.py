@@ -1,6 +1,6 @@
 """MkDocs hook: the notebooks in demos/ become the pages demos/<name>.ipynb of the site.
 
-The notebooks are kept once, in demos/, where tests/test_demos.py executes them; the docs
+The notebooks are kept once, in demos/, where tests/properties/test_demos.py executes them; the docs
 render the same files through mkdocs-jupyter. The hook runs before mkdocs-jupyter's
 `on_files`, which then converts them like notebooks under docs/.
 """

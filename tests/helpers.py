@@ -1,12 +1,20 @@
-"""What many test files share: inputs, a sensitive metric, tolerances, error checks, model state."""
+"""What many test files share: the TransformerLens generation, inputs, a sensitive metric,
+tolerances, error checks, model state, work counts and one plan of each kind.
+
+The package is imported inside the functions, not at the top: conftest imports this module
+before typeguard instruments the package."""
 
 from __future__ import annotations
 
+import importlib.metadata
 from contextlib import contextmanager
 
 import pytest
 import torch
 import typeguard
+
+TL_MAJOR = int(importlib.metadata.version("transformer-lens").split(".")[0])
+"""The major version of the installed TransformerLens: 2 (HookedTransformer) or 4 (TransformerBridge)."""
 
 
 def make_inputs(model, batch: int = 3, seq_len: int = 7, seed: int = 0):
@@ -51,8 +59,7 @@ def assert_close_at_scale(actual, expected) -> None:
 @contextmanager
 def raises(match: str):
     """pytest.raises(PatchingError, match=match), with the suite's run-time type checks off, so that
-    wrongly typed input meets the library's own validation, as it does for users. (The package is
-    imported here, not at the top: conftest imports this module before typeguard instruments it.)"""
+    wrongly typed input meets the library's own validation, as it does for users."""
     from transformer_lens_patching import PatchingError
 
     with typeguard.suppress_type_checks(), pytest.raises(PatchingError, match=match):
@@ -103,3 +110,65 @@ def input_hook(model, receiver) -> str:
     if receiver.kind == "mlp":
         return f"blocks.{receiver.layer}.hook_mlp_in"
     return f"blocks.{receiver.layer}.hook_{receiver.input}_input"
+
+
+@contextmanager
+def counted(model, batch: int):
+    """Count attention and MLP evaluations in the block, per copy of a batch of `batch` prompts:
+    an attention evaluation is one firing of `hook_pattern`, an MLP evaluation one of `mlp.hook_post`."""
+    counts = {"attention": 0.0, "mlp": 0.0}
+
+    def counter(kind):
+        def hook(act, hook):
+            counts[kind] += act.shape[0] / batch
+
+        return hook
+
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", counter("attention")) for layer in range(model.cfg.n_layers)]
+    hooks += [(f"blocks.{layer}.mlp.hook_post", counter("mlp")) for layer in range(model.cfg.n_layers)]
+    with model.hooks(fwd_hooks=hooks):
+        yield counts
+
+
+def early_logit_diff():
+    """A logit difference of make_inputs' three prompts, read at positions 4, 3 and 5: patches at
+    position 6 cannot reach it."""
+    from transformer_lens_patching import LogitDiff
+
+    return LogitDiff(torch.tensor([[5, 6], [17, 3], [6, 5]]), positions=torch.tensor([4, 3, 5]))
+
+
+def plans_of_each_kind(model) -> dict:
+    """One PatchPlan of each kind, on make_inputs' prompts: sweeps, nodes patched together, both
+    path algorithms, skipped cells."""
+    from transformer_lens_patching import IterNode, Node, plan_act_patch, plan_path_patch
+
+    orig, new = make_inputs(model)
+    last = model.cfg.n_layers - 1
+    ld = early_logit_diff()
+    ends = [0, 1, last]
+    return {
+        "act sweep": plan_act_patch(
+            model, orig, IterNode(["z", "resid_pre"], seq_pos="each", layers=ends), ld, new_input=new
+        ),
+        "act nodes": plan_act_patch(
+            model, orig, [Node("z", 1, head=0), Node("mlp_out", 2)], logit_diff_metric(), new_input=new
+        ),
+        "act plain metric": plan_act_patch(
+            model, orig, IterNode("v", layers=ends), logit_diff_metric(per_prompt=True), new_input=new
+        ),
+        "path two passes": plan_path_patch(model, orig, new, IterNode("z", layers=ends), Node("resid_post", last), ld),
+        "path to queries": plan_path_patch(model, orig, new, IterNode("z", layers=ends), [Node("q", last, head=1)], ld),
+        "path one pass": plan_path_patch(
+            model,
+            orig,
+            new,
+            IterNode("z", seq_pos="each", layers=ends),
+            Node("v", last, head=0),
+            ld,
+            direct_includes_mlps=False,
+        ),
+        "path receivers": plan_path_patch(
+            model, orig, new, Node("z", 0, head=1), IterNode(["q", "k", "pre"], layers=ends), ld
+        ),
+    }

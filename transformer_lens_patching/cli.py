@@ -1,6 +1,7 @@
 """What `tl-patch ioi` runs, once `tl_patch` has read and checked its arguments.
 
-`main` (the `tl-patch` command, also `python -m transformer_lens_patching`) is `tl_patch.main`;
+The `tl-patch` command (also `python -m transformer_lens_patching`) is `tl_patch.main`, which
+calls `run(args)` once its arguments are good; this module imports nothing of `tl_patch`.
 `run(args)` loads the model and runs the analysis, saving `results.json` after every step,
 and writes the report at the end, or of the steps finished when a step fails or the run is
 interrupted (Ctrl-C).
@@ -15,15 +16,13 @@ import time
 import warnings
 from pathlib import Path
 
-from tl_patch import EMBEDDED
-from tl_patch import main as main
-
 from . import _tl
 from ._core.distributed import launched_group
-from ._embedded import describe_smollm2, load_smollm2, loading_line
+from ._embedded import EMBEDDED, describe_smollm2, load_smollm2, loading_line
+from ._tasks.ioi.analysis import planned_steps
 from ._tasks.ioi.report import CSV, JSON, REPORT
 from .errors import PatchingError
-from .ioi import IOIAnalysis, IOISettings, plan_ioi, run_ioi, write_json, write_report
+from .ioi import IOIAnalysis, IOISettings, run_ioi, write_json, write_report
 
 LOADING_ERRORS = (OSError, ValueError, ImportError)
 """What a model that cannot be loaded raises: a missing file or hub entry (OSError), a name
@@ -125,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
                     f"{settings.n_prompts} prompts" + ("" if ranks is None else f"; {ranks.world_size} processes")
                 )
                 if args.dry_run:
-                    for step, plan in plan_ioi(model, settings):
-                        print(f"\n{step}: {plan}")
+                    for label, plan_or_skip in planned_steps(model, settings):
+                        print(f"\n{label}: {plan_or_skip}")
                     return 0
                 return _analyse(model, settings, args, began, writer)
             except PatchingError as error:

@@ -8,20 +8,20 @@ lists (`NAMES`, `PLACES`, `OBJECTS`, the templates) are those of the prior art's
 `from transformer_lens_patching.ioi import IOIDataset, NAMES`.
 """
 
-from ._tasks.ioi.analysis import STEP_KEYS as STEP_KEYS
 from ._tasks.ioi.analysis import IOIAnalysis as IOIAnalysis
 from ._tasks.ioi.analysis import IOISettings as IOISettings
-from ._tasks.ioi.analysis import Step as Step
-from ._tasks.ioi.analysis import TopHead as TopHead
 from ._tasks.ioi.analysis import plan_ioi as plan_ioi
 from ._tasks.ioi.analysis import run_ioi as run_ioi
-from ._tasks.ioi.analysis import top_heads as top_heads
 from ._tasks.ioi.dataset import FLIPS as FLIPS
 from ._tasks.ioi.dataset import IOIDataset as IOIDataset
 from ._tasks.ioi.dataset import IOIPrompt as IOIPrompt
 from ._tasks.ioi.dataset import example_prompts as example_prompts
+from ._tasks.ioi.records import Step as Step
+from ._tasks.ioi.records import TopHead as TopHead
+from ._tasks.ioi.records import top_heads as top_heads
 from ._tasks.ioi.report import write_json as write_json
 from ._tasks.ioi.report import write_report as write_report
+from ._tasks.ioi.steps import STEP_KEYS as STEP_KEYS
 from ._tasks.ioi.words import ABBA_TEMPLATES as ABBA_TEMPLATES
 from ._tasks.ioi.words import ABC_TEMPLATES as ABC_TEMPLATES
 from ._tasks.ioi.words import BABA_TEMPLATES as BABA_TEMPLATES

@@ -345,8 +345,8 @@ def calibrate(model, base: Metric, clean_input: Tokens, corrupted_input: Tokens)
     measured as the engines measure it (a metric object from its selected logits, in float32 on
     any model), so that a patch restoring the clean run scores exactly 1.
 
-    >>> clean, corrupted = calibrate(model, LogitDiff(answers), clean_tokens, corrupted_tokens)  # doctest: +SKIP
-    >>> metric = denoising_metric(LogitDiff(answers), clean, corrupted)  # doctest: +SKIP
+    >>> clean, corrupted = calibrate(model, LogitDiff(answers), clean_tokens, corrupted_tokens)
+    >>> metric = denoising_metric(LogitDiff(answers), clean, corrupted)
     """
     with torch.no_grad():
         return tuple(

@@ -57,8 +57,12 @@ class PatchingMixin:
     """The methods the plugin gives TransformerLens models; each is the function of the
     same name with the model as its first argument.
 
-    >>> results = model.act_patch(corrupted, IterNode("z"), metric, new_input=clean)  # doctest: +SKIP
-    >>> print(model.plan_path_patch(clean, corrupted, IterNode("z"), Node("resid_post", 11), metric))  # doctest: +SKIP
+    >>> results = model.act_patch(corrupted, IterNode("z"), metric, new_input=clean)
+    >>> last = Node("resid_post", model.cfg.n_layers - 1)
+    >>> plan = model.plan_path_patch(clean, corrupted, IterNode("z"), last, metric)
+    >>> print(plan)  # doctest: +ELLIPSIS
+    path_patch plan
+    ...
     """
 
     act_patch = _method_of(act_patch)
@@ -81,8 +85,8 @@ class PatchingMixin:
 def node_slice(cache, node: Node) -> torch.Tensor:
     """The slice of `cache` that `node` names, e.g. one head's z at one position per prompt.
 
-    >>> cache[Node("z", 9, head=9, seq_pos=-1)].shape  # doctest: +SKIP
-    torch.Size([8, 1, 64])
+    >>> cache[Node("z", 2, head=3, seq_pos=-1)].shape  # (prompts, 1 position, d_head)
+    torch.Size([4, 1, 16])
     """
     shape = _tl.model_shape(cache.model)
     layer = None if node.layer is None else resolve_layer(node, node.layer, shape)
@@ -99,9 +103,11 @@ def node_slice(cache, node: Node) -> torch.Tensor:
 class CachePatchingMixin:
     """The methods the plugin gives ActivationCache.
 
-    >>> cache[Node("z", 9, head=9)].shape  # doctest: +SKIP
-    >>> means = cache.mean_ablated(groups=templates)  # doctest: +SKIP
-    >>> act_patch(model, tokens, IterNode("z"), metric, new_cache=means)  # doctest: +SKIP
+    >>> cache[Node("z", 2, head=3)].shape  # (prompts, positions, d_head)
+    torch.Size([4, 6, 16])
+    >>> means = cache.mean_ablated(groups=templates)
+    >>> act_patch(model, tokens, IterNode("z"), metric, new_cache=means)["z"].dims
+    ('layer', 'head')
     """
 
     def zero_ablated(self):

@@ -11,7 +11,7 @@ from .. import _tl
 from .components import residual_hooks
 from .measure import MetricCalls
 from .memory import release_freed_memory
-from .plan import Block, Pass
+from .plan import Block, Pass, Session, SessionFactory
 from .program import PatchProgram, applied, resid_mid_carries
 from .selection import LogitReader, selection_of
 
@@ -150,6 +150,59 @@ class Executor:
 
 def _no_steps(program: PatchProgram, variant: int, row_start: int) -> None:
     """The orig run: nothing to patch."""
+
+
+@dataclass(frozen=True)
+class Runs:
+    """The orig run of one call, checked and resolved once (by `prepare_runs` in `_methods.common`):
+    the model, the orig tokens, the resolved metric, the reader of the logits it selects, and
+    whether it reads each patched run's cache instead. Every method plans from one of these."""
+
+    model: object
+    tokens: torch.Tensor
+    metric: object
+    reader: LogitReader | None
+    apply_metric_to_cache: bool = False
+
+    def metric_calls(self) -> MetricCalls:
+        """How the executor will call the metric on this call's passes."""
+        return metric_calls(self.metric, self.tokens.shape[0], self.reader, self.apply_metric_to_cache, self.model)
+
+    def executor(
+        self,
+        progress: tqdm | None = None,
+        *,
+        full_graph: bool = False,
+        residuals: OrigResiduals | None = None,
+        calls: MetricCalls | None = None,
+        cache_names_filter: Callable[[str], bool] | None = None,
+    ) -> "Executor":
+        """An executor of this call's passes (the orig residuals cached on first use unless given)."""
+        return Executor(
+            self.model,
+            self.tokens,
+            residuals if residuals is not None else OrigResiduals(self.model, self.tokens),
+            calls if calls is not None else self.metric_calls(),
+            self.reader,
+            self.apply_metric_to_cache,
+            full_graph=full_graph,
+            progress=progress,
+            cache_names_filter=cache_names_filter,
+        )
+
+
+def executor_session(runs: Runs, flags: set[str], session: Callable[[tqdm | None, bool], Session]) -> SessionFactory:
+    """A plan's `start(grad, progress, label)`: checks the model is still deterministic, switches
+    on the model `flags` the plan's hooks need and opens a progress bar, then gives the session
+    that `session(bar, grad)` makes (the method's own: what each of its passes edits)."""
+
+    @contextmanager
+    def start(grad: bool, progress: int, label: str) -> Iterator[Session]:
+        _tl.check_deterministic(runs.model)
+        with _tl.model_flags(runs.model, flags), progress_bar(progress, label) as bar:
+            yield session(bar, grad)
+
+    return start
 
 
 def metric_calls(metric, batch: int, reader: LogitReader | None, apply_metric_to_cache: bool, model) -> MetricCalls:

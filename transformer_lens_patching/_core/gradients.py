@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .. import _tl
 from ..errors import PatchingError
@@ -72,6 +73,7 @@ class GradientPass:
         max_memory: int | None = None,
         split_inputs: bool = False,
         new_input: object = None,
+        progress: tqdm | None = None,
     ):
         if torch.is_inference_mode_enabled():
             raise PatchingError(
@@ -80,6 +82,7 @@ class GradientPass:
                 "gradients where it can)."
             )
         self.model, self._tokens, self._metric, self._new_input = model, tokens, metric, new_input
+        self._progress = progress
         shape = _tl.model_shape(model)
         self._chunk = prompts_per_gradient_pass(tokens, shape, max_memory, split_inputs)
         self._reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache=False)
@@ -102,7 +105,21 @@ class GradientPass:
         activations and gradients go to `reduce(rows, run)` as soon as they are computed and
         only its results are kept: the peak memory is then one chunk's. Under torch.distributed
         a rank calls `reduce` for its own chunks only, so everything the caller needs must be in
-        what it returns."""
+        what it returns. A progress bar given to the constructor advances by one per call."""
+        run = self._gradients(differentiated, recorded, fills, stopped, neuron_reads, reduce)
+        if self._progress is not None:
+            self._progress.update(1)
+        return run
+
+    def _gradients(
+        self,
+        differentiated: Sequence[str],
+        recorded: Sequence[str],
+        fills: dict[str, Tensor] | None,
+        stopped: Sequence[tuple[str, Tensor | None]],
+        neuron_reads: Sequence[NeuronRead],
+        reduce: Callable[[slice, GradientRun], object] | None,
+    ) -> GradientRun:
         tokens, batch = self._tokens, self._tokens.shape[0]
         calls = MetricCalls(self._metric, batch, selected=self._reader is not None, model=self.model)
         ranks = distributed.current_ranks()

@@ -240,8 +240,8 @@ class EdgeGraph:
     def of(cls, model) -> "EdgeGraph":
         """The edge graph of a TransformerLens model.
 
-        >>> EdgeGraph.of(model)  # doctest: +SKIP
-        EdgeGraph(n_layers=12, n_heads=12, n_kv_heads=12, has_mlps=True)
+        >>> EdgeGraph.of(model)
+        EdgeGraph(n_layers=4, n_heads=4, n_kv_heads=4, has_mlps=True)
         """
         shape = _tl.model_shape(model)
         return cls(shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.has_mlps, shape.parallel_attn_mlp)
@@ -298,10 +298,11 @@ class EdgeScores:
         method: How the scores were estimated ("atp" or "ig").
         unpatched: The metric on the orig run (a number, or one per prompt).
 
-    >>> scores = attr_edges(model, corrupted, metric, new_input=clean)  # doctest: +SKIP
-    >>> [str(edge) for edge in scores.top(3)]  # doctest: +SKIP
-    ['head 9.9 -> logits', 'head 9.6 -> logits', 'head 8.6 -> head 9.9 (q)']
-    >>> scores.to_frame().head()  # doctest: +SKIP
+    >>> scores = attr_edges(model, corrupted, metric, new_input=clean)
+    >>> [str(edge) for edge in scores.top(3)]  # doctest: +ELLIPSIS
+    ['... -> ...', '... -> ...', '... -> ...']
+    >>> list(scores.to_frame().columns)  # doctest: +ELLIPSIS
+    ['sender', 'receiver', 'sender_kind', ..., 'kv_head', 'score']
     """
 
     graph: EdgeGraph
@@ -393,7 +394,7 @@ class EdgeScores:
     def from_json(cls, text: str) -> "EdgeScores":
         """Read what `to_json` wrote.
 
-        >>> EdgeScores.from_json(scores.to_json()).top(5) == scores.top(5)  # doctest: +SKIP
+        >>> EdgeScores.from_json(scores.to_json()).top(5) == scores.top(5)
         True
         """
         try:

@@ -114,19 +114,14 @@ class Node:
         if not component.layered and layer is not None:
             raise PatchingError(f"Component {component.name!r} is not per layer, so layer={layer} is not allowed.")
         _check_unit_allowed(component, head, neuron)
-        object.__setattr__(self, "name", component.name)
-        object.__setattr__(self, "layer", layer)
-        object.__setattr__(self, "head", head)
-        object.__setattr__(self, "neuron", neuron)
-        object.__setattr__(self, "seq_pos", normalize_seq_pos(seq_pos))
+        _freeze(self, name=component.name, layer=layer, head=head, neuron=neuron, seq_pos=normalize_seq_pos(seq_pos))
 
     @classmethod
     def _valid(cls, name: str, layer: int | None, head: int | None, neuron: int | None, seq_pos: SeqPos) -> "Node":
         """A Node from values already checked (a short component name, a normalised seq_pos):
         sweeps make one per cell, tens of thousands for every neuron."""
         node = object.__new__(cls)
-        for key, value in (("name", name), ("layer", layer), ("head", head), ("neuron", neuron), ("seq_pos", seq_pos)):
-            object.__setattr__(node, key, value)
+        _freeze(node, name=name, layer=layer, head=head, neuron=neuron, seq_pos=seq_pos)
         return node
 
     @property
@@ -222,12 +217,15 @@ class IterNode:
             raise PatchingError(f"heads= restricts head components, but none of {raw} has heads.")
         if neurons_t is not None and not any(c.unit == "neuron" for c in components):
             raise PatchingError(f"neurons= restricts 'pre'/'post', but none of {raw} has neurons.")
-        object.__setattr__(self, "names", tuple(c.name for c in components))
-        object.__setattr__(self, "seq_pos", seq_pos if seq_pos == "each" else normalize_seq_pos(seq_pos))
-        object.__setattr__(self, "layers", _int_tuple(layers, "layers"))
-        object.__setattr__(self, "heads", heads_t)
-        object.__setattr__(self, "neurons", neurons_t)
-        object.__setattr__(self, "_components", tuple(components))
+        _freeze(
+            self,
+            names=tuple(c.name for c in components),
+            seq_pos=seq_pos if seq_pos == "each" else normalize_seq_pos(seq_pos),
+            layers=_int_tuple(layers, "layers"),
+            heads=heads_t,
+            neurons=neurons_t,
+            _components=tuple(components),
+        )
 
     @property
     def components(self) -> tuple[Component, ...]:
@@ -258,3 +256,9 @@ def _compact(value) -> str:
     ):
         return f"range({value[0]}, {value[-1] + 1})"
     return repr(value)
+
+
+def _freeze(instance, **fields) -> None:
+    """Set the fields of a frozen dataclass from its own `__init__`."""
+    for name, value in fields.items():
+        object.__setattr__(instance, name, value)

@@ -5,24 +5,23 @@
 """
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
 from .. import _tl
 from .._core.distributed import shared_by_ranks
-from .._core.executor import Executor, OrigResiduals, logit_reader, metric_calls, progress_bar
+from .._core.executor import Executor, Runs, executor_session
 from .._core.measure import declared_dims
 from .._core.memory import check_chunk_args, variants_per_pass
 from .._core.nodes import IterNode, Node
 from .._core.plan import Block, PatchPlan, stacked_passes, unpatched_block
 from .._core.program import PatchProgram, entry_layer
 from .._core.sites import PatchSite, Sweep
-from .._core.sources import SourceFactory, planned_source
+from .._core.sources import ActivationSource, SourceFactory
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..results import PatchResult
-from .common import NOTHING_TO_PATCH_IN, describe_metric, patch_cells, print_shapes, resolve_metric
+from .common import describe_metric, patch_cells, patched_in_source, prepare_runs, print_shapes
 
 
 def plan_act_patch(
@@ -42,58 +41,45 @@ def plan_act_patch(
     Takes the arguments of `act_patch` (but `verbose`). Print the plan to see what it will
     patch and the passes it needs; `plan.assemble(plan.run())` is what `act_patch` returns.
 
-    >>> plan = plan_act_patch(model, corrupted, IterNode("z"), metric, new_input=clean)  # doctest: +SKIP
-    >>> print(plan)  # doctest: +SKIP
+    >>> plan = plan_act_patch(model, corrupted, IterNode("z"), metric, new_input=clean)
+    >>> print(plan)  # doctest: +ELLIPSIS
+    act_patch plan
+    ...
     """
-    _tl.check_model(model)
-    _tl.check_deterministic(model)
     check_chunk_args(batch_size, max_memory)
-    tokens = _tl.to_tokens(model, orig_input)
-    patched = patch_cells(model, tokens, patching_nodes)
+    runs = prepare_runs(model, orig_input, patching_metric, apply_metric_to_cache=apply_metric_to_cache)
+    patched = patch_cells(model, runs.tokens, patching_nodes)
     what = f"{patching_nodes!r}" if patched.is_sweep else ", ".join(repr(site.node) for site in patched.resolved)
     layout = tuple(patched.resolved) if patched.is_sweep else None
     return plan_cells(
-        model,
-        tokens,
-        patched.cells,
-        layout,
-        what,
-        patching_metric,
-        new_input,
-        new_cache,
-        apply_metric_to_cache,
-        batch_size=batch_size,
-        max_memory=max_memory,
+        runs, patched.cells, layout, what, new_input, new_cache, batch_size=batch_size, max_memory=max_memory
     )
 
 
 def plan_cells(
-    model,
-    tokens: Tensor,
+    runs: Runs,
     cells: Sequence[Sequence[PatchSite]],
     layout: tuple[Sweep, ...] | None,
     what: str,
-    patching_metric: Callable | str,
     new_input: OtherModelInput | None = None,
     new_cache=None,
-    apply_metric_to_cache: bool = False,
     *,
     batch_size: int | None = None,
     max_memory: int | None = None,
 ) -> PatchPlan:
-    """The act_patch plan of `cells`, each a list of sites resolved against `model` and `tokens`
-    (patched together), stacked into passes as a sweep's are; `layout` says how their results
-    assemble (None: the first cell's value) and `what` is the plan's "patch" line.
+    """The act_patch plan of `cells`, each a list of sites resolved against the model and tokens
+    of `runs` (patched together), stacked into passes as a sweep's are; `layout` says how their
+    results assemble (None: the first cell's value) and `what` is the plan's "patch" line.
 
     `plan_act_patch` plans the cells of its Nodes here; `confirm` plans the cells it picks
-    from a sweep (`_tl.check_model` and `check_chunk_args` are the caller's).
+    from a sweep (`check_chunk_args` is the caller's).
     """
+    model, tokens, metric, reader = runs.model, runs.tokens, runs.metric, runs.reader
+    apply_metric_to_cache = runs.apply_metric_to_cache
     shape = _tl.model_shape(model)
     cells = [list(cell) for cell in cells]
     names = {site.hook_name for cell in cells for site in cell}
-    metric = resolve_metric(patching_metric, tokens)
-    reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache)
-    source, source_text = planned_source(model, new_input, new_cache, names, tokens, "new_cache", NOTHING_TO_PATCH_IN)
+    source, source_text = patched_in_source(runs, new_input, new_cache, names)
 
     # Cells that patch only positions after those the metric reads score the unpatched metric.
     live = [i for i, cell in enumerate(cells) if reader is None or not all(map(reader.only_after_reads, cell))]
@@ -115,7 +101,6 @@ def plan_cells(
         ("into", f"orig_input: {tokens.shape[0]} prompts x {tokens.shape[1]} tokens"),
         ("metric", describe_metric(metric, reader, apply_metric_to_cache)),
     )
-    run = _ActPatchRun(model, tokens, cells, metric, reader, source, names, apply_metric_to_cache)
     return PatchPlan(
         "act_patch",
         description,
@@ -123,58 +108,34 @@ def plan_cells(
         layout,
         declared_dims(metric),
         tuple(blocks),
-        run.start,
+        executor_session(
+            runs,
+            _tl.flags_for(names),
+            lambda bar, grad: _ActPatchSession(cells, source, runs.executor(bar, full_graph=grad)),
+        ),
         inputs=(tokens, new_input),
     )
-
-
-class _ActPatchRun:
-    """What running an act_patch plan needs: the cells' sites and where their values come from."""
-
-    def __init__(self, model, tokens, cells, metric, reader, source: SourceFactory, names, apply_metric_to_cache):
-        self.model, self.tokens, self.cells = model, tokens, cells
-        self.metric, self.reader, self.source = metric, reader, source
-        self.flags = _tl.flags_for(names)
-        self.apply_metric_to_cache = apply_metric_to_cache
-
-    @contextmanager
-    def start(self, grad: bool, progress: int, label: str) -> Iterator["_ActPatchSession"]:
-        """A session with the model's flags switched on (and a bar over `progress` cells, if any)."""
-        _tl.check_deterministic(self.model)
-        with _tl.model_flags(self.model, self.flags), progress_bar(progress, label) as bar:
-            calls = metric_calls(self.metric, self.tokens.shape[0], self.reader, self.apply_metric_to_cache, self.model)
-            executor = Executor(
-                self.model,
-                self.tokens,
-                OrigResiduals(self.model, self.tokens),
-                calls,
-                self.reader,
-                self.apply_metric_to_cache,
-                full_graph=grad,
-                progress=bar,
-            )
-            yield _ActPatchSession(self, executor)
 
 
 class _ActPatchSession:
     """Runs the blocks of an act_patch plan; the new run's cache is made when first needed."""
 
-    def __init__(self, run: _ActPatchRun, executor: Executor):
-        self._run, self._executor = run, executor
+    def __init__(self, cells: list[list[PatchSite]], source: SourceFactory, executor: Executor):
+        self._cells, self._source_factory, self._executor = cells, source, executor
 
     @property
     def metric_dims(self) -> tuple[str, ...] | None:
         return self._executor.calls.dims
 
     @functools.cached_property
-    def _source(self):
-        return self._run.source()
+    def _source(self) -> ActivationSource:
+        return self._source_factory()
 
     def run_block(self, block: Block) -> dict[int, object]:
         (pass_,) = block.passes
         if pass_.stage == "unpatched":
             return self._executor.unpatched(block)
-        source, cells = self._source, self._run.cells
+        source, cells = self._source, self._cells
 
         def add_steps(program: PatchProgram, cell: int, row_start: int) -> None:
             for site in cells[cell]:
@@ -226,8 +187,8 @@ def act_patch(
     Raises:
         PatchingError: for any invalid node, input, cache or metric.
 
-    >>> results = act_patch(model, corrupted, IterNode("z"), metric, new_input=clean)  # doctest: +SKIP
-    >>> results["z"].dims  # doctest: +SKIP
+    >>> results = act_patch(model, corrupted, IterNode("z"), metric, new_input=clean)
+    >>> results["z"].dims
     ('layer', 'head')
     """
     plan = plan_act_patch(

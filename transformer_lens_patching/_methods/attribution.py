@@ -21,11 +21,18 @@ from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode, Node
 from .._core.plan import assembled_sweeps
 from .._core.sites import PatchSite
-from .._core.sources import planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from .attribution_qk import is_qk, qk_changes
-from .common import ESTIMATES, NOTHING_TO_PATCH_IN, check_choice, checked_steps, patch_cells, resolve_metric
+from .common import (
+    ESTIMATES,
+    check_choice,
+    checked_steps,
+    gradient_progress,
+    patch_cells,
+    patched_in_source,
+    prepare_runs,
+)
 
 ATTR_METHODS = ("atp", "atp*", "ig")
 """The estimates `attr_patch` computes."""
@@ -46,6 +53,7 @@ def attr_patch(
     grad_drop: bool = False,
     batch_size: int | None = None,
     max_memory: int | None = None,
+    progress: bool | str = False,
 ):
     """Estimate what `act_patch` returns with the same arguments, for every cell at once.
 
@@ -96,6 +104,7 @@ def attr_patch(
             respect to every prompt's logits is taken once, and each chunk is run again
             with gradients and given its rows of it, so any metric, even one that mixes
             prompts, gets the gradient of the whole batch.
+        progress: Show a progress bar over the gradient passes (a string labels it).
 
     Returns:
         What `act_patch` returns: the metric's type for a Node or a list of Nodes, and for an
@@ -106,8 +115,8 @@ def attr_patch(
         PatchingError: For anything `act_patch` refuses, an unknown `method` or `estimate`,
             and a metric whose value is neither one number nor one per prompt.
 
-    >>> estimates = attr_patch(model, corrupted, IterNode(["z", "post"]), metric, new_input=clean)  # doctest: +SKIP
-    >>> estimates["post"].dims  # doctest: +SKIP
+    >>> estimates = attr_patch(model, corrupted, IterNode(["z", "post"]), metric, new_input=clean)
+    >>> estimates["post"].dims
     ('layer', 'neuron')
     """
     check_choice(method, ATTR_METHODS, "method")
@@ -115,13 +124,11 @@ def attr_patch(
     steps = checked_steps(method, steps)
     _check_grad_drop(grad_drop, method, estimate)
     check_chunk_args(batch_size, max_memory)
-    _tl.check_model(model)
-    _tl.check_deterministic(model)
-    tokens = _tl.to_tokens(model, orig_input)
+    runs = prepare_runs(model, orig_input, patching_metric)
+    tokens = runs.tokens
     patched = patch_cells(model, tokens, patching_nodes)
-    metric = resolve_metric(patching_metric, tokens)
     names = sorted(patched.names)
-    source, _ = planned_source(model, new_input, new_cache, names, tokens, "new_cache", NOTHING_TO_PATCH_IN)
+    source, _ = patched_in_source(runs, new_input, new_cache, names)
     qk_fix = method == "atp*"
     linear_cells = [[site for site in cell if not is_qk(site)] for cell in patched.cells] if qk_fix else patched.cells
     qk_parts = _qk_parts(patched.cells) if qk_fix else []
@@ -129,8 +136,13 @@ def attr_patch(
     linear = sorted({site.hook_name for cell in linear_cells for site in cell})
     differentiated = sorted(set(linear) | {hook_name("pattern", layer) for layer in qk_layers})
     recorded = sorted(patched.names | {hook_name("resid_pre", layer) for layer in qk_layers if layer > 0})
-    gradient_pass = GradientPass(model, tokens, metric, max_memory, new_input=new_input)
-    with _tl.model_flags(model, _tl.flags_for(names)), torch.no_grad():
+    passes = 1 + (steps - 1) * len(linear) + (model.cfg.n_layers if grad_drop else 0)
+    with (
+        _tl.model_flags(model, _tl.flags_for(names)),
+        torch.no_grad(),
+        gradient_progress(progress, passes, "attr_patch") as bar,
+    ):
+        gradient_pass = GradientPass(model, tokens, runs.metric, max_memory, new_input=new_input, progress=bar)
         new = source()
         run = gradient_pass(differentiated, recorded)
         orig_value, dims, orig, gradients = run.value, run.dims, run.activations, run.gradients

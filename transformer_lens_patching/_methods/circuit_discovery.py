@@ -30,15 +30,16 @@ def exact_edge_scores(
     edges: Sequence[Edge] | None = None,
     batch_size: int | None = None,
     max_memory: int | None = None,
+    progress: bool | str = False,
 ) -> EdgeScores:
     """Each edge's exact effect: the metric with only that edge ablated minus the orig metric.
 
     One circuit (the full graph less one edge) per edge, stacked as any sweep; `edges`
     restricts the work to some edges (the others' scores are NaN, and rank last). The
     result has `attr_edges`' form (method "exact"), so estimates and exact scores compare
-    edge for edge.
+    edge for edge. `batch_size`, `max_memory` and `progress` are as in `evaluate_circuit`.
 
-    >>> exact = exact_edge_scores(model, clean, metric, new_input=corrupted)  # doctest: +SKIP
+    >>> exact = exact_edge_scores(model, clean, metric, new_input=corrupted)
     """
     graph = EdgeGraph.of(model)
     chosen = list(graph.edges if edges is None else edges)
@@ -51,7 +52,15 @@ def exact_edge_scores(
         circuits.append(Circuit.from_mask(graph, kept))
     circuits.append(Circuit.full(graph))
     values = evaluate_circuit(
-        model, circuits, orig_input, patching_metric, new_input, new_cache, batch_size=batch_size, max_memory=max_memory
+        model,
+        circuits,
+        orig_input,
+        patching_metric,
+        new_input,
+        new_cache,
+        batch_size=batch_size,
+        max_memory=max_memory,
+        progress=progress,
     ).as_tensor()
     unpatched = values[-1]
     if values.ndim > 2:
@@ -77,14 +86,16 @@ def confirm_edges(
     absolute: bool = True,
     batch_size: int | None = None,
     max_memory: int | None = None,
+    progress: bool | str = False,
 ) -> EdgeScores:
     """`scores` with the `candidates` strongest edges' estimates replaced by their exact scores.
 
     The exact scores (as `exact_edge_scores`) re-rank the candidates among themselves and
     against the rest; edges outside them keep their estimates. Method: e.g. "ig+exact".
+    `batch_size`, `max_memory` and `progress` are as in `evaluate_circuit`.
 
-    >>> confirmed = confirm_edges(model, estimate, clean, metric, new_input=corrupted, candidates=500)  # doctest: +SKIP
-    >>> circuit = Circuit.from_scores(confirmed, 200)  # doctest: +SKIP
+    >>> confirmed = confirm_edges(model, scores, clean, metric, new_input=corrupted, candidates=50)
+    >>> circuit = Circuit.from_scores(confirmed, 200)
     """
     if not isinstance(scores, EdgeScores):
         raise PatchingError(f"confirm_edges needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}.")
@@ -104,6 +115,7 @@ def confirm_edges(
         edges=chosen,
         batch_size=batch_size,
         max_memory=max_memory,
+        progress=progress,
     )
     if exact.scores.shape[1:] != scores.scores.shape[1:]:
         raise PatchingError(

@@ -10,8 +10,7 @@ the variants of any sweep do, each with its own rows and its own kept-edge mask.
 """
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,19 +18,19 @@ from torch import Tensor
 from .. import _tl
 from .._core.circuit import Circuit
 from .._core.distributed import shared_by_ranks
-from .._core.executor import Executor, OrigResiduals, logit_reader, metric_calls, progress_bar
+from .._core.executor import Executor, executor_session
 from .._core.graph import EdgeGraph
 from .._core.measure import declared_dims
 from .._core.memory import check_chunk_args, variants_per_pass
 from .._core.plan import Block, PatchPlan, stacked_passes
 from .._core.program import PatchProgram
 from .._core.sites import Sweep
-from .._core.sources import ActivationSource, SourceFactory, planned_source
+from .._core.sources import ActivationSource, SourceFactory
 from .._core.tensor_types import ModelInput, OtherModelInput
 from .._core.wiring import NO_HEAD_INPUTS, Wiring, check_mlp_inputs, head_writes
 from ..errors import PatchingError
 from ..results import PatchResult
-from .common import NOTHING_TO_PATCH_IN, check_hooks_exist, describe_metric, resolve_metric
+from .common import check_hooks_exist, describe_metric, patched_in_source, prepare_runs
 from .path_rules import check_linear_writes
 
 
@@ -46,6 +45,7 @@ def evaluate_circuit(
     *,
     batch_size: int | None = None,
     max_memory: int | None = None,
+    progress: bool | str = False,
 ) -> "Tensor | PatchResult":
     """The metric of the orig run with every edge outside the circuit carrying its ablated value.
 
@@ -70,27 +70,29 @@ def evaluate_circuit(
             `mean_ablation_cache`), or "zero".
         batch_size: Circuits stacked per forward pass (default: as many as fit).
         max_memory: Bytes one stacked pass may use, as in `act_patch`.
+        progress: Show a progress bar over the circuits (a string labels it).
 
     Returns:
         For one circuit, the metric's value. For a list, a `PatchResult` with dims
         `("circuit", *the metric's dims)`.
 
-    >>> graph = EdgeGraph.of(model)  # doctest: +SKIP
-    >>> circuit = Circuit.from_scores(attr_edges(model, clean, metric, new_input=corrupted), 200)  # doctest: +SKIP
-    >>> evaluate_circuit(model, circuit, clean, metric, new_input=corrupted)  # doctest: +SKIP
+    >>> graph = EdgeGraph.of(model)
+    >>> circuit = Circuit.from_scores(attr_edges(model, clean, metric, new_input=corrupted), 200)
+    >>> evaluate_circuit(model, circuit, clean, metric, new_input=corrupted)  # doctest: +ELLIPSIS
+    tensor(...)
     """
     plan = plan_circuit_evaluation(
         model, circuits, orig_input, patching_metric, new_input, new_cache, batch_size=batch_size, max_memory=max_memory
     )
-    return plan.compute()
+    return plan.compute(progress=progress)
 
 
 def plan_circuit_evaluation(
     model,
-    circuits,
-    orig_input,
-    patching_metric,
-    new_input=None,
+    circuits: Circuit | Sequence[Circuit],
+    orig_input: ModelInput,
+    patching_metric: Callable | str,
+    new_input: OtherModelInput | None = None,
     new_cache=None,
     *,
     batch_size: int | None = None,
@@ -98,20 +100,15 @@ def plan_circuit_evaluation(
 ) -> PatchPlan:
     """The plan of an `evaluate_circuit` call, every argument checked and nothing run."""
     check_chunk_args(batch_size, max_memory)
-    _tl.check_model(model)
-    _tl.check_deterministic(model)
+    runs = prepare_runs(model, orig_input, patching_metric)
+    tokens, metric, reader = runs.tokens, runs.metric, runs.reader
     single = isinstance(circuits, Circuit)
     circuits = [circuits] if single else list(circuits) if isinstance(circuits, (list, tuple)) else []
     graph = checked_graph(model, circuits)
-    tokens = _tl.to_tokens(model, orig_input)
     shape = _tl.model_shape(model)
     wiring = Wiring(graph)
     check_hooks_exist(model, wiring.sender_hooks + wiring.receiver_hooks)
-    metric = resolve_metric(patching_metric, tokens)
-    reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache=False)
-    source, source_text = planned_source(
-        model, new_input, new_cache, wiring.sender_hooks, tokens, "new_cache", NOTHING_TO_PATCH_IN
-    )
+    source, source_text = patched_in_source(runs, new_input, new_cache, wiring.sender_hooks)
     kept_per_token = len(graph.senders) * shape.d_model + 3 * (shape.n_heads + 2 * shape.n_kv_heads) * shape.d_model
     chunk = variants_per_pass(
         len(circuits),
@@ -138,7 +135,11 @@ def plan_circuit_evaluation(
         else (Sweep("circuit", ("circuit",), {"circuit": tuple(range(len(circuits)))}, [[] for _ in circuits]),)
     )
     edited = {name for circuit in circuits for name in wiring.edited_hooks(~circuit.kept_mask(tokens.shape[1]))}
-    run = _CircuitRun(model, tokens, circuits, wiring, metric, reader, source, _tl.flags_for(edited))
+    session = executor_session(
+        runs,
+        _tl.flags_for(edited),
+        lambda bar, grad: _CircuitSession(circuits, wiring, source, runs.executor(bar, full_graph=True)),
+    )
     return PatchPlan(
         "evaluate_circuit",
         description,
@@ -146,7 +147,7 @@ def plan_circuit_evaluation(
         layout,
         declared_dims(metric),
         blocks,
-        run.start,
+        session,
         inputs=(tokens, new_input),
         one_sweep=True,
     )
@@ -171,49 +172,11 @@ def checked_graph(model, circuits: Sequence[Circuit]) -> EdgeGraph:
     return graph
 
 
-class _CircuitRun:
-    """What running an evaluate_circuit plan needs: the circuits, the wiring, the ablated values."""
-
-    def __init__(
-        self,
-        model,
-        tokens: Tensor,
-        circuits: list[Circuit],
-        wiring: Wiring,
-        metric,
-        reader,
-        source: SourceFactory,
-        flags: set[str],
-    ):
-        self.model, self.tokens, self.circuits, self.wiring = model, tokens, circuits, wiring
-        self.metric, self.reader, self.source = metric, reader, source
-        self.flags = flags
-        """The model flags the edited hooks need: none for circuits that remove nothing, whose
-        passes are then the model's own forward pass."""
-
-    @contextmanager
-    def start(self, grad: bool, progress: int, label: str) -> Iterator["_CircuitSession"]:
-        """A session with the per-head input hooks switched on (and a progress bar, if asked)."""
-        _tl.check_deterministic(self.model)
-        with _tl.model_flags(self.model, self.flags), progress_bar(progress, label) as bar:
-            calls = metric_calls(self.metric, self.tokens.shape[0], self.reader, False, self.model)
-            executor = Executor(
-                self.model,
-                self.tokens,
-                OrigResiduals(self.model, self.tokens),
-                calls,
-                self.reader,
-                full_graph=True,
-                progress=bar,
-            )
-            yield _CircuitSession(self, executor)
-
-
 class _CircuitSession:
     """Runs the blocks of an evaluate_circuit plan; the ablated outputs are made when first needed."""
 
-    def __init__(self, run: _CircuitRun, executor: Executor):
-        self._run, self._executor = run, executor
+    def __init__(self, circuits: list[Circuit], wiring: Wiring, source: SourceFactory, executor: Executor):
+        self._circuits, self._wiring, self._source, self._executor = circuits, wiring, source, executor
 
     @property
     def metric_dims(self) -> tuple[str, ...] | None:
@@ -221,24 +184,24 @@ class _CircuitSession:
 
     @functools.cached_property
     def _ablated(self) -> ActivationSource:
-        return self._run.source()
+        return self._source()
 
     @functools.cached_property
     def _w_o(self) -> Tensor:
-        return _tl.w_o(self._run.model)
+        return _tl.w_o(self._executor.model)
 
     @functools.cached_property
     def _b_o(self) -> Tensor:
-        return _tl.b_o(self._run.model)
+        return _tl.b_o(self._executor.model)
 
     def run_block(self, block: Block) -> dict[int, object]:
         (pass_,) = block.passes
-        seq_len = self._run.tokens.shape[1]
+        seq_len = self._executor.tokens.shape[1]
 
         def add_steps(program: PatchProgram, index: int, row_start: int) -> None:
-            removed = ~self._run.circuits[index].kept_mask(seq_len)
+            removed = ~self._circuits[index].kept_mask(seq_len)
             if removed.any():
-                _CircuitRows(self._run.wiring, removed, self._ablated, self._w_o, self._b_o).add_to(program, row_start)
+                _CircuitRows(self._wiring, removed, self._ablated, self._w_o, self._b_o).add_to(program, row_start)
 
         return dict(zip(pass_.variants, self._executor.run(pass_, add_steps)))
 

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .. import _tl
+from .._core.executor import Runs, logit_reader, progress_bar
 from .._core.nodes import IterNode
 from .._core.selection import LogitReader
 from .._core.sites import PatchSite, Sweep, resolve_spec
+from .._core.sources import SourceFactory, planned_source
 from ..errors import PatchingError
 from ..metrics import Metric, lm_loss
 from ..results import PatchResult
@@ -23,6 +25,31 @@ IG_STEPS = 10
 """The points of the integrated gradients' sum when `steps` is not given."""
 ESTIMATES = ("value", "delta")
 """What `attr_patch` returns and `confirm` ranks: the estimated patched metric, or only its change."""
+
+
+def prepare_runs(model, orig_input, patching_metric, *, apply_metric_to_cache: bool = False) -> Runs:
+    """The front half every method shares, done once: check the model (a TransformerLens model in
+    eval mode), tokenize `orig_input`, resolve the metric and the reader of the logits it selects.
+
+    >>> runs = prepare_runs(model, corrupted, metric)
+    >>> runs.tokens.shape == corrupted.shape
+    True
+    """
+    _tl.check_model(model)
+    _tl.check_deterministic(model)
+    tokens = _tl.to_tokens(model, orig_input)
+    metric = resolve_metric(patching_metric, tokens)
+    reader = logit_reader(model, metric, tokens, _tl.model_shape(model).d_vocab, apply_metric_to_cache)
+    return Runs(model, tokens, metric, reader, apply_metric_to_cache)
+
+
+def patched_in_source(
+    runs: Runs, new_input, new_cache, hooks, missing: str = NOTHING_TO_PATCH_IN
+) -> tuple[SourceFactory, str]:
+    """Where the values patched in at `hooks` come from (`new_input`, or `new_cache`: a cache, a
+    mean-ablation cache or "zero"), made when first needed, and its description for the plan;
+    `missing` is the error when neither is given."""
+    return planned_source(runs.model, new_input, new_cache, hooks, runs.tokens, "new_cache", missing)
 
 
 @dataclass(frozen=True)
@@ -142,3 +169,9 @@ def cell_places(sweeps: list[Sweep]):
     for sweep in sweeps:
         for values in itertools.product(*(sweep.coords[dim] for dim in sweep.dims)):
             yield sweep.name, dict(zip(sweep.dims, values))
+
+
+def gradient_progress(progress: bool | str, passes: int, method: str):
+    """A progress bar over a call's `passes` gradient passes when `progress` asks for one (a string
+    labels it; True labels it with the method's name), or a context giving None."""
+    return progress_bar(passes if progress else 0, progress if isinstance(progress, str) else method)

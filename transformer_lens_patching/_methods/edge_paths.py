@@ -18,15 +18,23 @@ from .. import _tl
 from .._core.components import COMPONENTS, hook_name, lookup
 from .._core.distributed import shared_by_ranks
 from .._core.gradients import GradientPass, NeuronRead
+from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode, Node, normalize_seq_pos
 from .._core.program import resid_mid_carries
 from .._core.sites import PatchSite, Sweep, resolve_spec
-from .._core.sources import planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from .._core.wiring import EMBEDDINGS, NO_HEAD_INPUTS
 from ..errors import PatchingError
 from ..results import PatchResult
-from .common import ESTIMATES, check_choice, check_hooks_exist, checked_steps, resolve_metric
+from .common import (
+    ESTIMATES,
+    check_choice,
+    check_hooks_exist,
+    checked_steps,
+    gradient_progress,
+    patched_in_source,
+    prepare_runs,
+)
 from .edges import EDGE_METHODS, difference, eap_gradients, position_mask
 from .path_rules import (
     HEAD_INPUTS,
@@ -53,6 +61,8 @@ def attr_path_patch(
     method: str = "atp",
     steps: int | None = None,
     estimate: str = "value",
+    max_memory: int | None = None,
+    progress: bool | str = False,
 ):
     """Estimate what `path_patch(..., direct_includes_mlps=False)` returns, for every cell at once.
 
@@ -80,6 +90,8 @@ def attr_path_patch(
             with interpolated input embeddings, as in `attr_edges`).
         steps: For "ig", the points of the sum (default 10).
         estimate: "value" for the estimated patched metric, "delta" for its change.
+        max_memory: Bytes of activations one gradient pass may use (default as `act_patch`).
+        progress: Show a progress bar over the gradient passes (a string labels it).
 
     Returns:
         What `path_patch` returns: the metric's type for Nodes or lists on both sides; for
@@ -96,20 +108,21 @@ def attr_path_patch(
             shared with other heads, so their own inputs have no hook), both sides sweeping
             `seq_pos="each"`, and head receivers on models without per-head input hooks.
 
-    >>> est = attr_path_patch(model, corrupted, clean, IterNode("z"), Node("resid_post", 11), metric)  # doctest: +SKIP
-    >>> exact = path_patch(model, corrupted, clean, IterNode("z"), Node("resid_post", 11), metric,
-    ...                    direct_includes_mlps=False)  # doctest: +SKIP
-    >>> (est["z"] - exact["z"]).abs().max()  # doctest: +SKIP
+    >>> last = Node("resid_post", model.cfg.n_layers - 1)
+    >>> est = attr_path_patch(model, corrupted, clean, IterNode("z"), last, metric)
+    >>> exact = path_patch(model, corrupted, clean, IterNode("z"), last, metric, direct_includes_mlps=False)
+    >>> (est["z"] - exact["z"]).abs().max()  # doctest: +ELLIPSIS
+    tensor(...)
     """
     check_choice(method, EDGE_METHODS, "method")
     check_choice(estimate, ESTIMATES, "estimate")
     steps = checked_steps(method, steps)
-    _tl.check_model(model)
-    _tl.check_deterministic(model)
+    check_chunk_args(None, max_memory)
     for spec, what in ((sender_nodes, "sender_nodes"), (receiver_nodes, "receiver_nodes")):
         if spec is None:
             raise PatchingError(f"attr_path_patch needs {what}: a Node, a list of Nodes or an IterNode.")
-    tokens = _tl.to_tokens(model, orig_input)
+    runs = prepare_runs(model, orig_input, patching_metric)
+    tokens = runs.tokens
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, (), seq_pos)
     check_specs((), receiver_nodes, seq_pos)
@@ -127,7 +140,6 @@ def attr_path_patch(
     _check_receivers(model, shape, receiver_cells)
     reads = [_reads(cell) for cell in receiver_cells]
     frozen = _frozen_reads(model, sender_nodes, receiver_nodes, reads)
-    metric = resolve_metric(patching_metric, tokens)
     sender_hooks = sorted({site.hook_name for cell in sender_cells for site in cell})
     differentiated = sorted({read.hook for cell in reads for read in cell if read.kind != "neuron"})
     neuron_reads = [read for cell in reads for read in cell if read.kind == "neuron"]
@@ -135,15 +147,19 @@ def attr_path_patch(
     all_hooks = set(sender_hooks) | set(differentiated) | neuron_hooks
     check_hooks_exist(model, all_hooks)
     needed = set(sender_hooks) | ({EMBEDDINGS} if steps > 1 else set())
-    source, _ = planned_source(
-        model, new_input, new_cache, needed, tokens, "new_cache", "attr_path_patch needs new_input or new_cache."
-    )
-    with _tl.model_flags(model, _tl.flags_for(all_hooks)), torch.no_grad():
+    source, _ = patched_in_source(runs, new_input, new_cache, needed, "attr_path_patch needs new_input or new_cache.")
+    with (
+        _tl.model_flags(model, _tl.flags_for(all_hooks)),
+        torch.no_grad(),
+        gradient_progress(progress, steps, "attr_path_patch") as bar,
+    ):
         new = source()
         through = [NeuronRead(read.layer, _neuron_mask(read, tokens.shape, shape.d_mlp)) for read in neuron_reads]
         stopped = [(read.hook, _slice_mask(read, tokens.shape, shape)) for read in frozen]
         split = "use_split_qkv_input" in _tl.flags_for(all_hooks)
-        gradient_pass = GradientPass(model, tokens, metric, split_inputs=split, new_input=new_input)
+        gradient_pass = GradientPass(
+            model, tokens, runs.metric, max_memory, split_inputs=split, new_input=new_input, progress=bar
+        )
         run = eap_gradients(
             gradient_pass, sender_hooks, differentiated, new, steps, stopped=stopped, neuron_reads=through
         )

@@ -30,11 +30,11 @@ from .._core.distributed import shared_by_ranks
 from .._core.gradients import GradientPass, GradientRun, NeuronRead
 from .._core.graph import EdgeGraph, EdgeScores
 from .._core.memory import check_chunk_args
-from .._core.sources import ActivationSource, planned_source
+from .._core.sources import ActivationSource
 from .._core.tensor_types import ModelInput, OtherModelInput
 from .._core.wiring import EMBEDDINGS, NO_HEAD_INPUTS, Wiring, check_mlp_inputs, head_writes
 from ..errors import PatchingError
-from .common import NOTHING_TO_PATCH_IN, check_choice, check_hooks_exist, checked_steps, resolve_metric
+from .common import check_choice, check_hooks_exist, checked_steps, gradient_progress, patched_in_source, prepare_runs
 from .path_rules import check_linear_writes
 
 EDGE_METHODS = ("atp", "ig")
@@ -52,6 +52,7 @@ def attr_edges(
     method: str = "atp",
     steps: int | None = None,
     max_memory: int | None = None,
+    progress: bool | str = False,
 ) -> EdgeScores:
     """Score every edge of the model's graph (`EdgeGraph.of(model)`) at once.
 
@@ -79,6 +80,7 @@ def attr_edges(
         steps: For "ig", the points of the sum (default 10); not used by "atp".
         max_memory: Bytes of activations one gradient pass may use (default as `act_patch`):
             the prompts run in chunks that fit, each reduced to its edge scores at once.
+        progress: Show a progress bar over the gradient passes (a string labels it).
 
     Returns:
         EdgeScores: one score per edge (per edge and prompt for a per-prompt metric), with the
@@ -88,28 +90,33 @@ def attr_edges(
         PatchingError: For an unknown `method`, a metric that is neither one number nor one
             per prompt, a model without per-head input hooks, and anything `attr_patch` refuses.
 
-    >>> scores = attr_edges(model, corrupted, metric, new_input=clean)  # doctest: +SKIP
-    >>> [str(edge) for edge in scores.top(3)]  # doctest: +SKIP
+    >>> scores = attr_edges(model, corrupted, metric, new_input=clean)
+    >>> [str(edge) for edge in scores.top(3)]  # doctest: +ELLIPSIS
+    ['... -> ...', '... -> ...', '... -> ...']
     """
     check_choice(method, EDGE_METHODS, "method")
     steps = checked_steps(method, steps)
     check_chunk_args(None, max_memory)
-    _tl.check_model(model)
-    _tl.check_deterministic(model)
-    tokens = _tl.to_tokens(model, orig_input)
+    runs = prepare_runs(model, orig_input, patching_metric)
+    tokens = runs.tokens
     graph = EdgeGraph.of(model)
     if not _tl.supports_split_qkv_input(model):
         raise PatchingError(NO_HEAD_INPUTS.format(what="attr_edges reads every head's q/k/v input, which needs"))
     check_linear_writes(model, "attr_edges")
     check_mlp_inputs(model, graph, "attr_edges")
-    metric = resolve_metric(patching_metric, tokens)
     wiring = Wiring(graph)
     senders, receivers = wiring.sender_hooks, wiring.receiver_hooks
     check_hooks_exist(model, senders + receivers)
-    source, _ = planned_source(model, new_input, new_cache, senders, tokens, "new_cache", NOTHING_TO_PATCH_IN)
-    with _tl.model_flags(model, _tl.flags_for(receivers)), torch.no_grad():
+    source, _ = patched_in_source(runs, new_input, new_cache, senders)
+    with (
+        _tl.model_flags(model, _tl.flags_for(receivers)),
+        torch.no_grad(),
+        gradient_progress(progress, steps, "attr_edges") as bar,
+    ):
         new = source()
-        gradient_pass = GradientPass(model, tokens, metric, max_memory, split_inputs=True, new_input=new_input)
+        gradient_pass = GradientPass(
+            model, tokens, runs.metric, max_memory, split_inputs=True, new_input=new_input, progress=bar
+        )
         run, per_pair = _scored_pairs(gradient_pass, graph, senders, receivers, new, steps)
     sender_row = {node: i for i, node in enumerate(graph.senders)}
     receiver_row = {node: i for i, node in enumerate(graph.receivers)}

@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import _tl
 from .._core.components import residual_hooks
 from .._core.distributed import shared_by_ranks
-from .._core.executor import logit_reader
+from .._core.executor import Runs, executor_session
 from .._core.measure import declared_dims
 from .._core.memory import check_chunk_args, variants_per_pass
 from .._core.nodes import IterNode, Node, normalize_seq_pos
@@ -37,7 +37,7 @@ from .._core.sources import planned_source
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from ..results import PatchResult
-from .common import check_hooks_exist, describe_metric, print_shapes, resolve_metric
+from .common import check_hooks_exist, describe_metric, patched_in_source, prepare_runs, print_shapes
 from .path_rules import (
     PassOnePlan,
     PathPlan,
@@ -51,8 +51,9 @@ from .path_rules import (
     patched_hooks,
     reaching_part,
     two_pass_blocks,
+    writes_are_linear,
 )
-from .path_run import PathPatchRun
+from .path_run import PathPatchSession
 
 
 def plan_path_patch(
@@ -78,30 +79,31 @@ def plan_path_patch(
     algorithm runs and the passes it needs; `plan.assemble(plan.run())` is what
     `path_patch` returns.
 
-    >>> plan = plan_path_patch(model, clean, corrupted, IterNode("z"), Node("resid_post", 11), metric)  # doctest: +SKIP
-    >>> print(plan)  # doctest: +SKIP
+    >>> last = Node("resid_post", model.cfg.n_layers - 1)
+    >>> plan = plan_path_patch(model, clean, corrupted, IterNode("z"), last, metric)
+    >>> print(plan)  # doctest: +ELLIPSIS
+    path_patch plan
+    ...
     """
-    _tl.check_model(model)
-    _tl.check_deterministic(model)
     check_chunk_args(batch_size, max_memory)
     if not isinstance(direct_includes_mlps, bool):
         raise PatchingError(f"direct_includes_mlps must be True or False, got {direct_includes_mlps!r}.")
     for spec, what in ((sender_nodes, "sender_nodes"), (receiver_nodes, "receiver_nodes")):
         if spec is None:
             raise PatchingError(f"path_patch needs {what}: a Node, a list of Nodes or an IterNode.")
-    tokens = _tl.to_tokens(model, orig_input)
+    runs = prepare_runs(model, orig_input, patching_metric, apply_metric_to_cache=apply_metric_to_cache)
+    tokens, metric, reader = runs.tokens, runs.metric, runs.reader
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, receiver_nodes, seq_pos)
-    check_linear_writes(model, "path patching")
+    check_linear_writes(model, "path patching", normalised_ok=True)
     if not direct_includes_mlps:
         check_parallel_receivers(shape, receiver_nodes, "path_patch with direct_includes_mlps=False")
     positions = normalize_seq_pos(seq_pos)
     senders = resolve_spec(sender_nodes, shape, tokens, "sender_nodes", positions)
     receivers = resolve_spec(receiver_nodes, shape, tokens, "receiver_nodes", positions)
     variants, sweeps = paired_variants(senders, receivers, sender_nodes, receiver_nodes)
-    metric = resolve_metric(patching_metric, tokens)
-    reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache)
-    fork = not direct_includes_mlps and can_fork(model, shape, variants)
+    linear = writes_are_linear(model)
+    fork = linear and not direct_includes_mlps and can_fork(model, shape, variants)
     freeze_mlps = not direct_includes_mlps and shape.has_mlps
     reaching = [reaching_part(v, reader) for v in variants]
     live = [cell for cell, v in enumerate(reaching) if v is not None]
@@ -114,14 +116,14 @@ def plan_path_patch(
         forked_hooks = {name for r in receiver_sites for name in patched_hooks(r)}
     else:
         if live:
-            pass_one = pass_one_plan(shape, receiver_sites, freeze_mlps, _tl.can_start_late(model))
+            pass_one = pass_one_plan(shape, receiver_sites, freeze_mlps, linear and _tl.can_start_late(model))
         orig_hooks = {name for _, name in pass_one.frozen} | sender_hooks
         forked_hooks = set()
     all_hooks = {s.hook_name for v in variants for s in v.senders} | orig_hooks | forked_hooks
     all_hooks |= {r.hook_name for v in variants for r in v.receivers}
     check_hooks_exist(model, all_hooks)
-    new, new_text = planned_source(
-        model, new_input, new_cache, sender_hooks, tokens, "new_cache", "path_patch needs new_input or new_cache."
+    new, new_text = patched_in_source(
+        runs, new_input, new_cache, sender_hooks, "path_patch needs new_input or new_cache."
     )
     orig, _ = planned_source(
         model,
@@ -136,52 +138,20 @@ def plan_path_patch(
     )
     plan = PathPlan(reaching, fork, pass_one, _tl.flags_for(all_hooks))
 
-    def chunk(n_variants: int, measured: bool) -> int:
-        """Variants per pass; passes that only record compute no logits."""
-        logits_per_prompt = None if reader is None else reader.floats_per_prompt
-        return variants_per_pass(
-            n_variants,
-            tokens,
-            shape,
-            batch_size,
-            max_memory,
-            apply_metric_to_cache and measured,
-            logits_per_prompt if measured else 0,
-        )
-
-    def start_late(measured: bool) -> bool:
-        return _tl.can_start_late(model) and not (apply_metric_to_cache and measured)
-
-    if fork:
-        starts = [min(entry_layer(name) for r in reaching[c].receivers for name in patched_hooks(r)) for c in live]
-        size = chunk(len(live), True)
-        passes = stacked_passes("patch", live, starts, size, lambda start: shape.n_layers, start_late(True))
-        blocks = [Block(p.variants, (p,)) for p in passes]
-    else:
-        blocks = two_pass_blocks(plan, live, chunk, start_late, shape.n_layers)
-    unpatched = [cell for cell, v in enumerate(reaching) if v is None]
-    if unpatched:
-        blocks.append(unpatched_block(unpatched, shape.n_layers))
-    algorithm = (
-        "one pass: each receiver's input is orig plus the senders' new - orig"
-        if fork
-        else (
-            "two passes (pass 1 freezes every head"
-            + (" and MLP" if freeze_mlps else "")
-            + " and records the receivers)"
-        )
-    )
+    blocks = _path_blocks(runs, plan, live, batch_size, max_memory)
     description = (
         ("senders", _described(sender_nodes, senders)),
         ("receivers", _described(receiver_nodes, receivers)),
         ("from", new_text),
         ("into", f"orig_input: {tokens.shape[0]} prompts x {tokens.shape[1]} tokens"),
         ("direct", "paths through MLPs count as direct" if direct_includes_mlps else "the residual stream only"),
-        ("algorithm", algorithm),
+        ("algorithm", _algorithm(fork, freeze_mlps)),
         ("metric", describe_metric(metric, reader, apply_metric_to_cache)),
     )
-    run = PathPatchRun(
-        model, tokens, plan, metric, reader, new, orig, apply_metric_to_cache, names_filter_for_cache_metric
+    session = executor_session(
+        runs,
+        plan.flags,
+        lambda bar, grad: PathPatchSession(runs, plan, new, orig, names_filter_for_cache_metric, bar, grad),
     )
     layout = tuple(sweeps) if sweeps is not None else None
     return PatchPlan(
@@ -191,9 +161,53 @@ def plan_path_patch(
         layout,
         declared_dims(metric),
         tuple(blocks),
-        run.start,
+        session,
         inputs=(tokens, new_input),
     )
+
+
+def _path_blocks(runs: Runs, plan: PathPlan, live: list[int], batch_size, max_memory) -> list[Block]:
+    """The blocks of a path_patch plan: one stacked pass per block for the one-pass algorithm,
+    recording and patching passes for the two-pass one, and the unpatched run for the cells
+    whose senders cannot reach what the metric reads."""
+    model, tokens, reader = runs.model, runs.tokens, runs.reader
+    shape = _tl.model_shape(model)
+
+    def chunk(n_variants: int, measured: bool) -> int:
+        """Variants per pass; passes that only record compute no logits."""
+        logits_per_prompt = None if reader is None else reader.floats_per_prompt
+        return variants_per_pass(
+            n_variants,
+            tokens,
+            shape,
+            batch_size,
+            max_memory,
+            runs.apply_metric_to_cache and measured,
+            logits_per_prompt if measured else 0,
+        )
+
+    def start_late(measured: bool) -> bool:
+        return _tl.can_start_late(model) and not (runs.apply_metric_to_cache and measured)
+
+    reaching = plan.variants
+    if plan.fork:
+        starts = [min(entry_layer(name) for r in reaching[c].receivers for name in patched_hooks(r)) for c in live]
+        size = chunk(len(live), True)
+        passes = stacked_passes("patch", live, starts, size, lambda start: shape.n_layers, start_late(True))
+        blocks = [Block(p.variants, (p,)) for p in passes]
+    else:
+        blocks = two_pass_blocks(plan, live, chunk, start_late, shape.n_layers)
+    unpatched = [cell for cell, v in enumerate(reaching) if v is None]
+    if unpatched:
+        blocks.append(unpatched_block(unpatched, shape.n_layers))
+    return blocks
+
+
+def _algorithm(fork: bool, freeze_mlps: bool) -> str:
+    """The plan's "algorithm" line."""
+    if fork:
+        return "one pass: each receiver's input is orig plus the senders' new - orig"
+    return f"two passes (pass 1 freezes every head{' and MLP' if freeze_mlps else ''} and records the receivers)"
 
 
 def _described(spec, resolved) -> str:
@@ -255,7 +269,7 @@ def path_patch(
         PatchingError: for any invalid node, input, cache or metric.
 
     >>> results = path_patch(model, clean, corrupted, IterNode("z"),
-    ...                      Node("resid_post", model.cfg.n_layers - 1), metric)  # doctest: +SKIP
+    ...                      Node("resid_post", model.cfg.n_layers - 1), metric)
     """
     plan = plan_path_patch(
         model,

@@ -107,9 +107,21 @@ def nonlinear_writes(model) -> str | None:
     )
 
 
-def check_linear_writes(model, what: str) -> None:
+def writes_are_linear(model) -> bool:
+    """Whether each head's and MLP's write to the residual stream is its output times fixed weights
+    (`head_writes`), with no norm after it: what path patching's one-pass algorithm and its
+    skipped attention add to the stream itself. Otherwise path patching lets the model compute
+    every layer whose senders change, with the others' outputs frozen, so that a post-norm sees
+    the sender's change together with the rest of its layer's output."""
+    return not _tl.post_norms(model)
+
+
+def check_linear_writes(model, what: str, *, normalised_ok: bool = False) -> None:
     """Refuse a model whose senders' writes are not linear in their outputs (`nonlinear_writes`),
-    which `what` (path patching, edges, circuits) builds on."""
+    which `what` (edges, circuits) builds on; with `normalised_ok` (path patching, which then runs
+    its two-pass algorithm through the model's own norms) refuse only latent attention."""
+    if normalised_ok and not _tl.model_shape(model).latent_attention:
+        return
     reason = nonlinear_writes(model)
     if reason is not None:
         raise PatchingError(

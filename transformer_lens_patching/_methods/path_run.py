@@ -1,15 +1,13 @@
 """Running a path_patch plan: the one-pass and two-pass algorithms, block by block."""
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from .. import _tl
 from .._core.components import COMPONENTS, hook_name
-from .._core.executor import Executor, OrigResiduals, metric_calls, progress_bar
+from .._core.executor import Executor, OrigResiduals, Runs
 from .._core.plan import Block
 from .._core.program import PatchProgram
 from .._core.sites import PatchSite
@@ -26,40 +24,23 @@ from .path_rules import (
 )
 
 
-class PathPatchRun:
-    """What running a path_patch plan needs, besides its blocks."""
-
-    def __init__(
-        self,
-        model,
-        tokens,
-        plan: PathPlan,
-        metric,
-        reader,
-        new: SourceFactory,
-        orig: SourceFactory,
-        apply_metric_to_cache: bool,
-        cache_names_filter,
-    ):
-        self.model, self.tokens, self.plan = model, tokens, plan
-        self.shape = _tl.model_shape(model)
-        self.metric, self.reader, self.new, self.orig = metric, reader, new, orig
-        self.apply_metric_to_cache, self.cache_names_filter = apply_metric_to_cache, cache_names_filter
-
-    @contextmanager
-    def start(self, grad: bool, progress: int, label: str) -> Iterator["PathPatchSession"]:
-        """A session with the model's flags switched on (and a bar over `progress` cells, if any)."""
-        _tl.check_deterministic(self.model)
-        with _tl.model_flags(self.model, self.plan.flags), progress_bar(progress, label) as bar:
-            yield PathPatchSession(self, grad, bar)
-
-
 class PathPatchSession:
     """Runs the blocks of a path_patch plan; the orig and new caches are made when first needed."""
 
-    def __init__(self, run: PathPatchRun, grad: bool, progress):
-        self._run, self._grad, self._progress = run, grad, progress
-        self._calls = metric_calls(run.metric, run.tokens.shape[0], run.reader, run.apply_metric_to_cache, run.model)
+    def __init__(
+        self,
+        runs: Runs,
+        plan: PathPlan,
+        new: SourceFactory,
+        orig: SourceFactory,
+        cache_names_filter,
+        progress,
+        grad: bool,
+    ):
+        self._runs, self._plan, self._new_source, self._orig_source = runs, plan, new, orig
+        self._cache_names_filter, self._progress, self._grad = cache_names_filter, progress, grad
+        self._shape = _tl.model_shape(runs.model)
+        self._calls = runs.metric_calls()
         self._contributions: dict[int, Tensor] = {}
 
     @property
@@ -68,47 +49,42 @@ class PathPatchSession:
 
     @functools.cached_property
     def _new(self) -> ActivationSource:
-        return self._run.new()
+        return self._new_source()
 
     @functools.cached_property
     def _orig(self) -> ActivationSource:
-        return self._run.orig()
+        return self._orig_source()
 
     @functools.cached_property
     def _executor(self) -> Executor:
-        run = self._run
-        residuals = OrigResiduals(run.model, run.tokens, self._orig.tensors)
-        return Executor(
-            run.model,
-            run.tokens,
-            residuals,
-            self._calls,
-            run.reader,
-            run.apply_metric_to_cache,
+        runs = self._runs
+        return runs.executor(
+            self._progress,
             full_graph=self._grad,
-            progress=self._progress,
-            cache_names_filter=run.cache_names_filter,
+            residuals=OrigResiduals(runs.model, runs.tokens, self._orig.tensors),
+            calls=self._calls,
+            cache_names_filter=self._cache_names_filter,
         )
 
     @functools.cached_property
     def _weights(self) -> OutputWeights:
-        return OutputWeights(self._run.model)
+        return OutputWeights(self._runs.model)
 
     @functools.cached_property
     def _frozen(self) -> list[tuple[int, str, Tensor]]:
-        return [(layer, name, self._orig.value(name)) for layer, name in self._run.plan.pass_one.frozen]
+        return [(layer, name, self._orig.value(name)) for layer, name in self._plan.pass_one.frozen]
 
     def run_block(self, block: Block) -> dict[int, object]:
         if block.passes[0].stage == "unpatched":
             return self._executor.unpatched(block)
-        if self._run.plan.fork:
+        if self._plan.fork:
             (pass_,) = block.passes
             return dict(zip(pass_.variants, self._executor.run(pass_, self._one_pass_steps)))
         return self._two_passes(block)
 
     def _one_pass_steps(self, program: PatchProgram, cell: int, row_start: int) -> None:
         """Set each receiver's input to orig plus the reaching senders' new - orig."""
-        variant, orig = self._run.plan.variants[cell], self._orig
+        variant, orig = self._plan.variants[cell], self._orig
         for receiver in variant.receivers:
             base = orig.value(input_base_hook(receiver))
             reaching = [self._cached_contribution(s).to(base.device) for s in variant.senders if reaches(s, receiver)]
@@ -119,7 +95,7 @@ class PathPatchSession:
                 program.edit(receiver, row_start, value)
             for input_name in inputs or ():
                 component = COMPONENTS[input_name]
-                count = self._run.shape.unit_count(component.unit)
+                count = self._shape.unit_count(component.unit)
                 expanded = value.unsqueeze(2).expand(*value.shape[:2], count, value.shape[-1])
                 program.edit(input_site(component, receiver), row_start, expanded)
 
@@ -129,7 +105,7 @@ class PathPatchSession:
         Each recording variant starts at its first sender, skips the attention the plan
         replaces and stops once its receivers are recorded.
         """
-        variants, plan = self._run.plan.variants, self._run.plan.pass_one
+        variants, plan = self._plan.variants, self._plan.pass_one
         new = self._new
         records: dict[tuple[int, str], Tensor] = {}
         group_of = {cell: group for group, cells in enumerate(block.groups) for cell in cells}

@@ -1,1 +1,2 @@
-"""Tasks built on the public API (private: import from `transformer_lens_patching.ioi`)."""
+"""Tasks built on the public API and `_tl`, the one way into TransformerLens (private: import from
+`transformer_lens_patching.ioi`)."""

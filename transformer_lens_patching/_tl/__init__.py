@@ -31,6 +31,7 @@ from .forward import (
     hooks_that_fire,
     output_hooked,
     output_transform,
+    time_layers,
     unembed,
     unembed_columns,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "run_with_cache",
     "summing_dtype",
     "supports_split_qkv_input",
+    "time_layers",
     "to_tokens",
     "unembed",
     "unembed_columns",

@@ -10,11 +10,15 @@ def resid_mid_feeds_only_the_mlp(model) -> bool:
     """Whether a change at `hook_resid_mid` must also be added to `hook_resid_post` by hand.
 
     TransformerLens 4.3 bridges hook `blocks.L.hook_resid_mid` at the input of the second
-    LayerNorm, so a patch there reaches the MLP but not the residual stream that continues
-    to `hook_resid_post`. HookedTransformer's resid_mid is the residual stream itself.
+    LayerNorm (or, in blocks without one before the MLP, such as OLMo-2's, at the MLP's input),
+    so a patch there reaches the MLP but not the residual stream that continues to
+    `hook_resid_post`. HookedTransformer's resid_mid is the residual stream itself.
     """
     hook_dict = model.hook_dict
-    return hook_dict.get("blocks.0.hook_resid_mid") is hook_dict.get("blocks.0.ln2.hook_in", object())
+    resid_mid = hook_dict.get("blocks.0.hook_resid_mid")
+    return resid_mid is not None and any(
+        resid_mid is hook_dict.get(name) for name in ("blocks.0.ln2.hook_in", "blocks.0.mlp.hook_in")
+    )
 
 
 _FLAG_FOR_SUFFIX = {

@@ -1,7 +1,8 @@
-"""Forward passes: with hooks, from a later layer, without some attention, or only the unembedding."""
+"""Forward passes: with hooks, from a later layer, without some attention, only the unembedding, or timed."""
 
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -38,6 +39,36 @@ def forward_logits(model, model_input: torch.Tensor, start_layer: int = 0) -> to
         with _blocks_skipped(model, start_layer):
             return model(model_input, start_at_layer=start_layer)
     return model(model_input, start_at_layer=start_layer)
+
+
+class _EndOfLayers(Exception):
+    """Raised at the last layer's output: a timed pass need not unembed."""
+
+
+def time_layers(model, tokens: torch.Tensor, copies: int) -> float:
+    """The seconds one layer takes on one copy of `tokens` when `copies` of them are stacked, as
+    plans stack variants: from the residual stream entering the first layer to the one leaving
+    the last (the pass stops there), the median of three passes after one that warms up."""
+    n_layers = model.cfg.n_layers
+    marks: list[float] = []
+
+    def mark(activation, hook):
+        if activation.is_cuda:
+            torch.cuda.synchronize(activation.device)
+        marks.append(time.perf_counter())
+
+    def mark_and_stop(activation, hook):
+        mark(activation, hook)
+        raise _EndOfLayers
+
+    ends = [("blocks.0.hook_resid_pre", mark), (f"blocks.{n_layers - 1}.hook_resid_post", mark_and_stop)]
+    stacked = tokens.repeat(copies, 1)
+    with torch.no_grad(), hooks(model, ends):
+        for _ in range(4):
+            with suppress(_EndOfLayers):
+                forward_logits(model, stacked)
+    timed = sorted(end - start for start, end in zip(marks[2::2], marks[3::2]))
+    return timed[1] / (n_layers * copies)
 
 
 def unembed(model, residual: torch.Tensor) -> torch.Tensor:

@@ -11,31 +11,24 @@ faithfulness there reaches the faithfulness asked for; its held-out faithfulness
 next to it.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import torch
 
-from ... import _tl
-from ..._core.circuit import Circuit
-from ..._core.graph import EdgeGraph, EdgeScores
-from ..._core.plan import PatchPlan
-from ..._methods.circuit_discovery import confirm_edges
-from ..._methods.circuit_evaluation import plan_circuit_evaluation
-from ..._methods.edges import attr_edges
-from ..._methods.faithfulness import (
-    MIB_FRACTIONS,
-    FaithfulnessCurve,
-    MIBFaithfulness,
-    faithfulness_curve,
-    mib_faithfulness,
-)
-from ..._methods.path_rules import nonlinear_writes
+import transformer_lens_patching as tlp
+
 from ...metrics import LogitDiff
 
-IG_STEPS = 5
+IOI_IG_STEPS = 5
 """The integrated-gradients points of the EAP-IG ranking."""
-METHODS = ("EAP", f"EAP-IG ({IG_STEPS} steps)", "EAP-IG, candidates confirmed exactly")
+RANKINGS = ("EAP", f"EAP-IG ({IOI_IG_STEPS} steps)", "EAP-IG, candidates confirmed exactly")
 """The rankings the step compares, in the order of `CircuitFinding.curves`."""
+EDGE_SCREEN_PASSES = 2 + 3 * (1 + IOI_IG_STEPS)
+"""The edge scores' work in forward passes of the scoring prompts, for the time estimate: the
+corrupted run for each method, and a forward and a backward pass (about two forwards) for
+EAP and for each of EAP-IG's points."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +36,7 @@ class CircuitFinding:
     """What the circuit step found.
 
     Attributes:
-        curves: MIB's summaries (both curves, CPR and CMD) of each ranking of `METHODS`, on the
+        curves: MIB's summaries (both curves, CPR and CMD) of each ranking of `RANKINGS`, on the
             held-out prompts.
         scores: The edge scores of each ranking, on the scoring prompts.
         selection: Each ranking's signed curve on the scoring prompts, which choose the circuit.
@@ -59,11 +52,11 @@ class CircuitFinding:
         held_out: The prompts (indices) that measured faithfulness.
     """
 
-    curves: tuple[MIBFaithfulness, ...]
-    scores: tuple[EdgeScores, ...]
-    selection: tuple[FaithfulnessCurve, ...]
+    curves: tuple[tlp.MIBFaithfulness, ...]
+    scores: tuple[tlp.EdgeScores, ...]
+    selection: tuple[tlp.FaithfulnessCurve, ...]
     chosen: int
-    circuit: Circuit
+    circuit: tlp.Circuit
     faithfulness: float
     chosen_faithfulness: float
     target: float
@@ -73,30 +66,7 @@ class CircuitFinding:
 
     @property
     def method(self) -> str:
-        return METHODS[self.chosen]
-
-
-def supported(model, n_prompts: int) -> bool:
-    """Whether this step runs on `model` with `n_prompts` prompts (see `why_not_supported`)."""
-    return why_not_supported(model, n_prompts) is None
-
-
-def why_not_supported(model, n_prompts: int) -> str | None:
-    """Why this step cannot run on `model` with `n_prompts` prompts, or None: it needs two
-    prompts or more (to hold some out), per-head q/k/v input hooks, blocks that are not
-    parallel (the step is not yet checked on them) and senders whose writes are linear in their
-    outputs (no post-norm blocks)."""
-    if n_prompts < 2:
-        return "it needs at least 2 prompts: half score the edges, the other half measure faithfulness"
-    if not _tl.supports_split_qkv_input(model):
-        return (
-            "this model has no per-head q/k/v input hooks (a TransformerBridge from boot_native), which circuit "
-            "evaluation edits"
-        )
-    if getattr(model.cfg, "parallel_attn_mlp", False):
-        return "this model computes attention and MLP in parallel, where this step is not yet checked"
-    reason = nonlinear_writes(model)
-    return None if reason is None else f"{reason}; circuit evaluation refuses it"
+        return RANKINGS[self.chosen]
 
 
 def split(n_prompts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -112,14 +82,14 @@ def split(n_prompts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def describe(finding: CircuitFinding, graph_size: int) -> str:
     """The step's description: what ran, and what it found."""
-    curves = "; ".join(f"{method}: CPR {c.cpr:.3f}, CMD {c.cmd:.3f}" for method, c in zip(METHODS, finding.curves))
+    curves = "; ".join(f"{method}: CPR {c.cpr:.3f}, CMD {c.cmd:.3f}" for method, c in zip(RANKINGS, finding.curves))
     return (
         f"The prompts split in two, as MIB does: {len(finding.scored_on)} score the edges (prompts "
         f"{_indices(finding.scored_on)}) and the other {len(finding.held_out)} measure faithfulness (prompts "
         f"{_indices(finding.held_out)}). Every one of the model's {graph_size:,} edges scored by EAP and EAP-IG "
-        f"({IG_STEPS} steps), clean prompts with each edge resampled from the corrupted ones; the EAP-IG ranking's "
+        f"({IOI_IG_STEPS} steps), clean prompts with each edge resampled from the corrupted ones; the EAP-IG ranking's "
         f"{finding.candidates} strongest edges then scored exactly (each removed alone). For each ranking, "
-        f"circuits of its strongest edges at MIB's sizes ({', '.join(f'{f:g}' for f in MIB_FRACTIONS)} of the "
+        f"circuits of its strongest edges at MIB's sizes ({', '.join(f'{f:g}' for f in tlp.MIB_FRACTIONS)} of the "
         "edges, pruned of dangling edges), ranked by signed score (the edges whose removal lowers the logit "
         "difference most) and by |score|, evaluated exactly on the held-out prompts: the clean run with every "
         "edge outside the circuit resampled from the corrupted run. Faithfulness: (circuit - empty) / "
@@ -129,9 +99,8 @@ def describe(finding: CircuitFinding, graph_size: int) -> str:
         + (
             f"the smallest of the best ranking ({finding.method}) with faithfulness at least {finding.target:.0%}"
             if finding.chosen_faithfulness >= finding.target
-            else f"no circuit of the best ranking ({finding.method}) "
-            f"reaches faithfulness {finding.target:.0%}; its most "
-            "faithful one"
+            else f"no circuit of the best ranking ({finding.method}) reaches faithfulness {finding.target:.0%}; "
+            "its most faithful one"
         )
         + f": {len(finding.circuit):,} edges, faithfulness {finding.chosen_faithfulness:.3f} on the scoring prompts "
         f"and {finding.faithfulness:.3f} on the held-out ones."
@@ -152,24 +121,37 @@ def find_circuit(
     scored_on, held_out = split(clean.shape[0])
     clean_s, corrupted_s, metric_s = _prompts(clean, corrupted, metric, scored_on)
     clean_h, corrupted_h, metric_h = _prompts(clean, corrupted, metric, held_out)
-    eap = attr_edges(model, clean_s, metric_s, new_input=corrupted_s)
-    ig = attr_edges(model, clean_s, metric_s, new_input=corrupted_s, method="ig", steps=IG_STEPS)
-    confirmed = confirm_edges(
+    eap = tlp.attr_edges(model, orig_input=clean_s, patching_metric=metric_s, new_input=corrupted_s)
+    ig = tlp.attr_edges(
+        model, orig_input=clean_s, patching_metric=metric_s, new_input=corrupted_s, method="ig", steps=IOI_IG_STEPS
+    )
+    confirmed = tlp.confirm_edges(
         model,
         ig,
-        clean_s,
-        metric_s,
+        orig_input=clean_s,
+        patching_metric=metric_s,
         new_input=corrupted_s,
         candidates=min(candidates, len(ig.graph)),
         batch_size=batch_size,
     )
     scores = (eap, ig, confirmed)
     selection = tuple(
-        faithfulness_curve(model, s, clean_s, metric_s, new_input=corrupted_s, absolute=False, batch_size=batch_size)
+        tlp.faithfulness_curve(
+            model,
+            s,
+            orig_input=clean_s,
+            patching_metric=metric_s,
+            new_input=corrupted_s,
+            absolute=False,
+            batch_size=batch_size,
+        )
         for s in scores
     )
     curves = tuple(
-        mib_faithfulness(model, s, clean_h, metric_h, new_input=corrupted_h, batch_size=batch_size) for s in scores
+        tlp.mib_faithfulness(
+            model, s, orig_input=clean_h, patching_metric=metric_h, new_input=corrupted_h, batch_size=batch_size
+        )
+        for s in scores
     )
     chosen = max(range(len(selection)), key=lambda i: selection[i].area_under)
     chooser = selection[chosen]
@@ -190,37 +172,32 @@ def find_circuit(
     )
 
 
-def circuit_plans(
+def evaluation_plans(
     model, clean: torch.Tensor, corrupted: torch.Tensor, metric: LogitDiff, candidates: int, batch_size: int | None
-) -> list[tuple[str, PatchPlan]]:
-    """The step's exact evaluations as plans, for the time estimate: as many circuits as it
-    evaluates, on the prompts it evaluates them on (their edges are known only once scored; the
+) -> dict[str, tlp.PatchPlan]:
+    """The step's exact evaluations as plans, by label, for the time estimate: as many circuits as
+    it evaluates, on the prompts it evaluates them on (their edges are known only once scored; the
     work does not depend on them)."""
-    graph = EdgeGraph.of(model)
-    placeholder = Circuit.empty(graph)
+    graph = tlp.EdgeGraph.of(model)
+    placeholder = tlp.Circuit.empty(graph)
     scored_on, held_out = split(clean.shape[0])
     confirmations = min(candidates, len(graph)) + 1
-    selection = len(METHODS) * (len(MIB_FRACTIONS) + 2)
-    curves = len(METHODS) * (2 * len(MIB_FRACTIONS) + 2)
-    plans = []
+    selection = len(RANKINGS) * (len(tlp.MIB_FRACTIONS) + 2)
+    curves = len(RANKINGS) * (2 * len(tlp.MIB_FRACTIONS) + 2)
+    plans = {}
     for label, indices, circuits in (
         ("circuit, exact scores of the candidates", scored_on, confirmations),
         ("circuit, choosing on the scoring prompts", scored_on, selection),
         ("circuit, faithfulness curves", held_out, curves),
     ):
         clean_part, corrupted_part, metric_part = _prompts(clean, corrupted, metric, indices)
-        plans.append(
-            (
-                label,
-                plan_circuit_evaluation(
-                    model,
-                    [placeholder] * circuits,
-                    clean_part,
-                    metric_part,
-                    new_input=corrupted_part,
-                    batch_size=batch_size,
-                ),
-            )
+        plans[label] = tlp.plan_circuit_evaluation(
+            model,
+            [placeholder] * circuits,
+            orig_input=clean_part,
+            patching_metric=metric_part,
+            new_input=corrupted_part,
+            batch_size=batch_size,
         )
     return plans
 
@@ -235,9 +212,3 @@ def _prompts(clean: torch.Tensor, corrupted: torch.Tensor, metric: LogitDiff, in
 def _indices(indices: tuple[int, ...]) -> str:
     """'0, 2, 4'."""
     return ", ".join(str(i) for i in indices)
-
-
-SCREEN_PASSES = 2 + 3 * (1 + IG_STEPS)
-"""The edge scores' work in forward passes of the scoring prompts, for the time estimate: the
-corrupted run for each method, and a forward and a backward pass (about two forwards) for
-EAP and for each of EAP-IG's points."""

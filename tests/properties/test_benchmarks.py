@@ -1,0 +1,111 @@
+"""The attribution, circuit and GPU benchmarks run end to end on small shapes (`--tiny`) and return
+their rows; their speed targets are the benchmarks' to check, on their full shapes, not these tests'."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TL_MAJOR
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def tiny_run(script: str, monkeypatch, capsys) -> tuple[object, list, list[str]]:
+    """Run `benchmarks/<script>.py --tiny` in this process: its module, the rows it returned, and the
+    lines it printed, measuring and then printing the same rows as its `main` does."""
+    spec = importlib.util.spec_from_file_location(f"{script}_benchmark", BENCHMARKS / f"{script}.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rows = benchmark.run(benchmark.parse_args(["--tiny"]))
+    monkeypatch.setattr(benchmark, "run", lambda args: rows)
+    assert benchmark.main(["--tiny"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("| ") for line in lines) == len(rows) + len({row.group for row in rows}), lines
+    return benchmark, rows, lines
+
+
+def positive(value) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+@pytest.mark.skipif(TL_MAJOR < 4, reason="the benchmark compares with TransformerLens 4.3's attribution helpers")
+def test_attribution_benchmark_tiny(monkeypatch, capsys):
+    benchmark, rows, _ = tiny_run("attribution", monkeypatch, capsys)
+    expected = [
+        "attr_patch vs act_patch, heads",
+        "attr_patch vs act_patch, neurons",
+        "attr_edges EAP vs",
+        "attr_edges EAP-IG",
+        "attr_patch vs TransformerLens",
+        "attr_edges EAP vs TransformerLens",
+        *[f"peak memory, {key}" for key in benchmark.MEMORY_KEYS[1:]],
+    ]
+    assert len(rows) == len(expected) and all(row.name.startswith(start) for row, start in zip(rows, expected)), rows
+    for row in rows[:6]:
+        assert row.unit == "s" and positive(row.ours) and positive(row.baseline) and positive(row.ratio), row
+    for row in rows[6:]:
+        assert row.unit == "B" and row.ours >= 0 and positive(row.baseline) and math.isfinite(row.ratio), row
+        assert row.bound == 1.0, row
+    gaps = [row.gap for row in rows if row.gap is not None]
+    assert len(gaps) == 2 and max(gaps) < 1e-5, gaps
+
+
+def _gpt2_style_edge_count(n_layers: int, n_heads: int) -> int:
+    """Edges of a GPT-2-style graph, counted here: every head's q, k and v input reads the embeddings and
+    every head and MLP of earlier layers; an MLP those and its own layer's heads; the logits everything."""
+    earlier = [1 + layer * (n_heads + 1) for layer in range(n_layers)]
+    return sum(3 * n_heads * senders + senders + n_heads for senders in earlier) + 1 + n_layers * (n_heads + 1)
+
+
+@pytest.mark.skipif(TL_MAJOR < 4, reason="the benchmark's main sections run on a TransformerBridge")
+def test_circuit_benchmark_tiny(monkeypatch, capsys):
+    benchmark, rows, _ = tiny_run("circuits", monkeypatch, capsys)
+    tiny = benchmark.SHAPES["tiny"]
+    edges = _gpt2_style_edge_count(tiny.n_layers, tiny.n_heads)
+    assert len(rows) == 4, rows
+    assert rows[0].name == f"attr_edges EAP, the whole edge graph ({edges} edges)", rows[0]
+    assert positive(rows[0].ours) and rows[0].baseline is None and rows[0].gap is None, rows[0]
+    assert rows[1].name.startswith("faithfulness_curve, 50 sizes + full + empty ("), rows[1]
+    assert rows[2].name == "evaluate_circuit of the same 52 circuits stacked vs one at a time", rows[2]
+    assert rows[3].name.startswith(("auto-circuit: not installed", "faithfulness_curve vs auto-circuit")), rows[3]
+    for row in rows[1:3]:
+        assert positive(row.ours) and positive(row.baseline) and positive(row.ratio), row
+    assert "52 circuits x 2 prompts" in rows[1].how, rows[1].how
+    gaps = [row.gap for row in rows if row.gap is not None]
+    assert len(gaps) in (2, 3) and max(gaps) < 1e-4 and all(row.agrees is not False for row in rows), gaps
+
+
+def test_gpu_benchmark_tiny(monkeypatch, capsys):
+    benchmark, rows, lines = tiny_run("gpu", monkeypatch, capsys)
+    assert lines[0].startswith("device CPU") and "transformer-lens" in lines[0], lines[0]
+    titles = list(dict.fromkeys(row.group for row in rows))
+    assert len(titles) == 2 and ", float32, 8 prompts" in titles[0] and ", bfloat16, 16 prompts" in titles[1], titles
+    expected = [
+        'act_patch IterNode("z") vs get_act_patch_attn_head_out_all_pos',
+        'act_patch IterNode(["resid_pre", "attn_out", "mlp_out"], seq_pos="each") vs get_act_patch_block_',
+        'path_patch IterNode("z") -> resid_post 1, direct_includes_mlps=True, vs two passes per sender ',
+        'path_patch IterNode("z") -> resid_post 1, direct_includes_mlps=False, vs two passes per sender ',
+    ]
+    assert len(rows) == 2 * len(expected), rows
+    assert all(row.name.startswith(start) for row, start in zip(rows, expected * 2)), rows
+    assert [row.group for row in rows] == [titles[0]] * 4 + [titles[1]] * 4, rows
+    tiny = benchmark.TINY["llama8b"]
+    n_layers, n_heads = tiny.shape.n_layers, tiny.shape.n_heads
+    n_cells = [n_layers * n_heads, 3 * n_layers * tiny.shape.seq_len, *[n_layers * n_heads] * 2]
+    for index, row in enumerate(rows):
+        details = row.details
+        assert positive(row.ours) and positive(row.baseline) and positive(row.ratio), row
+        assert all(positive(peak) for peak in details["peak_memory"]), row
+        assert details["target"] in ("not checked (tiny)", "-") and details["target_met"] is None, row
+        assert row.agrees and row.tolerance == (1e-4 if index < 4 else 5e-2) and math.isfinite(details["spread_gap"])
+        if index < 4:
+            assert details["cells_run"] == details["n_cells"], row
+        else:
+            assert details["n_cells"] == n_cells[index - 4], row
+            assert details["cells_run"] == min(tiny.baseline_cells, n_cells[index - 4]), row
+            assert positive(details["measured_seconds"]), row
+    assert sum(row.details["target"] == "not checked (tiny)" for row in rows) == 2, rows

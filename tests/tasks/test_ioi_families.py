@@ -1,0 +1,76 @@
+"""`tl-patch ioi` on model families other than the embedded Llama: tiny random Qwen2 (grouped-query
+attention), Gemma-2 (post-norm blocks and a final logit soft cap) and GPT-NeoX (attention and MLP
+in parallel) folders, as a user would save them with `save_pretrained`, with SmolLM2's tokenizer
+so that the IOI names are real words.
+
+Each run completes and says, for each step, what it did; a step the library refuses on the
+family is skipped with the library's own reason, in the dry run and in the run alike.
+Random weights make the numbers meaningless: what is checked is that every step runs or is
+refused by name, never that it finds IOI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tl_patch
+from tests.helpers import TL_MAJOR
+from tests.oracles.models import tokenizer
+
+pytestmark = pytest.mark.skipif(TL_MAJOR < 4, reason="TransformerLens 4 boots these families from their folders")
+
+SHAPE = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128)
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(SHAPE, num_key_value_heads=2)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(SHAPE, num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0),
+    ),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", SHAPE),
+}
+POST_NORM = "normalises each attention and MLP output before adding it to the residual stream"
+"""The library's reason for refusing circuit evaluation on post-norm blocks."""
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def folder(request, tmp_path_factory):
+    """A saved tiny random model of the family, with SmolLM2's tokenizer."""
+    import transformers
+
+    config_class, model_class, shape = FAMILIES[request.param]
+    tok = tokenizer()
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(vocab_size=len(tok), max_position_embeddings=128, **shape)
+    config.architectures = [model_class]
+    path = tmp_path_factory.mktemp(request.param)
+    getattr(transformers, model_class)(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return request.param, path
+
+
+def test_every_step_runs_or_is_refused_by_name(folder, tmp_path, capsys):
+    family, path = folder
+    arguments = ["ioi", "--model", str(path), "--n-prompts", "4", "--quiet"]
+    assert tl_patch.main([*arguments, "--dry-run", "--out", str(tmp_path / "dry")]) == 0
+    dry_run = capsys.readouterr().out
+    assert tl_patch.main([*arguments, "--out", str(tmp_path / "report")]) == 0
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert results["complete"] and not results["missing_steps"]
+    steps = {step["key"]: step for step in results["steps"]}
+    assert len(steps) == 7
+    skipped = {key: step["description"] for key, step in steps.items() if step["description"].startswith("Skipped: ")}
+    refused = {key for key, reason in skipped.items() if "found no head" not in reason}
+    assert refused == ({"circuit"} if family == "gemma2" else set())
+    for key in refused:
+        assert POST_NORM in skipped[key]
+        assert f"{key}: {skipped[key]}" in dry_run
+    for key in steps.keys() - skipped.keys() - {"circuit"}:
+        assert steps[key]["results"], f"{family}: step {key} has no results"
+    if "circuit" not in refused:
+        assert "Skipped" not in dry_run
+        assert len(steps["circuit"]["circuit"]["curves"]) == 3
+    assert (tmp_path / "report" / "report.html").stat().st_size > 0
