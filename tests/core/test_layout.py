@@ -40,7 +40,11 @@ def imported_parts(path: Path) -> set[str]:
     parts = set()
     package = module_name(path).split(".")[:-1] if path.name != "__init__.py" else module_name(path).split(".")
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
+        if isinstance(node, ast.Import):
+            names = [
+                alias.name.split(".") for alias in node.names if alias.name.startswith("transformer_lens_patching.")
+            ]
+        elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]
                 target = base + (node.module.split(".") if node.module else [])
@@ -49,9 +53,11 @@ def imported_parts(path: Path) -> set[str]:
                 names = [node.module.split(".")]
             else:
                 continue
-            for name in names:
-                if len(name) > 1:
-                    parts.add(name[1])
+        else:
+            continue
+        for name in names:
+            if len(name) > 1:
+                parts.add(name[1])
     return parts
 
 
@@ -253,19 +259,23 @@ PATH_FAMILY = {"attr_path_patch", "confirm_paths"}
 
 
 def test_new_functions_take_the_public_argument_order():
-    """Every public function that takes a model and an orig input follows one order; keyword-only
-    options come after it, and memory options and `progress` are keyword-only."""
+    """Every public function that takes a model and an orig input follows one order (what it works
+    on right after the model, a sweep's nodes where `act_patch` has them); `max_memory` and
+    `progress` everywhere, keyword-only, as `batch_size` wherever it is taken."""
     for name in tlp.__all__:
         function = getattr(tlp, name)
-        if not inspect.isfunction(function) or name in PRIOR_ART | PATH_FAMILY:
+        if not inspect.isfunction(function) or name in PRIOR_ART:
             continue
         parameters = inspect.signature(function).parameters
         if "orig_input" not in parameters:
             continue
         positional = [p.name for p in parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-        ordered = [p for p in positional if p in NEW_ORDER]
-        assert ordered == list(NEW_ORDER), (name, positional)
-        assert positional[0] == "model" and positional.index("orig_input") <= 2, (name, positional)
+        if name not in PATH_FAMILY:
+            what = [p for p in positional if p not in NEW_ORDER and p != "patching_nodes"]
+            assert [p for p in positional if p in NEW_ORDER] == list(NEW_ORDER), (name, positional)
+            assert positional[0] == "model" and what in ([], [positional[1]]), (name, positional)
+            if "patching_nodes" in positional:
+                assert positional.index("patching_nodes") == positional.index("orig_input") + 1, (name, positional)
         for option in ("batch_size", "max_memory", "progress"):
             if option in parameters:
                 assert parameters[option].kind is inspect.Parameter.KEYWORD_ONLY, (name, option)

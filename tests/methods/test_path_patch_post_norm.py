@@ -12,13 +12,12 @@ the `transformers` configs of Gemma-2 and OLMo-2, on TransformerLens 2 a HookedT
 from __future__ import annotations
 
 import functools
-import warnings
 
 import pytest
 import torch
 
 from tests.helpers import TL_MAJOR, assert_close, logit_diff_metric
-from tests.oracles.models import VOCAB, tokenizer
+from tests.oracles.models import booted_family, post_norm_hooked
 from tests.oracles.reference import naive_path_patch
 from transformer_lens_patching import IterNode, Node, PatchingError, attr_edges, path_patch
 
@@ -34,50 +33,10 @@ FAMILIES = {
 @functools.cache
 def post_norm_model(family: str):
     """A tiny random post-norm model (3 layers, d_model 64, 4 heads, 2 key/value heads)."""
-    torch.manual_seed(0)
     if TL_MAJOR < 4:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        config = HookedTransformerConfig(
-            n_layers=LAYERS,
-            d_model=64,
-            n_heads=4,
-            n_key_value_heads=2,
-            d_head=16,
-            d_mlp=128,
-            d_vocab=VOCAB,
-            n_ctx=64,
-            act_fn="gelu",
-            normalization_type="RMS",
-            use_normalization_before_and_after=True,
-            gated_mlp=True,
-            positional_embedding_type="rotary",
-            initializer_range=0.5,
-            seed=int(family == "olmo2"),
-        )
-        return HookedTransformer(config).eval()
-    import transformers
-    from transformer_lens.model_bridge import TransformerBridge
-
+        return post_norm_hooked(n_layers=LAYERS, seed=int(family == "olmo2")).eval()
     config_class, model_class, extra = FAMILIES[family]
-    config = getattr(transformers, config_class)(
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        hidden_size=64,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        initializer_range=0.5,
-        **extra,
-    )
-    config.architectures = [model_class]
-    hf_model = getattr(transformers, model_class)(config).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(family, hf_model=hf_model, tokenizer=tokenizer(), device="cpu")
-        bridge.enable_compatibility_mode()
-    return bridge
+    return booted_family(family, config_class, model_class, num_hidden_layers=LAYERS, initializer_range=0.5, **extra)
 
 
 @pytest.fixture(params=list(FAMILIES))

@@ -128,3 +128,59 @@ def smollm2():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_smollm2()
+
+
+TINY_SHAPE = dict(
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+)
+"""The shape of the tiny random `transformers` models (`booted_family`) unless a test asks otherwise."""
+
+
+def booted_family(family: str, config_class: str, model_class: str, **config):
+    """A tiny random `transformers` model of `family` built from its config (`config` overrides
+    `TINY_SHAPE` and adds the family's options), booted as a TransformerBridge in compatibility
+    mode (TransformerLens 4). Seeded: the same call gives the same weights."""
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch.manual_seed(0)
+    hf_config = getattr(transformers, config_class)(**{**TINY_SHAPE, **config})
+    hf_config.architectures = [model_class]
+    hf_model = getattr(transformers, model_class)(hf_config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(family, hf_model=hf_model, tokenizer=tokenizer(), device="cpu")
+        bridge.enable_compatibility_mode()
+    return bridge
+
+
+def post_norm_hooked(n_layers: int = 2, seed: int = 0):
+    """A tiny random HookedTransformer (TransformerLens 2) that normalises each attention and MLP
+    output before adding it to the residual stream, as Gemma-2 does: RMS norms, rotary, gated MLP,
+    4 heads sharing 2 key/value heads, d_model 64."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    config = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=64,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_head=16,
+        d_mlp=128,
+        d_vocab=VOCAB,
+        n_ctx=64,
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        use_normalization_before_and_after=True,
+        initializer_range=0.5,
+        seed=seed,
+    )
+    return HookedTransformer(config, tokenizer=tokenizer())

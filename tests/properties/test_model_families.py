@@ -8,8 +8,8 @@
   wide: neuron nodes are refused, never patched as if that mix were neurons.
 - Post-norm blocks (Gemma-2, Gemma-3, OLMo-2) normalise each attention and MLP output before
   adding it to the residual stream: the methods that take a sender's write to be linear in its
-  output (path patching, edges, circuits) refuse them; activation and attribution patching,
-  which let the model compute, stay exact.
+  output (`attr_path_patch`, edges, circuits) refuse them; activation and attribution patching
+  and path patching, which let the model compute, stay exact.
 
 Tiny random models of each family, built offline from their `transformers` config
 (TransformerLens 4) or from a HookedTransformer config (TransformerLens 2); the soft cap is set
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.helpers import TL_MAJOR, assert_close, make_inputs, raises
-from tests.oracles.models import VOCAB, tokenizer
+from tests.oracles.models import VOCAB, booted_family, post_norm_hooked, tokenizer
 from transformer_lens_patching import (
     Circuit,
     EdgeGraph,
@@ -74,50 +74,14 @@ POST_NORMED = ["gemma2", *POST_NORMS_TL4] if TL_MAJOR >= 4 else ["HookedTransfor
 
 def build(family: str):
     """A tiny random model of `family`: 2 layers, 4 heads (2 key/value heads), d_model 64."""
-    torch.manual_seed(0)
     if TL_MAJOR >= 4:
-        import transformers
-        from transformer_lens.model_bridge import TransformerBridge
-
         config_class, model_class, extra = {**FAMILIES_TL4, **MIXTURES_TL4, **POST_NORMS_TL4}[family]
-        config = getattr(transformers, config_class)(
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            hidden_size=64,
-            intermediate_size=128,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-            **extra,
-        )
-        config.architectures = [model_class]
-        hf_model = getattr(transformers, model_class)(config).eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            bridge = TransformerBridge.boot_transformers(family, hf_model=hf_model, tokenizer=tokenizer(), device="cpu")
-            bridge.enable_compatibility_mode()
-        return bridge
+        return booted_family(family, config_class, model_class, **extra)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     if family in POST_NORMED:
-        config = HookedTransformerConfig(
-            n_layers=2,
-            d_model=64,
-            n_heads=4,
-            n_key_value_heads=2,
-            d_head=16,
-            d_mlp=128,
-            d_vocab=VOCAB,
-            n_ctx=64,
-            act_fn="gelu_pytorch_tanh",
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            gated_mlp=True,
-            use_normalization_before_and_after=True,
-            initializer_range=0.5,
-            seed=0,
-        )
-    elif family in MIXTURES:
+        return post_norm_hooked()
+    if family in MIXTURES:
         config = HookedTransformerConfig(
             n_layers=2,
             d_model=64,

@@ -528,6 +528,16 @@ def atp_own_cache(ctx) -> None:
         assert_close_at_scale(values, ctx.own.expand(*values.shape))
 
 
+def atp_star_own_cache(ctx) -> None:
+    """AtP* (`method="atp*"`: the queries' and keys' effect through the attention pattern
+    recomputed, not linearised) of every head's z, q and k from the model's own cache: every
+    estimate is the unpatched metric."""
+    node = IterNode(["z", "q", "k"])
+    estimates = attr_patch(ctx.model, ctx.orig, node, ctx.metric, new_cache=ctx.cache, method="atp*")
+    for values in estimates.values():
+        assert_close_at_scale(values.as_tensor(), ctx.own.expand(*values.shape))
+
+
 def atp_first_order(ctx) -> None:
     """Attribution patching the last layer's heads equals the first-order estimate computed here
     with autograd: metric + sum over the head's slice of (z_new - z_orig) * d metric / d z."""
@@ -575,6 +585,7 @@ CELLS = [
     ("path: resid only", path_residual_only),
     ("circuits", circuits),
     ("atp: own cache", atp_own_cache),
+    ("atp*: own cache", atp_star_own_cache),
     ("atp: first order", atp_first_order),
     ("EAP", eap),
     ("faithfulness", faithfulness),

@@ -70,6 +70,7 @@ def test_every_step_runs_or_is_refused_by_name(folder, tmp_path, capsys):
         assert f"{key}: {skipped[key]}" in dry_run
     for key in steps.keys() - skipped.keys() - {"circuit"}:
         assert steps[key]["results"], f"{family}: step {key} has no results"
+    assert {"act_heads", "act_words", "path_logits", "attr_neurons"}.isdisjoint(skipped), skipped
     if "circuit" not in refused:
         assert "Skipped" not in dry_run
         assert len(steps["circuit"]["circuit"]["curves"]) == 3

@@ -26,11 +26,6 @@ class ActivationSource:
         self.batch = batch
 
     @property
-    def is_zero(self) -> bool:
-        """Whether every value is zero."""
-        return self._tensors is None
-
-    @property
     def tensors(self) -> Mapping[str, torch.Tensor]:
         """The activations by hook name (empty for zero ablation)."""
         return self._tensors or {}

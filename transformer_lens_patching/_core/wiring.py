@@ -26,14 +26,17 @@ NO_HEAD_INPUTS = (
 )
 
 
-def head_writes(z: Tensor, w_o: Tensor) -> Tensor:
+def head_writes(z: Tensor, w_o: Tensor, *, summed: bool = False) -> Tensor:
     """(batch, pos, head, d_model): what each head adds to the residual stream, from its output
-    `z` (batch, pos, head, d_head) and its rows of W_O (head, d_head, d_model).
+    `z` (batch, pos, head, d_head) and its rows of W_O (head, d_head, d_model); with `summed`, the
+    heads' writes together, (batch, pos, d_model), in one product (no per-head tensor).
 
     >>> head_writes(torch.ones(1, 2, 3, 4), torch.ones(3, 4, 5)).shape
     torch.Size([1, 2, 3, 5])
+    >>> head_writes(torch.ones(1, 2, 3, 4), torch.ones(3, 4, 5), summed=True)[0, 0, 0]
+    tensor(12.)
     """
-    return torch.einsum("bphe,hed->bphd", z, w_o.to(z))
+    return torch.einsum("bphe,hed->bpd" if summed else "bphe,hed->bphd", z, w_o.to(z))
 
 
 class Wiring:

@@ -275,7 +275,7 @@ class _CircuitRows:
                 self.before_heads = (self.ablated_writes.clone(), self.unchanged.clone())
             if self.ablated_writes is not None:
                 wide = self.ablated_writes.dtype
-                write = head_writes(ablated.to(wide), w_o).sum(2)
+                write = head_writes(ablated.to(wide), w_o, summed=True)
                 self.ablated_writes += write.to(self.ablated_writes.device)
                 self.unchanged &= (per_head == 0).all(0)
         else:

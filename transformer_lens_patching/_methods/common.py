@@ -1,5 +1,6 @@
-"""What the patching methods share: their cells, their metric, checking their hooks exist,
-printing their results' shapes."""
+"""What the patching methods share: the front half (`prepare_runs`: the model checked, the tokens,
+the metric and its logit reader; `patched_in_source`), their cells, the argument checks and
+messages several methods give, checking their hooks exist, printing their results' shapes."""
 
 import itertools
 import types
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .. import _tl
+from .._core.distributed import current_ranks
 from .._core.executor import Runs, logit_reader, progress_bar
 from .._core.nodes import IterNode
 from .._core.selection import LogitReader
@@ -173,5 +175,8 @@ def cell_places(sweeps: list[Sweep]):
 
 def gradient_progress(progress: bool | str, passes: int, method: str):
     """A progress bar over a call's `passes` gradient passes when `progress` asks for one (a string
-    labels it; True labels it with the method's name), or a context giving None."""
-    return progress_bar(passes if progress else 0, progress if isinstance(progress, str) else method)
+    labels it; True labels it with the method's name), or a context giving None. Under
+    torch.distributed only rank 0 shows it, as plans do."""
+    ranks = current_ranks()
+    shown = progress and (ranks is None or ranks.rank == 0)
+    return progress_bar(passes if shown else 0, progress if isinstance(progress, str) else method)

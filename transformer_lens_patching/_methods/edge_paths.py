@@ -102,7 +102,8 @@ def attr_path_patch(
         `receiver_` (e.g. `("sender_layer", "sender_head", "receiver_layer", "receiver_head")`).
 
     Raises:
-        PatchingError: For anything path_patch refuses (but both sides sweeping), an unknown
+        PatchingError: For anything path_patch refuses (but both sides sweeping), post-norm
+            models (a head's write is not linear in its output there), an unknown
             `method` or `estimate`, a metric that is neither one number nor one per prompt,
             `pattern` or `z` receivers on grouped-query models (their keys and values are
             shared with other heads, so their own inputs have no hook), both sides sweeping

@@ -15,6 +15,11 @@ metric is then measured on the orig run with those receivers. Two meanings of "d
   (`pre` neurons, or `pattern`/`z` on grouped-query models, or a model without per-head
   input hooks), the same values come from the two-pass algorithm with MLPs frozen too.
 
+On models that normalise each attention and MLP output before adding it (post-norm blocks:
+Gemma-2/3, OLMo-2) a sender's contribution is not its output times fixed weights, so both
+meanings run the two-pass algorithm with every layer computed by the model: the layer's norm
+sees the sender's change together with its other heads' frozen outputs.
+
 `plan_path_patch` resolves the call into a `PatchPlan` without running anything;
 `path_patch` runs that plan and assembles its result.
 """

@@ -21,7 +21,7 @@ from ..errors import PatchingError
 from ..results import PatchResult
 from .common import cell_places, check_ranking_arguments, prepare_runs
 from .confirmation import Confirmation, ConfirmedCell, rank_estimates
-from .path import path_patch
+from .path import plan_path_patch
 
 UNIT_DIMS = {"head": "heads", "kv_head": "heads", "neuron": "neurons"}
 """The IterNode restriction that selects each unit dim of a sweep's results."""
@@ -43,6 +43,7 @@ def confirm_paths(
     estimate: str = "value",
     batch_size: int | None = None,
     max_memory: int | None = None,
+    progress: bool | str = False,
 ) -> Confirmation:
     """Path-patch exactly the `top_k` cells whose estimated effect `attr_path_patch` ranks largest.
 
@@ -67,6 +68,7 @@ def confirm_paths(
             argument of that name says.
         batch_size: Patched variants per forward pass, as for `path_patch`.
         max_memory: Bytes of activations one forward pass may use, as for `path_patch`.
+        progress: Show a progress bar over each component's exact cells (a string labels it).
 
     Returns:
         A `Confirmation`, as `confirm` returns.
@@ -102,7 +104,7 @@ def confirm_paths(
         coords = [places[index][1] for index in chosen if places[index][0] == name]
         grid = _grid(swept, name, coords)
         senders, receivers = (grid, receiver_nodes) if swept is sender_nodes else (sender_nodes, grid)
-        exact[name] = path_patch(
+        plan = plan_path_patch(
             model,
             orig_input,
             new_input,
@@ -114,7 +116,8 @@ def confirm_paths(
             direct_includes_mlps=False,
             batch_size=batch_size,
             max_memory=max_memory,
-        )[name]
+        )
+        exact[name] = plan.compute(progress=progress)[name]
     cells = []
     for index in chosen:
         name, coords = places[index]

@@ -89,8 +89,9 @@ def check_specs(senders, receivers, seq_pos) -> None:
 def nonlinear_writes(model) -> str | None:
     """Why a sender's write to the residual stream is not linear in its own output on `model`
     (it normalises each attention and MLP output before adding it), or None: the one sentence
-    that path patching, edges, circuits and the IOI job give when they refuse such a model. Also
-    multi-head latent attention, whose head outputs TransformerLens does not give head by head."""
+    that `attr_path_patch`, edges and circuits give when they refuse such a model. Also
+    multi-head latent attention, whose head outputs TransformerLens does not give head by head
+    (which path patching refuses too)."""
     if _tl.model_shape(model).latent_attention:
         return (
             "this model's attention is multi-head latent attention (DeepSeek's MLA), whose head outputs "
@@ -118,7 +119,7 @@ def writes_are_linear(model) -> bool:
 
 def check_linear_writes(model, what: str, *, normalised_ok: bool = False) -> None:
     """Refuse a model whose senders' writes are not linear in their outputs (`nonlinear_writes`),
-    which `what` (edges, circuits) builds on; with `normalised_ok` (path patching, which then runs
+    which `what` (`attr_path_patch`, edges, circuits) builds on; with `normalised_ok` (path patching, which then runs
     its two-pass algorithm through the model's own norms) refuse only latent attention."""
     if normalised_ok and not _tl.model_shape(model).latent_attention:
         return
@@ -328,7 +329,7 @@ def residual_write(site: PatchSite, difference: Tensor, weights: OutputWeights) 
     the site's positions. A head's or neuron's change goes through its rows of W_O or W_out."""
     units = slice(None) if site.unit is None else slice(site.unit, site.unit + 1)
     if site.component.name == "z":
-        difference = head_writes(difference[:, :, units], weights.w_o[site.layer, units]).sum(2)
+        difference = head_writes(difference[:, :, units], weights.w_o[site.layer, units], summed=True)
     elif site.component.name == "post":
         difference = difference[..., units] @ weights.w_out[site.layer, units].to(difference)
     if site.positions is None:
