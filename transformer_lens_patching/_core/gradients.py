@@ -20,7 +20,7 @@ from .. import _tl
 from ..errors import PatchingError
 from . import distributed
 from .components import hook_name, residual_hooks
-from .executor import logit_reader
+from .executor import Runs
 from .measure import MetricCalls, as_tensor
 from .memory import prompts_per_gradient_pass, release_freed_memory
 from .program import PatchProgram, applied, resid_mid_carries
@@ -52,7 +52,8 @@ class GradientRun:
 
 
 class GradientPass:
-    """The orig run's gradient passes for one call: the model, the tokens, the metric.
+    """The orig run's gradient passes for one call (its `Runs`: the model, the tokens, the metric and
+    the reader of the logits the metric selects, made once by the call's front half).
 
     With more than one chunk of prompts, the metric's gradient with respect to every
     prompt's logits is taken first, from logits computed without gradients, and each chunk
@@ -67,9 +68,7 @@ class GradientPass:
 
     def __init__(
         self,
-        model,
-        tokens: Tensor,
-        metric,
+        runs: Runs,
         max_memory: int | None = None,
         split_inputs: bool = False,
         new_input: object = None,
@@ -81,11 +80,10 @@ class GradientPass:
                 "records them. Call it outside the inference_mode block (the library runs its own passes without "
                 "gradients where it can)."
             )
-        self.model, self._tokens, self._metric, self._new_input = model, tokens, metric, new_input
-        self._progress = progress
-        shape = _tl.model_shape(model)
-        self._chunk = prompts_per_gradient_pass(tokens, shape, max_memory, split_inputs)
-        self._reader = logit_reader(model, metric, tokens, shape.d_vocab, apply_metric_to_cache=False)
+        self.model, self._tokens, self._metric, self._new_input = runs.model, runs.tokens, runs.metric, new_input
+        self._reader, self._progress = runs.reader, progress
+        shape = _tl.model_shape(runs.model)
+        self._chunk = prompts_per_gradient_pass(runs.tokens, shape, max_memory, split_inputs)
         self._final_residual = residual_hooks(shape.n_layers)[-1]
 
     def __call__(

@@ -142,7 +142,7 @@ def attr_patch(
         torch.no_grad(),
         gradient_progress(progress, passes, "attr_patch") as bar,
     ):
-        gradient_pass = GradientPass(model, tokens, runs.metric, max_memory, new_input=new_input, progress=bar)
+        gradient_pass = GradientPass(runs, max_memory, new_input=new_input, progress=bar)
         new = source()
         run = gradient_pass(differentiated, recorded)
         orig_value, dims, orig, gradients = run.value, run.dims, run.activations, run.gradients

@@ -162,8 +162,7 @@ def check_ranking_arguments(patching_nodes, top_k, estimate: str) -> None:
         )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise PatchingError(f"top_k must be a whole number of at least 1 (the cells to patch exactly), got {top_k!r}.")
-    if estimate not in ESTIMATES:
-        raise PatchingError(f"estimate must be one of {', '.join(map(repr, ESTIMATES))}; got {estimate!r}.")
+    check_choice(estimate, ESTIMATES, "estimate")
 
 
 def cell_places(sweeps: list[Sweep]):

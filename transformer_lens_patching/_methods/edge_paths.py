@@ -158,9 +158,7 @@ def attr_path_patch(
         through = [NeuronRead(read.layer, _neuron_mask(read, tokens.shape, shape.d_mlp)) for read in neuron_reads]
         stopped = [(read.hook, _slice_mask(read, tokens.shape, shape)) for read in frozen]
         split = "use_split_qkv_input" in _tl.flags_for(all_hooks)
-        gradient_pass = GradientPass(
-            model, tokens, runs.metric, max_memory, split_inputs=split, new_input=new_input, progress=bar
-        )
+        gradient_pass = GradientPass(runs, max_memory, split_inputs=split, new_input=new_input, progress=bar)
         run = eap_gradients(
             gradient_pass, sender_hooks, differentiated, new, steps, stopped=stopped, neuron_reads=through
         )

@@ -98,7 +98,6 @@ def attr_edges(
     steps = checked_steps(method, steps)
     check_chunk_args(None, max_memory)
     runs = prepare_runs(model, orig_input, patching_metric)
-    tokens = runs.tokens
     graph = EdgeGraph.of(model)
     if not _tl.supports_split_qkv_input(model):
         raise PatchingError(NO_HEAD_INPUTS.format(what="attr_edges reads every head's q/k/v input, which needs"))
@@ -114,9 +113,7 @@ def attr_edges(
         gradient_progress(progress, steps, "attr_edges") as bar,
     ):
         new = source()
-        gradient_pass = GradientPass(
-            model, tokens, runs.metric, max_memory, split_inputs=True, new_input=new_input, progress=bar
-        )
+        gradient_pass = GradientPass(runs, max_memory, split_inputs=True, new_input=new_input, progress=bar)
         run, per_pair = _scored_pairs(gradient_pass, graph, senders, receivers, new, steps)
     sender_row = {node: i for i, node in enumerate(graph.senders)}
     receiver_row = {node: i for i, node in enumerate(graph.receivers)}
