@@ -538,10 +538,10 @@ def test_evaluation_in_float32_matches_float64(biased):
 # --- blocks that compute attention and MLP in parallel ---
 
 
-def parallel_model(family: str = "gpt_neox"):
-    """A tiny random model whose blocks compute attention and MLP in parallel: GPT-NeoX (each
-    with its own norm; TransformerLens 2: a HookedTransformer with parallel_attn_mlp) or Phi
-    (one norm shared by both, TransformerLens 4)."""
+def parallel_model():
+    """A tiny random model whose blocks compute attention and MLP in parallel, each with its own
+    norm: GPT-NeoX (TransformerLens 2: a HookedTransformer with parallel_attn_mlp). Blocks whose
+    attention and MLP share one norm are tested in test_shared_norm.py."""
     torch.manual_seed(0)
     if TL_MAJOR >= 4:
         import warnings
@@ -549,11 +549,7 @@ def parallel_model(family: str = "gpt_neox"):
         import transformers
         from transformer_lens.model_bridge import TransformerBridge
 
-        config_class, model_class = {
-            "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
-            "phi": ("PhiConfig", "PhiForCausalLM"),
-        }[family]
-        config = getattr(transformers, config_class)(
+        config = transformers.GPTNeoXConfig(
             num_hidden_layers=3,
             num_attention_heads=4,
             hidden_size=64,
@@ -562,12 +558,12 @@ def parallel_model(family: str = "gpt_neox"):
             max_position_embeddings=64,
             initializer_range=0.1,
         )
-        config.architectures = [model_class]
-        hf_model = getattr(transformers, model_class)(config).eval()
+        config.architectures = ["GPTNeoXForCausalLM"]
+        hf_model = transformers.GPTNeoXForCausalLM(config).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bridge = TransformerBridge.boot_transformers(
-                family, hf_model=hf_model, tokenizer=models.tokenizer(), device="cpu"
+                "gpt_neox", hf_model=hf_model, tokenizer=models.tokenizer(), device="cpu"
             )
             bridge.enable_compatibility_mode()
         return bridge
@@ -651,15 +647,3 @@ def test_parallel_blocks_refuse_what_they_do_not_have(parallel):
         )
     with raises("attr_path_patch adds each sender's write"):
         attr_path_patch(model, orig, new, IterNode("z", layers=[1]), Node("pre", 1, neuron=3), metric)
-
-
-@pytest.mark.skipif(TL_MAJOR < 4, reason="Phi (one norm shared by attention and MLP) is booted on TransformerLens 4")
-def test_a_shared_norm_for_attention_and_mlp_is_refused_for_edges():
-    model = parallel_model("phi")
-    orig, new = make_inputs(model, batch=BATCH)
-    metric = logit_diff_metric()
-    graph = EdgeGraph.of(model)
-    with raises("one shared normalisation"):
-        evaluate_circuit(model, Circuit.full(graph), orig, metric, new_input=new)
-    with raises("one shared normalisation"):
-        attr_edges(model, orig, metric, new_input=new)

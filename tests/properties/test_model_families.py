@@ -25,6 +25,7 @@ import torch
 
 from tests.helpers import TL_MAJOR, assert_close, make_inputs, raises
 from tests.oracles.models import VOCAB, booted_family, post_norm_hooked, tokenizer
+from tests.oracles.reference import naive_path_patch
 from transformer_lens_patching import (
     Circuit,
     EdgeGraph,
@@ -195,26 +196,25 @@ def test_mixture_of_experts_has_no_neurons_to_patch(family):
 
 
 @pytest.mark.parametrize("family", POST_NORMED)
-def test_post_norm_blocks_are_refused_where_writes_are_taken_linear(family):
-    """Edges and circuits need each sender's own write to the residual stream, which a norm after
-    the sender takes away: refused. Path patching lets the model compute its layers instead, and
-    is exact (tests/methods/test_path_patch_post_norm.py): here, last-layer heads into the final
-    stream equal patching those heads."""
+def test_post_norm_blocks_take_every_method(family):
+    """A norm after each attention and MLP output: path patching lets the model compute its layers,
+    edges and circuits take each head's write through the norm (both exact against literal
+    references in tests/methods/test_post_norm.py). Here, on each family: last-layer heads into the
+    final stream equal patching those heads; the full circuit is the model's own metric; edges,
+    path attribution, activation and attribution patching from the model's own run change nothing."""
     model = build(family)
     orig, new = make_inputs(model)
     metric = LogitDiff(ANSWERS)
     last = model.cfg.n_layers - 1
-    graph = EdgeGraph.of(model)
-    calls = [
-        lambda: attr_path_patch(model, orig, new, IterNode("z", layers=[0]), Node("resid_post", last), metric),
-        lambda: attr_edges(model, orig, metric, new_input=new),
-        lambda: evaluate_circuit(model, Circuit.full(graph), orig, metric, new_input=new),
-    ]
-    assert_each_refused(calls, "normalises each attention and MLP output before adding it to the residual stream")
     paths = path_patch(model, orig, new, IterNode("z", layers=[last]), Node("resid_post", last), metric)["z"]
     heads = act_patch(model, orig, IterNode("z", layers=[last]), metric, new_input=new)["z"]
     assert_close(paths.as_tensor(), heads.as_tensor())
     cache, own = own_run(model, orig, metric)
+    assert_close(evaluate_circuit(model, Circuit.full(EdgeGraph.of(model)), orig, metric, new_input=new), own)
+    scores = attr_edges(model, orig, metric, new_cache=cache).scores
+    assert_close(scores, torch.zeros_like(scores))
+    into_logits = attr_path_patch(model, orig, orig, IterNode("z"), Node("resid_post", last), metric)["z"]
+    assert_close(into_logits.as_tensor(), own.expand(*into_logits.shape))
     heads = act_patch(model, orig, IterNode("z"), metric, new_cache=cache)["z"]
     assert_close(heads.as_tensor(), own.expand(*heads.shape))
     estimates = attr_patch(model, orig, IterNode("z"), metric, new_cache=cache)["z"]
@@ -246,3 +246,18 @@ def test_alibi_blocks_are_run_from_the_first_layer():
     heads = act_patch(model, orig, IterNode("z", layers=[1]), metric, new_input=new)["z"]
     paths = path_patch(model, orig, new, IterNode("z", layers=[1]), Node("resid_post", 1), metric)["z"]
     assert_close(paths.as_tensor(), heads.as_tensor())
+    # Bloom's bridge gives each head its q/k/v input after the block's norm, not a copy of the
+    # residual stream: a sender's write cannot be added there, so path patching into queries runs
+    # the model to get them (the two-pass algorithm, written literally here), and edges refuse.
+    into_query = path_patch(model, orig, new, Node("z", 0, head=1), Node("q", 1, head=2), metric)
+    expected = naive_path_patch(model, orig, new, [Node("z", 0, head=1)], [Node("q", 1, head=2)], metric)
+    assert_close(into_query, expected)
+    refused = "do not hold each head's own copy of the residual stream"
+    assert_each_refused(
+        [
+            lambda: evaluate_circuit(model, Circuit.full(EdgeGraph.of(model)), orig, metric, new_input=new),
+            lambda: attr_edges(model, orig, metric, new_input=new),
+            lambda: act_patch(model, orig, IterNode("q_input", layers=[0]), metric, new_input=new),
+        ],
+        refused,
+    )

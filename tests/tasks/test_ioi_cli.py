@@ -27,7 +27,6 @@ from transformer_lens_patching import (
     MIB_FRACTIONS,
     Circuit,
     EdgeGraph,
-    IterNode,
     LogitDiff,
     Node,
     PatchingError,
@@ -36,8 +35,6 @@ from transformer_lens_patching import (
     attr_patch,
     evaluate_circuit,
     path_patch,
-    plan_circuit_evaluation,
-    plan_path_patch,
 )
 from transformer_lens_patching._tasks.ioi.analysis import planned_steps
 from transformer_lens_patching._tasks.ioi.figures import logit_diff_figure, step_figure
@@ -403,55 +400,46 @@ def post_norm(tok):
     return HookedTransformer(config, tokenizer=tok).eval()
 
 
-def refusal(plan) -> str | None:
-    """The message of the `PatchingError` with which the library refuses `plan()`, or None."""
-    try:
-        plan()
-    except PatchingError as error:
-        return str(error)
-    return None
-
-
-def test_a_post_norm_model_runs_the_steps_the_library_plans(tok):
-    """On post-norm blocks the job asks the library, through its public plan functions: a step
-    whose plans it refuses is not planned, and is skipped with the refusal as its reason (the
-    path steps back from it as well); every other step runs. Circuit evaluation refuses such
-    blocks."""
+def test_a_post_norm_model_runs_every_step(tok):
+    """On post-norm blocks (each attention and MLP output normalised before it joins the residual
+    stream) the library plans every step of the job, the circuit's included, and each runs."""
     model = post_norm(tok)
     settings = IOISettings(n_prompts=3, top_neurons=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run_ioi(model, settings, "post-norm", progress=False, log=lambda line: None)
+    skipped = [step.key for step in result.steps if step.description.startswith("Skipped")]
+    assert not set(skipped) - {"path_queries", "path_values"}, skipped  # those two follow the heads found
+    assert result.step("circuit").circuit is not None and result.step("path_logits").results
+
+
+def test_a_step_the_library_refuses_is_skipped_with_its_reason(tok, monkeypatch):
+    """The job asks the library through its public plan functions: a step whose plans it refuses
+    is not planned, and is skipped with the refusal as its reason (the path steps after a refused
+    one say so); every other step runs."""
+    import transformer_lens_patching as tlp
+
+    def refused(what: str):
+        def plan(*args, **kwargs):
+            raise PatchingError(f"{what} is refused on this model, for this test.")
+
+        return plan
+
+    monkeypatch.setattr(tlp, "plan_path_patch", refused("Path patching"))
+    monkeypatch.setattr(tlp, "plan_circuit_evaluation", refused("Circuit evaluation"))
+    model = post_norm(tok)
+    settings = IOISettings(n_prompts=3, top_neurons=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_ioi(model, settings, "refusing", progress=False, log=lambda line: None)
         planned = [name for name, _ in plan_ioi(model, settings)]
-    clean, corrupted = result.dataset.toks, result.corrupted.toks
-    metric = LogitDiff(result.dataset.answers, result.dataset.word_idx["end"])
-    refusals = {
-        "path_logits": refusal(
-            lambda: plan_path_patch(
-                model,
-                orig_input=clean,
-                new_input=corrupted,
-                sender_nodes=IterNode("z"),
-                receiver_nodes=Node("resid_post", 1),
-                patching_metric=metric,
-            )
-        ),
-        "circuit": refusal(
-            lambda: plan_circuit_evaluation(
-                model, Circuit.empty(EdgeGraph.of(model)), orig_input=clean, patching_metric=metric, new_input=corrupted
-            )
-        ),
-    }
-    assert "normalises each attention and MLP output" in refusals["circuit"]
-    for key, why in refusals.items():
-        step, plans = result.step(key), [name for name in planned if name.startswith(key.split("_")[0])]
-        if why is None:
-            assert (step.results or step.circuit is not None) and plans, key
-        else:
-            assert step.results == {} and step.description == f"Skipped: {why}" and not plans, key
-    if refusals["path_logits"] is not None:
-        for key in ("path_queries", "path_values"):
-            assert result.step(key).description == "Skipped: the previous step was skipped."
+    for key, what in (("path_logits", "Path patching"), ("circuit", "Circuit evaluation")):
+        step = result.step(key)
+        assert step.results == {} and step.circuit is None
+        assert step.description == f"Skipped: {what} is refused on this model, for this test.", key
+        assert not [name for name in planned if name.startswith(key.split("_")[0])], planned
+    for key in ("path_queries", "path_values"):
+        assert result.step(key).description == "Skipped: the previous step was skipped."
     assert result.step("act_heads").results and result.step("attr_neurons").results
 
 

@@ -4,8 +4,12 @@ Senders: the embeddings at the residual stream entering layer 0, the heads of la
 `hook_z`, MLP L at its `hook_mlp_out`. Receivers: the heads' q/k/v input hooks, `hook_mlp_in`
 and the final residual stream. A head adds its z times its rows of W_O to the residual stream:
 `head_writes` is the one place that turns head outputs into writes, for path patching, edge
-attribution and circuit evaluation alike.
+attribution and circuit evaluation alike. Where the model normalises each attention output
+before adding it (`ln1_post`: Gemma-2, Gemma-3, OLMo-2), the layer's write is that norm of its
+heads' writes summed: `SenderWrites` says how it moves when one head's output moves.
 """
+
+import functools
 
 import torch
 from torch import Tensor
@@ -14,6 +18,8 @@ from .. import _tl
 from ..errors import PatchingError
 from .components import hook_name
 from .graph import EdgeGraph
+
+ALL = slice(None)
 
 EMBEDDINGS = hook_name("resid_pre", 0)
 """The residual stream entering layer 0: the embeddings' output, and where EAP-IG interpolates."""
@@ -24,6 +30,16 @@ NO_HEAD_INPUTS = (
     "boot_transformers gives them for the architectures that support it). act_patch, path_patch and attr_patch "
     "work without them."
 )
+
+
+def check_head_inputs(model, what: str) -> None:
+    """Refuse a model without per-head q/k/v input hooks that copy the residual stream, which `what`
+    ("attr_edges reads every head's q/k/v input, which needs") edits or reads."""
+    if _tl.supports_split_qkv_input(model):
+        return
+    if not _tl.split_inputs_copy_the_stream(model):
+        raise PatchingError(_tl.SPLIT_INPUTS_IGNORED)
+    raise PatchingError(NO_HEAD_INPUTS.format(what=what))
 
 
 def head_writes(z: Tensor, w_o: Tensor, *, summed: bool = False) -> Tensor:
@@ -39,21 +55,87 @@ def head_writes(z: Tensor, w_o: Tensor, *, summed: bool = False) -> Tensor:
     return torch.einsum("bphe,hed->bpd" if summed else "bphe,hed->bphd", z, w_o.to(z))
 
 
+class SenderWrites:
+    """What a sender's change adds to the residual stream, to first order: a head's change times its
+    rows of W_O, a neuron's times its row of W_out; where the model normalises each attention
+    (`ln1_post`) or MLP output (`ln2_post`) before adding it, that through the Jacobian of the norm
+    at the layer's output in the run (`live`, its z or neuron activations). Weights are read once.
+
+    >>> writes = SenderWrites(model)
+    >>> z = torch.zeros(1, 2, model.cfg.n_heads, model.cfg.d_head)
+    >>> writes.heads(0, z, z).shape == (1, 2, model.cfg.n_heads, model.cfg.d_model)
+    True
+    """
+
+    def __init__(self, model):
+        self._model = model
+        norms = _tl.post_norms(model)
+        self.attention_normalised, self.mlp_normalised = "ln1_post" in norms, "ln2_post" in norms
+        self.normalised = self.attention_normalised or self.mlp_normalised
+
+    @functools.cached_property
+    def w_o(self) -> Tensor:
+        return _tl.w_o(self._model)
+
+    @functools.cached_property
+    def w_out(self) -> Tensor:
+        return _tl.w_out(self._model)
+
+    def heads(self, layer: int, live: Tensor | None, change: Tensor, units: slice = ALL, summed: bool = False):
+        """(batch, pos, head, d_model), or summed over the heads (batch, pos, d_model): the change of
+        layer `layer`'s write when the heads `units` move by `change` (batch, pos, head, d_head; each
+        head alone unless `summed`) from the layer's output `live` (all its heads' z)."""
+        w_o = self.w_o[layer, units]
+        writes = head_writes(change[:, :, units], w_o, summed=summed)
+        if not self.attention_normalised:
+            return writes
+        before_norm = head_writes(live, self.w_o[layer], summed=True) + _tl.b_o(self._model)[layer].to(live)
+        return _through_norm(_tl.block_norm(self._model, layer, "ln1_post"), before_norm, writes, summed)
+
+    def neurons(self, layer: int, live: Tensor | None, change: Tensor, units: slice = ALL) -> Tensor:
+        """(batch, pos, d_model): the change of MLP `layer`'s write when its neurons `units` move by
+        `change` (batch, pos, d_mlp) from the neuron activations `live`."""
+        writes = change[..., units] @ self.w_out[layer, units].to(change)
+        if not self.mlp_normalised:
+            return writes
+        before_norm = live @ self.w_out[layer].to(live) + _tl.b_out(self._model)[layer].to(live)
+        return _through_norm(_tl.block_norm(self._model, layer, "ln2_post"), before_norm, writes, True)
+
+
+def _through_norm(norm, before_norm: Tensor, writes: Tensor, summed: bool) -> Tensor:
+    """`writes` (batch, pos, d_model), or one per unit (batch, pos, unit, d_model) unless `summed`,
+    through the Jacobian of `norm` at `before_norm` (batch, pos, d_model): forward-mode products."""
+    if summed:
+        writes = writes.unsqueeze(2)
+    batch, seq_len, units, d_model = writes.shape
+    device = next(norm.parameters(), before_norm).device
+    primal = before_norm.unsqueeze(0).expand(units, *before_norm.shape).reshape(units * batch, seq_len, d_model)
+    tangent = writes.permute(2, 0, 1, 3).reshape(units * batch, seq_len, d_model)
+    _, moved = torch.func.jvp(norm, (primal.to(device),), (tangent.to(device),))
+    moved = moved.reshape(units, batch, seq_len, d_model).permute(1, 2, 0, 3).to(writes.device)
+    return moved.squeeze(2) if summed else moved
+
+
 class Wiring:
     """Where each node of the edge graph is read and written in a forward pass.
 
     `columns[hook]` lists each hook's
     receivers as columns of the graph's (sender, receiver) mask, and `upstream[hook]` how
-    many senders (in graph order) write before it reads.
+    many senders (in graph order) write before it reads. With `shared_norm` (parallel blocks
+    whose attention and MLP read one norm, `ln1`, of the layer's input, as Phi, Falcon and Cohere
+    do), an MLP's own input has no hook, only its norm: the MLP's receiver hook is `mlp.hook_in`,
+    `normed_inputs` maps it to its layer, and `residual_of` names the hook of the residual stream
+    the norm reads. `Wiring.of(model, ...)` finds which by running the model on one token.
     """
 
-    def __init__(self, graph: EdgeGraph):
+    def __init__(self, graph: EdgeGraph, *, shared_norm: bool = False):
         self.graph = graph
         receiver_column = {node: i for i, node in enumerate(graph.receivers)}
         sender_row = {node: i for i, node in enumerate(graph.senders)}
         self.sender_slots: dict[str, slice] = {EMBEDDINGS: slice(0, 1)}
         self.head_layers: dict[str, int] = {}
         self.mlp_inputs: set[str] = set()
+        self.normed_inputs: dict[str, int] = {}
         self.columns: dict[str, list[int]] = {}
         self.upstream: dict[str, int] = {}
         for layer in range(graph.n_layers):
@@ -71,14 +153,53 @@ class Wiring:
             if graph.has_mlps:
                 mlp = sender_row[next(n for n in graph.senders if n.kind == "mlp" and n.layer == layer)]
                 self.sender_slots[hook_name("mlp_out", layer)] = slice(mlp, mlp + 1)
-                self.columns[hook_name("mlp_in", layer)] = [
+                name = f"blocks.{layer}.mlp.hook_in" if shared_norm else hook_name("mlp_in", layer)
+                self.columns[name] = [
                     receiver_column[next(n for n in graph.receivers if n.kind == "mlp" and n.layer == layer)]
                 ]
-                self.upstream[hook_name("mlp_in", layer)] = heads[0] if graph.parallel_attn_mlp else mlp
-                self.mlp_inputs.add(hook_name("mlp_in", layer))
+                self.upstream[name] = heads[0] if graph.parallel_attn_mlp else mlp
+                self.mlp_inputs.add(name)
+                if shared_norm:
+                    self.normed_inputs[name] = layer
         final = hook_name("resid_post", graph.n_layers - 1)
         self.columns[final] = [len(graph.receivers) - 1]
         self.upstream[final] = len(graph.senders)
+
+    @classmethod
+    def of(cls, model, graph: EdgeGraph, what: str) -> "Wiring":
+        """The wiring of `model`'s graph, its hooks checked to fire in a forward pass of one token:
+        `what` (the method) is refused with a `PatchingError` naming the hook the model never calls."""
+        last = graph.n_layers - 1
+        heads, final = hook_name("q_input", 0), hook_name("resid_post", last)
+        own_mlp_input, normed_mlp_input = hook_name("mlp_in", 0), "blocks.0.mlp.hook_in"
+        candidates = [heads, final] + ([own_mlp_input, normed_mlp_input] if graph.has_mlps else [])
+        names = [name for name in candidates if name in _tl.hook_names(model)]
+        with _tl.model_flags(model, _tl.flags_for(names)):
+            fired = _tl.hooks_that_fire(model, names)
+        if heads not in fired:
+            raise PatchingError(
+                f"{what} reads every head's own q/k/v input ({heads} and its like), which this model's "
+                "TransformerLens adapter lists but never calls: its attention computes queries, keys and values "
+                "from one shared input. act_patch, path_patch and attr_patch work without them."
+            )
+        if final not in fired:
+            raise PatchingError(
+                f"{what} reads the final residual stream (the logits' input) at {final}, which this model's "
+                "TransformerLens adapter lists but never calls (its blocks return their output without that hook). "
+                "act_patch of the other nodes and attr_patch work without it."
+            )
+        shared_norm = graph.has_mlps and own_mlp_input not in fired
+        if shared_norm and not (graph.parallel_attn_mlp and normed_mlp_input in fired):
+            raise PatchingError(
+                f"{what} edits or scores the edges into each MLP at its own input, but this model's TransformerLens "
+                f"adapter never calls {own_mlp_input}, and its MLPs do not read their layer's input through the norm "
+                "its attention shares. Use act_patch or path_patch of 'mlp_out' and 'z' instead."
+            )
+        return cls(graph, shared_norm=shared_norm)
+
+    def residual_of(self, receiver_hook: str) -> str:
+        """The hook of the residual stream whose norm a `normed_inputs` hook holds: its layer's input."""
+        return hook_name("resid_pre", self.normed_inputs[receiver_hook])
 
     def attention_layers_before(self, receiver_hook: str) -> list[int]:
         """The layers whose heads all write before `receiver_hook` reads: their attention output
@@ -101,22 +222,16 @@ class Wiring:
         return list(self.columns)
 
 
-def check_mlp_inputs(model, graph: EdgeGraph, what: str) -> None:
-    """Refuse a model whose blocks compute attention and MLP in parallel from one shared
-    normalisation (Phi): its MLPs have no input hook of their own that fires, so an edge into
-    an MLP can be neither edited nor scored. Parallel blocks with the MLP's own input hook
-    (GPT-NeoX/Pythia) pass: their graph simply has no edge from a layer's heads to its MLP."""
-    if not (graph.has_mlps and graph.parallel_attn_mlp):
-        return
-    name = hook_name("mlp_in", 0)
-    fired = set()
-    if name in _tl.hook_names(model):
-        with _tl.model_flags(model, _tl.flags_for([name])):
-            fired = _tl.hooks_that_fire(model, [name])
-    if name not in fired:
-        raise PatchingError(
-            f"{what} edits or scores the edges into each MLP at its own input ({name} and its like), but this "
-            "model computes attention and MLP in parallel from one "
-            "shared normalisation (as Phi does), so no hook holds "
-            "an MLP's input apart from the heads'. Use act_patch or path_patch of 'mlp_out' and 'z' instead."
-        )
+def residual_gradients(model, wiring: Wiring, receiver_hook: str, residual: Tensor, gradient: Tensor) -> Tensor:
+    """The gradient at the MLP's own copy of the residual stream `residual` (batch, pos,
+    d_model), from the `gradient` at its norm's output, the `normed_inputs` hook `receiver_hook`."""
+    norm = _tl.block_norm(model, wiring.normed_inputs[receiver_hook], "ln1")
+    _, pull_back = torch.func.vjp(norm, residual.to(gradient))
+    (pulled,) = pull_back(gradient)
+    return pulled
+
+
+def normed_residual(model, wiring: Wiring, receiver_hook: str, residual: Tensor) -> Tensor:
+    """What the `normed_inputs` hook `receiver_hook` holds when the MLP's own input is `residual`:
+    the model's own norm of it."""
+    return _tl.block_norm(model, wiring.normed_inputs[receiver_hook], "ln1")(residual)

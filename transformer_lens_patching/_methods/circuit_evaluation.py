@@ -27,11 +27,12 @@ from .._core.program import PatchProgram
 from .._core.sites import Sweep
 from .._core.sources import ActivationSource, SourceFactory
 from .._core.tensor_types import ModelInput, OtherModelInput
-from .._core.wiring import NO_HEAD_INPUTS, Wiring, check_mlp_inputs, head_writes
+from .._core.wiring import Wiring, check_head_inputs, head_writes, normed_residual
 from ..errors import PatchingError
 from ..results import PatchResult
 from .common import check_hooks_exist, describe_metric, patched_in_source, prepare_runs
-from .path_rules import check_linear_writes
+from .path_rules import check_head_outputs
+from .post_norm_circuits import PostNormCircuitRows
 
 
 @shared_by_ranks
@@ -106,7 +107,7 @@ def plan_circuit_evaluation(
     circuits = [circuits] if single else list(circuits) if isinstance(circuits, (list, tuple)) else []
     graph = checked_graph(model, circuits)
     shape = _tl.model_shape(model)
-    wiring = Wiring(graph)
+    wiring = Wiring.of(model, graph, "Circuit evaluation")
     check_hooks_exist(model, wiring.sender_hooks + wiring.receiver_hooks)
     source, source_text = patched_in_source(runs, new_input, new_cache, wiring.sender_hooks)
     kept_per_token = len(graph.senders) * shape.d_model + 3 * (shape.n_heads + 2 * shape.n_kv_heads) * shape.d_model
@@ -163,12 +164,8 @@ def checked_graph(model, circuits: Sequence[Circuit]) -> EdgeGraph:
     for circuit in circuits:
         if circuit.graph != graph:
             raise PatchingError(f"A circuit is of {circuit.graph!r}, but this model's edge graph is {graph!r}.")
-    if not _tl.supports_split_qkv_input(model):
-        raise PatchingError(
-            NO_HEAD_INPUTS.format(what="Circuit evaluation edits every head's q/k/v input, which needs")
-        )
-    check_linear_writes(model, "circuit evaluation")
-    check_mlp_inputs(model, graph, "Circuit evaluation")
+    check_head_inputs(model, "Circuit evaluation edits every head's q/k/v input, which needs")
+    check_head_outputs(model, "circuit evaluation")
     return graph
 
 
@@ -194,14 +191,21 @@ class _CircuitSession:
     def _b_o(self) -> Tensor:
         return _tl.b_o(self._executor.model)
 
+    @functools.cached_property
+    def _attention_normalised(self) -> bool:
+        return "ln1_post" in _tl.post_norms(self._executor.model)
+
     def run_block(self, block: Block) -> dict[int, object]:
         (pass_,) = block.passes
         seq_len = self._executor.tokens.shape[1]
 
         def add_steps(program: PatchProgram, index: int, row_start: int) -> None:
             removed = ~self._circuits[index].kept_mask(seq_len)
-            if removed.any():
-                _CircuitRows(self._wiring, removed, self._ablated, self._w_o, self._b_o).add_to(program, row_start)
+            if not removed.any():
+                return
+            model = self._executor.model
+            rows_class = PostNormCircuitRows if self._attention_normalised else _CircuitRows
+            rows_class(model, self._wiring, removed, self._ablated, self._w_o, self._b_o).add_to(program, row_start)
 
         return dict(zip(pass_.variants, self._executor.run(pass_, add_steps)))
 
@@ -218,8 +222,8 @@ class _CircuitRows:
     normalisation after it to amplify. Where no sender's output changed at all (an ablation
     from an identical run), the receiver keeps its live input, bit for bit."""
 
-    def __init__(self, wiring: Wiring, removed: Tensor, ablated: ActivationSource, w_o: Tensor, b_o: Tensor):
-        self.wiring, self.ablated, self.w_o, self.b_o = wiring, ablated, w_o, b_o
+    def __init__(self, model, wiring: Wiring, removed: Tensor, ablated: ActivationSource, w_o: Tensor, b_o: Tensor):
+        self.model, self.wiring, self.ablated, self.w_o, self.b_o = model, wiring, ablated, w_o, b_o
         plans = {}
         for name, columns in wiring.columns.items():
             gone = removed[:, : wiring.upstream[name], columns]
@@ -247,6 +251,8 @@ class _CircuitRows:
         """(batch, pos, d_model): the sum of every sender's ablated write so far, in float32 or wider."""
         self.unchanged: Tensor | None = None
         """(batch, pos, d_model): True where no sender's output has changed so far."""
+        self.residuals: dict[str, Tensor] = {}
+        """Each edited `normed_inputs` hook's residual stream in this pass (its layer's input)."""
         self.before_heads: tuple[Tensor, Tensor] | None = None
         """In a parallel block, `ablated_writes` and `unchanged` as they were before the layer's
         heads wrote: what its MLP, which reads the layer's input, is built from."""
@@ -256,7 +262,12 @@ class _CircuitRows:
             if self.needs_ablated or self.needed[slots].any():
                 program.visit(name, row_start, functools.partial(self._keep_change, name, slots))
         for name in self.plans:
+            if name in self.wiring.normed_inputs:
+                program.visit(self.wiring.residual_of(name), row_start, functools.partial(self._keep_residual, name))
             program.visit(name, row_start, functools.partial(self._rebuild, name))
+
+    def _keep_residual(self, name: str, residual: Tensor) -> None:
+        self.residuals[name] = residual.clone()
 
     def _keep_change(self, name: str, slots: slice, live: Tensor) -> None:
         ablated = self.ablated.tensor_like(name, live).to(live)
@@ -305,11 +316,17 @@ class _CircuitRows:
         terms = terms.permute(1, 2, 0, 3).to(receiver_input.device)
         if receiver_input.ndim == 3:
             terms = terms.squeeze(2)
+        normed = name in self.wiring.normed_inputs
+        own_input = self.residuals[name].clone() if normed else receiver_input
         if from_ablated:
             base, unchanged = self._ablated_input(name)
-            if receiver_input.ndim == 4:
+            if own_input.ndim == 4:
                 base, unchanged = base.unsqueeze(2), unchanged.unsqueeze(2)
-            rebuilt = base.to(receiver_input.device) + terms
-            receiver_input.copy_(torch.where(unchanged.to(receiver_input.device), receiver_input, rebuilt))
+            rebuilt = base.to(own_input.device) + terms
+            own_input.copy_(torch.where(unchanged.to(own_input.device), own_input, rebuilt))
         else:
-            receiver_input -= terms
+            own_input -= terms
+        if normed:  # the MLP reads its own input through the norm its layer's attention shares
+            normed_input = normed_residual(self.model, self.wiring, name, own_input)
+            changed = (own_input != self.residuals[name]).any(-1, keepdim=True)
+            receiver_input.copy_(torch.where(changed, normed_input.to(receiver_input), receiver_input))

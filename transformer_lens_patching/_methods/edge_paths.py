@@ -17,13 +17,14 @@ from torch import Tensor
 from .. import _tl
 from .._core.components import COMPONENTS, hook_name, lookup
 from .._core.distributed import shared_by_ranks
-from .._core.gradients import GradientPass, NeuronRead
+from .._core.gradients import GradientPass, GradientRun, NeuronRead
 from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode, Node, normalize_seq_pos
 from .._core.program import resid_mid_carries
 from .._core.sites import PatchSite, Sweep, resolve_spec
+from .._core.sources import ActivationSource
 from .._core.tensor_types import ModelInput, OtherModelInput
-from .._core.wiring import EMBEDDINGS, NO_HEAD_INPUTS
+from .._core.wiring import EMBEDDINGS, SenderWrites, check_head_inputs
 from ..errors import PatchingError
 from ..results import PatchResult
 from .common import (
@@ -35,12 +36,11 @@ from .common import (
     patched_in_source,
     prepare_runs,
 )
-from .edges import EDGE_METHODS, difference, eap_gradients, position_mask
+from .edges import EDGE_METHODS, difference, eap_gradients, interpolated_passes, position_mask
 from .path_rules import (
     HEAD_INPUTS,
     WHOLE_HEAD_RECEIVERS,
-    OutputWeights,
-    check_linear_writes,
+    check_head_outputs,
     check_parallel_receivers,
     check_specs,
     residual_write,
@@ -127,7 +127,7 @@ def attr_path_patch(
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, (), seq_pos)
     check_specs((), receiver_nodes, seq_pos)
-    check_linear_writes(model, "attr_path_patch")
+    check_head_outputs(model, "attr_path_patch")
     check_parallel_receivers(shape, receiver_nodes, "attr_path_patch")
     if all(isinstance(spec, IterNode) and spec.seq_pos == "each" for spec in (sender_nodes, receiver_nodes)):
         raise PatchingError(
@@ -159,26 +159,61 @@ def attr_path_patch(
         stopped = [(read.hook, _slice_mask(read, tokens.shape, shape)) for read in frozen]
         split = "use_split_qkv_input" in _tl.flags_for(all_hooks)
         gradient_pass = GradientPass(runs, max_memory, split_inputs=split, new_input=new_input, progress=bar)
-        run = eap_gradients(
-            gradient_pass, sender_hooks, differentiated, new, steps, stopped=stopped, neuron_reads=through
-        )
-        neuron_gradients = dict(zip(map(id, neuron_reads), run.through_neurons))
-        weights = OutputWeights(model)
-        writes = _Terms.of(
-            sender_cells,
-            lambda site: [residual_write(site, difference(site.hook_name, run.activations, new), weights)],
-            lambda site: [2 * site.layer + site.component.write_offset],
-        )
-        gradients = [[_read_gradient(read, run.gradients, neuron_gradients) for read in cell] for cell in reads]
-        points = [[read.point for read in cell] for cell in reads]
-        read_terms = _Terms.from_lists(gradients, points, writes.tensors.device)
-        reaching = (writes.points[:, None] <= read_terms.points[None, :]).to(writes.tensors.dtype)
-        pairs = torch.einsum("wbpd,rbpd->wrb", writes.tensors, read_terms.tensors) * reaching[..., None]
-        changes = torch.einsum("ws,wrb,rt->stb", writes.cells, pairs, read_terms.cells)
+        writes = SenderWrites(model)
+        if writes.normalised:  # each pass's writes go through the norms at its own activations
+            passes = interpolated_passes(
+                gradient_pass,
+                sender_hooks,
+                differentiated,
+                new,
+                steps,
+                stopped=stopped,
+                neuron_reads=through,
+                record_each=True,
+            )
+            run = next(passes)
+            changes = _changes(run, run, sender_cells, reads, neuron_reads, new, writes)
+            for point in passes:
+                changes += _changes(run, point, sender_cells, reads, neuron_reads, new, writes)
+            changes /= steps
+        else:
+            run = eap_gradients(
+                gradient_pass, sender_hooks, differentiated, new, steps, stopped=stopped, neuron_reads=through
+            )
+            changes = _changes(run, run, sender_cells, reads, neuron_reads, new, writes)
     per_prompt = run.dims == ("batch",)
     changes = changes if per_prompt else changes.sum(-1)
     values = changes if estimate == "delta" else run.value.to(changes.device) + changes
     return _assembled(sender_nodes, senders, receiver_nodes, receivers, values, run.dims)
+
+
+def _changes(
+    orig: GradientRun,
+    point: GradientRun,
+    sender_cells: list[list[PatchSite]],
+    reads: list[list["_Read"]],
+    neuron_reads: list["_Read"],
+    new: ActivationSource,
+    writes: SenderWrites,
+) -> Tensor:
+    """(sender cell, receiver cell, batch): the estimates of one gradient pass `point` (or of the
+    averaged passes): each sender's write of its change (new minus `orig`'s activations, through
+    any output norm at `point`'s activations) dotted with the gradient of each receiver that it
+    reaches, summed over each cell's terms."""
+    neuron_gradients = dict(zip(map(id, neuron_reads), point.through_neurons))
+    sender_terms = _Terms.of(
+        sender_cells,
+        lambda site: [
+            residual_write(site, difference(site.hook_name, orig.activations, new), writes, point.activations)
+        ],
+        lambda site: [2 * site.layer + site.component.write_offset],
+    )
+    gradients = [[_read_gradient(read, point.gradients, neuron_gradients) for read in cell] for cell in reads]
+    points = [[read.point for read in cell] for cell in reads]
+    read_terms = _Terms.from_lists(gradients, points, sender_terms.tensors.device)
+    reaching = (sender_terms.points[:, None] <= read_terms.points[None, :]).to(sender_terms.tensors.dtype)
+    pairs = torch.einsum("wbpd,rbpd->wrb", sender_terms.tensors, read_terms.tensors) * reaching[..., None]
+    return torch.einsum("ws,wrb,rt->stb", sender_terms.cells, pairs, read_terms.cells)
 
 
 def _cells(spec, resolved) -> list[list[PatchSite]]:
@@ -268,9 +303,8 @@ def _check_receivers(model, shape, cells: list[list[PatchSite]]) -> None:
             "head alone has no hook to take the gradient at. Use 'q' receivers (per head) and 'k' / 'v' receivers "
             "(per key/value head), or path_patch."
         )
-    if names & set(HEAD_INPUTS) and not _tl.supports_split_qkv_input(model):
-        what = "Head receivers are read at their own q/k/v inputs, which need"
-        raise PatchingError(NO_HEAD_INPUTS.format(what=what))
+    if names & set(HEAD_INPUTS):
+        check_head_inputs(model, "Head receivers are read at their own q/k/v inputs, which need")
 
 
 def _read_gradient(read: _Read, gradients: dict[str, Tensor], neurons: dict[int, Tensor]) -> Tensor:

@@ -19,7 +19,9 @@ instead interpolates each patched activation on its own; for edges that would ta
 set of passes per receiver, while interpolating the input costs `steps` passes in all.
 """
 
-from collections.abc import Callable, Sequence
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -32,10 +34,15 @@ from .._core.graph import EdgeGraph, EdgeScores
 from .._core.memory import check_chunk_args
 from .._core.sources import ActivationSource
 from .._core.tensor_types import ModelInput, OtherModelInput
-from .._core.wiring import EMBEDDINGS, NO_HEAD_INPUTS, Wiring, check_mlp_inputs, head_writes
-from ..errors import PatchingError
+from .._core.wiring import (
+    EMBEDDINGS,
+    SenderWrites,
+    Wiring,
+    check_head_inputs,
+    residual_gradients,
+)
 from .common import check_choice, check_hooks_exist, checked_steps, gradient_progress, patched_in_source, prepare_runs
-from .path_rules import check_linear_writes
+from .path_rules import check_head_outputs
 
 EDGE_METHODS = ("atp", "ig")
 """The estimates edge attribution computes: EAP and EAP-IG."""
@@ -99,11 +106,9 @@ def attr_edges(
     check_chunk_args(None, max_memory)
     runs = prepare_runs(model, orig_input, patching_metric)
     graph = EdgeGraph.of(model)
-    if not _tl.supports_split_qkv_input(model):
-        raise PatchingError(NO_HEAD_INPUTS.format(what="attr_edges reads every head's q/k/v input, which needs"))
-    check_linear_writes(model, "attr_edges")
-    check_mlp_inputs(model, graph, "attr_edges")
-    wiring = Wiring(graph)
+    check_head_inputs(model, "attr_edges reads every head's q/k/v input, which needs")
+    check_head_outputs(model, "attr_edges")
+    wiring = Wiring.of(model, graph, "attr_edges")
     senders, receivers = wiring.sender_hooks, wiring.receiver_hooks
     check_hooks_exist(model, senders + receivers)
     source, _ = patched_in_source(runs, new_input, new_cache, senders)
@@ -114,7 +119,7 @@ def attr_edges(
     ):
         new = source()
         gradient_pass = GradientPass(runs, max_memory, split_inputs=True, new_input=new_input, progress=bar)
-        run, per_pair = _scored_pairs(gradient_pass, graph, senders, receivers, new, steps)
+        run, per_pair = _scored_pairs(gradient_pass, wiring, new, steps)
     sender_row = {node: i for i, node in enumerate(graph.senders)}
     receiver_row = {node: i for i, node in enumerate(graph.receivers)}
     rows = torch.tensor([sender_row[edge.sender] for edge in graph], device=per_pair.device)
@@ -126,44 +131,69 @@ def attr_edges(
 
 
 def _scored_pairs(
-    gradient_pass: GradientPass,
-    graph: EdgeGraph,
-    senders: list[str],
-    receivers: list[str],
-    new: ActivationSource,
-    steps: int,
+    gradient_pass: GradientPass, wiring: Wiring, new: ActivationSource, steps: int
 ) -> tuple[GradientRun, Tensor]:
     """The orig run's gradient pass and (batch, sender, receiver) scores of every node pair,
     reduced chunk by chunk of prompts so that no receiver gradient outlives its chunk; for
-    EAP-IG averaged over the interpolated passes (a score is linear in the gradient). The
-    senders' output changes are those of the orig and new runs, kept per chunk. Scores are
-    products summed in float32 whatever the model's dtype, on the input device."""
-    outputs: dict[int, Tensor] = {}
+    EAP-IG averaged over the interpolated passes. The senders' output changes are those of
+    the orig and new runs, kept per chunk; where attention outputs are normalised, each pass
+    takes the heads' changes through the norm's Jacobian at its own outputs (its z recorded);
+    where MLPs read their input through a norm shared with attention, the gradient at that
+    norm's output is pulled back to the MLP's own copy of the residual stream, at each pass's
+    own residual stream. Scores are products summed in float32 whatever the model's dtype, on
+    the input device."""
+    model, graph = gradient_pass.model, wiring.graph
+    senders, receivers = wiring.sender_hooks, wiring.receiver_hooks
+    writes = SenderWrites(model)
+    normalised = writes.attention_normalised
+    residuals = [wiring.residual_of(name) for name in wiring.normed_inputs]
+    each_pass = [name for name in senders if name.endswith("hook_z")] if normalised else []
+    each_pass = list(dict.fromkeys([*each_pass, *residuals]))
+    changes: dict[int, _SenderChanges] = {}
+    linear_outputs: dict[int, Tensor] = {}
 
-    def scored(rows: slice, part: GradientRun) -> Tensor:
-        if rows.start not in outputs:
-            outputs[rows.start] = _flattened(
-                _graph_sender_outputs(gradient_pass.model, graph, part.activations, new.rows(rows))
-            )
-        device = outputs[rows.start].device
-        parts = [_with_unit_axis(part.gradients[name]).to(device) for name in receivers]
+    def scored(rows: slice, part: GradientRun, fills: dict[str, Tensor] | None = None) -> Tensor:
+        if rows.start not in changes:
+            changes[rows.start] = _SenderChanges(graph, part.activations, new.rows(rows))
+        if normalised or rows.start not in linear_outputs:
+            outputs = _flattened(changes[rows.start].outputs(writes, part.activations))
+            if not normalised:
+                linear_outputs[rows.start] = outputs
+        else:
+            outputs = linear_outputs[rows.start]
+        if fills:  # the recorded activations are those before the fill: the pass read the fill
+            part = dataclasses.replace(part, activations={**part.activations, **_rows_of(fills, rows)})
+        parts = [_with_unit_axis(_own_gradient(model, wiring, name, part)).to(outputs.device) for name in receivers]
         gradients = _flattened(torch.cat(parts, dim=2))
-        return torch.bmm(outputs[rows.start].float(), gradients.float().transpose(1, 2))
+        return torch.bmm(outputs.float(), gradients.float().transpose(1, 2))
 
     def scored_with_embeddings(rows: slice, part: GradientRun) -> tuple[Tensor, Tensor]:
         return scored(rows, part), part.activations[EMBEDDINGS]
 
-    run = gradient_pass(receivers, [*senders, EMBEDDINGS], reduce=scored_with_embeddings)
+    run = gradient_pass(receivers, [*senders, *residuals, EMBEDDINGS], reduce=scored_with_embeddings)
     per_pair = torch.cat([scores for scores, _ in run.reduced])
     if steps > 1:
         start = torch.cat([embeddings for _, embeddings in run.reduced])
         moved = difference(EMBEDDINGS, {EMBEDDINGS: start}, new)
         for k in range(1, steps):
             fills = {EMBEDDINGS: start.to(_tl.summing_dtype(start.dtype)) + (k / steps) * moved}
-            point = gradient_pass(receivers, fills=fills, reduce=scored)
+            point = gradient_pass(receivers, each_pass, fills=fills, reduce=functools.partial(scored, fills=fills))
             per_pair = per_pair + torch.cat(point.reduced)
         per_pair = per_pair / steps
     return run, per_pair
+
+
+def _rows_of(tensors: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
+    return {name: tensor[rows] for name, tensor in tensors.items()}
+
+
+def _own_gradient(model, wiring: Wiring, name: str, part: GradientRun) -> Tensor:
+    """The metric's gradient at the receiver input hook `name`'s own copy of the residual stream:
+    for a `normed_inputs` hook, pulled back through its layer's norm at the pass's residual."""
+    if name not in wiring.normed_inputs:
+        return part.gradients[name]
+    residual = part.activations[wiring.residual_of(name)]
+    return residual_gradients(model, wiring, name, residual, part.gradients[name])
 
 
 def _flattened(stacked: Tensor) -> Tensor:
@@ -178,16 +208,26 @@ def _with_unit_axis(gradient: Tensor) -> Tensor:
     return gradient if gradient.ndim == 4 else gradient.unsqueeze(2)
 
 
-def _graph_sender_outputs(model, graph: EdgeGraph, orig: dict, new: ActivationSource) -> Tensor:
-    """(batch, pos, sender, d_model): each sender's new - orig output, in `graph.senders`' order."""
-    w_o = _tl.w_o(model)
-    parts = [difference(EMBEDDINGS, orig, new).unsqueeze(2)]
-    for layer in range(graph.n_layers):
-        z = difference(hook_name("z", layer), orig, new)
-        parts.append(head_writes(z, w_o[layer]))
-        if graph.has_mlps:
-            parts.append(difference(hook_name("mlp_out", layer), orig, new).unsqueeze(2))
-    return torch.cat([part.to(parts[0].device) for part in parts], dim=2)
+class _SenderChanges:
+    """One chunk of prompts' sender output changes (new - orig), kept from the orig run's pass."""
+
+    def __init__(self, graph: EdgeGraph, orig: dict, new: ActivationSource):
+        self.graph = graph
+        self.embeddings = difference(EMBEDDINGS, orig, new)
+        self.z = [difference(hook_name("z", layer), orig, new) for layer in range(graph.n_layers)]
+        mlps = range(graph.n_layers) if graph.has_mlps else ()
+        self.mlps = [difference(hook_name("mlp_out", layer), orig, new) for layer in mlps]
+
+    def outputs(self, writes: SenderWrites, live: dict) -> Tensor:
+        """(batch, pos, sender, d_model): each sender's change as the residual stream sees it, in
+        `graph.senders`' order; a head's through its layer's norm at the pass's `live` z, if any."""
+        parts = [self.embeddings.unsqueeze(2)]
+        for layer in range(self.graph.n_layers):
+            name = hook_name("z", layer)
+            parts.append(writes.heads(layer, live.get(name), self.z[layer]))
+            if self.graph.has_mlps:
+                parts.append(self.mlps[layer].unsqueeze(2))
+        return torch.cat([part.to(parts[0].device) for part in parts], dim=2)
 
 
 def difference(name: str, orig: dict, new: ActivationSource) -> Tensor:
@@ -209,16 +249,15 @@ def eap_gradients(
     """The orig run's gradients; for EAP-IG (`steps` > 1) averaged with those of `steps - 1`
     more passes whose embeddings are interpolated toward the new run's (points and sums in
     float32 whatever the model's dtype)."""
-    first = gradient_pass(differentiated, [*recorded, EMBEDDINGS], stopped=stopped, neuron_reads=neuron_reads)
+    passes = interpolated_passes(
+        gradient_pass, recorded, differentiated, new, steps, stopped=stopped, neuron_reads=neuron_reads
+    )
+    first = next(passes)
     if steps == 1:
         return first
-    start = first.activations[EMBEDDINGS]
-    moved = difference(EMBEDDINGS, first.activations, new)
     gradients = {name: g.to(_tl.summing_dtype(g.dtype), copy=True) for name, g in first.gradients.items()}
     neurons = [g.to(_tl.summing_dtype(g.dtype), copy=True) for g in first.through_neurons]
-    for k in range(1, steps):
-        fills = {EMBEDDINGS: start.to(_tl.summing_dtype(start.dtype)) + (k / steps) * moved}
-        point = gradient_pass(differentiated, fills=fills, stopped=stopped, neuron_reads=neuron_reads)
+    for point in passes:
         for name in gradients:
             gradients[name] += point.gradients[name]
         for total, gradient in zip(neurons, point.through_neurons):
@@ -230,6 +269,35 @@ def eap_gradients(
         {name: g / steps for name, g in gradients.items()},
         [g / steps for g in neurons],
     )
+
+
+def interpolated_passes(
+    gradient_pass: GradientPass,
+    recorded: Sequence[str],
+    differentiated: Sequence[str],
+    new: ActivationSource,
+    steps: int,
+    *,
+    stopped: Sequence[tuple[str, Tensor]] = (),
+    neuron_reads: Sequence[NeuronRead] = (),
+    record_each: bool = False,
+) -> Iterator[GradientRun]:
+    """The gradient passes of EAP-IG, one by one: the orig run's (with the `recorded` hooks and
+    the embeddings), then `steps - 1` whose embeddings are `k / steps` of the way to the new
+    run's (with the `recorded` hooks too if `record_each`)."""
+    first = gradient_pass(differentiated, [*recorded, EMBEDDINGS], stopped=stopped, neuron_reads=neuron_reads)
+    yield first
+    start = first.activations.get(EMBEDDINGS)
+    moved = None if steps == 1 else difference(EMBEDDINGS, first.activations, new)
+    for k in range(1, steps):
+        fills = {EMBEDDINGS: start.to(_tl.summing_dtype(start.dtype)) + (k / steps) * moved}
+        yield gradient_pass(
+            differentiated,
+            recorded if record_each else (),
+            fills=fills,
+            stopped=stopped,
+            neuron_reads=neuron_reads,
+        )
 
 
 def position_mask(positions: Tensor | None, batch: int, seq_len: int, device, dtype) -> Tensor:

@@ -47,7 +47,7 @@ from .path_rules import (
     PassOnePlan,
     PathPlan,
     can_fork,
-    check_linear_writes,
+    check_head_outputs,
     check_parallel_receivers,
     check_specs,
     input_base_hook,
@@ -100,7 +100,7 @@ def plan_path_patch(
     tokens, metric, reader = runs.tokens, runs.metric, runs.reader
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, receiver_nodes, seq_pos)
-    check_linear_writes(model, "path patching", normalised_ok=True)
+    check_head_outputs(model, "path patching")
     if not direct_includes_mlps:
         check_parallel_receivers(shape, receiver_nodes, "path_patch with direct_includes_mlps=False")
     positions = normalize_seq_pos(seq_pos)

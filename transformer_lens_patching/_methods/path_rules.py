@@ -7,7 +7,6 @@ the last receiver (`pass_one_plan`) and groups the cells that share their sender
 one recording variant (`two_pass_blocks`).
 """
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -21,7 +20,7 @@ from .._core.plan import Block, stacked_passes
 from .._core.program import entry_layer
 from .._core.selection import LogitReader
 from .._core.sites import PatchSite, Sweep
-from .._core.wiring import head_writes
+from .._core.wiring import SenderWrites
 from .._tl import ModelShape
 from ..errors import PatchingError
 
@@ -86,49 +85,26 @@ def check_specs(senders, receivers, seq_pos) -> None:
                 raise PatchingError("IterNode(seq_pos='each') sweeps positions, so path_patch's seq_pos must be None.")
 
 
-def nonlinear_writes(model) -> str | None:
-    """Why a sender's write to the residual stream is not linear in its own output on `model`
-    (it normalises each attention and MLP output before adding it), or None: the one sentence
-    that `attr_path_patch`, edges and circuits give when they refuse such a model. Also
-    multi-head latent attention, whose head outputs TransformerLens does not give head by head
-    (which path patching refuses too)."""
-    if _tl.model_shape(model).latent_attention:
-        return (
-            "this model's attention is multi-head latent attention (DeepSeek's MLA), whose head outputs "
-            "TransformerLens does not split by head, so a head's write to the residual stream cannot be read "
-            "from them"
-        )
-    norms = _tl.post_norms(model)
-    if not norms:
-        return None
-    return (
-        f"this model normalises each attention and MLP output before adding it to the residual stream "
-        f"({', '.join(norms)}, as Gemma-2, Gemma-3 and OLMo-2 do), so a head's or MLP's write to the residual "
-        "stream is not a linear function of its own output"
-    )
-
-
 def writes_are_linear(model) -> bool:
     """Whether each head's and MLP's write to the residual stream is its output times fixed weights
     (`head_writes`), with no norm after it: what path patching's one-pass algorithm and its
     skipped attention add to the stream itself. Otherwise path patching lets the model compute
     every layer whose senders change, with the others' outputs frozen, so that a post-norm sees
-    the sender's change together with the rest of its layer's output."""
+    the sender's change together with the rest of its layer's output (and edges, circuits and
+    `attr_path_patch` take each head's write through the norm: `SenderWrites`,
+    `PostNormCircuitRows`)."""
     return not _tl.post_norms(model)
 
 
-def check_linear_writes(model, what: str, *, normalised_ok: bool = False) -> None:
-    """Refuse a model whose senders' writes are not linear in their outputs (`nonlinear_writes`),
-    which `what` (`attr_path_patch`, edges, circuits) builds on; with `normalised_ok` (path patching, which then runs
-    its two-pass algorithm through the model's own norms) refuse only latent attention."""
-    if normalised_ok and not _tl.model_shape(model).latent_attention:
-        return
-    reason = nonlinear_writes(model)
-    if reason is not None:
+def check_head_outputs(model, what: str) -> None:
+    """Refuse multi-head latent attention (DeepSeek's MLA), whose head outputs TransformerLens does
+    not give head by head, for `what` (path patching, edges, circuits), which reads them."""
+    if _tl.model_shape(model).latent_attention:
         raise PatchingError(
-            f"{reason[0].upper()}{reason[1:]}, which {what} builds on: refused rather than computed wrong. "
-            "act_patch and attr_patch are exact on this model"
-            + (" for every node but heads." if _tl.model_shape(model).latent_attention else ".")
+            "This model's attention is multi-head latent attention (DeepSeek's MLA), whose head outputs "
+            "TransformerLens does not split by head, so a head's write to the residual stream cannot be read "
+            f"from them, which {what} builds on: refused rather than computed wrong. act_patch and attr_patch "
+            "are exact on this model for every node but heads."
         )
 
 
@@ -307,31 +283,18 @@ def can_fork(model, shape: ModelShape, variants: list[PathVariant]) -> bool:
     return True
 
 
-class OutputWeights:
-    """A model's stacked W_O and W_out, each read once, when first needed (HookedTransformer
-    stacks them again on every read)."""
-
-    def __init__(self, model):
-        self._model = model
-
-    @functools.cached_property
-    def w_o(self) -> Tensor:
-        return _tl.w_o(self._model)
-
-    @functools.cached_property
-    def w_out(self) -> Tensor:
-        return _tl.w_out(self._model)
-
-
-def residual_write(site: PatchSite, difference: Tensor, weights: OutputWeights) -> Tensor:
+def residual_write(site: PatchSite, difference: Tensor, writes: SenderWrites, live: dict | None = None) -> Tensor:
     """What a sender site adds to the residual stream when its activation changes by
     `difference` (new - orig, the whole activation): (batch, pos, d_model), zero outside
-    the site's positions. A head's or neuron's change goes through its rows of W_O or W_out."""
+    the site's positions. A head's or neuron's change goes through its rows of W_O or W_out,
+    and where the model normalises that output, to first order through the norm at the
+    activations of the run `live` (`SenderWrites`)."""
     units = slice(None) if site.unit is None else slice(site.unit, site.unit + 1)
+    live_value = None if live is None else live.get(site.hook_name)
     if site.component.name == "z":
-        difference = head_writes(difference[:, :, units], weights.w_o[site.layer, units], summed=True)
+        difference = writes.heads(site.layer, live_value, difference, units, summed=True)
     elif site.component.name == "post":
-        difference = difference[..., units] @ weights.w_out[site.layer, units].to(difference)
+        difference = writes.neurons(site.layer, live_value, difference, units)
     if site.positions is None:
         return difference
     batch, seq_len = difference.shape[:2]

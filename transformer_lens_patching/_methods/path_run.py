@@ -12,10 +12,10 @@ from .._core.plan import Block
 from .._core.program import PatchProgram
 from .._core.sites import PatchSite
 from .._core.sources import ActivationSource, SourceFactory
+from .._core.wiring import SenderWrites
 from .path_rules import (
     HEAD_INPUTS,
     WHOLE_HEAD_RECEIVERS,
-    OutputWeights,
     PathPlan,
     input_base_hook,
     input_site,
@@ -67,8 +67,8 @@ class PathPatchSession:
         )
 
     @functools.cached_property
-    def _weights(self) -> OutputWeights:
-        return OutputWeights(self._runs.model)
+    def _weights(self) -> SenderWrites:
+        return SenderWrites(self._runs.model)
 
     @functools.cached_property
     def _frozen(self) -> list[tuple[int, str, Tensor]]:

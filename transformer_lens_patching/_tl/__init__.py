@@ -21,7 +21,14 @@ from .devices import (
     output_device,
     summing_dtype,
 )
-from .flags import flags_for, model_flags, resid_mid_feeds_only_the_mlp, supports_split_qkv_input
+from .flags import (
+    SPLIT_INPUTS_IGNORED,
+    flags_for,
+    model_flags,
+    resid_mid_feeds_only_the_mlp,
+    split_inputs_copy_the_stream,
+    supports_split_qkv_input,
+)
 from .forward import (
     attention_replaced,
     can_start_late,
@@ -41,6 +48,8 @@ from .model import (
     active_dropout,
     attention_scores_patchable,
     b_o,
+    b_out,
+    block_norm,
     check_deterministic,
     hook_names,
     model_shape,
@@ -63,6 +72,7 @@ __all__ = [
     "attention_replaced",
     "attention_scores_patchable",
     "b_o",
+    "b_out",
     "boot_hf_folder",
     "cache_items",
     "can_start_late",
@@ -74,6 +84,7 @@ __all__ = [
     "forward_logits",
     "hook_device",
     "hook_names",
+    "block_norm",
     "hooks",
     "hooks_that_fire",
     "layer_device",
@@ -95,6 +106,8 @@ __all__ = [
     "run_with_cache",
     "summing_dtype",
     "supports_split_qkv_input",
+    "split_inputs_copy_the_stream",
+    "SPLIT_INPUTS_IGNORED",
     "time_layers",
     "to_tokens",
     "unembed",

@@ -1,9 +1,24 @@
 """Model flags the per-head hooks need, switched on for a call and restored; and hook placement quirks."""
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+
 from ..errors import PatchingError
+from .devices import model_device
+
+_SPLIT_INPUTS_COPY_THE_STREAM: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""Per model: whether its per-head q/k/v input hooks, once switched on, are copies of the stream."""
+
+SPLIT_INPUTS_IGNORED = (
+    "This model's TransformerLens adapter lists per-head q/k/v input hooks (use_split_qkv_input), but they do "
+    "not hold each head's own copy of the residual stream: they hold the stream after the block's norm (as "
+    "Bloom's bridge does) or never fire (as MPT's), so a sender's write cannot be added there. Patch 'q', 'k' "
+    "or 'v' (the projections' outputs) instead, or path_patch into them (it then runs the model to get them); "
+    "circuit evaluation and attr_edges, which edit or read each head's own input, cannot run on this model."
+)
 
 
 def resid_mid_feeds_only_the_mlp(model) -> bool:
@@ -40,6 +55,8 @@ def model_flags(model, flags: set[str]) -> Iterator[None]:
     """Switch `flags` on (e.g. `use_split_qkv_input`) and restore their values afterwards."""
     previous = {flag: bool(getattr(model.cfg, flag, False)) for flag in flags}
     changed = []
+    if "use_split_qkv_input" in flags and not split_inputs_copy_the_stream(model):
+        raise PatchingError(SPLIT_INPUTS_IGNORED)
     try:
         for flag in sorted(flags):
             if previous[flag]:
@@ -65,12 +82,50 @@ def model_flags(model, flags: set[str]) -> Iterator[None]:
 
 
 def supports_split_qkv_input(model) -> bool:
-    """Whether the model can fork per-head q/k/v inputs (TransformerBridge.boot_native cannot)."""
+    """Whether the model can fork per-head q/k/v inputs that feed its attention
+    (TransformerBridge.boot_native cannot fork them; Bloom's bridge forks them after the norm)."""
     if getattr(model.cfg, "use_split_qkv_input", False):
-        return True
+        return split_inputs_copy_the_stream(model)
     try:
         model.set_use_split_qkv_input(True)
     except (NotImplementedError, ValueError):
         return False
     model.set_use_split_qkv_input(False)
-    return True
+    return split_inputs_copy_the_stream(model)
+
+
+def split_inputs_copy_the_stream(model) -> bool:
+    """Whether each head's q/k/v input hook, once switched on, holds its own copy of the residual
+    stream entering the block (probed once per model, on two tokens; True where the flag cannot be
+    switched on at all, for `model_flags` to refuse)."""
+    if model not in _SPLIT_INPUTS_COPY_THE_STREAM:
+        _SPLIT_INPUTS_COPY_THE_STREAM[model] = _probe_split_inputs(model)
+    return _SPLIT_INPUTS_COPY_THE_STREAM[model]
+
+
+def _probe_split_inputs(model) -> bool:
+    if not {"blocks.0.hook_q_input", "blocks.0.hook_resid_pre"} <= set(model.hook_dict):
+        return True
+    was_on = bool(getattr(model.cfg, "use_split_qkv_input", False))
+    if not was_on:
+        try:
+            model.set_use_split_qkv_input(True)
+        except (NotImplementedError, ValueError):
+            return True
+    seen = {}
+    tokens = torch.zeros((1, 2), dtype=torch.long, device=model_device(model))
+    record = [(name, lambda x, hook, name=name: seen.setdefault(name, x.detach())) for name in PROBED]
+    try:
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=record)
+    finally:
+        if not was_on:
+            model.set_use_split_qkv_input(False)
+    if len(seen) < 2:
+        return False
+    heads, stream = seen[PROBED[0]], seen[PROBED[1]]
+    return heads.shape[:2] == stream.shape[:2] and torch.equal(heads[:, :, 0].to(stream), stream)
+
+
+PROBED = ("blocks.0.hook_q_input", "blocks.0.hook_resid_pre")
+"""A head's own query input and the residual stream it must be a copy of."""

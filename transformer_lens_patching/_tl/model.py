@@ -71,6 +71,15 @@ def post_norms(model) -> tuple[str, ...]:
     return tuple(norm for norm in ("ln1_post", "ln2_post") if any(n.startswith(f"blocks.0.{norm}.") for n in names))
 
 
+def block_norm(model, layer: int, which: str):
+    """Layer `layer`'s norm `which`: "ln1" or "ln2" (before attention or the MLP), "ln1_post" or
+    "ln2_post" (after them, see `post_norms`), called without TransformerLens' hooks (which a
+    call inside a forward pass would fire again): a bridge's wrapped `transformers` module, a
+    HookedTransformer's own norm."""
+    norm = getattr(model.blocks[layer], which)
+    return getattr(norm, "original_component", None) or norm
+
+
 def hook_names(model) -> set[str]:
     """Every hook name the model accepts, aliases included."""
     return set(model.hook_dict)
@@ -122,6 +131,18 @@ def b_o(model) -> torch.Tensor:
             return torch.zeros(weights.shape[0], weights.shape[-1], dtype=weights.dtype, device=weights.device)
         return bias
     return _stacked([block.attn.b_O for block in model.blocks], model)
+
+
+def b_out(model) -> torch.Tensor:
+    """Stacked MLP output biases, (layer, d_model), on the input device: zeros where the MLPs
+    have none."""
+    if TL_MAJOR >= 4:
+        bias = getattr(model, "b_out", None)
+        if bias is None:
+            weights = model.W_out
+            return torch.zeros(weights.shape[0], weights.shape[-1], dtype=weights.dtype, device=weights.device)
+        return bias
+    return _stacked([block.mlp.b_out for block in model.blocks], model)
 
 
 def w_out(model) -> torch.Tensor:
