@@ -167,21 +167,15 @@ class Wiring:
 
     @classmethod
     def of(cls, model, graph: EdgeGraph, what: str) -> "Wiring":
-        """The wiring of `model`'s graph, its hooks checked to fire in a forward pass of one token:
-        `what` (the method) is refused with a `PatchingError` naming the hook the model never calls."""
-        last = graph.n_layers - 1
-        heads, final = hook_name("q_input", 0), hook_name("resid_post", last)
+        """The wiring of `model`'s graph (whose per-head inputs `check_head_inputs` has checked), its
+        final and MLP input hooks checked to fire in a forward pass of one token: `what` (the method)
+        is refused with a `PatchingError` naming the hook the model never calls."""
+        final = hook_name("resid_post", graph.n_layers - 1)
         own_mlp_input, normed_mlp_input = hook_name("mlp_in", 0), "blocks.0.mlp.hook_in"
-        candidates = [heads, final] + ([own_mlp_input, normed_mlp_input] if graph.has_mlps else [])
+        candidates = [final] + ([own_mlp_input, normed_mlp_input] if graph.has_mlps else [])
         names = [name for name in candidates if name in _tl.hook_names(model)]
         with _tl.model_flags(model, _tl.flags_for(names)):
             fired = _tl.hooks_that_fire(model, names)
-        if heads not in fired:
-            raise PatchingError(
-                f"{what} reads every head's own q/k/v input ({heads} and its like), which this model's "
-                "TransformerLens adapter lists but never calls: its attention computes queries, keys and values "
-                "from one shared input. act_patch, path_patch and attr_patch work without them."
-            )
         if final not in fired:
             raise PatchingError(
                 f"{what} reads the final residual stream (the logits' input) at {final}, which this model's "
