@@ -35,11 +35,17 @@ def equal(a, b) -> bool:
 
 
 def test_planning_runs_no_forward_pass(small_model):
+    """Planning never runs the prompts. What a bridge's architecture calls (which hooks fire, whether
+    its per-head inputs copy the residual stream) is probed once per model, on one prompt of at most
+    two tokens; planning again probes nothing."""
     model = small_model
     with forward_passes(model) as calls:
         made = plans_of_each_kind(model)
-    assert calls == [], "planning ran the model"
+    assert all(batch == 1 for batch in calls) and len(calls) <= 2, f"planning ran the model: {calls}"
     assert all(isinstance(plan, PatchPlan) for plan in made.values())
+    with forward_passes(model) as calls:
+        plans_of_each_kind(model)
+    assert calls == [], "planning ran the model"
 
 
 def test_every_cell_is_measured_by_exactly_one_block(small_model):

@@ -102,6 +102,13 @@ _EXTRA_FULL_SUFFIXES: dict[str, str] = {
 }
 """TransformerLens 4's canonical spellings of hooks the table names differently."""
 
+
+def normed_mlp_input(layer: int) -> str:
+    """A bridge's hook of MLP `layer`'s input after its norm (`mlp.hook_in`): the receiver hook of an
+    MLP whose own input has no hook (see `wiring.Wiring`). Not a node: it is not the residual stream."""
+    return f"blocks.{layer}.mlp.hook_in"
+
+
 MLP_COMPONENTS = ("mlp_in", "pre", "post", "mlp_out")
 """Components that attention-only models do not have."""
 

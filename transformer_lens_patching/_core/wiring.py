@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _tl
 from ..errors import PatchingError
-from .components import hook_name
+from .components import hook_name, normed_mlp_input
 from .graph import EdgeGraph
 
 ALL = slice(None)
@@ -153,7 +153,7 @@ class Wiring:
             if graph.has_mlps:
                 mlp = sender_row[next(n for n in graph.senders if n.kind == "mlp" and n.layer == layer)]
                 self.sender_slots[hook_name("mlp_out", layer)] = slice(mlp, mlp + 1)
-                name = f"blocks.{layer}.mlp.hook_in" if shared_norm else hook_name("mlp_in", layer)
+                name = normed_mlp_input(layer) if shared_norm else hook_name("mlp_in", layer)
                 self.columns[name] = [
                     receiver_column[next(n for n in graph.receivers if n.kind == "mlp" and n.layer == layer)]
                 ]
@@ -171,8 +171,8 @@ class Wiring:
         final and MLP input hooks checked to fire in a forward pass of one token: `what` (the method)
         is refused with a `PatchingError` naming the hook the model never calls."""
         final = hook_name("resid_post", graph.n_layers - 1)
-        own_mlp_input, normed_mlp_input = hook_name("mlp_in", 0), "blocks.0.mlp.hook_in"
-        candidates = [final] + ([own_mlp_input, normed_mlp_input] if graph.has_mlps else [])
+        own_mlp_input, normed_input = hook_name("mlp_in", 0), normed_mlp_input(0)
+        candidates = [final] + ([own_mlp_input, normed_input] if graph.has_mlps else [])
         names = [name for name in candidates if name in _tl.hook_names(model)]
         with _tl.model_flags(model, _tl.flags_for(names)):
             fired = _tl.hooks_that_fire(model, names)
@@ -183,7 +183,7 @@ class Wiring:
                 "act_patch of the other nodes and attr_patch work without it."
             )
         shared_norm = graph.has_mlps and own_mlp_input not in fired
-        if shared_norm and not (graph.parallel_attn_mlp and normed_mlp_input in fired):
+        if shared_norm and not (graph.parallel_attn_mlp and normed_input in fired):
             raise PatchingError(
                 f"{what} edits or scores the edges into each MLP at its own input, but this model's TransformerLens "
                 f"adapter never calls {own_mlp_input}, and its MLPs do not read their layer's input through the norm "

@@ -1,6 +1,7 @@
 """Forward passes: with hooks, from a later layer, without some attention, only the unembedding, or timed."""
 
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
@@ -19,13 +20,22 @@ def hooks(model, fwd_hooks: list) -> Iterator[None]:
 
 def hooks_that_fire(model, names: list[str]) -> set[str]:
     """Which of the hooks `names` fire in a forward pass (of one token, without gradients):
-    a bridge may list a hook that its architecture never calls."""
-    fired: set[str] = set()
-    record = [(name, lambda activation, hook, name=name: fired.add(name)) for name in names]
-    token = torch.zeros((1, 1), dtype=torch.long, device=model_device(model))
-    with torch.no_grad(), hooks(model, record):
-        model(token)
-    return fired
+    a bridge may list a hook that its architecture never calls. Probed once per model and
+    names (what an architecture calls does not change)."""
+    probed = _FIRED.setdefault(model, {})
+    key = tuple(sorted(names))
+    if key not in probed:
+        fired: set[str] = set()
+        record = [(name, lambda activation, hook, name=name: fired.add(name)) for name in names]
+        token = torch.zeros((1, 1), dtype=torch.long, device=model_device(model))
+        with torch.no_grad(), hooks(model, record):
+            model(token)
+        probed[key] = fired
+    return set(probed[key])
+
+
+_FIRED: "weakref.WeakKeyDictionary[object, dict[tuple[str, ...], set[str]]]" = weakref.WeakKeyDictionary()
+"""Per model: the hooks found to fire, per tuple of names probed."""
 
 
 def forward_logits(model, model_input: torch.Tensor, start_layer: int = 0) -> torch.Tensor:
