@@ -444,3 +444,17 @@ def test_float_tokens(small_model):
     orig, new = make_inputs(small_model)
     with raises(r"Token input must be an int tensor"):
         act_patch(small_model, orig.float(), Node("z", 0), logit_diff_metric(), new_input=new)
+
+
+def test_a_sweep_of_a_component_without_layers_is_one_cell(small_model):
+    """`IterNode("embed")` has one cell (no layer, no unit): from the model's own cache it is the
+    unpatched metric, as a 0-dim result; from the new prompts, the run with the embeddings replaced."""
+    model = small_model
+    orig, new = make_inputs(model)
+    metric = logit_diff_metric()
+    cache = full_cache(model, orig)
+    own = act_patch(model, orig, IterNode("embed"), metric, new_cache=cache)["embed"]
+    assert own.dims == () and own.shape == ()
+    assert_close(own.as_tensor(), metric(model(orig)).detach())
+    patched = act_patch(model, orig, IterNode("embed"), metric, new_input=new)["embed"]
+    assert_close(patched.as_tensor(), naive_act_patch(model, orig, [Node("embed")], metric, full_cache(model, new)))

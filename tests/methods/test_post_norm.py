@@ -301,3 +301,12 @@ def test_a_neuron_s_write_goes_through_the_mlp_s_norm(model, method):
     for sender, neurons in ((Node("post", 0, neuron=5), slice(5, 6)), (Node("post", 0), slice(None))):
         ours = attr_path_patch(model, ORIG, NEW, sender, Node("resid_post", last), metric, **options)
         assert_close(ours, sum(derivative(neurons, k / steps) for k in range(steps)) / steps)
+
+
+def test_one_prompt_at_a_time_scores_as_the_batch(model):
+    """EAP of one prompt is that prompt's row of the batch's per-prompt scores (one prompt per
+    gradient chunk once gave the norm's Jacobian a tensor whose rows shared memory)."""
+    metric = logit_diff_metric(per_prompt=True)
+    batch = attr_edges(model, ORIG, metric, new_input=NEW).scores
+    alone = attr_edges(model, ORIG[:1], metric, new_input=NEW[:1]).scores
+    assert_close(alone, batch[:, :1])

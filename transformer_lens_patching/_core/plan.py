@@ -366,7 +366,7 @@ def assembled_sweeps(
         cells = values[start : start + count]
         stacked = torch.stack([v.to(cells[0].device) for v in cells]).cpu()
         start += count
-        shaped = stacked.reshape(*sweep.shape, *stacked.shape[1:])
+        shaped = stacked.reshape((*sweep.shape, *stacked.shape[1:]))
         results[sweep.name] = PatchResult(shaped, sweep.dims + metric_dims, sweep.coords)
     return results
 
@@ -381,6 +381,6 @@ def _assembled_stacked(
         cells = stacked[start : start + count].cpu()
         start += count
         results[sweep.name] = PatchResult(
-            cells.reshape(*sweep.shape, *cells.shape[1:]), sweep.dims + metric_dims, sweep.coords
+            cells.reshape((*sweep.shape, *cells.shape[1:])), sweep.dims + metric_dims, sweep.coords
         )
     return results

@@ -96,7 +96,8 @@ def _checked_unit_index(node, component: Component, index: int, shape: ModelShap
 def check_component_exists(component: Component, shape: ModelShape, node) -> None:
     """Refuse what a model's architecture does not have: MLP neurons (`pre`, `post`) in a
     mixture of experts, whose MLP hooks hold the experts' mix, d_model wide; the residual stream
-    between attention and MLP (`resid_mid`) where the two run in parallel; heads where attention
+    between attention and MLP (`resid_mid`) where the two run in parallel; an MLP input of its own
+    (`mlp_in`) where the MLP reads the stream itself (post-LN blocks); heads where attention
     is multi-head latent attention, whose head activations TransformerLens does not split by head."""
     if component.unit == "neuron" and shape.n_experts:
         raise PatchingError(
@@ -111,6 +112,12 @@ def check_component_exists(component: Component, shape: ModelShape, node) -> Non
             f"attention activations by d_head ({shape.d_head}) rather than by head, so the slices of "
             f"{component.hook_name(0).replace('blocks.0.', '')} are not its {shape.n_heads} heads and {node!r} would "
             "patch part of a head or of two. Patch 'attn_out' (each layer's whole attention output) instead."
+        )
+    if component.name == "mlp_in" and shape.norm_after_residual:
+        raise PatchingError(
+            f"This model's blocks normalise the residual stream after adding to it (post-LN, as OpenAI GPT's do), "
+            f"so each MLP reads the stream itself: there is no MLP input apart from it, and {node!r} would patch "
+            "the stream. Patch 'resid_mid' (the stream the MLP reads) instead."
         )
     if component.name == "resid_mid" and shape.parallel_attn_mlp:
         raise PatchingError(

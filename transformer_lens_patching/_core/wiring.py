@@ -109,8 +109,8 @@ def _through_norm(norm, before_norm: Tensor, writes: Tensor, summed: bool) -> Te
         writes = writes.unsqueeze(2)
     batch, seq_len, units, d_model = writes.shape
     device = next(norm.parameters(), before_norm).device
-    primal = before_norm.unsqueeze(0).expand(units, *before_norm.shape).reshape(units * batch, seq_len, d_model)
-    tangent = writes.permute(2, 0, 1, 3).reshape(units * batch, seq_len, d_model)
+    primal = before_norm.repeat(units, 1, 1)  # a copy per unit: the norm may write in place
+    tangent = writes.permute(2, 0, 1, 3).reshape(units * batch, seq_len, d_model).contiguous()
     _, moved = torch.func.jvp(norm, (primal.to(device),), (tangent.to(device),))
     moved = moved.reshape(units, batch, seq_len, d_model).permute(1, 2, 0, 3).to(writes.device)
     return moved.squeeze(2) if summed else moved

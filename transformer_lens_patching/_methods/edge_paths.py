@@ -377,7 +377,7 @@ def _assembled(sender_spec, senders, receiver_spec, receivers, values: Tensor, m
         for receiver in receivers:
             block = rows[:, begin : begin + len(receiver.sites)]
             begin += len(receiver.sites)
-            shaped = block.reshape(*sender.shape, *receiver.shape, *block.shape[2:])
+            shaped = block.reshape((*sender.shape, *receiver.shape, *block.shape[2:]))
             dims = tuple(f"sender_{d}" for d in sender.dims) + tuple(f"receiver_{d}" for d in receiver.dims)
             coords = {f"sender_{d}": sender.coords[d] for d in sender.dims}
             coords |= {f"receiver_{d}": receiver.coords[d] for d in receiver.dims}
@@ -392,7 +392,7 @@ def _results(sweeps: list[Sweep], values: Tensor, metric_dims: tuple) -> dict[st
         cells = values[start : start + len(sweep.sites)]
         start += len(sweep.sites)
         results[sweep.name] = PatchResult(
-            cells.reshape(*sweep.shape, *cells.shape[1:]), sweep.dims + metric_dims, sweep.coords
+            cells.reshape((*sweep.shape, *cells.shape[1:])), sweep.dims + metric_dims, sweep.coords
         )
     return results
 

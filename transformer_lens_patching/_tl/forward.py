@@ -128,12 +128,13 @@ def unembed_columns(model, token_ids: torch.Tensor | None) -> tuple[torch.Tensor
 def can_start_late(model) -> bool:
     """Whether a forward pass can start at a later layer without running the ones before.
 
-    HookedTransformer can; of TransformerLens 4 bridges, those over a Hugging Face model
+    HookedTransformer can, except with shortformer positions (its `start_at_layer` passes give the
+    blocks no positional embeddings); of TransformerLens 4 bridges, those over a Hugging Face model
     (`boot_transformers`) can, except with ALiBi positions (Bloom, whose blocks cannot be
     skipped one by one), and native ones (`boot_native`) run every block.
     """
     if TL_MAJOR < 4:
-        return True
+        return getattr(model.cfg, "positional_embedding_type", None) != "shortformer"
     from transformers import PreTrainedModel
 
     alibi = getattr(model.cfg, "positional_embedding_type", None) == "alibi"

@@ -32,6 +32,9 @@ class ModelShape:
     latent_attention: bool = False
     """Whether attention is multi-head latent attention (DeepSeek's MLA), whose per-head
     activations TransformerLens splits by `d_head` rather than by head: their slices are not heads."""
+    norm_after_residual: bool = False
+    """Whether each block normalises the residual stream after adding to it (post-LN: OpenAI GPT,
+    OPT without `do_layer_norm_before`), so that its MLP reads the stream itself."""
 
     def unit_count(self, unit: str) -> int:
         """How many heads, key/value heads or neurons a layer has."""
@@ -56,7 +59,15 @@ def model_shape(model) -> ModelShape:
         n_experts=int(getattr(cfg, "num_experts", None) or 0),
         parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
         latent_attention=getattr(_hf_config(model), "kv_lora_rank", None) is not None,
+        norm_after_residual=_norm_after_residual(_hf_config(model)),
     )
+
+
+def _norm_after_residual(config) -> bool:
+    """Whether a Hugging Face config describes post-LN blocks (see `ModelShape.norm_after_residual`)."""
+    if config is None:
+        return False
+    return getattr(config, "model_type", None) == "openai-gpt" or getattr(config, "do_layer_norm_before", True) is False
 
 
 def _hf_config(model):
