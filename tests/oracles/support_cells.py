@@ -370,6 +370,17 @@ def act_scores(ctx) -> None:
     assert_close_at_scale(patched["result"].as_tensor().reshape(-1), head_replaced(ctx, 0).reshape(1))
 
 
+def act_stacked(ctx) -> None:
+    """Every head's `z`, every layer's `resid_pre` (and `mlp_out`) patched from the new prompts,
+    stacked as many per pass as fit (the default), equals the same sweep one variant per pass
+    (`batch_size=1`)."""
+    node = IterNode(["z", "resid_pre", *mlps(ctx)])
+    together = act_patch(ctx.model, ctx.orig, node, ctx.metric, new_input=ctx.new)
+    alone = act_patch(ctx.model, ctx.orig, node, ctx.metric, new_input=ctx.new, batch_size=1)
+    for name in node.names:
+        assert_close_at_scale(together[name].as_tensor(), alone[name].as_tensor())
+
+
 def act_inputs(ctx) -> None:
     """Every head's `q_input`, `k_input`, `v_input` and every layer's `mlp_in` (where the model has
     MLPs) patched from a run of the same prompts (a plain cache has none of them) change nothing;
@@ -668,6 +679,7 @@ CELLS = [
     ("act: embed", act_embed),
     ("act: scores/result", act_scores),
     ("act: inputs", act_inputs),
+    ("act: stacked", act_stacked),
     ("path: MLPs direct", path_mlps_direct),
     ("path: resid only", path_residual_only),
     ("circuits", circuits),

@@ -84,9 +84,10 @@ def results() -> dict:
 
 
 def passes_per_rank() -> dict[str, int]:
-    """Forward passes this rank runs: for 4 circuits evaluated one per pass (4 in one process),
-    and for attribution over 3 prompts one per chunk (3 passes for the logits and 3 with
-    gradients in one process)."""
+    """Forward passes of the prompts this rank runs: for 4 circuits evaluated one per pass (4 in one
+    process), and for attribution over 3 prompts one per chunk (3 passes for the logits and 3 with
+    gradients in one process). The probes of what the model's architecture calls (once per model,
+    one or two tokens) are not passes of the prompts."""
     model = models.gpt2_like(n_layers=2)
     orig, new = make_inputs(model)
     graph, metric = EdgeGraph.of(model), early_logit_diff()
@@ -102,10 +103,10 @@ def passes_per_rank() -> dict[str, int]:
     for name, call in counted.items():
         seen = []
         with model.hooks(
-            fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook, seen=seen: seen.append(act.shape[0]))]
+            fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook, seen=seen: seen.append(act.shape[1]))]
         ):
             call()
-        passes[name] = len(seen)
+        passes[name] = seen.count(orig.shape[1])
     return passes
 
 

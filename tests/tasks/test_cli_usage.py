@@ -275,14 +275,16 @@ def test_cli_turns_a_loading_failure_into_one_line(monkeypatch, capsys, tmp_path
     assert capsys.readouterr().err.startswith("tl-patch: error: Cannot load model 'not-a-folder'")
 
 
-def test_cli_dry_run_prints_the_plans_and_runs_nothing(monkeypatch, capsys, tmp_path, wide_model):
+def test_cli_dry_run_prints_the_plans_and_runs_no_prompts(monkeypatch, capsys, tmp_path, wide_model):
     model = wide_model
     monkeypatch.setattr(cli, "load_model", lambda name, device: model)
     calls = []
-    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: calls.append(1))]):
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: calls.append(tuple(act.shape[:2])))]):
         status = tl_patch.main(["ioi", "--dry-run", "--n-prompts", "3", "--out", str(tmp_path / "report")])
     out = capsys.readouterr().out
-    assert status == 0 and calls == [] and not (tmp_path / "report").exists()
+    # no pass of the prompts: only the probes of what the architecture calls (one prompt, at most two tokens)
+    assert status == 0 and all(batch == 1 and tokens <= 2 for batch, tokens in calls) and len(calls) <= 2, calls
+    assert not (tmp_path / "report").exists()
     for step in (
         "act_heads",
         "act_words at S2",

@@ -135,25 +135,25 @@ def w_o(model) -> torch.Tensor:
 def b_o(model) -> torch.Tensor:
     """Stacked attention output biases, (layer, d_model), on the input device: zeros where the
     attention has none (a TransformerLens 4 bridge of such a model has no `b_O` at all)."""
-    if TL_MAJOR >= 4:
-        bias = getattr(model, "b_O", None)
-        if bias is None:
-            weights = model.W_O
-            return torch.zeros(weights.shape[0], weights.shape[-1], dtype=weights.dtype, device=weights.device)
-        return bias
-    return _stacked([block.attn.b_O for block in model.blocks], model)
+    return _output_biases(model, "b_O", "W_O", "attn")
 
 
 def b_out(model) -> torch.Tensor:
     """Stacked MLP output biases, (layer, d_model), on the input device: zeros where the MLPs
     have none."""
+    return _output_biases(model, "b_out", "W_out", "mlp")
+
+
+def _output_biases(model, bias_name: str, weight_name: str, part: str) -> torch.Tensor:
+    """A bridge's stacked `bias_name` (zeros shaped as its `weight_name`'s output where it has
+    none), or a HookedTransformer's blocks' `part` (attn, mlp) biases stacked."""
     if TL_MAJOR >= 4:
-        bias = getattr(model, "b_out", None)
+        bias = getattr(model, bias_name, None)
         if bias is None:
-            weights = model.W_out
+            weights = getattr(model, weight_name)
             return torch.zeros(weights.shape[0], weights.shape[-1], dtype=weights.dtype, device=weights.device)
         return bias
-    return _stacked([block.mlp.b_out for block in model.blocks], model)
+    return _stacked([getattr(getattr(block, part), bias_name) for block in model.blocks], model)
 
 
 def w_out(model) -> torch.Tensor:
