@@ -38,7 +38,7 @@ def check_head_inputs(model, what: str) -> None:
     if _tl.supports_split_qkv_input(model):
         return
     if not _tl.split_inputs_copy_the_stream(model):
-        raise PatchingError(_tl.SPLIT_INPUTS_IGNORED)
+        raise PatchingError(_tl.SPLIT_INPUTS_NOT_COPIES)
     raise PatchingError(NO_HEAD_INPUTS.format(what=what))
 
 

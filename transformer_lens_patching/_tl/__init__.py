@@ -22,7 +22,7 @@ from .devices import (
     summing_dtype,
 )
 from .flags import (
-    SPLIT_INPUTS_IGNORED,
+    SPLIT_INPUTS_NOT_COPIES,
     flags_for,
     model_flags,
     resid_mid_feeds_only_the_mlp,
@@ -107,7 +107,7 @@ __all__ = [
     "summing_dtype",
     "supports_split_qkv_input",
     "split_inputs_copy_the_stream",
-    "SPLIT_INPUTS_IGNORED",
+    "SPLIT_INPUTS_NOT_COPIES",
     "time_layers",
     "to_tokens",
     "unembed",

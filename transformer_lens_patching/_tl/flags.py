@@ -10,9 +10,10 @@ from ..errors import PatchingError
 from .devices import model_device
 
 _SPLIT_INPUTS_COPY_THE_STREAM: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-"""Per model: whether its per-head q/k/v input hooks, once switched on, are copies of the stream."""
+"""Per model: whether its per-head q/k/v input hooks, once switched on, are copies of the stream
+(None where they cannot be switched on)."""
 
-SPLIT_INPUTS_IGNORED = (
+SPLIT_INPUTS_NOT_COPIES = (
     "This model's TransformerLens adapter lists per-head q/k/v input hooks (use_split_qkv_input), but they do "
     "not hold each head's own copy of the residual stream: they hold the stream after the block's norm (as "
     "Bloom's bridge does) or never fire (as MPT's), so a sender's write cannot be added there. Patch 'q', 'k' "
@@ -56,7 +57,7 @@ def model_flags(model, flags: set[str]) -> Iterator[None]:
     previous = {flag: bool(getattr(model.cfg, flag, False)) for flag in flags}
     changed = []
     if "use_split_qkv_input" in flags and not split_inputs_copy_the_stream(model):
-        raise PatchingError(SPLIT_INPUTS_IGNORED)
+        raise PatchingError(SPLIT_INPUTS_NOT_COPIES)
     try:
         for flag in sorted(flags):
             if previous[flag]:
@@ -82,40 +83,39 @@ def model_flags(model, flags: set[str]) -> Iterator[None]:
 
 
 def supports_split_qkv_input(model) -> bool:
-    """Whether the model can fork per-head q/k/v inputs that feed its attention
+    """Whether the model can fork per-head q/k/v inputs that copy the residual stream
     (TransformerBridge.boot_native cannot fork them; Bloom's bridge forks them after the norm)."""
-    if getattr(model.cfg, "use_split_qkv_input", False):
-        return split_inputs_copy_the_stream(model)
-    try:
-        model.set_use_split_qkv_input(True)
-    except (NotImplementedError, ValueError):
-        return False
-    model.set_use_split_qkv_input(False)
-    return split_inputs_copy_the_stream(model)
+    return _split_inputs(model) is True
 
 
 def split_inputs_copy_the_stream(model) -> bool:
     """Whether each head's q/k/v input hook, once switched on, holds its own copy of the residual
-    stream entering the block (probed once per model, on two tokens; True where the flag cannot be
-    switched on at all, for `model_flags` to refuse)."""
+    stream entering the block (True where the flag cannot be switched on at all, for `model_flags`
+    to refuse)."""
+    return _split_inputs(model) is not False
+
+
+def _split_inputs(model) -> bool | None:
+    """None where `use_split_qkv_input` cannot be switched on, else whether the per-head inputs
+    copy the residual stream: probed once per model, on two tokens."""
     if model not in _SPLIT_INPUTS_COPY_THE_STREAM:
         _SPLIT_INPUTS_COPY_THE_STREAM[model] = _probe_split_inputs(model)
     return _SPLIT_INPUTS_COPY_THE_STREAM[model]
 
 
-def _probe_split_inputs(model) -> bool:
-    if not {"blocks.0.hook_q_input", "blocks.0.hook_resid_pre"} <= set(model.hook_dict):
-        return True
+def _probe_split_inputs(model) -> bool | None:
     was_on = bool(getattr(model.cfg, "use_split_qkv_input", False))
     if not was_on:
         try:
             model.set_use_split_qkv_input(True)
         except (NotImplementedError, ValueError):
-            return True
+            return None
     seen = {}
     tokens = torch.zeros((1, 2), dtype=torch.long, device=model_device(model))
     record = [(name, lambda x, hook, name=name: seen.setdefault(name, x.detach())) for name in PROBED]
     try:
+        if not set(PROBED) <= set(model.hook_dict):
+            return True
         with torch.no_grad():
             model.run_with_hooks(tokens, fwd_hooks=record)
     finally:
