@@ -9,6 +9,11 @@ other modules are private. Importing the package installs the TransformerLens pl
 from . import ioi as ioi
 from ._core.circuit import Circuit as Circuit
 from ._core.distributed import set_rank_timeout as set_rank_timeout
+from ._core.formats import eap_ig_circuit as eap_ig_circuit
+from ._core.formats import eap_ig_scores as eap_ig_scores
+from ._core.formats import read_mib_submission as read_mib_submission
+from ._core.formats import to_eap_ig_json as to_eap_ig_json
+from ._core.formats import write_mib_submission as write_mib_submission
 from ._core.graph import Edge as Edge
 from ._core.graph import EdgeGraph as EdgeGraph
 from ._core.graph import EdgeScores as EdgeScores
@@ -21,6 +26,8 @@ from ._core.plan import Pass as Pass
 from ._core.plan import PatchPlan as PatchPlan
 from ._core.plan import PlanOutputs as PlanOutputs
 from ._core.selection import LogitSelection as LogitSelection
+from ._core.stability import CircuitStability as CircuitStability
+from ._core.stability import circuit_stability as circuit_stability
 from ._embedded import load_smollm2 as load_smollm2
 from ._methods.ablation import mean_ablation_cache as mean_ablation_cache
 from ._methods.ablation import zero_ablation_cache as zero_ablation_cache
@@ -44,15 +51,24 @@ from ._methods.faithfulness import mib_faithfulness as mib_faithfulness
 from ._methods.path import path_patch as path_patch
 from ._methods.path import plan_path_patch as plan_path_patch
 from ._methods.path_confirmation import confirm_paths as confirm_paths
+from ._tasks.task.loader import Task as Task
+from ._tasks.task.loader import TaskRow as TaskRow
+from ._tasks.task.loader import TaskTokens as TaskTokens
+from ._tasks.task.loader import load_task as load_task
+from ._tasks.task.loader import shipped_tasks as shipped_tasks
 from .errors import PatchingError as PatchingError
 from .ioi import IOIDataset as IOIDataset
 from .ioi import IOISettings as IOISettings
 from .ioi import example_prompts as example_prompts
 from .ioi import run_ioi as run_ioi
 from .ioi import write_report as write_report
+from .metrics import Accuracy as Accuracy
+from .metrics import AnswerLogProb as AnswerLogProb
+from .metrics import KLDivergence as KLDivergence
 from .metrics import LogitDiff as LogitDiff
 from .metrics import LogitsAt as LogitsAt
 from .metrics import NormalisedMetric as NormalisedMetric
+from .metrics import PromptMean as PromptMean
 from .metrics import SelectionMetric as SelectionMetric
 from .metrics import TokenLogit as TokenLogit
 from .metrics import TokenProbability as TokenProbability
@@ -105,6 +121,13 @@ __all__ = [
     "MIB_FRACTIONS",
     "exact_edge_scores",
     "confirm_edges",
+    "circuit_stability",
+    "CircuitStability",
+    "to_eap_ig_json",
+    "eap_ig_scores",
+    "eap_ig_circuit",
+    "write_mib_submission",
+    "read_mib_submission",
     "mean_ablation_cache",
     "zero_ablation_cache",
     # results and errors
@@ -112,12 +135,16 @@ __all__ = [
     "PatchingError",
     # metrics
     "LogitDiff",
+    "KLDivergence",
+    "AnswerLogProb",
+    "Accuracy",
     "TokenLogit",
     "TokenProbability",
     "LogitsAt",
     "LogitSelection",
     "SelectionMetric",
     "NormalisedMetric",
+    "PromptMean",
     "logit_diff",
     "lm_loss",
     "calibrate",
@@ -128,6 +155,12 @@ __all__ = [
     "CachePatchingMixin",
     "install",
     "load_plugins",
+    # tasks as data
+    "Task",
+    "TaskRow",
+    "TaskTokens",
+    "load_task",
+    "shipped_tasks",
     # the IOI task and the embedded model
     "IOIDataset",
     "IOISettings",

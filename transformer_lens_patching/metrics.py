@@ -7,6 +7,7 @@ float32 logits, also on half-precision models; the tensors a metric object reads
 call (its token ids, positions, offsets) are moved to the logits' device once, not per call.
 """
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -18,7 +19,9 @@ from ._core.executor import measured_run
 from ._core.measure import BATCH, as_tensor, declared_dims
 from ._core.selection import LogitSelection, distinct_token_ids, on_device, selection_of
 from ._core.tensor_types import Logits, Tokens
+from ._stats import PromptSamples
 from .errors import PatchingError
+from .results import PatchResult
 
 Metric = Callable[[Logits], "float | Tensor"]
 """A function of the patched run's logits (or of its ActivationCache, with apply_metric_to_cache)."""
@@ -41,13 +44,22 @@ def lm_loss(tokens: Tokens, per_token: bool = False) -> Metric:
 
     copies: dict = {}
 
-    def loss(logits: Logits) -> Tensor:
+    def per_position(logits: Logits) -> Tensor:
         log_probs = logits[:, :-1].log_softmax(dim=-1)
         targets = on_device(copies, "targets", logits.device, lambda: tokens[:, 1:])
-        per_position = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return per_position if per_token else per_position.mean()
+        return -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def loss(logits: Logits) -> Tensor:
+        losses = per_position(logits)
+        return losses if per_token else losses.mean()
+
+    def per_prompt_loss(logits: Logits) -> Tensor:
+        return per_position(logits).mean(1)
 
     loss.dims = (BATCH, "metric_1") if per_token else ()
+    per_prompt_loss.dims = (BATCH,)
+    if not per_token:
+        loss.per_prompt_metric = lambda: per_prompt_loss
     return loss
 
 
@@ -89,6 +101,19 @@ class SelectionMetric(ABC):
 
     def __call__(self, logits: Logits) -> Tensor:
         return self.measure_selected(self.selection.select(logits))
+
+    def per_prompt_metric(self) -> "SelectionMetric":
+        """This metric with one value per prompt (`uncertainty=True` runs it): its mean over
+        prompts is this metric. Metrics with a `per_prompt` option have one.
+
+        >>> LogitDiff(torch.tensor([[1, 0]])).per_prompt_metric().dims
+        ('batch',)
+        """
+        if not hasattr(self, "per_prompt"):
+            raise PatchingError(f"{self!r} is not a mean over prompts: it has no per-prompt form.")
+        form = copy.copy(self)
+        form.per_prompt, form.dims = True, (BATCH,)
+        return form
 
 
 def _one_position_per_prompt(positions, batch: int | None) -> Tensor | None:
@@ -235,6 +260,186 @@ class TokenProbability(TokenLogit):
         return f"TokenProbability({kind}, tokens={self.tokens.tolist()}, per_prompt={self.per_prompt})"
 
 
+class KLDivergence(SelectionMetric):
+    """A metric: KL(reference || patched) of the next-token distributions, over the whole
+    vocabulary, at one or more positions per prompt (their mean), e.g. how far a patch moves
+    the model from its clean predictions.
+
+    Cheap: the reference's probabilities are kept at the read positions only, (batch, k,
+    d_vocab), with their entropy term; a patched pass computes the final norm and the whole
+    unembedding at those positions only, then one log-softmax and one product per position.
+
+    Args:
+        reference: The reference run's logits (batch, pos, d_vocab), e.g. `model(clean_tokens)`;
+            see `KLDivergence.of`.
+        positions: Positions read in each prompt (as `LogitsAt`'s); None: the last position.
+        per_prompt: Return one value per prompt instead of the mean.
+
+    >>> reference = torch.zeros(1, 1, 2)
+    >>> round(float(KLDivergence(reference)(torch.tensor([[[0.0, 1.0]]]))), 4)
+    0.1201
+    """
+
+    def __init__(self, reference: Tensor, positions=None, per_prompt: bool = False):
+        reference = torch.as_tensor(reference)
+        if reference.ndim != 3 or not reference.is_floating_point():
+            raise PatchingError(
+                f"reference must be logits of shape (batch, pos, d_vocab); got {reference.dtype} of shape "
+                f"{tuple(reference.shape)}."
+            )
+        self.selection = LogitSelection(positions, None, reference.shape[0])
+        log_p = self.selection.select(reference.detach().float()).log_softmax(-1)
+        self._p, self._p_log_p = log_p.exp(), (log_p.exp() * log_p).nansum(-1)
+        self.per_prompt = per_prompt
+        self.dims = (BATCH,) if per_prompt else ()
+        self._copies: dict = {}
+
+    @classmethod
+    def of(cls, model, reference_input, positions=None, per_prompt: bool = False) -> "KLDivergence":
+        """The metric against the model's own run of `reference_input` (text or tokens): one
+        forward pass, its logits kept at the read positions only.
+
+        >>> metric = KLDivergence.of(model, clean_tokens)
+        """
+        with torch.no_grad():
+            logits = _tl.forward_logits(model, _tl.to_tokens(model, reference_input))
+        return cls(logits.float().cpu(), positions, per_prompt)
+
+    def measure_selected(self, selected: Tensor) -> Tensor:
+        _check_rows(selected, self._p.shape[0])
+        p = on_device(self._copies, "p", selected.device, lambda: self._p)
+        p_log_p = on_device(self._copies, "p_log_p", selected.device, lambda: self._p_log_p)
+        kl = (p_log_p - (p * selected.log_softmax(-1)).sum(-1)).mean(-1)
+        return kl if self.per_prompt else kl.mean()
+
+    def __repr__(self) -> str:
+        prompts, positions = self._p.shape[:2]
+        return f"KLDivergence({prompts} prompts, {positions} positions each, per_prompt={self.per_prompt})"
+
+
+class AnswerLogProb(SelectionMetric):
+    """A metric: the log-probability of each prompt's answer of one or more tokens, by teacher
+    forcing. The input holds each prompt followed by its answer; the metric sums the answer
+    tokens' log-probabilities, each read at the position before it, in the one pass that
+    scores any variant (with `probability=True`, the answer's probability: the sum's exp).
+
+    Args:
+        answers: (batch, m) token ids of each answer, shorter answers padded with -1.
+        starts: (batch,) the position of each answer's first token in the input.
+        per_prompt: Return one value per prompt instead of the mean.
+        probability: Return exp of the log-probability.
+
+    >>> metric = AnswerLogProb(torch.tensor([[1, 0]]), starts=torch.tensor([1]))
+    >>> round(float(metric(torch.zeros(1, 3, 2))), 4)  # two tokens of a uniform 2-way choice
+    -1.3863
+    """
+
+    def __init__(self, answers, starts, per_prompt: bool = False, probability: bool = False):
+        answers, starts = torch.as_tensor(answers).long(), torch.as_tensor(starts).long()
+        if answers.ndim != 2 or starts.shape != (answers.shape[0],):
+            raise PatchingError(
+                f"answers must be (batch, m) token ids and starts (batch,) positions; got shapes "
+                f"{tuple(answers.shape)} and {tuple(starts.shape)}."
+            )
+        valid = answers >= 0
+        if not valid[:, 0].all() or (valid[:, 1:] & ~valid[:, :-1]).any():
+            raise PatchingError("Each answer needs at least one token, its padding (-1) only at its end.")
+        if (starts < 1).any():
+            raise PatchingError("An answer cannot start at position 0: its first token is read at the position before.")
+        offsets = torch.arange(answers.shape[1])
+        lengths = valid.sum(1, keepdim=True)
+        read = starts[:, None] - 1 + torch.minimum(offsets[None], lengths - 1)
+        self.answers, self.starts, self.valid = answers.clamp(min=0), starts, valid
+        self.selection = LogitSelection(read, None, answers.shape[0])
+        self.per_prompt, self.probability = per_prompt, probability
+        self.dims = (BATCH,) if per_prompt else ()
+        self._copies: dict = {}
+
+    @classmethod
+    def teacher_forced(cls, model, prompts, answers, per_prompt: bool = False, probability: bool = False):
+        """(tokens, metric) for text `prompts` each followed by its `answers` text: the tokens of
+        each prompt then its answer, right-padded to one length (a causal model's earlier
+        positions do not see the padding), and the metric of those answers.
+
+        >>> tokens, metric = AnswerLogProb.teacher_forced(model, ["1 + 1 ="], [" 2"])
+        """
+        if isinstance(prompts, str) or isinstance(answers, str) or len(prompts) != len(answers) or not prompts:
+            raise PatchingError("teacher_forced needs two lists of texts of one length: prompts and their answers.")
+        prompt_ids = [_tl.text_token_ids(model, prompt, prepend_bos=True) for prompt in prompts]
+        answer_ids = [_tl.text_token_ids(model, answer, prepend_bos=False) for answer in answers]
+        length = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
+        width = max(len(a) for a in answer_ids)
+        pad = _tl.pad_token_id(model)
+        tokens = torch.tensor([p + a + [pad] * (length - len(p) - len(a)) for p, a in zip(prompt_ids, answer_ids)])
+        padded = torch.tensor([a + [-1] * (width - len(a)) for a in answer_ids])
+        metric = cls(padded, torch.tensor([len(p) for p in prompt_ids]), per_prompt, probability)
+        return _tl.to_tokens(model, tokens), metric
+
+    def measure_selected(self, selected: Tensor) -> Tensor:
+        _check_rows(selected, self.answers.shape[0])
+        answers = on_device(self._copies, "answers", selected.device, lambda: self.answers)
+        valid = on_device(self._copies, "valid", selected.device, lambda: self.valid)
+        log_probs = selected.log_softmax(-1).gather(-1, answers.unsqueeze(-1)).squeeze(-1)
+        value = (log_probs * valid).sum(-1)
+        value = value.exp() if self.probability else value
+        return value if self.per_prompt else value.mean()
+
+    def __repr__(self) -> str:
+        kind = "probability" if self.probability else "log-probability"
+        return f"AnswerLogProb({kind} of answers of up to {self.answers.shape[1]} tokens, per_prompt={self.per_prompt})"
+
+
+class Accuracy(SelectionMetric):
+    """A metric: the fraction of prompts whose right answer has the largest logit, among the
+    answers given (the right one, then the wrong ones or distractors), or with
+    `among="vocabulary"` among every token. Its gradient is 0 almost everywhere: a metric to
+    measure patched runs with, not to attribute (attribution refuses it).
+
+    Args:
+        answers: (batch, n) token ids: the right answer, then n - 1 wrong ones (n >= 1).
+        positions: (batch,) position read in each prompt; None: the last position.
+        per_prompt: Return one value per prompt (1.0 or 0.0) instead of the mean.
+        among: "answers" or "vocabulary".
+
+    >>> float(Accuracy(torch.tensor([[1, 0], [0, 1]]))(torch.tensor([[[0.0, 2.0]], [[0.0, 2.0]]])))
+    0.5
+    """
+
+    differentiable = False
+
+    def __init__(self, answers, positions=None, per_prompt: bool = False, among: str = "answers"):
+        answers = torch.as_tensor(answers)
+        if answers.ndim != 2 or answers.shape[1] < 1:
+            raise PatchingError(
+                f"answers must have shape (batch, n), the right answer first; got {tuple(answers.shape)}."
+            )
+        if among not in ("answers", "vocabulary"):
+            raise PatchingError(f"among must be 'answers' or 'vocabulary'; got {among!r}.")
+        if among == "answers" and answers.shape[1] < 2:
+            raise PatchingError("Accuracy among the answers needs a wrong one too: answers of shape (batch, n >= 2).")
+        self.answers, self.per_prompt, self.among = answers.long(), per_prompt, among
+        self.positions = _one_position_per_prompt(positions, answers.shape[0])
+        ids = distinct_token_ids(answers, "answers") if among == "answers" else None
+        self.selection = LogitSelection(self.positions, ids, answers.shape[0])
+        self.dims = (BATCH,) if per_prompt else ()
+        self._copies: dict = {}
+
+    def measure_selected(self, selected: Tensor) -> Tensor:
+        _check_rows(selected, self.answers.shape[0])
+        read = selected[:, 0]
+        if self.among == "vocabulary":
+            right = on_device(self._copies, "right", selected.device, lambda: self.answers[:, :1])
+            correct = (read.argmax(-1, keepdim=True) == right).squeeze(1).float()
+        else:
+            columns = on_device(self._copies, "columns", selected.device, lambda: self.selection.columns(self.answers))
+            chosen = read.gather(1, columns)
+            correct = (chosen[:, 0] > chosen[:, 1:].max(1).values).float()
+        return correct if self.per_prompt else correct.mean()
+
+    def __repr__(self) -> str:
+        return f"Accuracy(among the {self.among}, {self.answers.shape[0]} prompts, per_prompt={self.per_prompt})"
+
+
 class LogitsAt(SelectionMetric):
     """A metric from the logits of some tokens at some positions, passed through `reduce`.
 
@@ -274,13 +479,58 @@ class LogitsAt(SelectionMetric):
         return f"LogitsAt(token_ids of shape {tuple(self.token_ids.shape)}, reduce={self.reduce!r})"
 
 
+class PromptMean:
+    """A metric that is the mean over prompts of a per-prompt function: calling it gives the
+    mean, and `uncertainty=True` runs the function itself, one value per prompt.
+
+    Args:
+        per_prompt: A function of the logits (batch, pos, d_vocab) returning (batch,) values.
+
+    >>> metric = PromptMean(lambda logits: logits[:, -1, 0])
+    >>> float(metric(torch.tensor([[[1.0]], [[3.0]]])))
+    2.0
+    """
+
+    dims = ()
+
+    def __init__(self, per_prompt: Callable[[Logits], Tensor]):
+        if not callable(per_prompt):
+            raise PatchingError(f"PromptMean needs a function of the logits, got {type(per_prompt).__name__}.")
+        self.function = per_prompt
+
+    def __call__(self, logits: Logits) -> Tensor:
+        return self._values(logits).mean()
+
+    def _values(self, logits: Logits) -> Tensor:
+        values = as_tensor(self.function(logits))
+        if values.shape != (logits.shape[0],):
+            raise PatchingError(
+                f"PromptMean's function must return one value per prompt, ({logits.shape[0]},); "
+                f"got shape {tuple(values.shape)}."
+            )
+        return values
+
+    def per_prompt_metric(self) -> Callable[[Logits], Tensor]:
+        """The per-prompt function, declaring its `batch` dim."""
+
+        def per_prompt(logits: Logits) -> Tensor:
+            return self._values(logits)
+
+        per_prompt.dims = (BATCH,)
+        return per_prompt
+
+    def __repr__(self) -> str:
+        return f"PromptMean({getattr(self.function, '__qualname__', self.function)!r})"
+
+
 class NormalisedMetric:
     """A metric rescaled so that two reference runs score fixed values:
     `(base(logits) - offset) / scale`. Build it with `denoising_metric` or `noising_metric`.
     It reads the logits `base` reads (`selection`: None when `base` is a plain function).
     """
 
-    def __init__(self, base: Metric, offset, scale, kind: str):
+    def __init__(self, base: Metric, offset, scale, kind: str, calibration: tuple[Tensor, Tensor] | None = None):
+        offset, scale = (value.as_tensor() if isinstance(value, PatchResult) else value for value in (offset, scale))
         scale = torch.as_tensor(scale, dtype=torch.float32)
         if (scale == 0).any():
             raise PatchingError(
@@ -290,6 +540,10 @@ class NormalisedMetric:
         self.base, self.offset, self.scale, self.kind = base, torch.as_tensor(offset, dtype=torch.float32), scale, kind
         self.selection = selection_of(base)
         self.dims = declared_dims(base)
+        self.differentiable = getattr(base, "differentiable", True)
+        self.calibration = calibration
+        """(offset, scale) per prompt where the calibration kept them (`calibrate`'s values do):
+        `uncertainty=True` then resamples them with the patched values."""
         self._copies: dict = {}
 
     def __call__(self, logits: Logits) -> Tensor:
@@ -321,7 +575,9 @@ def denoising_metric(base: Metric, clean, corrupted) -> NormalisedMetric:
     >>> float(metric(torch.tensor([[[0.0, 1.0]]])))
     0.5
     """
-    return NormalisedMetric(base, corrupted, as_tensor(clean) - as_tensor(corrupted), "denoising")
+    return NormalisedMetric(
+        base, corrupted, as_tensor(clean) - as_tensor(corrupted), "denoising", _calibration(clean, corrupted, corrupted)
+    )
 
 
 def noising_metric(base: Metric, clean, corrupted) -> NormalisedMetric:
@@ -337,7 +593,62 @@ def noising_metric(base: Metric, clean, corrupted) -> NormalisedMetric:
     >>> float(metric(torch.tensor([[[0.0, 1.0]]])))
     -0.5
     """
-    return NormalisedMetric(base, clean, as_tensor(clean) - as_tensor(corrupted), "noising")
+    return NormalisedMetric(
+        base, clean, as_tensor(clean) - as_tensor(corrupted), "noising", _calibration(clean, corrupted, clean)
+    )
+
+
+def _calibration(clean, corrupted, offset) -> tuple[Tensor, Tensor] | None:
+    """(offset, scale) per prompt from `calibrate`'s values, or None where they are plain numbers."""
+    kept = [getattr(value, "samples", None) for value in (clean, corrupted, offset)]
+    if any(samples is None or samples.values.ndim != 1 for samples in kept):
+        return None
+    clean_values, corrupted_values, offset_values = (samples.values for samples in kept)
+    if clean_values.shape != corrupted_values.shape:
+        raise PatchingError(
+            f"clean and corrupted are calibrated on different numbers of prompts: {clean_values.shape[0]} and "
+            f"{corrupted_values.shape[0]}."
+        )
+    return offset_values, clean_values - corrupted_values
+
+
+def prompt_form(metric, batch: int) -> tuple[Metric, Tensor | None, Tensor | None]:
+    """What `uncertainty=True` runs: (a per-prompt form of `metric`, offset, scale), the result being
+    `(mean over prompts of the per-prompt values - mean(offset)) / mean(scale)`, offset and scale
+    one value per prompt (None: 0 and 1). A metric already returning one value per prompt is its
+    own form; a normalised metric is its base's form with the calibration's offset and scale (per
+    prompt where `calibrate` kept them, else constants)."""
+    dims = declared_dims(metric)
+    if dims == (BATCH,):
+        return metric, None, None
+    if isinstance(metric, NormalisedMetric):
+        base, inner_offset, inner_scale = prompt_form(metric.base, batch)
+        if inner_offset is not None or inner_scale is not None:
+            raise PatchingError("uncertainty=True cannot combine a normalised metric of a normalised metric.")
+        if metric.calibration is not None:
+            offset, scale = metric.calibration
+            if offset.shape != (batch,):
+                raise PatchingError(
+                    f"The metric was calibrated on {offset.shape[0]} prompts, but orig_input has {batch}: uncertainty "
+                    "resamples each prompt with its calibration, so calibrate on the same prompts."
+                )
+            return base, offset, scale
+        if metric.offset.ndim or metric.scale.ndim:
+            raise PatchingError(
+                "uncertainty=True needs a normalised metric whose clean and corrupted values are single numbers "
+                f"(or calibrate's values); got offset of shape {tuple(metric.offset.shape)}."
+            )
+        return base, metric.offset.double().expand(batch), metric.scale.double().expand(batch)
+    has_form = not isinstance(metric, SelectionMetric) or hasattr(metric, "per_prompt")
+    make = getattr(metric, "per_prompt_metric", None)
+    if make is not None and has_form:
+        return make(), None, None
+    raise PatchingError(
+        f"uncertainty=True needs a metric that is a mean over prompts, with a per-prompt form: a metric object "
+        f"(LogitDiff, TokenLogit, TokenProbability, their denoising_metric / noising_metric, 'loss'), a function "
+        f"returning one value per prompt that declares it (its .dims = ('batch',)), or PromptMean(function). "
+        f"Got {metric!r}, whose dims are {'unknown' if dims is None else dims}."
+    )
 
 
 def calibrate(model, base: Metric, clean_input: Tokens, corrupted_input: Tokens) -> tuple[Tensor, Tensor]:
@@ -350,15 +661,30 @@ def calibrate(model, base: Metric, clean_input: Tokens, corrupted_input: Tokens)
     """
     with torch.no_grad():
         return tuple(
-            as_tensor(measured_run(model, base, _tl.to_tokens(model, tokens)))
-            for tokens in (clean_input, corrupted_input)
+            _calibrated(model, base, _tl.to_tokens(model, tokens)) for tokens in (clean_input, corrupted_input)
         )
 
 
+def _calibrated(model, base: Metric, tokens: Tensor) -> Tensor:
+    """`base` on the model's run of `tokens`; for the metric objects that are a mean over prompts, a
+    0-d PatchResult keeping the per-prompt values (the same number: their mean is the metric's)."""
+    exact_mean = isinstance(base, PromptMean) or (
+        isinstance(base, SelectionMetric) and getattr(base, "per_prompt", None) is False
+    )
+    if not exact_mean:
+        return as_tensor(measured_run(model, base, tokens))
+    values = as_tensor(measured_run(model, base.per_prompt_metric(), tokens))
+    return PatchResult(values.mean(), (), samples=PromptSamples(values))
+
+
 __all__ = [
+    "Accuracy",
+    "AnswerLogProb",
+    "KLDivergence",
     "LogitDiff",
     "LogitsAt",
     "NormalisedMetric",
+    "PromptMean",
     "SelectionMetric",
     "TokenLogit",
     "TokenProbability",

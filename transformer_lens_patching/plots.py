@@ -84,7 +84,8 @@ def heatmap(
     value_label: str = "value",
     title: str | None = None,
 ) -> go.Figure:
-    """A heatmap of a 2-D result, or one panel per entry of a dict, on a colour scale centred at 0.
+    """A heatmap of a 2-D result, or one panel per entry of a dict, on a colour scale centred at 0;
+    hovering a cell of a result with uncertainty gives its standard error too.
 
     Args:
         results: A 2-D PatchResult (e.g. `("layer", "head")`, `("seq_pos", "layer")`); a 3-D
@@ -128,7 +129,12 @@ def heatmap(
         values = result.permute_dims(y_dim, x_dim).as_tensor()
         x_labels, y_labels = _labels(result, x_dim, tokens), _labels(result, y_dim, tokens)
         heads = _head_names(result, y_dim, x_dim)
-        hover = f"{y_dim}=%{{y}}<br>{x_dim}=%{{x}}<br>{value_label}=%{{z:{_number_format(percent)}}}"
+        number = _number_format(percent)
+        hover = f"{y_dim}=%{{y}}<br>{x_dim}=%{{x}}<br>{value_label}=%{{z:{number}}}"
+        stderr = None
+        if result.samples is not None and result.samples.n > 1:
+            stderr = result.permute_dims(y_dim, x_dim).stderr.float().tolist()
+            hover += f" +- %{{customdata:{number}}} (standard error)"
         if heads is not None:
             hover = f"{heads[0]} %{{text}}<br>{hover}"
         trace = go.Heatmap(
@@ -136,6 +142,7 @@ def heatmap(
             x=x_labels,
             y=y_labels,
             text=None if heads is None else heads[1],
+            customdata=stderr,
             coloraxis="coloraxis",
             name=name,
             hovertemplate=f"{hover}<extra>{name}</extra>",
@@ -166,7 +173,8 @@ def line(
     value_label: str = "value",
     title: str | None = None,
 ) -> go.Figure:
-    """A line plot of a 1-D result (e.g. dims `("layer",)`), or one line per entry of a dict.
+    """A line plot of a 1-D result (e.g. dims `("layer",)`), or one line per entry of a dict,
+    with error bars of one standard error where a result has uncertainty.
 
     Args:
         results: A 1-D PatchResult, or a dict of them over the same dim (one line each, named by key).
@@ -199,7 +207,9 @@ def line(
     for name, result in panels.items():
         hover = f"{dim}=%{{x}}<br>{value_label}=%{{y:{_number_format(percent)}}}<extra>{name}</extra>"
         x, values = _labels(result, dim, tokens), result.as_tensor().float().tolist()
-        fig.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=name, hovertemplate=hover))
+        spread = result.samples is not None and result.samples.n > 1
+        bars = {"type": "data", "array": result.stderr.float().tolist()} if spread else None
+        fig.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=name, hovertemplate=hover, error_y=bars))
     fig.update_layout(title=title or _title(value_label, "by", panels), showlegend=len(panels) > 1)
     fig.update_xaxes(title_text=dim)
     fig.update_yaxes(title_text=value_label, **({"tickformat": "~%"} if percent else {}))
@@ -408,7 +418,8 @@ def faithfulness_curves(
 ) -> go.Figure:
     """Faithfulness against the fraction of edges kept, one line per curve, with dashed lines
     at 1 (the full model) and 0 (the empty circuit); hovering a point gives its edges kept and
-    metric value. A legend entry names the scores and their ranking, and gives the area under
+    metric value; a curve computed with `uncertainty=True` gets 95% error bars (BCa bootstrap
+    over prompts). A legend entry names the scores and their ranking, and gives the area under
     a `FaithfulnessCurve`; an `MIBFaithfulness` draws its two curves, labelled with MIB's CPR
     (signed ranking) and CMD (|score| ranking).
 
@@ -441,6 +452,7 @@ def faithfulness_curves(
                 hovertemplate=hover,
                 name=name,
                 customdata=[[count, value] for count, value in zip(curve.edge_counts, curve.values)],
+                error_y=_band(curve),
             )
         )
     for level, text in ((1, "full model"), (0, "empty circuit")):
@@ -454,6 +466,21 @@ def faithfulness_curves(
     fig.update_xaxes(title_text="fraction of edges kept", type="log" if log_x else "linear", tickformat="~%")
     fig.update_yaxes(title_text="faithfulness")
     return fig
+
+
+def _band(curve: FaithfulnessCurve) -> dict | None:
+    """Error bars from a curve's 95% intervals (BCa bootstrap over prompts), where it keeps the
+    per-prompt values of at least two prompts."""
+    if curve.samples is None or curve.samples.n < 2:
+        return None
+    low, high = curve.faithfulness_ci()
+    values = curve.faithfulness
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": [hi - value for hi, value in zip(high, values)],
+        "arrayminus": [value - lo for lo, value in zip(low, values)],
+    }
 
 
 def _named_curves(curves) -> list[tuple[FaithfulnessCurve, str]]:

@@ -24,9 +24,11 @@ PUBLIC_MODULES = {"__init__", "__main__", "errors", "results", "metrics", "plots
 
 LAYERS = {
     "_tl": {"errors", "_tl"},
-    "_core": {"errors", "_tl", "results", "_core"},
-    "metrics": {"errors", "_tl", "results", "_core", "metrics"},
-    "_methods": {"errors", "_tl", "results", "_core", "metrics", "_methods"},
+    "_stats": {"errors", "_stats"},
+    "results": {"errors", "_stats", "results"},
+    "_core": {"errors", "_tl", "_stats", "results", "_core"},
+    "metrics": {"errors", "_tl", "_stats", "results", "_core", "metrics"},
+    "_methods": {"errors", "_tl", "_stats", "results", "_core", "metrics", "_methods"},
 }
 """What each part may import from the package (everything else: upper layers only)."""
 

@@ -625,3 +625,17 @@ def test_circuit_figures_save(tmp_path):
         path = tmp_path / f"figure{index}.html"
         fig.write_html(path, include_plotlyjs=False)
         assert path.stat().st_size > 0
+
+
+def test_results_with_uncertainty_show_their_standard_errors():
+    from transformer_lens_patching import PatchResult, plots
+
+    values = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(0))
+    result = PatchResult.from_per_prompt(PatchResult(values, ("layer", "head", "batch")), baseline=torch.zeros(6))
+    expected = (values.double().std(-1) / 6**0.5).float()
+    figure = plots.heatmap(result)
+    assert "standard error" in figure.data[0].hovertemplate
+    torch.testing.assert_close(torch.tensor(figure.data[0].customdata), expected)
+    bars = plots.line(result.sel(head=1)).data[0].error_y.array
+    torch.testing.assert_close(torch.tensor(bars), expected[:, 1])
+    assert plots.line(PatchResult(values[:, 0, 0], ("layer",))).data[0].error_y.array is None

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -37,14 +38,17 @@ from transformer_lens_patching import (
     path_patch,
 )
 from transformer_lens_patching._tasks.ioi.analysis import planned_steps
-from transformer_lens_patching._tasks.ioi.figures import logit_diff_figure, step_figure
+from transformer_lens_patching._tasks.ioi.figures import faithfulness_figure, logit_diff_figure, step_figure
+from transformer_lens_patching._tasks.ioi.report import as_json
 from transformer_lens_patching._tasks.ioi.steps import WORDS
 from transformer_lens_patching.ioi import IOISettings, plan_ioi, run_ioi, write_report
 
 STEPS = ["act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons", "circuit"]
 LAYERS = 30
-SETTINGS = IOISettings(n_prompts=5, top_k=2, min_effect=0.0, top_neurons=6, circuit_candidates=5)
-"""No effect threshold: on random weights every step then finds heads, so every step runs."""
+SETTINGS = IOISettings(n_prompts=5, top_k=2, min_effect=0.0, fdr=0.99, top_neurons=6, circuit_candidates=5)
+"""No effect threshold, and a false discovery rate near 1: with 5 prompts no p-value is below 1/16, so at
+the job's 0.05 no head of these random weights could be named; this way the steps find heads and every step
+that can runs."""
 
 
 @pytest.fixture(scope="module")
@@ -177,46 +181,118 @@ def cells(result):
     ]
 
 
-def test_top_heads_are_the_extreme_cells(analysis):
+def significant_cells(step) -> set[tuple[int, int]]:
+    """The (layer, head) cells of a step's z result that its recorded test found significant."""
+    z, significant = step.results["z"], step.uncertainty["z"].significant
+    assert z.dims == ("layer", "head") and significant.shape == z.shape
+    layers, heads = z.coords["layer"], z.coords["head"]
+    return {(layers[i], heads[j]) for i, j in significant.nonzero().tolist()}
+
+
+def test_top_heads_are_the_extreme_significant_cells(analysis):
+    """Each role's heads are its sign's largest effects among the significant heads; the others of
+    that sign are counted as not significant."""
     assert set(analysis.step("act_heads").top) == {
         "restoring heads (z: raise the logit diff)",
         "opposing heads (z: lower it)",
     }, "both signs"
-    for step in (step for step in analysis.steps if step.results):
+    left_out = 0
+    for step in (step for step in analysis.steps if step.results and step.top):
+        significant = significant_cells(step)
+        left_out += step.results["z"].numel() - len(significant)
         for role, heads in step.top.items():
             sign = 1 if "raise" in role or "restoring" in role else -1
             values = sorted(cells(step.results["z"]), key=lambda cell: -sign * cell[1])
-            expected = [(head, value) for head, value in values if sign * value > 0][: SETTINGS.top_k]
+            of_sign = [(head, value) for head, value in values if sign * value > 0]
+            expected = [(head, value) for head, value in of_sign if head in significant][: SETTINGS.top_k]
             assert [(h.layer, h.head) for h in heads] == [head for head, _ in expected]
             assert [h.value for h in heads] == pytest.approx([value for _, value in expected])
+            assert all(h.significant is True and h.stderr > 0 and h.ci_low < h.ci_high for h in heads)
+            assert step.not_significant[role] == sum(head not in significant for head, _ in of_sign)
+    assert left_out, "the test leaves some heads out"
 
 
-def run_small(tok, **settings):
+def run_small(tok, n_prompts=3, log=lambda line: None, **settings):
     model = models.gpt2_like(n_layers=2, tok=tok, vocab=len(tok))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return run_ioi(model, IOISettings(n_prompts=3, **settings), "two layers", progress=False, log=lambda line: None)
+        return run_ioi(model, IOISettings(n_prompts=n_prompts, **settings), "two layers", progress=False, log=log)
 
 
 def test_a_threshold_leaves_out_weak_heads(tok):
-    """--min-effect: no head below it is listed (and so none is carried into the next step)."""
-    analysis = run_small(tok, min_effect=0.3)
-    for step in (step for step in analysis.steps if step.results):
+    """--min-effect: no head below it is listed (and so none is carried into the next step); it
+    is a floor on the size of the significant heads."""
+    analysis = run_small(tok, min_effect=0.3, fdr=0.99)
+    for step in (step for step in analysis.steps if step.results and step.top):
         for role, heads in step.top.items():
             sign = 1 if "raise" in role or "restoring" in role else -1
-            strong = [head for head, value in cells(step.results["z"]) if sign * value >= 0.3]
-            assert {(h.layer, h.head) for h in heads} <= set(strong)
-            assert len(heads) == min(len(strong), 3)
+            strong = {head for head, value in cells(step.results["z"]) if sign * value >= 0.3}
+            named = strong & significant_cells(step)
+            assert {(h.layer, h.head) for h in heads} <= named
+            assert len(heads) == min(len(named), 3)
+            assert step.not_significant[role] == len(strong - named)
 
 
 def test_with_no_head_above_the_threshold_the_steps_back_are_skipped(tok):
-    analysis = run_small(tok, min_effect=100.0)
+    analysis = run_small(tok, min_effect=100.0, fdr=0.99)
     assert all(heads == [] for step in analysis.steps for heads in step.top.values())
     assert analysis.step("path_queries").results == {}
     assert analysis.step("path_queries").description == (
-        "Skipped: the previous step found no head with an effect of at least 10000%."
+        "Skipped: the previous step found no head with a significant effect of at least 10000%."
     )
     assert analysis.step("path_values").description == "Skipped: the previous step was skipped."
+
+
+def test_too_few_prompts_name_no_head_and_the_report_says_why(tok, tmp_path):
+    """With 3 prompts the sign-flip test's smallest p-value is 2/8: at the job's false discovery
+    rate (0.05) no head is significant, so none is named however large its effect; the steps back
+    from the name movers are skipped, and the log, the report and results.json say so."""
+    lines = []
+    analysis = run_small(tok, log=lines.append)
+    assert analysis.settings.fdr == 0.05
+    for key in ("act_heads", "path_logits"):
+        step = analysis.step(key)
+        assert all(heads == [] for heads in step.top.values())
+        assert sum(step.not_significant.values()) == sum(abs(value) >= 0.05 for _, value in cells(step.results["z"]))
+        assert step.uncertainty["z"].p_values.min() >= 0.25
+    assert analysis.step("path_queries").description == (
+        "Skipped: the previous step found no head with a significant effect of at least 5%."
+    )
+    assert any("reached the size floor but not significance" in line for line in lines)
+    write_report(analysis, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    power = page.split('id="test-power"')[1].split("</p>")[0]
+    assert "the smallest p-value the test can give is 0.25" in power and "no head can be significant" in power
+    assert "Among the model's 8 heads" in power
+    data = json.loads((tmp_path / "results.json").read_text())
+    saved = data["steps"][0]
+    assert saved["top"] == {role: [] for role in saved["top"]} and sum(saved["not_significant"].values()) > 0
+    assert not any(saved["results"]["z"]["significant"][layer][head] for layer in range(2) for head in range(4))
+
+
+@pytest.mark.parametrize("n_prompts", [1, 2, 4])
+def test_few_prompts_run_and_report_with_the_error_bars_they_allow(tok, tmp_path, n_prompts):
+    """One prompt has no spread: no error bars, no head significant, no circuit step (nothing to
+    hold out). Two have Student's t intervals (their bootstrap has three distinct resamples), and
+    halves of one prompt leave the circuit without bands or stability; four give halves of two."""
+    analysis = run_small(tok, n_prompts=n_prompts)
+    write_report(analysis, tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["complete"] is True
+    logit_diff = data["clean_logit_diff"]
+    assert (logit_diff["stderr"] is None) == (n_prompts == 1)
+    assert logit_diff["ci_method"] == ("t" if n_prompts < 3 else "bootstrap")
+    z = data["steps"][0]["results"]["z"]
+    assert (z["ci_low"] is None) == (n_prompts == 1) and "p_values" in z
+    circuit = data["steps"][-1].get("circuit")
+    if n_prompts == 1:
+        assert circuit is None
+        return
+    halves = n_prompts // 2
+    assert (circuit["stability"] is None) == (halves < 2)
+    assert ("faithfulness_ci_low" in circuit["curves"][0]["signed"]) == (halves >= 2)
+    assert all(("stderr" in edge) == (halves >= 2) for edge in circuit["circuit_edges"])
+    assert 'id="fig-faithfulness"' in (tmp_path / "report.html").read_text()
 
 
 def test_heads_follow_from_the_previous_step(analysis):
@@ -540,6 +616,7 @@ def test_json_and_csv_hold_every_result(analysis, report_folder):
     assert saved["top_k_overlap"] == analysis.step("attr_neurons").confirmation.top_k_overlap
     with (report_folder / "results.csv").open() as file:
         rows = list(csv.DictReader(file))
+    assert list(rows[0])[-6:] == ["value", "stderr", "ci_low", "ci_high", "p_value", "significant"]
     assert len(rows) == sum(r.numel() for step in analysis.steps for r in step.results.values()) + len(confirmed)
     exact_rows = [r for r in rows if r["component"] == "post exact"]
     assert [(int(r["layer"]), int(r["neuron"]), float(r["value"])) for r in exact_rows] == [
@@ -547,6 +624,104 @@ def test_json_and_csv_hold_every_result(analysis, report_folder):
     ]
     row = next(r for r in rows if r["step"] == "path_logits" and r["layer"] == "1" and r["head"] == "3")
     assert float(row["value"]) == pytest.approx(float(analysis.step("path_logits").results["z"].sel(layer=1, head=3)))
+    saved = data["steps"][STEPS.index("path_logits")]["results"]["z"]
+    assert float(row["stderr"]) == pytest.approx(saved["stderr"][1][3])
+    assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx(
+        (saved["ci_low"][1][3], saved["ci_high"][1][3])
+    )
+    assert float(row["p_value"]) == pytest.approx(saved["p_values"][1][3])
+    assert row["significant"] == str(saved["significant"][1][3])
+    assert all(r["stderr"] == "" and r["ci_low"] == "" for r in exact_rows), "exact patching keeps no per-prompt values"
+
+
+def test_every_value_has_its_error_bars_in_json(analysis, report_folder):
+    """Every result of every step carries its standard error and 95% interval, cell by cell; the
+    results of heads their p-values and significance. The logit differences' mean carries them too:
+    the standard error is the per-prompt values' sample standard deviation over sqrt(n)."""
+    data = json.loads((report_folder / "results.json").read_text())
+    for key in ("clean_logit_diff", "corrupted_logit_diff"):
+        saved = data[key]
+        per_prompt = torch.tensor(saved["per_prompt"], dtype=torch.float64)
+        assert saved["stderr"] == pytest.approx(float(per_prompt.std() / len(per_prompt) ** 0.5), rel=1e-5)
+        assert saved["ci_low"] < saved["mean"] < saved["ci_high"] and saved["ci_level"] == 0.95
+        assert saved["n_prompts"] == SETTINGS.n_prompts
+    for step in data["steps"]:
+        for name, result in step["results"].items():
+            values = torch.tensor(result["values"])
+            for key in ("stderr", "ci_low", "ci_high"):
+                assert torch.tensor(result[key]).shape == values.shape, (step["key"], name, key)
+            assert (torch.tensor(result["stderr"]) >= 0).all()
+            assert (torch.tensor(result["ci_low"]) <= torch.tensor(result["ci_high"])).all()
+            assert result["ci_method"] == ("t" if values.numel() > 10_000 else "bootstrap")
+            heads = "head" in result["dims"] or "kv_head" in result["dims"]
+            assert ("p_values" in result) == heads and ("significant" in result) == heads, (step["key"], name)
+            if heads:
+                p_values = torch.tensor(result["p_values"])
+                assert p_values.shape == values.shape and (p_values >= 1 / 16).all() and (p_values <= 1).all()
+
+
+def benjamini_hochberg(p_values: list[float], fdr: float) -> list[bool]:
+    """Which p-values Benjamini-Hochberg rejects at `fdr`: those up to the largest rank k whose p <= fdr k / m."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    m = len(p_values)
+    passing = [rank for rank, i in enumerate(order, start=1) if p_values[i] <= fdr * rank / m]
+    largest = max(passing, default=0)
+    return [order.index(i) < largest for i in range(m)]
+
+
+def test_heads_named_are_significant_after_fdr_control_and_large_enough(report_folder):
+    """From results.json alone: each listed head is significant, by the saved p-values and a
+    Benjamini-Hochberg control recomputed here over all the step's heads, at least --min-effect in
+    size and of its role's sign; the heads of that sign that reach the floor but are not
+    significant are counted."""
+    data = json.loads((report_folder / "results.json").read_text())
+    for step in (step for step in data["steps"] if step["top"]):
+        z = step["results"]["z"]
+        flat_p = [p for row in z["p_values"] for p in row]
+        rejected = benjamini_hochberg(flat_p, SETTINGS.fdr)
+        assert [s for row in z["significant"] for s in row] == rejected, step["key"]
+        for role, heads in step["top"].items():
+            sign = 1 if "raise" in role or "restoring" in role else -1
+            for head in heads:
+                layer, index = z["coords"]["layer"].index(head["layer"]), z["coords"]["head"].index(head["head"])
+                assert head["significant"] is True and z["significant"][layer][index] is True
+                assert head["p_value"] == pytest.approx(z["p_values"][layer][index])
+                assert sign * head["value"] > 0 and abs(head["value"]) >= SETTINGS.min_effect
+                assert head["ci_low"] < head["ci_high"] and head["stderr"] > 0
+            floor = [
+                z["significant"][i][j]
+                for i in range(len(z["coords"]["layer"]))
+                for j in range(len(z["coords"]["head"]))
+                if sign * z["values"][i][j] > 0 and abs(z["values"][i][j]) >= SETTINGS.min_effect
+            ]
+            assert step["not_significant"][role] == floor.count(False)
+
+
+def test_a_heads_p_value_is_the_exact_sign_flip_test_of_its_per_prompt_changes(analysis, tiny_model):
+    """The strongest named head's p-value, recomputed here: each prompt's logit difference with
+    the head patched, less the corrupted run's, and the share of the 2^5 sign patterns whose mean
+    is at least as far from 0."""
+    import itertools
+
+    ds, corrupted = analysis.dataset, analysis.corrupted
+    step = analysis.step("act_heads")
+    head = next(heads[0] for heads in step.top.values() if heads)
+    with torch.no_grad():
+        unpatched = logit_diffs(tiny_model(corrupted.toks), ds)
+    patched = act_patch(
+        tiny_model,
+        corrupted.toks,
+        Node("z", head.layer, head=head.head),
+        lambda logits: logit_diffs(logits, ds),
+        new_input=ds.toks,
+    )
+    changes = (torch.as_tensor(patched).double() - unpatched.double()).tolist()
+    observed = abs(sum(changes))
+    extreme = sum(
+        abs(sum(sign * change for sign, change in zip(signs, changes))) >= observed * (1 - 1e-6)
+        for signs in itertools.product((1, -1), repeat=len(changes))
+    )
+    assert head.p_value == pytest.approx(extreme / 2 ** len(changes))
 
 
 def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model):
@@ -575,10 +750,79 @@ def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model):
     page = (report_folder / "report.html").read_text()
     table = page.split('id="circuit-edges"')[1].split("</table>")[0]
     assert table.count("<tr><td>") == min(40, len(finding.circuit))
+    assert "<th>in resampled circuits</th>" in table and "<th>standard error</th>" in table
     heads = page.split('id="named-heads"')[1].split("</table>")[0]
     assert heads.count("<tr><td>") == len(named) and heads.count("<td>yes</td>") == sum(
         h["in_circuit"] for h in saved["named_heads"]
     )
+
+
+def test_the_circuits_stability_and_bands_are_saved_and_shown(analysis, report_folder, tiny_model):
+    """The circuit found again on 50 bootstrap resamples of the scoring prompts (from the chosen
+    ranking's per-prompt scores, no forward pass): each of its edges' inclusion frequency and the
+    mean Jaccard overlap, in results.json and the report; every faithfulness curve with its 95%
+    band (table, JSON and figure); the exactly confirmed scores keep their per-prompt values, and
+    their means are the exact scores, recomputed here."""
+    finding = analysis.step("circuit").circuit
+    saved = json.loads((report_folder / "results.json").read_text())["steps"][STEPS.index("circuit")]["circuit"]
+    stability = finding.stability
+    assert stability.circuit == finding.circuit, "the same ranking, the same size"
+    assert saved["stability"]["n_resamples"] == 50 and 0 <= saved["stability"]["mean_jaccard"] <= 1
+    assert saved["stability"]["mean_jaccard"] == pytest.approx(float(stability.jaccard.mean()))
+    edges = saved["circuit_edges"]
+    assert [edge["edge"] for edge in edges] == saved["circuit"]["edges"]
+    graph = finding.circuit.graph
+    assert [edge["inclusion"] for edge in edges] == pytest.approx(
+        [float(stability.inclusion[graph.index(edge)]) for edge in finding.circuit.edges]
+    )
+    assert all(0 <= edge["inclusion"] <= 1 and edge["ci_low"] <= edge["ci_high"] for edge in edges)
+    for curve in saved["curves"]:
+        for ranking in ("signed", "absolute"):
+            band = curve[ranking]
+            assert len(band["faithfulness_ci_low"]) == len(band["faithfulness"]) == len(band["faithfulness_stderr"])
+            assert all(low <= high for low, high in zip(band["faithfulness_ci_low"], band["faithfulness_ci_high"]))
+    low, high = saved["faithfulness_ci"]
+    assert low <= high and saved["ci_level"] == 0.95
+    page = (report_folder / "report.html").read_text()
+    assert f"mean Jaccard index of <b>{stability.mean_jaccard:.2f}</b>" in page
+    table = page.split('id="faithfulness"')[1].split("</table>")[0]
+    assert table.count("<small>") == 3 * 2 * len(MIB_FRACTIONS), "an interval under every faithfulness"
+    figure = faithfulness_figure(finding)
+    bands = [trace for trace in figure.data if trace.fill == "toself"]
+    assert len(bands) == 6 and all(len(band.x) == 2 * len(MIB_FRACTIONS) for band in bands)
+    confirmed = finding.scores[2]
+    assert confirmed.samples is not None and confirmed.samples.n == len(finding.scored_on)
+    scoring = list(finding.scored_on)
+    changed = next(
+        edge
+        for edge in graph
+        if not torch.equal(confirmed.score(edge), finding.scores[1].score(edge).to(confirmed.scores))
+    )
+    kept = torch.ones(len(graph), dtype=torch.bool)
+    kept[graph.index(changed)] = False
+    metric = LogitDiff(analysis.dataset.answers[scoring], analysis.dataset.word_idx["end"][scoring])
+    without, full = evaluate_circuit(
+        tiny_model,
+        [Circuit.from_mask(graph, kept), Circuit.full(graph)],
+        analysis.dataset.toks[scoring],
+        metric,
+        new_input=analysis.corrupted.toks[scoring],
+    ).tolist()
+    assert float(confirmed.score(changed)) == pytest.approx(without - full, abs=1e-4)
+
+
+def test_the_report_suggests_how_many_prompts_a_tighter_interval_takes(analysis, report_folder):
+    """The strongest head's effect (step 2, z): the prompts its observed spread suggests for a
+    95% interval of +-0.1, (1.96 sd / 0.1)^2 with sd the spread of its per-prompt influence."""
+    z = analysis.step("act_heads").results["z"]
+    strongest = int(z.as_tensor().abs().argmax())
+    layer, head = z.coords["layer"][strongest // z.shape[1]], z.coords["head"][strongest % z.shape[1]]
+    cell = z.sel(layer=layer, head=head)
+    expected = int(cell.prompts_for(0.1))
+    assert expected == pytest.approx((1.959964 * float(cell.stderr) * math.sqrt(SETTINGS.n_prompts) / 0.1) ** 2, abs=1)
+    page = (report_folder / "report.html").read_text()
+    note = page.split('id="prompts-needed"')[1].split("</p>")[0]
+    assert f"head {layer}.{head}" in note and f"about <b>{expected}</b> prompts" in note
 
 
 def test_report_html_is_self_contained(analysis, report_folder):
@@ -627,6 +871,12 @@ def test_per_prompt_figure_pairs_clean_and_corrupted(analysis):
     pairs = [value for i in range(0, len(joins.x), 3) for value in joins.x[i : i + 2]]
     expected = zip(analysis.corrupted_logit_diff.tolist(), analysis.clean_logit_diff.tolist())
     assert pairs == pytest.approx([value for pair in expected for value in pair])
+    data = json.loads(json.dumps(as_json(analysis)))
+    for name in ("clean", "corrupted"):
+        mean, saved = traces[f"{name} mean"], data[f"{name}_logit_diff"]
+        assert list(mean.y) == ["mean (95% CI)"] and list(mean.x) == pytest.approx([saved["mean"]])
+        assert mean.error_x.array[0] == pytest.approx(saved["ci_high"] - saved["mean"])
+        assert mean.error_x.arrayminus[0] == pytest.approx(saved["mean"] - saved["ci_low"])
 
 
 def test_head_heatmaps_name_each_head_on_hover(analysis):

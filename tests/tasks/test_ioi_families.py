@@ -60,7 +60,9 @@ def test_every_step_runs(folder, tmp_path, capsys):
     steps = {step["key"]: step for step in results["steps"]}
     assert len(steps) == 7
     skipped = {key: step["description"] for key, step in steps.items() if step["description"].startswith("Skipped: ")}
-    assert all("found no head" in reason for reason in skipped.values()), skipped
+    # with 4 prompts no head is significant (the smallest p-value is 1/8): the steps back from the name movers skip
+    followed = ("Skipped: the previous step found no head", "Skipped: the previous step was skipped.")
+    assert all(reason.startswith(followed) for reason in skipped.values()), skipped
     for key in steps.keys() - skipped.keys() - {"circuit"}:
         assert steps[key]["results"], f"{family}: step {key} has no results"
     assert {"act_heads", "act_words", "path_logits", "attr_neurons", "circuit"}.isdisjoint(skipped), skipped

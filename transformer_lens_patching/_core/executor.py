@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _tl
+from .._stats import PromptForm
 from .components import residual_hooks
 from .measure import MetricCalls
 from .memory import release_freed_memory
@@ -163,6 +164,9 @@ class Runs:
     metric: object
     reader: LogitReader | None
     apply_metric_to_cache: bool = False
+    prompt_form: PromptForm | None = None
+    """With `uncertainty=True`: `metric` is the per-prompt form of the user's, and this says how
+    its values combine into the result."""
 
     def metric_calls(self) -> MetricCalls:
         """How the executor will call the metric on this call's passes."""

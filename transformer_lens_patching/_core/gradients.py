@@ -80,6 +80,11 @@ class GradientPass:
                 "records them. Call it outside the inference_mode block (the library runs its own passes without "
                 "gradients where it can)."
             )
+        if getattr(runs.metric, "differentiable", True) is False:
+            raise PatchingError(
+                f"Attribution follows the metric's gradient, and {runs.metric!r} has none (it is 0 almost everywhere): "
+                "attribute with a differentiable metric (e.g. LogitDiff or AnswerLogProb) and measure with this one."
+            )
         self.model, self._tokens, self._metric, self._new_input = runs.model, runs.tokens, runs.metric, new_input
         self._reader, self._progress = runs.reader, progress
         shape = _tl.model_shape(runs.model)

@@ -24,7 +24,8 @@ from functools import total_ordering
 
 import torch
 
-from .. import _tl
+from .. import _stats, _tl
+from .._stats import PromptSamples
 from ..errors import PatchingError
 
 KINDS = ("embed", "head", "mlp", "logits")
@@ -297,6 +298,9 @@ class EdgeScores:
             estimated change of the metric, row `graph.index(edge)`.
         method: How the scores were estimated ("atp" or "ig").
         unpatched: The metric on the orig run (a number, or one per prompt).
+        samples: With `attr_edges(..., uncertainty=True)`, the per-prompt scores behind each
+            edge's (then `stderr`, `ci`, `p_values`, `significant` and `top_stability` work,
+            and `circuit_stability`); None otherwise.
 
     >>> scores = attr_edges(model, corrupted, metric, new_input=clean)
     >>> [str(edge) for edge in scores.top(3)]  # doctest: +ELLIPSIS
@@ -309,6 +313,7 @@ class EdgeScores:
     scores: torch.Tensor
     method: str
     unpatched: float | torch.Tensor
+    samples: PromptSamples | None = None
 
     def __post_init__(self):
         if not isinstance(self.graph, EdgeGraph):
@@ -321,6 +326,64 @@ class EdgeScores:
                 f"({len(self.graph)}, batch), one row per edge; got {shape}."
             )
         object.__setattr__(self, "scores", scores.detach())
+        if self.samples is not None and self.samples.cell_shape != (len(self.graph),):
+            raise PatchingError(
+                f"EdgeScores' samples must hold one row per edge, ({len(self.graph)}, prompts); "
+                f"got cells of shape {self.samples.cell_shape}."
+            )
+
+    def _uncertain(self, what: str) -> PromptSamples:
+        if self.samples is None:
+            raise PatchingError(
+                f"{what} needs the per-prompt scores behind these: compute them with attr_edges(..., uncertainty=True)."
+            )
+        return self.samples
+
+    @property
+    def stderr(self) -> torch.Tensor:
+        """Each edge's standard error over prompts, `(n_edges,)` (see `PatchResult.stderr`)."""
+        return self._uncertain("stderr").stderr().float()
+
+    def ci(self, level: float = 0.95, method: str = "bootstrap", *, n_resamples: int = 2000, seed: int = 0):
+        """Each edge's confidence interval, `(low, high)` of `(n_edges,)` (see `PatchResult.ci`)."""
+        low, high = self._uncertain("ci").ci(level, method, n_resamples, seed)
+        return low.float(), high.float()
+
+    def p_values(self, *, test: str = "sign_flip", n_permutations: int = 10000, seed: int = 0) -> torch.Tensor:
+        """Each edge's two-sided sign-flip p-value that removing it changes the metric by 0."""
+        return self._uncertain("p_values").p_values(n_permutations, seed, test).float()
+
+    def significant(
+        self,
+        alpha: float = 0.05,
+        correction: str | None = "fdr_bh",
+        *,
+        test: str = "sign_flip",
+        n_permutations: int = 10000,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Which edges' scores differ from 0 significantly, `(n_edges,)` booleans, corrected over
+        every edge (see `PatchResult.significant`)."""
+        p_values = self._uncertain("significant").p_values(n_permutations, seed, test)
+        return _stats.significant(p_values, alpha, correction)
+
+    def top_stability(self, k: int, *, absolute: bool = True, n_resamples: int = 200, seed: int = 0) -> torch.Tensor:
+        """How stable the top `k` is: for each edge, the fraction of `n_resamples` bootstrap
+        resamples of the prompts in whose scores it ranks among the `k` strongest, `(n_edges,)`.
+        An edge of `top(k)` near 1 is there whichever prompts are drawn; near k / n_edges, by chance.
+
+        >>> frequency = scores.top_stability(20)
+        >>> [round(float(frequency[scores.graph.index(edge)]), 2) for edge in scores.top(3)]  # doctest: +ELLIPSIS
+        [...]
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= len(self.graph):
+            raise PatchingError(f"k must be a whole number from 1 to {len(self.graph)}, got {k!r}.")
+        resampled = self._uncertain("top_stability").bootstrap(n_resamples, seed)
+        strength = resampled.abs() if absolute else -resampled
+        top = torch.topk(torch.nan_to_num(strength, nan=-math.inf), k, dim=0).indices
+        counts = torch.zeros(len(self.graph), dtype=torch.float64)
+        counts.scatter_add_(0, top.flatten(), torch.ones(top.numel(), dtype=torch.float64))
+        return (counts / n_resamples).float()
 
     @property
     def per_prompt(self) -> bool:
@@ -344,7 +407,8 @@ class EdgeScores:
         `sender`, `receiver` (their names), `sender_kind`, `sender_layer`, `sender_head`,
         `receiver_kind`, `receiver_layer`, `receiver_head`, `receiver_input`, `kv_head`
         (whether `receiver_head` counts key/value heads), then `batch` for per-prompt
-        scores, and `score`. Layers and heads are pandas' nullable integers."""
+        scores, and `score` (and `stderr` for scores computed with uncertainty). Layers and
+        heads are pandas' nullable integers."""
         import pandas as pd
 
         edges = self.graph.edges
@@ -362,6 +426,8 @@ class EdgeScores:
         }
         frame = pd.DataFrame(columns)
         values = self.scores.float().cpu()
+        if self.samples is not None:
+            return frame.assign(score=values.numpy(), stderr=self.stderr.numpy())
         if not self.per_prompt:
             return frame.assign(score=values.numpy())
         batch = values.shape[1]

@@ -18,10 +18,11 @@ from typing import Literal, Protocol
 import torch
 
 from .. import _tl
+from .._stats import PromptForm
 from ..errors import PatchingError
 from ..results import PatchResult
 from . import distributed
-from .measure import as_tensor
+from .measure import BATCH, as_tensor
 from .sites import Sweep
 
 Stage = Literal["patch", "record", "unpatched"]
@@ -127,6 +128,12 @@ class PatchPlan:
     """Assemble to the one sweep's PatchResult itself rather than a dict of one (a list of circuits)."""
     shard_of: tuple[int, int] | None = None
     """(index, count) for a shard made by `shard`; None for a whole plan."""
+    prompt_form: PromptForm | None = None
+    """With `uncertainty=True`: the metric's values are per prompt, and this combines them into
+    results that keep them (`PatchResult.samples`)."""
+    baseline_cell: int | None = None
+    """With `uncertainty=True`: the cell (after the result's) measuring the unpatched run once,
+    per prompt, from the orig run's final residual stream: what `significant` tests against."""
     plan_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
     @property
@@ -153,7 +160,13 @@ class PatchPlan:
     @property
     def unpatched_cells(self) -> tuple[int, ...]:
         """Cells whose patch cannot change what the metric reads: they score the unpatched run."""
-        return tuple(c for block in self.blocks if block.passes[0].stage == "unpatched" for c in block.cells)
+        return tuple(
+            c
+            for block in self.blocks
+            if block.passes[0].stage == "unpatched"
+            for c in block.cells
+            if c != self.baseline_cell
+        )
 
     def shard(self, index: int, count: int) -> "PatchPlan":
         """The part of this plan that shard `index` of `count` runs.
@@ -252,10 +265,30 @@ class PatchPlan:
                 f"{len(missing)} of {self.n_cells} cells are missing (e.g. {missing[:5]}): "
                 "pass the outputs of every shard."
             )
+        if self.prompt_form is not None:
+            return self._with_uncertainty(values, dims)
         if self.layout is None:
             return _tl.moved_all(values[0], torch.device("cpu"))
         results = assembled_sweeps(self.layout, [values[cell] for cell in range(self.n_cells)], dims or ())
         return next(iter(results.values())) if self.one_sweep else results
+
+    def _with_uncertainty(self, values: dict[int, object], dims: tuple[str, ...] | None):
+        """The results of per-prompt values, each cell their combination, keeping them."""
+        if dims != (BATCH,):
+            raise PatchingError(
+                f"uncertainty=True needs one metric value per prompt, but the metric's have dims {dims}."
+            )
+        baseline = None if self.baseline_cell is None else as_tensor(values[self.baseline_cell]).detach().cpu()
+        if self.layout is None:
+            per_prompt = {"": PatchResult(as_tensor(values[0]).detach().cpu(), (BATCH,))}
+        else:
+            per_prompt = assembled_sweeps(self.layout, [values[cell] for cell in range(self.n_cells)], (BATCH,))
+        form = self.prompt_form
+        results = {
+            name: PatchResult.from_per_prompt(result, offset=form.offset, scale=form.scale, baseline=baseline)
+            for name, result in per_prompt.items()
+        }
+        return next(iter(results.values())) if self.one_sweep or self.layout is None else results
 
     def __str__(self) -> str:
         lines = [f"{self.method} plan" + (f", shard {self.shard_of[0]} of {self.shard_of[1]}" if self.shard_of else "")]
@@ -263,7 +296,7 @@ class PatchPlan:
         if self.layout is not None:
             own = (
                 ""
-                if self.metric_dims == ()
+                if self.metric_dims == () or self.prompt_form is not None
                 else (
                     ", plus the metric's own dims" if self.metric_dims is None else ", ".join(("", *self.metric_dims))
                 )
@@ -272,7 +305,7 @@ class PatchPlan:
             shapes = "; ".join(f"{name}: ({dims}{own})" for name, dims in sizes)
             lines.append(f"  {'result':<10}{shapes}")
         unpatched = len(self.unpatched_cells)
-        measured = len(self.cells)
+        measured = len(self.cells) - (self.baseline_cell in self.cells)
         lines.append(
             f"  {'variants':<10}{measured - unpatched} patched"
             + (
@@ -293,6 +326,31 @@ class PatchPlan:
     def __repr__(self) -> str:
         shard = f", shard {self.shard_of[0]}/{self.shard_of[1]}" if self.shard_of else ""
         return f"<PatchPlan {self.method}: {len(self.cells)} cells in {len(self.passes)} passes{shard}>"
+
+
+def with_uncertainty(plan: PatchPlan, prompt_form: PromptForm | None, n_layers: int | None) -> PatchPlan:
+    """`plan` made to keep per-prompt values (`prompt_form`; unchanged for None), and given the
+    model's `n_layers`, one more block measuring the unpatched run: it runs only the unembedding,
+    from the orig run's final residual stream that the passes starting late cache; in a plan
+    whose every pass starts at the first layer, a whole pass of the orig run."""
+    if prompt_form is None:
+        return plan
+    baseline = n_layers is not None
+    blocks = plan.blocks
+    if baseline:
+        start = n_layers if any(p.start_layer > 0 for p in plan.passes) else 0
+        blocks = (*blocks, Block((plan.n_cells,), (Pass("unpatched", (0,), start, n_layers),)))
+    line = (
+        "prompts",
+        "per-prompt values kept for uncertainty" + ("; the unpatched run measured once" if baseline else ""),
+    )
+    return replace(
+        plan,
+        blocks=blocks,
+        description=(*plan.description, line),
+        prompt_form=prompt_form,
+        baseline_cell=plan.n_cells if baseline else None,
+    )
 
 
 def unpatched_block(cells: Sequence[int], n_layers: int) -> Block:

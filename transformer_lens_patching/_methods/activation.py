@@ -15,7 +15,7 @@ from .._core.executor import Executor, Runs, executor_session
 from .._core.measure import declared_dims
 from .._core.memory import check_chunk_args, variants_per_pass
 from .._core.nodes import IterNode, Node
-from .._core.plan import Block, PatchPlan, stacked_passes, unpatched_block
+from .._core.plan import Block, PatchPlan, stacked_passes, unpatched_block, with_uncertainty
 from .._core.program import PatchProgram, entry_layer
 from .._core.sites import PatchSite, Sweep
 from .._core.sources import ActivationSource, SourceFactory
@@ -33,6 +33,7 @@ def plan_act_patch(
     new_cache=None,
     apply_metric_to_cache: bool = False,
     *,
+    uncertainty: bool = False,
     batch_size: int | None = None,
     max_memory: int | None = None,
 ) -> PatchPlan:
@@ -47,13 +48,16 @@ def plan_act_patch(
     ...
     """
     check_chunk_args(batch_size, max_memory)
-    runs = prepare_runs(model, orig_input, patching_metric, apply_metric_to_cache=apply_metric_to_cache)
+    runs = prepare_runs(
+        model, orig_input, patching_metric, apply_metric_to_cache=apply_metric_to_cache, uncertainty=uncertainty
+    )
     patched = patch_cells(model, runs.tokens, patching_nodes)
     what = f"{patching_nodes!r}" if patched.is_sweep else ", ".join(repr(site.node) for site in patched.resolved)
     layout = tuple(patched.resolved) if patched.is_sweep else None
-    return plan_cells(
+    plan = plan_cells(
         runs, patched.cells, layout, what, new_input, new_cache, batch_size=batch_size, max_memory=max_memory
     )
+    return with_uncertainty(plan, runs.prompt_form, model.cfg.n_layers)
 
 
 def plan_cells(
@@ -155,6 +159,7 @@ def act_patch(
     apply_metric_to_cache: bool = False,
     verbose: bool = False,
     *,
+    uncertainty: bool = False,
     batch_size: int | None = None,
     max_memory: int | None = None,
 ) -> "float | Tensor | tuple | dict[str, PatchResult]":
@@ -174,6 +179,12 @@ def act_patch(
         apply_metric_to_cache: Give the metric the patched run's ActivationCache instead of
             its logits.
         verbose: Show a progress bar, and for an IterNode print each result's dims.
+        uncertainty: Keep each cell's per-prompt values and return results that carry them
+            (`stderr`, `ci`, `p_values`, `significant`; Concepts, "Uncertainty over prompts");
+            for a Node or list of Nodes a 0-d PatchResult instead of the metric's value. Needs
+            a metric that is a mean over prompts. It runs no more layers: the unpatched run is
+            measured from the orig run's final residual stream, which passes that start late
+            have cached (a plan whose every pass starts at the first layer runs it once more).
         batch_size: Patched variants per forward pass (default: as many as fit in `max_memory`).
         max_memory: Bytes of activations one forward pass may use (default 256 MiB on the
             CPU; on CUDA half of the GPU's free memory when the plan is made; 2 GiB on other
@@ -199,6 +210,7 @@ def act_patch(
         new_input,
         new_cache,
         apply_metric_to_cache,
+        uncertainty=uncertainty,
         batch_size=batch_size,
         max_memory=max_memory,
     )

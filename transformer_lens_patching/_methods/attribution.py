@@ -29,6 +29,7 @@ from .common import (
     check_choice,
     checked_steps,
     gradient_progress,
+    kept_per_prompt,
     patch_cells,
     patched_in_source,
     prepare_runs,
@@ -51,6 +52,7 @@ def attr_patch(
     steps: int | None = None,
     estimate: str = "value",
     grad_drop: bool = False,
+    uncertainty: bool = False,
     batch_size: int | None = None,
     max_memory: int | None = None,
     progress: bool | str = False,
@@ -97,6 +99,9 @@ def attr_patch(
             result is the sum of those estimates' absolute values over the layers, divided by
             `n_layers - 1`: a magnitude to rank cells by, not a signed change. It costs one
             more forward and backward pass per layer.
+        uncertainty: Keep each cell's per-prompt estimates, as `act_patch(uncertainty=True)`
+            does (one orig prompt's estimate depends on that prompt only), at no extra pass;
+            p-values test the estimated change against 0. Not with `grad_drop` (magnitudes).
         batch_size: Variants per stacked pass of AtP*'s pattern passes, as in `act_patch`
             (default: as many as fit in `max_memory`).
         max_memory: Bytes of activations one pass may use (default as `act_patch`). The
@@ -124,7 +129,9 @@ def attr_patch(
     steps = checked_steps(method, steps)
     _check_grad_drop(grad_drop, method, estimate)
     check_chunk_args(batch_size, max_memory)
-    runs = prepare_runs(model, orig_input, patching_metric)
+    if grad_drop and uncertainty:
+        raise PatchingError("grad_drop gives magnitudes summed over layers, not a mean over prompts: no uncertainty.")
+    runs = prepare_runs(model, orig_input, patching_metric, uncertainty=uncertainty)
     tokens = runs.tokens
     patched = patch_cells(model, tokens, patching_nodes)
     names = sorted(patched.names)
@@ -179,9 +186,8 @@ def attr_patch(
     else:
         (changes,) = change_sets
     values = changes if estimate == "delta" else orig_value.to(changes.device) + changes
-    if not patched.is_sweep:
-        return values[0].cpu()
-    return assembled_sweeps(patched.resolved, values, dims)
+    result = values[0].cpu() if not patched.is_sweep else assembled_sweeps(patched.resolved, values, dims)
+    return kept_per_prompt(result, runs, orig_value.cpu(), change=estimate == "delta")
 
 
 def _check_grad_drop(grad_drop: bool, method: str, estimate: str) -> None:

@@ -22,7 +22,7 @@ from .._core.executor import Executor, executor_session
 from .._core.graph import EdgeGraph
 from .._core.measure import declared_dims
 from .._core.memory import check_chunk_args, variants_per_pass
-from .._core.plan import Block, PatchPlan, stacked_passes
+from .._core.plan import Block, PatchPlan, stacked_passes, with_uncertainty
 from .._core.program import PatchProgram
 from .._core.sites import Sweep
 from .._core.sources import ActivationSource, SourceFactory
@@ -44,6 +44,7 @@ def evaluate_circuit(
     new_input: OtherModelInput | None = None,
     new_cache=None,
     *,
+    uncertainty: bool = False,
     batch_size: int | None = None,
     max_memory: int | None = None,
     progress: bool | str = False,
@@ -69,6 +70,10 @@ def evaluate_circuit(
         new_input: The run whose sender outputs removed edges carry (resample ablation).
         new_cache: Instead, the ablated sender outputs: an ActivationCache (e.g. from
             `mean_ablation_cache`), or "zero".
+        uncertainty: Keep each circuit's per-prompt values: the result (a 0-d PatchResult for
+            one circuit) then has `stderr` and `ci` (Concepts, "Uncertainty over prompts"), at no
+            extra forward pass. Circuits run from the first layer, so no unpatched run is
+            measured: to test against the model, evaluate `Circuit.full(graph)` alongside.
         batch_size: Circuits stacked per forward pass (default: as many as fit).
         max_memory: Bytes one stacked pass may use, as in `act_patch`.
         progress: Show a progress bar over the circuits (a string labels it).
@@ -83,7 +88,15 @@ def evaluate_circuit(
     tensor(...)
     """
     plan = plan_circuit_evaluation(
-        model, circuits, orig_input, patching_metric, new_input, new_cache, batch_size=batch_size, max_memory=max_memory
+        model,
+        circuits,
+        orig_input,
+        patching_metric,
+        new_input,
+        new_cache,
+        uncertainty=uncertainty,
+        batch_size=batch_size,
+        max_memory=max_memory,
     )
     return plan.compute(progress=progress)
 
@@ -96,12 +109,13 @@ def plan_circuit_evaluation(
     new_input: OtherModelInput | None = None,
     new_cache=None,
     *,
+    uncertainty: bool = False,
     batch_size: int | None = None,
     max_memory: int | None = None,
 ) -> PatchPlan:
     """The plan of an `evaluate_circuit` call, every argument checked and nothing run."""
     check_chunk_args(batch_size, max_memory)
-    runs = prepare_runs(model, orig_input, patching_metric)
+    runs = prepare_runs(model, orig_input, patching_metric, uncertainty=uncertainty)
     tokens, metric, reader = runs.tokens, runs.metric, runs.reader
     single = isinstance(circuits, Circuit)
     circuits = [circuits] if single else list(circuits) if isinstance(circuits, (list, tuple)) else []
@@ -141,7 +155,7 @@ def plan_circuit_evaluation(
         _tl.flags_for(edited),
         lambda bar, grad: _CircuitSession(circuits, wiring, source, runs.executor(bar, full_graph=True)),
     )
-    return PatchPlan(
+    plan = PatchPlan(
         "evaluate_circuit",
         description,
         len(circuits),
@@ -152,6 +166,7 @@ def plan_circuit_evaluation(
         inputs=(tokens, new_input),
         one_sweep=True,
     )
+    return with_uncertainty(plan, runs.prompt_form, None)
 
 
 def checked_graph(model, circuits: Sequence[Circuit]) -> EdgeGraph:

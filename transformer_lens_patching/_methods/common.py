@@ -6,6 +6,7 @@ import itertools
 import types
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .. import _tl
@@ -15,9 +16,10 @@ from .._core.nodes import IterNode
 from .._core.selection import LogitReader
 from .._core.sites import PatchSite, Sweep, resolve_spec
 from .._core.sources import SourceFactory, planned_source
+from .._stats import PromptForm
 from ..errors import PatchingError
-from ..metrics import Metric, lm_loss
-from ..results import PatchResult
+from ..metrics import Metric, lm_loss, prompt_form
+from ..results import BATCH, PatchResult
 
 NOTHING_TO_PATCH_IN = (
     "Nothing to patch in: pass new_input (resample ablation), new_cache (an ActivationCache, "
@@ -29,9 +31,12 @@ ESTIMATES = ("value", "delta")
 """What `attr_patch` returns and `confirm` ranks: the estimated patched metric, or only its change."""
 
 
-def prepare_runs(model, orig_input, patching_metric, *, apply_metric_to_cache: bool = False) -> Runs:
+def prepare_runs(
+    model, orig_input, patching_metric, *, apply_metric_to_cache: bool = False, uncertainty: bool = False
+) -> Runs:
     """The front half every method shares, done once: check the model (a TransformerLens model in
-    eval mode), tokenize `orig_input`, resolve the metric and the reader of the logits it selects.
+    eval mode), tokenize `orig_input`, resolve the metric and the reader of the logits it selects;
+    with `uncertainty`, the metric's per-prompt form and how its values combine (`prompt_form`).
 
     >>> runs = prepare_runs(model, corrupted, metric)
     >>> runs.tokens.shape == corrupted.shape
@@ -41,8 +46,33 @@ def prepare_runs(model, orig_input, patching_metric, *, apply_metric_to_cache: b
     _tl.check_deterministic(model)
     tokens = _tl.to_tokens(model, orig_input)
     metric = resolve_metric(patching_metric, tokens)
+    if not isinstance(uncertainty, bool):
+        raise PatchingError(f"uncertainty must be True or False, got {uncertainty!r}.")
+    form = None
+    if uncertainty:
+        metric, offset, scale = prompt_form(metric, tokens.shape[0])
+        form = PromptForm(offset, scale)
     reader = logit_reader(model, metric, tokens, _tl.model_shape(model).d_vocab, apply_metric_to_cache)
-    return Runs(model, tokens, metric, reader, apply_metric_to_cache)
+    return Runs(model, tokens, metric, reader, apply_metric_to_cache, form)
+
+
+def kept_per_prompt(result, runs: Runs, baseline: Tensor, *, change: bool):
+    """With `uncertainty=True` (`runs.prompt_form`), a method's per-prompt results (a dict of
+    PatchResults with a last `batch` dim, or one `(batch,)` tensor) as results keeping them:
+    changes from the unpatched run (`change`, tested against 0) or metric values (tested against
+    `baseline`, the unpatched run's per-prompt values). Without, `result` itself."""
+    form = runs.prompt_form
+    if form is None:
+        return result
+    baseline = torch.zeros_like(baseline) if change else baseline
+    offset = None if change else form.offset
+
+    def kept(per_prompt: PatchResult) -> PatchResult:
+        return PatchResult.from_per_prompt(per_prompt, offset=offset, scale=form.scale, baseline=baseline)
+
+    if isinstance(result, dict):
+        return {name: kept(value) for name, value in result.items()}
+    return kept(PatchResult(result.detach().cpu(), (BATCH,)))
 
 
 def patched_in_source(

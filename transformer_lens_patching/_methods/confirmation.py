@@ -22,6 +22,7 @@ from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode
 from .._core.sites import Sweep
 from .._core.tensor_types import ModelInput, OtherModelInput
+from .._stats import PromptSamples
 from ..errors import PatchingError
 from ..results import PatchResult
 from .activation import plan_cells
@@ -50,6 +51,10 @@ class ConfirmedCell:
     """`estimate` minus the unpatched metric."""
     exact_change: float
     """`exact` minus the unpatched metric."""
+    top_k_frequency: float | None = None
+    """For estimates computed with `uncertainty=True`: the fraction of bootstrap resamples of the
+    prompts in which this cell's estimated change is among the `top_k` largest in size (how
+    stable its place in the ranking is); None otherwise."""
 
     @property
     def label(self) -> str:
@@ -119,7 +124,7 @@ class Confirmation:
     def to_frame(self):
         """A pandas DataFrame with one row per confirmed cell: `component`, a column per dim
         (empty where a component has no such dim), `estimate`, `exact`, `estimated_change`
-        and `exact_change`."""
+        and `exact_change` (and `top_k_frequency` for estimates with uncertainty)."""
         try:
             import pandas as pd
         except ImportError as error:
@@ -138,6 +143,8 @@ class Confirmation:
         ]
         columns = ["component", *dims, "estimate", "exact", "estimated_change", "exact_change"]
         frame = pd.DataFrame(rows, columns=columns)
+        if all(cell.top_k_frequency is not None for cell in self.cells):
+            frame["top_k_frequency"] = [cell.top_k_frequency for cell in self.cells]
         return frame.astype({dim: "Int64" for dim in dims})
 
     def __repr__(self) -> str:
@@ -181,7 +188,9 @@ def confirm(
     `act_patch`'s engine, planned together so that they stack into a few forward passes.
 
     A per-prompt metric (estimates with a trailing `batch` dim) is confirmed by its mean
-    over the prompts: cells are ranked, patched and compared by the mean change.
+    over the prompts: cells are ranked, patched and compared by the mean change. Estimates
+    computed with `uncertainty=True` also say how stable the ranking is: each confirmed cell's
+    `top_k_frequency` over bootstrap resamples of the prompts (no forward pass).
 
     Args:
         model: The model `estimates` were computed on.
@@ -232,6 +241,7 @@ def confirm(
     exact = plan.compute(progress=progress)[CONFIRMED].as_tensor().double()
     exact = exact.mean(-1) if per_prompt else exact
     places = list(cell_places(sweeps))
+    frequency = top_k_frequencies(estimates, sweeps, len(chosen))
     cells = tuple(
         ConfirmedCell(
             places[index][0],
@@ -240,10 +250,29 @@ def confirm(
             float(value),
             float(changes[index]),
             float(value) - unpatched_mean,
+            None if frequency is None else float(frequency[index]),
         )
         for index, value in zip(chosen, exact)
     )
     return Confirmation(cells, unpatched_mean, len(changes), per_prompt)
+
+
+def top_k_frequencies(estimates, sweeps: list[Sweep], top_k: int, n_resamples: int = 200) -> Tensor | None:
+    """For estimates that keep per-prompt values, each cell's fraction of bootstrap resamples of the
+    prompts (the same resamples for every component) in which its estimated change is among the
+    `top_k` largest in size, in the sweeps' cell order; None for estimates without them."""
+    samples = [estimates[sweep.name].samples for sweep in sweeps]
+    if any(part is None or part.baseline is None for part in samples):
+        return None
+    changes = [
+        PromptSamples((part.values - part.baseline).reshape(-1, part.n), scale=part.scale).bootstrap(n_resamples)
+        for part in samples
+    ]
+    resampled = torch.cat(changes).abs()
+    top = torch.topk(torch.nan_to_num(resampled, nan=-math.inf), top_k, dim=0).indices
+    counts = torch.zeros(resampled.shape[0], dtype=torch.float64)
+    counts.scatter_add_(0, top.flatten(), torch.ones(top.numel(), dtype=torch.float64))
+    return counts / n_resamples
 
 
 @dataclass(frozen=True)

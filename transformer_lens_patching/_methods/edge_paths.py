@@ -33,6 +33,7 @@ from .common import (
     check_hooks_exist,
     checked_steps,
     gradient_progress,
+    kept_per_prompt,
     patched_in_source,
     prepare_runs,
 )
@@ -61,6 +62,7 @@ def attr_path_patch(
     method: str = "atp",
     steps: int | None = None,
     estimate: str = "value",
+    uncertainty: bool = False,
     max_memory: int | None = None,
     progress: bool | str = False,
 ):
@@ -90,6 +92,7 @@ def attr_path_patch(
             with interpolated input embeddings, as in `attr_edges`).
         steps: For "ig", the points of the sum (default 10).
         estimate: "value" for the estimated patched metric, "delta" for its change.
+        uncertainty: Keep each cell's per-prompt estimates, as `attr_patch(uncertainty=True)`.
         max_memory: Bytes of activations one gradient pass may use (default as `act_patch`).
         progress: Show a progress bar over the gradient passes (a string labels it).
 
@@ -122,7 +125,7 @@ def attr_path_patch(
     for spec, what in ((sender_nodes, "sender_nodes"), (receiver_nodes, "receiver_nodes")):
         if spec is None:
             raise PatchingError(f"attr_path_patch needs {what}: a Node, a list of Nodes or an IterNode.")
-    runs = prepare_runs(model, orig_input, patching_metric)
+    runs = prepare_runs(model, orig_input, patching_metric, uncertainty=uncertainty)
     tokens = runs.tokens
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, (), seq_pos)
@@ -184,7 +187,8 @@ def attr_path_patch(
     per_prompt = run.dims == ("batch",)
     changes = changes if per_prompt else changes.sum(-1)
     values = changes if estimate == "delta" else run.value.to(changes.device) + changes
-    return _assembled(sender_nodes, senders, receiver_nodes, receivers, values, run.dims)
+    result = _assembled(sender_nodes, senders, receiver_nodes, receivers, values, run.dims)
+    return kept_per_prompt(result, runs, run.value.cpu(), change=estimate == "delta")
 
 
 def _changes(

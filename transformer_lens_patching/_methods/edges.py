@@ -58,6 +58,7 @@ def attr_edges(
     *,
     method: str = "atp",
     steps: int | None = None,
+    uncertainty: bool = False,
     max_memory: int | None = None,
     progress: bool | str = False,
 ) -> EdgeScores:
@@ -85,6 +86,10 @@ def attr_edges(
             is AtP). The inputs are interpolated, not each receiver's activation as node-level
             `attr_patch(method="ig")` does, which would cost a set of passes per receiver.
         steps: For "ig", the points of the sum (default 10); not used by "atp".
+        uncertainty: Keep each edge's per-prompt scores (`EdgeScores.samples`): the scores are
+            then their means, with `stderr`, `ci`, `significant`, and the stability of the
+            circuits and rankings they give over resampled prompts (`stability`,
+            `top_stability`), at no extra pass.
         max_memory: Bytes of activations one gradient pass may use (default as `act_patch`):
             the prompts run in chunks that fit, each reduced to its edge scores at once.
         progress: Show a progress bar over the gradient passes (a string labels it).
@@ -104,7 +109,7 @@ def attr_edges(
     check_choice(method, EDGE_METHODS, "method")
     steps = checked_steps(method, steps)
     check_chunk_args(None, max_memory)
-    runs = prepare_runs(model, orig_input, patching_metric)
+    runs = prepare_runs(model, orig_input, patching_metric, uncertainty=uncertainty)
     graph = EdgeGraph.of(model)
     check_head_inputs(model, "attr_edges reads every head's q/k/v input, which needs")
     check_head_outputs(model, "attr_edges")
@@ -125,6 +130,11 @@ def attr_edges(
     rows = torch.tensor([sender_row[edge.sender] for edge in graph], device=per_pair.device)
     columns = torch.tensor([receiver_row[edge.receiver] for edge in graph], device=per_pair.device)
     scores = per_pair[:, rows, columns].T
+    if runs.prompt_form is not None:
+        form, value = runs.prompt_form, run.value.cpu()
+        samples = form.samples(scores.cpu(), torch.zeros_like(value), change=True)
+        unpatched = float(form.samples(value.unsqueeze(0)).estimate()[0])
+        return EdgeScores(graph, samples.estimate().float(), method, unpatched, samples)
     if run.dims != ("batch",):
         scores = scores.sum(1)
     return EdgeScores(graph, scores.cpu(), method, run.value.cpu() if run.value.ndim else float(run.value))

@@ -19,6 +19,7 @@ from .._core.circuit import Circuit, edge_count
 from .._core.distributed import shared_by_ranks
 from .._core.graph import EdgeScores
 from .._core.tensor_types import ModelInput, OtherModelInput
+from .._stats import PromptSamples
 from ..errors import PatchingError
 from .circuit_evaluation import evaluate_circuit
 
@@ -38,6 +39,9 @@ class FaithfulnessCurve:
         full: The metric with every edge kept (the orig run).
         empty: The metric with every edge ablated.
         absolute: How the edges were ranked: by |score| (True) or by most negative score.
+        samples: With `uncertainty=True`, the per-prompt values behind the faithfulness at each
+            size (`(value - empty) / (full - empty)` is a ratio of means over prompts, each
+            prompt's circuit, full and empty values resampled together); None otherwise.
     """
 
     method: str
@@ -47,11 +51,30 @@ class FaithfulnessCurve:
     full: float
     empty: float
     absolute: bool = True
+    samples: PromptSamples | None = None
 
     @property
     def faithfulness(self) -> tuple[float, ...]:
         """`(value - empty) / (full - empty)` at each size: 0 is the ablated run, 1 the model."""
         return tuple((value - self.empty) / (self.full - self.empty) for value in self.values)
+
+    def _uncertain(self, what: str) -> PromptSamples:
+        if self.samples is None:
+            raise PatchingError(f"{what} needs the per-prompt values: compute the curve with uncertainty=True.")
+        return self.samples
+
+    @property
+    def faithfulness_stderr(self) -> tuple[float, ...]:
+        """The standard error of the faithfulness at each size (the delta method's, for a ratio)."""
+        return tuple(self._uncertain("faithfulness_stderr").stderr().tolist())
+
+    def faithfulness_ci(
+        self, level: float = 0.95, method: str = "bootstrap", *, n_resamples: int = 2000, seed: int = 0
+    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The curve's band: a `level` confidence interval of the faithfulness at each size, as
+        (lows, highs), by resampling prompts (see `PatchResult.ci` for the methods)."""
+        low, high = self._uncertain("faithfulness_ci").ci(level, method, n_resamples, seed)
+        return tuple(low.tolist()), tuple(high.tolist())
 
     @property
     def edge_counts(self) -> tuple[int, ...]:
@@ -163,6 +186,7 @@ def faithfulness_curve(
     sizes: Sequence[float | int] = MIB_FRACTIONS,
     absolute: bool = True,
     prune: bool = True,
+    uncertainty: bool = False,
     batch_size: int | None = None,
     max_memory: int | None = None,
     progress: bool | str = False,
@@ -180,6 +204,8 @@ def faithfulness_curve(
         absolute: Rank edges by |score| (else by most negative score), as in
             `Circuit.from_scores`.
         prune: Drop the edges that no longer connect the embeddings to the logits.
+        uncertainty: Keep the per-prompt values: the curve then has `faithfulness_stderr` and a
+            band, `faithfulness_ci`, at no extra forward pass.
         orig_input: As in `evaluate_circuit`.
         patching_metric: As in `evaluate_circuit`; a per-prompt metric is averaged over prompts.
         new_input: As in `evaluate_circuit`.
@@ -205,6 +231,7 @@ def faithfulness_curve(
         patching_metric,
         new_input=new_input,
         new_cache=new_cache,
+        uncertainty=uncertainty,
         batch_size=batch_size,
         max_memory=max_memory,
         progress=progress,
@@ -221,6 +248,7 @@ def mib_faithfulness(
     new_cache=None,
     *,
     prune: bool = True,
+    uncertainty: bool = False,
     batch_size: int | None = None,
     max_memory: int | None = None,
     progress: bool | str = False,
@@ -242,6 +270,7 @@ def mib_faithfulness(
     Args:
         scores: Edge scores of this model (`attr_edges`, `confirm_edges`, `exact_edge_scores`).
         prune: Drop the edges that no longer connect the embeddings to the logits (MIB does).
+        uncertainty: Keep the per-prompt values, for both curves' bands (`faithfulness_ci`).
 
     The other arguments are `faithfulness_curve`'s.
 
@@ -262,6 +291,7 @@ def mib_faithfulness(
         patching_metric,
         new_input=new_input,
         new_cache=new_cache,
+        uncertainty=uncertainty,
         batch_size=batch_size,
         max_memory=max_memory,
         progress=progress,
@@ -313,6 +343,7 @@ def _curves(
     values = evaluated.as_tensor().float()
     values = values.reshape(values.shape[0], -1).mean(1).tolist()
     full, empty = values[-2], values[-1]
+    raw = None if evaluated.samples is None else evaluated.samples.values
     if math.isclose(full, empty, rel_tol=1e-5, abs_tol=1e-6):
         raise PatchingError(
             f"The full and the empty circuit give the same metric ({full:.6g}, to float rounding), "
@@ -328,9 +359,18 @@ def _curves(
             full,
             empty,
             absolute,
+            None if raw is None else _faithfulness_samples(raw, i * len(sizes), (i + 1) * len(sizes)),
         )
         for i, (absolute, curve) in enumerate(zip(rankings, circuits))
     )
+
+
+def _faithfulness_samples(raw: torch.Tensor, start: int, stop: int) -> PromptSamples:
+    """The faithfulness of circuits `start:stop` as a ratio of per-prompt means: their values
+    less the empty circuit's over the full circuit's less the empty circuit's (the last two
+    rows of `raw`, the metric's per-prompt values before any normalisation, which cancels)."""
+    full, empty = raw[-2], raw[-1]
+    return PromptSamples(raw[start:stop], offset=empty, scale=full - empty)
 
 
 def _trapezoid(xs: Sequence[float], ys: Sequence[float]) -> float:

@@ -35,7 +35,7 @@ from .._core.executor import Runs, executor_session
 from .._core.measure import declared_dims
 from .._core.memory import check_chunk_args, variants_per_pass
 from .._core.nodes import IterNode, Node, normalize_seq_pos
-from .._core.plan import Block, PatchPlan, stacked_passes, unpatched_block
+from .._core.plan import Block, PatchPlan, stacked_passes, unpatched_block, with_uncertainty
 from .._core.program import entry_layer
 from .._core.sites import resolve_spec
 from .._core.sources import planned_source
@@ -75,6 +75,7 @@ def plan_path_patch(
     names_filter_for_cache_metric: Callable[[str], bool] | None = None,
     direct_includes_mlps: bool = True,
     *,
+    uncertainty: bool = False,
     batch_size: int | None = None,
     max_memory: int | None = None,
 ) -> PatchPlan:
@@ -96,7 +97,9 @@ def plan_path_patch(
     for spec, what in ((sender_nodes, "sender_nodes"), (receiver_nodes, "receiver_nodes")):
         if spec is None:
             raise PatchingError(f"path_patch needs {what}: a Node, a list of Nodes or an IterNode.")
-    runs = prepare_runs(model, orig_input, patching_metric, apply_metric_to_cache=apply_metric_to_cache)
+    runs = prepare_runs(
+        model, orig_input, patching_metric, apply_metric_to_cache=apply_metric_to_cache, uncertainty=uncertainty
+    )
     tokens, metric, reader = runs.tokens, runs.metric, runs.reader
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, receiver_nodes, seq_pos)
@@ -159,7 +162,7 @@ def plan_path_patch(
         lambda bar, grad: PathPatchSession(runs, plan, new, orig, names_filter_for_cache_metric, bar, grad),
     )
     layout = tuple(sweeps) if sweeps is not None else None
-    return PatchPlan(
+    patch_plan = PatchPlan(
         "path_patch",
         description,
         len(variants),
@@ -169,6 +172,7 @@ def plan_path_patch(
         session,
         inputs=(tokens, new_input),
     )
+    return with_uncertainty(patch_plan, runs.prompt_form, shape.n_layers)
 
 
 def _path_blocks(runs: Runs, plan: PathPlan, live: list[int], batch_size, max_memory) -> list[Block]:
@@ -236,6 +240,7 @@ def path_patch(
     direct_includes_mlps: bool = True,
     verbose: bool = False,
     *,
+    uncertainty: bool = False,
     batch_size: int | None = None,
     max_memory: int | None = None,
 ) -> "float | Tensor | tuple | dict[str, PatchResult]":
@@ -262,6 +267,12 @@ def path_patch(
             whose names this function accepts (default: every hook).
         direct_includes_mlps: Whether paths through MLPs count as direct (module docstring).
         verbose: Show progress bars, and for an IterNode print each result's dims.
+        uncertainty: Keep each cell's per-prompt values and return results that carry them
+            (`stderr`, `ci`, `p_values`, `significant`; Concepts, "Uncertainty over prompts");
+            for a Node or list of Nodes a 0-d PatchResult instead of the metric's value. Needs
+            a metric that is a mean over prompts. It runs no more layers: the unpatched run is
+            measured from the orig run's final residual stream, which passes that start late
+            have cached (a plan whose every pass starts at the first layer runs it once more).
         batch_size: Patched variants per forward pass (default: fit in `max_memory`).
         max_memory: Bytes of activations one forward pass may use (default 256 MiB on the
             CPU; on CUDA half of the GPU's free memory when the plan is made; 2 GiB on other
@@ -289,6 +300,7 @@ def path_patch(
         apply_metric_to_cache,
         names_filter_for_cache_metric,
         direct_includes_mlps,
+        uncertainty=uncertainty,
         batch_size=batch_size,
         max_memory=max_memory,
     )

@@ -53,7 +53,9 @@ from .model import (
     check_deterministic,
     hook_names,
     model_shape,
+    pad_token_id,
     post_norms,
+    text_token_ids,
     to_tokens,
     w_o,
     w_out,
@@ -61,6 +63,8 @@ from .model import (
 from .version import CACHE_CLASS, MODEL_CLASSES, TL_MAJOR, TL_VERSION, ActivationCache, check_model
 
 __all__ = [
+    "pad_token_id",
+    "text_token_ids",
     "CACHE_CLASS",
     "HALF_DTYPES",
     "MODEL_CLASSES",

@@ -96,6 +96,23 @@ def hook_names(model) -> set[str]:
     return set(model.hook_dict)
 
 
+def text_token_ids(model, text: str, prepend_bos: bool) -> list[int]:
+    """The token ids of one text, with or without the model's beginning-of-sequence token."""
+    if getattr(model, "tokenizer", None) is None:
+        raise PatchingError("This model has no tokenizer: pass token tensors instead of strings.")
+    return model.to_tokens(text, prepend_bos=prepend_bos)[0].tolist()
+
+
+def pad_token_id(model) -> int:
+    """The token that pads shorter prompts: the tokenizer's pad token, else its end-of-text token, else 0."""
+    tokenizer = getattr(model, "tokenizer", None)
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
 def to_tokens(model, model_input) -> torch.Tensor:
     """Tokens for a string, a list of strings or a token tensor, on the model's input device
     (`model_device`): a token tensor on another device is moved there."""

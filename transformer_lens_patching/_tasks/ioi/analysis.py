@@ -30,6 +30,7 @@ from .dataset import IOIDataset
 from .records import Step
 from .step import Context, IOIStep, Receivers, Skipped
 from .steps import STEP_KEYS, STEPS
+from .uncertainty import CI_LEVEL, mean_uncertainty, uncertainty_of
 
 STEP_COUNT = 1 + len(STEP_KEYS)
 """Steps as the progress headers count them: the logit differences, then `STEP_KEYS`."""
@@ -51,7 +52,11 @@ class IOISettings:
         top_k: The most heads taken from each step into the next.
         min_effect: The smallest effect a head needs to be listed and taken into the next
             step, as a fraction of the clean - corrupted logit difference (the scale of every
-            step's values): heads at noise level are not given a role.
+            step's values): a floor on the size of the effects given a role.
+        fdr: The false discovery rate at which heads are named: a head is listed and taken into
+            the next step only if its effect is significant (a sign-flip permutation test over
+            the prompts, exact up to 12 prompts) after Benjamini-Hochberg control over all the
+            heads of its step, as well as at least `min_effect` in size. `tl-patch ioi` uses 0.05.
         batch_size: Variants per forward pass (None: automatic).
         top_neurons: The MLP neurons the neuron step patches exactly: those whose effect
             attribution patching estimates largest in size.
@@ -67,6 +72,7 @@ class IOISettings:
     corruption: str = "ABB->XYZ, BAB->XYZ"
     top_k: int = 3
     min_effect: float = 0.05
+    fdr: float = 0.05
     batch_size: int | None = None
     top_neurons: int = 20
     circuit_candidates: int = 50
@@ -210,17 +216,17 @@ def run_ioi(
     dataset, corrupted = _datasets(model, settings)
     log(f"step 1/{STEP_COUNT}: logit differences of {dataset.N} clean and {dataset.N} corrupted prompts")
     logit_diff = LogitDiff(dataset.answers, dataset.word_idx["end"])
-    per_prompt = LogitDiff(dataset.answers, dataset.word_idx["end"], per_prompt=True)
-    clean_ld, corrupted_ld = calibrate(model, per_prompt, dataset.toks, corrupted.toks)
-    log(f"  Logit difference (IO - S at the end): clean {clean_ld.mean():.3f}, corrupted {corrupted_ld.mean():.3f}")
+    clean, corrupted_run = calibrate(model, logit_diff, dataset.toks, corrupted.toks)
+    clean_ld, corrupted_ld = clean.per_prompt.as_tensor(), corrupted_run.per_prompt.as_tensor()
+    log(f"  Logit difference (IO - S at the end): clean {_with_error(clean_ld)}, corrupted {_with_error(corrupted_ld)}")
     ctx = Context(
         model,
         settings,
         dataset,
         corrupted,
         logit_diff,
-        restored=denoising_metric(logit_diff, clean_ld.mean(), corrupted_ld.mean()),
-        damaged=noising_metric(logit_diff, clean_ld.mean(), corrupted_ld.mean()),
+        restored=denoising_metric(logit_diff, clean, corrupted_run),
+        damaged=noising_metric(logit_diff, clean, corrupted_run),
     )
     analysis = IOIAnalysis(
         settings,
@@ -260,15 +266,30 @@ def _run_step(step: IOIStep, ctx: Context, receivers: Receivers, bars: bool | st
     except Skipped as skip:
         return Step(step.key, step.title, f"Skipped: {skip}", {})
     outcome = step.compute(ctx, plans, bars)
+    uncertainty = {
+        name: error for name, result in outcome.results.items() if (error := uncertainty_of(result, ctx.settings.fdr))
+    }
+    z = outcome.results.get("z")
     return Step(
         step.key,
         step.title,
         step.describe(ctx, receivers, outcome),
         outcome.results,
-        {role: ctx.heads(outcome.results["z"], sign) for role, sign in step.roles.items()},
+        {role: ctx.heads(z, sign, uncertainty.get("z")) for role, sign in step.roles.items()},
         confirmation=outcome.confirmation,
         circuit=outcome.circuit,
+        uncertainty=uncertainty,
+        not_significant={role: ctx.not_significant(z, sign, uncertainty.get("z")) for role, sign in step.roles.items()},
     )
+
+
+def _with_error(per_prompt: torch.Tensor) -> str:
+    """'4.507 ± 0.564 (95% CI 3.402 to 5.611)': a mean over prompts, its standard error and
+    interval (the mean alone for one prompt)."""
+    error = mean_uncertainty(per_prompt)
+    if error.stderr is None:
+        return f"{per_prompt.mean():.3f}"
+    return f"{per_prompt.mean():.3f} ± {error.stderr:.3f} ({CI_LEVEL:.0%} CI {error.ci_low:.3f} to {error.ci_high:.3f})"
 
 
 def _finding_line(step: Step) -> str:
@@ -276,7 +297,15 @@ def _finding_line(step: Step) -> str:
     has no results (skipped, or the circuit step)."""
     if not step.results:
         return f"  {step.description}"
-    parts = [f"{name}: {', '.join(map(str, heads)) or 'none'}" for name, heads in step.top.items()]
+    parts = [
+        f"{name}: {', '.join(map(str, heads)) or 'none'}"
+        + (
+            f" ({count}{' more' if heads else ''} reached the size floor but not significance)"
+            if (count := step.not_significant[name])
+            else ""
+        )
+        for name, heads in step.top.items()
+    ]
     if step.confirmation is not None:
         parts.append(_confirmation_line(step.confirmation))
     return f"  {step.title} ({step.seconds:.0f} s)" + (": " + "; ".join(parts) if parts else "")

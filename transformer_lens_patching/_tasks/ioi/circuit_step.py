@@ -9,6 +9,11 @@ resampled from their corrupted twins). The circuit is chosen on the scoring prom
 of the ranking whose signed curve has the largest area there, the smallest circuit whose
 faithfulness there reaches the faithfulness asked for; its held-out faithfulness is reported
 next to it.
+
+Every number keeps its per-prompt values (`uncertainty=True`, no extra forward pass): the edge
+scores (the exact ones too), so that the circuit can be found again on bootstrap resamples of the
+scoring prompts (`tlp.circuit_stability`: how often each edge is in it), and the curves, whose
+faithfulness at each size gets a confidence band.
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import torch
 import transformer_lens_patching as tlp
 
 from ...metrics import LogitDiff
+from ...results import PatchResult
+from .uncertainty import CI_LEVEL, CI_RESAMPLES, ci_method
 
 IOI_IG_STEPS = 5
 """The integrated-gradients points of the EAP-IG ranking."""
 RANKINGS = ("EAP", f"EAP-IG ({IOI_IG_STEPS} steps)", "EAP-IG, candidates confirmed exactly")
 """The rankings the step compares, in the order of `CircuitFinding.curves`."""
+STABILITY_RESAMPLES = 50
+"""The bootstrap resamples of the scoring prompts on which the circuit is found again."""
 EDGE_SCREEN_PASSES = 2 + 3 * (1 + IOI_IG_STEPS)
 """The edge scores' work in forward passes of the scoring prompts, for the time estimate: the
 corrupted run for each method, and a forward and a backward pass (about two forwards) for
@@ -50,6 +59,15 @@ class CircuitFinding:
         candidates: How many of the EAP-IG ranking's strongest edges were scored exactly.
         scored_on: The prompts (indices) that scored the edges.
         held_out: The prompts (indices) that measured faithfulness.
+        size: The circuit's size on the selection curve: a fraction of the graph's edges, as
+            `Circuit.from_scores` takes it (before pruning).
+        stability: The circuit found again, with the same ranking and size, on
+            `STABILITY_RESAMPLES` bootstrap resamples of the scoring prompts: each edge's
+            inclusion frequency and the circuits' Jaccard overlap with it; None with fewer than
+            two scoring prompts, which leave nothing to resample.
+        edge_errors: The standard error and `CI_LEVEL` interval (low, high) of the score of each
+            of the circuit's edges (in `circuit.edges` order), over the scoring prompts; None
+            with fewer than two.
     """
 
     curves: tuple[tlp.MIBFaithfulness, ...]
@@ -63,6 +81,9 @@ class CircuitFinding:
     candidates: int
     scored_on: tuple[int, ...]
     held_out: tuple[int, ...]
+    size: float = 1.0
+    stability: tlp.CircuitStability | None = None
+    edge_errors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def method(self) -> str:
@@ -121,19 +142,17 @@ def find_circuit(
     scored_on, held_out = split(clean.shape[0])
     clean_s, corrupted_s, metric_s = _prompts(clean, corrupted, metric, scored_on)
     clean_h, corrupted_h, metric_h = _prompts(clean, corrupted, metric, held_out)
-    eap = tlp.attr_edges(model, orig_input=clean_s, patching_metric=metric_s, new_input=corrupted_s)
+    eap = tlp.attr_edges(model, orig_input=clean_s, patching_metric=metric_s, new_input=corrupted_s, uncertainty=True)
     ig = tlp.attr_edges(
-        model, orig_input=clean_s, patching_metric=metric_s, new_input=corrupted_s, method="ig", steps=IOI_IG_STEPS
-    )
-    confirmed = tlp.confirm_edges(
         model,
-        ig,
         orig_input=clean_s,
         patching_metric=metric_s,
         new_input=corrupted_s,
-        candidates=min(candidates, len(ig.graph)),
-        batch_size=batch_size,
+        method="ig",
+        steps=IOI_IG_STEPS,
+        uncertainty=True,
     )
+    confirmed = _confirmed(model, ig, clean_s, corrupted_s, metric_s, min(candidates, len(ig.graph)), batch_size)
     scores = (eap, ig, confirmed)
     selection = tuple(
         tlp.faithfulness_curve(
@@ -143,13 +162,20 @@ def find_circuit(
             patching_metric=metric_s,
             new_input=corrupted_s,
             absolute=False,
+            uncertainty=True,
             batch_size=batch_size,
         )
         for s in scores
     )
     curves = tuple(
         tlp.mib_faithfulness(
-            model, s, orig_input=clean_h, patching_metric=metric_h, new_input=corrupted_h, batch_size=batch_size
+            model,
+            s,
+            orig_input=clean_h,
+            patching_metric=metric_h,
+            new_input=corrupted_h,
+            uncertainty=True,
+            batch_size=batch_size,
         )
         for s in scores
     )
@@ -157,6 +183,12 @@ def find_circuit(
     chooser = selection[chosen]
     reaching = [i for i, f in enumerate(chooser.faithfulness) if f >= target]
     index = reaching[0] if reaching else max(range(len(chooser.fractions)), key=lambda i: chooser.faithfulness[i])
+    size = chooser.fractions[index]
+    stability = (
+        tlp.circuit_stability(scores[chosen], size, n_resamples=STABILITY_RESAMPLES, absolute=False, prune=True)
+        if len(scored_on) >= 2
+        else None
+    )
     return CircuitFinding(
         curves,
         scores,
@@ -169,7 +201,60 @@ def find_circuit(
         min(candidates, len(ig.graph)),
         scored_on,
         held_out,
+        size,
+        stability,
+        _edge_errors(scores[chosen], chooser.circuits[index]),
     )
+
+
+def _confirmed(
+    model,
+    ig: tlp.EdgeScores,
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    metric: LogitDiff,
+    candidates: int,
+    batch_size: int | None,
+) -> tlp.EdgeScores:
+    """`ig` with its `candidates` strongest edges scored exactly (`confirm_edges`), keeping every
+    score's per-prompt values: the exact scores are measured per prompt (the same circuits, the
+    same passes; their mean is the mean metric's score), merged into IG's per-prompt scores."""
+    per_prompt_metric = LogitDiff(metric.answers, metric.positions, per_prompt=True)
+    per_prompt_ig = tlp.EdgeScores(ig.graph, ig.samples.values.float(), ig.method, ig.unpatched)
+    merged = tlp.confirm_edges(
+        model,
+        per_prompt_ig,
+        orig_input=clean,
+        patching_metric=per_prompt_metric,
+        new_input=corrupted,
+        candidates=candidates,
+        batch_size=batch_size,
+    )
+    kept = PatchResult.from_per_prompt(
+        PatchResult(merged.scores, ("edge", "batch")), baseline=torch.zeros(merged.scores.shape[1])
+    )
+    unpatched = merged.unpatched
+    unpatched = float(unpatched.double().mean()) if isinstance(unpatched, torch.Tensor) else float(unpatched)
+    return tlp.EdgeScores(ig.graph, kept.as_tensor().float(), merged.method, unpatched, kept.samples)
+
+
+def _edge_errors(
+    scores: tlp.EdgeScores, circuit: tlp.Circuit
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The standard error and interval of the score of each of the circuit's edges, from the scores'
+    per-prompt values; None with fewer than two prompts."""
+    samples = scores.samples
+    if samples is None or samples.n < 2 or not len(circuit):
+        return None
+    rows = torch.tensor([scores.graph.index(edge) for edge in circuit.edges], dtype=torch.long)
+    edges = PatchResult.from_per_prompt(
+        PatchResult(samples.values[rows], ("edge", "batch")),
+        offset=samples.offset,
+        scale=samples.scale,
+        baseline=samples.baseline,
+    )
+    low, high = edges.ci(CI_LEVEL, ci_method(samples.n, len(rows)), n_resamples=CI_RESAMPLES)
+    return edges.stderr.as_tensor(), low.as_tensor(), high.as_tensor()
 
 
 def evaluation_plans(
@@ -197,6 +282,7 @@ def evaluation_plans(
             orig_input=clean_part,
             patching_metric=metric_part,
             new_input=corrupted_part,
+            uncertainty=True,
             batch_size=batch_size,
         )
     return plans

@@ -14,17 +14,23 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 import transformer_lens_patching as tlp
 
+from ...results import PatchResult
 from .analysis import IOIAnalysis
 from .circuit_step import RANKINGS, CircuitFinding
 from .report_page import named_heads, report_html
+from .uncertainty import CI_LEVEL, Uncertainty, curve_band, mean_uncertainty
 
 REPORT, JSON, CSV = "report.html", "results.json", "results.csv"
 CSV_DIMS = ("seq_pos", "layer", "head", "kv_head", "neuron")
 """The dim columns of the CSV file (empty where a result has no such dim)."""
 EXACT = "exact"
 """The CSV's component suffix for the neuron step's exactly patched cells (e.g. `post exact`)."""
+CSV_ERRORS = ("stderr", "ci_low", "ci_high", "p_value", "significant")
+"""The CSV's columns after `value`: its error bars, and for a head its test (empty where a value has none)."""
 
 
 def write_report(analysis: IOIAnalysis, out: str | Path) -> dict[str, Path]:
@@ -40,7 +46,7 @@ def write_report(analysis: IOIAnalysis, out: str | Path) -> dict[str, Path]:
     paths["html"].write_text(report_html(analysis), encoding="utf-8")
     with paths["csv"].open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
-        writer.writerow(("step", "component", *CSV_DIMS, "value"))
+        writer.writerow(("step", "component", *CSV_DIMS, "value", *CSV_ERRORS))
         writer.writerows(csv_rows(analysis))
     return paths
 
@@ -76,8 +82,12 @@ def _new_file_mode() -> int:
 
 
 def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
-    """A CircuitFinding as plain JSON values: the curves, the circuit's edges and the named heads' membership."""
+    """A CircuitFinding as plain JSON values: the curves (with their bands), the circuit's edges
+    (with their scores' error bars and inclusion frequencies), and the named heads' membership."""
     kept = set(finding.circuit.heads)
+    index = list(finding.selection[finding.chosen].fractions).index(finding.size)
+    held_out = curve_band(finding.curves[finding.chosen].signed)
+    scoring = curve_band(finding.selection[finding.chosen])
     return {
         "curves": [
             {
@@ -96,9 +106,21 @@ def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
         "candidates": finding.candidates,
         "target": finding.target,
         "faithfulness": finding.faithfulness,
+        "faithfulness_ci": None if held_out is None else [held_out[1][index], held_out[2][index]],
         "chosen_faithfulness": finding.chosen_faithfulness,
+        "chosen_faithfulness_ci": None if scoring is None else [scoring[1][index], scoring[2][index]],
+        "ci_level": CI_LEVEL,
         "selection": [_curve_json(curve) for curve in finding.selection],
+        "size": finding.size,
         "circuit": json.loads(finding.circuit.to_json()),
+        "circuit_edges": _circuit_edges_json(finding),
+        "stability": None
+        if finding.stability is None
+        else {
+            "method": finding.stability.method,
+            "n_resamples": len(finding.stability.jaccard),
+            "mean_jaccard": finding.stability.mean_jaccard,
+        },
         "named_heads": [
             {"role": role, "layer": head.layer, "head": head.head, "in_circuit": (head.layer, head.head) in kept}
             for role, head in named_heads(analysis)
@@ -106,13 +128,45 @@ def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
     }
 
 
+def _circuit_edges_json(finding: CircuitFinding) -> list[dict]:
+    """Each edge of the circuit: its score (by the chosen ranking), the score's standard error
+    and interval, and how often the resampled circuits hold it."""
+    scores = finding.scores[finding.chosen]
+    graph = finding.circuit.graph
+    errors = finding.edge_errors
+    inclusion = None if finding.stability is None else finding.stability.inclusion
+    return [
+        {
+            "edge": str(edge),
+            "score": float(scores.score(edge)),
+            **(
+                {}
+                if errors is None
+                else {"stderr": float(errors[0][i]), "ci_low": float(errors[1][i]), "ci_high": float(errors[2][i])}
+            ),
+            "inclusion": None if inclusion is None else float(inclusion[graph.index(edge)]),
+        }
+        for i, edge in enumerate(finding.circuit.edges)
+    ]
+
+
 def _curve_json(curve: tlp.FaithfulnessCurve) -> dict:
-    """One faithfulness curve as plain JSON values."""
+    """One faithfulness curve as plain JSON values, with its band where it has one."""
+    band = curve_band(curve)
     return {
         "fractions": list(curve.fractions),
         "edges": list(curve.edge_counts),
         "metric": list(curve.values),
         "faithfulness": list(curve.faithfulness),
+        **(
+            {}
+            if band is None
+            else {
+                "faithfulness_stderr": list(band[0]),
+                "faithfulness_ci_low": list(band[1]),
+                "faithfulness_ci_high": list(band[2]),
+            }
+        ),
         "full": curve.full,
         "empty": curve.empty,
     }
@@ -134,6 +188,7 @@ def _confirmation_json(confirmation: tlp.Confirmation) -> dict:
                 "exact": c.exact,
                 "estimated_change": c.estimated_change,
                 "exact_change": c.exact_change,
+                "top_k_frequency": c.top_k_frequency,
             }
             for c in confirmation.cells
         ],
@@ -166,14 +221,8 @@ def as_json(analysis: IOIAnalysis) -> dict:
                 "description": step.description,
                 "seconds": step.seconds,
                 "top": {name: [vars(head) for head in heads] for name, heads in step.top.items()},
-                "results": {
-                    name: {
-                        "dims": list(r.dims),
-                        "coords": {d: list(c) for d, c in r.coords.items()},
-                        "values": r.tolist(),
-                    }
-                    for name, r in step.results.items()
-                },
+                "not_significant": step.not_significant,
+                "results": {name: _result_json(r, step.uncertainty.get(name)) for name, r in step.results.items()},
                 **({"confirmation": _confirmation_json(step.confirmation)} if step.confirmation is not None else {}),
                 **({"circuit": _circuit_json(step.circuit, analysis)} if step.circuit is not None else {}),
             }
@@ -182,18 +231,78 @@ def as_json(analysis: IOIAnalysis) -> dict:
     }
 
 
+def _result_json(result: PatchResult, error: Uncertainty | None) -> dict:
+    """A result's dims, coordinates and values, and where it has them its error bars, each of the
+    values' shape (and for a result of heads, each head's p-value and significance)."""
+    return {
+        "dims": list(result.dims),
+        "coords": {d: list(c) for d, c in result.coords.items()},
+        "values": result.tolist(),
+        **({} if error is None else _errors_json(error)),
+    }
+
+
+def _errors_json(error: Uncertainty) -> dict:
+    """An `Uncertainty` as plain JSON values (None where it has no such values)."""
+    tests = (
+        {} if error.p_values is None else {"p_values": _plain(error.p_values), "significant": _plain(error.significant)}
+    )
+    return {
+        "n_prompts": error.n_prompts,
+        "ci_level": CI_LEVEL,
+        "ci_method": error.ci_method,
+        "stderr": _plain(error.stderr),
+        "ci_low": _plain(error.ci_low),
+        "ci_high": _plain(error.ci_high),
+        **tests,
+    }
+
+
+def _plain(values: torch.Tensor | None):
+    """A tensor as nested lists (a 0-d one as a number; NaN as null), or None."""
+    if values is None:
+        return None
+    plain = values.tolist()
+    if values.dtype == torch.bool:
+        return plain
+    return _no_nan(plain)
+
+
+def _no_nan(value):
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def _values(per_prompt) -> dict:
-    return {"mean": float(per_prompt.mean()), "per_prompt": per_prompt.tolist()}
+    """The logit differences: their mean with its error bars, and each prompt's."""
+    return {
+        "mean": float(per_prompt.mean()),
+        **_errors_json(mean_uncertainty(per_prompt)),
+        "per_prompt": per_prompt.tolist(),
+    }
 
 
 def csv_rows(analysis: IOIAnalysis):
-    """One row per result cell: step, component, the dims' coordinates, value; then for the
-    neuron step one row per exactly patched neuron (component `post exact`)."""
+    """One row per result cell: step, component, the dims' coordinates, value, and its
+    `CSV_ERRORS` (empty where it has none); then for the neuron step one row per exactly
+    patched neuron (component `post exact`)."""
     for step in analysis.steps:
         for name, result in step.results.items():
             values = result.as_tensor()
+            error = step.uncertainty.get(name)
+            columns = (
+                [] if error is None else [error.stderr, error.ci_low, error.ci_high, error.p_values, error.significant]
+            )
             for index in itertools.product(*(range(size) for size in values.shape)):
                 coords = {dim: result.coords[dim][i] for dim, i in zip(result.dims, index)}
-                yield (step.key, name, *(coords.get(dim, "") for dim in CSV_DIMS), float(values[index]))
+                errors = [_cell(column, index) for column in columns] or [""] * len(CSV_ERRORS)
+                yield (step.key, name, *(coords.get(dim, "") for dim in CSV_DIMS), float(values[index]), *errors)
         for cell in step.confirmation.cells if step.confirmation is not None else ():
-            yield (step.key, f"{cell.component} {EXACT}", *(cell.coords.get(dim, "") for dim in CSV_DIMS), cell.exact)
+            coords = (cell.coords.get(dim, "") for dim in CSV_DIMS)
+            yield (step.key, f"{cell.component} {EXACT}", *coords, cell.exact, *[""] * len(CSV_ERRORS))
+
+
+def _cell(column: torch.Tensor | None, index: tuple[int, ...]):
+    """One cell of an error-bar column for the CSV ("" where the column is missing)."""
+    return "" if column is None else column[index].item()

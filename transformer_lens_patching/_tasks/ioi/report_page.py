@@ -17,8 +17,18 @@ import transformer_lens_patching as tlp
 
 from .analysis import IOIAnalysis
 from .circuit_step import RANKINGS, CircuitFinding
-from .figures import logit_diff_figure, step_figure
+from .figures import faithfulness_figure, logit_diff_figure, step_figure
 from .records import Step, TopHead
+from .uncertainty import (
+    CI_LEVEL,
+    EXACT_SIGN_FLIPS,
+    METHOD_WORDS,
+    ci_method,
+    curve_band,
+    mean_uncertainty,
+    prompts_for_a_lone_head,
+    smallest_p_value,
+)
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -105,27 +115,119 @@ def _missing(analysis: IOIAnalysis) -> str:
 
 def _summary(analysis: IOIAnalysis) -> str:
     """The model, the run, the mean logit differences, the heads found, the settings and versions."""
-    clean, corrupted = float(analysis.clean_logit_diff.mean()), float(analysis.corrupted_logit_diff.mean())
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     source = f"<p>Weights: {html.escape(analysis.model_source)}</p>" if analysis.model_source else ""
+    n = analysis.dataset.N
+    spread = (
+        f" (± one standard error over the {n} prompts; {CI_LEVEL:.0%} confidence intervals by "
+        f"{METHOD_WORDS[ci_method(n, 1)]}: how far the means would move on another draw of prompts like these, "
+        "for this model)"
+        if n >= 2
+        else " (one prompt: no error bars)"
+    )
+    return (
+        f"<p>Model <b>{html.escape(analysis.model_name)}</b>, {n} prompts; "
+        f"run in {analysis.seconds:.0f} s on {when}.</p>{source}"
+        '<p id="logit-diffs">Mean logit difference (IO - S at the end): '
+        f"clean {_mean_with_error(analysis.clean_logit_diff)}, "
+        f"corrupted {_mean_with_error(analysis.corrupted_logit_diff)}{spread}.</p>"
+        + _section("Heads found", _heads_found(analysis))
+        + _section("Settings", _names_table(vars(analysis.settings)))
+        + _section("Versions", _names_table(analysis.versions, table_id="versions"))
+    )
+
+
+def _mean_with_error(per_prompt) -> str:
+    """'<b>4.507</b> ± 0.564 (95% CI 3.402 to 5.611)' (the mean alone for one prompt)."""
+    error = mean_uncertainty(per_prompt)
+    mean = f"<b>{float(per_prompt.mean()):.3f}</b>"
+    if error.stderr is None:
+        return mean
+    low, high = float(error.ci_low), float(error.ci_high)
+    return f"{mean} ± {float(error.stderr):.3f} ({CI_LEVEL:.0%} CI {low:.3f} to {high:.3f})"
+
+
+def _heads_found(analysis: IOIAnalysis) -> str:
+    """The rule that names heads, what the prompts allow it, each role's heads (and how many reached
+    the size floor without being significant), and the prompts a tighter interval would take."""
+    settings = analysis.settings
     found = "".join(
-        f"<li>{html.escape(step.title)}: {html.escape(name)}: {html.escape(', '.join(map(str, heads)) or 'none')}</li>"
+        f"<li>{html.escape(step.title)}: {html.escape(name)}: {html.escape(', '.join(map(str, heads)) or 'none')}"
+        + _unsupported(step.not_significant.get(name, 0), settings.min_effect, bool(heads))
+        + "</li>"
         for step in analysis.steps
         for name, heads in step.top.items()
     )
-    threshold, top_k = analysis.settings.min_effect, analysis.settings.top_k
-    heads_found = (
-        f"<p>At most {top_k} heads per role, each with an effect of at least {threshold:.0%} of the clean - "
-        "corrupted logit difference in size (--min-effect); only those are carried into the next step.</p>"
-        f"<ul>{found}</ul>"
+    rule = (
+        f"<p>A head is named only if its effect is significant and large: significant after controlling the "
+        f"false discovery rate at {settings.fdr:g} over all the heads of its step (Benjamini-Hochberg), each head "
+        "tested by a sign-flip permutation test over the prompts (two-sided, of whether patching it changes the logit "
+        f"difference at all; exact with up to {EXACT_SIGN_FLIPS} prompts), and at least {settings.min_effect:.0%} of "
+        f"the clean - corrupted logit difference in size (--min-effect). At most {settings.top_k} heads per role, the "
+        "largest first; only those are carried into the next step. Each effect is given ± one standard error over "
+        "the prompts.</p>"
+    )
+    return rule + _power_note(analysis) + f"<ul>{found}</ul>" + _prompts_note(analysis)
+
+
+def _unsupported(count: int, min_effect: float, named: bool) -> str:
+    """'; 4 more heads reached 5% but were not significant' ('4 heads' where none was named;
+    nothing for none)."""
+    if not count:
+        return ""
+    heads = f"{count} {'more ' if named else ''}{'head' if count == 1 else 'heads'}"
+    return html.escape(f"; {heads} reached {min_effect:.0%} but {'was' if count == 1 else 'were'} not significant")
+
+
+def _power_note(analysis: IOIAnalysis) -> str:
+    """What the number of prompts allows the test: its smallest p-value, against what a head
+    needs to be significant on its own among the model's heads."""
+    n, fdr = analysis.dataset.N, analysis.settings.fdr
+    heads = next((step.results["z"] for step in analysis.steps if step.key == "act_heads" and step.results), None)
+    if heads is None:
+        return ""
+    count = heads.numel()
+    smallest = smallest_p_value(n)
+    needed = prompts_for_a_lone_head(fdr, count)
+    alone = (
+        "no number of prompts lets a head be named alone with the test's 10,000 random sign patterns"
+        if needed is None
+        else f"which takes at least {needed} prompts"
+    )
+    verdict = (
+        f" With {n} prompts no head can be significant: even a head whose effect has the same sign on every prompt "
+        f"gets p = {smallest:.3g}, above {fdr:g}."
+        if smallest > fdr
+        else ""
     )
     return (
-        f"<p>Model <b>{html.escape(analysis.model_name)}</b>, {analysis.dataset.N} prompts; "
-        f"run in {analysis.seconds:.0f} s on {when}.</p>{source}"
-        f"<p>Mean logit difference (IO - S at the end): clean <b>{clean:.3f}</b>, corrupted <b>{corrupted:.3f}</b>.</p>"
-        + _section("Heads found", heads_found)
-        + _section("Settings", _names_table(vars(analysis.settings)))
-        + _section("Versions", _names_table(analysis.versions, table_id="versions"))
+        f'<p id="test-power">With {n} prompts the smallest p-value the test can give is {smallest:.3g} (every '
+        f"prompt's change of the same sign). Among the model's {count} heads, a head is significant on its own only "
+        f"with p at most {fdr:g} / {count} = {fdr / count:.2g} ({alone}); with a larger p, only together with many "
+        f"heads of small p.{verdict}</p>"
+    )
+
+
+HALF_WIDTH = 0.1
+"""The interval half-width (of the clean - corrupted logit difference) the report's note on prompts aims at."""
+
+
+def _prompts_note(analysis: IOIAnalysis) -> str:
+    """How many prompts the observed spread suggests for a `HALF_WIDTH` interval on the strongest
+    head's effect (step 2, z)."""
+    step = next((step for step in analysis.steps if step.key == "act_heads" and step.results), None)
+    if step is None or step.results["z"].samples is None or analysis.dataset.N < 2:
+        return ""
+    z = step.results["z"]
+    strongest = int(z.as_tensor().abs().argmax())
+    layer, head = z.coords["layer"][strongest // z.shape[1]], z.coords["head"][strongest % z.shape[1]]
+    cell = z.sel(layer=layer, head=head)
+    needed = int(cell.prompts_for(HALF_WIDTH, CI_LEVEL))
+    return (
+        f'<p id="prompts-needed">The strongest head\'s effect (z, step 2: head {layer}.{head}, '
+        f"{float(cell):+.1%} ± {float(cell.stderr):.1%}): at the spread observed over these {analysis.dataset.N} "
+        f"prompts, a {CI_LEVEL:.0%} confidence interval of ±{HALF_WIDTH:.0%} of the clean - corrupted logit "
+        f"difference would take about <b>{needed}</b> prompts (--n-prompts).</p>"
     )
 
 
@@ -164,31 +266,70 @@ def _step_section(step: Step, analysis: IOIAnalysis) -> str:
 
 
 def _top_table(step: Step) -> str:
+    """The heads the step named, each effect with its error bars and p-value, and how many more
+    reached the size floor without being significant."""
     if not step.top:
         return ""
     rows = [
-        (html.escape(role), f"{head.layer}.{head.head}", f"{head.value:+.1%}")
+        (
+            html.escape(role),
+            f"{head.layer}.{head.head}",
+            f"{head.value:+.1%}",
+            _or_dash(head.stderr, "{:.1%}"),
+            "-" if head.ci_low is None else f"{head.ci_low:+.1%} to {head.ci_high:+.1%}",
+            _or_dash(head.p_value, "{:.2g}"),
+        )
         for role, heads in step.top.items()
         for head in heads
     ]
-    return _table(("role", "head", "effect"), rows)
+    unsupported = [
+        f"{html.escape(role)}: {count}" for role, count in step.not_significant.items() if count and role in step.top
+    ]
+    note = (
+        f"<p>Reached the size floor but not significant, so not named: {'; '.join(unsupported)}.</p>"
+        if unsupported
+        else ""
+    )
+    head = ("role", "head", "effect", "standard error", f"{CI_LEVEL:.0%} CI", "p-value")
+    return _table(head, rows, table_id=f"top-{step.key}") + note
+
+
+def _or_dash(value: float | None, form: str) -> str:
+    return "-" if value is None else form.format(value)
 
 
 def _confirmation_section(confirmation: tlp.Confirmation, analysis: IOIAnalysis) -> str:
     """The confirmed neurons' table, how well the estimate ranked them, and the strongest head for scale."""
+    stable = all(cell.top_k_frequency is not None for cell in confirmation.cells)
     rows = [
-        (cell.coords["layer"], cell.coords["neuron"], f"{cell.estimated_change:+.1%}", f"{cell.exact_change:+.1%}")
+        (
+            cell.coords["layer"],
+            cell.coords["neuron"],
+            f"{cell.estimated_change:+.1%}",
+            f"{cell.exact_change:+.1%}",
+            *((f"{cell.top_k_frequency:.0%}",) if stable else ()),
+        )
         for cell in confirmation.cells
     ]
     n = confirmation.overlap_size
+    frequency = (
+        f" The last column: the fraction of 200 bootstrap resamples of the prompts in which the neuron's estimate is "
+        f"among the {len(confirmation.cells)} largest (how stable its place in the screen is)."
+        if stable
+        else ""
+    )
     heads = next((step for step in analysis.steps if step.key == "act_heads" and step.results), None)
     scale = "" if heads is None else _strongest_head(heads.results["z"])
     return (
         f"<p>The {len(confirmation.cells)} of {confirmation.screened} neurons with the largest estimated effect, "
         "each patched exactly. Rank correlation (Spearman) of estimated and exact effect over them: "
         f"<b>{_number(confirmation.spearman)}</b>; of the estimate's {n} strongest, "
-        f"<b>{confirmation.top_k_overlap}</b> are among the {n} strongest exactly.{scale}</p>"
-        + _table(("layer", "neuron", "estimated effect", "exact effect"), rows, table_id="confirmed-neurons")
+        f"<b>{confirmation.top_k_overlap}</b> are among the {n} strongest exactly.{scale}{frequency}</p>"
+        + _table(
+            ("layer", "neuron", "estimated effect", "exact effect", *(("in the top, resampled",) if stable else ())),
+            rows,
+            table_id="confirmed-neurons",
+        )
     )
 
 
@@ -223,27 +364,39 @@ def _circuit_section(finding: CircuitFinding, analysis: IOIAnalysis) -> str:
 
 
 def _faithfulness(finding: CircuitFinding) -> str:
-    """Each ranking's two curves on the held-out prompts, as a table and a figure."""
-    from ... import plots
-
+    """Each ranking's two curves on the held-out prompts, each point with its interval, as a table
+    and a figure with the curves' bands."""
     sizes = [f"{f:g}" for f in finding.curves[0].signed.fractions]
     rows = [
-        (html.escape(method), html.escape(curve.ranking), summary, *(f"{f:.3f}" for f in curve.faithfulness))
+        (html.escape(method), html.escape(curve.ranking), summary, *_with_band(curve))
         for method, mib in zip(RANKINGS, finding.curves)
         for curve, summary in ((mib.signed, f"CPR {mib.cpr:.3f}"), (mib.absolute, f"CMD {mib.cmd:.3f}"))
     ]
-    curves = plots.faithfulness_curves(
-        list(finding.curves), title="Faithfulness of each ranking's circuits, on the held-out prompts"
+    banded = curve_band(finding.curves[0].signed) is not None
+    band = (
+        f" Below each faithfulness, its {CI_LEVEL:.0%} confidence interval over the held-out prompts (by "
+        f"{METHOD_WORDS[ci_method(len(finding.held_out), 1)]}, each prompt's circuit, full and empty values "
+        "taken together); the figure draws it as a band."
+        if banded
+        else " With one held-out prompt there is no interval."
     )
     return (
         f"<p>Edges scored on {len(finding.scored_on)} of the prompts; every faithfulness in this table and figure "
         f"is measured on the other {len(finding.held_out)}, held out, as MIB does. MIB's CPR is the area under the "
         "curve of the edges ranked by signed score (higher is better), its CMD the area between 1 and the curve of "
         "the edges ranked by |score| (lower is better); the columns are MIB's circuit sizes, as fractions of the "
-        "edges.</p>"
+        f"edges.{band}</p>"
         + _table(("scores", "edges ranked by", "MIB summary", *sizes), rows, table_id="faithfulness")
-        + _figure(curves, "faithfulness")
+        + _figure(faithfulness_figure(finding), "faithfulness")
     )
+
+
+def _with_band(curve: tlp.FaithfulnessCurve) -> list[str]:
+    """Each size's faithfulness, with its interval below it where the curve has one."""
+    band = curve_band(curve)
+    if band is None:
+        return [f"{f:.3f}" for f in curve.faithfulness]
+    return [f"{f:.3f}<br><small>{low:.2f} to {high:.2f}</small>" for f, low, high in zip(curve.faithfulness, *band[1:])]
 
 
 def _circuit(finding: CircuitFinding) -> str:
@@ -252,10 +405,27 @@ def _circuit(finding: CircuitFinding) -> str:
 
     shown = _shown(finding)
     scores = finding.scores[finding.chosen]
-    edges = [
-        (html.escape(str(edge.sender)), html.escape(str(edge.receiver)), f"{float(scores.score(edge)):+.4f}")
-        for edge in sorted(shown, key=lambda edge: -abs(float(scores.score(edge))))
-    ]
+    graph_edges = finding.circuit.graph
+    position = {edge: i for i, edge in enumerate(finding.circuit.edges)}
+    errors, stability = finding.edge_errors, finding.stability
+
+    def row(edge) -> tuple[str, ...]:
+        cells = [html.escape(str(edge.sender)), html.escape(str(edge.receiver)), f"{float(scores.score(edge)):+.4f}"]
+        if errors is not None:
+            i = position[edge]
+            cells += [f"{float(errors[0][i]):.4f}", f"{float(errors[1][i]):+.4f} to {float(errors[2][i]):+.4f}"]
+        if stability is not None:
+            cells.append(f"{float(stability.inclusion[graph_edges.index(edge)]):.0%}")
+        return tuple(cells)
+
+    edges = [row(edge) for edge in sorted(shown, key=lambda edge: -abs(float(scores.score(edge))))]
+    head = (
+        "sender",
+        "receiver",
+        "score",
+        *(("standard error", f"{CI_LEVEL:.0%} CI") if errors is not None else ()),
+        *(("in resampled circuits",) if stability is not None else ()),
+    )
     graph = plots.circuit_graph(
         shown,
         scores,
@@ -264,10 +434,35 @@ def _circuit(finding: CircuitFinding) -> str:
     return (
         f"<p>{len(finding.circuit):,} of {len(finding.circuit.graph):,} edges from the "
         f"{html.escape(finding.method)} ranking by signed score, chosen on the scoring prompts (faithfulness "
-        f"{finding.chosen_faithfulness:.3f} there); faithfulness <b>{finding.faithfulness:.3f}</b> on the held-out "
-        f"prompts; its {len(shown)} strongest edges:</p>"
+        f"{finding.chosen_faithfulness:.3f}{_interval(finding.selection[finding.chosen], finding)} there); "
+        f"faithfulness <b>{finding.faithfulness:.3f}</b>{_interval(finding.curves[finding.chosen].signed, finding)} "
+        f"on the held-out prompts.{_stability(finding)} Its {len(shown)} strongest edges, each score (the change of "
+        "the logit difference when the edge alone is resampled, as the ranking measures it) with its standard error "
+        "and interval over the scoring prompts:</p>"
         + _figure(graph, "circuit-graph")
-        + _table(("sender", "receiver", "score"), edges, table_id="circuit-edges")
+        + _table(head, edges, table_id="circuit-edges")
+    )
+
+
+def _interval(curve: tlp.FaithfulnessCurve, finding: CircuitFinding) -> str:
+    """' (95% CI 0.71 to 0.93)' of the circuit's point on `curve` (nothing where it has no band)."""
+    band = curve_band(curve)
+    if band is None:
+        return ""
+    index = list(curve.fractions).index(finding.size)
+    return f" ({CI_LEVEL:.0%} CI {band[1][index]:.2f} to {band[2][index]:.2f})"
+
+
+def _stability(finding: CircuitFinding) -> str:
+    """How often resampled scoring prompts give the circuit's edges again."""
+    stability = finding.stability
+    if stability is None:
+        return " With one scoring prompt, the circuit's stability over prompts cannot be measured."
+    return (
+        f' <span id="circuit-stability">Found again on {len(stability.jaccard)} bootstrap resamples of the scoring '
+        f"prompts (the same ranking, the same size; no forward pass), the circuits overlap this one by a mean "
+        f"Jaccard index of <b>{stability.mean_jaccard:.2f}</b> (1: the same edges); the last column of the table "
+        "below is each edge's inclusion frequency, the fraction of the resampled circuits that hold it.</span>"
     )
 
 

@@ -21,7 +21,7 @@ from ...metrics import LogitDiff
 from ...results import PatchResult
 from .circuit_step import CircuitFinding
 from .dataset import IOIDataset
-from .records import TopHead, top_heads
+from .records import TopHead, Uncertainty, not_significant, top_heads
 
 if TYPE_CHECKING:
     from .analysis import IOISettings
@@ -55,9 +55,14 @@ class Context:
         """The model's sizes."""
         return _tl.model_shape(self.model)
 
-    def heads(self, result: PatchResult, sign: int) -> list[TopHead]:
-        """The heads of `result` with the largest effect of `sign`, as the settings allow."""
-        return top_heads(result, self.settings.top_k, sign, self.settings.min_effect)
+    def heads(self, result: PatchResult, sign: int, uncertainty: Uncertainty | None = None) -> list[TopHead]:
+        """The heads of `result` with the largest effect of `sign`, as the settings allow: at most
+        `top_k`, each at least `min_effect` in size and, given the result's `uncertainty`, significant."""
+        return top_heads(result, self.settings.top_k, sign, self.settings.min_effect, uncertainty)
+
+    def not_significant(self, result: PatchResult, sign: int, uncertainty: Uncertainty | None) -> int:
+        """How many heads of `result` reach `min_effect` with `sign` but are not significant."""
+        return not_significant(result, sign, self.settings.min_effect, uncertainty)
 
     def upper_bound_receivers(self) -> list[TopHead]:
         """`top_k` heads in the last layer: the receivers that give a path step the most work."""

@@ -29,20 +29,24 @@ clean run patched from, and the corrupted run's forward and backward pass (a bac
 costs about two forwards)."""
 
 
-def _clean_into_corrupted(ctx: Context, nodes) -> tlp.PatchPlan:
-    """Activation patching of `nodes` from the clean run into the corrupted run (denoising)."""
+def _clean_into_corrupted(ctx: Context, nodes, uncertainty: bool = True) -> tlp.PatchPlan:
+    """Activation patching of `nodes` from the clean run into the corrupted run (denoising),
+    keeping each cell's per-prompt values (`uncertainty`: error bars and significance at no
+    extra forward pass of the layers)."""
     return tlp.plan_act_patch(
         ctx.model,
         orig_input=ctx.corrupted.toks,
         patching_nodes=nodes,
         patching_metric=ctx.restored,
         new_input=ctx.dataset.toks,
+        uncertainty=uncertainty,
         batch_size=ctx.settings.batch_size,
     )
 
 
 def _corrupted_into_clean(ctx: Context, senders, receivers) -> tlp.PatchPlan:
-    """Path patching from `senders`, corrupted, to `receivers` in the clean run (noising)."""
+    """Path patching from `senders`, corrupted, to `receivers` in the clean run (noising),
+    keeping each cell's per-prompt values."""
     return tlp.plan_path_patch(
         ctx.model,
         orig_input=ctx.dataset.toks,
@@ -50,6 +54,7 @@ def _corrupted_into_clean(ctx: Context, senders, receivers) -> tlp.PatchPlan:
         sender_nodes=senders,
         receiver_nodes=receivers,
         patching_metric=ctx.damaged,
+        uncertainty=True,
         batch_size=ctx.settings.batch_size,
     )
 
@@ -75,13 +80,18 @@ def _word_components(ctx: Context) -> list[str]:
 
 
 def _by_word(ctx: Context, plans: dict[str, tlp.PatchPlan], bars: bool | str) -> Outcome:
-    """Each word's plan run (its bars labelled with the word); one (seq_pos, layer) result per component."""
+    """Each word's plan run (its bars labelled with the word); one (seq_pos, layer) result per
+    component, keeping its per-prompt values: every word's plan patches into the same corrupted
+    run, normalised by the same calibration, so their per-prompt values stack."""
     per_word = {word: plan.compute(progress=bars and f"{bars} at {word}") for word, plan in zip(WORDS, plans.values())}
     results = {}
     for component, first in per_word[WORDS[0]].items():
-        stacked = torch.stack([per_word[word][component].as_tensor() for word in WORDS])
-        results[component] = PatchResult(
-            stacked, ("seq_pos", "layer"), {"seq_pos": WORDS, "layer": first.coords["layer"]}
+        coords = {"seq_pos": WORDS, "layer": first.coords["layer"]}
+        samples = first.samples
+        values = torch.stack([per_word[word][component].samples.values for word in WORDS]).to(first.dtype)
+        per_prompt = PatchResult(values, ("seq_pos", "layer", "batch"), {**coords, "batch": tuple(range(samples.n))})
+        results[component] = PatchResult.from_per_prompt(
+            per_prompt, offset=samples.offset, scale=samples.scale, baseline=samples.baseline
         )
     return Outcome(results)
 
@@ -156,7 +166,9 @@ def _into_heads(key: str, component: str, what: str, role: str) -> IOIStep:
         if receivers is None:
             raise Skipped("the previous step was skipped.")
         if not receivers:
-            raise Skipped(f"the previous step found no head with an effect of at least {ctx.settings.min_effect:.0%}.")
+            raise Skipped(
+                f"the previous step found no head with a significant effect of at least {ctx.settings.min_effect:.0%}."
+            )
         if not _reachable(receivers):
             raise Skipped(
                 f"no head found by the previous step ({_heads_list(receivers)}) has earlier heads to receive from."
@@ -220,12 +232,13 @@ def _plan_neurons(ctx: Context, receivers: Receivers) -> dict[str, tlp.PatchPlan
         raise Skipped(f"this model has no MLP neurons to patch ({why}).")
     neurons = list(range(min(ctx.settings.top_neurons, ctx.shape.d_mlp)))
     strongest = tlp.IterNode(NEURONS, layers=[0], neurons=neurons)
-    return {"attr_neurons, exact patching of the strongest": _clean_into_corrupted(ctx, strongest)}
+    return {"attr_neurons, exact patching of the strongest": _clean_into_corrupted(ctx, strongest, uncertainty=False)}
 
 
 def _screen_and_confirm(ctx: Context, plans: dict[str, tlp.PatchPlan], bars: bool | str) -> Outcome:
-    """Every neuron estimated by attribution patching (AtP), then the strongest patched exactly
-    (`confirm`); `plans` only bound that work."""
+    """Every neuron estimated by attribution patching (AtP), keeping each estimate's per-prompt
+    values (error bars, and how stable each confirmed neuron's place in the top is), then the
+    strongest patched exactly (`confirm`); `plans` only bound that work."""
     neurons = tlp.IterNode(NEURONS)
     estimates = tlp.attr_patch(
         ctx.model,
@@ -233,6 +246,7 @@ def _screen_and_confirm(ctx: Context, plans: dict[str, tlp.PatchPlan], bars: boo
         patching_nodes=neurons,
         patching_metric=ctx.restored,
         new_input=ctx.dataset.toks,
+        uncertainty=True,
     )
     confirmation = tlp.confirm(
         ctx.model,
