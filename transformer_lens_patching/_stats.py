@@ -28,7 +28,11 @@ CORRECTIONS = ("fdr_bh", "bonferroni", None)
 """How `significant` corrects for testing many cells at once."""
 EXACT_SIGN_FLIPS = 12
 """Up to this many prompts, the sign-flip test enumerates every pattern of signs (exact p-values)."""
+ROUNDING = 1e-5
+"""Per-prompt differences from the unpatched run within this fraction of (1 + |unpatched|) count as
+0 in `p_values`: float32 rounding of passes stacked differently, not an effect."""
 _CELLS_PER_CHUNK = 4096
+_FLOATS_PER_CHUNK = 2**24
 
 
 @dataclass(frozen=True)
@@ -193,8 +197,10 @@ class PromptSamples:
         "sign_flip": the permutation test whose null is that the differences are symmetric about
         0. With at most `EXACT_SIGN_FLIPS` prompts every pattern of signs is enumerated (exact);
         otherwise `n_permutations` random patterns, p = (hits + 1) / (n + 1). A pattern hits when
-        its |mean| is at least the observed one, less a relative 1e-9 for rounding. No p-value
-        is below 2 / 2**n: with few prompts and many cells, too coarse to survive a correction.
+        its |mean| is at least the observed one, less a relative 1e-9 for rounding. No exact
+        p-value is below 2 / 2**n, no sampled one below 1 / (n_permutations + 1): with few
+        prompts and many cells, too coarse to survive a correction. Differences within float32
+        rounding of the metric (`ROUNDING`) count as 0.
         "t": the one-sample t-test of mean 0 (n - 1 degrees of freedom), which assumes roughly
         normal differences but whose p-values are not limited so."""
         if self.baseline is None:
@@ -206,6 +212,8 @@ class PromptSamples:
         if test not in TESTS:
             raise PatchingError(f"test must be one of {', '.join(map(repr, TESTS))}; got {test!r}.")
         differences = (self.values - self.baseline).reshape(-1, self.n)
+        rounding = ROUNDING * (1 + self.baseline.abs())
+        differences = torch.where(differences.abs() <= rounding, torch.zeros_like(differences), differences)
         if test == "t":
             self._need(2, "a t-test")
             spread = differences.std(-1, unbiased=True) / math.sqrt(self.n)
@@ -219,9 +227,9 @@ class PromptSamples:
             generator = torch.Generator().manual_seed(seed)
             signs = torch.randint(0, 2, (n_permutations, self.n), generator=generator).double() * 2 - 1
             exact = False
-        pieces = []
-        for start in range(0, differences.shape[0], _CELLS_PER_CHUNK):
-            chunk = differences[start : start + _CELLS_PER_CHUNK]
+        pieces, per_chunk = [], max(1, _FLOATS_PER_CHUNK // signs.shape[0])
+        for start in range(0, differences.shape[0], per_chunk):
+            chunk = differences[start : start + per_chunk]
             observed = chunk.mean(-1, keepdim=True).abs()
             null = (chunk @ signs.T / self.n).abs()
             hits = (null >= observed * (1 - 1e-9)).sum(-1).double()
@@ -356,7 +364,9 @@ def _bca(boot: Tensor, estimate: Tensor, jackknife: Tensor, alpha: float) -> lis
     bounds = []
     for tail in (alpha, 1 - alpha):
         z = float(torch.special.ndtri(torch.tensor(tail, dtype=torch.float64)))
-        adjusted = torch.special.ndtr(bias + (bias + z) / (1 - acceleration * (bias + z)))
+        denominator = 1 - acceleration * (bias + z)
+        corrected = torch.special.ndtr(bias + (bias + z) / denominator)
+        adjusted = torch.where(denominator > 0, corrected, torch.full_like(corrected, tail))
         position = (adjusted * (resamples - 1)).clamp(0, resamples - 1)
         lower, upper = position.floor().long(), position.ceil().long()
         weight = position - lower

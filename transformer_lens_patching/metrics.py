@@ -288,7 +288,7 @@ class KLDivergence(SelectionMetric):
                 f"{tuple(reference.shape)}."
             )
         self.selection = LogitSelection(positions, None, reference.shape[0])
-        log_p = self.selection.select(reference.detach().float()).log_softmax(-1)
+        log_p = self.selection.select(reference.detach()).float().cpu().log_softmax(-1)
         self._p, self._p_log_p = log_p.exp(), (log_p.exp() * log_p).nansum(-1)
         self.per_prompt = per_prompt
         self.dims = (BATCH,) if per_prompt else ()
@@ -297,13 +297,13 @@ class KLDivergence(SelectionMetric):
     @classmethod
     def of(cls, model, reference_input, positions=None, per_prompt: bool = False) -> "KLDivergence":
         """The metric against the model's own run of `reference_input` (text or tokens): one
-        forward pass, its logits kept at the read positions only.
+        forward pass, its logits kept (on the CPU) at the read positions only.
 
         >>> metric = KLDivergence.of(model, clean_tokens)
         """
         with torch.no_grad():
             logits = _tl.forward_logits(model, _tl.to_tokens(model, reference_input))
-        return cls(logits.float().cpu(), positions, per_prompt)
+        return cls(logits, positions, per_prompt)
 
     def measure_selected(self, selected: Tensor) -> Tensor:
         _check_rows(selected, self._p.shape[0])

@@ -174,7 +174,8 @@ class PatchResult(torch.Tensor):
         index = pd.MultiIndex.from_product([list(self.coords[d]) for d in self.dims], names=names)
         columns = {"value": self.as_tensor().detach().cpu().reshape(-1).numpy()}
         if self.samples is not None:
-            columns["stderr"] = self.samples.stderr().reshape(-1).numpy()
+            spread = self.samples.stderr() if self.samples.n > 1 else torch.full(self.shape, float("nan"))
+            columns["stderr"] = spread.reshape(-1).numpy()
         return pd.DataFrame(columns, index=index).reset_index()
 
     def _uncertain(self, what: str) -> PromptSamples:
@@ -231,8 +232,8 @@ class PatchResult(torch.Tensor):
     ) -> "PatchResult | torch.Tensor":
         """Each cell's two-sided p-value that patching does not change the metric, from the
         per-prompt differences from the unpatched run: `test="sign_flip"`, a sign-flip
-        permutation test (exact up to 12 prompts, else `n_permutations` random sign patterns
-        seeded with `seed`; never below 2 / 2**n), or `"t"`, the one-sample t-test."""
+        permutation test (exact up to 12 prompts, never below 2 / 2**n; else `n_permutations`
+        random sign patterns seeded with `seed`), or `"t"`, the one-sample t-test."""
         return self._like(self._uncertain("p_values").p_values(n_permutations, seed, test))
 
     def significant(

@@ -315,3 +315,17 @@ def test_k_and_v_results_select_plot_and_tabulate_like_heads(gqa_model):
     assert columns == [["layer", "head", "value"]] * 2
     figure = plots.heatmap({"z": z, "k": k}, y="head")
     assert [trace.y for trace in figure.data] == [tuple(range(6)), tuple(range(2))]
+
+
+def test_uncertainty_of_one_prompt_and_of_rounding_noise():
+    """One prompt has no spread (a NaN standard error in tables, refused elsewhere); differences
+    from the unpatched run at float32 rounding are no effect, however consistent their sign."""
+    from transformer_lens_patching._stats import PromptSamples
+
+    one = PatchResult.from_per_prompt(PatchResult(torch.ones(2, 1), ("layer", "batch")), baseline=torch.zeros(1))
+    assert one.to_dataframe()["stderr"].isna().all()
+    with pytest.raises(PatchingError, match="at least 2 prompts"):
+        _ = one.stderr
+    baseline = torch.full((8,), 3.0)
+    noise = PromptSamples(torch.stack([baseline + 1e-6, baseline + 0.5]), baseline=baseline)
+    assert noise.p_values().tolist() == [1.0, 2 / 2**8]

@@ -427,7 +427,8 @@ class EdgeScores:
         frame = pd.DataFrame(columns)
         values = self.scores.float().cpu()
         if self.samples is not None:
-            return frame.assign(score=values.numpy(), stderr=self.stderr.numpy())
+            spread = self.stderr if self.samples.n > 1 else torch.full(values.shape, float("nan"))
+            return frame.assign(score=values.numpy(), stderr=spread.numpy())
         if not self.per_prompt:
             return frame.assign(score=values.numpy())
         batch = values.shape[1]

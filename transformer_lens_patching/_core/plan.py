@@ -259,7 +259,8 @@ class PatchPlan:
                 raise PatchingError(f"Cells {repeated[:5]} were measured by more than one of the outputs given.")
             values.update(part.values)
             dims = dims if part.metric_dims is None else part.metric_dims
-        missing = sorted(set(range(self.n_cells)) - set(values))
+        expected = set(range(self.n_cells)) | ({self.baseline_cell} if self.baseline_cell is not None else set())
+        missing = sorted(expected - set(values))
         if missing:
             raise PatchingError(
                 f"{len(missing)} of {self.n_cells} cells are missing (e.g. {missing[:5]}): "

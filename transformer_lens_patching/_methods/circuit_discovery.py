@@ -92,7 +92,9 @@ def confirm_edges(
 
     The exact scores (as `exact_edge_scores`) re-rank the candidates among themselves and
     against the rest; edges outside them keep their estimates. Method: e.g. "ig+exact".
-    `batch_size`, `max_memory` and `progress` are as in `evaluate_circuit`.
+    `batch_size`, `max_memory` and `progress` are as in `evaluate_circuit`. The result keeps
+    no per-prompt values (`samples`), even of scores that had them: for the exact scores' own,
+    evaluate the circuits with a per-prompt metric.
 
     >>> confirmed = confirm_edges(model, scores, clean, metric, new_input=corrupted, candidates=50)
     >>> circuit = Circuit.from_scores(confirmed, 200)
