@@ -372,8 +372,9 @@ class EdgeScores:
         resamples of the prompts in whose scores it ranks among the `k` strongest, `(n_edges,)`.
         An edge of `top(k)` near 1 is there whichever prompts are drawn; near k / n_edges, by chance.
 
-        >>> frequency = scores.top_stability(20)
-        >>> [round(float(frequency[scores.graph.index(edge)]), 2) for edge in scores.top(3)]  # doctest: +ELLIPSIS
+        >>> kept = attr_edges(model, clean, metric, new_input=corrupted, uncertainty=True)
+        >>> frequency = kept.top_stability(20)
+        >>> [round(float(frequency[kept.graph.index(edge)]), 2) for edge in kept.top(3)]  # doctest: +ELLIPSIS
         [...]
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= len(self.graph):
