@@ -152,9 +152,8 @@ class PromptSamples:
         if method not in CI_METHODS:
             raise PatchingError(f"method must be one of {', '.join(map(repr, CI_METHODS))}; got {method!r}.")
         self._need(2, "an interval")
-        estimate = self.estimate()
         if method == "t":
-            half = t_quantile(level, self.n - 1) * self.stderr()
+            estimate, half = self.estimate(), t_quantile(level, self.n - 1) * self.stderr()
             return estimate - half, estimate + half
         _check_count(n_resamples, "n_resamples")
         weights = _resample_weights(self.n, n_resamples, seed)
@@ -170,14 +169,12 @@ class PromptSamples:
         values, offset, scale = self._parts()
         flat = values.reshape(-1, self.n)
         n = self.n
-        offset_boot, scale_boot = weights @ offset / n, weights @ scale / n
         leave_out = (torch.ones(n, n, dtype=torch.float64) - torch.eye(n, dtype=torch.float64)) / (n - 1)
-        offset_jack, scale_jack = leave_out @ offset, leave_out @ scale
         parts = [[] for _ in range(count)]
         for start in range(0, flat.shape[0], _CELLS_PER_CHUNK):
             chunk = flat[start : start + _CELLS_PER_CHUNK]
-            boot = (chunk @ weights.T / n - offset_boot) / scale_boot
-            jack = (chunk @ leave_out.T - offset_jack) / scale_jack
+            boot = _weighted_ratio(chunk, offset, scale, weights / n)
+            jack = _weighted_ratio(chunk, offset, scale, leave_out)
             est = (chunk.mean(-1) - offset.mean()) / scale.mean()
             for part, bound in zip(parts, bounds(boot, est, jack)):
                 part.append(bound)
@@ -187,8 +184,7 @@ class PromptSamples:
         """The result on `n_resamples` resamples of the prompts, (*cells, n_resamples)."""
         _check_count(n_resamples, "n_resamples")
         weights = _resample_weights(self.n, n_resamples, seed)
-        values, offset, scale = self._parts()
-        return (values @ weights.T / self.n - weights @ offset / self.n) / (weights @ scale / self.n)
+        return _weighted_ratio(*self._parts(), weights / self.n)
 
     def p_values(self, n_permutations: int = 10000, seed: int = 0, test: str = "sign_flip") -> Tensor:
         """Two-sided p-values, per cell, that the patch does not change the metric, from the
@@ -336,6 +332,22 @@ def _expanded_tail(level: float, n: int) -> float:
     normal tail at sqrt(n / (n - 1)) times the t quantile of n - 1 degrees of freedom."""
     z = math.sqrt(n / (n - 1)) * t_quantile(level, n - 1)
     return float(torch.special.ndtr(torch.tensor(-z, dtype=torch.float64)))
+
+
+def _weighted_ratio(values: Tensor, offset: Tensor, scale: Tensor, means: Tensor) -> Tensor:
+    """The result on reweighted prompts, (*cells, R): `(values - offset) / scale` with each mean
+    taken under a row of `means` (R, n), rows summing to 1 (a resample's counts over n, or the
+    jackknife's leave-one-out means)."""
+    return (values @ means.T - means @ offset) / (means @ scale)
+
+
+def top_k_frequency(strength: Tensor, k: int) -> Tensor:
+    """(cells,): the fraction of the columns of `strength` (cells, R), one per resample, in which
+    each cell is among the `k` largest (NaN counts as the smallest)."""
+    top = torch.topk(torch.nan_to_num(strength.double(), nan=-math.inf), k, dim=0).indices
+    counts = torch.zeros(strength.shape[0], dtype=torch.float64)
+    counts.scatter_add_(0, top.flatten(), torch.ones(top.numel(), dtype=torch.float64))
+    return counts / strength.shape[1]
 
 
 def _resample_weights(n: int, count: int, seed: int) -> Tensor:

@@ -139,7 +139,11 @@ def _layout(graph: EdgeGraph) -> _Layout:
         add(sender, "logits", GraphNode("logits"), logits_node)
     pair_tensor = torch.tensor(pairs, dtype=torch.long)
     rows = table[pair_tensor[:, 0], pair_tensor[:, 1]]
-    assert (rows >= 0).all() and torch.bincount(rows, minlength=len(graph)).min() >= 1, "EAP-IG layout mismatch"
+    if not (rows >= 0).all() or torch.bincount(rows, minlength=len(graph)).min() < 1:
+        raise PatchingError(
+            "This model's edge graph and EAP-IG's do not match edge for edge (an edge one of them has, the other "
+            "lacks), so its edges cannot be written or read in EAP-IG's format."
+        )
     first = torch.full((len(graph),), len(names), dtype=torch.long)
     first.scatter_reduce_(0, rows, torch.arange(len(names)), reduce="amin")
     return _Layout(

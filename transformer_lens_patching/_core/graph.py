@@ -380,11 +380,7 @@ class EdgeScores:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= len(self.graph):
             raise PatchingError(f"k must be a whole number from 1 to {len(self.graph)}, got {k!r}.")
         resampled = self._uncertain("top_stability").bootstrap(n_resamples, seed)
-        strength = resampled.abs() if absolute else -resampled
-        top = torch.topk(torch.nan_to_num(strength, nan=-math.inf), k, dim=0).indices
-        counts = torch.zeros(len(self.graph), dtype=torch.float64)
-        counts.scatter_add_(0, top.flatten(), torch.ones(top.numel(), dtype=torch.float64))
-        return (counts / n_resamples).float()
+        return _stats.top_k_frequency(resampled.abs() if absolute else -resampled, k).float()
 
     @property
     def per_prompt(self) -> bool:

@@ -22,7 +22,7 @@ from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode
 from .._core.sites import Sweep
 from .._core.tensor_types import ModelInput, OtherModelInput
-from .._stats import PromptSamples
+from .._stats import PromptSamples, top_k_frequency
 from ..errors import PatchingError
 from ..results import PatchResult
 from .activation import plan_cells
@@ -268,11 +268,7 @@ def top_k_frequencies(estimates, sweeps: list[Sweep], top_k: int, n_resamples: i
         PromptSamples((part.values - part.baseline).reshape(-1, part.n), scale=part.scale).bootstrap(n_resamples)
         for part in samples
     ]
-    resampled = torch.cat(changes).abs()
-    top = torch.topk(torch.nan_to_num(resampled, nan=-math.inf), top_k, dim=0).indices
-    counts = torch.zeros(resampled.shape[0], dtype=torch.float64)
-    counts.scatter_add_(0, top.flatten(), torch.ones(top.numel(), dtype=torch.float64))
-    return counts / n_resamples
+    return top_k_frequency(torch.cat(changes).abs(), top_k)
 
 
 @dataclass(frozen=True)
