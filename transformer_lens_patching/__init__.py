@@ -1,11 +1,13 @@
 """Activation patching and path patching for TransformerLens models.
 
 Everything public is listed in `__all__` and importable from here; `plots` (plotly
-figures) and `ioi` (the IOI task) are public submodules with their own `__all__`. All
+figures), `ioi` (the IOI task) and `analysis` (the circuit-analysis job on any task) are
+public submodules with their own `__all__`. All
 other modules are private. Importing the package installs the TransformerLens plugin
 (`model.act_patch`, `cache[Node(...)]`, ...; see `plugin`).
 """
 
+from . import analysis as analysis
 from . import ioi as ioi
 from ._core.circuit import Circuit as Circuit
 from ._core.distributed import set_rank_timeout as set_rank_timeout
@@ -56,6 +58,7 @@ from ._tasks.task.loader import TaskRow as TaskRow
 from ._tasks.task.loader import TaskTokens as TaskTokens
 from ._tasks.task.loader import load_task as load_task
 from ._tasks.task.loader import shipped_tasks as shipped_tasks
+from .analysis import run_task as run_task
 from .errors import PatchingError as PatchingError
 from .ioi import IOIDataset as IOIDataset
 from .ioi import IOISettings as IOISettings
@@ -74,6 +77,7 @@ from .metrics import TokenLogit as TokenLogit
 from .metrics import TokenProbability as TokenProbability
 from .metrics import calibrate as calibrate
 from .metrics import denoising_metric as denoising_metric
+from .metrics import faithfulness_target as faithfulness_target
 from .metrics import lm_loss as lm_loss
 from .metrics import logit_diff as logit_diff
 from .metrics import noising_metric as noising_metric
@@ -150,6 +154,7 @@ __all__ = [
     "calibrate",
     "denoising_metric",
     "noising_metric",
+    "faithfulness_target",
     # the TransformerLens plugin
     "PatchingMixin",
     "CachePatchingMixin",
@@ -161,6 +166,7 @@ __all__ = [
     "TaskTokens",
     "load_task",
     "shipped_tasks",
+    "run_task",
     # the IOI task and the embedded model
     "IOIDataset",
     "IOISettings",
@@ -169,6 +175,7 @@ __all__ = [
     "write_report",
     "load_smollm2",
     # public submodules
+    "analysis",
     "ioi",
     "plots",
 ]

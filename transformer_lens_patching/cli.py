@@ -1,28 +1,33 @@
-"""What `tl-patch ioi` runs, once `tl_patch` has read and checked its arguments.
+"""What `tl-patch ioi` and `tl-patch analyze` run, once `tl_patch` has read and checked their arguments.
 
 The `tl-patch` command (also `python -m transformer_lens_patching`) is `tl_patch.main`, which
 calls `run(args)` once its arguments are good; this module imports nothing of `tl_patch`.
-`run(args)` loads the model and runs the analysis, saving `results.json` after every step,
-and writes the report at the end, or of the steps finished when a step fails or the run is
-interrupted (Ctrl-C).
+`run(args)` loads the model and runs the analysis (`Job`: the IOI job, or the job on a task
+file), saving `results.json` after every step, and writes the report at the end, or of the
+steps finished when a step fails or the run is interrupted (Ctrl-C).
 """
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import _tl
 from ._core.distributed import launched_group
 from ._embedded import EMBEDDED, describe_smollm2, load_smollm2, loading_line
-from ._tasks.ioi.analysis import planned_steps
-from ._tasks.ioi.report import CSV, JSON, REPORT
+from ._tasks.ioi.analysis import IOISettings, planned_ioi_steps, run_ioi
+from ._tasks.job.analysis import Analysis, listed
+from ._tasks.job.report import CIRCUIT, CSV, EDGE_SCORES, JSON, REPORT, write_json, write_report
+from ._tasks.task.analysis import TaskSettings, planned_task_steps, rows_of, run_task
+from ._tasks.task.loader import load_task
 from .errors import PatchingError
-from .ioi import IOIAnalysis, IOISettings, run_ioi, write_json, write_report
 
 LOADING_ERRORS = (OSError, ValueError, ImportError)
 """What a model that cannot be loaded raises: a missing file or hub entry (OSError), a name
@@ -75,20 +80,56 @@ def _load_failure(name: str, error: Exception) -> str:
     return f"Cannot load model {name!r} ({text}). {advice}"
 
 
-def settings_of(args: argparse.Namespace) -> IOISettings:
-    """The analysis settings the arguments give."""
+def settings_of(args: argparse.Namespace) -> IOISettings | TaskSettings:
+    """The analysis settings the arguments give (`IOISettings` for `ioi`, `TaskSettings` for `analyze`)."""
+    shared = {
+        "top_k": args.top_k,
+        "min_effect": args.min_effect,
+        "batch_size": args.batch_size,
+        "top_neurons": args.top_neurons,
+        "circuit_candidates": args.circuit_candidates,
+        "circuit_faithfulness": args.circuit_faithfulness,
+    }
+    if args.command == "analyze":
+        return TaskSettings(n_prompts=args.n_prompts, prepend_bos=args.prepend_bos, **shared)
     return IOISettings(
         n_prompts=args.n_prompts,
         seed=args.seed,
         prompt_type=args.prompt_type,
         prepend_bos=args.prepend_bos,
         corruption=args.corruption,
-        top_k=args.top_k,
-        min_effect=args.min_effect,
-        batch_size=args.batch_size,
-        top_neurons=args.top_neurons,
-        circuit_candidates=args.circuit_candidates,
-        circuit_faithfulness=args.circuit_faithfulness,
+        **shared,
+    )
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a command analyses: its prompts in words, its plans on a model, and its run."""
+
+    prompts: str
+    """The prompts in words, for the line after the model loads ("8 prompts")."""
+    planned: Callable[[object], list]
+    """(label, plan or why skipped) of each step on a model: what `--dry-run` prints."""
+    run: Callable[..., Analysis]
+    """`run_ioi` or `run_task` with the settings (and task) given: called with the model and keywords."""
+
+
+def job_of(args: argparse.Namespace) -> Job:
+    """The job the arguments ask for; a task file is read (and every bad row reported) here,
+    before the model loads."""
+    settings = settings_of(args)
+    if args.command == "analyze":
+        loaded = load_task(args.task, counterfactual=args.counterfactual, label_prefix=args.label_prefix)
+        task = rows_of(loaded, settings)
+        return Job(
+            f"task {task.name}: {len(task)} prompts",
+            lambda model: planned_task_steps(model, task, settings),
+            functools.partial(run_task, task=task, settings=settings),
+        )
+    return Job(
+        f"{settings.n_prompts} prompts",
+        lambda model: planned_ioi_steps(model, settings),
+        functools.partial(run_ioi, settings=settings),
     )
 
 
@@ -105,7 +146,7 @@ def _warnings_as_notes():
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `tl-patch ioi` with checked arguments; returns the exit status (2 with a one-line
+    """Run `tl-patch ioi` or `tl-patch analyze` with checked arguments; returns the exit status (2 with a one-line
     message on bad input, 130 when interrupted). Under `torchrun`, every rank takes its share
     of each step's work and rank 0 alone prints and writes the report."""
     began = time.perf_counter()
@@ -113,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         writer = ranks is None or ranks.rank == 0
         with open(os.devnull, "w") as silent, contextlib.redirect_stdout(sys.stdout if writer else silent):
             try:
-                settings = settings_of(args)
+                job = job_of(args)
                 if not args.dry_run and importlib.util.find_spec("plotly") is None:
                     raise PatchingError(
                         "The report's figures need plotly: pip install 'transformer_lens_patching[plot]'."
@@ -121,13 +162,13 @@ def run(args: argparse.Namespace) -> int:
                 model = load_model(args.model, device)
                 print(
                     f"{args.model}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads; "
-                    f"{settings.n_prompts} prompts" + ("" if ranks is None else f"; {ranks.world_size} processes")
+                    f"{job.prompts}" + ("" if ranks is None else f"; {ranks.world_size} processes")
                 )
                 if args.dry_run:
-                    for label, plan_or_skip in planned_steps(model, settings):
+                    for label, plan_or_skip in job.planned(model):
                         print(f"\n{label}: {plan_or_skip}")
                     return 0
-                return _analyse(model, settings, args, began, writer)
+                return _analyse(model, job, args, began, writer)
             except PatchingError as error:
                 print(f"tl-patch: error: {error}", file=sys.stderr)
                 return 2
@@ -136,28 +177,27 @@ def run(args: argparse.Namespace) -> int:
                 return INTERRUPTED
 
 
-def _analyse(model, settings: IOISettings, args: argparse.Namespace, began: float, writer: bool = True) -> int:
+def _analyse(model, job: Job, args: argparse.Namespace, began: float, writer: bool = True) -> int:
     """Run the analysis, saving results.json from the start and after every step; on failure or
     Ctrl-C, write the report of the steps finished, say what is missing, and end as the
     failure would. The report files of an earlier run in the folder are removed first, so
     every file there belongs to this run. A process that is not the `writer` (a rank other
     than 0) runs its share and writes nothing."""
     if not writer:
-        run_ioi(model, settings, model_name=args.model, progress=False, model_source=model_source(args.model))
+        job.run(model, model_name=args.model, progress=False, model_source=model_source(args.model))
         return 0
     folder = Path(args.out)
-    for name in (REPORT, JSON, CSV):
+    for name in (REPORT, JSON, CSV, CIRCUIT, EDGE_SCORES):
         (folder / name).unlink(missing_ok=True)
-    finished: list[IOIAnalysis] = []
+    finished: list[Analysis] = []
 
-    def save(analysis: IOIAnalysis) -> None:
+    def save(analysis: Analysis) -> None:
         finished[:] = [analysis]
         write_json(analysis, folder)
 
     try:
-        analysis = run_ioi(
+        analysis = job.run(
             model,
-            settings,
             model_name=args.model,
             progress=not args.quiet,
             model_source=model_source(args.model),
@@ -168,14 +208,14 @@ def _analyse(model, settings: IOISettings, args: argparse.Namespace, began: floa
         raise
     paths = write_report(analysis, folder)
     print(
-        f"Wrote {paths['html']}, {paths['json']} and {paths['csv']} in {time.perf_counter() - began:.0f} s; "
+        f"Wrote {listed([str(path) for path in paths.values()])} in {time.perf_counter() - began:.0f} s; "
         f"the patching steps took {sum(step.seconds for step in analysis.steps):.0f} s "
         f"(estimated {analysis.estimated_seconds:.0f} s)."
     )
     return 0
 
 
-def _keep_what_finished(finished: list[IOIAnalysis], folder: Path) -> None:
+def _keep_what_finished(finished: list[Analysis], folder: Path) -> None:
     """After a failure or Ctrl-C: the report of the steps finished, and a line saying what is missing."""
     if not finished:
         print("tl-patch: stopped before the first step finished; nothing was written.", file=sys.stderr)

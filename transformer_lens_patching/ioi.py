@@ -8,6 +8,7 @@ lists (`NAMES`, `PLACES`, `OBJECTS`, the templates) are those of the prior art's
 `from transformer_lens_patching.ioi import IOIDataset, NAMES`.
 """
 
+from ._tasks.ioi.analysis import STEP_KEYS as STEP_KEYS
 from ._tasks.ioi.analysis import IOIAnalysis as IOIAnalysis
 from ._tasks.ioi.analysis import IOISettings as IOISettings
 from ._tasks.ioi.analysis import plan_ioi as plan_ioi
@@ -16,12 +17,6 @@ from ._tasks.ioi.dataset import FLIPS as FLIPS
 from ._tasks.ioi.dataset import IOIDataset as IOIDataset
 from ._tasks.ioi.dataset import IOIPrompt as IOIPrompt
 from ._tasks.ioi.dataset import example_prompts as example_prompts
-from ._tasks.ioi.records import Step as Step
-from ._tasks.ioi.records import TopHead as TopHead
-from ._tasks.ioi.records import top_heads as top_heads
-from ._tasks.ioi.report import write_json as write_json
-from ._tasks.ioi.report import write_report as write_report
-from ._tasks.ioi.steps import STEP_KEYS as STEP_KEYS
 from ._tasks.ioi.words import ABBA_TEMPLATES as ABBA_TEMPLATES
 from ._tasks.ioi.words import ABC_TEMPLATES as ABC_TEMPLATES
 from ._tasks.ioi.words import BABA_TEMPLATES as BABA_TEMPLATES
@@ -29,6 +24,11 @@ from ._tasks.ioi.words import BAC_TEMPLATES as BAC_TEMPLATES
 from ._tasks.ioi.words import NAMES as NAMES
 from ._tasks.ioi.words import OBJECTS as OBJECTS
 from ._tasks.ioi.words import PLACES as PLACES
+from ._tasks.job.records import Step as Step
+from ._tasks.job.records import TopHead as TopHead
+from ._tasks.job.records import top_heads as top_heads
+from ._tasks.job.report import write_json as write_json
+from ._tasks.job.report import write_report as write_report
 
 __all__ = [
     "ABBA_TEMPLATES",

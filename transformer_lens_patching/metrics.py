@@ -598,6 +598,67 @@ def noising_metric(base: Metric, clean, corrupted) -> NormalisedMetric:
     )
 
 
+def faithfulness_target(base: Metric, clean, corrupted, normalise: str = "means") -> "NormalisedMetric | PromptMean":
+    """MIB's faithfulness of a run, `(base(run) - base(corrupted)) / (base(clean) - base(corrupted))`,
+    as a metric to attribute with (`attr_edges`, `attr_patch`): 1 on the clean run, 0 on the
+    corrupted one.
+
+    `normalise="means"` is the ratio of the means over the prompts, as MIB's evaluation computes
+    it: the same metric as `denoising_metric`, whose gradient is `base`'s divided by the constant
+    `clean - corrupted`, so it ranks exactly what `base` ranks (by |score|; every sign flips where
+    the clean run scores lower). `normalise="prompts"` is the mean over the prompts of each
+    prompt's own faithfulness: each prompt's gradient is divided by its own `clean - corrupted`,
+    so prompts on which the two runs differ little weigh more, and rankings can change. It needs
+    `calibrate`'s values (which keep each prompt's) and a `base` with a per-prompt form (the metric
+    objects here, `PromptMean`), and refuses prompts whose clean and corrupted values are equal.
+
+    Args:
+        base: A differentiable metric, e.g. `LogitDiff(answers, positions)`.
+        clean: `base`'s value on the clean run (`calibrate`).
+        corrupted: `base`'s value on the corrupted run.
+        normalise: "means" (MIB's) or "prompts".
+
+    >>> target = faithfulness_target(LogitDiff(torch.tensor([[1, 0]])), clean=4.0, corrupted=-2.0)
+    >>> float(target(torch.tensor([[[0.0, 1.0]]])))
+    0.5
+    """
+    if not getattr(base, "differentiable", True):
+        raise PatchingError(f"{base!r} has no gradient, so it cannot be a target to attribute with.")
+    if normalise == "means":
+        return denoising_metric(base, clean, corrupted)
+    if normalise != "prompts":
+        raise PatchingError(f'normalise must be "means" (MIB\'s faithfulness) or "prompts", got {normalise!r}.')
+    calibration = _calibration(clean, corrupted, corrupted)
+    per_prompt_metric = getattr(base, "per_prompt_metric", None)
+    if calibration is None or per_prompt_metric is None:
+        raise PatchingError(
+            'normalise="prompts" needs each prompt\'s clean and corrupted values, as calibrate returns them, and a '
+            "base metric with a per-prompt form (LogitDiff, TokenLogit, ..., PromptMean); "
+            f"got {base!r} with {type(clean).__name__} values."
+        )
+    offsets, scales = calibration
+    if (scales == 0).any():
+        equal = [int(i) for i in torch.nonzero(scales == 0).flatten()]
+        raise PatchingError(
+            f"Prompts {equal} have the same value on the clean and the corrupted run: their faithfulness is "
+            'undefined. Drop them, or use normalise="means".'
+        )
+    per_prompt = per_prompt_metric()
+    copies: dict = {}
+
+    def faithfulness(logits: Logits) -> Tensor:
+        values = as_tensor(per_prompt(logits))
+        if values.shape != offsets.shape:
+            raise PatchingError(
+                f"The target was calibrated on {offsets.shape[0]} prompts, but the metric gives {tuple(values.shape)} "
+                "values: calibrate on the prompts you attribute with."
+            )
+        offset = on_device(copies, "offset", values.device, lambda: offsets.to(torch.float32))
+        return (values - offset) / on_device(copies, "scale", values.device, lambda: scales.to(torch.float32))
+
+    return PromptMean(faithfulness)
+
+
 def _calibration(clean, corrupted, offset) -> tuple[Tensor, Tensor] | None:
     """(offset, scale) per prompt from `calibrate`'s values, or None where they are plain numbers."""
     kept = [getattr(value, "samples", None) for value in (clean, corrupted, offset)]

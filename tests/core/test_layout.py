@@ -17,9 +17,9 @@ import transformer_lens_patching as tlp
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "transformer_lens_patching"
-PUBLIC_SUBMODULES = ("plots", "ioi")
+PUBLIC_SUBMODULES = ("plots", "ioi", "analysis")
 """Submodules whose own `__all__` is public too."""
-PUBLIC_MODULES = {"__init__", "__main__", "errors", "results", "metrics", "plots", "plugin", "ioi", "cli"}
+PUBLIC_MODULES = {"__init__", "__main__", "errors", "results", "metrics", "plots", "plugin", "ioi", "analysis", "cli"}
 """Modules without a leading underscore; an API page may document one as a whole (its docstring)."""
 
 LAYERS = {

@@ -129,3 +129,87 @@ def test_attribution_refuses_accuracy(gpt2_model):
     orig, new = make_inputs(gpt2_model, batch=2, seq_len=5)
     with raises("has none"):
         attr_patch(gpt2_model, orig, IterNode("z"), Accuracy(torch.tensor([[5, 6], [7, 8]])), new_input=new)
+
+
+# --- MIB's faithfulness as the attribution target ---
+
+
+def _calibrated_logit_diff(model, clean, corrupted):
+    """A LogitDiff of tokens 5 over 6 at the last position, its calibrate values, and each prompt's
+    clean and corrupted logit difference computed here on full logits."""
+    from transformer_lens_patching import LogitDiff, calibrate
+
+    answers = torch.tensor([[5, 6]] * clean.shape[0])
+    base = LogitDiff(answers)
+    with torch.no_grad():
+        clean_ld, corrupted_ld = (
+            model(tokens, return_type="logits")[:, -1, 5] - model(tokens, return_type="logits")[:, -1, 6]
+            for tokens in (clean, corrupted)
+        )
+    return base, calibrate(model, base, clean, corrupted), clean_ld, corrupted_ld
+
+
+def test_the_faithfulness_target_against_its_definition(gpt2_model):
+    from transformer_lens_patching import denoising_metric, faithfulness_target
+
+    clean, corrupted = make_inputs(gpt2_model, batch=4, seq_len=6)
+    base, (clean_value, corrupted_value), clean_ld, corrupted_ld = _calibrated_logit_diff(gpt2_model, clean, corrupted)
+    logits = torch.randn(4, 6, gpt2_model.cfg.d_vocab, generator=torch.Generator().manual_seed(3))
+    ld = logits[:, -1, 5] - logits[:, -1, 6]
+    means = faithfulness_target(base, clean_value, corrupted_value)
+    expected_means = (ld.mean() - corrupted_ld.mean()) / (clean_ld.mean() - corrupted_ld.mean())
+    torch.testing.assert_close(means(logits), expected_means, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(means(logits), denoising_metric(base, clean_value, corrupted_value)(logits))
+    prompts = faithfulness_target(base, clean_value, corrupted_value, normalise="prompts")
+    expected_prompts = ((ld - corrupted_ld) / (clean_ld - corrupted_ld)).mean()
+    torch.testing.assert_close(prompts(logits), expected_prompts, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        full = gpt2_model(clean, return_type="logits")
+    assert float(prompts(full)) == pytest.approx(1.0, abs=1e-4), "every prompt's own clean run is 1"
+
+
+def test_attributing_each_prompts_faithfulness_weighs_it_by_its_own_difference(gpt2_model):
+    """AtP's estimate of the per-prompt faithfulness equals, prompt by prompt, its estimate of the plain logit
+    difference on that prompt alone, normalised by that prompt's own corrupted value and clean - corrupted
+    difference, averaged; MIB's ratio of means normalises the plain estimates by the means."""
+    from transformer_lens_patching import IterNode, attr_patch, faithfulness_target
+
+    clean, corrupted = make_inputs(gpt2_model, batch=3, seq_len=6, seed=4)
+    base, (clean_value, corrupted_value), clean_ld, corrupted_ld = _calibrated_logit_diff(gpt2_model, clean, corrupted)
+    nodes = IterNode("z", layers=[1, 4])
+    target = faithfulness_target(base, clean_value, corrupted_value, normalise="prompts")
+    scores = attr_patch(gpt2_model, clean, nodes, target, new_input=corrupted)["z"].as_tensor()
+
+    def plain(logits):
+        return logits[:, -1, 5].mean() - logits[:, -1, 6].mean()
+
+    alone = [
+        attr_patch(gpt2_model, clean[i : i + 1], nodes, plain, new_input=corrupted[i : i + 1])["z"].as_tensor()
+        for i in range(3)
+    ]
+    expected = sum((score - corrupted_ld[i]) / (clean_ld[i] - corrupted_ld[i]) for i, score in enumerate(alone)) / 3
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+    means = attr_patch(gpt2_model, clean, nodes, faithfulness_target(base, clean_value, corrupted_value), corrupted)
+    together = attr_patch(gpt2_model, clean, nodes, plain, new_input=corrupted)["z"].as_tensor()
+    expected_means = (together - corrupted_ld.mean()) / (clean_ld.mean() - corrupted_ld.mean())
+    torch.testing.assert_close(means["z"].as_tensor(), expected_means, rtol=1e-4, atol=1e-6)
+    kept = attr_patch(gpt2_model, clean, nodes, target, new_input=corrupted, uncertainty=True)["z"]
+    torch.testing.assert_close(kept.per_prompt.as_tensor().mean(-1), scores, rtol=1e-4, atol=1e-6)
+
+
+def test_the_faithfulness_target_refuses_what_it_cannot_normalise(gpt2_model):
+    from transformer_lens_patching import Accuracy, LogitDiff, faithfulness_target
+
+    base = LogitDiff(torch.tensor([[5, 6], [5, 6]]))
+    with raises("calibrate"):
+        faithfulness_target(base, 2.0, 1.0, normalise="prompts")
+    with raises('"means"'):
+        faithfulness_target(base, 2.0, 1.0, normalise="prompt")
+    with raises("no gradient"):
+        faithfulness_target(Accuracy(torch.tensor([[5, 6], [5, 6]])), 1.0, 0.0, normalise="prompts")
+    clean, corrupted = make_inputs(gpt2_model, batch=2, seq_len=5)
+    tied = torch.stack([clean[0], corrupted[1]])
+    same_first = torch.stack([clean[0], clean[1]])
+    _, (clean_value, corrupted_value), _, _ = _calibrated_logit_diff(gpt2_model, tied, same_first)
+    with raises(r"Prompts \[0\] have the same value"):
+        faithfulness_target(base, clean_value, corrupted_value, normalise="prompts")

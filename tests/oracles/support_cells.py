@@ -22,12 +22,15 @@ import torch
 
 from tests.helpers import assert_close_at_scale
 from transformer_lens_patching import (
+    Accuracy,
+    AnswerLogProb,
     Circuit,
     Edge,
     EdgeGraph,
     EdgeScores,
     GraphNode,
     IterNode,
+    KLDivergence,
     LogitDiff,
     LogitsAt,
     Node,
@@ -85,8 +88,13 @@ class Context:
 
 def plain_logit_diff(logits):
     """The logit difference of ANSWERS at the last position, mean over prompts, by hand."""
+    return per_prompt_logit_diff(logits).mean()
+
+
+def per_prompt_logit_diff(logits):
+    """Each prompt's logit difference of ANSWERS at the last position, by hand."""
     rows = torch.arange(len(ANSWERS))
-    return (logits[rows, -1, ANSWERS[:, 0]] - logits[rows, -1, ANSWERS[:, 1]]).mean()
+    return logits[rows, -1, ANSWERS[:, 0]] - logits[rows, -1, ANSWERS[:, 1]]
 
 
 # References: runs with hooks set by hand.
@@ -264,6 +272,68 @@ def metric_objects(ctx) -> None:
     for metric, expected in metrics:
         own = act_patch(model, ctx.orig, Node("resid_post", ctx.last), metric, new_cache=ctx.cache)
         assert_close_at_scale(own, expected)
+
+
+def task_metrics(ctx) -> None:
+    """Each task metric, patched from the new run at the last `resid_post` (an unembedding-only pass,
+    so the logits are the new run's), equals its formula on the new run's logits by hand: the KL
+    divergence from the orig run's next-token distribution at two positions, the log-probability of
+    two-token answers by teacher forcing, and accuracy among the answers; patched from the orig run's
+    own cache, the KL divergence is 0."""
+    model = ctx.model
+    with torch.no_grad():
+        new_logits = model(ctx.new).float()
+    rows = torch.arange(len(ANSWERS))
+    at = torch.tensor([[2, 6], [4, 6], [5, 6]])
+    p = ctx.logits.float()[rows[:, None], at].softmax(-1)
+    q = new_logits[rows[:, None], at].log_softmax(-1)
+    kl = (p * (p.log() - q)).sum(-1).mean(-1).mean()
+    answers, starts = torch.stack([ctx.new[:, 4], ctx.new[:, 5]], dim=1), torch.tensor([4, 4, 4])
+    log_probs = new_logits.log_softmax(-1)
+    teacher_forced = (log_probs[rows, 3, answers[:, 0]] + log_probs[rows, 4, answers[:, 1]]).mean()
+    last = new_logits[:, -1]
+    accuracy = (last[rows, ANSWERS[:, 0]] > last[rows, ANSWERS[:, 1]]).float().mean()
+    node = Node("resid_post", ctx.last)
+    metrics = [
+        (KLDivergence.of(model, ctx.orig, positions=at), kl),
+        (AnswerLogProb(answers, starts), teacher_forced),
+        (Accuracy(ANSWERS), accuracy),
+    ]
+    for metric, expected in metrics:
+        assert_close_at_scale(act_patch(model, ctx.orig, node, metric, new_input=ctx.new), expected)
+    own = act_patch(model, ctx.orig, node, KLDivergence.of(model, ctx.orig), new_cache=ctx.cache)
+    assert float(own) == pytest.approx(0.0, abs=1e-4)
+
+
+def uncertainty(ctx) -> None:
+    """With `uncertainty=True`, each head of the last layer patched from the new prompts keeps each
+    prompt's value: the run with that head's `z` replaced by hand, prompt by prompt; the value is
+    their mean, its standard error that of those values (unbiased std / sqrt n), and the sign-flip
+    test's p-value of a head is exact over the 2^3 sign patterns of each prompt's change from the
+    unpatched run."""
+    model, name = ctx.model, f"blocks.{ctx.last}.attn.hook_z"
+    patched = act_patch(
+        model, ctx.orig, IterNode("z", layers=[ctx.last]), ctx.metric, new_input=ctx.new, uncertainty=True
+    )["z"]
+    own = per_prompt_logit_diff(ctx.logits.float())
+    tested = 0
+    for head in range(model.cfg.n_heads):
+        index = (slice(None), slice(None), head)
+        with torch.no_grad():
+            logits = model.run_with_hooks(ctx.orig, fwd_hooks=[(name, replacing(ctx.new_cache[name], index))])
+        expected = per_prompt_logit_diff(logits.float())
+        cell = patched.sel(layer=ctx.last, head=head)
+        assert_close_at_scale(cell.per_prompt.as_tensor(), expected)
+        assert_close_at_scale(cell, expected.mean())
+        assert_close_at_scale(cell.stderr, expected.std() / len(expected) ** 0.5)
+        changes = (expected - own).double()
+        flips = torch.tensor([[1 - 2 * ((k >> i) & 1) for i in range(3)] for k in range(8)], dtype=torch.float64)
+        observed = changes.mean().abs()
+        p_value = ((flips * changes).mean(-1).abs() >= observed - 1e-12).double().mean()
+        if observed > 1e-4 * own.abs().max():
+            assert float(cell.p_values()) == pytest.approx(float(p_value))
+            tested += 1
+    assert tested, "no head of the last layer changes the metric: the sign-flip test went unchecked"
 
 
 def act_heads(ctx) -> None:
@@ -626,16 +696,15 @@ def faithfulness(ctx) -> None:
 
 
 def ioi_dry_run(ctx) -> None:
-    """`tl-patch ioi --dry-run` (`planned_steps`, what it prints, with `IOI_PROMPTS` prompts):
+    """`tl-patch ioi --dry-run` (`planned_ioi_steps`, what it prints, with `IOI_PROMPTS` prompts):
     every step of the job is named, each with its plans (which print) or as skipped with a reason;
     the neuron step is skipped exactly where `plan_act_patch` refuses MLP neurons, and the circuit
     step exactly where `plan_circuit_evaluation` refuses the model, with that refusal's message.
     A step the library refuses that the job cannot skip refuses the whole dry run (the cell then
     shows that refusal)."""
-    from transformer_lens_patching._tasks.ioi.analysis import IOISettings, planned_steps
-    from transformer_lens_patching._tasks.ioi.steps import STEP_KEYS
+    from transformer_lens_patching._tasks.ioi.analysis import STEP_KEYS, IOISettings, planned_ioi_steps
 
-    entries = planned_steps(ctx.model, IOISettings(n_prompts=IOI_PROMPTS))
+    entries = planned_ioi_steps(ctx.model, IOISettings(n_prompts=IOI_PROMPTS))
     named = {key: [entry for entry in entries if entry[0].startswith(key)] for key in STEP_KEYS}
     assert sum(map(len, named.values())) == len(entries), [label for label, _ in entries]
     skipped = {}
@@ -671,7 +740,9 @@ def refusal(call):
 # (column header, cell), in the order of the table
 CELLS = [
     ("metric objects", metric_objects),
+    ("task metrics", task_metrics),
     ("act: heads", act_heads),
+    ("uncertainty", uncertainty),
     ("act: attention", act_attention),
     ("act: resid", act_residual),
     ("act: mlp_out", act_mlp_out),

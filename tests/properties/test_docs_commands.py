@@ -220,11 +220,12 @@ def tl_patch_command(command: Command, arguments: list[str], request) -> str:
     except tl_patch.UsageError as error:
         raise AssertionError(f"{command}: tl-patch refuses it: {error}") from None
     if args.dry_run:
-        from transformer_lens_patching._tasks.ioi.analysis import STEP_KEYS
+        from transformer_lens_patching import analysis, ioi
 
+        step_keys = analysis.STEP_KEYS if args.command == "analyze" else ioi.STEP_KEYS
         output = run_dry(tuple(arguments), request)
-        planned = {key for key in STEP_KEYS if re.search(rf"^{key}\b.*: \w+ plan$", output, re.M)}
-        assert planned == set(STEP_KEYS), f"{command}: printed no plan of {sorted(set(STEP_KEYS) - planned)}"
+        planned = {key for key in step_keys if re.search(rf"^{key}\b.*: \w+ plan$", output, re.M)}
+        assert planned == set(step_keys), f"{command}: printed no plan of {sorted(set(step_keys) - planned)}"
         return "ran"
     return "parsed"
 

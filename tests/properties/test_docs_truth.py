@@ -329,26 +329,27 @@ def test_the_default_ig_steps_are_stated_as_the_code_has_them():
 
 
 def test_the_ioi_circuit_steps_ig_steps_are_the_jobs():
-    from transformer_lens_patching._tasks.ioi import circuit_step
+    from transformer_lens_patching._tasks.job import circuit_step
 
     stated = re.findall(r"EAP-IG \((?:[^()]|\([^()]*\))*?(\d+) steps\)", (ROOT / "docs/cli.md").read_text())
     assert stated, "docs/cli.md no longer says how many steps EAP-IG takes in the circuit step"
-    assert {int(number) for number in stated} == {circuit_step.IOI_IG_STEPS}, (
-        f"docs/cli.md says EAP-IG takes {stated} steps; the circuit step's IOI_IG_STEPS is {circuit_step.IOI_IG_STEPS}"
+    assert {int(number) for number in stated} == {circuit_step.IG_STEPS}, (
+        f"docs/cli.md says EAP-IG takes {stated} steps; the circuit step's IG_STEPS is {circuit_step.IG_STEPS}"
     )
 
 
 # tl-patch ioi: its options, their defaults and its steps
 
 
-def ioi_options() -> dict[str, argparse.Action]:
+def command_options(command: str = "ioi") -> dict[str, argparse.Action]:
+    """The options of `tl-patch COMMAND`, by name."""
     import tl_patch
 
     top = tl_patch.parser()
     (commands,) = [action for action in top._actions if isinstance(action, argparse._SubParsersAction)]
     return {
         option: action
-        for action in commands.choices["ioi"]._actions
+        for action in commands.choices[command]._actions
         for option in action.option_strings
         if option.startswith("--") and option != "--help"
     }
@@ -376,7 +377,7 @@ def cli_table() -> dict[str, tuple[int, str]]:
 
 
 def test_every_option_is_in_the_cli_page_with_its_default():
-    options, table = ioi_options(), cli_table()
+    options, table = command_options("ioi"), cli_table()
     assert set(table) == set(options), (
         f"docs/cli.md's table lacks {sorted(set(options) - set(table))} and lists options tl-patch ioi does not "
         f"have: {sorted(set(table) - set(options))}"
@@ -392,9 +393,10 @@ def test_every_option_is_in_the_cli_page_with_its_default():
 
 def test_every_option_the_pages_name_exists_with_the_default_they_give():
     """`--option` in the prose of the pages that describe tl-patch (docs/cli.md, the README's
-    IOI section and every passage naming tl-patch) is an option of `tl-patch ioi`, and a
-    default written next to it ("`--top-k`, default 3", "`--top-k` (default 3)") is its own."""
-    options = ioi_options()
+    IOI section and every passage naming tl-patch) is an option of `tl-patch ioi` or `tl-patch
+    analyze`, and a default written next to it ("`--top-k`, default 3", "`--top-k` (default 3)")
+    is its own (`ioi`'s, for the options both commands have)."""
+    options = {**command_options("analyze"), **command_options("ioi")}
     cli_pages = {"docs/cli.md"}
     problems = []
     for passage in page_passages():
@@ -402,7 +404,7 @@ def test_every_option_the_pages_name_exists_with_the_default_they_give():
             continue
         for option in re.findall(r"`(--[\w-]+)", passage.text):
             if option not in options:
-                problems.append(f"{passage}: {option} is not an option of tl-patch ioi")
+                problems.append(f"{passage}: {option} is not an option of tl-patch ioi or analyze")
         for option, default in re.findall(r"`(--[\w-]+)`,? \(?default:? ([^,;)]+?)[,;)]", passage.text):
             if option in options and default.strip("` ") != documented_default(options[option]).strip("`"):
                 problems.append(f"{passage}: {option} defaults to {options[option].default!r}, not {default!r}")
@@ -418,19 +420,21 @@ def cli_step_list() -> list[tuple[int, str]]:
 
 
 def test_the_cli_pages_steps_are_the_jobs():
-    from transformer_lens_patching._tasks.ioi.analysis import STEP_COUNT, STEP_KEYS
+    from transformer_lens_patching._tasks.ioi.analysis import STEP_KEYS
+
+    step_count = 1 + len(STEP_KEYS)  # the logit differences, then the patching steps
 
     steps = cli_step_list()
-    assert [number for number, _ in steps] == list(range(1, STEP_COUNT + 1)), (
-        f"docs/cli.md numbers {len(steps)} steps; the job has {STEP_COUNT} (the logit differences, then {STEP_KEYS})"
+    assert [number for number, _ in steps] == list(range(1, step_count + 1)), (
+        f"docs/cli.md numbers {len(steps)} steps; the job has {step_count} (the logit differences, then {STEP_KEYS})"
     )
     keys = [re.match(r"`(\w+)`:", item) for _, item in steps[1:]]
     assert [key and key.group(1) for key in keys] == list(STEP_KEYS), (
-        f"docs/cli.md's steps 2 to {STEP_COUNT} must start with the keys {list(STEP_KEYS)} in the job's order"
+        f"docs/cli.md's steps 2 to {step_count} must start with the keys {list(STEP_KEYS)} in the job's order"
     )
     text = (ROOT / "docs/cli.md").read_text()
     totals = {int(total) for total in re.findall(r"\bstep \d+/(\d+)", text)}
-    assert totals == {STEP_COUNT}, f"docs/cli.md writes step headers out of {totals}; the job counts {STEP_COUNT}"
+    assert totals == {step_count}, f"docs/cli.md writes step headers out of {totals}; the job counts {step_count}"
 
 
 README_STEP_WORDS = {

@@ -17,8 +17,10 @@ import torch
 import tl_patch
 from tests.helpers import TL_MAJOR
 from tests.oracles import models
-from transformer_lens_patching import cli
+from transformer_lens_patching import cli, shipped_tasks
 from transformer_lens_patching._tasks.ioi import analysis as ioi_analysis
+from transformer_lens_patching._tasks.task.loader import SUFFIXES as TASK_SUFFIXES
+from transformer_lens_patching.analysis import TaskSettings
 from transformer_lens_patching.ioi import STEP_KEYS, IOISettings
 
 HEAVY = ("torch", "transformer_lens", "transformer_lens_patching", "transformers")
@@ -146,6 +148,9 @@ def test_the_command_lines_defaults_are_the_settings_defaults():
     # fdr (the false discovery rate at which heads are named) is the library's setting; the command uses 0.05
     assert set(tl_patch.DEFAULTS) == {f.name for f in fields(IOISettings)} - {"prepend_bos", "batch_size", "fdr"}
     assert tl_patch.EMBEDDED == cli.EMBEDDED
+    assert tl_patch.SHIPPED_TASKS == shipped_tasks() and tl_patch.TASK_SUFFIXES == TASK_SUFFIXES
+    analyze = cli.settings_of(tl_patch.parse_arguments(["analyze", "--task", "ioi", "--dry-run"]))
+    assert analyze == TaskSettings()
     assert cli.settings_of(tl_patch.parse_arguments(["ioi", "--dry-run", "--top-neurons", "5"])).top_neurons == 5
     circuit = cli.settings_of(
         tl_patch.parse_arguments(["ioi", "--circuit-candidates", "7", "--circuit-faithfulness", "0.6"])
@@ -167,8 +172,10 @@ def stop_at_step(monkeypatch, key: str, error: BaseException) -> None:
     def stop(*args, **kwargs):
         raise error
 
-    steps = tuple(dataclasses.replace(step, compute=stop) if step.key == key else step for step in ioi_analysis.STEPS)
-    monkeypatch.setattr(ioi_analysis, "STEPS", steps)
+    steps = tuple(
+        dataclasses.replace(step, compute=stop) if step.key == key else step for step in ioi_analysis.IOI_STEPS
+    )
+    monkeypatch.setattr(ioi_analysis, "IOI_STEPS", steps)
 
 
 def run_cli(monkeypatch, model, out: Path) -> int:
@@ -283,8 +290,9 @@ def test_cli_dry_run_prints_the_plans_and_runs_no_prompts(monkeypatch, capsys, t
     with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: calls.append(tuple(act.shape[:2])))]):
         status = tl_patch.main(["ioi", "--dry-run", "--n-prompts", "3", "--out", str(tmp_path / "report")])
     out = capsys.readouterr().out
-    # no pass of the prompts: only the probes of what the architecture calls (one prompt, at most two tokens)
-    assert status == 0 and all(batch == 1 and tokens <= 2 for batch, tokens in calls) and len(calls) <= 2, calls
+    # no pass of the prompts: only the probes of what the architecture calls (one prompt, at most two tokens;
+    # one of them asks whether the final residual stream's hook fires)
+    assert status == 0 and all(batch == 1 and tokens <= 2 for batch, tokens in calls) and len(calls) <= 3, calls
     assert not (tmp_path / "report").exists()
     for step in (
         "act_heads",

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,13 +35,15 @@ from transformer_lens_patching import (
     act_patch,
     attr_edges,
     attr_patch,
+    eap_ig_circuit,
+    eap_ig_scores,
     evaluate_circuit,
     path_patch,
 )
-from transformer_lens_patching._tasks.ioi.analysis import planned_steps
-from transformer_lens_patching._tasks.ioi.figures import faithfulness_figure, logit_diff_figure, step_figure
-from transformer_lens_patching._tasks.ioi.report import as_json
-from transformer_lens_patching._tasks.ioi.steps import WORDS
+from transformer_lens_patching._tasks.ioi.analysis import WORDS
+from transformer_lens_patching._tasks.ioi.analysis import planned_ioi_steps as planned_steps
+from transformer_lens_patching._tasks.job.figures import faithfulness_figure, logit_diff_figure, step_figure
+from transformer_lens_patching._tasks.job.report import as_json
 from transformer_lens_patching.ioi import IOISettings, plan_ioi, run_ioi, write_report
 
 STEPS = ["act_heads", "act_words", "path_logits", "path_queries", "path_values", "attr_neurons", "circuit"]
@@ -84,6 +87,9 @@ def test_logit_diffs_are_read_at_each_prompts_end(analysis, tiny_model):
     torch.testing.assert_close(analysis.clean_logit_diff, clean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(analysis.corrupted_logit_diff, corrupted, rtol=1e-5, atol=1e-5)
     assert len(set(analysis.dataset.lengths.tolist())) > 1, "the prompts should differ in length (padding is tested)"
+    # accuracy among IO and S: IO's logit above S's, a positive logit difference
+    assert analysis.clean_accuracy == pytest.approx(float((clean > 0).float().mean()))
+    assert analysis.corrupted_accuracy == pytest.approx(float((corrupted > 0).float().mean()))
 
 
 def figures(analysis) -> int:
@@ -594,9 +600,10 @@ def report_folder(analysis, tmp_path_factory):
 
 
 def test_the_report_files_share_their_permissions(report_folder):
-    """results.json (written through a temporary file) is as readable as report.html and results.csv."""
+    """results.json (written through a temporary file) is as readable as the other files: report.html,
+    results.csv, and the circuit and edge scores in EAP-IG's format."""
     modes = {path.name: path.stat().st_mode & 0o777 for path in report_folder.iterdir()}
-    assert modes.keys() == {"report.html", "results.json", "results.csv"}
+    assert modes.keys() == {"report.html", "results.json", "results.csv", "circuit.json", "edge_scores.json"}
     assert len(set(modes.values())) == 1, modes
 
 
@@ -728,6 +735,11 @@ def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model):
     finding = analysis.step("circuit").circuit
     saved = json.loads((report_folder / "results.json").read_text())["steps"][STEPS.index("circuit")]["circuit"]
     assert Circuit.from_json(json.dumps(saved["circuit"])) == finding.circuit
+    graph = EdgeGraph.of(tiny_model)
+    assert eap_ig_circuit((report_folder / "circuit.json").read_text(), graph) == finding.circuit
+    scores = finding.scores[finding.chosen]
+    read_back = eap_ig_scores((report_folder / "edge_scores.json").read_text(), graph)
+    torch.testing.assert_close(read_back.scores, scores.scores.to(read_back.scores.dtype), rtol=1e-6, atol=0)
     assert [c["signed"]["faithfulness"] for c in saved["curves"]] == [
         pytest.approx(list(c.signed.faithfulness)) for c in finding.curves
     ]
@@ -895,33 +907,26 @@ def test_the_neuron_figure_plots_estimate_against_exact(analysis):
     assert points.text[0] == f"L{first['layer']} N{first['neuron']}"
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def test_report_renders_in_headless_chromium(analysis, report_folder):
-    browser = chromium()
+def rendered_in_chromium(page: Path) -> subprocess.CompletedProcess:
+    """The DOM headless Chromium renders from `page` (its stderr holds the page's console); a test
+    without Chromium is skipped, and fails under CI, where .ci/run installs it."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed; .ci/run installs Debian's chromium")
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    run = subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--virtual-time-budget=20000",
-            "--dump-dom",
-            (report_folder / "report.html").as_uri(),
-        ],
+    arguments = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
+    return subprocess.run(
+        [browser, *arguments, "--virtual-time-budget=20000", "--dump-dom", page.as_uri()],
         capture_output=True,
         text=True,
         timeout=240,
         check=False,
     )
+
+
+def test_report_renders_in_headless_chromium(analysis, report_folder):
+    run = rendered_in_chromium(report_folder / "report.html")
     assert run.returncode == 0, run.stderr[-2000:]
     rendered = re.findall(r'class="[^"]*js-plotly-plot[^"]*"', run.stdout)
     assert len(rendered) == figures(analysis), "every figure is drawn by plotly.js"

@@ -195,7 +195,7 @@ def test_mib_mcqa_rows_load_with_their_choices(wide_model):
 
 
 def test_mib_options_are_refused_for_this_librarys_format():
-    with raises("counterfactual= and label_prefix= apply to rows in MIB's schema"):
+    with raises(r"counterfactual= and label_prefix= \(tl-patch analyze: --counterfactual, --label-prefix\) apply"):
         load_task("ioi", counterfactual="abc_counterfactual")
 
 

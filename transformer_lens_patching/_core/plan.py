@@ -329,17 +329,20 @@ class PatchPlan:
         return f"<PatchPlan {self.method}: {len(self.cells)} cells in {len(self.passes)} passes{shard}>"
 
 
-def with_uncertainty(plan: PatchPlan, prompt_form: PromptForm | None, n_layers: int | None) -> PatchPlan:
+def with_uncertainty(
+    plan: PatchPlan, prompt_form: PromptForm | None, n_layers: int | None, from_final: bool = True
+) -> PatchPlan:
     """`plan` made to keep per-prompt values (`prompt_form`; unchanged for None), and given the
     model's `n_layers`, one more block measuring the unpatched run: it runs only the unembedding,
     from the orig run's final residual stream that the passes starting late cache; in a plan
-    whose every pass starts at the first layer, a whole pass of the orig run."""
+    whose every pass starts at the first layer, or on a model whose final residual stream has no
+    hook (not `from_final`), a whole pass of the orig run."""
     if prompt_form is None:
         return plan
     baseline = n_layers is not None
     blocks = plan.blocks
     if baseline:
-        start = n_layers if any(p.start_layer > 0 for p in plan.passes) else 0
+        start = n_layers if from_final and any(p.start_layer > 0 for p in plan.passes) else 0
         blocks = (*blocks, Block((plan.n_cells,), (Pass("unpatched", (0,), start, n_layers),)))
     line = (
         "prompts",
@@ -354,10 +357,11 @@ def with_uncertainty(plan: PatchPlan, prompt_form: PromptForm | None, n_layers: 
     )
 
 
-def unpatched_block(cells: Sequence[int], n_layers: int) -> Block:
+def unpatched_block(cells: Sequence[int], n_layers: int, from_final: bool = True) -> Block:
     """The block measuring the orig run once, for `cells` whose patch cannot change what the
-    metric reads: one pass that runs only the unembedding."""
-    return Block(tuple(cells), (Pass("unpatched", (0,), n_layers, n_layers),))
+    metric reads: one pass that runs only the unembedding (a whole pass of the orig run on a
+    model whose final residual stream has no hook: not `from_final`)."""
+    return Block(tuple(cells), (Pass("unpatched", (0,), n_layers if from_final else 0, n_layers),))
 
 
 def stacked_passes(

@@ -57,7 +57,7 @@ def plan_act_patch(
     plan = plan_cells(
         runs, patched.cells, layout, what, new_input, new_cache, batch_size=batch_size, max_memory=max_memory
     )
-    return with_uncertainty(plan, runs.prompt_form, model.cfg.n_layers)
+    return with_uncertainty(plan, runs.prompt_form, model.cfg.n_layers, _tl.enters_final_residual(model))
 
 
 def plan_cells(
@@ -98,7 +98,7 @@ def plan_cells(
     passes = stacked_passes("patch", live, start_layers, chunk, lambda start: shape.n_layers, start_late)
     blocks = [Block(p.variants, (p,)) for p in passes]
     if unpatched:
-        blocks.append(unpatched_block(unpatched, shape.n_layers))
+        blocks.append(unpatched_block(unpatched, shape.n_layers, _tl.enters_final_residual(model)))
     description = (
         ("patch", what),
         ("from", source_text),

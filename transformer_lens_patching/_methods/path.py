@@ -172,7 +172,7 @@ def plan_path_patch(
         session,
         inputs=(tokens, new_input),
     )
-    return with_uncertainty(patch_plan, runs.prompt_form, shape.n_layers)
+    return with_uncertainty(patch_plan, runs.prompt_form, shape.n_layers, _tl.enters_final_residual(model))
 
 
 def _path_blocks(runs: Runs, plan: PathPlan, live: list[int], batch_size, max_memory) -> list[Block]:
@@ -208,7 +208,7 @@ def _path_blocks(runs: Runs, plan: PathPlan, live: list[int], batch_size, max_me
         blocks = two_pass_blocks(plan, live, chunk, start_late, shape.n_layers)
     unpatched = [cell for cell, v in enumerate(reaching) if v is None]
     if unpatched:
-        blocks.append(unpatched_block(unpatched, shape.n_layers))
+        blocks.append(unpatched_block(unpatched, shape.n_layers, _tl.enters_final_residual(model)))
     return blocks
 
 

@@ -32,6 +32,7 @@ from .flags import (
 from .forward import (
     attention_replaced,
     can_start_late,
+    enters_final_residual,
     final_norm,
     forward_logits,
     hooks,
@@ -87,6 +88,7 @@ __all__ = [
     "flags_for",
     "forward_logits",
     "hook_device",
+    "enters_final_residual",
     "hook_names",
     "block_norm",
     "hooks",

@@ -141,6 +141,14 @@ def can_start_late(model) -> bool:
     return isinstance(model.original_model, PreTrainedModel) and not alibi
 
 
+def enters_final_residual(model) -> bool:
+    """Whether a pass can start at the final residual stream and run only the unembedding: its hook
+    (`blocks.{n_layers - 1}.hook_resid_post`) fires, so the orig run's value can be cached (the
+    bridge of post-LN OpenAI GPT lists it but never calls it)."""
+    name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    return name in hooks_that_fire(model, [name])
+
+
 @contextmanager
 def attention_replaced(model, layers) -> Iterator[None]:
     """Skip the attention of `layers`: each returns zeros, which the `hook_attn_out` hooks

@@ -241,7 +241,8 @@ def load_task(
     mib = first is not None and "clean" not in first and "prompt" in first
     if not mib and (counterfactual is not None or label_prefix):
         raise PatchingError(
-            "counterfactual= and label_prefix= apply to rows in MIB's schema (a 'prompt' column); "
+            "counterfactual= and label_prefix= (tl-patch analyze: --counterfactual, --label-prefix) apply to rows in "
+            "MIB's schema (a 'prompt' column); "
             f"{path} has rows in this library's format (clean, corrupted, answer, wrong)."
         )
     if mib:

@@ -1,4 +1,5 @@
-"""Write an `IOIAnalysis` as a self-contained HTML report, a JSON file and a CSV file.
+"""Write an `Analysis` as a self-contained HTML report, a JSON file and a CSV file, and its circuit
+and edge scores in EAP-IG's graph JSON (which MIB's circuit track reads).
 
 The HTML page (`report_page`) needs plotly (`pip install 'transformer_lens_patching[plot]'`),
 imported when a report is written.
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,12 +21,14 @@ import torch
 import transformer_lens_patching as tlp
 
 from ...results import PatchResult
-from .analysis import IOIAnalysis
+from .analysis import Analysis
 from .circuit_step import RANKINGS, CircuitFinding
 from .report_page import named_heads, report_html
 from .uncertainty import CI_LEVEL, Uncertainty, curve_band, mean_uncertainty
 
 REPORT, JSON, CSV = "report.html", "results.json", "results.csv"
+CIRCUIT, EDGE_SCORES = "circuit.json", "edge_scores.json"
+"""The circuit step's circuit (with its ranking's scores) and every edge's score, in EAP-IG's graph JSON."""
 CSV_DIMS = ("seq_pos", "layer", "head", "kv_head", "neuron")
 """The dim columns of the CSV file (empty where a result has no such dim)."""
 EXACT = "exact"
@@ -33,10 +37,12 @@ CSV_ERRORS = ("stderr", "ci_low", "ci_high", "p_value", "significant")
 """The CSV's columns after `value`: its error bars, and for a head its test (empty where a value has none)."""
 
 
-def write_report(analysis: IOIAnalysis, out: str | Path) -> dict[str, Path]:
-    """Write `report.html`, `results.json` and `results.csv` into the folder `out`. An
-    analysis that stopped early (see `IOIAnalysis.missing_steps`) gets a report of the steps
-    it finished, which says which are missing.
+def write_report(analysis: Analysis, out: str | Path) -> dict[str, Path]:
+    """Write `report.html`, `results.json` and `results.csv` into the folder `out`, and, once the
+    circuit step has run, `circuit.json` and `edge_scores.json` in EAP-IG's graph JSON
+    (`eap_ig_circuit` and `eap_ig_scores` read them back; a model whose graph EAP-IG cannot
+    express gets a warning instead). An analysis that stopped early (see `Analysis.missing_steps`)
+    gets a report of the steps it finished, which says which are missing.
 
     >>> paths = write_report(run_ioi(model), "ioi-report")  # doctest: +SKIP
     >>> sorted(paths)  # doctest: +SKIP
@@ -48,10 +54,30 @@ def write_report(analysis: IOIAnalysis, out: str | Path) -> dict[str, Path]:
         writer = csv.writer(file)
         writer.writerow(("step", "component", *CSV_DIMS, "value", *CSV_ERRORS))
         writer.writerows(csv_rows(analysis))
-    return paths
+    return paths | _write_eap_ig(analysis, Path(out))
 
 
-def write_json(analysis: IOIAnalysis, out: str | Path) -> Path:
+def _write_eap_ig(analysis: Analysis, folder: Path) -> dict[str, Path]:
+    """The circuit step's circuit and scores as EAP-IG JSON files, where it ran and EAP-IG can express them."""
+    step = next((step for step in analysis.steps if step.circuit is not None), None)
+    if step is None or analysis.d_model is None:
+        return {}
+    finding = step.circuit
+    scores = finding.scores[finding.chosen]
+    try:
+        texts = {
+            "circuit": (CIRCUIT, tlp.to_eap_ig_json(finding.circuit, d_model=analysis.d_model, scores=scores)),
+            "edge_scores": (EDGE_SCORES, tlp.to_eap_ig_json(scores, d_model=analysis.d_model)),
+        }
+    except tlp.PatchingError as refusal:
+        warnings.warn(f"the circuit is not written in EAP-IG's format: {refusal}", stacklevel=2)
+        return {}
+    for name, text in texts.values():
+        (folder / name).write_text(text, encoding="utf-8")
+    return {key: folder / name for key, (name, _) in texts.items()}
+
+
+def write_json(analysis: Analysis, out: str | Path) -> Path:
     """Write `results.json` alone into the folder `out` (e.g. after each step); returns its path.
 
     It is written to a temporary file first and then renamed, so an interruption never
@@ -81,7 +107,7 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _circuit_json(finding: CircuitFinding, analysis: IOIAnalysis) -> dict:
+def _circuit_json(finding: CircuitFinding, analysis: Analysis) -> dict:
     """A CircuitFinding as plain JSON values: the curves (with their bands), the circuit's edges
     (with their scores' error bars and inclusion frequencies), and the named heads' membership."""
     kept = set(finding.circuit.heads)
@@ -195,8 +221,9 @@ def _confirmation_json(confirmation: tlp.Confirmation) -> dict:
     }
 
 
-def as_json(analysis: IOIAnalysis) -> dict:
+def as_json(analysis: Analysis) -> dict:
     """Everything measured, as plain JSON values."""
+    prompts = analysis.prompts
     return {
         "model": analysis.model_name,
         "model_source": analysis.model_source,
@@ -208,10 +235,13 @@ def as_json(analysis: IOIAnalysis) -> dict:
         "estimated_seconds": analysis.estimated_seconds,
         "clean_logit_diff": _values(analysis.clean_logit_diff),
         "corrupted_logit_diff": _values(analysis.corrupted_logit_diff),
+        "clean_accuracy": analysis.clean_accuracy,
+        "corrupted_accuracy": analysis.corrupted_accuracy,
+        "task": prompts.task,
         "prompts": [
-            {"clean": clean, "corrupted": corrupted, "io": p.io, "s": p.s}
-            for clean, corrupted, p in zip(
-                analysis.dataset.sentences, analysis.corrupted.sentences, analysis.dataset.prompts
+            {"clean": clean, "corrupted": corrupted, prompts.answer_key: answer, prompts.wrong_key: wrong}
+            for clean, corrupted, answer, wrong in zip(
+                prompts.clean_texts, prompts.corrupted_texts, prompts.answer_texts, prompts.wrong_texts
             )
         ],
         "steps": [
@@ -283,7 +313,7 @@ def _values(per_prompt) -> dict:
     }
 
 
-def csv_rows(analysis: IOIAnalysis):
+def csv_rows(analysis: Analysis):
     """One row per result cell: step, component, the dims' coordinates, value, and its
     `CSV_ERRORS` (empty where it has none); then for the neuron step one row per exactly
     patched neuron (component `post exact`)."""

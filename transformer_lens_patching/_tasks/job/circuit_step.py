@@ -1,4 +1,4 @@
-"""The IOI analysis' circuit step: score every edge, evaluate circuits exactly, pick one.
+"""The job's circuit step: score every edge, evaluate circuits exactly, pick one.
 
 As MIB does, the prompts are split: every edge of the model's graph is scored on half of
 them (`split`), by EAP and EAP-IG (`attr_edges`), and the EAP-IG ranking's strongest
@@ -28,13 +28,13 @@ from ...metrics import LogitDiff
 from ...results import PatchResult
 from .uncertainty import CI_LEVEL, CI_RESAMPLES, ci_method
 
-IOI_IG_STEPS = 5
+IG_STEPS = 5
 """The integrated-gradients points of the EAP-IG ranking."""
-RANKINGS = ("EAP", f"EAP-IG ({IOI_IG_STEPS} steps)", "EAP-IG, candidates confirmed exactly")
+RANKINGS = ("EAP", f"EAP-IG ({IG_STEPS} steps)", "EAP-IG, candidates confirmed exactly")
 """The rankings the step compares, in the order of `CircuitFinding.curves`."""
 STABILITY_RESAMPLES = 50
 """The bootstrap resamples of the scoring prompts on which the circuit is found again."""
-EDGE_SCREEN_PASSES = 2 + 3 * (1 + IOI_IG_STEPS)
+EDGE_SCREEN_PASSES = 2 + 3 * (1 + IG_STEPS)
 """The edge scores' work in forward passes of the scoring prompts, for the time estimate: the
 corrupted run for each method, and a forward and a backward pass (about two forwards) for
 EAP and for each of EAP-IG's points."""
@@ -55,7 +55,7 @@ class CircuitFinding:
             faithfulness (the most faithful one if none reaches it).
         faithfulness: The circuit's faithfulness on the held-out prompts.
         chosen_faithfulness: Its faithfulness on the scoring prompts, which chose it.
-        target: The faithfulness asked for (`IOISettings.circuit_faithfulness`).
+        target: The faithfulness asked for (`JobSettings.circuit_faithfulness`).
         candidates: How many of the EAP-IG ranking's strongest edges were scored exactly.
         scored_on: The prompts (indices) that scored the edges.
         held_out: The prompts (indices) that measured faithfulness.
@@ -108,7 +108,7 @@ def describe(finding: CircuitFinding, graph_size: int) -> str:
         f"The prompts split in two, as MIB does: {len(finding.scored_on)} score the edges (prompts "
         f"{_indices(finding.scored_on)}) and the other {len(finding.held_out)} measure faithfulness (prompts "
         f"{_indices(finding.held_out)}). Every one of the model's {graph_size:,} edges scored by EAP and EAP-IG "
-        f"({IOI_IG_STEPS} steps), clean prompts with each edge resampled from the corrupted ones; the EAP-IG ranking's "
+        f"({IG_STEPS} steps), clean prompts with each edge resampled from the corrupted ones; the EAP-IG ranking's "
         f"{finding.candidates} strongest edges then scored exactly (each removed alone). For each ranking, "
         f"circuits of its strongest edges at MIB's sizes ({', '.join(f'{f:g}' for f in tlp.MIB_FRACTIONS)} of the "
         "edges, pruned of dangling edges), ranked by signed score (the edges whose removal lowers the logit "
@@ -149,7 +149,7 @@ def find_circuit(
         patching_metric=metric_s,
         new_input=corrupted_s,
         method="ig",
-        steps=IOI_IG_STEPS,
+        steps=IG_STEPS,
         uncertainty=True,
     )
     confirmed = _confirmed(model, ig, clean_s, corrupted_s, metric_s, min(candidates, len(ig.graph)), batch_size)

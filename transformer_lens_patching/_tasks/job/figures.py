@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import transformer_lens_patching as tlp
 
 from ...results import PatchResult
-from .analysis import IOIAnalysis
+from .analysis import Analysis
 from .circuit_step import CircuitFinding
 from .records import Step
 from .uncertainty import CI_LEVEL, curve_band, mean_uncertainty
@@ -48,7 +48,7 @@ MEAN_ROW = f"mean ({CI_LEVEL:.0%} CI)"
 """The logit-difference figure's first row: each run's mean over the prompts, with its interval."""
 
 
-def logit_diff_figure(analysis: IOIAnalysis) -> go.Figure:
+def logit_diff_figure(analysis: Analysis) -> go.Figure:
     """Each prompt's clean and corrupted logit difference, side by side on one row per prompt
     (a line joins the two), the prompt's text on hover; above them, each run's mean with its
     confidence interval as an error bar (with two prompts or more)."""
@@ -62,11 +62,11 @@ def logit_diff_figure(analysis: IOIAnalysis) -> go.Figure:
     fig.add_trace(
         go.Scatter(x=joins_x, y=joins_y, mode="lines", line={"color": "#bbb"}, hoverinfo="skip", showlegend=False)
     )
-    for name, values, prompts, colour in (
-        ("clean", clean, analysis.dataset, "#2166ac"),
-        ("corrupted", corrupted, analysis.corrupted, "#b2182b"),
+    for name, values, sentences, colour in (
+        ("clean", clean, analysis.prompts.clean_texts, "#2166ac"),
+        ("corrupted", corrupted, analysis.prompts.corrupted_texts, "#b2182b"),
     ):
-        texts = [html.escape(sentence) for sentence in prompts.sentences]
+        texts = [html.escape(sentence) for sentence in sentences]
         fig.add_trace(
             go.Scatter(
                 x=values,
@@ -102,7 +102,7 @@ def logit_diff_figure(analysis: IOIAnalysis) -> go.Figure:
             )
         )
     fig.update_layout(
-        title="Logit difference (IO - S) per prompt, clean and corrupted",
+        title=f"Logit difference ({analysis.prompts.difference}) per prompt, clean and corrupted",
         height=180 + 22 * len(rows),
         legend={"orientation": "h", "y": -0.15},
     )

@@ -1,9 +1,10 @@
-"""One step of the IOI analysis: what it works on, what it is, what it computes.
+"""One step of the circuit-analysis job: what it works on, what it is, what it computes.
 
-An `IOIStep` is declared once (`steps.STEPS`) and read three ways: `run_ioi` plans, computes,
-picks and records it; `plan_ioi`, `--dry-run` and the time estimate plan it with its receivers at
-their upper bound. A step that cannot run on a model says so when it plans: `Skipped` from the
-step itself, or the library's refusal (a `PatchingError`) of a step that is `refusable`.
+A `JobStep` is declared once (`steps`, and the IOI job's own in `_tasks.ioi.analysis`) and read
+three ways: `run_job` plans, computes, picks and records it; `planned_steps`, `--dry-run` and the
+time estimate plan it with its receivers at their upper bound. A step that cannot run on a model
+says so when it plans: `Skipped` from the step itself, or the library's refusal (a
+`PatchingError`) of a step that is `refusable`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from ...errors import PatchingError
 from ...metrics import LogitDiff
 from ...results import PatchResult
 from .circuit_step import CircuitFinding
-from .dataset import IOIDataset
+from .prompts import JobPrompts
 from .records import TopHead, Uncertainty, not_significant, top_heads
 
 if TYPE_CHECKING:
-    from .analysis import IOISettings
+    from .analysis import JobSettings
 
 Receivers = list[TopHead] | None
 """The heads the step before picked (its first role's), which a path step receives at; None
@@ -40,11 +41,10 @@ class Context:
     """What every step works on: the model, the prompts, the metrics and the settings."""
 
     model: object
-    settings: IOISettings
-    dataset: IOIDataset
-    corrupted: IOIDataset
+    settings: JobSettings
+    prompts: JobPrompts
     logit_diff: LogitDiff
-    """The logit difference IO - S at the end, unnormalised (the circuit step's metric)."""
+    """The logit difference (answer - wrong) at the end, unnormalised (the circuit step's metric)."""
     restored: Callable
     """The fraction of the clean logit difference a patch restores (denoising)."""
     damaged: Callable
@@ -91,7 +91,7 @@ def _no_passes(ctx: Context) -> float:
 
 
 @dataclass(frozen=True)
-class IOIStep:
+class JobStep:
     """One step of the analysis, written once: its run, its plans and its prose."""
 
     key: str
@@ -112,7 +112,7 @@ class IOIStep:
     """Whether the library may refuse the step's plans on some models: a `PatchingError` from
     `plan` then skips the step, with the error's message."""
     bound: str = ""
-    """What `plan_ioi` adds to each label: the plans are of the step's most work."""
+    """What `planned_steps` adds to each label: the plans are of the step's most work."""
     unplanned_passes: Callable[[Context], float] = _no_passes
     """Work no plan holds, in passes of every layer over all the prompts, for the time estimate."""
 

@@ -1,4 +1,4 @@
-"""What the IOI analysis records: the heads a step picks, and each step with its results' error bars."""
+"""What the job records: the heads a step picks, and each step with its results' error bars."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The error bars of the IOI analysis: each result's standard errors and confidence intervals over
+"""The error bars of the job: each result's standard errors and confidence intervals over
 the prompts, and for the results of heads their p-values and which heads are significant.
 
 They come from the per-prompt values the library keeps with `uncertainty=True` (no forward pass):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import transformer_lens_patching as tlp
 
-from .analysis import IOIAnalysis
+from .analysis import Analysis
 from .circuit_step import RANKINGS, CircuitFinding
 from .figures import faithfulness_figure, logit_diff_figure, step_figure
 from .records import Step, TopHead
@@ -53,14 +53,14 @@ _STYLE = (
 )
 
 
-def report_html(analysis: IOIAnalysis) -> str:
+def report_html(analysis: Analysis) -> str:
     """The report as one HTML page with plotly.js inside (no network needed to view it)."""
     from plotly.offline import get_plotlyjs
 
     sections = [_summary(analysis), _figure(logit_diff_figure(analysis), "logit-diff"), _prompts(analysis)]
     sections += [_step_section(step, analysis) for step in analysis.steps]
     return _PAGE.substitute(
-        title=f"IOI circuit analysis: {html.escape(analysis.model_name)}",
+        title=f"{html.escape(analysis.prompts.task)} circuit analysis: {html.escape(analysis.model_name)}",
         plotly=get_plotlyjs(),
         style=_STYLE,
         missing=_missing(analysis),
@@ -68,7 +68,7 @@ def report_html(analysis: IOIAnalysis) -> str:
     )
 
 
-def named_heads(analysis: IOIAnalysis) -> list[tuple[str, TopHead]]:
+def named_heads(analysis: Analysis) -> list[tuple[str, TopHead]]:
     """(role, head) of every head the path-patching steps named."""
     return [
         (role, head)
@@ -104,7 +104,7 @@ def _figure(figure: go.Figure, key: str) -> str:
     return f'<div class="figure">{figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{key}")}</div>'
 
 
-def _missing(analysis: IOIAnalysis) -> str:
+def _missing(analysis: Analysis) -> str:
     if not analysis.missing_steps:
         return ""
     return (
@@ -113,11 +113,11 @@ def _missing(analysis: IOIAnalysis) -> str:
     )
 
 
-def _summary(analysis: IOIAnalysis) -> str:
+def _summary(analysis: Analysis) -> str:
     """The model, the run, the mean logit differences, the heads found, the settings and versions."""
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     source = f"<p>Weights: {html.escape(analysis.model_source)}</p>" if analysis.model_source else ""
-    n = analysis.dataset.N
+    n = analysis.prompts.n
     spread = (
         f" (± one standard error over the {n} prompts; {CI_LEVEL:.0%} confidence intervals by "
         f"{METHOD_WORDS[ci_method(n, 1)]}: how far the means would move on another draw of prompts like these, "
@@ -128,12 +128,23 @@ def _summary(analysis: IOIAnalysis) -> str:
     return (
         f"<p>Model <b>{html.escape(analysis.model_name)}</b>, {n} prompts; "
         f"run in {analysis.seconds:.0f} s on {when}.</p>{source}"
-        '<p id="logit-diffs">Mean logit difference (IO - S at the end): '
+        f'<p id="logit-diffs">Mean logit difference ({html.escape(analysis.prompts.difference)} at the end): '
         f"clean {_mean_with_error(analysis.clean_logit_diff)}, "
         f"corrupted {_mean_with_error(analysis.corrupted_logit_diff)}{spread}.</p>"
+        + _accuracy(analysis)
         + _section("Heads found", _heads_found(analysis))
         + _section("Settings", _names_table(vars(analysis.settings)))
         + _section("Versions", _names_table(analysis.versions, table_id="versions"))
+    )
+
+
+def _accuracy(analysis: Analysis) -> str:
+    """The clean and corrupted accuracy, where the analysis measured them."""
+    if analysis.clean_accuracy is None:
+        return ""
+    return (
+        "<p id=\"accuracy\">Accuracy (the answer's first token above every wrong answer's at the end): clean "
+        f"<b>{analysis.clean_accuracy:.0%}</b>, corrupted {analysis.corrupted_accuracy:.0%}.</p>"
     )
 
 
@@ -147,7 +158,7 @@ def _mean_with_error(per_prompt) -> str:
     return f"{mean} ± {float(error.stderr):.3f} ({CI_LEVEL:.0%} CI {low:.3f} to {high:.3f})"
 
 
-def _heads_found(analysis: IOIAnalysis) -> str:
+def _heads_found(analysis: Analysis) -> str:
     """The rule that names heads, what the prompts allow it, each role's heads (and how many reached
     the size floor without being significant), and the prompts a tighter interval would take."""
     settings = analysis.settings
@@ -179,10 +190,10 @@ def _unsupported(count: int, min_effect: float, named: bool) -> str:
     return html.escape(f"; {heads} reached {min_effect:.0%} but {'was' if count == 1 else 'were'} not significant")
 
 
-def _power_note(analysis: IOIAnalysis) -> str:
+def _power_note(analysis: Analysis) -> str:
     """What the number of prompts allows the test: its smallest p-value, against what a head
     needs to be significant on its own among the model's heads."""
-    n, fdr = analysis.dataset.N, analysis.settings.fdr
+    n, fdr = analysis.prompts.n, analysis.settings.fdr
     heads = next((step.results["z"] for step in analysis.steps if step.key == "act_heads" and step.results), None)
     if heads is None:
         return ""
@@ -212,11 +223,11 @@ HALF_WIDTH = 0.1
 """The interval half-width (of the clean - corrupted logit difference) the report's note on prompts aims at."""
 
 
-def _prompts_note(analysis: IOIAnalysis) -> str:
+def _prompts_note(analysis: Analysis) -> str:
     """How many prompts the observed spread suggests for a `HALF_WIDTH` interval on the strongest
     head's effect (step 2, z)."""
     step = next((step for step in analysis.steps if step.key == "act_heads" and step.results), None)
-    if step is None or step.results["z"].samples is None or analysis.dataset.N < 2:
+    if step is None or step.results["z"].samples is None or analysis.prompts.n < 2:
         return ""
     z = step.results["z"]
     strongest = int(z.as_tensor().abs().argmax())
@@ -225,34 +236,48 @@ def _prompts_note(analysis: IOIAnalysis) -> str:
     needed = int(cell.prompts_for(HALF_WIDTH, CI_LEVEL))
     return (
         f'<p id="prompts-needed">The strongest head\'s effect (z, step 2: head {layer}.{head}, '
-        f"{float(cell):+.1%} ± {float(cell.stderr):.1%}): at the spread observed over these {analysis.dataset.N} "
+        f"{float(cell):+.1%} ± {float(cell.stderr):.1%}): at the spread observed over these {analysis.prompts.n} "
         f"prompts, a {CI_LEVEL:.0%} confidence interval of ±{HALF_WIDTH:.0%} of the clean - corrupted logit "
         f"difference would take about <b>{needed}</b> prompts (--n-prompts).</p>"
     )
 
 
-def _marked_answer(sentence: str, answer: str) -> str:
-    """The sentence, its final word (the answer, which the model is not shown) marked."""
-    if not sentence.endswith(" " + answer):
+def _marked_answer(sentence: str, answer: str, ends_with_it: bool) -> str:
+    """The sentence, its final word marked where the texts end with their answer (IOI's do; the
+    model reads them up to the word before) and it is the answer."""
+    word = answer.strip()
+    if not ends_with_it or not sentence.endswith(" " + word):
         return html.escape(sentence)
-    return f"{html.escape(sentence[: -len(answer)])}<mark>{html.escape(answer)}</mark>"
+    return f"{html.escape(sentence[: -len(word)])}<mark>{html.escape(word)}</mark>"
 
 
-def _prompts(analysis: IOIAnalysis) -> str:
+def _prompts(analysis: Analysis) -> str:
     """The first prompts, clean and corrupted, each with its answer marked."""
-    pairs = zip(analysis.dataset.sentences, analysis.corrupted.sentences, analysis.dataset.prompts)
+    prompts = analysis.prompts
     rows = [
-        (_marked_answer(clean, prompt.io), _marked_answer(corrupted, prompt.io))
-        for clean, corrupted, prompt in list(pairs)[:PROMPTS_SHOWN]
+        (
+            _marked_answer(clean, answer, prompts.texts_end_with_answer),
+            _marked_answer(corrupted, answer, prompts.texts_end_with_answer),
+            f"<mark>{html.escape(repr(answer))}</mark>",
+            html.escape(repr(wrong)),
+        )
+        for clean, corrupted, answer, wrong in list(
+            zip(prompts.clean_texts, prompts.corrupted_texts, prompts.answer_texts, prompts.wrong_texts)
+        )[:PROMPTS_SHOWN]
     ]
     explanation = (
-        "<p>Marked: the answer, the indirect object (IO). The model reads each prompt up to the word before it, "
-        "and the logit difference is the logit of IO minus that of the subject (S) there.</p>"
+        f"<p>Marked: the answer. The model reads each prompt up to the answer, and the logit difference "
+        f"({html.escape(prompts.difference)}) is the logit of the answer's first token minus that of the wrong "
+        "answer's there.</p>"
     )
-    return _section(f"Prompts (first {PROMPTS_SHOWN})", explanation + _table(("clean", "corrupted"), rows))
+    return _section(
+        f"Prompts (first {PROMPTS_SHOWN})",
+        explanation
+        + _table(("clean", "corrupted", f"answer ({prompts.answer_key})", f"wrong ({prompts.wrong_key})"), rows),
+    )
 
 
-def _step_section(step: Step, analysis: IOIAnalysis) -> str:
+def _step_section(step: Step, analysis: Analysis) -> str:
     """A step's description and time, the heads it found, and what it computed."""
     timed = f" ({step.seconds:.0f} s)" if step.results or step.circuit else ""
     body = (
@@ -298,7 +323,7 @@ def _or_dash(value: float | None, form: str) -> str:
     return "-" if value is None else form.format(value)
 
 
-def _confirmation_section(confirmation: tlp.Confirmation, analysis: IOIAnalysis) -> str:
+def _confirmation_section(confirmation: tlp.Confirmation, analysis: Analysis) -> str:
     """The confirmed neurons' table, how well the estimate ranked them, and the strongest head for scale."""
     stable = all(cell.top_k_frequency is not None for cell in confirmation.cells)
     rows = [
@@ -354,7 +379,7 @@ def _shown(finding: CircuitFinding) -> tlp.Circuit:
     return tlp.Circuit(finding.circuit.graph, strongest)
 
 
-def _circuit_section(finding: CircuitFinding, analysis: IOIAnalysis) -> str:
+def _circuit_section(finding: CircuitFinding, analysis: Analysis) -> str:
     """The curves and their areas, the circuit (figure and strongest edges), and which named heads it holds."""
     return (
         _section("Faithfulness", _faithfulness(finding), level=3)
@@ -438,9 +463,9 @@ def _circuit(finding: CircuitFinding) -> str:
         f"faithfulness <b>{finding.faithfulness:.3f}</b>{_interval(finding.curves[finding.chosen].signed, finding)} "
         f"on the held-out prompts.{_stability(finding)} Its {len(shown)} strongest edges, each score (the change of "
         "the logit difference when the edge alone is resampled, as the ranking measures it) with its standard error "
-        "and interval over the scoring prompts:</p>"
-        + _figure(graph, "circuit-graph")
-        + _table(head, edges, table_id="circuit-edges")
+        "and interval over the scoring prompts. Beside this page, circuit.json holds the circuit and edge_scores.json "
+        "every edge's score, in EAP-IG's graph JSON (which MIB's circuit track reads), where EAP-IG can express the "
+        "model's graph.</p>" + _figure(graph, "circuit-graph") + _table(head, edges, table_id="circuit-edges")
     )
 
 
@@ -466,7 +491,7 @@ def _stability(finding: CircuitFinding) -> str:
     )
 
 
-def _named_heads(finding: CircuitFinding, analysis: IOIAnalysis) -> str:
+def _named_heads(finding: CircuitFinding, analysis: Analysis) -> str:
     """Whether each head the path-patching steps named writes into the circuit."""
     kept = set(finding.circuit.heads)
     rows = [

@@ -1,4 +1,6 @@
-"""The IOI analysis as a table of steps (`STEPS`): each one `IOIStep`, its prose beside it."""
+"""The steps of the circuit-analysis job, each one `JobStep` with its prose beside it: those of
+every task (`TASK_STEPS`), and the factories of the steps a task words its own way (the IOI job's
+in `_tasks.ioi.analysis`)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,12 @@ from ... import _tl
 from ...results import PatchResult
 from . import circuit_step
 from .records import TopHead
-from .step import Context, IOIStep, Outcome, Receivers, Skipped
+from .step import Context, JobStep, Outcome, Receivers, Skipped
 
-WORDS = ("S1", "S1+1", "IO", "punct", "S2", "end")
-"""The word positions of the residual-stream sweep."""
 HEAD_COMPONENTS = ["z", "q", "k", "v", "pattern"]
 """What the every-head step patches."""
-WORD_COMPONENTS = ["resid_pre", "attn_out", "mlp_out"]
-"""What the by-word step patches."""
+POSITION_COMPONENTS = ["resid_pre", "attn_out", "mlp_out"]
+"""What the by-position step patches."""
 NEURONS = "post"
 """What the neuron step screens: each MLP neuron's activation after the nonlinearity (for a
 gated MLP, the gate's activation times the linear branch), the coefficient of the neuron's
@@ -35,10 +35,10 @@ def _clean_into_corrupted(ctx: Context, nodes, uncertainty: bool = True) -> tlp.
     extra forward pass of the layers)."""
     return tlp.plan_act_patch(
         ctx.model,
-        orig_input=ctx.corrupted.toks,
+        orig_input=ctx.prompts.corrupted,
         patching_nodes=nodes,
         patching_metric=ctx.restored,
-        new_input=ctx.dataset.toks,
+        new_input=ctx.prompts.clean,
         uncertainty=uncertainty,
         batch_size=ctx.settings.batch_size,
     )
@@ -49,8 +49,8 @@ def _corrupted_into_clean(ctx: Context, senders, receivers) -> tlp.PatchPlan:
     keeping each cell's per-prompt values."""
     return tlp.plan_path_patch(
         ctx.model,
-        orig_input=ctx.dataset.toks,
-        new_input=ctx.corrupted.toks,
+        orig_input=ctx.prompts.clean,
+        new_input=ctx.prompts.corrupted,
         sender_nodes=senders,
         receiver_nodes=receivers,
         patching_metric=ctx.damaged,
@@ -59,7 +59,7 @@ def _corrupted_into_clean(ctx: Context, senders, receivers) -> tlp.PatchPlan:
     )
 
 
-ACT_HEADS = IOIStep(
+ACT_HEADS = JobStep(
     key="act_heads",
     title="Activation patching: every head",
     header=lambda ctx, receivers: (
@@ -74,21 +74,24 @@ ACT_HEADS = IOIStep(
 )
 
 
-def _word_components(ctx: Context) -> list[str]:
-    """`WORD_COMPONENTS` that the model has (no `mlp_out` without MLPs)."""
-    return [name for name in WORD_COMPONENTS if ctx.shape.has_mlps or name != "mlp_out"]
+def _position_components(ctx: Context) -> list[str]:
+    """`POSITION_COMPONENTS` that the model has (no `mlp_out` without MLPs)."""
+    return [name for name in POSITION_COMPONENTS if ctx.shape.has_mlps or name != "mlp_out"]
 
 
-def _by_word(ctx: Context, plans: dict[str, tlp.PatchPlan], bars: bool | str) -> Outcome:
-    """Each word's plan run (its bars labelled with the word); one (seq_pos, layer) result per
-    component, keeping its per-prompt values: every word's plan patches into the same corrupted
-    run, normalised by the same calibration, so their per-prompt values stack."""
-    per_word = {word: plan.compute(progress=bars and f"{bars} at {word}") for word, plan in zip(WORDS, plans.values())}
+def _by_position(ctx: Context, plans: dict[str, tlp.PatchPlan], bars: bool | str) -> Outcome:
+    """Each position's plan run (its bars labelled with the position); one (seq_pos, layer) result
+    per component, keeping its per-prompt values: every position's plan patches into the same
+    corrupted run, normalised by the same calibration, so their per-prompt values stack."""
+    labels = list(ctx.prompts.positions)
+    per_label = {
+        label: plan.compute(progress=bars and f"{bars} at {label}") for label, plan in zip(labels, plans.values())
+    }
     results = {}
-    for component, first in per_word[WORDS[0]].items():
-        coords = {"seq_pos": WORDS, "layer": first.coords["layer"]}
+    for component, first in per_label[labels[0]].items():
+        coords = {"seq_pos": tuple(labels), "layer": first.coords["layer"]}
         samples = first.samples
-        values = torch.stack([per_word[word][component].samples.values for word in WORDS]).to(first.dtype)
+        values = torch.stack([per_label[label][component].samples.values for label in labels]).to(first.dtype)
         per_prompt = PatchResult(values, ("seq_pos", "layer", "batch"), {**coords, "batch": tuple(range(samples.n))})
         results[component] = PatchResult.from_per_prompt(
             per_prompt, offset=samples.offset, scale=samples.scale, baseline=samples.baseline
@@ -96,42 +99,51 @@ def _by_word(ctx: Context, plans: dict[str, tlp.PatchPlan], bars: bool | str) ->
     return Outcome(results)
 
 
-ACT_WORDS = IOIStep(
-    key="act_words",
-    title="Activation patching: residual stream, attention and MLP outputs by word",
-    header=lambda ctx, receivers: (
-        f"activation patching of {', '.join(_word_components(ctx))} at {len(WORDS)} words ({', '.join(WORDS)}) "
-        f"x {ctx.shape.n_layers} layers"
-    ),
-    plan=lambda ctx, receivers: {
-        f"act_words at {word}": _clean_into_corrupted(
-            ctx, tlp.IterNode(_word_components(ctx), seq_pos=ctx.dataset.word_idx[word])
-        )
-        for word in WORDS
-    },
-    compute=_by_word,
-    describe=lambda ctx, receivers, outcome: (
-        "The residual stream entering each layer, and each layer's attention and MLP output, patched at "
-        "one word of every prompt (S1, the token after it, IO, the punctuation ending the first clause, "
-        "S2 and the end), clean into corrupted. Values: fraction of the clean logit difference restored."
-    ),
-)
+def by_position(key: str, word: str, description: str) -> JobStep:
+    """Activation patching of the residual stream, attention and MLP outputs of every layer at each
+    of the prompts' labelled positions (`JobPrompts.positions`), each called a `word` in the title;
+    `description` says what they are ("one word of every prompt (S1, ...)")."""
 
-PATH_LOGITS = IOIStep(
-    key="path_logits",
-    title="Path patching: every head -> logits",
-    header=lambda ctx, receivers: f"path patching of {ctx.shape.n_layers * ctx.shape.n_heads} heads -> logits",
-    plan=lambda ctx, receivers: {
-        "path_logits": _corrupted_into_clean(ctx, tlp.IterNode("z"), tlp.Node("resid_post", ctx.shape.n_layers - 1))
-    },
-    describe=lambda ctx, receivers, outcome: (
-        f"Each head's output, corrupted, reaching the final residual stream (resid_post {ctx.shape.n_layers - 1}) "
-        "only directly (other heads frozen, MLPs recomputed), in the clean run. Values: change of the logit "
-        "difference as a fraction of clean - corrupted (0: no effect, -100%: as corrupted)."
-    ),
-    roles={"name movers (lower the logit diff)": -1, "negative name movers (raise it)": +1},
-    refusable=True,
-)
+    def header(ctx: Context, receivers: Receivers) -> str:
+        labels = list(ctx.prompts.positions)
+        return (
+            f"activation patching of {', '.join(_position_components(ctx))} at {len(labels)} "
+            f"{word}s ({', '.join(labels)}) x {ctx.shape.n_layers} layers"
+        )
+
+    return JobStep(
+        key=key,
+        title=f"Activation patching: residual stream, attention and MLP outputs by {word}",
+        header=header,
+        plan=lambda ctx, receivers: {
+            f"{key} at {label}": _clean_into_corrupted(ctx, tlp.IterNode(_position_components(ctx), seq_pos=positions))
+            for label, positions in ctx.prompts.positions.items()
+        },
+        compute=_by_position,
+        describe=lambda ctx, receivers, outcome: (
+            "The residual stream entering each layer, and each layer's attention and MLP output, patched at "
+            f"{description}, clean into corrupted. Values: fraction of the clean logit difference restored."
+        ),
+    )
+
+
+def path_to_logits(roles: dict[str, int]) -> JobStep:
+    """Path patching of every head to the logits; `roles` names the heads it picks (role -> sign)."""
+    return JobStep(
+        key="path_logits",
+        title="Path patching: every head -> logits",
+        header=lambda ctx, receivers: f"path patching of {ctx.shape.n_layers * ctx.shape.n_heads} heads -> logits",
+        plan=lambda ctx, receivers: {
+            "path_logits": _corrupted_into_clean(ctx, tlp.IterNode("z"), tlp.Node("resid_post", ctx.shape.n_layers - 1))
+        },
+        describe=lambda ctx, receivers, outcome: (
+            f"Each head's output, corrupted, reaching the final residual stream (resid_post {ctx.shape.n_layers - 1}) "
+            "only directly (other heads frozen, MLPs recomputed), in the clean run. Values: change of the logit "
+            "difference as a fraction of clean - corrupted (0: no effect, -100%: as corrupted)."
+        ),
+        roles=roles,
+        refusable=True,
+    )
 
 
 def _heads_list(heads: list[TopHead]) -> str:
@@ -155,7 +167,7 @@ def _receiver_nodes(ctx: Context, receivers: list[TopHead], component: str) -> l
     return sorted({tlp.Node(component, h.layer, head=h.head // group) for h in receivers}, key=repr)
 
 
-def _into_heads(key: str, component: str, what: str, role: str) -> IOIStep:
+def into_heads(key: str, component: str, what: str, role: str) -> JobStep:
     """Path patching from every earlier head into `component` of the heads the step before picked."""
 
     def header(ctx: Context, receivers: Receivers) -> str:
@@ -189,7 +201,7 @@ def _into_heads(key: str, component: str, what: str, role: str) -> IOIStep:
             "difference as a fraction of clean - corrupted."
         )
 
-    return IOIStep(
+    return JobStep(
         key=key,
         title=f"Path patching: every earlier head -> {what}",
         header=header,
@@ -199,10 +211,6 @@ def _into_heads(key: str, component: str, what: str, role: str) -> IOIStep:
         refusable=True,
         bound=" (at most: receivers in the last layer)",
     )
-
-
-PATH_QUERIES = _into_heads("path_queries", "q", "the name movers' queries", "S-inhibition heads")
-PATH_VALUES = _into_heads("path_values", "v", "the S-inhibition heads' values", "heads writing into them")
 
 
 def _has_neurons(shape: _tl.ModelShape) -> bool:
@@ -242,19 +250,19 @@ def _screen_and_confirm(ctx: Context, plans: dict[str, tlp.PatchPlan], bars: boo
     neurons = tlp.IterNode(NEURONS)
     estimates = tlp.attr_patch(
         ctx.model,
-        orig_input=ctx.corrupted.toks,
+        orig_input=ctx.prompts.corrupted,
         patching_nodes=neurons,
         patching_metric=ctx.restored,
-        new_input=ctx.dataset.toks,
+        new_input=ctx.prompts.clean,
         uncertainty=True,
     )
     confirmation = tlp.confirm(
         ctx.model,
         estimates,
-        orig_input=ctx.corrupted.toks,
+        orig_input=ctx.prompts.corrupted,
         patching_nodes=neurons,
         patching_metric=ctx.restored,
-        new_input=ctx.dataset.toks,
+        new_input=ctx.prompts.clean,
         top_k=ctx.settings.top_neurons,
         progress=bars,
         batch_size=ctx.settings.batch_size,
@@ -262,7 +270,7 @@ def _screen_and_confirm(ctx: Context, plans: dict[str, tlp.PatchPlan], bars: boo
     return Outcome(estimates, confirmation=confirmation)
 
 
-ATTR_NEURONS = IOIStep(
+ATTR_NEURONS = JobStep(
     key="attr_neurons",
     title="Attribution patching: every MLP neuron, the strongest patched exactly",
     header=_neurons_header,
@@ -289,12 +297,12 @@ def _circuit_header(ctx: Context, receivers: Receivers) -> str:
 
 def _plan_circuit(ctx: Context, receivers: Receivers) -> dict[str, tlp.PatchPlan]:
     """The exact evaluations of the circuit step (`circuit_step.evaluation_plans`)."""
-    if ctx.dataset.N < 2:
+    if ctx.prompts.n < 2:
         raise Skipped("it needs at least 2 prompts: half score the edges, the other half measure faithfulness.")
     return circuit_step.evaluation_plans(
         ctx.model,
-        ctx.dataset.toks,
-        ctx.corrupted.toks,
+        ctx.prompts.clean,
+        ctx.prompts.corrupted,
         ctx.logit_diff,
         ctx.settings.circuit_candidates,
         ctx.settings.batch_size,
@@ -306,8 +314,8 @@ def _find_circuit(ctx: Context, plans: dict[str, tlp.PatchPlan], bars: bool | st
     settings = ctx.settings
     finding = circuit_step.find_circuit(
         ctx.model,
-        ctx.dataset.toks,
-        ctx.corrupted.toks,
+        ctx.prompts.clean,
+        ctx.prompts.corrupted,
         ctx.logit_diff,
         settings.circuit_candidates,
         settings.circuit_faithfulness,
@@ -318,11 +326,11 @@ def _find_circuit(ctx: Context, plans: dict[str, tlp.PatchPlan], bars: bool | st
 
 def _edge_screen_passes(ctx: Context) -> float:
     """The edge scores' passes (`circuit_step.EDGE_SCREEN_PASSES` of the scoring prompts), over all the prompts."""
-    scoring = len(circuit_step.split(ctx.dataset.N)[0])
-    return circuit_step.EDGE_SCREEN_PASSES * scoring / ctx.dataset.N
+    scoring = len(circuit_step.split(ctx.prompts.n)[0])
+    return circuit_step.EDGE_SCREEN_PASSES * scoring / ctx.prompts.n
 
 
-CIRCUIT = IOIStep(
+CIRCUIT = JobStep(
     key="circuit",
     title="Circuit: every edge scored, circuits evaluated exactly",
     header=_circuit_header,
@@ -333,7 +341,14 @@ CIRCUIT = IOIStep(
     unplanned_passes=_edge_screen_passes,
 )
 
-STEPS = (ACT_HEADS, ACT_WORDS, PATH_LOGITS, PATH_QUERIES, PATH_VALUES, ATTR_NEURONS, CIRCUIT)
-"""The analysis: every step, in the order they run."""
-STEP_KEYS = tuple(step.key for step in STEPS)
-"""The steps of the analysis that patch, in the order they run (after the logit differences)."""
+ACT_POSITIONS = by_position(
+    "act_positions",
+    "position",
+    "each position the task labels in every prompt, and at its end (where the task labels none: at each position "
+    "counted back from each prompt's end, as far back as the shortest prompt reaches)",
+)
+PATH_LOGITS = path_to_logits(
+    {"heads writing the answer (lower the logit diff)": -1, "heads writing against it (raise it)": +1}
+)
+TASK_STEPS = (ACT_HEADS, ACT_POSITIONS, PATH_LOGITS, ATTR_NEURONS, CIRCUIT)
+"""The job on any task (`tl-patch analyze`), in the order its steps run."""
