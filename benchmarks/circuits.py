@@ -1,5 +1,6 @@
-"""Circuit benchmark: scoring GPT-2 small's edge graph, and a 50-point faithfulness curve
-evaluated stacked against one circuit at a time and against auto-circuit, in one process.
+"""Circuit benchmark: scoring GPT-2 small's edge graph (EAP, and exact scores on a sample of edges
+with the whole graph's time at their rate), and a 50-point faithfulness curve evaluated stacked
+against one circuit at a time and against auto-circuit, in one process.
 
     python benchmarks/circuits.py            # GPT-2-small shape (random weights), median of 3
     python benchmarks/circuits.py --tiny     # small shapes, one repeat: a smoke test
@@ -49,11 +50,14 @@ from transformer_lens_patching import (
     EdgeGraph,
     attr_edges,
     evaluate_circuit,
+    exact_edge_scores,
     faithfulness_curve,
     plan_circuit_evaluation,
 )
 
-SECTIONS = ("edges", "curve", "auto_circuit")
+SECTIONS = ("edges", "exact", "curve", "auto_circuit")
+EXACT_SAMPLE = 128
+"""The edges `exact_edge_scores` is timed on: every (edges / 128)-th edge of the graph."""
 POINTS = 50
 TOLERANCE = 1e-4
 """The largest difference between two evaluations of the same circuits, as a fraction of |full - empty|
@@ -84,6 +88,31 @@ def edge_rows(s: Setup, repeats: int) -> list[Row]:
             how=f"`len(EdgeGraph.of(model))` = {len(graph)} edges; attr_edges from the tokens (it runs the new "
             "input itself), LogitDiff object.",
         )
+    ]
+
+
+def exact_rows(s: Setup, repeats: int) -> list[Row]:
+    """exact_edge_scores on `EXACT_SAMPLE` edges spread over the graph, and the whole graph's time at
+    that rate (one stacked circuit per edge, so the time grows with the edges)."""
+    graph = EdgeGraph.of(s.model)
+    edges = list(graph.edges)
+    step = max(1, len(edges) // EXACT_SAMPLE)
+    sample = edges[::step][:EXACT_SAMPLE]
+    timing = timed(lambda: exact_edge_scores(s.model, s.orig, s.metric, new_input=s.new, edges=sample), repeats)
+    return [
+        Row(
+            f"exact_edge_scores, {len(sample)} edges",
+            timing.seconds,
+            None,
+            how=("every edge" if step == 1 else f"every {step}th edge of the graph")
+            + ", each removed alone, stacked; the unpatched run evaluated with them.",
+        ),
+        Row(
+            f"exact_edge_scores, the whole edge graph ({len(edges)} edges), at that rate",
+            timing.seconds / len(sample) * len(edges),
+            None,
+            how="the time per edge of the row above, times the graph's edges: an estimate, not a run.",
+        ),
     ]
 
 
@@ -324,9 +353,10 @@ def run(args: argparse.Namespace) -> list[Row]:
         f"{machine()}; TransformerLens {importlib.metadata.version('transformer-lens')}; median of {args.repeats}; "
         f"{size.n_layers} layers, {size.n_heads} heads, d_model {size.d_model}, batch {size.batch} x {size.seq_len}"
     )
-    s = setup(size) if {"edges", "curve"} & set(args.sections) else None
+    s = setup(size) if {"edges", "exact", "curve"} & set(args.sections) else None
     sections = {
         "edges": lambda: edge_rows(s, args.repeats),
+        "exact": lambda: exact_rows(s, args.repeats),
         "curve": lambda: curve_rows(s, args.repeats, args.points),
         "auto_circuit": lambda: auto_circuit_rows(shape, args.repeats, args.points),
     }

@@ -208,6 +208,24 @@ def test_removing_one_edge_is_path_patching_it(small_model):
     assert torch.isnan(exact.scores[others]).all()
 
 
+def test_exact_scores_in_chunks_are_those_of_one_call(small_model, monkeypatch):
+    """Scoring the edges a few at a time (one evaluate_circuit call per chunk, the unpatched run in the
+    first) gives every edge the score one call gives it."""
+    from transformer_lens_patching._methods import circuit_discovery
+
+    model = small_model
+    orig, new = make_inputs(model, batch=BATCH)
+    metric = logit_diff_metric(per_prompt=True)
+    graph = EdgeGraph.of(model)
+    edges = edges_of_every_kind(model, graph)
+    whole = exact_edge_scores(model, orig, metric, new_input=new, edges=edges)
+    monkeypatch.setattr(circuit_discovery, "EDGES_PER_CALL", 3)
+    chunked = exact_edge_scores(model, orig, metric, new_input=new, edges=edges)
+    assert len(edges) > 2 * 3, "several chunks, the last one partial"
+    torch.testing.assert_close(chunked.scores, whole.scores, equal_nan=True, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.as_tensor(chunked.unpatched), torch.as_tensor(whole.unpatched))
+
+
 def test_removing_every_edge_into_a_receiver_is_patching_its_input(small_model):
     model = small_model
     orig, new = make_inputs(model, batch=BATCH)

@@ -66,9 +66,14 @@ def test_circuit_benchmark_tiny(monkeypatch, capsys):
     benchmark, rows, _ = tiny_run("circuits", monkeypatch, capsys)
     tiny = benchmark.SHAPES["tiny"]
     edges = _gpt2_style_edge_count(tiny.n_layers, tiny.n_heads)
-    assert len(rows) == 4, rows
+    assert len(rows) == 6, rows
     assert rows[0].name == f"attr_edges EAP, the whole edge graph ({edges} edges)", rows[0]
     assert positive(rows[0].ours) and rows[0].baseline is None and rows[0].gap is None, rows[0]
+    sampled = min(edges, benchmark.EXACT_SAMPLE)
+    assert rows[1].name == f"exact_edge_scores, {sampled} edges", rows[1]
+    assert rows[2].name == f"exact_edge_scores, the whole edge graph ({edges} edges), at that rate", rows[2]
+    assert rows[2].ours == pytest.approx(rows[1].ours / sampled * edges), "the sample's rate times the edges"
+    rows = [rows[0], *rows[3:]]
     assert rows[1].name.startswith("faithfulness_curve, 50 sizes + full + empty ("), rows[1]
     assert rows[2].name == "evaluate_circuit of the same 52 circuits stacked vs one at a time", rows[2]
     assert rows[3].name.startswith(("auto-circuit: not installed", "faithfulness_curve vs auto-circuit")), rows[3]

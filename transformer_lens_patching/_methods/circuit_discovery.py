@@ -18,6 +18,12 @@ from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
 from .circuit_evaluation import evaluate_circuit
 
+EDGES_PER_CALL = 512
+"""Edges `exact_edge_scores` evaluates per `evaluate_circuit` call. Each edge's circuit holds a
+mask over every edge of the graph, so the whole graph at once would hold edges x edges of them
+(5 GB for SmolLM2's 70,651 edges); in chunks they stay small, and the chunks' passes stack
+their circuits as one call's would."""
+
 
 @shared_by_ranks
 def exact_edge_scores(
@@ -34,10 +40,10 @@ def exact_edge_scores(
 ) -> EdgeScores:
     """Each edge's exact effect: the metric with only that edge ablated minus the orig metric.
 
-    One circuit (the full graph less one edge) per edge, stacked as any sweep; `edges`
-    restricts the work to some edges (the others' scores are NaN, and rank last). The
-    result has `attr_edges`' form (method "exact"), so estimates and exact scores compare
-    edge for edge. `batch_size`, `max_memory` and `progress` are as in `evaluate_circuit`.
+    One circuit (the full graph less one edge) per edge, stacked as any sweep, `EDGES_PER_CALL`
+    edges at a time; `edges` restricts the work to some edges (the others' scores are NaN, and
+    rank last). The result has `attr_edges`' form (method "exact"), so estimates and exact scores
+    compare edge for edge. `batch_size`, `max_memory` and `progress` are as in `evaluate_circuit`.
 
     >>> exact = exact_edge_scores(model, clean, metric, new_input=corrupted)
     """
@@ -45,32 +51,41 @@ def exact_edge_scores(
     chosen = list(graph.edges if edges is None else edges)
     if not chosen:
         raise PatchingError("exact_edge_scores needs at least one edge to score.")
-    circuits = []
-    for edge in chosen:
-        kept = torch.ones(len(graph), dtype=torch.bool)
-        kept[graph.index(edge)] = False
-        circuits.append(Circuit.from_mask(graph, kept))
-    circuits.append(Circuit.full(graph))
-    values = evaluate_circuit(
-        model,
-        circuits,
-        orig_input,
-        patching_metric,
-        new_input,
-        new_cache,
-        batch_size=batch_size,
-        max_memory=max_memory,
-        progress=progress,
-    ).as_tensor()
-    unpatched = values[-1]
-    if values.ndim > 2:
-        raise PatchingError(
-            f"Edge scores need a metric that returns one number, or one per prompt; this one returns "
-            f"shape {tuple(values.shape[1:])}."
-        )
-    scores = torch.full((len(graph), *values.shape[1:]), float("nan"), dtype=values.dtype)
-    scores[[graph.index(edge) for edge in chosen]] = values[:-1] - unpatched
+    indices = [graph.index(edge) for edge in chosen]
+    parts = []
+    for start in range(0, len(indices), EDGES_PER_CALL):
+        circuits = [_without(graph, index) for index in indices[start : start + EDGES_PER_CALL]]
+        if start == 0:
+            circuits.append(Circuit.full(graph))
+        values = evaluate_circuit(
+            model,
+            circuits,
+            orig_input,
+            patching_metric,
+            new_input,
+            new_cache,
+            batch_size=batch_size,
+            max_memory=max_memory,
+            progress=progress,
+        ).as_tensor()
+        if values.ndim > 2:
+            raise PatchingError(
+                f"Edge scores need a metric that returns one number, or one per prompt; this one returns "
+                f"shape {tuple(values.shape[1:])}."
+            )
+        parts.append(values)
+    unpatched = parts[0][-1]
+    removed = torch.cat([parts[0][:-1], *parts[1:]])
+    scores = torch.full((len(graph), *removed.shape[1:]), float("nan"), dtype=removed.dtype)
+    scores[indices] = removed - unpatched
     return EdgeScores(graph, scores, "exact", unpatched if unpatched.ndim else float(unpatched))
+
+
+def _without(graph: EdgeGraph, index: int) -> Circuit:
+    """The full circuit less the edge at `index`."""
+    kept = torch.ones(len(graph), dtype=torch.bool)
+    kept[index] = False
+    return Circuit.from_mask(graph, kept)
 
 
 @shared_by_ranks
