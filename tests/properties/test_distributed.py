@@ -144,7 +144,8 @@ def test_tl_patch_ioi_under_torchrun_writes_one_report(tmp_path, model_folder):
     ]
     shared = torchrun("-m", "transformer_lens_patching", *options, "--out", str(tmp_path / "two"))
     assert shared.stdout.count("Wrote ") == 1 and "; 2 processes" in shared.stdout, shared.stdout
-    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["report.html", "results.csv", "results.json"]
+    written = sorted(path.name for path in (tmp_path / "two").iterdir())
+    assert written == ["circuit.json", "edge_scores.json", "report.html", "results.csv", "results.json"]
     alone = subprocess.run(
         [sys.executable, "-m", "transformer_lens_patching", *options, "--out", str(tmp_path / "one")],
         cwd=ROOT,
