@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import transformer_lens_patching as tlp
 
 from ... import _tl
-from ..job.analysis import Analysis, JobSettings, planned_steps, run_job
+from ..job.analysis import Analysis, JobSettings, patching_plans, planned_steps, run_job
 from ..job.prompts import JobPrompts
 from ..job.steps import ACT_HEADS, ATTR_NEURONS, CIRCUIT, by_position, into_heads, path_to_logits
 from .dataset import IOIDataset
@@ -133,7 +133,7 @@ def plan_ioi(model, settings: IOISettings = IOISettings()) -> list[tuple[str, tl
     >>> for step, plan in plan_ioi(model):  # doctest: +SKIP
     ...     print(step, plan)
     """
-    return [(label, plan) for label, plan in planned_ioi_steps(model, settings) if isinstance(plan, tlp.PatchPlan)]
+    return patching_plans(planned_ioi_steps(model, settings))
 
 
 def run_ioi(

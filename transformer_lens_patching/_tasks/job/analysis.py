@@ -140,6 +140,11 @@ def planned_steps(
     return entries
 
 
+def patching_plans(entries: list[tuple[str, tlp.PatchPlan | str]]) -> list[tuple[str, tlp.PatchPlan]]:
+    """The (label, plan) entries of `planned_steps`, without the steps it says are skipped."""
+    return [(label, plan) for label, plan in entries if isinstance(plan, tlp.PatchPlan)]
+
+
 def versions() -> dict[str, str]:
     """The versions of what runs the analysis: this library, TransformerLens, torch and Python."""
     try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import transformer_lens_patching as tlp
 
 from ...errors import PatchingError
-from ..job.analysis import Analysis, JobSettings, planned_steps, run_job
+from ..job.analysis import Analysis, JobSettings, patching_plans, planned_steps, run_job
 from ..job.prompts import JobPrompts
 from ..job.steps import TASK_STEPS
 from .loader import END, Task, TaskTokens
@@ -87,9 +87,7 @@ def plan_task(model, task: Task, settings: TaskSettings = TaskSettings()) -> lis
     >>> for step, plan in plan_task(model, load_task("greater_than")):  # doctest: +SKIP
     ...     print(step, plan)
     """
-    return [
-        (label, plan) for label, plan in planned_task_steps(model, task, settings) if isinstance(plan, tlp.PatchPlan)
-    ]
+    return patching_plans(planned_task_steps(model, task, settings))
 
 
 def run_task(
