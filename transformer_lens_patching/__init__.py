@@ -50,6 +50,7 @@ from ._methods.faithfulness import FaithfulnessCurve as FaithfulnessCurve
 from ._methods.faithfulness import MIBFaithfulness as MIBFaithfulness
 from ._methods.faithfulness import faithfulness_curve as faithfulness_curve
 from ._methods.faithfulness import mib_faithfulness as mib_faithfulness
+from ._methods.learned_masks import learn_edge_masks as learn_edge_masks
 from ._methods.path import path_patch as path_patch
 from ._methods.path import plan_path_patch as plan_path_patch
 from ._methods.path_confirmation import confirm_paths as confirm_paths
@@ -124,6 +125,7 @@ __all__ = [
     "MIBFaithfulness",
     "MIB_FRACTIONS",
     "exact_edge_scores",
+    "learn_edge_masks",
     "confirm_edges",
     "circuit_stability",
     "CircuitStability",

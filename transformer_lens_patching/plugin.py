@@ -4,8 +4,8 @@
 `model.path_patch(...)`, `model.attr_patch(...)`, `model.confirm(...)`, `model.attr_edges(...)`,
 `model.attr_path_patch(...)`, `model.confirm_paths(...)`, `model.evaluate_circuit(...)`,
 `model.faithfulness_curve(...)`, `model.mib_faithfulness(...)`, `model.exact_edge_scores(...)`,
-`model.confirm_edges(...)`,
-`model.plan_act_patch(...)`, `model.plan_path_patch(...)`, `model.plan_circuit_evaluation(...)`);
+`model.learn_edge_masks(...)`, `model.confirm_edges(...)`, `model.plan_act_patch(...)`,
+`model.plan_path_patch(...)`, `model.plan_circuit_evaluation(...)`);
 `CachePatchingMixin` those ActivationCache gains (`cache[Node(...)]`, `cache.zero_ablated()`,
 `cache.mean_ablated(groups)`). `install()` sets them on TransformerLens' classes.
 
@@ -35,6 +35,7 @@ from ._methods.confirmation import confirm
 from ._methods.edge_paths import attr_path_patch
 from ._methods.edges import attr_edges
 from ._methods.faithfulness import faithfulness_curve, mib_faithfulness
+from ._methods.learned_masks import learn_edge_masks
 from ._methods.path import path_patch, plan_path_patch
 from ._methods.path_confirmation import confirm_paths
 from .errors import PatchingError
@@ -79,6 +80,7 @@ class PatchingMixin:
     faithfulness_curve = _method_of(faithfulness_curve)
     mib_faithfulness = _method_of(mib_faithfulness)
     exact_edge_scores = _method_of(exact_edge_scores)
+    learn_edge_masks = _method_of(learn_edge_masks)
     confirm_edges = _method_of(confirm_edges)
 
 

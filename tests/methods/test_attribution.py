@@ -313,7 +313,7 @@ def test_bad_arguments_are_explained(gpt2_model):
     model = gpt2_model
     orig, new = make_inputs(model, batch=BATCH)
     node = Node("z", 0, head=0)
-    with raises(r"method must be one of 'atp', 'atp\*', 'ig'; got 'eap'"):
+    with raises(r"method must be one of 'atp', 'atp\*', 'ig', 'relp'; got 'eap'"):
         attr_patch(model, orig, node, logit_diff_metric(), new_input=new, method="eap")
     with raises("estimate must be one of 'value', 'delta'; got 'change'"):
         attr_patch(model, orig, node, logit_diff_metric(), new_input=new, estimate="change")

@@ -367,7 +367,7 @@ def test_bad_arguments_are_explained(small_model):
     model = small_model
     orig, new = make_inputs(model, batch=BATCH)
     metric = logit_diff_metric()
-    with raises(r"method must be one of 'atp', 'ig'; got 'eap'"):
+    with raises(r"method must be one of 'atp', 'ig', 'relp'; got 'eap'"):
         attr_edges(model, orig, metric, new_input=new, method="eap")
     with raises("steps is for method='ig'"):
         attr_edges(model, orig, metric, new_input=new, steps=3)

@@ -20,7 +20,7 @@ import traceback
 import pytest
 import torch
 
-from tests.helpers import assert_close_at_scale
+from tests.helpers import TL_MAJOR, assert_close_at_scale
 from transformer_lens_patching import (
     Accuracy,
     AnswerLogProb,
@@ -37,6 +37,7 @@ from transformer_lens_patching import (
     PatchingError,
     TokenLogit,
     TokenProbability,
+    _tl,
     act_patch,
     attr_edges,
     attr_patch,
@@ -47,11 +48,15 @@ from transformer_lens_patching import (
     denoising_metric,
     evaluate_circuit,
     faithfulness_curve,
+    learn_edge_masks,
     mib_faithfulness,
     path_patch,
     plan_act_patch,
     plan_circuit_evaluation,
 )
+from transformer_lens_patching._core.wiring import Wiring
+from transformer_lens_patching._methods.common import patched_in_source, prepare_runs
+from transformer_lens_patching._methods.learned_masks import MaskedCircuits
 
 ANSWERS = torch.tensor([[5, 6], [17, 3], [6, 5]])
 ORIG = torch.randint(100, 2000, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -517,6 +522,33 @@ def circuits(ctx) -> None:
     assert_close_at_scale(without, write_replaced(ctx, ctx.last, 0))
 
 
+def learned_masks(ctx) -> None:
+    """`learn_edge_masks` (one step, so that a refusal is recorded as one): its soft removal at
+    masks of 0 and 1 gives `evaluate_circuit`'s value per prompt (a random circuit, the full and
+    the empty one), and at every mask 1 the gradient of the summed metric with respect to the masks
+    is minus EAP's per-prompt scores summed."""
+    model = ctx.model
+    per_prompt = LogitDiff(ANSWERS, per_prompt=True)
+    eap = attr_edges(model, ctx.orig, per_prompt, new_input=ctx.new)
+    learn_edge_masks(model, eap, ctx.orig, per_prompt, new_input=ctx.new, steps=1)
+    graph = EdgeGraph.of(model)
+    runs = prepare_runs(model, ctx.orig, per_prompt, uncertainty=True)
+    wiring = Wiring.of(model, graph, "learn_edge_masks")
+    source, _ = patched_in_source(runs, ctx.new, None, wiring.sender_hooks)
+    random = torch.rand(len(graph), generator=torch.Generator().manual_seed(0)) < 0.5
+    kept = [random, torch.ones_like(random), torch.zeros_like(random)]
+    mask = torch.ones(len(graph), requires_grad=True)
+    with _tl.model_flags(model, _tl.flags_for(wiring.receiver_hooks)):
+        circuits = MaskedCircuits(runs, wiring, source(), None)
+        soft = [circuits.values(keep.float()).detach() for keep in kept]
+        with torch.enable_grad():
+            circuits.values(mask).sum().backward(inputs=[mask])
+    for keep, values in zip(kept, soft):
+        exact = evaluate_circuit(model, Circuit.from_mask(graph, keep), ctx.orig, per_prompt, new_input=ctx.new)
+        assert_close_at_scale(values, exact)
+    assert_close_at_scale(mask.grad, -eap.scores.sum(-1))
+
+
 def atp_own_cache(ctx) -> None:
     """Attribution patching every head and every `mlp_out` (where the model has MLPs) from the
     model's own cache: every estimate is the unpatched metric."""
@@ -615,6 +647,107 @@ def attr_paths(ctx) -> None:
     value, grad = gradient(ctx, "blocks.1.hook_resid_pre")
     expected = [value + write_derivative(ctx, 0, head, grad) for head in range(model.cfg.n_heads)]
     assert_close_at_scale(estimates["z"].as_tensor().reshape(-1), torch.stack(expected))
+
+
+PATTERN_CONSTANT = (
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+)
+"""Every hook between the residual stream and an attention pattern: detaching all of them holds the
+pattern constant whichever of them a model's attention actually computes from (some bridges
+compute their output from the queries and keys they hook, not from the pattern they hook)."""
+
+
+def relevance_hooks(model, constant: tuple[str, ...] = PATTERN_CONSTANT) -> list:
+    """RelP's rules as hooks, written out: every norm's `hook_scale` and every attention pattern
+    detached (constants; or, with `constant=("hook_q_input", "hook_k_input")`, each head's query and
+    key inputs, which leaves the pattern's own gradient to the queries and keys but no further), and
+    each MLP's `hook_post` keeping its value but taking its gradient from the identity rule (`pre`
+    times post / pre, held constant) or, gated, the half rule (half of the product over each factor,
+    gate and `up`, held constant); TransformerLens 2 adds its gated MLP's `b_in` after the product."""
+    points = {}
+    for name, point in model.hook_dict.items():
+        if name.endswith(("hook_scale", *constant)):
+            points.setdefault(id(point), name)
+    hooks = [(name, lambda x, hook: x.detach()) for name in points.values()]
+    if getattr(model.cfg, "attn_only", False):
+        return hooks
+    gated = "blocks.0.mlp.hook_pre_linear" in model.hook_dict
+    for layer in range(model.cfg.n_layers):
+        live = {}
+
+        def keep(part, live=live):
+            def hook(x, hook):
+                live[part] = x
+
+            return hook
+
+        def ratio(numerator, denominator):
+            numerator, denominator = numerator.detach(), denominator.detach()
+            return torch.where(denominator == 0, 0.0, numerator / torch.where(denominator == 0, 1.0, denominator))
+
+        def rule(post, hook, live=live, layer=layer):
+            if gated:
+                bias = model.blocks[layer].mlp.b_in if TL_MAJOR == 2 else 0.0
+                product = post - bias
+                surrogate = 0.5 * live["pre"] * ratio(product, live["pre"])
+                surrogate = surrogate + 0.5 * live["pre_linear"] * ratio(product, live["pre_linear"])
+            else:
+                surrogate = live["pre"] * ratio(post, live["pre"])
+            return post.detach() + (surrogate - surrogate.detach())
+
+        hooks.append((f"blocks.{layer}.mlp.hook_pre", keep("pre")))
+        if gated:
+            hooks.append((f"blocks.{layer}.mlp.hook_pre_linear", keep("pre_linear")))
+        hooks.append((f"blocks.{layer}.mlp.hook_post", rule))
+    return hooks
+
+
+def relevance_patching(ctx) -> None:
+    """RelP (`attr_patch(method="relp")`): from the model's own cache every head's and every
+    neuron's estimate is the unpatched metric; from the new prompts each is the metric plus the sum
+    over its slice of (new - orig) times the gradient of the metric through `relevance_hooks`
+    (autograd, every layer's z and MLP post at once)."""
+    model = ctx.model
+    names = ["z", *(["post"] if mlps(ctx) else [])]
+    own = attr_patch(model, ctx.orig, IterNode(names), ctx.metric, new_cache=ctx.cache, method="relp")
+    estimates = attr_patch(model, ctx.orig, IterNode(names), ctx.metric, new_input=ctx.new, method="relp")
+    for values in own.values():
+        assert_close_at_scale(values.as_tensor(), ctx.own.expand(values.shape))
+    hooks = {"z": "blocks.{}.attn.hook_z", "post": "blocks.{}.mlp.hook_post"}
+    layers = range(model.cfg.n_layers)
+    offsets = {
+        (name, layer): torch.zeros_like(ctx.cache[hooks[name].format(layer)], requires_grad=True)
+        for name in names
+        for layer in layers
+    }
+    added = [(hooks[name].format(layer), lambda x, hook, o=offset: x + o) for (name, layer), offset in offsets.items()]
+    with torch.enable_grad():
+        value = plain_logit_diff(model.run_with_hooks(ctx.orig, fwd_hooks=[*relevance_hooks(model), *added]))
+        grads = dict(zip(offsets, torch.autograd.grad(value, list(offsets.values()))))
+    for name in names:
+        per_layer = []
+        for layer in layers:
+            hook = hooks[name].format(layer)
+            weighted = (ctx.new_cache[hook] - ctx.cache[hook]) * grads[(name, layer)]
+            per_layer.append(weighted.sum(dim=(0, 1, 3) if name == "z" else (0, 1)))
+        assert_close_at_scale(estimates[name].as_tensor(), value.detach() + torch.stack(per_layer))
+
+
+def relevance_edges(ctx) -> None:
+    """RelP for edges (`attr_edges(method="relp")`): with new_input = orig every score is 0; from the
+    new prompts, edge head (L-1, 0) -> logits scores that head's write change dotted with the gradient
+    of the metric at the final residual stream through `relevance_hooks` (autograd)."""
+    same = attr_edges(ctx.model, ctx.orig, ctx.metric, new_input=ctx.orig, method="relp")
+    scores = attr_edges(ctx.model, ctx.orig, ctx.metric, new_input=ctx.new, method="relp")
+    assert_close_at_scale(same.scores, torch.zeros_like(same.scores))
+    final = f"blocks.{ctx.last}.hook_resid_post"
+    expected = write_derivative(ctx, ctx.last, 0, gradient(ctx, final, relevance_hooks(ctx.model))[1])
+    assert_close_at_scale(scores.score(logits_edge(ctx, 0)), expected)
 
 
 def confirmed(ctx) -> None:
@@ -754,6 +887,7 @@ CELLS = [
     ("path: MLPs direct", path_mlps_direct),
     ("path: resid only", path_residual_only),
     ("circuits", circuits),
+    ("learned masks", learned_masks),
     ("atp: own cache", atp_own_cache),
     ("atp*: own cache", atp_star_own_cache),
     ("atp: first order", atp_first_order),
@@ -761,6 +895,8 @@ CELLS = [
     ("EAP", eap),
     ("EAP-IG", eap_ig),
     ("attr_path_patch", attr_paths),
+    ("relp", relevance_patching),
+    ("RelP edges", relevance_edges),
     ("confirm", confirmed),
     ("confirm_paths", confirmed_paths),
     ("confirm_edges", confirmed_edges),

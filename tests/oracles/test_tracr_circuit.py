@@ -333,6 +333,30 @@ def test_attribution_ig_recovers_the_circuit(tracr, inputs):
     assert Circuit.from_scores(scores, len(true)) == Circuit(graph, true)
 
 
+def test_relevance_patching_sees_what_atp_sees(tracr, inputs):
+    """RelP (`method="relp"`): the program has no norm and ReLU MLPs, whose identity rule is their
+    gradient, and its attention is saturated, so RelP scores as AtP does: the two linear true edges
+    exactly, every decoy 0, and the five edges feeding the softmax and ReLU steps below 0.01 (the
+    two into head 1's query and key exactly 0: the pattern is a constant to what feeds it)."""
+    clean, corrupted = inputs
+    model, graph = tracr.model, EdgeGraph.of(tracr.model)
+    _, true = ground_truth(tracr)
+    metric = correct_logits_metric(answer_ids(tracr, CLEAN))
+    relp = attr_edges(model, clean, metric, new_input=corrupted, method="relp")
+    atp = attr_edges(model, clean, metric, new_input=corrupted, method="atp")
+    assert max(abs(float(relp.score(edge))) for edge in graph if edge not in true) < FLOAT_NOISE
+    deltas = program_deltas()
+    for name, edge in EXPECTED_TRUE.items():
+        if name in ("embed->h2v", "h2->logits"):
+            assert float(relp.score(edge)) == pytest.approx(deltas[name], abs=1e-3), name
+        else:
+            assert abs(float(relp.score(edge))) < 0.01, name
+        if name in ("mlp0->h1q", "mlp0->h1k"):
+            assert float(relp.score(edge)) == 0.0, name
+        else:
+            assert float(relp.score(edge)) == pytest.approx(float(atp.score(edge)), abs=1e-6), name
+
+
 def test_cached_compile_is_keyed_by_what_decides_it(tmp_path, monkeypatch):
     """Another script, processor or tracr environment gives another cache entry, never a stale one."""
     python = tracr_model.tracr_python()

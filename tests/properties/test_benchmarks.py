@@ -114,3 +114,38 @@ def test_gpu_benchmark_tiny(monkeypatch, capsys):
             assert details["cells_run"] == min(tiny.baseline_cells, n_cells[index - 4]), row
             assert positive(details["measured_seconds"]), row
     assert sum(row.details["target"] == "not checked (tiny)" for row in rows) == 2, rows
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_agreement_benchmark_tiny(capsys):
+    """Each estimator's row per kind of cell, after its exact baseline, with a rank correlation in
+    [-1, 1] and an overlap no larger than k."""
+    benchmark = _script("agreement")
+    rows = benchmark.run(benchmark.parse_args(["--tiny", "--edges", "30"]))
+    kinds = ["every head's z", "every neuron", "30 random edges"]
+    assert len(rows) == 12 and [sum(row[0].startswith(kind) for row in rows) for kind in kinds] == [4, 4, 4], rows
+    assert [row[1] for row in rows[8:]] == ["exact (exact_edge_scores)", "EAP", "EAP-IG", "RelP"], rows
+    for row in rows:
+        exact = row[1].startswith("exact")
+        assert (row[3] is None) == exact and (exact or -1 <= row[3] <= 1), row
+        assert positive(row[5]) or row[5] == 0, row
+    benchmark.print_rows(rows)
+    assert sum(line.startswith("| ") for line in capsys.readouterr().out.splitlines()) == len(rows) + 1
+
+
+def test_discovery_benchmark_tiny(capsys):
+    """One row per method: its time, the smallest circuit reaching 0.8 (or none), CPR and CMD."""
+    benchmark = _script("discovery")
+    rows = benchmark.run(benchmark.parse_args(["--tiny", "--mask-steps", "3"]))
+    assert [row[0] for row in rows] == ["EAP", "EAP-IG (5 steps)", "RelP", "learned masks (3 steps, from EAP-IG)"]
+    for _, seconds, fraction, edges, held_out, cpr, cmd, total in rows:
+        assert seconds >= 0 and math.isfinite(cpr) and math.isfinite(cmd) and total > 0
+        assert fraction is None or (0 < fraction <= 1 and 0 < edges <= total and math.isfinite(held_out))
+    benchmark.print_rows(rows)
+    assert sum(line.startswith("| ") for line in capsys.readouterr().out.splitlines()) == len(rows) + 1

@@ -56,6 +56,7 @@ def test_every_mixin_method_is_on_the_model_and_cache_classes():
         "evaluate_circuit",
         "exact_edge_scores",
         "faithfulness_curve",
+        "learn_edge_masks",
         "mib_faithfulness",
         "path_patch",
         "plan_act_patch",

@@ -109,6 +109,16 @@ def normed_mlp_input(layer: int) -> str:
     return f"blocks.{layer}.mlp.hook_in"
 
 
+def mlp_hook(part: str, layer: int) -> str:
+    """MLP `layer`'s hook `mlp.hook_{part}`, for the MLP's internals that are not nodes: a gated MLP's
+    linear half (`pre_linear`), SoLU's normalised activation (`mid`). RelP's rules read them.
+
+    >>> mlp_hook("pre_linear", 3)
+    'blocks.3.mlp.hook_pre_linear'
+    """
+    return f"blocks.{layer}.mlp.hook_{part}"
+
+
 MLP_COMPONENTS = ("mlp_in", "pre", "post", "mlp_out")
 """Components that attention-only models do not have."""
 

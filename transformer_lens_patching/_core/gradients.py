@@ -5,10 +5,12 @@ this one class for gradients. A pass is a `PatchProgram` that records activation
 zeros requiring grad where a gradient is wanted (`differentiate`), optionally fills hooks
 with given values (integrated gradients), stops the gradient at some slices (GradDrop,
 receivers that block each other), and pulls gradients back through chosen MLP neurons
-only. Prompts run in chunks that fit the memory budget; under torch.distributed the ranks
-share the chunks (at least one each) and gather their results.
+only; with `relevance`, every pass's backward follows RelP's propagation rules (`relevance`).
+Prompts run in chunks that fit the memory budget; under torch.distributed the ranks share
+the chunks (at least one each) and gather their results.
 """
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +26,7 @@ from .executor import Runs
 from .measure import MetricCalls, as_tensor
 from .memory import prompts_per_gradient_pass, release_freed_memory
 from .program import PatchProgram, applied, resid_mid_carries
+from .relevance import RelevanceRules
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class GradientPass:
         split_inputs: bool = False,
         new_input: object = None,
         progress: tqdm | None = None,
+        relevance: bool = False,
     ):
         if torch.is_inference_mode_enabled():
             raise PatchingError(
@@ -90,6 +94,7 @@ class GradientPass:
         shape = _tl.model_shape(runs.model)
         self._chunk = prompts_per_gradient_pass(runs.tokens, shape, max_memory, split_inputs)
         self._final_residual = residual_hooks(shape.n_layers)[-1]
+        self._rules = RelevanceRules(runs.model) if relevance else None
 
     def __call__(
         self,
@@ -193,6 +198,8 @@ class GradientPass:
         """One pass of the prompts `rows` (`tokens`): their logits, or the selected logits."""
         program = PatchProgram(tokens.shape[0], carries=resid_mid_carries(self.model))
         live = _Live(plan)
+        if self._rules is not None:
+            self._rules.install(program)
         neuron_hooks = [hook_name(part, read.layer) for read in plan.neuron_reads for part in ("mlp_in", "pre")]
         for name, mask in plan.stopped:
             program.stop_gradient(name, mask)
@@ -206,10 +213,11 @@ class GradientPass:
         if self._reader is not None:
             program.stop_at(self._final_residual)
         logits = None  # stays None where the pass stops at the final residual stream
-        with applied(self.model, program):
+        with applied(self.model, program), _tl.quiet_norm_edits():
             logits = _tl.forward_logits(self.model, tokens)
         if self._reader is not None:
-            logits = self._reader.rows(rows).read(program.stopped_with, logits)
+            with self._rules.on_final_norm() if self._rules is not None else contextlib.nullcontext():
+                logits = self._reader.rows(rows).read(program.stopped_with, logits)
         release_freed_memory(tokens.device)
         return logits, live
 

@@ -140,11 +140,36 @@ class PatchProgram:
 
         self._add(hook_name, step)
 
+    def keep(self, hook_name: str, store: dict, key) -> None:
+        """Keep the activation at `hook_name` itself (not a copy, gradient and all) in `store[key]`,
+        for a later step's gradient rule (`substitute_gradient`)."""
+
+        def step(out: torch.Tensor) -> None:
+            store[key] = out
+
+        self._add(hook_name, step)
+
+    def substitute_gradient(self, hook_name: str, surrogate: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Keep the activation's value at `hook_name` but let the gradient flow back through
+        `surrogate(value)` instead of the model's own computation: a function of earlier activations
+        (`keep`) equal to the value, with the derivatives a propagation rule wants (RelP)."""
+
+        def step(out: torch.Tensor) -> None:
+            replacement = surrogate(out.detach())
+            out.detach_()
+            out += replacement - replacement.detach()
+
+        self._add(hook_name, step)
+
     def stop_gradient(self, hook_name: str, mask: torch.Tensor | None = None) -> None:
         """Let no gradient flow back through the activation arriving at `hook_name` (only where
         the boolean `mask`, broadcastable to it, is set); its value is unchanged, and what this
         program's steps add there keeps its gradient. AtP*'s GradDrop drops one layer's
-        residual-stream contribution this way."""
+        residual-stream contribution this way. Stops at one hook add up: the gradient stops wherever
+        any of them stops it."""
+        if hook_name in self._gradient_stops:
+            previous = self._gradient_stops[hook_name]
+            mask = None if previous is None or mask is None else previous | mask
         self._gradient_stops[hook_name] = mask
         self._steps.setdefault(hook_name, [])
 

@@ -5,7 +5,9 @@ value `a'`, the metric changes by about `(a' - a) . dM/da`, the gradient taken i
 run. One run of the new input (or the given cache), and one forward and one backward pass
 of the orig input, give that estimate for every cell of a sweep at once: its cost does not
 depend on the number of cells. Integrated gradients (as in EAP-IG, Hanna et al. 2024)
-average the gradient over points between `a` and `a'` instead.
+average the gradient over points between `a` and `a'` instead. RelP (Jafari et al. 2025)
+takes the one backward pass through the model with its nonlinearities linearised by
+relevance propagation's rules (`_core/relevance.py`).
 """
 
 from collections.abc import Callable, Sequence
@@ -20,6 +22,7 @@ from .._core.gradients import GradientPass
 from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode, Node
 from .._core.plan import assembled_sweeps
+from .._core.relevance import check_relevance_rules
 from .._core.sites import PatchSite
 from .._core.tensor_types import ModelInput, OtherModelInput
 from ..errors import PatchingError
@@ -35,7 +38,7 @@ from .common import (
     prepare_runs,
 )
 
-ATTR_METHODS = ("atp", "atp*", "ig")
+ATTR_METHODS = ("atp", "atp*", "ig", "relp")
 """The estimates `attr_patch` computes."""
 
 
@@ -88,7 +91,14 @@ def attr_patch(
             the rest of the model computed from it), so that the attributions of all of one
             hook's cells sum to the change of patching that whole hook, up to the sum's
             error, which shrinks as `steps` grows. `steps=1` is AtP. It costs `steps - 1`
-            more forward and backward passes per hook.
+            more forward and backward passes per hook. Or "relp" (relevance patching, Jafari
+            et al. 2025): AtP with the backward pass following layer-wise relevance
+            propagation's rules, at AtP's cost: every norm's scale and every attention pattern
+            held constant (relevance reaches the residual stream through the values only; the
+            queries, keys, scores and pattern keep the softmax's gradient), an MLP activation
+            passing relevance through unchanged and a gated MLP's product halving it between
+            its factors (see "Relevance patching" in the concepts page). Refused on
+            mixture-of-experts models and SoLU's normalised activation.
         steps: For "ig", the points of the sum (default `IG_STEPS`); not used otherwise.
         estimate: "value" for the estimated patched metric (what `act_patch` returns) or
             "delta" for its change from the orig run's metric.
@@ -132,6 +142,8 @@ def attr_patch(
     if grad_drop and uncertainty:
         raise PatchingError("grad_drop gives magnitudes summed over layers, not a mean over prompts: no uncertainty.")
     runs = prepare_runs(model, orig_input, patching_metric, uncertainty=uncertainty)
+    if method == "relp":
+        check_relevance_rules(model, method)
     tokens = runs.tokens
     patched = patch_cells(model, tokens, patching_nodes)
     names = sorted(patched.names)
@@ -149,7 +161,7 @@ def attr_patch(
         torch.no_grad(),
         gradient_progress(progress, passes, "attr_patch") as bar,
     ):
-        gradient_pass = GradientPass(runs, max_memory, new_input=new_input, progress=bar)
+        gradient_pass = GradientPass(runs, max_memory, new_input=new_input, progress=bar, relevance=method == "relp")
         new = source()
         run = gradient_pass(differentiated, recorded)
         orig_value, dims, orig, gradients = run.value, run.dims, run.activations, run.gradients

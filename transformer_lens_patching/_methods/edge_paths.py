@@ -21,6 +21,7 @@ from .._core.gradients import GradientPass, GradientRun, NeuronRead
 from .._core.memory import check_chunk_args
 from .._core.nodes import IterNode, Node, normalize_seq_pos
 from .._core.program import resid_mid_carries
+from .._core.relevance import check_relevance_rules
 from .._core.sites import PatchSite, Sweep, resolve_spec
 from .._core.sources import ActivationSource
 from .._core.tensor_types import ModelInput, OtherModelInput
@@ -88,8 +89,9 @@ def attr_path_patch(
             "loss".
         new_cache: An ActivationCache of the new run (or a mean-ablation cache, or "zero").
         seq_pos: Positions for senders and receivers alike (as for path_patch).
-        method: "atp" or "ig" (EAP-IG: the receivers' gradients averaged over `steps` runs
-            with interpolated input embeddings, as in `attr_edges`).
+        method: "atp", "ig" (EAP-IG: the receivers' gradients averaged over `steps` runs
+            with interpolated input embeddings, as in `attr_edges`) or "relp" (relevance
+            patching's propagation rules, as in `attr_patch`).
         steps: For "ig", the points of the sum (default 10).
         estimate: "value" for the estimated patched metric, "delta" for its change.
         uncertainty: Keep each cell's per-prompt estimates, as `attr_patch(uncertainty=True)`.
@@ -126,6 +128,8 @@ def attr_path_patch(
         if spec is None:
             raise PatchingError(f"attr_path_patch needs {what}: a Node, a list of Nodes or an IterNode.")
     runs = prepare_runs(model, orig_input, patching_metric, uncertainty=uncertainty)
+    if method == "relp":
+        check_relevance_rules(model, method, edges=True)
     tokens = runs.tokens
     shape = _tl.model_shape(model)
     check_specs(sender_nodes, (), seq_pos)
@@ -161,7 +165,9 @@ def attr_path_patch(
         through = [NeuronRead(read.layer, _neuron_mask(read, tokens.shape, shape.d_mlp)) for read in neuron_reads]
         stopped = [(read.hook, _slice_mask(read, tokens.shape, shape)) for read in frozen]
         split = "use_split_qkv_input" in _tl.flags_for(all_hooks)
-        gradient_pass = GradientPass(runs, max_memory, split_inputs=split, new_input=new_input, progress=bar)
+        gradient_pass = GradientPass(
+            runs, max_memory, split_inputs=split, new_input=new_input, progress=bar, relevance=method == "relp"
+        )
         writes = SenderWrites(model)
         if writes.normalised:  # each pass's writes go through the norms at its own activations
             passes = interpolated_passes(

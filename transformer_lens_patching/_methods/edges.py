@@ -32,6 +32,7 @@ from .._core.distributed import shared_by_ranks
 from .._core.gradients import GradientPass, GradientRun, NeuronRead
 from .._core.graph import EdgeGraph, EdgeScores
 from .._core.memory import check_chunk_args
+from .._core.relevance import check_relevance_rules
 from .._core.sources import ActivationSource
 from .._core.tensor_types import ModelInput, OtherModelInput
 from .._core.wiring import (
@@ -41,11 +42,12 @@ from .._core.wiring import (
     check_head_inputs,
     residual_gradients,
 )
+from ..errors import PatchingError
 from .common import check_choice, check_hooks_exist, checked_steps, gradient_progress, patched_in_source, prepare_runs
 from .path_rules import check_head_outputs
 
-EDGE_METHODS = ("atp", "ig")
-"""The estimates edge attribution computes: EAP and EAP-IG."""
+EDGE_METHODS = ("atp", "ig", "relp")
+"""The estimates edge attribution computes: EAP, EAP-IG and RelP."""
 
 
 @shared_by_ranks
@@ -84,7 +86,10 @@ def attr_edges(
             over `steps` runs whose residual stream entering layer 0 is `x + (k / steps)(x' - x)`,
             k = 0 .. steps - 1, between the orig embeddings `x` and the new ones `x'`; `steps=1`
             is AtP). The inputs are interpolated, not each receiver's activation as node-level
-            `attr_patch(method="ig")` does, which would cost a set of passes per receiver.
+            `attr_patch(method="ig")` does, which would cost a set of passes per receiver. Or
+            "relp": the receivers' gradients from one backward pass following relevance
+            propagation's rules, as `attr_patch(method="relp")` (refused where a norm follows
+            each block's output, as in Gemma-2 and OLMo-2).
         steps: For "ig", the points of the sum (default 10); not used by "atp".
         uncertainty: Keep each edge's per-prompt scores (`EdgeScores.samples`): the scores are
             then their means, with `stderr`, `ci`, `significant`, and the stability of the
@@ -110,10 +115,19 @@ def attr_edges(
     steps = checked_steps(method, steps)
     check_chunk_args(None, max_memory)
     runs = prepare_runs(model, orig_input, patching_metric, uncertainty=uncertainty)
+    if method == "relp":
+        check_relevance_rules(model, method, edges=True)
     graph = EdgeGraph.of(model)
     check_head_inputs(model, "attr_edges reads every head's q/k/v input, which needs")
     check_head_outputs(model, "attr_edges")
     wiring = Wiring.of(model, graph, "attr_edges")
+    if method == "relp" and wiring.normed_inputs:
+        raise PatchingError(
+            "method='relp' (RelP) for edges is not available on a parallel block whose attention and MLP share one "
+            "norm (Phi, Falcon, Cohere): each MLP's gradient is pulled back through that norm outside the pass, "
+            "where RelP's rule (its scale held constant) is not applied. Use method='atp' or 'ig' for edges, or "
+            "attr_patch(method='relp') for nodes."
+        )
     senders, receivers = wiring.sender_hooks, wiring.receiver_hooks
     check_hooks_exist(model, senders + receivers)
     source, _ = patched_in_source(runs, new_input, new_cache, senders)
@@ -123,7 +137,9 @@ def attr_edges(
         gradient_progress(progress, steps, "attr_edges") as bar,
     ):
         new = source()
-        gradient_pass = GradientPass(runs, max_memory, split_inputs=True, new_input=new_input, progress=bar)
+        gradient_pass = GradientPass(
+            runs, max_memory, split_inputs=True, new_input=new_input, progress=bar, relevance=method == "relp"
+        )
         run, per_pair = _scored_pairs(gradient_pass, wiring, new, steps)
     sender_row = {node: i for i, node in enumerate(graph.senders)}
     receiver_row = {node: i for i, node in enumerate(graph.receivers)}

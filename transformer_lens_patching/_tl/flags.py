@@ -1,5 +1,6 @@
 """Model flags the per-head hooks need, switched on for a call and restored; and hook placement quirks."""
 
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -129,3 +130,13 @@ def _probe_split_inputs(model) -> bool | None:
 
 PROBED = ("blocks.0.hook_q_input", "blocks.0.hook_resid_pre")
 """A head's own query input and the residual stream it must be a copy of."""
+
+
+@contextmanager
+def quiet_norm_edits() -> Iterator[None]:
+    """Without TransformerLens 4's warning that a forward hook edited a norm's `hook_scale`: RelP's
+    rule holds the scale constant so on purpose (the bridge then recomputes the norm from its hooked
+    scale, equal to Hugging Face's output up to rounding)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+        yield

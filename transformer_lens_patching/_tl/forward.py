@@ -1,6 +1,7 @@
 """Forward passes: with hooks, from a later layer, without some attention, only the unembedding, or timed."""
 
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -32,6 +33,26 @@ def hooks_that_fire(model, names: list[str]) -> set[str]:
             model(token)
         probed[key] = fired
     return set(probed[key])
+
+
+def scale_edit_failure(model) -> str | None:
+    """Why the model cannot run with its norms' `hook_scale` edited (TransformerLens 4's bridge of a
+    norm without a weight, such as OLMo's, fails to recompute the norm from an edited scale), or None.
+    Probed once per model, on one token."""
+    if model not in _SCALE_EDITS:
+        edit = [(name, lambda scale, hook: scale.clone()) for name in model.hook_dict if name.endswith("hook_scale")]
+        token = torch.zeros((1, 1), dtype=torch.long, device=model_device(model))
+        try:
+            with torch.no_grad(), hooks(model, edit), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model(token)
+            _SCALE_EDITS[model] = None
+        except (AttributeError, RuntimeError) as error:
+            _SCALE_EDITS[model] = f"{type(error).__name__}: {error}"
+    return _SCALE_EDITS[model]
+
+
+_SCALE_EDITS: "weakref.WeakKeyDictionary[object, str | None]" = weakref.WeakKeyDictionary()
 
 
 _FIRED: "weakref.WeakKeyDictionary[object, dict[tuple[str, ...], set[str]]]" = weakref.WeakKeyDictionary()

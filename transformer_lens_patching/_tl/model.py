@@ -51,7 +51,7 @@ def model_shape(model) -> ModelShape:
         n_kv_heads=n_kv,
         d_model=cfg.d_model,
         d_head=cfg.d_head,
-        d_mlp=cfg.d_mlp or 0,
+        d_mlp=_mlp_width(model),
         d_vocab=cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab,
         has_mlps=not getattr(cfg, "attn_only", False) and bool(cfg.d_mlp),
         element_size=model_dtype(model).itemsize,
@@ -61,6 +61,13 @@ def model_shape(model) -> ModelShape:
         latent_attention=getattr(_hf_config(model), "kv_lora_rank", None) is not None,
         norm_after_residual=_norm_after_residual(_hf_config(model)),
     )
+
+
+def _mlp_width(model) -> int:
+    """The MLP's hidden width: `cfg.d_mlp`, except where a TransformerLens 4 bridge reads it as
+    4 d_model from a Hugging Face config that names the width `ffn_dim` (OPT, XGLM)."""
+    width = getattr(_hf_config(model), "ffn_dim", None) if TL_MAJOR >= 4 else None
+    return int(width) if width else int(model.cfg.d_mlp or 0)
 
 
 def _norm_after_residual(config) -> bool:
@@ -179,6 +186,15 @@ def w_out(model) -> torch.Tensor:
     if TL_MAJOR >= 4:
         return model.W_out
     return _stacked([block.mlp.W_out for block in model.blocks], model)
+
+
+def gated_product_bias(model) -> torch.Tensor | None:
+    """(layer, d_mlp): the bias a gated MLP adds after its product `act(gate) * up` (HookedTransformer's
+    `b_in`), on the input device; None where nothing is added there (a bridge runs the Hugging Face
+    MLP, whose biases sit inside its projections)."""
+    if TL_MAJOR >= 4:
+        return None
+    return _stacked([block.mlp.b_in for block in model.blocks], model)
 
 
 def _stacked(weights: list[torch.Tensor], model) -> torch.Tensor:

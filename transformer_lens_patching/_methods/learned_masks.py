@@ -1,0 +1,294 @@
+"""learn_edge_masks: circuit discovery by learning a mask over the edges on the live circuit evaluation.
+
+`evaluate_circuit` removes an edge `s -> r` by subtracting `s`'s change (its output in the pass
+minus its ablated output) from `r`'s own input. Here every edge carries a mask `m` in [0, 1]
+instead, and `r`'s input loses `(1 - m)` times each change, live, in one differentiable pass:
+at `m` = 0 or 1 it is `evaluate_circuit` of the kept edges. The masks are hard-concrete
+variables (Louizos et al. 2018), as in Edge Pruning (Bhaskar et al. 2024), optimised for each
+prompt's metric to stay at the full model's with a sparsity penalty, and started from an
+estimate's ranking; the model's parameters take no part.
+
+The penalty is linear in the masks' log-odds, `sparsity * sum(log_alpha)`, applied by plain
+gradient descent: every log-odds falls by `sparsity * learning_rate` per step, and an edge whose
+removal hurts faithfulness climbs against it (Adam, on the faithfulness loss alone). Through
+Adam, whose steps are the same size whatever a gradient's magnitude, a penalty on the expected
+number of kept edges would fall fastest on exactly the edges whose faithfulness gradient vanishes
+(behind a saturated softmax), and reorder an estimate's ranking where the masks learn nothing.
+"""
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import _tl
+from .._core.circuit import Circuit
+from .._core.distributed import shared_by_ranks
+from .._core.graph import EdgeGraph, EdgeScores, ranked_indices
+from .._core.measure import MetricCalls, as_tensor
+from .._core.memory import check_chunk_args, prompts_per_gradient_pass
+from .._core.program import PatchProgram, applied
+from .._core.sources import ActivationSource
+from .._core.tensor_types import ModelInput, OtherModelInput
+from .._core.wiring import Wiring, head_writes
+from ..errors import PatchingError
+from .circuit_evaluation import checked_graph
+from .common import check_hooks_exist, gradient_progress, patched_in_source, prepare_runs
+
+BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
+"""The hard-concrete distribution's temperature and stretch (Louizos et al. 2018's values)."""
+WARM_START = 3.0
+"""The largest initial log-odds: an estimate's strongest edge starts at +WARM_START, its weakest at -WARM_START."""
+
+
+@shared_by_ranks
+def learn_edge_masks(
+    model,
+    scores: EdgeScores,
+    orig_input: ModelInput,
+    patching_metric: Callable | str,
+    new_input: OtherModelInput | None = None,
+    new_cache=None,
+    *,
+    absolute: bool = True,
+    steps: int = 100,
+    sparsity: float = 1.0,
+    learning_rate: float = 0.1,
+    seed: int = 0,
+    max_memory: int | None = None,
+    progress: bool | str = False,
+) -> EdgeScores:
+    """Learn which edges a circuit needs: a mask per edge, trained on the live circuit evaluation.
+
+    Each edge `s -> r` has a hard-concrete mask `m` with log-odds `log_alpha`; in each training
+    pass the receiver's own input loses `(1 - m)` times the sender's change (its output in the
+    pass minus its ablated output: `new_input`'s, or `new_cache`'s), live, as `evaluate_circuit`
+    removes edges. The faithfulness loss is the mean over prompts of `(M(circuit) - M(full))^2`
+    over `(M(full) - M(empty))^2` averaged over prompts; each of the `steps` steps moves the
+    log-odds by Adam on it, then lowers every one by `sparsity * learning_rate` (a penalty linear in
+    the log-odds, by plain gradient descent: see the module's docstring). The log-odds start from
+    `scores`' ranking (any `EdgeScores`: EAP, EAP-IG, RelP, exact), the strongest edge at +3 and
+    the weakest at -3, evenly by rank; where the masks learn nothing (an edge whose effect has no
+    gradient, as behind a saturated softmax) that order is kept. No parameter of the model gains a
+    gradient or changes.
+
+    Args:
+        model: A TransformerLens model with per-head input hooks, as `evaluate_circuit` needs.
+        scores: The estimate the masks start from, of `EdgeGraph.of(model)`.
+        orig_input: The prompts (tokens or text).
+        patching_metric: A metric with a value per prompt (a metric object, or a function
+            returning one number per prompt): each prompt's value is kept at the full model's.
+        new_input: The run whose sender outputs removed edges carry (resample ablation).
+        new_cache: Instead, an ActivationCache of ablated outputs (e.g. `mean_ablation_cache`), or "zero".
+        absolute: Rank `scores` by |score| for the warm start (else by most negative score), as in
+            `Circuit.from_scores`.
+        steps: Optimisation steps, each a forward and backward pass of the prompts.
+        sparsity: How fast every log-odds falls per step, in units of `learning_rate`.
+        learning_rate: Adam's step size on the log-odds.
+        seed: The seed of the masks' noise.
+        max_memory: Bytes one pass may use: the prompts run in chunks that fit.
+        progress: Show a progress bar over the steps (a string labels it).
+
+    Returns:
+        EdgeScores (method "learned masks"): each edge's learned odds of being kept, `exp(log_alpha)`,
+        negated as the score of an edge whose removal lowers the metric is, so that ranking by size
+        and by most negative score (`absolute=False`) agree: `Circuit.from_scores(learned, n)` is the
+        circuit of the `n` edges the masks keep most surely, for any target size `n`, and
+        `faithfulness_curve` ranks them so.
+
+    Raises:
+        PatchingError: For anything `evaluate_circuit` refuses, models that normalise each block's
+            output or share one norm between a parallel block's attention and MLP (no live
+            soft removal is written for them), a metric without a value per prompt, scores of
+            another graph, and a circuit whose full and empty evaluations agree on every prompt.
+
+    >>> eap = attr_edges(model, clean, metric, new_input=corrupted)
+    >>> learned = learn_edge_masks(model, eap, clean, metric, new_input=corrupted, steps=20)
+    >>> circuit = Circuit.from_scores(learned, 100)
+    """
+    _check_options(steps, sparsity, learning_rate, seed)
+    check_chunk_args(None, max_memory)
+    try:
+        runs = prepare_runs(model, orig_input, patching_metric, uncertainty=True)
+    except PatchingError as error:
+        keeps = "learn_edge_masks keeps each prompt's metric at the full model's, so it needs"
+        raise PatchingError(str(error).replace("uncertainty=True needs", keeps, 1)) from None
+    graph = checked_graph(model, [Circuit.empty(EdgeGraph.of(model))])
+    if not isinstance(scores, EdgeScores) or scores.graph != graph:
+        raise PatchingError(
+            f"learn_edge_masks starts from EdgeScores of this model's graph ({graph!r}); got {scores!r}."
+        )
+    wiring = Wiring.of(model, graph, "learn_edge_masks")
+    _check_live_removal(model, wiring)
+    check_hooks_exist(model, wiring.sender_hooks + wiring.receiver_hooks)
+    source, _ = patched_in_source(runs, new_input, new_cache, wiring.sender_hooks)
+    log_alpha = warm_start(scores, absolute)
+    generator = torch.Generator().manual_seed(seed)
+    with (
+        _tl.model_flags(model, _tl.flags_for(wiring.receiver_hooks)),
+        gradient_progress(progress, steps, "learn_edge_masks") as bar,
+    ):
+        masked = MaskedCircuits(runs, wiring, source(), max_memory)
+        with torch.no_grad():
+            full = masked.values(torch.ones(len(graph)))
+            empty = masked.values(torch.zeros(len(graph)))
+        scale = float(((full - empty) ** 2).mean())
+        if scale == 0:
+            raise PatchingError(
+                "Removing every edge leaves each prompt's metric as it is, so no circuit is more faithful than "
+                "another: choose prompts and an ablation that change the metric."
+            )
+        log_alpha.requires_grad_(True)
+        optimiser = torch.optim.Adam([log_alpha], lr=learning_rate)
+        for _ in range(steps):
+            optimiser.zero_grad()
+            noise = torch.rand(len(graph), generator=generator).clamp(1e-6, 1 - 1e-6)
+            masked.backward(functools.partial(sampled_mask, log_alpha, noise), full, scale, [log_alpha])
+            optimiser.step()
+            with torch.no_grad():
+                log_alpha -= sparsity * learning_rate
+            if bar is not None:
+                bar.update(1)
+    odds = log_alpha.detach().clamp(-30, 30).exp()
+    return EdgeScores(graph, -odds, "learned masks", float(full.mean()))
+
+
+def warm_start(scores: EdgeScores, absolute: bool = True) -> Tensor:
+    """The initial log-odds: +WARM_START for the strongest edge of `scores` (by |score|, or with
+    `absolute=False` the most negative), -WARM_START for the weakest, evenly spaced by rank between."""
+    order = ranked_indices(scores, absolute)
+    n = len(order)
+    log_alpha = torch.empty(n)
+    log_alpha[order] = torch.linspace(WARM_START, -WARM_START, n) if n > 1 else torch.tensor([WARM_START])
+    return log_alpha
+
+
+def sampled_mask(log_alpha: Tensor, noise: Tensor) -> Tensor:
+    """A hard-concrete sample of every mask from uniform `noise`, differentiable in `log_alpha`."""
+    concrete = torch.sigmoid((noise.log() - (-noise).log1p() + log_alpha) / BETA)
+    return (concrete * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+class MaskedCircuits:
+    """Forward passes of the orig prompts with every edge `s -> r` scaled by a mask: `r`'s own input
+    loses `(1 - mask)` times `s`'s change, live. In chunks of prompts that fit `max_memory`."""
+
+    def __init__(self, runs, wiring: Wiring, ablated: ActivationSource, max_memory: int | None):
+        self.model, self.tokens, self.wiring, self.ablated = runs.model, runs.tokens, wiring, ablated
+        self.calls = MetricCalls(runs.metric, runs.tokens.shape[0], model=runs.model)
+        shape = _tl.model_shape(runs.model)
+        size = prompts_per_gradient_pass(runs.tokens, shape, max_memory, split_inputs=True)
+        batch = runs.tokens.shape[0]
+        self.chunks = [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+    @functools.cached_property
+    def w_o(self) -> Tensor:
+        return _tl.w_o(self.model)
+
+    def logits(self, mask: Tensor, rows: slice) -> Tensor:
+        """The logits of the prompts `rows` with every edge scaled by `mask` (one value per edge)."""
+        removal = (1 - mask).to(self.w_o)
+        per_pair = torch.zeros(len(self.wiring.graph.senders), len(self.wiring.graph.receivers), dtype=removal.dtype)
+        per_pair = per_pair.to(removal.device).index_put(self._pairs, removal)
+        tokens = self.tokens[rows]
+        program = PatchProgram(tokens.shape[0])
+        _SoftRemoval(self.wiring, per_pair, self.ablated.rows(rows), self.w_o).add_to(program)
+        logits = None
+        with applied(self.model, program):
+            logits = _tl.forward_logits(self.model, tokens)
+        return logits
+
+    @functools.cached_property
+    def _pairs(self) -> tuple[Tensor, Tensor]:
+        graph = self.wiring.graph
+        sender_row = {node: i for i, node in enumerate(graph.senders)}
+        receiver_column = {node: i for i, node in enumerate(graph.receivers)}
+        rows = torch.tensor([sender_row[edge.sender] for edge in graph])
+        columns = torch.tensor([receiver_column[edge.receiver] for edge in graph])
+        return _tl.moved(rows, self.w_o.device), _tl.moved(columns, self.w_o.device)
+
+    def values(self, mask: Tensor) -> Tensor:
+        """Each prompt's metric with every edge scaled by `mask`: (batch,)."""
+        logits = torch.cat([self.logits(mask, rows) for rows in self.chunks])
+        return self._measured(logits)
+
+    def backward(self, mask_of: Callable[[], Tensor], full: Tensor, scale: float, inputs: list[Tensor]) -> None:
+        """Accumulate the gradient of the faithfulness loss, mean over prompts of (value - full)^2 /
+        scale, into `inputs` (what `mask_of()`, called once per chunk of prompts, depends on) and
+        nothing else: no parameter of the model gains a gradient."""
+        with torch.enable_grad():
+            if len(self.chunks) == 1:
+                values = self._measured(self.logits(mask_of(), self.chunks[0]))
+                (((values - full.to(values)) ** 2).mean() / scale).backward(inputs=inputs)
+                return
+            with torch.no_grad():
+                logits = torch.cat([self.logits(mask_of(), rows) for rows in self.chunks])
+            logits.requires_grad_(True)
+            values = self._measured(logits)
+            (logit_gradient,) = torch.autograd.grad(((values - full.to(values)) ** 2).mean() / scale, logits)
+            for rows in self.chunks:
+                self.logits(mask_of(), rows).backward(logit_gradient[rows], inputs=inputs)
+
+    def _measured(self, logits: Tensor) -> Tensor:
+        value = as_tensor(self.calls(logits))
+        if self.calls.dims != ("batch",):
+            raise PatchingError(
+                "learn_edge_masks keeps each prompt's metric at the full model's, so the metric must give one value "
+                f"per prompt; this one gives dims {self.calls.dims}."
+            )
+        return value.float()
+
+
+class _SoftRemoval:
+    """One pass's steps: each sender hook keeps its change (live minus ablated, as a write to the
+    residual stream), each receiver hook subtracts the changes weighted by its edges' removal."""
+
+    def __init__(self, wiring: Wiring, removal: Tensor, ablated: ActivationSource, w_o: Tensor):
+        self.wiring, self.removal, self.ablated, self.w_o = wiring, removal, ablated, w_o
+        self.changes: list[Tensor] = []
+
+    def add_to(self, program: PatchProgram) -> None:
+        for name in self.wiring.sender_slots:
+            program.visit(name, 0, functools.partial(self._keep_change, name))
+        for name in self.wiring.columns:
+            program.visit(name, 0, functools.partial(self._remove, name))
+
+    def _keep_change(self, name: str, live: Tensor) -> None:
+        change = live - self.ablated.tensor_like(name, live).to(live)
+        if change.ndim == 4:
+            writes = head_writes(change, self.w_o[self.wiring.head_layers[name]].to(change))
+            self.changes += list(writes.permute(2, 0, 1, 3).to(self.w_o.device))
+        else:
+            self.changes.append(change.to(self.w_o.device))
+
+    def _remove(self, name: str, receiver_input: Tensor) -> None:
+        upstream = self.wiring.upstream[name]
+        weights = self.removal[:upstream, self.wiring.columns[name]]
+        changes = torch.stack(self.changes[:upstream])
+        terms = torch.einsum("sr,sbpd->bprd", weights.to(changes), changes).to(receiver_input)
+        receiver_input -= terms.squeeze(2) if receiver_input.ndim == 3 else terms
+
+
+def _check_live_removal(model, wiring: Wiring) -> None:
+    if wiring.normed_inputs:
+        raise PatchingError(
+            "learn_edge_masks has no soft removal for a parallel block whose attention and MLP share one norm "
+            "(Phi, Falcon, Cohere): use exact_edge_scores or confirm_edges on this model."
+        )
+    if _tl.post_norms(model):
+        raise PatchingError(
+            f"learn_edge_masks has no soft removal for a model that normalises each block's output before adding it "
+            f"({', '.join(_tl.post_norms(model))}): use exact_edge_scores or confirm_edges on this model."
+        )
+
+
+def _check_options(steps, sparsity, learning_rate, seed) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise PatchingError(f"steps must be a whole number of at least 0, got {steps!r}.")
+    for name, value in (("sparsity", sparsity), ("learning_rate", learning_rate)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise PatchingError(f"{name} must be a finite number of at least 0, got {value!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PatchingError(f"seed must be a whole number, got {seed!r}.")
