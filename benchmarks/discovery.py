@@ -32,7 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a small random model: a smoke test")
     parser.add_argument("--mask-steps", type=int, default=100, help="learned masks' optimisation steps")
-    parser.add_argument("--sparsity", type=float, default=1.0, help="learned masks' sparsity weight")
+    parser.add_argument("--density", type=float, default=0.02, help="learned masks' target share of kept edges")
+    parser.add_argument(
+        "--methods", type=lambda text: text.split(","), default=None, help="only these rows (names' starts)"
+    )
     return parser.parse_args(argv)
 
 
@@ -76,14 +79,16 @@ def run(args: argparse.Namespace) -> list[tuple]:
         new_input=corrupted_s,
         absolute=False,
         steps=args.mask_steps,
-        sparsity=args.sparsity,
+        density=args.density,
     )
-    ig_time = rows[1][2]
+    ig_time = next(seconds for name, _, seconds in rows if name.startswith("EAP-IG"))
     rows.append(
         (f"learned masks ({args.mask_steps} steps, from EAP-IG)", learned, ig_time + time.perf_counter() - start)
     )
     results = []
     for name, scores, seconds in rows:
+        if args.methods is not None and not name.startswith(tuple(args.methods)):
+            continue
         selection = faithfulness_curve(model, scores, clean_s, metric_s, new_input=corrupted_s, absolute=False)
         mib = mib_faithfulness(model, scores, clean_h, metric_h, new_input=corrupted_h)
         reaching = [i for i, f in enumerate(selection.faithfulness) if f >= TARGET]

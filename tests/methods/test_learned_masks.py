@@ -21,7 +21,7 @@ from transformer_lens_patching import (
 )
 from transformer_lens_patching._core.wiring import Wiring
 from transformer_lens_patching._methods.common import patched_in_source, prepare_runs
-from transformer_lens_patching._methods.learned_masks import MaskedCircuits, warm_start
+from transformer_lens_patching._methods.learned_masks import MaskedCircuits, kept_probability, sampled_mask, warm_start
 
 BATCH = 3
 
@@ -77,7 +77,11 @@ def test_no_step_keeps_the_warm_start_s_ranking(gpt2_model):
     learned = learn_edge_masks(model, eap, orig, per_prompt_metric(), new_input=new, steps=0)
     assert learned.method == "learned masks"
     assert Circuit.from_scores(learned, 50) == Circuit.from_scores(eap, 50)
-    assert_close((-learned.scores).log(), warm_start(eap))
+    start = warm_start(eap)
+    assert_close(-learned.scores, start - start.min() + 1)
+    with torch.no_grad():
+        full = float(per_prompt_metric()(model(orig)).mean())
+    assert float(learned.unpatched) == pytest.approx(full, abs=1e-5)
     assert Circuit.from_scores(learned, 50, absolute=False) == Circuit.from_scores(eap, 50)
 
 
@@ -126,11 +130,11 @@ def induction_circuit(induction):
 @pytest.mark.parametrize("start", ["exact", "ig"])
 def test_learned_masks_keep_the_induction_circuit(induction, induction_circuit, start):
     """Warm-started from exact patching or EAP-IG (both rank the circuit first), the masks keep it
-    first through 100 steps whose penalty lowers every edge."""
+    first through 100 steps at a density of a fifth of the graph."""
     model, orig, new = induction
     metric, exact, true = induction_circuit
     scores = exact if start == "exact" else attr_edges(model, orig, metric, new_input=new, method="ig")
-    learned = learn_edge_masks(model, scores, orig, metric, new_input=new, steps=100)
+    learned = learn_edge_masks(model, scores, orig, metric, new_input=new, steps=100, density=0.2)
     assert Circuit.from_scores(learned, len(true)) == true
 
 
@@ -142,10 +146,18 @@ def test_learned_masks_cannot_see_behind_a_saturated_softmax(induction, inductio
     model, orig, new = induction
     metric, _, true = induction_circuit
     eap = attr_edges(model, orig, metric, new_input=new)
-    learned = learn_edge_masks(model, eap, orig, metric, new_input=new, steps=100)
+    learned = learn_edge_masks(model, eap, orig, metric, new_input=new, steps=100, density=0.2)
     blind = {edge for edge in true if abs(float(eap.score(edge).mean())) < 1e-6}
     assert {str(edge) for edge in blind} == {"embed -> head 0.0 (v)", "head 0.0 -> head 1.0 (k)"}
     assert Circuit.from_scores(learned, len(true)).edges == sorted(set(true) - blind)
+
+
+def test_the_density_is_the_expected_share_of_kept_edges():
+    """kept_probability is P(mask > 0) of the hard-concrete distribution: checked by sampling."""
+    log_alpha = torch.tensor([-2.0, 0.0, 1.5])
+    noise = torch.rand(200_000, 3, generator=torch.Generator().manual_seed(0)).clamp(1e-6, 1 - 1e-6)
+    share = (sampled_mask(log_alpha, noise) > 0).float().mean(0)
+    torch.testing.assert_close(share, kept_probability(log_alpha), atol=5e-3, rtol=0)
 
 
 def test_bad_arguments_are_explained(gpt2_model):
@@ -158,7 +170,9 @@ def test_bad_arguments_are_explained(gpt2_model):
         learn_edge_masks(model, "eap", orig, per_prompt_metric(), new_input=new)
     with raises("steps must be a whole number"):
         learn_edge_masks(model, eap, orig, per_prompt_metric(), new_input=new, steps=-1)
-    with raises("sparsity must be a finite number"):
-        learn_edge_masks(model, eap, orig, per_prompt_metric(), new_input=new, sparsity=float("nan"))
+    with raises("density must be a share of the edges"):
+        learn_edge_masks(model, eap, orig, per_prompt_metric(), new_input=new, density=1.5)
+    with raises("learning_rate must be a finite number above 0"):
+        learn_edge_masks(model, eap, orig, per_prompt_metric(), new_input=new, learning_rate=float("nan"))
     with raises("leaves each prompt's metric as it is"):
         learn_edge_masks(model, eap, orig, per_prompt_metric(), new_input=orig, steps=1)

@@ -110,8 +110,9 @@ def normed_mlp_input(layer: int) -> str:
 
 
 def mlp_hook(part: str, layer: int) -> str:
-    """MLP `layer`'s hook `mlp.hook_{part}`, for the MLP's internals that are not nodes: a gated MLP's
-    linear half (`pre_linear`), SoLU's normalised activation (`mid`). RelP's rules read them.
+    """MLP `layer`'s hook `mlp.hook_{part}`, for the MLP's internals that are not nodes (`hook_name`
+    builds the nodes' hooks): a gated MLP's linear half (`pre_linear`), SoLU's normalised activation
+    (`mid`). RelP's rules read them.
 
     >>> mlp_hook("pre_linear", 3)
     'blocks.3.mlp.hook_pre_linear'

@@ -5,7 +5,7 @@ this one class for gradients. A pass is a `PatchProgram` that records activation
 zeros requiring grad where a gradient is wanted (`differentiate`), optionally fills hooks
 with given values (integrated gradients), stops the gradient at some slices (GradDrop,
 receivers that block each other), and pulls gradients back through chosen MLP neurons
-only; with `relevance`, every pass's backward follows RelP's propagation rules (`relevance`).
+only; with `relevance`, every pass's backward follows RelP's propagation rules (`_core/relevance.py`).
 Prompts run in chunks that fit the memory budget; under torch.distributed the ranks share
 the chunks (at least one each) and gather their results.
 """

@@ -72,6 +72,7 @@ class PatchProgram:
         self._records_at: dict[str, int] = {}
         self._stop_at: str | None = None
         self._gradient_stops: dict[str, torch.Tensor | None] = {}
+        self._substituted: set[str] = set()
         self.stopped_with: torch.Tensor | None = None
         """The activation at the `stop_at` hook, once the pass reached it."""
 
@@ -152,7 +153,11 @@ class PatchProgram:
     def substitute_gradient(self, hook_name: str, surrogate: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Keep the activation's value at `hook_name` but let the gradient flow back through
         `surrogate(value)` instead of the model's own computation: a function of earlier activations
-        (`keep`) equal to the value, with the derivatives a propagation rule wants (RelP)."""
+        (`keep`) with the derivatives a propagation rule wants (RelP); only its gradient is added.
+        Not at a hook whose gradient is also stopped (the surrogate would let it through)."""
+        if hook_name in self._gradient_stops:
+            raise PatchingError(f"A gradient rule cannot replace the gradient at {hook_name}, where it is stopped.")
+        self._substituted.add(hook_name)
 
         def step(out: torch.Tensor) -> None:
             replacement = surrogate(out.detach())
@@ -167,6 +172,8 @@ class PatchProgram:
         program's steps add there keeps its gradient. AtP*'s GradDrop drops one layer's
         residual-stream contribution this way. Stops at one hook add up: the gradient stops wherever
         any of them stops it."""
+        if hook_name in self._substituted:
+            raise PatchingError(f"The gradient at {hook_name} is replaced by a rule's, so it cannot also be stopped.")
         if hook_name in self._gradient_stops:
             previous = self._gradient_stops[hook_name]
             mask = None if previous is None or mask is None else previous | mask

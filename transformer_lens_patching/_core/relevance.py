@@ -84,7 +84,6 @@ class RelevanceRules:
         shape = _tl.model_shape(model)
         self._model = model
         self._scales = sorted(name for name in names if name.endswith(SCALE_HOOK))
-        self._split = bool(getattr(model.cfg, "use_split_qkv_input", False))
         self._layers = range(shape.n_layers)
         self._mlps = shape.has_mlps
         self._gated = shape.has_mlps and mlp_hook("pre_linear", 0) in names
@@ -102,7 +101,8 @@ class RelevanceRules:
         """Add the rules' steps to `program`."""
         for name in self._scales:
             program.stop_gradient(name)
-        cuts = ("q_input", "k_input") if self._split else ("q", "k")
+        split = bool(getattr(self._model.cfg, "use_split_qkv_input", False))
+        cuts = ("q_input", "k_input") if split else ("q", "k")
         for layer in self._layers:
             for part in cuts:
                 program.stop_gradient(hook_name(part, layer))
@@ -111,14 +111,13 @@ class RelevanceRules:
 
     def _mlp_rule(self, program, layer: int) -> None:
         live: dict[str, Tensor] = {}
-        inputs = ["pre", "pre_linear"] if self._gated else ["pre"]
-        for part in inputs:
-            program.keep(mlp_hook(part, layer), live, part)
+        program.keep(hook_name("pre", layer), live, "pre")
         if self._gated:
+            program.keep(mlp_hook("pre_linear", layer), live, "pre_linear")
             bias = None if self._product_bias is None else self._product_bias[layer]
-            program.substitute_gradient(mlp_hook("post", layer), lambda post: _half_rule(live, post, bias))
+            program.substitute_gradient(hook_name("post", layer), lambda post: _half_rule(live, post, bias))
         else:
-            program.substitute_gradient(mlp_hook("post", layer), lambda post: _identity_rule(live["pre"], post))
+            program.substitute_gradient(hook_name("post", layer), lambda post: _identity_rule(live["pre"], post))
 
 
 def _constant(activation: Tensor, hook=None) -> Tensor:

@@ -89,7 +89,8 @@ def attr_edges(
             `attr_patch(method="ig")` does, which would cost a set of passes per receiver. Or
             "relp": the receivers' gradients from one backward pass following relevance
             propagation's rules, as `attr_patch(method="relp")` (refused where a norm follows
-            each block's output, as in Gemma-2 and OLMo-2).
+            each block's output, as in Gemma-2 and OLMo-2, and on parallel blocks whose attention
+            and MLP share one norm, as in Phi, Falcon and Cohere).
         steps: For "ig", the points of the sum (default 10); not used by "atp".
         uncertainty: Keep each edge's per-prompt scores (`EdgeScores.samples`): the scores are
             then their means, with `stderr`, `ci`, `significant`, and the stability of the

@@ -5,15 +5,16 @@ minus its ablated output) from `r`'s own input. Here every edge carries a mask `
 instead, and `r`'s input loses `(1 - m)` times each change, live, in one differentiable pass:
 at `m` = 0 or 1 it is `evaluate_circuit` of the kept edges. The masks are hard-concrete
 variables (Louizos et al. 2018), as in Edge Pruning (Bhaskar et al. 2024), optimised for each
-prompt's metric to stay at the full model's with a sparsity penalty, and started from an
+prompt's metric to stay at the full model's under a budget of kept edges, and started from an
 estimate's ranking; the model's parameters take no part.
 
-The penalty is linear in the masks' log-odds, `sparsity * sum(log_alpha)`, applied by plain
-gradient descent: every log-odds falls by `sparsity * learning_rate` per step, and an edge whose
-removal hurts faithfulness climbs against it (Adam, on the faithfulness loss alone). Through
-Adam, whose steps are the same size whatever a gradient's magnitude, a penalty on the expected
-number of kept edges would fall fastest on exactly the edges whose faithfulness gradient vanishes
-(behind a saturated softmax), and reorder an estimate's ranking where the masks learn nothing.
+The budget is a target density: after each step every log-odds moves by one shared amount, the
+one that makes the expected share of kept edges the target (a Lagrange multiplier of the
+constraint, found by bisection), so the edges compete for the budget by their faithfulness
+gradients (Adam, on the faithfulness loss alone). A penalty on the expected number of kept edges
+through Adam, whose steps are one size whatever a gradient's magnitude, would instead fall
+fastest on exactly the edges whose faithfulness gradient vanishes (behind a saturated softmax),
+and reorder an estimate's ranking where the masks learn nothing; a shared shift keeps it.
 """
 
 import functools
@@ -28,7 +29,7 @@ from .._core.circuit import Circuit
 from .._core.distributed import shared_by_ranks
 from .._core.graph import EdgeGraph, EdgeScores, ranked_indices
 from .._core.measure import MetricCalls, as_tensor
-from .._core.memory import check_chunk_args, prompts_per_gradient_pass
+from .._core.memory import check_chunk_args, default_max_memory, prompts_per_gradient_pass
 from .._core.program import PatchProgram, applied
 from .._core.sources import ActivationSource
 from .._core.tensor_types import ModelInput, OtherModelInput
@@ -54,7 +55,7 @@ def learn_edge_masks(
     *,
     absolute: bool = True,
     steps: int = 100,
-    sparsity: float = 1.0,
+    density: float = 0.02,
     learning_rate: float = 0.1,
     seed: int = 0,
     max_memory: int | None = None,
@@ -67,8 +68,8 @@ def learn_edge_masks(
     pass minus its ablated output: `new_input`'s, or `new_cache`'s), live, as `evaluate_circuit`
     removes edges. The faithfulness loss is the mean over prompts of `(M(circuit) - M(full))^2`
     over `(M(full) - M(empty))^2` averaged over prompts; each of the `steps` steps moves the
-    log-odds by Adam on it, then lowers every one by `sparsity * learning_rate` (a penalty linear in
-    the log-odds, by plain gradient descent: see the module's docstring). The log-odds start from
+    log-odds by Adam on it, then shifts them all by the one amount that makes the expected share of
+    kept edges `density` (see the module's docstring). The log-odds start from
     `scores`' ranking (any `EdgeScores`: EAP, EAP-IG, RelP, exact), the strongest edge at +3 and
     the weakest at -3, evenly by rank; where the masks learn nothing (an edge whose effect has no
     gradient, as behind a saturated softmax) that order is kept. No parameter of the model gains a
@@ -85,18 +86,20 @@ def learn_edge_masks(
         absolute: Rank `scores` by |score| for the warm start (else by most negative score), as in
             `Circuit.from_scores`.
         steps: Optimisation steps, each a forward and backward pass of the prompts.
-        sparsity: How fast every log-odds falls per step, in units of `learning_rate`.
+        density: The expected share of the graph's edges the masks keep while they learn: the
+            circuit size the ranking is tuned for (its top edges at other sizes are circuits too).
         learning_rate: Adam's step size on the log-odds.
         seed: The seed of the masks' noise.
         max_memory: Bytes one pass may use: the prompts run in chunks that fit.
         progress: Show a progress bar over the steps (a string labels it).
 
     Returns:
-        EdgeScores (method "learned masks"): each edge's learned odds of being kept, `exp(log_alpha)`,
-        negated as the score of an edge whose removal lowers the metric is, so that ranking by size
-        and by most negative score (`absolute=False`) agree: `Circuit.from_scores(learned, n)` is the
-        circuit of the `n` edges the masks keep most surely, for any target size `n`, and
-        `faithfulness_curve` ranks them so.
+        EdgeScores (method "learned masks"): each edge's learned log-odds, shifted so that the
+        least kept edge scores -1 and negated as the score of an edge whose removal lowers the
+        metric is (every score at most -1), so that ranking by size and by most negative score
+        (`absolute=False`) agree: `Circuit.from_scores(learned, n)` is the circuit of the `n`
+        edges the masks keep most surely, for any target size `n`, and `faithfulness_curve` ranks
+        them so. `unpatched` is the full circuit's metric, as `attr_edges` gives it.
 
     Raises:
         PatchingError: For anything `evaluate_circuit` refuses, models that normalise each block's
@@ -108,7 +111,9 @@ def learn_edge_masks(
     >>> learned = learn_edge_masks(model, eap, clean, metric, new_input=corrupted, steps=20)
     >>> circuit = Circuit.from_scores(learned, 100)
     """
-    _check_options(steps, sparsity, learning_rate, seed)
+    _check_options(steps, density, learning_rate, seed)
+    if not isinstance(absolute, bool):
+        raise PatchingError(f"absolute must be True or False, got {absolute!r}.")
     check_chunk_args(None, max_memory)
     try:
         runs = prepare_runs(model, orig_input, patching_metric, uncertainty=True)
@@ -124,7 +129,7 @@ def learn_edge_masks(
     _check_live_removal(model, wiring)
     check_hooks_exist(model, wiring.sender_hooks + wiring.receiver_hooks)
     source, _ = patched_in_source(runs, new_input, new_cache, wiring.sender_hooks)
-    log_alpha = warm_start(scores, absolute)
+    log_alpha = at_density(warm_start(scores, absolute), density)
     generator = torch.Generator().manual_seed(seed)
     with (
         _tl.model_flags(model, _tl.flags_for(wiring.receiver_hooks)),
@@ -148,11 +153,12 @@ def learn_edge_masks(
             masked.backward(functools.partial(sampled_mask, log_alpha, noise), full, scale, [log_alpha])
             optimiser.step()
             with torch.no_grad():
-                log_alpha -= sparsity * learning_rate
+                log_alpha.copy_(at_density(log_alpha, density))
             if bar is not None:
                 bar.update(1)
-    odds = log_alpha.detach().clamp(-30, 30).exp()
-    return EdgeScores(graph, -odds, "learned masks", float(full.mean()))
+    learned = log_alpha.detach()
+    unpatched = float(runs.prompt_form.samples(full.detach().cpu().unsqueeze(0)).estimate()[0])
+    return EdgeScores(graph, -(learned - learned.min() + 1), "learned masks", unpatched)
 
 
 def warm_start(scores: EdgeScores, absolute: bool = True) -> Tensor:
@@ -165,6 +171,24 @@ def warm_start(scores: EdgeScores, absolute: bool = True) -> Tensor:
     return log_alpha
 
 
+def kept_probability(log_alpha: Tensor) -> Tensor:
+    """The probability each hard-concrete mask is not 0 (the expected L0 norm, per edge)."""
+    return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+
+def at_density(log_alpha: Tensor, density: float) -> Tensor:
+    """`log_alpha` shifted by the one amount that makes the mean `kept_probability` `density`
+    (bisection: the mean grows with the shift)."""
+    low, high = -60.0 - float(log_alpha.max()), 60.0 - float(log_alpha.min())
+    for _ in range(60):
+        middle = (low + high) / 2
+        if float(kept_probability(log_alpha + middle).mean()) < density:
+            low = middle
+        else:
+            high = middle
+    return log_alpha + (low + high) / 2
+
+
 def sampled_mask(log_alpha: Tensor, noise: Tensor) -> Tensor:
     """A hard-concrete sample of every mask from uniform `noise`, differentiable in `log_alpha`."""
     concrete = torch.sigmoid((noise.log() - (-noise).log1p() + log_alpha) / BETA)
@@ -173,13 +197,17 @@ def sampled_mask(log_alpha: Tensor, noise: Tensor) -> Tensor:
 
 class MaskedCircuits:
     """Forward passes of the orig prompts with every edge `s -> r` scaled by a mask: `r`'s own input
-    loses `(1 - mask)` times `s`'s change, live. In chunks of prompts that fit `max_memory`."""
+    loses `(1 - mask)` times `s`'s change, live. In chunks of prompts that fit `max_memory`: a plain
+    gradient pass's memory, plus every sender's change and its gradient."""
 
     def __init__(self, runs, wiring: Wiring, ablated: ActivationSource, max_memory: int | None):
         self.model, self.tokens, self.wiring, self.ablated = runs.model, runs.tokens, wiring, ablated
         self.calls = MetricCalls(runs.metric, runs.tokens.shape[0], model=runs.model)
         shape = _tl.model_shape(runs.model)
-        size = prompts_per_gradient_pass(runs.tokens, shape, max_memory, split_inputs=True)
+        budget = default_max_memory(shape.devices or (runs.tokens.device,)) if max_memory is None else max_memory
+        plain = budget / prompts_per_gradient_pass(runs.tokens, shape, budget, split_inputs=True)
+        changes = 2 * len(wiring.graph.senders) * runs.tokens.shape[1] * shape.d_model * shape.element_size
+        size = max(1, int(budget // (plain + changes)))
         batch = runs.tokens.shape[0]
         self.chunks = [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
 
@@ -195,7 +223,6 @@ class MaskedCircuits:
         tokens = self.tokens[rows]
         program = PatchProgram(tokens.shape[0])
         _SoftRemoval(self.wiring, per_pair, self.ablated.rows(rows), self.w_o).add_to(program)
-        logits = None
         with applied(self.model, program):
             logits = _tl.forward_logits(self.model, tokens)
         return logits
@@ -247,7 +274,9 @@ class _SoftRemoval:
 
     def __init__(self, wiring: Wiring, removal: Tensor, ablated: ActivationSource, w_o: Tensor):
         self.wiring, self.removal, self.ablated, self.w_o = wiring, removal, ablated, w_o
-        self.changes: list[Tensor] = []
+        self.changes: list[tuple[slice, Tensor]] = []
+        """Each sender hook's changes, (senders, batch, pos, d_model), with its senders' rows: one
+        tensor per hook, which every receiver's product reads (and keeps for backward) as it is."""
 
     def add_to(self, program: PatchProgram) -> None:
         for name in self.wiring.sender_slots:
@@ -259,16 +288,21 @@ class _SoftRemoval:
         change = live - self.ablated.tensor_like(name, live).to(live)
         if change.ndim == 4:
             writes = head_writes(change, self.w_o[self.wiring.head_layers[name]].to(change))
-            self.changes += list(writes.permute(2, 0, 1, 3).to(self.w_o.device))
+            change = writes.permute(2, 0, 1, 3)
         else:
-            self.changes.append(change.to(self.w_o.device))
+            change = change.unsqueeze(0)
+        self.changes.append((self.wiring.sender_slots[name], change.to(self.w_o.device)))
 
     def _remove(self, name: str, receiver_input: Tensor) -> None:
-        upstream = self.wiring.upstream[name]
-        weights = self.removal[:upstream, self.wiring.columns[name]]
-        changes = torch.stack(self.changes[:upstream])
-        terms = torch.einsum("sr,sbpd->bprd", weights.to(changes), changes).to(receiver_input)
-        receiver_input -= terms.squeeze(2) if receiver_input.ndim == 3 else terms
+        upstream, columns = self.wiring.upstream[name], self.wiring.columns[name]
+        terms = sum(
+            torch.einsum("sr,sbpd->bprd", self.removal[slots, columns].to(changes), changes)
+            for slots, changes in self.changes
+            if slots.stop <= upstream
+        )
+        if isinstance(terms, Tensor):
+            terms = terms.to(receiver_input)
+            receiver_input -= terms.squeeze(2) if receiver_input.ndim == 3 else terms
 
 
 def _check_live_removal(model, wiring: Wiring) -> None:
@@ -284,11 +318,17 @@ def _check_live_removal(model, wiring: Wiring) -> None:
         )
 
 
-def _check_options(steps, sparsity, learning_rate, seed) -> None:
+def _check_options(steps, density, learning_rate, seed) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise PatchingError(f"steps must be a whole number of at least 0, got {steps!r}.")
-    for name, value in (("sparsity", sparsity), ("learning_rate", learning_rate)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise PatchingError(f"{name} must be a finite number of at least 0, got {value!r}.")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density < 1:
+        raise PatchingError(f"density must be a share of the edges, between 0 and 1 (excluded), got {density!r}.")
+    if (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, (int, float))
+        or not math.isfinite(learning_rate)
+        or learning_rate <= 0
+    ):
+        raise PatchingError(f"learning_rate must be a finite number above 0, got {learning_rate!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise PatchingError(f"seed must be a whole number, got {seed!r}.")
