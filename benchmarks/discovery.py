@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a small random model: a smoke test")
     parser.add_argument("--mask-steps", type=int, default=100, help="learned masks' optimisation steps")
+    parser.add_argument("--learning-rate", type=float, default=0.01, help="learned masks' Adam step size")
     parser.add_argument("--density", type=float, default=0.02, help="learned masks' target share of kept edges")
     parser.add_argument(
         "--methods", type=lambda text: text.split(","), default=None, help="only these rows (names' starts)"
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> list[tuple]:
         absolute=False,
         steps=args.mask_steps,
         density=args.density,
+        learning_rate=args.learning_rate,
     )
     ig_time = next(seconds for name, _, seconds in rows if name.startswith("EAP-IG"))
     rows.append(

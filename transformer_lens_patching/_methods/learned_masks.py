@@ -56,7 +56,7 @@ def learn_edge_masks(
     absolute: bool = True,
     steps: int = 100,
     density: float = 0.02,
-    learning_rate: float = 0.1,
+    learning_rate: float = 0.01,
     seed: int = 0,
     max_memory: int | None = None,
     progress: bool | str = False,
