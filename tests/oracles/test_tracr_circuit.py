@@ -46,6 +46,7 @@ from transformer_lens_patching import (
     attr_edges,
     evaluate_circuit,
     exact_edge_scores,
+    learn_edge_masks,
 )
 
 if TL_MAJOR >= 4:
@@ -355,6 +356,29 @@ def test_relevance_patching_sees_what_atp_sees(tracr, inputs):
             assert float(relp.score(edge)) == 0.0, name
         else:
             assert float(relp.score(edge)) == pytest.approx(float(atp.score(edge)), abs=1e-6), name
+
+
+@pytest.mark.parametrize("start", ["atp", "exact"])
+def test_learned_masks_recover_the_circuit(tracr, inputs, start):
+    """Learned edge masks (100 steps, a tenth of the graph kept in expectation) keep exactly the true
+    circuit first, warm-started from exact scores or from EAP, which is blind to five of its seven
+    edges: sampled circuits that hold their partners show those edges' effect."""
+    clean, corrupted = inputs
+    model, graph = tracr.model, EdgeGraph.of(tracr.model)
+    _, true = ground_truth(tracr)
+    answers = answer_ids(tracr, CLEAN)
+    metric = correct_logits_metric(answers)
+
+    def per_prompt(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, 1:].gather(-1, answers.to(logits.device).unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    per_prompt.dims = ("batch",)
+    if start == "exact":
+        scores = exact_edge_scores(model, clean, metric, new_input=corrupted)
+    else:
+        scores = attr_edges(model, clean, metric, new_input=corrupted, method="atp")
+    learned = learn_edge_masks(model, scores, clean, per_prompt, new_input=corrupted, steps=100, density=0.1)
+    assert Circuit.from_scores(learned, len(true)) == Circuit(graph, true)
 
 
 def test_cached_compile_is_keyed_by_what_decides_it(tmp_path, monkeypatch):
