@@ -142,11 +142,7 @@ def attr_edges(
             runs, max_memory, split_inputs=True, new_input=new_input, progress=bar, relevance=method == "relp"
         )
         run, per_pair = _scored_pairs(gradient_pass, wiring, new, steps)
-    sender_row = {node: i for i, node in enumerate(graph.senders)}
-    receiver_row = {node: i for i, node in enumerate(graph.receivers)}
-    rows = torch.tensor([sender_row[edge.sender] for edge in graph], device=per_pair.device)
-    columns = torch.tensor([receiver_row[edge.receiver] for edge in graph], device=per_pair.device)
-    scores = per_pair[:, rows, columns].T
+    scores = per_pair[:, graph.edge_senders.to(per_pair.device), graph.edge_receivers.to(per_pair.device)].T
     if runs.prompt_form is not None:
         form, value = runs.prompt_form, run.value.cpu()
         samples = form.samples(scores.cpu(), torch.zeros_like(value), change=True)

@@ -217,24 +217,17 @@ class MaskedCircuits:
 
     def logits(self, mask: Tensor, rows: slice) -> Tensor:
         """The logits of the prompts `rows` with every edge scaled by `mask` (one value per edge)."""
-        removal = (1 - mask).to(self.w_o)
-        per_pair = torch.zeros(len(self.wiring.graph.senders), len(self.wiring.graph.receivers), dtype=removal.dtype)
-        per_pair = per_pair.to(removal.device).index_put(self._pairs, removal)
+        graph, removal = self.wiring.graph, (1 - mask).to(self.w_o)
+        per_pair = removal.new_zeros(len(graph.senders), len(graph.receivers))
+        per_pair = per_pair.index_put(
+            (graph.edge_senders.to(removal.device), graph.edge_receivers.to(removal.device)), removal
+        )
         tokens = self.tokens[rows]
         program = PatchProgram(tokens.shape[0])
         _SoftRemoval(self.wiring, per_pair, self.ablated.rows(rows), self.w_o).add_to(program)
         with applied(self.model, program):
             logits = _tl.forward_logits(self.model, tokens)
         return logits
-
-    @functools.cached_property
-    def _pairs(self) -> tuple[Tensor, Tensor]:
-        graph = self.wiring.graph
-        sender_row = {node: i for i, node in enumerate(graph.senders)}
-        receiver_column = {node: i for i, node in enumerate(graph.receivers)}
-        rows = torch.tensor([sender_row[edge.sender] for edge in graph])
-        columns = torch.tensor([receiver_column[edge.receiver] for edge in graph])
-        return _tl.moved(rows, self.w_o.device), _tl.moved(columns, self.w_o.device)
 
     def values(self, mask: Tensor) -> Tensor:
         """Each prompt's metric with every edge scaled by `mask`: (batch,)."""
