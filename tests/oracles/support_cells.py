@@ -739,15 +739,25 @@ def relevance_patching(ctx) -> None:
 
 
 def relevance_edges(ctx) -> None:
-    """RelP for edges (`attr_edges(method="relp")`): with new_input = orig every score is 0; from the
-    new prompts, edge head (L-1, 0) -> logits scores that head's write change dotted with the gradient
-    of the metric at the final residual stream through `relevance_hooks` (autograd)."""
-    same = attr_edges(ctx.model, ctx.orig, ctx.metric, new_input=ctx.orig, method="relp")
-    scores = attr_edges(ctx.model, ctx.orig, ctx.metric, new_input=ctx.new, method="relp")
+    """RelP for edges and paths: `attr_edges(method="relp")` scores every edge 0 with new_input =
+    orig, and edge head (L-1, 0) -> logits as
+    that head's write change dotted with the gradient of the metric at the final residual stream
+    through `relevance_hooks` (autograd); `attr_path_patch(method="relp")` of layer 0's heads to
+    layer 1's `resid_pre` is the metric plus each head's write change dotted with the gradient there
+    through the same hooks."""
+    model = ctx.model
+    same = attr_edges(model, ctx.orig, ctx.metric, new_input=ctx.orig, method="relp")
+    scores = attr_edges(model, ctx.orig, ctx.metric, new_input=ctx.new, method="relp")
     assert_close_at_scale(same.scores, torch.zeros_like(same.scores))
+    paths = attr_path_patch(
+        model, ctx.orig, ctx.new, IterNode("z", layers=[0]), Node("resid_pre", 1), ctx.metric, method="relp"
+    )
     final = f"blocks.{ctx.last}.hook_resid_post"
-    expected = write_derivative(ctx, ctx.last, 0, gradient(ctx, final, relevance_hooks(ctx.model))[1])
+    expected = write_derivative(ctx, ctx.last, 0, gradient(ctx, final, relevance_hooks(model))[1])
     assert_close_at_scale(scores.score(logits_edge(ctx, 0)), expected)
+    value, grad = gradient(ctx, "blocks.1.hook_resid_pre", relevance_hooks(model))
+    expected = [value + write_derivative(ctx, 0, head, grad) for head in range(model.cfg.n_heads)]
+    assert_close_at_scale(paths["z"].as_tensor().reshape(-1), torch.stack(expected))
 
 
 def confirmed(ctx) -> None:
