@@ -172,3 +172,10 @@ def plans_of_each_kind(model) -> dict:
             model, orig, new, Node("z", 0, head=1), IterNode(["q", "k", "pre"], layers=ends), ld
         ),
     }
+
+
+def spearman_and_top10(estimate: torch.Tensor, exact: torch.Tensor) -> tuple[float, int]:
+    """The rank correlation of `estimate` with `exact`, and how many of the 10 strongest by size they share."""
+    ranks = torch.stack([exact.argsort().argsort(), estimate.argsort().argsort()]).float()
+    strongest = [set(values.abs().argsort(descending=True)[:10].tolist()) for values in (exact, estimate)]
+    return float(torch.corrcoef(ranks)[0, 1]), len(strongest[0] & strongest[1])

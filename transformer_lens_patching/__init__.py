@@ -27,6 +27,7 @@ from ._core.plan import Block as Block
 from ._core.plan import Pass as Pass
 from ._core.plan import PatchPlan as PatchPlan
 from ._core.plan import PlanOutputs as PlanOutputs
+from ._core.position_scores import EdgePositionScores as EdgePositionScores
 from ._core.selection import LogitSelection as LogitSelection
 from ._core.stability import CircuitStability as CircuitStability
 from ._core.stability import circuit_stability as circuit_stability
@@ -114,6 +115,7 @@ __all__ = [
     "GraphNode",
     "Edge",
     "EdgeGraph",
+    "EdgePositionScores",
     "EdgeScores",
     # circuits
     "Circuit",

@@ -673,17 +673,19 @@ def _calibration(clean, corrupted, offset) -> tuple[Tensor, Tensor] | None:
     return offset_values, clean_values - corrupted_values
 
 
-def prompt_form(metric, batch: int) -> tuple[Metric, Tensor | None, Tensor | None]:
+def prompt_form(
+    metric, batch: int, needs: str = "uncertainty=True needs"
+) -> tuple[Metric, Tensor | None, Tensor | None]:
     """What `uncertainty=True` runs: (a per-prompt form of `metric`, offset, scale), the result being
     `(mean over prompts of the per-prompt values - mean(offset)) / mean(scale)`, offset and scale
     one value per prompt (None: 0 and 1). A metric already returning one value per prompt is its
     own form; a normalised metric is its base's form with the calibration's offset and scale (per
-    prompt where `calibrate` kept them, else constants)."""
+    prompt where `calibrate` kept them, else constants). `needs` starts the errors: who needs the form."""
     dims = declared_dims(metric)
     if dims == (BATCH,):
         return metric, None, None
     if isinstance(metric, NormalisedMetric):
-        base, inner_offset, inner_scale = prompt_form(metric.base, batch)
+        base, inner_offset, inner_scale = prompt_form(metric.base, batch, needs)
         if inner_offset is not None or inner_scale is not None:
             raise PatchingError("uncertainty=True cannot combine a normalised metric of a normalised metric.")
         if metric.calibration is not None:
@@ -696,7 +698,7 @@ def prompt_form(metric, batch: int) -> tuple[Metric, Tensor | None, Tensor | Non
             return base, offset, scale
         if metric.offset.ndim or metric.scale.ndim:
             raise PatchingError(
-                "uncertainty=True needs a normalised metric whose clean and corrupted values are single numbers "
+                f"{needs} a normalised metric whose clean and corrupted values are single numbers "
                 f"(or calibrate's values); got offset of shape {tuple(metric.offset.shape)}."
             )
         return base, metric.offset.double().expand(batch), metric.scale.double().expand(batch)
@@ -705,7 +707,7 @@ def prompt_form(metric, batch: int) -> tuple[Metric, Tensor | None, Tensor | Non
     if make is not None and has_form:
         return make(), None, None
     raise PatchingError(
-        f"uncertainty=True needs a metric that is a mean over prompts, with a per-prompt form: a metric object "
+        f"{needs} a metric that is a mean over prompts, with a per-prompt form: a metric object "
         f"(LogitDiff, TokenLogit, TokenProbability, their denoising_metric / noising_metric, 'loss'), a function "
         f"returning one value per prompt that declares it (its .dims = ('batch',)), or PromptMean(function). "
         f"Got {metric!r}, whose dims are {'unknown' if dims is None else dims}."

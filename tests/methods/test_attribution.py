@@ -8,7 +8,15 @@ import os
 import pytest
 import torch
 
-from tests.helpers import TL_MAJOR, assert_close, linear_metric, logit_diff_metric, make_inputs, raises
+from tests.helpers import (
+    TL_MAJOR,
+    assert_close,
+    linear_metric,
+    logit_diff_metric,
+    make_inputs,
+    raises,
+    spearman_and_top10,
+)
 from tests.oracles import induction_model
 from tests.oracles.reference import assign, full_cache, hook_of, layer_of, positions_per_prompt, split_qkv_input
 from transformer_lens_patching import (
@@ -329,12 +337,6 @@ def test_bad_arguments_are_explained(gpt2_model):
         attr_patch(model, orig, node, logit_diff_metric())
     with torch.inference_mode(), raises("called under torch.inference_mode"):
         attr_patch(model, orig, node, logit_diff_metric(), new_input=new)
-
-
-def spearman_and_top10(estimate: torch.Tensor, exact: torch.Tensor) -> tuple[float, int]:
-    ranks = torch.stack([exact.argsort().argsort(), estimate.argsort().argsort()]).float()
-    strongest = [set(values.abs().argsort(descending=True)[:10].tolist()) for values in (exact, estimate)]
-    return float(torch.corrcoef(ranks)[0, 1]), len(strongest[0] & strongest[1])
 
 
 @pytest.mark.skipif(

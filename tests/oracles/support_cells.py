@@ -616,13 +616,16 @@ def eap(ctx) -> None:
     """Edge attribution (EAP): with new_input = orig every edge's score is 0; from the new
     prompts, edge head (L-1, 0) -> logits scores the change of that head's write dotted with the
     metric's gradient at the final residual stream (autograd), summed over prompts and positions,
-    and `unpatched` is the model's metric."""
+    and `unpatched` is the model's metric; per position (`per_position=True`), the scores sum
+    over positions to these."""
     same = attr_edges(ctx.model, ctx.orig, ctx.metric, new_input=ctx.orig)
     scores = attr_edges(ctx.model, ctx.orig, ctx.metric, new_input=ctx.new)
     assert_close_at_scale(same.scores, torch.zeros_like(same.scores))
     assert torch.isfinite(scores.scores).all()
     assert_close_at_scale(scores.unpatched, ctx.own)
     assert_close_at_scale(scores.score(logits_edge(ctx, 0)), edge_reference(ctx, 1))
+    at_positions = attr_edges(ctx.model, ctx.orig, ctx.metric, new_input=ctx.new, per_position=True)
+    assert_close_at_scale(at_positions.total().scores, scores.scores)
 
 
 def eap_ig(ctx) -> None:
@@ -635,6 +638,22 @@ def eap_ig(ctx) -> None:
     assert_close_at_scale(same.scores, torch.zeros_like(same.scores))
     assert torch.isfinite(scores.scores).all()
     assert_close_at_scale(scores.score(logits_edge(ctx, 0)), edge_reference(ctx, IG_STEPS))
+
+
+def eap_ig_activations(ctx) -> None:
+    """EAP-IG on activations (`attr_edges(method="ig-activations")`): edge head (L-1, 0) -> logits
+    scores that head's write change dotted with the mean gradient at the final residual stream
+    over the `IG_STEPS` runs whose layer L-1 `z` is z + (k / steps)(z' - z), k = 0 .. steps - 1
+    (autograd at each, the write through each run's own norm where one follows attention)."""
+    scores = attr_edges(ctx.model, ctx.orig, ctx.metric, new_input=ctx.new, method="ig-activations", steps=IG_STEPS)
+    assert torch.isfinite(scores.scores).all()
+    name, final = f"blocks.{ctx.last}.attn.hook_z", f"blocks.{ctx.last}.hook_resid_post"
+    a, a_new = ctx.cache[name], ctx.new_cache[name]
+    total = 0.0
+    for k in range(IG_STEPS):
+        hooks = [(name, replacing(a + (k / IG_STEPS) * (a_new - a)))]
+        total = total + write_derivative(ctx, ctx.last, 0, gradient(ctx, final, hooks)[1], hooks)
+    assert_close_at_scale(scores.score(logits_edge(ctx, 0)), total / IG_STEPS)
 
 
 def attr_paths(ctx) -> None:
@@ -904,6 +923,7 @@ CELLS = [
     ("ig", integrated_gradients),
     ("EAP", eap),
     ("EAP-IG", eap_ig),
+    ("EAP-IG activations", eap_ig_activations),
     ("attr_path_patch", attr_paths),
     ("relp", relevance_patching),
     ("RelP edges", relevance_edges),

@@ -129,8 +129,9 @@ def test_agreement_benchmark_tiny(capsys):
     benchmark = _script("agreement")
     rows = benchmark.run(benchmark.parse_args(["--tiny", "--edges", "30"]))
     kinds = ["every head's z", "every neuron", "30 random edges"]
-    assert len(rows) == 12 and [sum(row[0].startswith(kind) for row in rows) for kind in kinds] == [4, 4, 4], rows
-    assert [row[1] for row in rows[8:]] == ["exact (exact_edge_scores)", "EAP", "EAP-IG", "RelP"], rows
+    assert len(rows) == 13 and [sum(row[0].startswith(kind) for row in rows) for kind in kinds] == [4, 4, 5], rows
+    edges = ["exact (exact_edge_scores)", "EAP", "EAP-IG", "RelP", "EAP-IG on activations, 3 steps"]
+    assert [row[1] for row in rows[8:]] == edges, rows
     for row in rows:
         exact = row[1].startswith("exact")
         assert (row[3] is None) == exact and (exact or -1 <= row[3] <= 1), row
@@ -149,3 +150,36 @@ def test_discovery_benchmark_tiny(capsys):
         assert fraction is None or (0 < fraction <= 1 and 0 < edges <= total and math.isfinite(held_out))
     benchmark.print_rows(rows)
     assert sum(line.startswith("| ") for line in capsys.readouterr().out.splitlines()) == len(rows) + 1
+
+
+def test_positions_benchmark_tiny(capsys):
+    """One row per ranking, edges and edges at positions, position-aware sizes counting pairs."""
+    benchmark = _script("positions")
+    rows = benchmark.run(benchmark.parse_args(["--tiny"]))
+    assert [row[0] for row in rows] == list(benchmark.RANKINGS), rows
+    for name, seconds, size, _, edges, held_out, cpr, cmd in rows:
+        assert seconds >= 0 and math.isfinite(cpr) and math.isfinite(cmd), name
+        assert size is None or (0 < size <= 1 and 0 < edges and math.isfinite(held_out)), name
+    assert rows[1][3] > rows[0][3], "the position-aware rankings count (edge, position) pairs"
+    benchmark.print_rows(rows)
+    assert sum(line.startswith("| ") for line in capsys.readouterr().out.splitlines()) == len(rows) + 1
+
+
+def test_discovery_benchmark_auto_circuit_tiny(capsys):
+    """The auto_circuit section: one row saying why not where auto-circuit does not import, else one row
+    per method with its time and each size's faithfulness, error and edges."""
+    benchmark = _script("discovery")
+    args = benchmark.parse_args(["--tiny", "--sections", "auto_circuit", "--mask-steps", "3"])
+    rows = benchmark.auto_circuit_rows(args)
+    if rows[0]["name"] == "auto-circuit: not installed":
+        assert len(rows) == 1 and "import auto_circuit" in rows[0]["why"], rows
+    else:
+        names = ["EAP", "EAP-IG (5 steps)", "learned masks (3 steps", "auto-circuit subnetwork probing (3 epochs"]
+        assert len(rows) == 4 and all(row["name"].startswith(name) for row, name in zip(rows, names)), rows
+        sizes = len(benchmark.AC_SIZES["tiny"])
+        for row in rows:
+            assert row["seconds"] >= 0 and len(row["faithfulness"]) == len(row["error"]) == len(row["edges"]) == sizes
+            assert all(math.isfinite(value) for value in [*row["faithfulness"], *row["error"]]), row
+    benchmark.print_auto_circuit_rows(rows, tiny=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("| ") for line in lines) == len(rows) + 1, lines

@@ -42,7 +42,14 @@ from transformer_lens_patching import (
 )
 from transformer_lens_patching._tasks.ioi.analysis import WORDS
 from transformer_lens_patching._tasks.ioi.analysis import planned_ioi_steps as planned_steps
-from transformer_lens_patching._tasks.job.figures import faithfulness_figure, logit_diff_figure, step_figure
+from transformer_lens_patching._tasks.job import figures as job_figures
+from transformer_lens_patching._tasks.job import report_page
+from transformer_lens_patching._tasks.job.figures import (
+    circuit_figure,
+    faithfulness_figure,
+    logit_diff_figure,
+    step_figure,
+)
 from transformer_lens_patching._tasks.job.report import as_json
 from transformer_lens_patching.ioi import IOISettings, plan_ioi, run_ioi, write_report
 
@@ -731,7 +738,10 @@ def test_a_heads_p_value_is_the_exact_sign_flip_test_of_its_per_prompt_changes(a
     assert head.p_value == pytest.approx(extreme / 2 ** len(changes))
 
 
-def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model):
+def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model, monkeypatch):
+    """results.json and the EAP-IG files hold the circuit, its curves and the named heads' membership;
+    the report lists every edge of the circuit and draws every one (a circuit of more than
+    `DRAWN_EDGES`: its strongest, and it says so)."""
     finding = analysis.step("circuit").circuit
     saved = json.loads((report_folder / "results.json").read_text())["steps"][STEPS.index("circuit")]["circuit"]
     assert Circuit.from_json(json.dumps(saved["circuit"])) == finding.circuit
@@ -761,12 +771,73 @@ def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model):
     assert [h["in_circuit"] for h in saved["named_heads"]] == [(h.layer, h.head) in kept for _, h in named]
     page = (report_folder / "report.html").read_text()
     table = page.split('id="circuit-edges"')[1].split("</table>")[0]
-    assert table.count("<tr><td>") == min(40, len(finding.circuit))
+    assert table.count("<tr><td>") == len(finding.circuit) > 1
     assert "<th>in resampled circuits</th>" in table and "<th>standard error</th>" in table
+    listed = [abs(float(cell)) for cell in re.findall(r"<tr><td>[^<]*</td><td>[^<]*</td><td>([^<]*)</td>", table)]
+    assert listed == sorted(listed, reverse=True), "strongest first"
+    figure = circuit_figure(finding)
+    assert figure.layout.title.text.startswith(f"All {len(finding.circuit):,} edges of the circuit")
+    assert len(figure.data[-2].hovertext) == len(finding.circuit), "one line per edge (no grouped heads here)"
+    cap = len(finding.circuit) - 1
+    monkeypatch.setattr(job_figures, "DRAWN_EDGES", cap)
+    monkeypatch.setattr(report_page, "DRAWN_EDGES", cap)
+    capped = circuit_figure(finding)
+    assert capped.layout.title.text.startswith(f"The {cap:,} strongest of {len(finding.circuit):,} edges")
+    weakest = min(finding.circuit.edges, key=lambda edge: abs(float(scores.score(edge))))
+    assert not any(text.startswith(f"{weakest}<br>") for text in capped.data[-2].hovertext)
+    section = report_page._circuit(finding)
+    assert f"The figure draws the {cap:,} strongest edges" in section
+    assert section.split('id="circuit-edges"')[1].count("<tr><td>") == len(finding.circuit), "the table has all"
     heads = page.split('id="named-heads"')[1].split("</table>")[0]
     assert heads.count("<tr><td>") == len(named) and heads.count("<td>yes</td>") == sum(
         h["in_circuit"] for h in saved["named_heads"]
     )
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's correlation of values without ties: Pearson's of their ranks."""
+    ranks = [torch.tensor(values, dtype=torch.float64).argsort().argsort().double() for values in (a, b)]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
+
+def strongest(values: list[float], k: int) -> set[int]:
+    return set(sorted(range(len(values)), key=lambda i: -abs(values[i]))[:k])
+
+
+def test_the_estimators_agreement_with_the_exact_scores_is_saved_and_shown(analysis, report_folder, tiny_model):
+    """The candidates (EAP-IG's strongest edges, scored exactly) have EAP's and EAP-IG's estimates
+    and their exact scores: each estimator's Spearman correlation and top-k overlap with the exact
+    scores over them (no forward pass), in results.json, the report and the step's description."""
+    finding = analysis.step("circuit").circuit
+    saved = json.loads((report_folder / "results.json").read_text())["steps"][STEPS.index("circuit")]["circuit"]
+    eap, ig, confirmed = finding.scores
+    candidates = finding.candidate_edges
+    assert len(candidates) == finding.candidates == SETTINGS.circuit_candidates
+    changed = [
+        edge
+        for edge in EdgeGraph.of(tiny_model)
+        if not torch.equal(confirmed.score(edge), ig.score(edge).to(confirmed.scores))
+    ]
+    assert set(changed) == set(candidates), "the candidates are the edges scored exactly"
+    agreement = saved["agreement"]
+    k = min(10, (len(candidates) + 1) // 2)
+    assert agreement["top_k"] == k
+    assert [edge["edge"] for edge in agreement["edges"]] == [str(edge) for edge in candidates]
+    exact = [float(confirmed.score(edge)) for edge in candidates]
+    assert [edge["exact"] for edge in agreement["edges"]] == pytest.approx(exact)
+    page = (report_folder / "report.html").read_text()
+    table = page.split('id="estimator-agreement"')[1].split("</table>")[0]
+    for row, name, scores in zip(agreement["estimators"], ("EAP", "EAP-IG (5 steps)"), (eap, ig), strict=True):
+        estimate = [float(scores.score(edge)) for edge in candidates]
+        assert [edge["estimates"][name] for edge in agreement["edges"]] == pytest.approx(estimate)
+        assert row["estimator"] == name and row["method"] == scores.method
+        assert row["spearman"] == pytest.approx(rank_correlation(estimate, exact))
+        assert row["top_k_overlap"] == len(strongest(estimate, k) & strongest(exact, k))
+        cells = f"<tr><td>{name}</td><td>{row['spearman']:.2f}</td><td>{row['top_k_overlap']} of {k}</td></tr>"
+        assert cells in table
+        assert f"{name}: Spearman {row['spearman']:.2f}, top-{k} overlap {row['top_k_overlap']} of {k}" in (
+            analysis.step("circuit").description
+        )
 
 
 def test_the_circuits_stability_and_bands_are_saved_and_shown(analysis, report_folder, tiny_model):

@@ -86,6 +86,11 @@ def test_each_shipped_task_runs_end_to_end_through_the_cli(job_model, tmp_path, 
     page = (tmp_path / "report.html").read_text()
     assert f"<title>{name} circuit analysis: smollm2</title>" in page
     assert "(answer - wrong at the end)" in page and "<th>answer (answer)</th>" in page
+    edges_listed = page.split('id="circuit-edges"')[1].split("</table>")[0].count("<tr><td>")
+    assert edges_listed == len(circuit["circuit_edges"]), "the report lists every edge of the circuit"
+    agreement = circuit["agreement"]
+    assert [row["estimator"] for row in agreement["estimators"]] == ["EAP", "EAP-IG (5 steps)"]
+    assert len(agreement["edges"]) == 4 and agreement["top_k"] == 2 and 'id="estimator-agreement"' in page
     with (tmp_path / "results.csv").open() as file:
         steps_in_csv = {line.split(",")[0] for line in file.readlines()[1:]}
     assert steps_in_csv == set(STEP_KEYS) - {"circuit"}

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import PatchingError
 from .graph import Edge, EdgeGraph, EdgeScores, GraphNode, ranked_indices
+from .position_scores import EdgePositionScores
 
 
 class Circuit:
@@ -87,7 +88,7 @@ class Circuit:
 
     @classmethod
     def from_scores(
-        cls, scores: EdgeScores, size: int | float, *, absolute: bool = True, prune: bool = True
+        cls, scores: EdgeScores | EdgePositionScores, size: int | float, *, absolute: bool = True, prune: bool = True
     ) -> "Circuit":
         """The `size` strongest edges of `scores` (an int: that many edges; a float in (0, 1]:
         that fraction of the graph's edges, rounded down as MIB does), then, with `prune`,
@@ -97,17 +98,45 @@ class Circuit:
         whose ablation lowers the metric most (per-prompt scores count by their mean over
         prompts). Unscored edges (NaN) come last.
 
+        From `EdgePositionScores` (`attr_edges(..., per_position=True)`) the circuit is
+        position-aware: the `size` strongest (edge, position) pairs (a float: that fraction of
+        every edge at every position), each edge kept at the positions chosen for it. Pruning
+        then looks at edges, whatever their positions.
+
         >>> Circuit.from_scores(scores, 0.01)  # doctest: +ELLIPSIS
         Circuit(...)
+        >>> at_positions = attr_edges(model, clean, metric, new_input=corrupted, per_position=True)
+        >>> Circuit.from_scores(at_positions, 20, prune=False).positions  # doctest: +ELLIPSIS
+        {...}
         """
+        if isinstance(scores, EdgePositionScores):
+            circuit = cls._at_positions(scores, size, absolute)
+            return circuit.pruned() if prune else circuit
         if not isinstance(scores, EdgeScores):
             raise PatchingError(
-                f"Circuit.from_scores needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}."
+                "Circuit.from_scores needs EdgeScores or EdgePositionScores (e.g. from attr_edges), "
+                f"got {type(scores).__name__}."
             )
         kept = torch.zeros(len(scores.graph), dtype=torch.bool)
         kept[ranked_indices(scores, absolute)[: edge_count(size, len(scores.graph))]] = True
         circuit = cls.from_mask(scores.graph, kept)
         return circuit.pruned() if prune else circuit
+
+    @classmethod
+    def _at_positions(cls, scores: EdgePositionScores, size: int | float, absolute: bool) -> "Circuit":
+        """The strongest (edge, position) pairs of `scores`, as a circuit keeping each edge at its pairs' positions."""
+        graph, seq_len = scores.graph, scores.seq_len
+        chosen = scores.ranked_pairs(absolute)[: edge_count(size, len(graph) * seq_len)]
+        where: dict[int, list[int]] = {}
+        for edge, position in zip((chosen // seq_len).tolist(), (chosen % seq_len).tolist()):
+            where.setdefault(edge, []).append(position)
+        kept = torch.zeros(len(graph), dtype=torch.bool)
+        kept[list(where)] = True
+        circuit = cls.from_mask(graph, kept)
+        circuit._positions = {
+            graph.edges[edge]: tuple(sorted(positions)) for edge, positions in where.items() if len(positions) < seq_len
+        }
+        return circuit
 
     @property
     def graph(self) -> EdgeGraph:

@@ -32,11 +32,18 @@ ESTIMATES = ("value", "delta")
 
 
 def prepare_runs(
-    model, orig_input, patching_metric, *, apply_metric_to_cache: bool = False, uncertainty: bool = False
+    model,
+    orig_input,
+    patching_metric,
+    *,
+    apply_metric_to_cache: bool = False,
+    uncertainty: bool = False,
+    needs: str = "uncertainty=True needs",
 ) -> Runs:
     """The front half every method shares, done once: check the model (a TransformerLens model in
     eval mode), tokenize `orig_input`, resolve the metric and the reader of the logits it selects;
-    with `uncertainty`, the metric's per-prompt form and how its values combine (`prompt_form`).
+    with `uncertainty`, the metric's per-prompt form and how its values combine (`prompt_form`;
+    `needs` starts its errors).
 
     >>> runs = prepare_runs(model, corrupted, metric)
     >>> runs.tokens.shape == corrupted.shape
@@ -50,7 +57,7 @@ def prepare_runs(
         raise PatchingError(f"uncertainty must be True or False, got {uncertainty!r}.")
     form = None
     if uncertainty:
-        metric, offset, scale = prompt_form(metric, tokens.shape[0])
+        metric, offset, scale = prompt_form(metric, tokens.shape[0], needs)
         form = PromptForm(offset, scale)
     reader = logit_reader(model, metric, tokens, _tl.model_shape(model).d_vocab, apply_metric_to_cache)
     return Runs(model, tokens, metric, reader, apply_metric_to_cache, form)
@@ -169,12 +176,13 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise PatchingError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
-def checked_steps(method: str, steps: int | None) -> int:
-    """The points of the integrated gradients' sum: 1 for the other methods."""
-    if method != "ig":
+def checked_steps(method: str, steps: int | None, integrated: tuple[str, ...] = ("ig",)) -> int:
+    """The points of the integrated gradients' sum (for the `integrated` methods): 1 for the others."""
+    if method not in integrated:
         if steps is not None:
+            named = " or ".join(repr(name) for name in integrated)
             raise PatchingError(
-                f"steps is for method='ig' (integrated gradients); method={method!r} takes none, got {steps!r}."
+                f"steps is for method={named} (integrated gradients); method={method!r} takes none, got {steps!r}."
             )
         return 1
     steps = IG_STEPS if steps is None else steps

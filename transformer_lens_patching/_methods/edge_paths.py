@@ -9,7 +9,7 @@ writes and reads of a call are stacked (`_Terms`) so that one product gives ever
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ from .common import (
     patched_in_source,
     prepare_runs,
 )
-from .edges import EDGE_METHODS, difference, eap_gradients, interpolated_passes, position_mask
+from .edges import EDGE_METHODS, INTEGRATED, between, difference, eap_gradients, interpolated_passes, position_mask
 from .path_rules import (
     HEAD_INPUTS,
     WHOLE_HEAD_RECEIVERS,
@@ -76,7 +76,7 @@ def attr_path_patch(
     its q and k inputs, `z` all three), a residual receiver's own hook, and for `pre`
     the MLP's input through only the chosen neurons. Senders and receivers are those of
     `path_patch`; pairs where the sender writes after the receiver reads change nothing.
-    One forward and one backward pass (`steps` for "ig") serve every cell.
+    One forward and one backward pass (`steps` for "ig", more for "ig-activations") serve every cell.
 
     Args:
         model: A TransformerLens model (head receivers need per-head q/k/v input hooks).
@@ -90,9 +90,12 @@ def attr_path_patch(
         new_cache: An ActivationCache of the new run (or a mean-ablation cache, or "zero").
         seq_pos: Positions for senders and receivers alike (as for path_patch).
         method: "atp", "ig" (EAP-IG: the receivers' gradients averaged over `steps` runs
-            with interpolated input embeddings, as in `attr_edges`) or "relp" (relevance
-            patching's propagation rules, as in `attr_patch`).
-        steps: For "ig", the points of the sum (default 10).
+            with interpolated input embeddings, as in `attr_edges`), "relp" (relevance
+            patching's propagation rules, as in `attr_patch`) or "ig-activations" (EAP-IG on
+            activations: each sender cell's receiver gradients averaged over `steps` runs whose
+            sender hooks, whole, are interpolated, as `attr_edges` interpolates a layer's heads
+            together; `1 + (sender hook sets) * (steps - 1)` passes).
+        steps: For "ig" and "ig-activations", the points of the sum (default 10).
         estimate: "value" for the estimated patched metric, "delta" for its change.
         uncertainty: Keep each cell's per-prompt estimates, as `attr_patch(uncertainty=True)`.
         max_memory: Bytes of activations one gradient pass may use (default as `act_patch`).
@@ -122,7 +125,7 @@ def attr_path_patch(
     """
     check_choice(method, EDGE_METHODS, "method")
     check_choice(estimate, ESTIMATES, "estimate")
-    steps = checked_steps(method, steps)
+    steps = checked_steps(method, steps, INTEGRATED)
     check_chunk_args(None, max_memory)
     for spec, what in ((sender_nodes, "sender_nodes"), (receiver_nodes, "receiver_nodes")):
         if spec is None:
@@ -154,12 +157,14 @@ def attr_path_patch(
     neuron_hooks = {name for read in neuron_reads for name in (read.hook, hook_name("mlp_in", read.layer))}
     all_hooks = set(sender_hooks) | set(differentiated) | neuron_hooks
     check_hooks_exist(model, all_hooks)
-    needed = set(sender_hooks) | ({EMBEDDINGS} if steps > 1 else set())
+    needed = set(sender_hooks) | ({EMBEDDINGS} if method == "ig" and steps > 1 else set())
     source, _ = patched_in_source(runs, new_input, new_cache, needed, "attr_path_patch needs new_input or new_cache.")
+    groups = _sender_groups(sender_cells) if method == "ig-activations" else {}
+    passes = 1 + len(groups) * (steps - 1) if groups else steps
     with (
         _tl.model_flags(model, _tl.flags_for(all_hooks)),
         torch.no_grad(),
-        gradient_progress(progress, steps, "attr_path_patch") as bar,
+        gradient_progress(progress, passes, "attr_path_patch") as bar,
     ):
         new = source()
         through = [NeuronRead(read.layer, _neuron_mask(read, tokens.shape, shape.d_mlp)) for read in neuron_reads]
@@ -169,7 +174,21 @@ def attr_path_patch(
             runs, max_memory, split_inputs=split, new_input=new_input, progress=bar, relevance=method == "relp"
         )
         writes = SenderWrites(model)
-        if writes.normalised:  # each pass's writes go through the norms at its own activations
+        if groups:
+            run = gradient_pass(differentiated, sender_hooks, stopped=stopped, neuron_reads=through)
+            changes = _changes(run, run, sender_cells, reads, neuron_reads, new, writes)
+            for hooks, indices in groups.items():
+                moved = {name: difference(name, run.activations, new) for name in hooks}
+                cells = [sender_cells[i] for i in indices]
+                for k in range(1, steps):
+                    fills = {name: between(run.activations[name], moved[name], k / steps) for name in hooks}
+                    point = gradient_pass(
+                        differentiated, sender_hooks, fills=fills, stopped=stopped, neuron_reads=through
+                    )
+                    point = replace(point, activations={**point.activations, **fills})  # it read the fills
+                    changes[indices] += _changes(run, point, cells, reads, neuron_reads, new, writes)
+            changes /= steps
+        elif writes.normalised:  # each pass's writes go through the norms at its own activations
             passes = interpolated_passes(
                 gradient_pass,
                 sender_hooks,
@@ -224,6 +243,15 @@ def _changes(
     reaching = (sender_terms.points[:, None] <= read_terms.points[None, :]).to(sender_terms.tensors.dtype)
     pairs = torch.einsum("wbpd,rbpd->wrb", sender_terms.tensors, read_terms.tensors) * reaching[..., None]
     return torch.einsum("ws,wrb,rt->stb", sender_terms.cells, pairs, read_terms.cells)
+
+
+def _sender_groups(sender_cells: list[list[PatchSite]]) -> dict[tuple[str, ...], list[int]]:
+    """EAP-IG on activations' groups: the sender hooks each cell writes from, with the cells that
+    share them (whose estimates come from the same interpolated passes)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, cell in enumerate(sender_cells):
+        groups.setdefault(tuple(sorted({site.hook_name for site in cell})), []).append(index)
+    return groups
 
 
 def _cells(spec, resolved) -> list[list[PatchSite]]:

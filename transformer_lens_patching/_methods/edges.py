@@ -17,6 +17,12 @@ EAP-IG (Hanna et al. 2024) averages the receivers' gradients over runs whose inp
 embeddings are interpolated between orig and new. Node-level `attr_patch(method="ig")`
 instead interpolates each patched activation on its own; for edges that would take one
 set of passes per receiver, while interpolating the input costs `steps` passes in all.
+EAP-IG on activations (MIB, 2025) interpolates the senders' own outputs instead, one group of
+senders (the embeddings, a layer's heads, an MLP) at a time, so the new values may be any
+activations (zero or mean ablation too), at `1 + groups * (steps - 1)` passes.
+
+With `per_position`, the dot products are kept per position (an edge at a position: the
+sender's change there, read by the receiver there), for position-aware circuits.
 """
 
 import dataclasses
@@ -32,6 +38,7 @@ from .._core.distributed import shared_by_ranks
 from .._core.gradients import GradientPass, GradientRun, NeuronRead
 from .._core.graph import EdgeGraph, EdgeScores
 from .._core.memory import check_chunk_args
+from .._core.position_scores import EdgePositionScores
 from .._core.relevance import check_relevance_rules
 from .._core.sources import ActivationSource
 from .._core.tensor_types import ModelInput, OtherModelInput
@@ -46,8 +53,10 @@ from ..errors import PatchingError
 from .common import check_choice, check_hooks_exist, checked_steps, gradient_progress, patched_in_source, prepare_runs
 from .path_rules import check_head_outputs
 
-EDGE_METHODS = ("atp", "ig", "relp")
-"""The estimates edge attribution computes: EAP, EAP-IG and RelP."""
+EDGE_METHODS = ("atp", "ig", "relp", "ig-activations")
+"""The estimates edge attribution computes: EAP, EAP-IG (on the input), RelP and EAP-IG on activations."""
+INTEGRATED = ("ig", "ig-activations")
+"""The edge methods that take `steps`."""
 
 
 @shared_by_ranks
@@ -61,9 +70,10 @@ def attr_edges(
     method: str = "atp",
     steps: int | None = None,
     uncertainty: bool = False,
+    per_position: bool = False,
     max_memory: int | None = None,
     progress: bool | str = False,
-) -> EdgeScores:
+) -> EdgeScores | EdgePositionScores:
     """Score every edge of the model's graph (`EdgeGraph.of(model)`) at once.
 
     An edge `s -> r`'s score is the first-order estimate of what path patching from `s` to
@@ -90,19 +100,29 @@ def attr_edges(
             "relp": the receivers' gradients from one backward pass following relevance
             propagation's rules, as `attr_patch(method="relp")` (refused where a norm follows
             each block's output, as in Gemma-2 and OLMo-2, and on parallel blocks whose attention
-            and MLP share one norm, as in Phi, Falcon and Cohere).
-        steps: For "ig", the points of the sum (default 10); not used by "atp".
+            and MLP share one norm, as in Phi, Falcon and Cohere). Or "ig-activations" (EAP-IG on
+            activations): an edge's receiver gradient is the mean over `steps` runs of the orig
+            input whose sender group (the embeddings, its layer's heads, or its MLP) outputs
+            `s + (k / steps)(s' - s)`, k = 0 .. steps - 1, every other activation computed as
+            usual. The new values need not come from an input: `new_cache="zero"` or a mean
+            cache give zero or mean ablation of edges. It costs `1 + groups * (steps - 1)`
+            passes (`groups` = 1 + 2 per layer).
+        steps: For "ig" and "ig-activations", the points of the sum (default 10).
         uncertainty: Keep each edge's per-prompt scores (`EdgeScores.samples`): the scores are
             then their means, with `stderr`, `ci`, `significant`, and the stability of the
             circuits and rankings they give over resampled prompts (`stability`,
             `top_stability`), at no extra pass.
+        per_position: Score each edge at each position: `EdgePositionScores`, whose positions
+            sum to the scores without it; `Circuit.from_scores` picks position-aware circuits
+            from them. Positions are token indices, the same for every prompt: align the prompts
+            (one template) for a position to mean one token.
         max_memory: Bytes of activations one gradient pass may use (default as `act_patch`):
             the prompts run in chunks that fit, each reduced to its edge scores at once.
         progress: Show a progress bar over the gradient passes (a string labels it).
 
     Returns:
         EdgeScores: one score per edge (per edge and prompt for a per-prompt metric), with the
-        orig run's metric as `unpatched`.
+        orig run's metric as `unpatched`; `EdgePositionScores` with `per_position`.
 
     Raises:
         PatchingError: For an unknown `method`, a metric that is neither one number nor one
@@ -113,8 +133,10 @@ def attr_edges(
     ['... -> ...', '... -> ...', '... -> ...']
     """
     check_choice(method, EDGE_METHODS, "method")
-    steps = checked_steps(method, steps)
+    steps = checked_steps(method, steps, INTEGRATED)
     check_chunk_args(None, max_memory)
+    if not isinstance(per_position, bool):
+        raise PatchingError(f"per_position must be True or False, got {per_position!r}.")
     runs = prepare_runs(model, orig_input, patching_metric, uncertainty=uncertainty)
     if method == "relp":
         check_relevance_rules(model, method, edges=True)
@@ -132,39 +154,62 @@ def attr_edges(
     senders, receivers = wiring.sender_hooks, wiring.receiver_hooks
     check_hooks_exist(model, senders + receivers)
     source, _ = patched_in_source(runs, new_input, new_cache, senders)
+    along_activations = method == "ig-activations"
+    passes = 1 + len(sender_groups(graph)) * (steps - 1) if along_activations else steps
     with (
         _tl.model_flags(model, _tl.flags_for(receivers)),
         torch.no_grad(),
-        gradient_progress(progress, steps, "attr_edges") as bar,
+        gradient_progress(progress, passes, "attr_edges") as bar,
     ):
         new = source()
         gradient_pass = GradientPass(
             runs, max_memory, split_inputs=True, new_input=new_input, progress=bar, relevance=method == "relp"
         )
-        run, per_pair = _scored_pairs(gradient_pass, wiring, new, steps)
-    scores = per_pair[:, graph.edge_senders.to(per_pair.device), graph.edge_receivers.to(per_pair.device)].T
+        run, per_pair = _scored_pairs(
+            gradient_pass, wiring, new, steps, along_activations=along_activations, per_position=per_position
+        )
+    pairs = per_pair[..., graph.edge_senders.to(per_pair.device), graph.edge_receivers.to(per_pair.device)]
+    scores = pairs.movedim(-1, 0).movedim(1, -1)  # (edge, [position,] prompt)
+    result = EdgePositionScores if per_position else EdgeScores
     if runs.prompt_form is not None:
         form, value = runs.prompt_form, run.value.cpu()
         samples = form.samples(scores.cpu(), torch.zeros_like(value), change=True)
         unpatched = float(form.samples(value.unsqueeze(0)).estimate()[0])
-        return EdgeScores(graph, samples.estimate().float(), method, unpatched, samples)
+        return result(graph, samples.estimate().float(), method, unpatched, samples)
     if run.dims != ("batch",):
-        scores = scores.sum(1)
-    return EdgeScores(graph, scores.cpu(), method, run.value.cpu() if run.value.ndim else float(run.value))
+        scores = scores.sum(-1)
+    return result(graph, scores.cpu(), method, run.value.cpu() if run.value.ndim else float(run.value))
+
+
+def sender_groups(graph: EdgeGraph) -> dict[str, list[int]]:
+    """The hooks EAP-IG on activations interpolates, one per module that writes senders (the
+    embeddings, each layer's attention, each MLP), each with its senders' indices in `graph.senders`."""
+    groups: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.senders):
+        part = "z" if node.kind == "head" else "mlp_out"
+        groups.setdefault(EMBEDDINGS if node.kind == "embed" else hook_name(part, node.layer), []).append(index)
+    return groups
 
 
 def _scored_pairs(
-    gradient_pass: GradientPass, wiring: Wiring, new: ActivationSource, steps: int
+    gradient_pass: GradientPass,
+    wiring: Wiring,
+    new: ActivationSource,
+    steps: int,
+    *,
+    along_activations: bool = False,
+    per_position: bool = False,
 ) -> tuple[GradientRun, Tensor]:
-    """The orig run's gradient pass and (batch, sender, receiver) scores of every node pair,
+    """The orig run's gradient pass and (batch, [pos,] sender, receiver) scores of every node pair,
     reduced chunk by chunk of prompts so that no receiver gradient outlives its chunk; for
-    EAP-IG averaged over the interpolated passes. The senders' output changes are those of
-    the orig and new runs, kept per chunk; where attention outputs are normalised, each pass
-    takes the heads' changes through the norm's Jacobian at its own outputs (its z recorded);
-    where MLPs read their input through a norm shared with attention, the gradient at that
-    norm's output is pulled back to the MLP's own copy of the residual stream, at each pass's
-    own residual stream. Scores are products summed in float32 whatever the model's dtype, on
-    the input device."""
+    EAP-IG averaged over the interpolated passes: of the input embeddings, or with
+    `along_activations` of each sender group's output (its pairs scored by its own passes). The
+    senders' output changes are those of the orig and new runs, kept per chunk; where attention
+    outputs are normalised, each pass takes the heads' changes through the norm's Jacobian at its
+    own outputs (its z recorded); where MLPs read their input through a norm shared with
+    attention, the gradient at that norm's output is pulled back to the MLP's own copy of the
+    residual stream, at each pass's own residual stream. Scores are products summed in float32
+    whatever the model's dtype, on the input device."""
     model, graph = gradient_pass.model, wiring.graph
     senders, receivers = wiring.sender_hooks, wiring.receiver_hooks
     writes = SenderWrites(model)
@@ -172,38 +217,51 @@ def _scored_pairs(
     residuals = [wiring.residual_of(name) for name in wiring.normed_inputs]
     each_pass = [name for name in senders if name.endswith("hook_z")] if normalised else []
     each_pass = list(dict.fromkeys([*each_pass, *residuals]))
+    groups = sender_groups(graph) if along_activations else {EMBEDDINGS: None}
     changes: dict[int, _SenderChanges] = {}
     linear_outputs: dict[int, Tensor] = {}
 
-    def scored(rows: slice, part: GradientRun, fills: dict[str, Tensor] | None = None) -> Tensor:
+    def scored(
+        rows: slice, part: GradientRun, fills: dict[str, Tensor] | None = None, group: list[int] | None = None
+    ) -> Tensor:
         if rows.start not in changes:
             changes[rows.start] = _SenderChanges(graph, part.activations, new.rows(rows))
+        if fills:  # the recorded activations are those before the fill: the pass read the fill
+            part = dataclasses.replace(part, activations={**part.activations, **_rows_of(fills, rows)})
         if normalised or rows.start not in linear_outputs:
-            outputs = _flattened(changes[rows.start].outputs(writes, part.activations))
+            outputs = changes[rows.start].outputs(writes, part.activations)
             if not normalised:
                 linear_outputs[rows.start] = outputs
         else:
             outputs = linear_outputs[rows.start]
-        if fills:  # the recorded activations are those before the fill: the pass read the fill
-            part = dataclasses.replace(part, activations={**part.activations, **_rows_of(fills, rows)})
+        if group is not None:
+            outputs = outputs[:, :, group]
         parts = [_with_unit_axis(_own_gradient(model, wiring, name, part)).to(outputs.device) for name in receivers]
-        gradients = _flattened(torch.cat(parts, dim=2))
-        return torch.bmm(outputs.float(), gradients.float().transpose(1, 2))
+        gradients = torch.cat(parts, dim=2)
+        if per_position:
+            return torch.matmul(outputs.float(), gradients.float().transpose(2, 3))
+        return torch.bmm(_flattened(outputs).float(), _flattened(gradients).float().transpose(1, 2))
 
-    def scored_with_embeddings(rows: slice, part: GradientRun) -> tuple[Tensor, Tensor]:
-        return scored(rows, part), part.activations[EMBEDDINGS]
+    def scored_with_starts(rows: slice, part: GradientRun) -> tuple[Tensor, dict[str, Tensor]]:
+        return scored(rows, part), {name: part.activations[name] for name in groups} if steps > 1 else {}
 
-    run = gradient_pass(receivers, [*senders, *residuals, EMBEDDINGS], reduce=scored_with_embeddings)
+    run = gradient_pass(receivers, [*senders, *residuals, EMBEDDINGS], reduce=scored_with_starts)
     per_pair = torch.cat([scores for scores, _ in run.reduced])
-    if steps > 1:
-        start = torch.cat([embeddings for _, embeddings in run.reduced])
-        moved = difference(EMBEDDINGS, {EMBEDDINGS: start}, new)
+    if steps == 1:
+        return run, per_pair
+    for name, group in groups.items():
+        start = torch.cat([starts[name] for _, starts in run.reduced])
+        moved = difference(name, {name: start}, new)
         for k in range(1, steps):
-            fills = {EMBEDDINGS: start.to(_tl.summing_dtype(start.dtype)) + (k / steps) * moved}
-            point = gradient_pass(receivers, each_pass, fills=fills, reduce=functools.partial(scored, fills=fills))
-            per_pair = per_pair + torch.cat(point.reduced)
-        per_pair = per_pair / steps
-    return run, per_pair
+            fills = {name: between(start, moved, k / steps)}
+            point = gradient_pass(
+                receivers, each_pass, fills=fills, reduce=functools.partial(scored, fills=fills, group=group)
+            )
+            if group is None:
+                per_pair += torch.cat(point.reduced)
+            else:
+                per_pair[..., group, :] += torch.cat(point.reduced)
+    return run, per_pair / steps
 
 
 def _rows_of(tensors: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
@@ -257,6 +315,11 @@ def difference(name: str, orig: dict, new: ActivationSource) -> Tensor:
     """The new run's activation at hook `name` minus the orig run's."""
     before = orig[name]
     return new.tensor_like(name, before).to(before) - before
+
+
+def between(start: Tensor, moved: Tensor, fraction: float) -> Tensor:
+    """The point `fraction` of the way from `start` by `moved`, in float32 at least."""
+    return start.to(_tl.summing_dtype(start.dtype)) + fraction * moved
 
 
 def eap_gradients(
@@ -313,7 +376,7 @@ def interpolated_passes(
     start = first.activations.get(EMBEDDINGS)
     moved = None if steps == 1 else difference(EMBEDDINGS, first.activations, new)
     for k in range(1, steps):
-        fills = {EMBEDDINGS: start.to(_tl.summing_dtype(start.dtype)) + (k / steps) * moved}
+        fills = {EMBEDDINGS: between(start, moved, k / steps)}
         yield gradient_pass(
             differentiated,
             recorded if record_each else (),

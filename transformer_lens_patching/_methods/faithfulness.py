@@ -18,6 +18,7 @@ import torch
 from .._core.circuit import Circuit, edge_count
 from .._core.distributed import shared_by_ranks
 from .._core.graph import EdgeScores
+from .._core.position_scores import EdgePositionScores
 from .._core.tensor_types import ModelInput, OtherModelInput
 from .._stats import PromptSamples
 from ..errors import PatchingError
@@ -42,6 +43,8 @@ class FaithfulnessCurve:
         samples: With `uncertainty=True`, the per-prompt values behind the faithfulness at each
             size (`(value - empty) / (full - empty)` is a ratio of means over prompts, each
             prompt's circuit, full and empty values resampled together); None otherwise.
+        positions: The positions each edge was scored at: 1 for `EdgeScores`; for
+            `EdgePositionScores` their `seq_len`, the sizes then counting (edge, position) pairs.
     """
 
     method: str
@@ -52,6 +55,7 @@ class FaithfulnessCurve:
     empty: float
     absolute: bool = True
     samples: PromptSamples | None = None
+    positions: int = 1
 
     @property
     def faithfulness(self) -> tuple[float, ...]:
@@ -110,7 +114,8 @@ class FaithfulnessCurve:
 
     def to_frame(self):
         """A pandas DataFrame, one row per size: `method`, `ranking`, `fraction`, `requested_edges`
-        (the size in edges), `edges` (kept after pruning), `metric`, `faithfulness`."""
+        (the size in edges, or in (edge, position) pairs for position-aware circuits), `edges`
+        (kept after pruning), `metric`, `faithfulness`."""
         import pandas as pd
 
         n_edges = len(self.circuits[0].graph)
@@ -119,7 +124,7 @@ class FaithfulnessCurve:
                 "method": [self.method] * len(self.fractions),
                 "ranking": [self.ranking] * len(self.fractions),
                 "fraction": list(self.fractions),
-                "requested_edges": [edge_count(f, n_edges) for f in self.fractions],
+                "requested_edges": [edge_count(f, n_edges * self.positions) for f in self.fractions],
                 "edges": list(self.edge_counts),
                 "metric": list(self.values),
                 "faithfulness": list(self.faithfulness),
@@ -177,7 +182,7 @@ class MIBFaithfulness:
 @shared_by_ranks
 def faithfulness_curve(
     model,
-    scores: EdgeScores,
+    scores: EdgeScores | EdgePositionScores,
     orig_input: ModelInput,
     patching_metric: Callable | str,
     new_input: OtherModelInput | None = None,
@@ -198,7 +203,9 @@ def faithfulness_curve(
     MIB's CPR and CMD, which rank the edges in two ways, use `mib_faithfulness`.
 
     Args:
-        scores: Edge scores of this model (`attr_edges`, `confirm_edges`, `exact_edge_scores`).
+        scores: Edge scores of this model (`attr_edges`, `confirm_edges`, `exact_edge_scores`),
+            or `EdgePositionScores` (`attr_edges(..., per_position=True)`) for position-aware
+            circuits, whose sizes count (edge, position) pairs.
         sizes: Circuit sizes, increasing: fractions of the graph's edges (floats in (0, 1]) or
             edge counts (ints). The curve's x is the fraction either way.
         absolute: Rank edges by |score| (else by most negative score), as in
@@ -241,7 +248,7 @@ def faithfulness_curve(
 @shared_by_ranks
 def mib_faithfulness(
     model,
-    scores: EdgeScores,
+    scores: EdgeScores | EdgePositionScores,
     orig_input: ModelInput,
     patching_metric: Callable | str,
     new_input: OtherModelInput | None = None,
@@ -268,7 +275,8 @@ def mib_faithfulness(
     held-out prompts here.
 
     Args:
-        scores: Edge scores of this model (`attr_edges`, `confirm_edges`, `exact_edge_scores`).
+        scores: Edge scores of this model (`attr_edges`, `confirm_edges`, `exact_edge_scores`), or
+            `EdgePositionScores` for position-aware circuits (the sizes then count (edge, position) pairs).
         prune: Drop the edges that no longer connect the embeddings to the logits (MIB does).
         uncertainty: Keep the per-prompt values, for both curves' bands (`faithfulness_ci`).
 
@@ -302,9 +310,11 @@ def mib_faithfulness(
 def _checked_sizes(scores, sizes, caller: str) -> tuple[list[float | int], tuple[float, ...]]:
     """The sizes as plain numbers, and the curve's x (each size as a fraction of the graph's
     edges), refusing anything but edge scores and at least two increasing sizes."""
-    if not isinstance(scores, EdgeScores):
-        raise PatchingError(f"{caller} needs EdgeScores (e.g. from attr_edges), got {type(scores).__name__}.")
-    n_edges = len(scores.graph)
+    if not isinstance(scores, (EdgeScores, EdgePositionScores)):
+        raise PatchingError(
+            f"{caller} needs EdgeScores or EdgePositionScores (e.g. from attr_edges), got {type(scores).__name__}."
+        )
+    n_edges = len(scores.graph) * _positions(scores)
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
         raise PatchingError(f"sizes must be a list of at least two circuit sizes in increasing order, got {sizes!r}.")
     sizes = [size.item() if hasattr(size, "item") else size for size in sizes]  # numpy or torch scalars too
@@ -319,9 +329,14 @@ def _checked_sizes(scores, sizes, caller: str) -> tuple[list[float | int], tuple
     return sizes, fractions
 
 
+def _positions(scores: EdgeScores | EdgePositionScores) -> int:
+    """The positions each edge was scored at: the sizes count edges times these."""
+    return scores.seq_len if isinstance(scores, EdgePositionScores) else 1
+
+
 def _curves(
     model,
-    scores: EdgeScores,
+    scores: EdgeScores | EdgePositionScores,
     rankings: Sequence[bool],
     sizes,
     fractions: tuple[float, ...],
@@ -360,6 +375,7 @@ def _curves(
             empty,
             absolute,
             None if raw is None else _faithfulness_samples(raw, i * len(sizes), (i + 1) * len(sizes)),
+            _positions(scores),
         )
         for i, (absolute, curve) in enumerate(zip(rankings, circuits))
     )

@@ -115,11 +115,8 @@ def learn_edge_masks(
     if not isinstance(absolute, bool):
         raise PatchingError(f"absolute must be True or False, got {absolute!r}.")
     check_chunk_args(None, max_memory)
-    try:
-        runs = prepare_runs(model, orig_input, patching_metric, uncertainty=True)
-    except PatchingError as error:
-        keeps = "learn_edge_masks keeps each prompt's metric at the full model's, so it needs"
-        raise PatchingError(str(error).replace("uncertainty=True needs", keeps, 1)) from None
+    needs = "learn_edge_masks keeps each prompt's metric at the full model's, so it needs"
+    runs = prepare_runs(model, orig_input, patching_metric, uncertainty=True, needs=needs)
     graph = checked_graph(model, [Circuit.empty(EdgeGraph.of(model))])
     if not isinstance(scores, EdgeScores) or scores.graph != graph:
         raise PatchingError(

@@ -8,7 +8,8 @@ sizes, every one evaluated exactly on the held-out clean prompts with every othe
 resampled from their corrupted twins). The circuit is chosen on the scoring prompts alone:
 of the ranking whose signed curve has the largest area there, the smallest circuit whose
 faithfulness there reaches the faithfulness asked for; its held-out faithfulness is reported
-next to it.
+next to it. The candidates' exact scores also measure how well each estimator ranks them
+(`CircuitFinding.agreement`, no forward pass).
 
 Every number keeps its per-prompt values (`uncertainty=True`, no extra forward pass): the edge
 scores (the exact ones too), so that the circuit can be found again on bootstrap resamples of the
@@ -18,6 +19,7 @@ faithfulness at each size gets a confidence band.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,10 @@ IG_STEPS = 5
 """The integrated-gradients points of the EAP-IG ranking."""
 RANKINGS = ("EAP", f"EAP-IG ({IG_STEPS} steps)", "EAP-IG, candidates confirmed exactly")
 """The rankings the step compares, in the order of `CircuitFinding.curves`."""
+ESTIMATORS = RANKINGS[:2]
+"""The rankings by estimates alone (EAP, EAP-IG), whose agreement with the exact scores the step measures."""
+AGREEMENT_TOP = 10
+"""The k of the estimators' top-k overlap with the exact scores (half the candidates where fewer than 20)."""
 STABILITY_RESAMPLES = 50
 """The bootstrap resamples of the scoring prompts on which the circuit is found again."""
 EDGE_SCREEN_PASSES = 2 + 3 * (1 + IG_STEPS)
@@ -59,6 +65,7 @@ class CircuitFinding:
         candidates: How many of the EAP-IG ranking's strongest edges were scored exactly.
         scored_on: The prompts (indices) that scored the edges.
         held_out: The prompts (indices) that measured faithfulness.
+        candidate_edges: The edges scored exactly, EAP-IG's strongest first.
         size: The circuit's size on the selection curve: a fraction of the graph's edges, as
             `Circuit.from_scores` takes it (before pruning).
         stability: The circuit found again, with the same ranking and size, on
@@ -81,6 +88,7 @@ class CircuitFinding:
     candidates: int
     scored_on: tuple[int, ...]
     held_out: tuple[int, ...]
+    candidate_edges: tuple[tlp.Edge, ...]
     size: float = 1.0
     stability: tlp.CircuitStability | None = None
     edge_errors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -88,6 +96,20 @@ class CircuitFinding:
     @property
     def method(self) -> str:
         return RANKINGS[self.chosen]
+
+    @property
+    def agreement(self) -> tuple[tlp.Confirmation, ...]:
+        """Each of `ESTIMATORS`' scores of the candidates beside their exact scores, as a
+        `tlp.Confirmation` (cells ordered by the estimate's size, each cell's `coords` its edge's
+        index in the graph): its `spearman` and `overlap` say how well the estimate ranks them."""
+        exact = self.scores[-1]
+        return tuple(_confirmation(scores, exact, self.candidate_edges) for scores in self.scores[: len(ESTIMATORS)])
+
+    @property
+    def overlap_size(self) -> int:
+        """The k of the estimators' top-k overlap: `AGREEMENT_TOP`, or with fewer than twice as many
+        candidates, half of them (rounded up, as `Confirmation.overlap_size`), so that it is not all."""
+        return min(AGREEMENT_TOP, (len(self.candidate_edges) + 1) // 2)
 
 
 def split(n_prompts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -124,8 +146,22 @@ def describe(finding: CircuitFinding, graph_size: int) -> str:
             "its most faithful one"
         )
         + f": {len(finding.circuit):,} edges, faithfulness {finding.chosen_faithfulness:.3f} on the scoring prompts "
-        f"and {finding.faithfulness:.3f} on the held-out ones."
+        f"and {finding.faithfulness:.3f} on the held-out ones. {_agreement_sentence(finding)}"
     )
+
+
+def _agreement_sentence(finding: CircuitFinding) -> str:
+    """How well each estimator ranks the candidates, against their exact scores."""
+    k = finding.overlap_size
+    each = "; ".join(
+        f"{method}: Spearman {_correlation(confirmation.spearman)}, top-{k} overlap {confirmation.overlap(k)} of {k}"
+        for method, confirmation in zip(ESTIMATORS, finding.agreement)
+    )
+    return f"Against the exact scores of the {finding.candidates} candidates: {each}."
+
+
+def _correlation(value: float) -> str:
+    return "undefined" if math.isnan(value) else f"{value:.2f}"
 
 
 def find_circuit(
@@ -152,7 +188,9 @@ def find_circuit(
         steps=IG_STEPS,
         uncertainty=True,
     )
-    confirmed = _confirmed(model, ig, clean_s, corrupted_s, metric_s, min(candidates, len(ig.graph)), batch_size)
+    confirmed, candidate_edges = _confirmed(
+        model, ig, clean_s, corrupted_s, metric_s, min(candidates, len(ig.graph)), batch_size
+    )
     scores = (eap, ig, confirmed)
     selection = tuple(
         tlp.faithfulness_curve(
@@ -201,6 +239,7 @@ def find_circuit(
         min(candidates, len(ig.graph)),
         scored_on,
         held_out,
+        tuple(candidate_edges),
         size,
         stability,
         _edge_errors(scores[chosen], chooser.circuits[index]),
@@ -215,10 +254,11 @@ def _confirmed(
     metric: LogitDiff,
     candidates: int,
     batch_size: int | None,
-) -> tlp.EdgeScores:
+) -> tuple[tlp.EdgeScores, list[tlp.Edge]]:
     """`ig` with its `candidates` strongest edges scored exactly (`confirm_edges`), keeping every
     score's per-prompt values: the exact scores are measured per prompt (the same circuits, the
-    same passes; their mean is the mean metric's score), merged into IG's per-prompt scores."""
+    same passes; their mean is the mean metric's score), merged into IG's per-prompt scores; and
+    those edges, strongest first, as `confirm_edges` picks them."""
     per_prompt_metric = LogitDiff(metric.answers, metric.positions, per_prompt=True)
     per_prompt_ig = tlp.EdgeScores(ig.graph, ig.samples.values.float(), ig.method, ig.unpatched)
     merged = tlp.confirm_edges(
@@ -235,7 +275,22 @@ def _confirmed(
     )
     unpatched = merged.unpatched
     unpatched = float(unpatched.double().mean()) if isinstance(unpatched, torch.Tensor) else float(unpatched)
-    return tlp.EdgeScores(ig.graph, kept.as_tensor().float(), merged.method, unpatched, kept.samples)
+    scores = tlp.EdgeScores(ig.graph, kept.as_tensor().float(), merged.method, unpatched, kept.samples)
+    return scores, per_prompt_ig.top(candidates)
+
+
+def _confirmation(estimate: tlp.EdgeScores, exact: tlp.EdgeScores, edges: tuple[tlp.Edge, ...]) -> tlp.Confirmation:
+    """`estimate`'s scores of `edges` beside their `exact` ones, as `tlp.confirm` gives cells: the
+    largest estimate in size first (ties in the order of `edges`)."""
+    unpatched = float(exact.unpatched)
+    pairs = sorted(
+        ((edge, float(estimate.score(edge)), float(exact.score(edge))) for edge in edges), key=lambda p: -abs(p[1])
+    )
+    cells = tuple(
+        tlp.ConfirmedCell("edge", {"edge": exact.graph.index(edge)}, unpatched + guess, unpatched + value, guess, value)
+        for edge, guess, value in pairs
+    )
+    return tlp.Confirmation(cells, unpatched, len(exact.graph), per_prompt=True)
 
 
 def _edge_errors(

@@ -1,5 +1,5 @@
 """The report's figures: each step's results, each prompt's logit differences (and their means'
-intervals), and the circuit step's faithfulness curves with their bands.
+intervals), and the circuit step's faithfulness curves with their bands and its circuit.
 
 They need plotly (`pip install 'transformer_lens_patching[plot]'`), imported when a figure is made.
 """
@@ -21,6 +21,10 @@ from .uncertainty import CI_LEVEL, curve_band, mean_uncertainty
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
+
+DRAWN_EDGES = 5000
+"""The most edges the circuit's figure draws, the strongest (the report's table lists every edge): a
+browser draws 5,000 in about two seconds, the 70,651 of SmolLM2's whole graph in about forty."""
 
 
 def step_figure(step: Step) -> go.Figure:
@@ -162,3 +166,28 @@ def faithfulness_figure(finding: CircuitFinding) -> go.Figure:
             )
         )
     return figure
+
+
+def _drawn(finding: CircuitFinding) -> tlp.Circuit:
+    """The circuit, or where it has more than `DRAWN_EDGES` edges, its `DRAWN_EDGES` strongest by the
+    scores that chose it."""
+    if len(finding.circuit) <= DRAWN_EDGES:
+        return finding.circuit
+    scores = finding.scores[finding.chosen]
+    kept = finding.circuit.edges
+    strength = scores.scores[[scores.graph.index(edge) for edge in kept]].abs()
+    strongest = strength.argsort(descending=True, stable=True)[:DRAWN_EDGES].tolist()
+    return tlp.Circuit(finding.circuit.graph, [kept[i] for i in strongest])
+
+
+def circuit_figure(finding: CircuitFinding) -> go.Figure:
+    """The circuit's graph (`plots.circuit_graph`), its edges weighted and coloured by the scores that
+    chose it: every edge, or the `DRAWN_EDGES` strongest of a larger circuit (the title says which)."""
+    from ... import plots
+
+    drawn = _drawn(finding)
+    total = len(finding.circuit)
+    which = f"All {total:,} edges" if len(drawn) == total else f"The {len(drawn):,} strongest of {total:,} edges"
+    return plots.circuit_graph(
+        drawn, finding.scores[finding.chosen], title=f"{which} of the circuit ({finding.method} scores)"
+    )

@@ -22,7 +22,7 @@ import transformer_lens_patching as tlp
 
 from ...results import PatchResult
 from .analysis import Analysis
-from .circuit_step import RANKINGS, CircuitFinding
+from .circuit_step import ESTIMATORS, RANKINGS, CircuitFinding
 from .report_page import named_heads, report_html
 from .uncertainty import CI_LEVEL, Uncertainty, curve_band, mean_uncertainty
 
@@ -108,8 +108,9 @@ def _new_file_mode() -> int:
 
 
 def _circuit_json(finding: CircuitFinding, analysis: Analysis) -> dict:
-    """A CircuitFinding as plain JSON values: the curves (with their bands), the circuit's edges
-    (with their scores' error bars and inclusion frequencies), and the named heads' membership."""
+    """A CircuitFinding as plain JSON values: the curves (with their bands), the estimators' agreement
+    with the exact scores, the circuit's edges (with their scores' error bars and inclusion
+    frequencies), and the named heads' membership."""
     kept = set(finding.circuit.heads)
     index = list(finding.selection[finding.chosen].fractions).index(finding.size)
     held_out = curve_band(finding.curves[finding.chosen].signed)
@@ -130,6 +131,7 @@ def _circuit_json(finding: CircuitFinding, analysis: Analysis) -> dict:
         "held_out": list(finding.held_out),
         "ranking": finding.method,
         "candidates": finding.candidates,
+        "agreement": _agreement_json(finding),
         "target": finding.target,
         "faithfulness": finding.faithfulness,
         "faithfulness_ci": None if held_out is None else [held_out[1][index], held_out[2][index]],
@@ -150,6 +152,32 @@ def _circuit_json(finding: CircuitFinding, analysis: Analysis) -> dict:
         "named_heads": [
             {"role": role, "layer": head.layer, "head": head.head, "in_circuit": (head.layer, head.head) in kept}
             for role, head in named_heads(analysis)
+        ],
+    }
+
+
+def _agreement_json(finding: CircuitFinding) -> dict:
+    """Each estimator's Spearman correlation and top-k overlap with the exact scores over the
+    candidates (a NaN correlation as null), and each candidate's exact score and estimates."""
+    k = finding.overlap_size
+    return {
+        "top_k": k,
+        "estimators": [
+            {
+                "estimator": name,
+                "method": scores.method,
+                "spearman": None if math.isnan(confirmation.spearman) else confirmation.spearman,
+                "top_k_overlap": confirmation.overlap(k),
+            }
+            for name, scores, confirmation in zip(ESTIMATORS, finding.scores, finding.agreement)
+        ],
+        "edges": [
+            {
+                "edge": str(edge),
+                "exact": float(finding.scores[-1].score(edge)),
+                "estimates": {name: float(scores.score(edge)) for name, scores in zip(ESTIMATORS, finding.scores)},
+            }
+            for edge in finding.candidate_edges
         ],
     }
 

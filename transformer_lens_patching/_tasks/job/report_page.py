@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import transformer_lens_patching as tlp
 
 from .analysis import Analysis
-from .circuit_step import RANKINGS, CircuitFinding
-from .figures import faithfulness_figure, logit_diff_figure, step_figure
+from .circuit_step import ESTIMATORS, RANKINGS, CircuitFinding
+from .figures import DRAWN_EDGES, circuit_figure, faithfulness_figure, logit_diff_figure, step_figure
 from .records import Step, TopHead
 from .uncertainty import (
     CI_LEVEL,
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 PATH_STEPS = ("path_logits", "path_queries", "path_values")
 """The path-patching steps whose heads the circuit section looks up in the circuit."""
-SHOWN_EDGES = 40
-"""The circuit's strongest edges drawn and listed in the report (results.json has them all)."""
 PROMPTS_SHOWN = 5
 """The prompts the report lists (results.json has them all)."""
 
@@ -50,6 +48,8 @@ _STYLE = (
     "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
     ".figure{margin:1em 0}.missing{background:#fde0dd;border:1px solid #c51b8a;padding:.5em 1em}"
     "mark{background:#fee391;font-weight:bold}"
+    ".scroll{max-height:32em;overflow:auto;margin:1em 0}.scroll table{margin:0}"
+    ".scroll th{position:sticky;top:0;background:#fff}"
 )
 
 
@@ -372,17 +372,12 @@ def _number(value: float) -> str:
     return "undefined" if math.isnan(value) else f"{value:.2f}"
 
 
-def _shown(finding: CircuitFinding) -> tlp.Circuit:
-    """The circuit's `SHOWN_EDGES` strongest edges by the scores that chose them."""
-    scores = finding.scores[finding.chosen]
-    strongest = [edge for edge in scores.top(len(scores.graph)) if edge in finding.circuit][:SHOWN_EDGES]
-    return tlp.Circuit(finding.circuit.graph, strongest)
-
-
 def _circuit_section(finding: CircuitFinding, analysis: Analysis) -> str:
-    """The curves and their areas, the circuit (figure and strongest edges), and which named heads it holds."""
+    """The curves and their areas, the estimators against the exact scores, the circuit (figure and
+    every edge), and which named heads it holds."""
     return (
         _section("Faithfulness", _faithfulness(finding), level=3)
+        + _section("Estimated against exact edge scores", _agreement(finding), level=3)
         + _section("The circuit", _circuit(finding), level=3)
         + _section("Heads named by path patching", _named_heads(finding, analysis), level=3)
     )
@@ -416,6 +411,26 @@ def _faithfulness(finding: CircuitFinding) -> str:
     )
 
 
+def _agreement(finding: CircuitFinding) -> str:
+    """How well each estimator ranks the candidates against their exact scores: Spearman and top-k overlap."""
+    k, n = finding.overlap_size, finding.candidates
+    rows = [
+        (html.escape(method), _number(confirmation.spearman), f"{confirmation.overlap(k)} of {k}")
+        for method, confirmation in zip(ESTIMATORS, finding.agreement)
+    ]
+    return (
+        f"<p>The {n} candidates, EAP-IG's strongest edges by |score|, were also scored exactly on the scoring "
+        f"prompts (each edge resampled alone: the ranking {html.escape(RANKINGS[-1])}), so each estimator's scores "
+        "of them can be held against the exact ones with no further forward pass: the rank correlation (Spearman) of "
+        f"estimated and exact scores over the {n} candidates, and how many of the estimate's {k} strongest of them "
+        f"(by |score|) are among the {k} strongest exactly. The candidates are the edges EAP-IG ranks highest, so both "
+        "estimators are compared where EAP-IG puts its weight; EAP's own strongest edges may lie elsewhere.</p>"
+        + _table(
+            ("estimator", f"Spearman over the {n} candidates", f"top-{k} overlap"), rows, table_id="estimator-agreement"
+        )
+    )
+
+
 def _with_band(curve: tlp.FaithfulnessCurve) -> list[str]:
     """Each size's faithfulness, with its interval below it where the curve has one."""
     band = curve_band(curve)
@@ -425,48 +440,53 @@ def _with_band(curve: tlp.FaithfulnessCurve) -> list[str]:
 
 
 def _circuit(finding: CircuitFinding) -> str:
-    """The circuit's size and faithfulness, and its strongest edges as a graph and a table."""
-    from ... import plots
-
-    shown = _shown(finding)
-    scores = finding.scores[finding.chosen]
-    graph_edges = finding.circuit.graph
-    position = {edge: i for i, edge in enumerate(finding.circuit.edges)}
-    errors, stability = finding.edge_errors, finding.stability
-
-    def row(edge) -> tuple[str, ...]:
-        cells = [html.escape(str(edge.sender)), html.escape(str(edge.receiver)), f"{float(scores.score(edge)):+.4f}"]
-        if errors is not None:
-            i = position[edge]
-            cells += [f"{float(errors[0][i]):.4f}", f"{float(errors[1][i]):+.4f} to {float(errors[2][i]):+.4f}"]
-        if stability is not None:
-            cells.append(f"{float(stability.inclusion[graph_edges.index(edge)]):.0%}")
-        return tuple(cells)
-
-    edges = [row(edge) for edge in sorted(shown, key=lambda edge: -abs(float(scores.score(edge))))]
+    """The circuit's size and faithfulness, its graph, and every edge in a table, strongest first."""
+    total = len(finding.circuit)
+    drawn = (
+        "The figure draws every edge"
+        if total <= DRAWN_EDGES
+        else f"The figure draws the {DRAWN_EDGES:,} strongest edges (a browser draws more only slowly)"
+    )
     head = (
         "sender",
         "receiver",
         "score",
-        *(("standard error", f"{CI_LEVEL:.0%} CI") if errors is not None else ()),
-        *(("in resampled circuits",) if stability is not None else ()),
-    )
-    graph = plots.circuit_graph(
-        shown,
-        scores,
-        title=f"The circuit's {len(shown)} strongest of {len(finding.circuit):,} edges ({finding.method} scores)",
+        *(("standard error", f"{CI_LEVEL:.0%} CI") if finding.edge_errors is not None else ()),
+        *(("in resampled circuits",) if finding.stability is not None else ()),
     )
     return (
-        f"<p>{len(finding.circuit):,} of {len(finding.circuit.graph):,} edges from the "
+        f"<p>{total:,} of {len(finding.circuit.graph):,} edges from the "
         f"{html.escape(finding.method)} ranking by signed score, chosen on the scoring prompts (faithfulness "
         f"{finding.chosen_faithfulness:.3f}{_interval(finding.selection[finding.chosen], finding)} there); "
         f"faithfulness <b>{finding.faithfulness:.3f}</b>{_interval(finding.curves[finding.chosen].signed, finding)} "
-        f"on the held-out prompts.{_stability(finding)} Its {len(shown)} strongest edges, each score (the change of "
-        "the logit difference when the edge alone is resampled, as the ranking measures it) with its standard error "
-        "and interval over the scoring prompts. Beside this page, circuit.json holds the circuit and edge_scores.json "
-        "every edge's score, in EAP-IG's graph JSON (which MIB's circuit track reads), where EAP-IG can express the "
-        "model's graph.</p>" + _figure(graph, "circuit-graph") + _table(head, edges, table_id="circuit-edges")
+        f"on the held-out prompts.{_stability(finding)} {drawn}; the table lists all {total:,}, strongest first, each "
+        "score (the change of the logit difference when the edge alone is resampled, as the ranking measures it) "
+        "with its standard error and interval over the scoring prompts. Beside this page, circuit.json holds the "
+        "circuit and edge_scores.json every edge's score, in EAP-IG's graph JSON (which MIB's circuit track reads), "
+        "where EAP-IG can express the model's graph.</p>"
+        + _figure(circuit_figure(finding), "circuit-graph")
+        + f'<div class="scroll">{_table(head, _edge_rows(finding), table_id="circuit-edges")}</div>'
     )
+
+
+def _edge_rows(finding: CircuitFinding) -> list[tuple[str, ...]]:
+    """Each of the circuit's edges as a row, strongest first: sender, receiver, score, and where
+    measured, the score's standard error and interval and the edge's inclusion in resampled circuits."""
+    edges = finding.circuit.edges
+    rows = [finding.circuit.graph.index(edge) for edge in edges]
+    values = finding.scores[finding.chosen].scores[rows].tolist()
+    errors = None if finding.edge_errors is None else [part.tolist() for part in finding.edge_errors]
+    inclusion = None if finding.stability is None else finding.stability.inclusion[rows].tolist()
+
+    def row(i: int) -> tuple[str, ...]:
+        cells = [html.escape(str(edges[i].sender)), html.escape(str(edges[i].receiver)), f"{values[i]:+.4f}"]
+        if errors is not None:
+            cells += [f"{errors[0][i]:.4f}", f"{errors[1][i]:+.4f} to {errors[2][i]:+.4f}"]
+        if inclusion is not None:
+            cells.append(f"{inclusion[i]:.0%}")
+        return tuple(cells)
+
+    return [row(i) for i in sorted(range(len(edges)), key=lambda i: -abs(values[i]))]
 
 
 def _interval(curve: tlp.FaithfulnessCurve, finding: CircuitFinding) -> str:
