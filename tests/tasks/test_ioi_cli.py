@@ -775,6 +775,7 @@ def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model, mon
     assert "<th>in resampled circuits</th>" in table and "<th>standard error</th>" in table
     listed = [abs(float(cell)) for cell in re.findall(r"<tr><td>[^<]*</td><td>[^<]*</td><td>([^<]*)</td>", table)]
     assert listed == sorted(listed, reverse=True), "strongest first"
+    monkeypatch.setattr(job_figures, "DRAWN_EDGES", len(finding.circuit))
     figure = circuit_figure(finding)
     assert figure.layout.title.text.startswith(f"All {len(finding.circuit):,} edges of the circuit")
     assert len(figure.data[-2].hovertext) == len(finding.circuit), "one line per edge (no grouped heads here)"
@@ -783,8 +784,10 @@ def test_the_circuit_is_saved_and_shown(analysis, report_folder, tiny_model, mon
     monkeypatch.setattr(report_page, "DRAWN_EDGES", cap)
     capped = circuit_figure(finding)
     assert capped.layout.title.text.startswith(f"The {cap:,} strongest of {len(finding.circuit):,} edges")
-    weakest = min(finding.circuit.edges, key=lambda edge: abs(float(scores.score(edge))))
-    assert not any(text.startswith(f"{weakest}<br>") for text in capped.data[-2].hovertext)
+    drawn = {text.split("<br>")[0] for text in capped.data[-2].hovertext}
+    left_out = [edge for edge in finding.circuit.edges if str(edge) not in drawn]
+    strength = [abs(float(scores.score(edge))) for edge in finding.circuit.edges]
+    assert len(left_out) == 1 and abs(float(scores.score(left_out[0]))) == min(strength), "the weakest is left out"
     section = report_page._circuit(finding)
     assert f"The figure draws the {cap:,} strongest edges" in section
     assert section.split('id="circuit-edges"')[1].count("<tr><td>") == len(finding.circuit), "the table has all"
